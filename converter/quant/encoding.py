@@ -1,0 +1,202 @@
+"""Quantization encodings: the numbers that turn a float tensor into integers.
+
+An :class:`Encoding` is stored the way ONNX ``QuantizeLinear`` needs it: a scale and an ONNX zero
+point per tensor (or per channel along ``axis``), plus the integer type (bitwidth and signedness).
+
+AIMET's encodings files describe the same thing with an ``offset`` instead of a zero point
+(see ``ENCODINGS.md`` in the design notes). With ``q`` in the *unsigned* range ``[0, 2**bw - 1]``::
+
+    real = (q + offset) * scale
+    min  = offset * scale
+    max  = (2**bw - 1 + offset) * scale
+
+so for an unsigned ONNX type ``zero_point = -offset`` and for a signed one
+``zero_point = -offset - 2**(bw - 1)``. A symmetric 8-bit tensor (int8, zero point 0) therefore
+has ``offset = -128``. :meth:`Encoding.offsets` and :meth:`Encoding.from_aimet` are the only
+places that convert between the two conventions.
+
+Scales are kept as float32 values (stored in Python floats): a float32 printed by ``repr`` of its
+float64 widening reads back to the same float32, which is what makes the encodings file round trip
+byte-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# ONNX TensorProto data types for the integer types we emit.
+_ONNX_INT_TYPES = {
+    (8, True): 3,  # INT8
+    (8, False): 2,  # UINT8
+    (16, True): 5,  # INT16
+    (16, False): 4,  # UINT16
+    (32, True): 6,  # INT32
+}
+_NUMPY_INT_TYPES = {
+    (8, True): np.int8,
+    (8, False): np.uint8,
+    (16, True): np.int16,
+    (16, False): np.uint16,
+    (32, True): np.int32,
+}
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Quantization parameters of one tensor.
+
+    ``scale`` and ``zero_point`` have one entry per tensor (``axis is None``) or one per channel
+    along ``axis``. ``zero_point`` uses the ONNX convention (an integer of the quantized type).
+    ``symmetric`` says the range was chosen around zero (zero point 0 for signed types).
+    """
+
+    bitwidth: int
+    signed: bool
+    symmetric: bool
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.bitwidth, self.signed) not in _ONNX_INT_TYPES:
+            raise ValueError(f"unsupported integer type: {'' if self.signed else 'u'}int{self.bitwidth}")
+        if len(self.scale) != len(self.zero_point) or not self.scale:
+            raise ValueError("scale and zero_point must be non-empty and of equal length")
+        if self.axis is None and len(self.scale) != 1:
+            raise ValueError("a per-tensor encoding has exactly one scale")
+        # Normalise to float32-representable Python floats and plain ints.
+        object.__setattr__(self, "scale", tuple(float(np.float32(s)) for s in self.scale))
+        object.__setattr__(self, "zero_point", tuple(int(z) for z in self.zero_point))
+        lo, hi = self.qmin, self.qmax
+        for z in self.zero_point:
+            if not lo <= z <= hi:
+                raise ValueError(f"zero point {z} outside [{lo}, {hi}]")
+        for s in self.scale:
+            if not (np.isfinite(s) and s > 0):
+                raise ValueError(f"scale must be finite and > 0, got {s}")
+
+    # --- integer type -------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bitwidth - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bitwidth - 1) - 1 if self.signed else 2**self.bitwidth - 1
+
+    @property
+    def onnx_dtype(self) -> int:
+        """TensorProto data type of the quantized tensor."""
+        return _ONNX_INT_TYPES[(self.bitwidth, self.signed)]
+
+    @property
+    def numpy_dtype(self) -> type:
+        return _NUMPY_INT_TYPES[(self.bitwidth, self.signed)]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    # --- AIMET view ---------------------------------------------------------------------------
+    def offsets(self) -> tuple[int, ...]:
+        """AIMET offsets (``real = (q_unsigned + offset) * scale``)."""
+        shift = 2 ** (self.bitwidth - 1) if self.signed else 0
+        return tuple(-z - shift for z in self.zero_point)
+
+    def mins(self) -> tuple[float, ...]:
+        return tuple(float(np.float32(o) * np.float32(s)) for o, s in zip(self.offsets(), self.scale))
+
+    def maxs(self) -> tuple[float, ...]:
+        top = 2**self.bitwidth - 1
+        return tuple(float(np.float32(top + o) * np.float32(s)) for o, s in zip(self.offsets(), self.scale))
+
+    @classmethod
+    def from_aimet(
+        cls,
+        bitwidth: int,
+        symmetric: bool,
+        scale: list[float] | tuple[float, ...],
+        offset: list[int] | tuple[int, ...],
+        axis: int | None = None,
+        signed: bool | None = None,
+    ) -> "Encoding":
+        """Build from AIMET's (scale, offset).
+
+        Symmetric encodings map to a signed type with zero point 0 (AIMET writes offset -128 for a
+        full int8 range and -127 for the restricted one; both mean zero point 0). Asymmetric ones map
+        to an unsigned type with ``zero_point = -offset``. ``signed`` overrides the type choice.
+        """
+        if signed is None:
+            signed = bool(symmetric)
+        if symmetric and signed:
+            zps = [0] * len(scale)
+        else:
+            shift = 2 ** (bitwidth - 1) if signed else 0
+            zps = [-int(o) - shift for o in offset]
+        return cls(bitwidth, signed, bool(symmetric), tuple(scale), tuple(zps), axis)
+
+    # --- numbers ------------------------------------------------------------------------------
+    def scale_array(self) -> np.ndarray:
+        return np.asarray(self.scale, dtype=np.float32)
+
+    def zero_point_array(self) -> np.ndarray:
+        return np.asarray(self.zero_point, dtype=self.numpy_dtype)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Quantize ``x`` exactly as ONNX QuantizeLinear does (round half to even, saturate)."""
+        scale, zp = self.scale_array(), self.zero_point_array().astype(np.float32)
+        if self.axis is not None:
+            shape = [1] * x.ndim
+            shape[self.axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        q = np.rint(x.astype(np.float32) / scale) + zp
+        return np.clip(q, self.qmin, self.qmax).astype(self.numpy_dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        scale, zp = self.scale_array(), self.zero_point_array().astype(np.float32)
+        if self.axis is not None:
+            shape = [1] * q.ndim
+            shape[self.axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
+
+    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+        return self.dequantize(self.quantize(x))
+
+
+def encoding_from_range(
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    bitwidth: int,
+    signed: bool,
+    symmetric: bool,
+    axis: int | None = None,
+) -> Encoding:
+    """Scale and zero point covering ``[rmin, rmax]`` (arrays for per-channel).
+
+    The range is widened to include 0 so that zero is exactly representable (padding, ReLU).
+    Symmetric encodings use the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` with zero
+    point 0, as TensorRT and ONNX Runtime do for int8; asymmetric ones use every level.
+    A range of width 0 (e.g. a dead channel) gets scale 1.
+    """
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64).reshape(-1), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64).reshape(-1), 0.0)
+    if symmetric:
+        levels = 2 ** (bitwidth - 1) - 1
+        absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+        scale = absmax / levels
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        if signed:
+            zp = np.zeros(scale.shape, dtype=np.int64)
+        else:  # symmetric range in an unsigned type: zero in the middle
+            zp = np.full(scale.shape, 2 ** (bitwidth - 1), dtype=np.int64)
+    else:
+        levels = 2**bitwidth - 1
+        scale = ((rmax - rmin) / levels)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        qmin = -(2 ** (bitwidth - 1)) if signed else 0
+        zp = np.rint(qmin - rmin / scale.astype(np.float64)).astype(np.int64)
+        zp = np.clip(zp, qmin, qmin + levels)
+    return Encoding(bitwidth, signed, symmetric, tuple(scale.tolist()), tuple(zp.tolist()), axis)
