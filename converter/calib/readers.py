@@ -1,0 +1,299 @@
+"""Calibration data readers.
+
+Sources a user can give:
+
+* a directory of ``.npy`` files (single-input models) or ``.npz`` files (keys = input names), each
+  one sample (no batch axis) or a batch along axis 0;
+* a directory of images with a ``preprocess.yaml`` spec (or a spec passed explicitly), see
+  :class:`ImageSpec`;
+* from Python: any iterable of ``{input name: array}`` dicts, or an object with ``get_next()``
+  returning such dicts and then ``None`` (ONNX Runtime's ``CalibrationDataReader`` protocol).
+
+Every sample is checked against the model's inputs (names, dtype, shape, finite values) and the
+error names the file, the input and the fix. Samples are re-batched to ``batch_size`` where the
+model's batch dimension is dynamic. Nothing is kept beyond the batch being assembled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from ..config import load_mapping
+from ..errors import CalibrationDataError, ConfigError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPEC_NAMES = ("preprocess.yaml", "preprocess.yml", "preprocess.json")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]  # None for a dynamic dimension
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return bool(self.shape) and self.shape[0] is None
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        specs.append(InputSpec(vi.name, dtype, shape))
+    return specs
+
+
+# --- image preprocessing --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """``x = (pixel * scale - mean) / std`` with pixels in 0..255 after resize and crop."""
+
+    resize: int | tuple[int, int] | None = None  # shorter side, or exact (H, W)
+    center_crop: int | tuple[int, int] | None = None
+    color: str = "RGB"
+    layout: str = "NCHW"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    dtype: str = "float32"
+    input: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> "ImageSpec":
+        data, lines = load_mapping(path)
+        known = set(cls.__dataclass_fields__)
+        for key in data:
+            if key not in known:
+                where = f"{path}" + (f", line {lines[key]}" if key in lines else "")
+                raise ConfigError(f"unknown preprocessing key {key!r} in {where}",
+                                  f"use only: {', '.join(sorted(known))}")
+        for key in ("resize", "center_crop"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(float(v) for v in (data[key] if isinstance(data[key], list) else [data[key]] * 3))
+        spec = cls(**data)
+        if spec.color not in ("RGB", "BGR") or spec.layout not in ("NCHW", "NHWC"):
+            raise ConfigError(f"{path}: color must be RGB or BGR and layout NCHW or NHWC",
+                              "fix the color/layout keys")
+        if any(s == 0 for s in spec.std):
+            raise ConfigError(f"{path}: std must not contain 0", "use the per-channel standard deviations")
+        return spec
+
+    def apply(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if self.resize is not None:
+                    if isinstance(self.resize, int):
+                        w, h = im.size
+                        k = self.resize / min(w, h)
+                        size = (max(1, round(w * k)), max(1, round(h * k)))
+                    else:
+                        size = (self.resize[1], self.resize[0])
+                    im = im.resize(size, Image.BILINEAR)
+                if self.center_crop is not None:
+                    ch, cw = (self.center_crop, self.center_crop) if isinstance(self.center_crop, int) else self.center_crop
+                    w, h = im.size
+                    if ch > h or cw > w:
+                        raise CalibrationDataError(f"{path}: image {w}x{h} is smaller than center_crop {cw}x{ch}",
+                                                   "set resize so the image is at least the crop size")
+                    left, top = (w - cw) // 2, (h - ch) // 2
+                    im = im.crop((left, top, left + cw, top + ch))
+                x = np.asarray(im, dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise CalibrationDataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
+        if self.color == "BGR":
+            x = x[..., ::-1]
+        x = (x * self.scale - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationSource:
+    """Validated, re-batched calibration samples for one model."""
+
+    inputs: list[InputSpec]
+    items: Any  # list of paths, or a Python iterable/reader
+    kind: str  # "arrays" | "images" | "python"
+    batch_size: int = 16
+    max_samples: int | None = None
+    image_spec: ImageSpec | None = None
+    description: str = ""
+    num_samples: int | None = field(default=None)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yield batches ``{input name: array}`` of at most ``batch_size`` samples."""
+        target = self.batch_size if all(s.dynamic_batch for s in self.inputs) else 1
+        pending: list[dict[str, np.ndarray]] = []
+        seen = 0
+        for origin, sample in self._samples():
+            batch = self._check(origin, sample)
+            n = next(iter(batch.values())).shape[0]
+            for i in range(n):
+                if self.max_samples is not None and seen >= self.max_samples:
+                    break
+                pending.append({k: v[i:i + 1] for k, v in batch.items()})
+                seen += 1
+                if len(pending) == target:
+                    yield _stack(pending)
+                    pending = []
+            if self.max_samples is not None and seen >= self.max_samples:
+                break
+        if pending:
+            yield _stack(pending)
+        if seen == 0:
+            raise CalibrationDataError(f"no calibration samples in {self.description}",
+                                       "add at least one sample (more than 100 is typical)")
+
+    def _samples(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        if self.kind == "images":
+            name = self.image_spec.input or self.inputs[0].name
+            for p in self.items:
+                yield str(p), {name: self.image_spec.apply(p)}
+        elif self.kind == "arrays":
+            for p in self.items:
+                yield str(p), _load_array_file(p, self.inputs)
+        else:
+            for i, sample in enumerate(_iterate_python(self.items)):
+                if not isinstance(sample, dict):
+                    raise CalibrationDataError(
+                        f"calibration sample {i} is a {type(sample).__name__}, not a dict of input name -> array",
+                        "yield {input_name: numpy_array} dicts")
+                yield f"sample {i}", sample
+
+    def _check(self, origin: str, sample: dict[str, Any]) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in sample]
+        extra = [k for k in sample if k not in names]
+        if missing or extra:
+            raise CalibrationDataError(
+                f"{origin}: calibration data has inputs {sorted(sample)} but the model expects {names}",
+                "name the arrays after the model inputs (npz keys), or pass one .npy per sample for a "
+                "single-input model")
+        out = {}
+        n_batch = None
+        for spec in self.inputs:
+            x = np.asarray(sample[spec.name])
+            if x.dtype != spec.dtype:
+                raise CalibrationDataError(
+                    f"{origin}: input {spec.name!r} has dtype {x.dtype}, the model expects {spec.dtype}",
+                    f"convert the data with .astype(np.{spec.dtype.name}) before saving")
+            if spec.shape and x.ndim == len(spec.shape) - 1:
+                x = x[None]
+            if spec.shape and x.ndim != len(spec.shape):
+                raise CalibrationDataError(
+                    f"{origin}: input {spec.name!r} has shape {list(x.shape)}, the model expects "
+                    f"{_fmt_shape(spec.shape)} (one sample without the batch axis, or a batch along axis 0)",
+                    "reshape the data to the model input's shape")
+            for axis, (got, want) in enumerate(zip(x.shape, spec.shape)):
+                if axis > 0 and want is not None and got != want:
+                    raise CalibrationDataError(
+                        f"{origin}: input {spec.name!r} has shape {list(x.shape)}, the model expects "
+                        f"{_fmt_shape(spec.shape)} (axis {axis}: {got} != {want})",
+                        "resize/reshape the data to the model input's shape")
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+                bad = int((~np.isfinite(x)).sum())
+                raise CalibrationDataError(f"{origin}: input {spec.name!r} contains {bad} NaN/Inf values",
+                                           "clean or drop those samples: calibration ranges would be meaningless")
+            if n_batch is not None and x.shape[0] != n_batch:
+                raise CalibrationDataError(f"{origin}: inputs have different batch sizes",
+                                           "give every input the same number of samples")
+            n_batch = x.shape[0]
+            out[spec.name] = x
+        return out
+
+
+def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16, max_samples: int | None = None,
+                     image_spec: str | Path | None = None) -> CalibrationSource:
+    """Turn what the user gave into a :class:`CalibrationSource` (checked lazily, sample by sample)."""
+    common = dict(inputs=inputs, batch_size=batch_size, max_samples=max_samples)
+    if isinstance(source, CalibrationSource):
+        return source
+    if not isinstance(source, (str, Path)):
+        if isinstance(source, dict):
+            source = [source]
+        return CalibrationSource(items=source, kind="python", description="the Python calibration data", **common)
+    path = Path(source)
+    if not path.exists():
+        raise CalibrationDataError(f"calibration data not found: {path}", "pass a directory of .npy/.npz files or images")
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    arrays = [p for p in files if p.suffix in (".npy", ".npz")]
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if arrays:
+        n = None if any(p.suffix == ".npz" for p in arrays) else sum(_npy_len(p, inputs) for p in arrays)
+        return CalibrationSource(items=arrays, kind="arrays", description=str(path), num_samples=n, **common)
+    if images:
+        spec_path = Path(image_spec) if image_spec else next((path / s for s in SPEC_NAMES if (path / s).is_file()), None)
+        if spec_path is None:
+            raise CalibrationDataError(
+                f"{path} holds images but no preprocessing spec (preprocess.yaml)",
+                "add preprocess.yaml (resize, center_crop, color, layout, scale, mean, std) to the folder "
+                "or pass --calib-spec FILE")
+        if len(inputs) != 1 and ImageSpec.load(spec_path).input is None:
+            raise CalibrationDataError("the model has several inputs; image calibration needs 'input:' in the spec",
+                                       "add 'input: NAME' to the preprocessing spec")
+        return CalibrationSource(items=images, kind="images", image_spec=ImageSpec.load(spec_path),
+                                 description=str(path), num_samples=len(images), **common)
+    raise CalibrationDataError(f"no calibration samples in {path} (no .npy, .npz or image files)",
+                               "put .npy/.npz files or images (with preprocess.yaml) in the directory")
+
+
+def _npy_len(p: Path, inputs: list[InputSpec]) -> int:
+    try:
+        arr = np.load(p, mmap_mode="r")
+    except Exception:
+        return 0
+    return arr.shape[0] if inputs and inputs[0].shape and arr.ndim == len(inputs[0].shape) else 1
+
+
+def _load_array_file(p: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise CalibrationDataError(f"cannot read {p}: {type(exc).__name__}: {exc}",
+                                   "re-save it with numpy.save / numpy.savez") from None
+    if len(inputs) != 1:
+        raise CalibrationDataError(
+            f"{p}: a .npy file holds one array but the model has {len(inputs)} inputs "
+            f"({', '.join(s.name for s in inputs)})",
+            "save .npz files with one key per model input (numpy.savez(path, **{name: array}))")
+    return {inputs[0].name: arr}
+
+
+def _iterate_python(items: Any) -> Iterable[Any]:
+    if hasattr(items, "get_next"):
+        while (x := items.get_next()) is not None:
+            yield x
+    else:
+        yield from items
+
+
+def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([s[k] for s in samples]) for k in samples[0]}
+
+
+def _fmt_shape(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"

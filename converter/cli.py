@@ -1,0 +1,163 @@
+"""``qconvert`` command line: subcommands registered in one table.
+
+Every user error ends as ``error: ...`` / ``fix: ...`` on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import EXIT_USER_ERROR, UserError
+
+log = logging.getLogger("converter")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,3,224,224)")
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
+    return dims
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("module_spec", help="package.module:factory or path/to/file.py:factory returning an nn.Module")
+    p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--static-batch", action="store_true", help="keep the batch dimension fixed")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import build_module, export_torch
+
+    module = build_module(args.module_spec)
+    out = Path(args.output)
+    _check_parent(out)
+    export_torch(module, torch.zeros(args.input_shape), out, opset=args.opset,
+                 dynamic_batch=not args.static_batch, simplify=not args.no_simplify)
+    print(f"exported {args.module_spec} -> {out}")
+    return 0
+
+
+# --- quantize --------------------------------------------------------------------------------------
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float ONNX model")
+    p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
+    p.add_argument("--name", help="output file stem (default: the model file's stem)")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
+    p.add_argument("--calib-method", choices=["minmax", "percentile"])
+    p.add_argument("--percentile", type=float)
+    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --calib)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None)
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--activation-bits", type=int, choices=[8, 16])
+    p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"])
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .config import QuantConfig
+    from .pipeline import quantize
+
+    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "percentile", "per_channel", "max_samples",
+                                               "batch_size", "activation_bits", "providers", "threads",
+                                               "encodings_version") if getattr(args, k) is not None}
+    if args.exclude_nodes:
+        overrides["exclude_nodes"] = tuple(n for n in args.exclude_nodes.split(",") if n)
+    config = config.replace(**overrides)
+    result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
+                      calib_spec=args.calib_spec)
+    s = result.report["summary"]
+    q = s["quantized_tensors"]
+    print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
+          f"{q['bias']} biases on {result.report['calibration']['samples']} calibration samples "
+          f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
+    for key in ("model", "encodings", "report"):
+        print(f"  {key:9s} {result.report['outputs'][key]}")
+    return 0
+
+
+# --- apply-encodings -------------------------------------------------------------------------------
+
+def _add_apply(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float ONNX model")
+    p.add_argument("encodings", help="AIMET encodings JSON (0.6.1, 1.0.0 or 2.0.0)")
+    p.add_argument("-o", "--output", required=True, help="QDQ ONNX file to write")
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    from .pipeline import apply_encodings
+
+    out = Path(args.output)
+    _check_parent(out)
+    model = apply_encodings(args.model, args.encodings, out)
+    print(f"applied {args.encodings} -> {out} ({len(model.graph.node)} nodes)")
+    return 0
+
+
+def _check_parent(path: Path) -> None:
+    from .graph.model_io import ensure_writable_dir
+
+    ensure_writable_dir(path.parent if str(path.parent) else Path("."))
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "export": ("export a PyTorch model to ONNX (simplified, nodes named by module path)", _add_export, _run_export),
+    "quantize": ("calibrate and write the QDQ model, encodings and report", _add_quantize, _run_quantize),
+    "apply-encodings": ("float model + encodings file -> QDQ model", _add_apply, _run_apply),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qconvert", description="ONNX quantization converter")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="converter: %(message)s", stream=sys.stderr)
+    try:
+        return args._run(args)
+    except UserError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.fix:
+            print(f"  fix: {exc.fix}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,240 @@
+"""The end-to-end flow: load -> preprocess -> plan -> calibrate -> encodings -> QDQ -> write.
+
+Nothing else lives here: each stage is a function in its own module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .calib.readers import model_inputs, open_calibration
+from .calib.runner import collect, make_session, select_providers
+from .config import QuantConfig
+from .errors import EncodingsError, ModelError, UserError
+from .graph.index import GraphIndex
+from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model, model_bytes, save_model
+from .graph.passes import default_opset, preprocess
+from .quant.encode import activation_tensors, compute_encodings
+from .quant.encoding import Encoding
+from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
+from .quant.plan import ACTIVATION, BIAS, QuantPlan, build_plan
+from .quant.qdq import quantized_node_counts, render_qdq
+from .quant.rules import weight_axis
+
+log = logging.getLogger("converter")
+
+_QUANT_SCHEMES = {"minmax": "post_training_tf", "percentile": "post_training_percentile"}
+
+
+@dataclass
+class QuantResult:
+    """What :func:`quantize` produced."""
+
+    model_path: Path
+    encodings_path: Path
+    report_path: Path
+    plan: QuantPlan
+    report: dict[str, Any] = field(default_factory=dict)
+    model: onnx.ModelProto | None = None
+
+
+def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
+             name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
+    """Quantize ``model`` (ONNX path, ModelProto or torch.nn.Module) with ``calib_data``.
+
+    ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``) or a Python
+    iterable / ``get_next()`` reader of ``{input name: array}`` dicts. Writes
+    ``<output_dir>/<name>.onnx``, ``<name>.encodings`` and ``<name>.report.json``.
+    """
+    config = config or QuantConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out_dir = ensure_writable_dir(output_dir)
+    source_path, float_model = _resolve_model(model, example_inputs)
+    name = name or (Path(source_path).stem if source_path else "model")
+
+    t = time.perf_counter()
+    model_proto = preprocessed = load_model(float_model)
+    passes = preprocess(preprocessed)
+    idx = GraphIndex.build(preprocessed)
+    plan = build_plan(preprocessed, config, idx)
+    timings["load_and_plan_s"] = time.perf_counter() - t
+
+    inputs = model_inputs(preprocessed)
+    data = open_calibration(calib_data, inputs, config.batch_size, config.max_samples, calib_spec)
+    providers = select_providers(config.providers)
+    calib = collect(preprocessed, activation_tensors(plan), data, config.calib_method, providers, config.threads)
+    timings["calibration_s"] = calib.seconds
+
+    t = time.perf_counter()
+    compute_encodings(plan, idx, calib.observers, config.calib_method, config.percentile)
+    qdq = render_qdq(preprocessed, plan.encodings)
+    check_model(qdq)
+    encodings_text = encodings_json(plan, config)
+    timings["render_s"] = time.perf_counter() - t
+
+    paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
+    report = {
+        "converter_version": __version__,
+        "model": {"source": str(source_path) if source_path else None, "name": name,
+                  "opset": default_opset(model_proto), "nodes": len(preprocessed.graph.node),
+                  "inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in inputs]},
+        "config": config.to_dict(),
+        "preprocess": passes,
+        "calibration": {"method": config.calib_method, "samples": calib.samples, "batches": calib.batches,
+                        "seconds": round(calib.seconds, 3), "providers": providers,
+                        "source": data.description},
+        "summary": _summary(plan, qdq),
+        "tensors": _tensor_report(plan, calib.observers),
+        "plan": plan.to_dict(),
+        "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},
+    }
+    t = time.perf_counter()
+    save_model(qdq, paths[0])
+    atomic_write_text(paths[1], encodings_text)
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    _write_json(paths[2], report)
+    log.info("wrote %s, %s, %s", *paths)
+    return QuantResult(*paths, plan=plan, report=report, model=qdq)
+
+
+def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> onnx.ModelProto:
+    """Float model + encodings file -> the QDQ model (the same bytes ``quantize`` wrote)."""
+    output = Path(output)
+    ensure_writable_dir(output.parent if str(output.parent) else ".")
+    float_model = load_model(model)
+    preprocess(float_model)
+    enc_file = read_encodings(encodings)
+    encs = _encodings_for_model(float_model, enc_file, str(encodings))
+    qdq = render_qdq(float_model, encs)
+    check_model(qdq)
+    save_model(qdq, output)
+    return qdq
+
+
+def encodings_json(plan: QuantPlan, config: QuantConfig) -> str:
+    acts = {n: e for n, e in plan.encodings.items() if plan.tensors[n].role == ACTIVATION}
+    params = {n: e for n, e in plan.encodings.items() if plan.tensors[n].role != ACTIVATION}
+    args = {
+        "activation_bitwidth": config.activation_bits,
+        "param_bitwidth": config.weight_bits,
+        "dtype": "int",
+        "is_symmetric": config.preset.activation_symmetric,
+        "per_channel_quantization": config.per_channel,
+        "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
+    }
+    return dumps_encodings(acts, params, args, config.encodings_version)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """The output must pass the full ONNX checker and load in ONNX Runtime."""
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
+    make_session(model, ["CPUExecutionProvider"], optimize=False)
+
+
+def _resolve_model(model: Any, example_inputs: Any) -> tuple[str | None, Any]:
+    if isinstance(model, (str, Path)):
+        return str(model), model
+    if isinstance(model, onnx.ModelProto):
+        return None, model
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise UserError("quantizing a torch.nn.Module needs example_inputs",
+                            "pass example_inputs=torch.randn(1, 3, 224, 224) (the model's input shape)")
+        from .export import export_torch
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / f"{type(model).__name__}.onnx"
+            export_torch(model, example_inputs, path)
+            return str(path), load_model(path)
+    raise ModelError(f"cannot quantize a {type(model).__name__}",
+                     "pass a path to an .onnx file, an onnx.ModelProto or a torch.nn.Module")
+
+
+def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[str, Encoding]:
+    idx = GraphIndex.build(model)
+    tensors = set(idx.producer) | set(idx.graph_inputs) | set(idx.initializers)
+    out: dict[str, Encoding] = {}
+    for section in (enc_file.activations, enc_file.params):
+        for name, enc in section.items():
+            if isinstance(enc, FloatEncoding):
+                continue
+            if name not in tensors:
+                raise EncodingsError(f"{source}: tensor {name!r} is not in the model",
+                                     "apply the encodings to the float model they were computed for")
+            if idx.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
+                enc = dataclasses.replace(enc, axis=_param_axis(idx, name, enc, source))
+            out[name] = enc
+    return out
+
+
+def _param_axis(idx: GraphIndex, name: str, enc: Encoding, source: str) -> int:
+    if enc.bitwidth == 32:  # bias: one scale per output channel
+        return 0
+    shape = idx.shape.get(name, [])
+    for node in idx.uses(name):
+        axis = weight_axis(node, idx)
+        if axis is not None and axis < len(shape) and shape[axis] == len(enc.scale):
+            return axis
+    raise EncodingsError(f"{source}: tensor {name!r} has {len(enc.scale)} per-channel scales, which fits no "
+                         f"channel axis of its shape {shape}",
+                         "apply the encodings to the float model they were computed for")
+
+
+def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
+    counts = plan.to_dict()["node_counts"]
+    return {
+        "nodes": counts,
+        "quantized_tensors": {r: len(plan.by_role(r)) for r in ("activation", "weight", "bias")},
+        "float_nodes": plan.float_nodes(),
+        "qdq_model_ops": quantized_node_counts(qdq),
+    }
+
+
+def _tensor_report(plan: QuantPlan, observers: dict) -> dict[str, Any]:
+    out = {}
+    for name, enc in plan.encodings.items():
+        t = plan.tensors[name]
+        entry = {**t.to_dict(), "scale": list(enc.scale) if enc.per_channel else enc.scale[0],
+                 "zero_point": list(enc.zero_point) if enc.per_channel else enc.zero_point[0]}
+        if t.role == ACTIVATION and name in observers:
+            lo, hi = observers[name].range()
+            entry["observed_min"], entry["observed_max"] = lo, hi
+        if t.role != BIAS:
+            entry["encoding_min"] = min(enc.mins())
+            entry["encoding_max"] = max(enc.maxs())
+        out[name] = entry
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+
+    def default(o):
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+        raise TypeError(type(o).__name__)
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=default) + "\n")

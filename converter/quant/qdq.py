@@ -1,0 +1,158 @@
+"""Render a QDQ model from a float model and a ``{tensor: Encoding}`` map.
+
+The output depends on nothing else: ``quantize`` and ``apply-encodings`` both call
+:func:`render_qdq`, which is why an encodings file re-applied to the float model gives a
+byte-identical model.
+
+Activations (tensors produced by nodes or graph inputs) get a QuantizeLinear/DequantizeLinear pair
+right after their producer, and every consumer reads the dequantized tensor::
+
+    producer -> x -> Q -> x_quantized -> DQ -> x_dequantized -> consumers
+
+A graph output keeps its name: the producer's output is renamed ``<x>_float`` and the DQ writes
+``x`` (ONNX Runtime fuses ``op -> Q`` only when the op's output feeds nothing else).
+
+Weights and biases (initializers) are stored already quantized (int8 / int32) and read through a
+DequantizeLinear placed before their first consumer; the float initializer is dropped unless a
+subgraph still refers to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph.index import GraphIndex
+from ..graph.passes import _subgraph_inputs, default_opset
+from .encoding import Encoding
+
+
+class _Names:
+    """Allocates names that do not clash with anything in the graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used = {n.name for n in g.node} | {t.name for t in g.initializer}
+        self.used |= {x for n in g.node for x in list(n.input) + list(n.output)}
+        self.used |= {v.name for v in list(g.input) + list(g.output)}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)
+    g = model.graph
+    idx = GraphIndex.build(model)
+    names = _Names(model)
+    needs_opset = 21 if any(e.bitwidth == 16 for e in encodings.values()) else 13
+    if default_opset(model) < needs_opset:
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = needs_opset
+
+    order = sorted(encodings, key=lambda t: (idx.position(t), t))
+    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> DQ nodes of its weights
+    after: dict[str, list[onnx.NodeProto]] = {}  # node name ("" = graph inputs) -> Q/DQ of its outputs
+    rename: dict[str, str] = {}  # tensor -> what consumers read instead
+    drop_inits: set[str] = set()
+    new_inits: list[onnx.TensorProto] = []
+
+    def params(tensor: str, enc: Encoding) -> tuple[str, str]:
+        scale, zp = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
+        shape_scale = enc.scale_array() if enc.per_channel else enc.scale_array().reshape(())
+        shape_zp = enc.zero_point_array() if enc.per_channel else enc.zero_point_array().reshape(())
+        new_inits.append(numpy_helper.from_array(shape_scale, scale))
+        new_inits.append(numpy_helper.from_array(shape_zp, zp))
+        return scale, zp
+
+    def axis_attr(enc: Encoding) -> dict:
+        return {"axis": enc.axis} if enc.per_channel else {}
+
+    for tensor in order:
+        enc = encodings[tensor]
+        if idx.is_constant(tensor):
+            values = idx.constant(tensor)
+            q_name = names(f"{tensor}_quantized")
+            new_inits.append(numpy_helper.from_array(enc.quantize(values), q_name))
+            scale, zp = params(tensor, enc)
+            dq_out = names(f"{tensor}_dequantized")
+            dq = helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq_out],
+                                  name=names(f"{tensor}_DequantizeLinear"), **axis_attr(enc))
+            users = idx.uses(tensor)
+            if users:
+                before.setdefault(users[0].name, []).append(dq)
+            rename[tensor] = dq_out
+            drop_inits.add(tensor)
+            continue
+        producer = idx.producer.get(tensor)
+        anchor = producer.name if producer is not None else ""
+        scale, zp = params(tensor, enc)
+        q_out = names(f"{tensor}_quantized")
+        if tensor in idx.graph_outputs and producer is not None:
+            src, dq_out = names(f"{tensor}_float"), tensor
+            for i, o in enumerate(producer.output):
+                if o == tensor:
+                    producer.output[i] = src
+            # other consumers of the graph output read the DQ output, which keeps the name
+        else:
+            src, dq_out = tensor, names(f"{tensor}_dequantized")
+            rename[tensor] = dq_out
+        q = helper.make_node("QuantizeLinear", [src, scale, zp], [q_out], name=names(f"{tensor}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                              name=names(f"{tensor}_DequantizeLinear"))
+        after.setdefault(anchor, []).extend([q, dq])
+
+    qdq_nodes = {n.name for ns in list(before.values()) + list(after.values()) for n in ns}
+    nodes: list[onnx.NodeProto] = list(after.get("", []))
+    for node in g.node:
+        nodes.extend(before.get(node.name, []))
+        nodes.append(node)
+        nodes.extend(after.get(node.name, []))
+    for node in nodes:
+        if node.name in qdq_nodes:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    del g.node[:]
+    g.node.extend(nodes)
+
+    keep_float = _subgraph_inputs(g) | {o.name for o in g.output}
+    inits = [t for t in g.initializer if t.name not in drop_inits or t.name in keep_float]
+    del g.initializer[:]
+    g.initializer.extend(inits + new_inits)
+    # stale shape information of renamed tensors would mislead the checker; let ORT infer it
+    del g.value_info[:]
+    return model
+
+
+def quantized_node_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def dequantized_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Float values the QDQ model really uses for each quantized initializer (for tests/analysis)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            q = inits[n.input[0]].astype(np.float32)
+            s = inits[n.input[1]]
+            z = inits[n.input[2]].astype(np.float32)
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if s.ndim == 1:
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                s, z = s.reshape(shape), z.reshape(shape)
+            out[n.output[0]] = ((q - z) * s).astype(np.float32)
+    return out

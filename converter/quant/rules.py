@@ -1,0 +1,100 @@
+"""Per-op quantization rules: one row per ONNX op type.
+
+A rule only *declares* tensor roles; :mod:`converter.quant.plan` turns the declarations into a
+QuantPlan and :mod:`converter.quant.qdq` writes the Q/DQ nodes. Adding an op is one row here.
+
+kinds
+    ``compute``  the op does arithmetic: its activation inputs are quantized and its output gets
+                 its own encoding (where the target quantizes outputs).
+    ``shared``   the op only moves or selects data (Reshape, MaxPool, Concat...): its output is
+                 quantized with the *same* encoding as its data inputs, so a runtime can run it on
+                 the integers directly. It is quantized only where a neighbour is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+
+from ..graph.index import GraphIndex, attr
+
+
+@dataclass(frozen=True)
+class OpRule:
+    kind: str  # "compute" | "shared"
+    activations: tuple[int, ...] = (0,)  # input slots quantized as activations
+    weight: int | None = None  # input slot of a weight (quantized per channel when constant)
+    weight_axis: Callable[[onnx.NodeProto, GraphIndex], int | None] | None = None
+    bias: int | None = None  # input slot of a bias (int32, scale = input scale * weight scale)
+    anchor: bool = False  # starts a fused group (Conv -> bias Add -> activation)
+
+
+def _conv_transpose_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    # Weight (C_in, C_out/group, k...). With groups, axis 1 holds only C_out/group channels.
+    return 1 if attr(node, "group", 1) == 1 else None
+
+
+def _gemm_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    return 0 if attr(node, "transB", 0) else 1
+
+
+def _matmul_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    shape = idx.shape.get(node.input[1])
+    return len(shape) - 1 if shape and len(shape) >= 2 else None
+
+
+_SHARED = OpRule("shared")
+_UNARY = OpRule("compute")
+_BINARY = OpRule("compute", activations=(0, 1))
+
+RULES: dict[str, OpRule] = {
+    "Conv": OpRule("compute", weight=1, weight_axis=lambda n, i: 0, bias=2, anchor=True),
+    "ConvTranspose": OpRule("compute", weight=1, weight_axis=_conv_transpose_axis, bias=2, anchor=True),
+    "Gemm": OpRule("compute", weight=1, weight_axis=_gemm_axis, bias=2, anchor=True),
+    "MatMul": OpRule("compute", activations=(0, 1), weight=1, weight_axis=_matmul_axis, anchor=True),
+    "Add": _BINARY,
+    "Mul": _BINARY,
+    "AveragePool": _UNARY,
+    "GlobalAveragePool": _UNARY,
+    "ReduceMean": _UNARY,
+    "Relu": _UNARY,
+    "Clip": _UNARY,
+    "LeakyRelu": _UNARY,
+    "PRelu": _UNARY,
+    "HardSigmoid": _UNARY,
+    "HardSwish": _UNARY,
+    "Sigmoid": _UNARY,
+    "Tanh": _UNARY,
+    "Softmax": _UNARY,
+    "MaxPool": _SHARED,
+    "Reshape": _SHARED,
+    "Transpose": _SHARED,
+    "Flatten": _SHARED,
+    "Squeeze": _SHARED,
+    "Unsqueeze": _SHARED,
+    "Concat": OpRule("shared", activations=()),  # every input: see plan._data_inputs
+    "Split": _SHARED,
+    "Slice": _SHARED,
+    "Gather": _SHARED,
+    "Pad": _SHARED,
+    "Resize": _SHARED,
+    "DepthToSpace": _SHARED,
+    "SpaceToDepth": _SHARED,
+    "Identity": _SHARED,
+    "Expand": _SHARED,
+    "Tile": _SHARED,
+}
+
+
+def rule_for(op_type: str) -> OpRule | None:
+    return RULES.get(op_type)
+
+
+def weight_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    """Channel axis of ``node``'s weight for per-channel quantization, or None for per-tensor."""
+    rule = RULES.get(node.op_type)
+    if rule is None or rule.weight_axis is None:
+        return None
+    return rule.weight_axis(node, idx)
