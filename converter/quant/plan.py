@@ -57,7 +57,7 @@ class TensorQuant:
 @dataclass
 class NodeStatus:
     op_type: str
-    status: str  # quantized | fused | float-excluded | float-no-rule | float-op-type
+    status: str  # quantized | fused | float-excluded | float-no-rule | float-op-type | not-float
     group: str | None = None  # anchor of the fused group it belongs to
 
 
@@ -121,7 +121,9 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     quantized: list[onnx.NodeProto] = []
     for node in model.graph.node:
         rule = RULES.get(node.op_type)
-        if rule is None:
+        if not any(idx.is_float(o) for o in node.output):
+            plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
+        elif rule is None:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
         elif node.name in excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
