@@ -15,6 +15,8 @@ EXIT_CHECK_FAILED = 1
 class UserError(Exception):
     """A problem the user can fix. ``fix`` says how."""
 
+    exit_code = EXIT_USER_ERROR
+
     def __init__(self, message: str, fix: str | None = None) -> None:
         super().__init__(message)
         self.message = message

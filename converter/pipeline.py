@@ -22,7 +22,7 @@ from .calib.runner import collect, make_session, select_providers
 from .config import QuantConfig
 from .errors import EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
-from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model, model_bytes, save_model
+from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
 from .graph.passes import default_opset, preprocess
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
@@ -48,6 +48,42 @@ class QuantResult:
     model: onnx.ModelProto | None = None
 
 
+@dataclass
+class Prepared:
+    """A float model ready for planning: loaded, preprocessed and indexed."""
+
+    source_path: str | None
+    name: str
+    original_opset: int
+    model: onnx.ModelProto  # preprocessed float model
+    idx: GraphIndex
+    passes: dict[str, int]
+
+    @property
+    def inputs(self):
+        return model_inputs(self.model)
+
+
+def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> Prepared:
+    """Load (or export) the model and run the preprocessing passes."""
+    source_path, float_model = _resolve_model(model, example_inputs)
+    name = name or (Path(source_path).stem if source_path else "model")
+    proto = load_model(float_model)
+    opset = default_opset(proto)
+    passes = preprocess(proto)
+    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
+
+
+def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: QuantConfig,
+              calib_spec: str | Path | None = None):
+    """One pass of the float model over the calibration data; returns the runner's CalibrationResult."""
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
+    providers = select_providers(config.providers)
+    result = collect(prepared.model, tensors, data, config.calib_method, providers, config.threads)
+    result.source = data.description
+    return result
+
+
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
              name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
     """Quantize ``model`` (ONNX path, ModelProto or torch.nn.Module) with ``calib_data``.
@@ -57,44 +93,40 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     ``<output_dir>/<name>.onnx``, ``<name>.encodings`` and ``<name>.report.json``.
     """
     config = config or QuantConfig()
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out_dir = ensure_writable_dir(output_dir)
-    source_path, float_model = _resolve_model(model, example_inputs)
-    name = name or (Path(source_path).stem if source_path else "model")
+    prepared = prepare(model, name, example_inputs)
+    plan = build_plan(prepared.model, config, prepared.idx)
+    timings = {"load_and_plan_s": time.perf_counter() - t0}
 
-    t = time.perf_counter()
-    model_proto = preprocessed = load_model(float_model)
-    passes = preprocess(preprocessed)
-    idx = GraphIndex.build(preprocessed)
-    plan = build_plan(preprocessed, config, idx)
-    timings["load_and_plan_s"] = time.perf_counter() - t
-
-    inputs = model_inputs(preprocessed)
-    data = open_calibration(calib_data, inputs, config.batch_size, config.max_samples, calib_spec)
-    providers = select_providers(config.providers)
-    calib = collect(preprocessed, activation_tensors(plan), data, config.calib_method, providers, config.threads)
+    calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     timings["calibration_s"] = calib.seconds
-
     t = time.perf_counter()
-    compute_encodings(plan, idx, calib.observers, config.calib_method, config.percentile)
-    qdq = render_qdq(preprocessed, plan.encodings)
+    compute_encodings(plan, prepared.idx, calib.observers, config.calib_method, config.percentile)
+    qdq = render_qdq(prepared.model, plan.encodings)
+    timings["render_s"] = time.perf_counter() - t
+    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0)
+
+
+def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
+           timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
+    """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
     check_model(qdq)
     encodings_text = encodings_json(plan, config)
-    timings["render_s"] = time.perf_counter() - t
-
+    name = prepared.name
     paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
     report = {
         "converter_version": __version__,
-        "model": {"source": str(source_path) if source_path else None, "name": name,
-                  "opset": default_opset(model_proto), "nodes": len(preprocessed.graph.node),
-                  "inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in inputs]},
+        "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,
+                  "nodes": len(prepared.model.graph.node),
+                  "inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in prepared.inputs]},
         "config": config.to_dict(),
-        "preprocess": passes,
+        "preprocess": prepared.passes,
         "calibration": {"method": config.calib_method, "samples": calib.samples, "batches": calib.batches,
-                        "seconds": round(calib.seconds, 3), "providers": providers,
-                        "source": data.description},
+                        "seconds": round(calib.seconds, 3), "providers": calib.providers,
+                        "source": calib.source},
         "summary": _summary(plan, qdq),
+        **(extra_report or {}),
         "tensors": _tensor_report(plan, calib.observers),
         "plan": plan.to_dict(),
         "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},

@@ -63,6 +63,7 @@ class CalibrationResult:
     batches: int
     seconds: float
     providers: list[str]
+    source: str = ""
 
 
 def collect(model: onnx.ModelProto, tensors: list[str], data: CalibrationSource, method: str,

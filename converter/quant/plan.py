@@ -186,8 +186,12 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             if b is not None and node.input[0] in acts:
                 biases[b] = TensorQuant(b, BIAS, 32, True, True, 0 if axis is not None else None,
                                         bias_of=(node.input[0], w))
-        if preset.quantize_outputs:
-            want_activation(group_output.get(node.name, node.output[0]))
+        out = group_output.get(node.name, node.output[0])
+        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
+        # float therefore reads float inputs unless another quantized consumer shares the tensor.
+        if preset.quantize_outputs and (out in idx.graph_outputs
+                                        or any(c.name in is_quantized for c in idx.uses(out))):
+            want_activation(out)
 
     # 4. data-movement ops share their input's encoding; iterate to a fixed point
     shared_nodes = [n for n in quantized if RULES[n.op_type].kind == "shared"]

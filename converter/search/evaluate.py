@@ -1,0 +1,138 @@
+"""Evaluators and accuracy targets for the fallback search.
+
+An evaluator is any callable ``evaluate(model_path) -> float`` where higher is better. Built-in
+ones run the model on an evaluation set and compare with the float model (computed once):
+
+* ``top1``       accuracy of the first output's argmax against labels;
+* ``agreement``  fraction of samples whose argmax equals the float model's;
+* ``cosine``     mean per-sample cosine similarity of the first output to the float output;
+* ``sqnr``       mean per-sample SQNR (dB) of the first output against the float output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ..calib.readers import open_calibration
+from ..calib.runner import make_session
+from ..errors import CalibrationDataError, ConfigError
+
+METRICS = ("top1", "agreement", "cosine", "sqnr")
+Evaluator = Callable[[str], float]
+
+_CACHE_BYTES = 1 << 30  # evaluation inputs kept in memory up to this size, else re-read each time
+
+
+@dataclass(frozen=True)
+class AccuracyTarget:
+    """The accuracy a quantized model must reach, relative to the float model's metric.
+
+    ``max_drop``: the allowed drop from the float metric (a fraction of it when ``relative``);
+    ``min_value``: an absolute floor. Both may be given; the stricter one holds.
+    """
+
+    max_drop: float | None = 0.01
+    relative: bool = False
+    min_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is None and self.min_value is None:
+            raise ConfigError("an accuracy target needs max_drop or min_value", "pass --max-drop or --min-metric")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ConfigError(f"max_drop must be >= 0, got {self.max_drop}", "use e.g. --max-drop 0.01")
+
+    def threshold(self, baseline: float) -> float:
+        t = -math.inf
+        if self.max_drop is not None:
+            t = baseline * (1 - self.max_drop) if self.relative else baseline - self.max_drop
+        if self.min_value is not None:
+            t = max(t, self.min_value)
+        return t
+
+    def met(self, value: float, baseline: float) -> bool:
+        return value >= self.threshold(baseline) - 1e-12
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_drop is not None:
+            parts.append(f"drop <= {self.max_drop:g}{' (relative)' if self.relative else ''}")
+        if self.min_value is not None:
+            parts.append(f"metric >= {self.min_value:g}")
+        return " and ".join(parts)
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"labels file not found: {path}", "pass a .npy of ints or a text file, one per line")
+    try:
+        labels = np.load(path) if path.suffix == ".npy" else np.array(
+            [int(line.split()[0]) for line in path.read_text().splitlines() if line.strip()])
+    except (ValueError, OSError) as exc:
+        raise CalibrationDataError(f"cannot read labels from {path}: {exc}",
+                                   "write one integer class index per line (or save a .npy of ints)") from None
+    return labels.astype(np.int64).ravel()
+
+
+class BuiltinEvaluator:
+    """Runs a model over an evaluation set and scores it against the float model (or labels)."""
+
+    def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
+                 providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
+                 image_spec: str | Path | None = None) -> None:
+        if metric not in METRICS:
+            raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
+        if metric == "top1" and labels is None:
+            raise ConfigError("metric top1 needs labels", "pass --labels FILE (or use --target-metric agreement)")
+        from ..calib.readers import model_inputs
+
+        self.metric = metric
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
+        self._cached: list[dict[str, np.ndarray]] | None = None
+        self.reference = self._outputs(float_model)
+        if labels is not None and len(labels) != len(self.reference):
+            raise CalibrationDataError(f"{len(labels)} labels for {len(self.reference)} evaluation samples",
+                                       "give one label per evaluation sample, in the data's sorted file order")
+        self.labels = labels
+
+    def _batches(self):
+        if self._cached is not None:
+            return self._cached
+        batches, size = [], 0
+        for b in self._source:
+            batches.append(b)
+            size += sum(v.nbytes for v in b.values())
+            if size > _CACHE_BYTES:
+                return self._source  # too big to keep: re-read every time
+        self._cached = batches
+        return batches
+
+    def _outputs(self, model: onnx.ModelProto | str) -> np.ndarray:
+        proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+        sess = make_session(proto, self.providers)
+        first = sess.get_outputs()[0].name
+        return np.concatenate([sess.run([first], b)[0] for b in self._batches()])
+
+    def score(self, outputs: np.ndarray) -> float:
+        ref = self.reference
+        if self.metric == "top1":
+            return float((outputs.reshape(len(outputs), -1).argmax(1) == self.labels).mean())
+        if self.metric == "agreement":
+            return float((outputs.reshape(len(outputs), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).mean())
+        r = ref.reshape(len(ref), -1).astype(np.float64)
+        o = outputs.reshape(len(outputs), -1).astype(np.float64)
+        if self.metric == "cosine":
+            return float(np.mean((r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1),
+                                                             1e-30)))
+        err = np.maximum(((r - o) ** 2).sum(1), 1e-30)
+        return float(np.mean(10 * np.log10(np.maximum((r**2).sum(1), 1e-30) / err)))
+
+    def __call__(self, model_path: str | onnx.ModelProto) -> float:
+        return self.score(self._outputs(model_path))

@@ -1,0 +1,142 @@
+"""Per-layer sensitivity to quantization.
+
+Single-op (Huawei AMCT's accuracy-based auto calibration): run the float model once on a few
+samples and keep every layer's float inputs. Then, for each layer alone, compare its float output
+with the output of the same layer quantized the way the plan says (its input activations, weights,
+bias and output through their Q/DQ), both fed the *same float inputs*. No error propagates from
+earlier layers, so the score says how much quantizing this layer costs, and no full-model evaluation
+is needed per layer. Scores: cosine similarity (ranking key), SQNR in dB, MSE.
+
+End-to-end (AIMET's per-layer analysis): quantize only that layer and evaluate the whole model with
+the user's metric. N full evaluations: for when the user can afford it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm import tqdm
+
+from ..calib.runner import make_session
+from ..graph.index import GraphIndex
+from ..quant.plan import QuantPlan
+from ..quant.qdq import render_qdq
+from .layers import Layer
+
+log = logging.getLogger("converter")
+
+
+@dataclass
+class LayerScore:
+    name: str
+    op_type: str
+    cosine: float
+    sqnr_db: float
+    mse: float
+    nodes: tuple[str, ...] = ()
+    metric: float | None = None  # end-to-end: the model metric with only this layer quantized
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["nodes"] = list(self.nodes)
+        return d
+
+
+def compare(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
+    """(cosine, SQNR dB, MSE) of ``test`` against ``ref``."""
+    r, t = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    err = float(np.sum((r - t) ** 2))
+    power = float(np.sum(r**2))
+    denom = math.sqrt(power * float(np.sum(t**2)))
+    cosine = float(r @ t / denom) if denom > 0 else (1.0 if err == 0 else 0.0)
+    sqnr = math.inf if err == 0 else (10 * math.log10(power / err) if power > 0 else -math.inf)
+    return cosine, sqnr, err / max(r.size, 1)
+
+
+def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
+            providers: list[str]) -> list[dict[str, np.ndarray]]:
+    """Run the float model on ``batches`` and keep ``tensors`` (plus the inputs) for each batch."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    have = {o.name for o in augmented.graph.output}
+    inputs = {i.name for i in augmented.graph.input}
+    fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    for t in fetch:
+        if t not in have:
+            augmented.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    session = make_session(augmented, providers)
+    out = []
+    for batch in batches:
+        values = dict(zip(fetch, session.run(fetch, batch)))
+        values.update(batch)
+        out.append(values)
+    return out
+
+
+def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer) -> onnx.ModelProto:
+    """The layer alone as a model: its activations as inputs, its constants as initializers."""
+    nodes = [n for n in model.graph.node if n.name in set(layer.nodes)]
+    acts = [t for t in layer.inputs if not idx.is_constant(t)]
+    inits = [idx.initializers[t] for t in layer.inputs if idx.is_constant(t)]
+    graph = helper.make_graph(
+        nodes, f"layer_{layer.name}",
+        [helper.make_tensor_value_info(t, idx.elem_type.get(t, onnx.TensorProto.FLOAT), None) for t in acts],
+        [helper.make_tensor_value_info(layer.output, idx.elem_type.get(layer.output, onnx.TensorProto.FLOAT), None)],
+        initializer=inits)
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return sub
+
+
+def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPlan, layers: list[Layer],
+                          captured: list[dict[str, np.ndarray]], providers: list[str]) -> list[LayerScore]:
+    """Score every layer alone on the captured float inputs; worst (lowest cosine) first."""
+    scores = []
+    for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=None, leave=False):
+        sub = layer_model(model, idx, layer)
+        tensors = set(layer.inputs) | {layer.output}
+        encodings = {t: e for t, e in plan.encodings.items() if t in tensors}
+        fsess = make_session(sub, providers, optimize=False)
+        qsess = make_session(render_qdq(sub, encodings), providers, optimize=False)
+        acts = [i.name for i in sub.graph.input]
+        refs, tests = [], []
+        for values in captured:
+            feed = {t: values[t] for t in acts}
+            refs.append(fsess.run(None, feed)[0].ravel())
+            tests.append(qsess.run(None, feed)[0].ravel())
+        cos, sqnr, mse = compare(np.concatenate(refs), np.concatenate(tests))
+        scores.append(LayerScore(layer.name, layer.op_type, cos, sqnr, mse, layer.nodes))
+    return rank(scores)
+
+
+def rank(scores: list[LayerScore]) -> list[LayerScore]:
+    """Worst first: lowest cosine, then lowest SQNR; name breaks ties deterministically."""
+    return sorted(scores, key=lambda s: (s.cosine, s.sqnr_db, s.name))
+
+
+def end_to_end_sensitivity(layers: list[Layer], evaluate_only: Callable[[Layer], float]) -> list[LayerScore]:
+    """Model metric with only one layer quantized at a time (higher is better); worst first."""
+    scores = []
+    for layer in tqdm(layers, desc="end-to-end sensitivity", unit="layer", disable=None, leave=False):
+        m = evaluate_only(layer)
+        scores.append(LayerScore(layer.name, layer.op_type, math.nan, math.nan, math.nan, layer.nodes, metric=m))
+    return sorted(scores, key=lambda s: (s.metric, s.name))
+
+
+def spearman(a: list[str], b: list[str]) -> float:
+    """Spearman rank correlation of two orderings of the same names."""
+    pos_b = {n: i for i, n in enumerate(b)}
+    common = [n for n in a if n in pos_b]
+    n = len(common)
+    if n < 2:
+        return math.nan
+    ra = {name: i for i, name in enumerate(common)}
+    rb_sorted = sorted(common, key=lambda x: pos_b[x])
+    rb = {name: i for i, name in enumerate(rb_sorted)}
+    d2 = sum((ra[x] - rb[x]) ** 2 for x in common)
+    return 1 - 6 * d2 / (n * (n * n - 1))
