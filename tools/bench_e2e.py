@@ -155,10 +155,8 @@ def upgrade_for_ort(path: Path) -> None:
     to load (INVALID_GRAPH "Unrecognized attribute: axis"). Its docs ask for opset >= 13 for
     per-channel, so it gets the same ``onnx.version_converter`` upgrade ``converter`` does itself.
     """
-    model = onnx.load(str(path))
-    opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
-    if opset < 13:
-        onnx.save(onnx.version_converter.convert_version(model, 13), str(path))
+    if opset_of(path) < 13:
+        onnx.save(onnx.version_converter.convert_version(onnx.load(str(path)), 13), str(path))
 
 
 def quantize_both(task: Task, workdir: Path, reps: int) -> tuple[dict[str, Path], dict[str, float]]:
@@ -234,7 +232,7 @@ def run_task(task: Task, workdir: Path, args: argparse.Namespace) -> dict:
     log(f"== {task.title}")
     float_ops = Counter(n.op_type for n in onnx.load(str(task.model)).graph.node)
     paths, quant_s = quantize_both(task, workdir, args.quant_reps)
-    paths = {FP32: task.model, **paths}
+    paths = {FP32: task.model, ORT_QDQ: paths[ORT_QDQ], OURS: paths[OURS]}
     acc = {k: accuracy(p, task) for k, p in paths.items()}
     for k in paths:
         log(f"  {LABELS[k]:<22} " + "  ".join(f"{m} {v}/{len(task.eval_y)}" for m, v in acc[k].items()))
@@ -246,9 +244,15 @@ def run_task(task: Task, workdir: Path, args: argparse.Namespace) -> dict:
         "latency_ratio_ours_over_ort": lat[OURS]["median_ms"] / lat[ORT_QDQ]["median_ms"],
         "quantize_seconds": quant_s, "quantize_ratio_ours_over_ort": quant_s[OURS] / quant_s[ORT_QDQ],
         "fusion": fus, "float_ops": dict(sorted(float_ops.items())),
+        "model_opset": opset_of(task.model),
     }
     result["checks"] = checks(task, result)
     return result
+
+
+def opset_of(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
 
 
 def checks(task: Task, r: dict) -> dict[str, bool]:
@@ -294,6 +298,9 @@ def summary(results: dict[str, dict], args: argparse.Namespace) -> str:
         frows = [["fused graph (ORT EXTENDED)", *cols]]
         frows += [[LABELS[k], *[str(r["fusion"][k][c]) for c in cols]] for k in (ORT_QDQ, OURS)]
         out.append(table(frows))
+        if r["model_opset"] < 13:
+            out.append(f"note: the float model is opset {r['model_opset']}; quantize_static got its opset-13 "
+                       "conversion (per-channel output of the original is an invalid model)")
         out.append("checks: " + "; ".join(f"{c}: {'PASS' if ok else 'FAIL'}" for c, ok in r["checks"].items()))
     out.append(f"latency: batch 1, intra-op threads {args.threads}, {args.warmup} warm-up + {args.runs} interleaved "
                f"runs, median; quantize s: best of {args.quant_reps} (calibration + conversion + write)")
@@ -313,11 +320,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--assets", type=Path,
                    default=Path(os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")),
                    help="folder with cifar10-resnet8/, efficientnet-lite0/, imagenet-samples/")
-    p.add_argument("--runs", type=int, default=100, help="timed rounds per model for latency (default 100)")
+    p.add_argument("--runs", type=int, default=300, help="timed rounds per model for latency (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs per model (default 10)")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs (default 1)")
-    p.add_argument("--quant-reps", type=int, default=1,
-                   help="quantize with each tool this many times, alternating order; best time kept (default 1)")
+    p.add_argument("--quant-reps", type=int, default=3,
+                   help="quantize with each tool this many times, alternating order; best time kept (default 3)")
     p.add_argument("--models", nargs="+", choices=("resnet8", "efficientnet_lite0"),
                    default=["resnet8", "efficientnet_lite0"])
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")

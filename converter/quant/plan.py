@@ -134,14 +134,17 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             quantized.append(node)
     is_quantized = {n.name for n in quantized}
 
-    # 2. fused groups: anchor -> [bias Add] -> [activation]
-    group_output: dict[str, str] = {}  # anchor name -> tensor that ends its group
+    # 2. fused groups: anchor -> [bias Add] -> [activation]; any other compute op -> [activation]
+    #    (a residual Add -> Relu is one group too: ORT runs QLinearAdd and drops the Relu)
+    group_output: dict[str, str] = {}  # group head name -> tensor that ends its group
     for node in quantized:
-        if not RULES[node.op_type].anchor:
+        rule = RULES[node.op_type]
+        if rule.kind != "compute" or plan.nodes[node.name].status != "quantized":
             continue
         out = node.output[0]
         nxt = idx.single_consumer(out)
-        if nxt is not None and nxt.op_type == "Add" and nxt.name not in excluded and _is_bias_add(nxt, out, idx):
+        if (rule.anchor and nxt is not None and nxt.op_type == "Add" and nxt.name not in excluded
+                and _is_bias_add(nxt, out, idx)):
             plan.nodes[nxt.name] = NodeStatus(nxt.op_type, "fused", node.name)
             out = nxt.output[0]
             nxt = idx.single_consumer(out)
