@@ -195,7 +195,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     search_report = {"target": target.describe(), "ranking_kind": ranking, **outcome.to_dict()}
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
                     extra_report={"search": search_report})
-    kept = ", ".join(s.name for s in outcome.kept_float) or "none"
+    names = [s.name for s in outcome.kept_float]
+    kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     if not outcome.met:
         raise TargetNotMetError(
             f"accuracy target not met ({target.describe()}): FP32 {outcome.baseline:.4f}, best quantized "
