@@ -116,7 +116,7 @@ class BuiltinEvaluator:
 
     def _outputs(self, model: onnx.ModelProto | str) -> np.ndarray:
         proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
-        sess = make_session(proto, self.providers)
+        sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
         first = sess.get_outputs()[0].name
         return np.concatenate([sess.run([first], b)[0] for b in self._batches()])
 
