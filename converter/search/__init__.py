@@ -1,6 +1,7 @@
 """Sensitivity analysis and automatic fallback search to an accuracy target."""
 
-from .evaluate import METRICS, AccuracyTarget, BuiltinEvaluator, load_labels
+from ..verify import load_labels
+from .evaluate import METRICS, AccuracyTarget, BuiltinEvaluator
 from .fallback import TargetNotMetError, auto_quantize, fallback_search
 from .layers import Layer, plan_layers
 from .sensitivity import LayerScore, single_op_sensitivity, spearman

@@ -67,19 +67,6 @@ class AccuracyTarget:
         return " and ".join(parts)
 
 
-def load_labels(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationDataError(f"labels file not found: {path}", "pass a .npy of ints or a text file, one per line")
-    try:
-        labels = np.load(path) if path.suffix == ".npy" else np.array(
-            [int(line.split()[0]) for line in path.read_text().splitlines() if line.strip()])
-    except (ValueError, OSError) as exc:
-        raise CalibrationDataError(f"cannot read labels from {path}: {exc}",
-                                   "write one integer class index per line (or save a .npy of ints)") from None
-    return labels.astype(np.int64).ravel()
-
-
 class BuiltinEvaluator:
     """Runs a model over an evaluation set and scores it against the float model (or labels)."""
 

@@ -1,0 +1,528 @@
+"""Float vs quantized accuracy on real data, with pass/fail thresholds for deployment pipelines.
+
+Both models run in ONNX Runtime (default graph optimisation, i.e. what a deployment runs: on the
+CPU provider Q/DQ pairs are fused into QLinearConv/QLinearMatMul) on the same batches, read by the
+calibration readers (``.npy``/``.npz`` directories or images + ``preprocess.yaml``). Any QDQ model
+works, ours or ONNX Runtime's ``quantize_static`` output: only input and output names must match.
+
+Metrics, streamed batch by batch (memory does not grow with the data, except one predicted class
+per sample for classifier outputs), per model output::
+
+    cosine   per sample s (one row of the output's batch axis, flattened):
+             cos_s = <f_s, q_s> / (|f_s| |q_s|)      (1 when both are all-zero)
+             reported as mean and min over samples. An output with one value per sample (a [N] or
+             [N, 1] score) would only give the sign: it gets one cosine over all samples instead.
+    SQNR     10 log10( sum f^2 / sum (f - q)^2 )  over every element of every sample, in dB
+             (infinite when the outputs are identical; ``null`` in JSON)
+    max abs  max |f - q|
+
+An output shaped ``[N, C]`` (C >= 2, floating) is "classifier-like": top-1 agreement is the fraction
+of samples where ``argmax f == argmax q``. With labels (one integer per sample, in the data's
+sorted file order; a ``.npy`` file or a text file with one label per line), the accuracy of each
+model is measured on the first classifier-like output and ``top-1 drop = acc_float - acc_quant``.
+
+Thresholds (:class:`Thresholds`; ``None`` disables one): ``min_cosine`` applies to the mean cosine
+of every output, ``min_sqnr`` to every output's SQNR, ``min_agreement`` to every classifier-like
+output (not applicable, and reported as such, when there is none), ``max_top1_drop`` needs labels.
+
+Latency is the wall time of ``session.run`` per batch (the first batch is run once untimed as a
+warm-up), float and quantized interleaved on the same batch so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calib.readers import model_inputs, open_calibration
+from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
+from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
+
+log = logging.getLogger("converter")
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits; ``None`` disables a check. The defaults are the CLI's defaults."""
+
+    min_cosine: float | None = 0.99
+    min_agreement: float | None = 0.99
+    max_top1_drop: float | None = 0.01
+    min_sqnr: float | None = None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold applied to one measured value."""
+
+    name: str  # e.g. "cosine[logits]"
+    measured: float | None  # None: not applicable
+    limit: float
+    higher_is_better: bool = True
+
+    @property
+    def applicable(self) -> bool:
+        return self.measured is not None
+
+    @property
+    def passed(self) -> bool:
+        if self.measured is None:
+            return True
+        return self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+
+    def describe(self) -> str:
+        if self.measured is None:
+            return f"{self.name} n/a"
+        op = (">=" if self.passed else "<") if self.higher_is_better else ("<=" if self.passed else ">")
+        return f"{self.name} {_fmt(self.measured)} {op} {_fmt(self.limit)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "measured": _finite(self.measured), "limit": self.limit,
+                "comparison": ">=" if self.higher_is_better else "<=", "passed": self.passed,
+                "applicable": self.applicable}
+
+
+@dataclass
+class VerifyResult:
+    """What :func:`verify` measured. ``metrics`` is JSON-ready; ``summary`` is the one-line verdict."""
+
+    passed: bool
+    metrics: dict[str, Any]
+    checks: list[Check] = field(default_factory=list)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @property
+    def summary(self) -> str:
+        failed = [c.describe() for c in self.checks if not c.passed]
+        return "PASSED" if not failed else "FAILED: " + "; ".join(failed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "summary": self.summary, **self.metrics,
+                "thresholds": self.thresholds.to_dict(), "checks": [c.to_dict() for c in self.checks]}
+
+    def write_json(self, path: str | Path) -> None:
+        path = Path(path)
+        ensure_writable_dir(path.parent if str(path.parent) else ".")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+
+
+# --- metric accumulators ----------------------------------------------------------------------------
+
+@dataclass
+class _OutputStats:
+    """Streaming comparison of one output (see the module docstring for the formulas)."""
+
+    name: str
+    shape: tuple[int, ...] = ()
+    classifier: bool = False
+    rows: int = 0
+    row_size: int = 0
+    cos_sum: float = 0.0
+    cos_min: float = math.inf
+    dot: float = 0.0  # sum f*q over everything: the whole-data cosine for one-value-per-sample outputs
+    quant_energy: float = 0.0  # sum q^2
+    signal: float = 0.0
+    noise: float = 0.0
+    max_abs: float = 0.0
+    agree: int = 0
+    float_top1: list[np.ndarray] = field(default_factory=list)
+    quant_top1: list[np.ndarray] = field(default_factory=list)
+
+    def update(self, ref: np.ndarray, got: np.ndarray, n: int) -> None:
+        if ref.shape != got.shape:
+            raise ModelError(f"output {self.name!r} has shape {list(got.shape)} in the quantized model but "
+                             f"{list(ref.shape)} in the float model",
+                             "compare a quantized model with the float model it was made from")
+        if not self.rows:
+            self.shape = ref.shape
+            self.classifier = ref.ndim == 2 and ref.shape[0] == n and ref.shape[1] >= 2 \
+                and np.issubdtype(ref.dtype, np.floating)
+        f = ref.astype(np.float64, copy=False)
+        q = got.astype(np.float64, copy=False)
+        per_sample = f.ndim >= 1 and f.shape[0] == n
+        f2, q2 = (f.reshape(n, -1), q.reshape(n, -1)) if per_sample else (f.reshape(1, -1), q.reshape(1, -1))
+        cos = _cosine_rows(f2, q2)
+        self.rows += len(cos)
+        self.row_size = f2.shape[1]
+        self.dot += float((f2 * q2).sum())
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min()))
+        diff = f2 - q2
+        self.signal += float(np.square(f2).sum())
+        self.noise += float(np.square(diff).sum())
+        self.quant_energy += float(np.square(q2).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+        if self.classifier:
+            fa, qa = ref.argmax(1), got.argmax(1)
+            self.agree += int((fa == qa).sum())
+            self.float_top1.append(fa)
+            self.quant_top1.append(qa)
+
+    @property
+    def whole_cosine(self) -> bool:
+        """A cosine of one number is only its sign: such outputs get one cosine over all the data."""
+        return self.row_size == 1
+
+    @property
+    def cosine_mean(self) -> float:
+        if not self.whole_cosine:
+            return self.cos_sum / max(self.rows, 1)
+        denom = math.sqrt(self.signal * self.quant_energy)
+        if denom == 0.0:
+            return 1.0 if self.signal == self.quant_energy == 0.0 else 0.0
+        return self.dot / denom
+
+    @property
+    def cosine_min(self) -> float:
+        return self.cosine_mean if self.whole_cosine else self.cos_min
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agree / self.rows if self.classifier and self.rows else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": ["N", *self.shape[1:]] if self.shape else [], "classifier": self.classifier,
+                "cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min,
+                "sqnr_db": _finite(self.sqnr_db), "identical": self.noise == 0.0,
+                "max_abs_error": self.max_abs, "top1_agreement": self.agreement}
+
+
+def _cosine_rows(f: np.ndarray, q: np.ndarray) -> np.ndarray:
+    nf = np.linalg.norm(f, axis=1)
+    nq = np.linalg.norm(q, axis=1)
+    dot = (f * q).sum(1)
+    denom = nf * nq
+    both_zero = (nf == 0) & (nq == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cos)
+
+
+@dataclass
+class _Latency:
+    seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, float]:
+        s = np.asarray(self.seconds or [0.0]) * 1000.0
+        return {"mean_ms": float(s.mean()), "median_ms": float(np.median(s)), "total_s": float(s.sum() / 1000.0),
+                "batches": len(self.seconds)}
+
+
+# --- the API ------------------------------------------------------------------------------------------
+
+def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | onnx.ModelProto, data: Any,
+           labels: str | Path | np.ndarray | None = None, thresholds: Thresholds | None = None,
+           providers: str | list[str] = "auto", batch_size: int = 16, max_samples: int | None = None,
+           data_spec: str | Path | None = None, threads: int = 0) -> VerifyResult:
+    """Run both models on ``data`` and compare them; see the module docstring for what is measured.
+
+    ``data``: a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``, or ``data_spec``) or a
+    Python iterable of ``{input name: array}`` dicts. ``labels``: integers, one per sample.
+    """
+    thresholds = thresholds or Thresholds()
+    float_proto, quant_proto = load_model(float_model), load_model(quant_model)
+    inputs = model_inputs(float_proto)
+    _check_same_io(float_proto, quant_proto)
+    label_array = load_labels(labels) if labels is not None else None
+    source = open_calibration(data, inputs, batch_size, max_samples, data_spec)
+    if label_array is not None and source.num_samples is not None and max_samples is None \
+            and len(label_array) != source.num_samples:
+        raise CalibrationDataError(f"{len(label_array)} labels for the {source.num_samples} samples in "
+                                   f"{source.description}", "give exactly one label per sample, in the data's "
+                                   "sorted file order")
+    provider_list = resolve_providers(providers)
+    sessions = _session(float_model, float_proto, provider_list, threads), \
+        _session(quant_model, quant_proto, provider_list, threads)
+    outputs = [o.name for o in float_proto.graph.output]
+
+    stats = {name: _OutputStats(name) for name in outputs}
+    latency = _Latency(), _Latency()
+    samples = batches = 0
+    for batch in source:
+        n = next(iter(batch.values())).shape[0]
+        if batches == 0:
+            for s in sessions:  # warm-up, untimed
+                _run(s, outputs, batch, 0)
+        results = []
+        for s, lat in zip(sessions, latency):
+            t = time.perf_counter()
+            results.append(_run(s, outputs, batch, batches))
+            lat.seconds.append(time.perf_counter() - t)
+        for name, ref, got in zip(outputs, *results):
+            stats[name].update(np.asarray(ref), np.asarray(got), n)
+        samples += n
+        batches += 1
+    log.info("verified on %d samples in %d batches", samples, batches)
+
+    accuracy = (_accuracy(stats, label_array, samples, labels, max_samples is not None)
+                if label_array is not None else None)
+    checks = _checks(stats, accuracy, thresholds)
+    metrics = {
+        "float_model": _describe(float_model), "quant_model": _describe(quant_model),
+        "data": source.description, "samples": samples, "batches": batches, "batch_size": batch_size,
+        "providers": provider_list,
+        "outputs": {name: st.to_dict() for name, st in stats.items()},
+        "accuracy": accuracy,
+        "latency": {"float": latency[0].to_dict(), "quant": latency[1].to_dict()},
+    }
+    return VerifyResult(all(c.passed for c in checks), metrics, checks, thresholds)
+
+
+def load_labels(labels: str | Path | np.ndarray | list) -> np.ndarray:
+    """Integer labels from a ``.npy`` file, a text file (one per line) or an array."""
+    if not isinstance(labels, (str, Path)):
+        arr = np.asarray(labels)
+        source = "the labels array"
+    else:
+        path = Path(labels)
+        source = str(path)
+        if not path.is_file():
+            raise CalibrationDataError(f"labels file not found: {path}",
+                                       "pass a .npy file of integers or a text file with one integer per line")
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except Exception as exc:
+                raise CalibrationDataError(f"cannot read labels {path}: {exc}", "re-save it with numpy.save") from None
+        else:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            try:
+                arr = np.array([int(ln) for ln in lines], dtype=np.int64)
+            except ValueError as exc:
+                raise CalibrationDataError(f"{path}: every line must be an integer class index ({exc})",
+                                           "write one class index per line, in the data's sorted file order") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise CalibrationDataError(f"{source}: labels must be a 1-D array of integers, got {arr.dtype} "
+                                   f"of shape {list(arr.shape)}", "save one integer class index per sample")
+    return arr.astype(np.int64)
+
+
+def resolve_providers(providers: str | list[str]) -> list[str]:
+    """``auto`` | ``cpu`` | ``cuda,cpu`` | full provider names -> the available ones, in order."""
+    if isinstance(providers, str):
+        providers = ["cuda", "cpu"] if providers == "auto" else [p.strip() for p in providers.split(",") if p.strip()]
+        auto = providers == ["cuda", "cpu"]
+    else:
+        auto = False
+    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
+    available = ort.get_available_providers()
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if not chosen:
+        raise UserError(f"none of the requested execution providers is available: {', '.join(wanted)} "
+                        f"(this onnxruntime has {', '.join(available)})",
+                        "use --providers cpu, or install the onnxruntime build for your accelerator")
+    if missing and not auto:
+        log.warning("execution providers not available, skipped: %s (running on %s)", ", ".join(missing),
+                    ", ".join(chosen))
+    log.info("verifying on %s", ", ".join(chosen))
+    return chosen
+
+
+def _session(source: Any, proto: onnx.ModelProto, providers: list[str], threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    target = str(source) if isinstance(source, (str, Path)) else proto.SerializeToString()
+    try:
+        return ort.InferenceSession(target, so, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {_describe(source)}: {str(exc).splitlines()[0]}",
+                         "check the model runs in ONNX Runtime (onnxruntime.InferenceSession) on its own") from None
+
+
+def _run(session: ort.InferenceSession, outputs: list[str], batch: dict[str, np.ndarray], index: int) -> list:
+    try:
+        return session.run(outputs, batch)
+    except Exception as exc:
+        raise CalibrationDataError(f"ONNX Runtime failed on batch {index}: {str(exc).splitlines()[0]}",
+                                   "check that the data matches the models' input shapes") from None
+
+
+def _check_same_io(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto) -> None:
+    fin = [s.name for s in model_inputs(float_proto)]
+    qin = [s.name for s in model_inputs(quant_proto)]
+    fout = [o.name for o in float_proto.graph.output]
+    qout = {o.name for o in quant_proto.graph.output}
+    if sorted(fin) != sorted(qin) or not set(fout) <= qout:
+        raise ModelError(f"the models do not have the same inputs/outputs: float {fin} -> {fout}, "
+                         f"quantized {qin} -> {sorted(qout)}",
+                         "compare a quantized model with the float model it was made from")
+
+
+def _accuracy(stats: dict[str, _OutputStats], labels: np.ndarray, samples: int, source: Any,
+              truncated: bool) -> dict[str, Any]:
+    out = next((s for s in stats.values() if s.classifier), None)
+    if out is None:
+        raise UserError("labels were given but no model output is classifier-like ([N, C] scores)",
+                        "drop --labels, or verify a model whose output is [N, classes]")
+    if len(labels) < samples or (len(labels) > samples and not truncated):
+        where = str(source) if isinstance(source, (str, Path)) else "the labels array"
+        raise CalibrationDataError(f"{where}: {len(labels)} labels for {samples} samples",
+                                   "give exactly one label per sample, in the data's sorted file order (with "
+                                   "--max-samples N the first N labels are used)")
+    y = labels[:samples]
+    fp, qp = np.concatenate(out.float_top1), np.concatenate(out.quant_top1)
+    acc_f, acc_q = float((fp == y).mean()), float((qp == y).mean())
+    return {"output": out.name, "labels": str(source) if isinstance(source, (str, Path)) else "array",
+            "samples": samples, "float": acc_f, "quant": acc_q, "top1_drop": acc_f - acc_q}
+
+
+def _checks(stats: dict[str, _OutputStats], accuracy: dict | None, t: Thresholds) -> list[Check]:
+    checks = []
+    for name, st in stats.items():
+        if t.min_cosine is not None:
+            checks.append(Check(f"cosine[{name}]", st.cosine_mean, t.min_cosine))
+        if t.min_sqnr is not None:
+            checks.append(Check(f"sqnr_db[{name}]", st.sqnr_db, t.min_sqnr))
+    if t.min_agreement is not None:
+        classifiers = [st for st in stats.values() if st.classifier]
+        checks += [Check(f"top1_agreement[{st.name}]", st.agreement, t.min_agreement) for st in classifiers]
+        if not classifiers:
+            checks.append(Check("top1_agreement", None, t.min_agreement))
+    if t.max_top1_drop is not None:
+        drop = accuracy["top1_drop"] if accuracy else None
+        checks.append(Check("top1_drop", drop, t.max_top1_drop, higher_is_better=False))
+    return checks
+
+
+def _describe(model: Any) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "<ModelProto>"
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None
+
+
+def _fmt(x: float) -> str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.4g}"
+
+
+# --- terminal view ------------------------------------------------------------------------------------
+
+def format_report(result: VerifyResult) -> str:
+    """The human view of a result: a per-output table, accuracy, latency, checks; last line the verdict."""
+    m = result.metrics
+    lines = [f"verify {m['quant_model']} against {m['float_model']}",
+             f"  on {m['samples']} samples from {m['data']} ({m['batches']} batches, {', '.join(m['providers'])})", ""]
+    header = ("output", "shape", "cos mean", "cos min", "SQNR dB", "max abs err", "top-1 agree")
+    rows = []
+    for name, o in m["outputs"].items():
+        sqnr = "inf" if o["identical"] else _fmt(o["sqnr_db"]) if o["sqnr_db"] is not None else "-inf"
+        agree = f"{o['top1_agreement'] * 100:.2f}%" if o["top1_agreement"] is not None else "-"
+        rows.append((name, "[" + ", ".join(map(str, o["shape"])) + "]", f"{o['cosine_mean']:.5f}",
+                     f"{o['cosine_min']:.5f}", sqnr, f"{o['max_abs_error']:.4g}", agree))
+    lines += _table(header, rows)
+    acc = m["accuracy"]
+    if acc:
+        lines += ["", f"accuracy on {acc['samples']} labels (output {acc['output']!r}): float {acc['float'] * 100:.2f}%"
+                      f"  quantized {acc['quant'] * 100:.2f}%  top-1 drop {acc['top1_drop'] * 100:+.2f} pt"]
+    lf, lq = m["latency"]["float"], m["latency"]["quant"]
+    ratio = lq["mean_ms"] / lf["mean_ms"] if lf["mean_ms"] else float("nan")
+    lines += ["", f"latency per batch (batch size {m['batch_size']}, mean / median): float {lf['mean_ms']:.3f} / "
+                  f"{lf['median_ms']:.3f} ms  quantized {lq['mean_ms']:.3f} / {lq['median_ms']:.3f} ms  "
+                  f"(quantized/float x{ratio:.2f})"]
+    if result.checks:
+        lines += ["", "checks:"]
+        lines += [f"  {'ok  ' if c.passed and c.applicable else 'n/a ' if not c.applicable else 'FAIL'} "
+                  f"{c.describe()}" for c in result.checks]
+    lines += ["", result.summary]
+    return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
+                              for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+    return [fmt(header), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)]
+
+
+# --- CLI ----------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = Thresholds()
+    p.add_argument("float_model", help="the float ONNX model")
+    p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
+    p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
+    p.add_argument("--data-spec", help="image preprocessing spec (default: preprocess.yaml in --data)")
+    p.add_argument("--labels", help=".npy of integers or a text file with one integer per line, in the data's "
+                                    "sorted file order")
+    p.add_argument("--min-agreement", type=_limit, help=f"min top-1 agreement of [N, C] outputs "
+                                                        f"(default {d.min_agreement}; 'none' disables)")
+    p.add_argument("--min-cosine", type=_limit, help=f"min mean cosine of every output (default {d.min_cosine})")
+    p.add_argument("--max-top1-drop", type=_limit, help=f"max accuracy drop, needs --labels (default "
+                                                        f"{d.max_top1_drop} = 1 point)")
+    p.add_argument("--min-sqnr", type=_limit, help="min SQNR in dB of every output (default: not checked)")
+    p.add_argument("--providers", default="auto", help="auto, or a comma-separated list such as cuda,cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-samples", type=int, help="use only the first N samples")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT decides)")
+    p.add_argument("--json", help="write the metrics and checks to this JSON file")
+
+
+def _limit(text: str) -> float | str:
+    if text.lower() in ("none", "off"):
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none')") from None
+
+
+def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
+    given = {k: getattr(args, k) for k in ("min_agreement", "min_cosine", "max_top1_drop", "min_sqnr")
+             if getattr(args, k) is not None}
+    if isinstance(given.get("max_top1_drop"), float) and not args.labels:
+        raise ConfigError("--max-top1-drop needs --labels (accuracy cannot be measured without them)",
+                          "pass --labels FILE, or drop --max-top1-drop")
+    return Thresholds(**{k: None if v == "none" else v for k, v in given.items()})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise ConfigError("--batch-size and --max-samples must be >= 1", "pass a positive number")
+    result = verify(args.float_model, args.quant_model, args.data, labels=args.labels,
+                    thresholds=thresholds_from_args(args), providers=args.providers, batch_size=args.batch_size,
+                    max_samples=args.max_samples, data_spec=args.data_spec, threads=args.threads)
+    report = format_report(result)
+    if args.json:
+        result.write_json(args.json)
+        head, _, verdict = report.rpartition("\n")
+        report = f"{head}\nwrote {args.json}\n{verdict}"
+    print(report)
+    return 0 if result.passed else EXIT_CHECK_FAILED

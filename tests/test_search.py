@@ -1,0 +1,135 @@
+"""Sensitivity ranking, fallback strategies and the search to an accuracy target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from converter import QuantConfig
+from converter.cli import main
+from converter.search import (AccuracyTarget, Bisect, BuiltinEvaluator, Sequential, TargetNotMetError, auto_quantize,
+                              spearman)
+
+from .conftest import ROOT, parse
+
+
+def sensitive_model():
+    """Four MatMuls; h2 has one huge outlier channel that MatMul h3 ignores (tiny weights).
+
+    Quantizing h2 with a range set by the outlier wipes out its other channels, so only the layer
+    reading h2 (``MatMul_3``) is hurt: the search must keep exactly that layer in float.
+    """
+    rng = np.random.default_rng(0)
+    w2 = rng.normal(0, 0.5, (32, 32)).astype(np.float32)
+    w2[:, 0] *= 2000
+    w3 = rng.normal(0, 0.5, (32, 32)).astype(np.float32)
+    w3[0, :] = 1e-5
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,16] x) => (float[N,10] y) {
+      h1 = MatMul(x, W1)
+      r1 = Relu(h1)
+      h2 = MatMul(r1, W2)
+      h3 = MatMul(h2, W3)
+      r3 = Relu(h3)
+      y = MatMul(r3, W4)
+    }""", W1=rng.normal(0, 0.5, (16, 32)).astype(np.float32), W2=w2, W3=w3,
+        W4=rng.normal(0, 0.5, (32, 10)).astype(np.float32))
+
+
+def data(seed, n=8):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("strategy", ["bisect", "sequential"])
+def test_search_finds_exactly_the_sensitive_layer(tmp_path, strategy):
+    model = sensitive_model()
+    evaluate = BuiltinEvaluator("cosine", model, data(2))
+    res = auto_quantize(model, data(1), evaluate, AccuracyTarget(max_drop=0.001), QuantConfig(),
+                        output_dir=tmp_path, strategy=strategy)
+    search = res.report["search"]
+    assert search["met"] and [s["name"] for s in search["kept_float"]] == ["MatMul_3"]
+    assert search["ranking"][0]["name"] == "MatMul_3"
+    assert search["ranking"][0]["cosine"] < 0.5 < search["ranking"][1]["cosine"]
+    n = len(search["ranking"])
+    assert search["full_evaluations"] <= math.ceil(math.log2(n)) + 3
+    assert search["final_metric"] >= search["threshold"]
+    # the written model is the one that met the target: MatMul_3 reads h2 in float
+    assert res.plan.nodes["MatMul_3"].status == "float-excluded" and "h2" not in res.plan.encodings
+    assert evaluate(str(res.model_path)) == pytest.approx(search["final_metric"])
+
+
+def test_unmet_target_still_writes_best_model(tmp_path):
+    model = sensitive_model()
+    with pytest.raises(TargetNotMetError) as err:
+        auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(min_value=1.5),
+                      QuantConfig(), output_dir=tmp_path, name="best")
+    assert err.value.exit_code == 1 and "not met" in err.value.message
+    report = json.loads((tmp_path / "best.report.json").read_text())
+    assert report["search"]["met"] is False
+    assert len(report["search"]["evaluations"]) >= 2
+    assert (tmp_path / "best.onnx").is_file() and (tmp_path / "best.encodings").is_file()
+    best = max(e["metric"] for e in report["search"]["evaluations"] if e["label"] != "fp32")
+    assert report["search"]["final_metric"] == best
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 100])
+def test_bisect_finds_smallest_passing_count(n):
+    for answer in range(1, n + 1):
+        b, steps = Bisect(n), 0
+        while not b.done:
+            b.step(b.current >= answer)
+            steps += 1
+        assert b.result == answer
+        assert steps <= math.ceil(math.log2(n)) if n > 1 else steps == 0
+
+
+def test_sequential_adds_one_layer_at_a_time():
+    s, tried = Sequential(5), []
+    while not s.done:
+        tried.append(s.current)
+        s.step(s.current >= 3)
+    assert tried == [1, 2, 3] and s.result == 3
+    s = Sequential(2)
+    while not s.done:
+        s.step(False)
+    assert s.result == 2
+
+
+def test_target_thresholds():
+    assert AccuracyTarget(max_drop=0.01).threshold(0.8) == pytest.approx(0.79)
+    assert AccuracyTarget(max_drop=0.01, relative=True).threshold(0.8) == pytest.approx(0.792)
+    assert AccuracyTarget(max_drop=0.01, min_value=0.85).threshold(0.8) == 0.85
+    assert AccuracyTarget(max_drop=0.0).met(0.8, 0.8) and not AccuracyTarget(max_drop=0.0).met(0.79, 0.8)
+
+
+def test_spearman():
+    assert spearman(list("abcd"), list("abcd")) == 1.0
+    assert spearman(list("abcd"), list("dcba")) == -1.0
+
+
+def test_cli_search_on_digits(digits, tmp_path, capsys):
+    """Real data: agreement with FP32 on held-out digits, through the CLI."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    np.save(eval_dir / "x.npy", digits["x_test"][:200])
+    np.save(tmp_path / "labels.npy", digits["y_test"][:200])
+    code = main(["quantize", str(digits["path"]), "--calib", str(ROOT / "calib_data" / "digits"), "-o",
+                 str(tmp_path / "out"), "--target-metric", "top1", "--eval", str(eval_dir), "--labels",
+                 str(tmp_path / "labels.npy"), "--max-drop", "0.005"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "out" / "digits.report.json").read_text())
+    search = report["search"]
+    assert search["met"] and search["final_metric"] >= search["baseline_metric"] - 0.005
+    assert "accuracy target met" in out.out
+    # an impossible absolute target: exit 1, best model still written
+    code = main(["quantize", str(digits["path"]), "--calib", str(ROOT / "calib_data" / "digits"), "-o",
+                 str(tmp_path / "out2"), "--target-metric", "top1", "--eval", str(eval_dir), "--labels",
+                 str(tmp_path / "labels.npy"), "--min-metric", "1.01"])
+    assert code == 1 and "not met" in capsys.readouterr().err
+    assert (tmp_path / "out2" / "digits.onnx").is_file()

@@ -1,0 +1,217 @@
+"""``qconvert verify`` / :func:`converter.verify.verify`: float vs quantized on real data.
+
+The model is the bundled digits CNN (models/digits_cnn.py, conftest's ``digits`` fixture),
+quantized with the bundled calibration digits and checked on the 597 held-out digits with labels.
+The bad models are real failure modes: activation ranges calibrated on noise x1000, and one weight
+scale corrupted in the QDQ file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from converter import QuantConfig, quantize
+from converter.cli import main
+from converter.errors import CalibrationDataError, ModelError
+from converter.verify import Thresholds, format_report, load_labels, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_digits_assets(digits: dict, base: Path) -> dict[str, Path]:
+    """From conftest's ``digits`` fixture: held-out data in 6 .npy batches + labels, a good QDQ model."""
+    x, y = digits["x_test"], digits["y_test"]
+    eval_dir = base / "eval"
+    eval_dir.mkdir()
+    for i in range(0, len(x), 100):
+        np.save(eval_dir / f"{i // 100:03d}.npy", x[i:i + 100])
+    np.save(base / "labels.npy", y)
+    (base / "labels.txt").write_text("\n".join(map(str, y)) + "\n")
+    good = quantize(digits["path"], ROOT / "calib_data" / "digits", QuantConfig(), base / "good", name="digits")
+    return {"float": digits["path"], "eval": eval_dir, "labels": base / "labels.npy", "labels_txt": base / "labels.txt",
+            "good": good.model_path, "y": y}
+
+
+@pytest.fixture(scope="module")
+def assets(digits, tmp_path_factory):
+    return make_digits_assets(digits, tmp_path_factory.mktemp("verify"))
+
+
+@pytest.fixture(scope="module")
+def noise_model(assets, tmp_path_factory):
+    """Same float model, activation ranges calibrated on Gaussian noise x1000."""
+    base = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.save(base / f"{i}.npy", (rng.standard_normal((1, 8, 8)) * 1000).astype(np.float32))
+    return quantize(assets["float"], base, QuantConfig(), base / "out", name="noisy").model_path
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["verify", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_good_model_passes_with_default_thresholds(assets, tmp_path, capsys):
+    report = tmp_path / "reports" / "verify.json"
+    code, out, _ = _cli(capsys, assets["float"], assets["good"], "--data", assets["eval"], "--labels",
+                        assets["labels"], "--json", report)
+    assert code == 0
+    assert out.rstrip().splitlines()[-1] == "PASSED"
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and data["summary"] == "PASSED"
+    assert data["samples"] == 597 and data["batches"] == 38  # 597 samples in batches of 16
+    o = data["outputs"]["output"]
+    assert o["classifier"] and o["shape"] == ["N", 10]
+    assert o["cosine_mean"] > 0.999 and o["cosine_min"] > 0.98 and o["sqnr_db"] > 20
+    assert o["top1_agreement"] >= 0.99
+    acc = data["accuracy"]
+    assert acc["float"] > 0.93 and abs(acc["top1_drop"]) <= 0.01
+    assert math.isclose(acc["float"] - acc["quant"], acc["top1_drop"])
+    assert data["latency"]["float"]["batches"] == 38 and data["latency"]["quant"]["mean_ms"] > 0
+    names = {c["name"]: c for c in data["checks"]}
+    assert set(names) == {"cosine[output]", "top1_agreement[output]", "top1_drop"}
+    assert all(c["passed"] and c["applicable"] for c in names.values())
+    for needle in ("cos mean", "SQNR dB", "top-1 agree", "accuracy on 597 labels", "latency per batch"):
+        assert needle in out
+
+
+def test_noise_calibrated_model_fails_with_exit_1(assets, noise_model, tmp_path, capsys):
+    report = tmp_path / "bad.json"
+    code, out, _ = _cli(capsys, assets["float"], noise_model, "--data", assets["eval"], "--labels",
+                        assets["labels_txt"], "--json", report)
+    assert code == 1
+    verdict = out.rstrip().splitlines()[-1]
+    assert verdict.startswith("FAILED: cosine[output] ") and "< 0.9900" in verdict and "top1_drop" in verdict
+    data = json.loads(report.read_text())
+    assert data["passed"] is False
+    assert data["outputs"]["output"]["cosine_mean"] < 0.5
+    assert data["accuracy"]["quant"] < 0.5 < data["accuracy"]["float"]
+
+
+def test_corrupted_weight_scale_is_caught(assets):
+    """Multiply the first Conv's weight scales by 30 in an otherwise good QDQ model."""
+    model = onnx.load(str(assets["good"]))
+    inits = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv.input[1])
+    scale = inits[dq.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 30, scale.name))
+    result = verify(assets["float"], model, assets["eval"], labels=assets["y"])
+    assert not result.passed
+    failed = [c.name for c in result.checks if not c.passed]
+    assert "cosine[output]" in failed and "top1_agreement[output]" in failed
+    assert result.metrics["outputs"]["output"]["cosine_mean"] < 0.99
+    assert result.to_dict()["summary"].startswith("FAILED: ")
+
+
+def test_thresholds_select_what_fails(assets, noise_model, capsys):
+    code, out, _ = _cli(capsys, assets["float"], assets["good"], "--data", assets["eval"], "--min-sqnr", "200")
+    assert code == 1
+    verdict = out.rstrip().splitlines()[-1]
+    assert verdict.startswith("FAILED: sqnr_db[output] ") and verdict.endswith("< 200.0000")
+    assert "top1_drop n/a" in out  # default max-top1-drop without labels: not applicable, not failed
+    # every check disabled or loosened: even the noise-calibrated model passes
+    code, out, _ = _cli(capsys, assets["float"], noise_model, "--data", assets["eval"], "--labels", assets["labels"],
+                        "--min-cosine", "none", "--min-agreement", "0", "--max-top1-drop", "1")
+    assert code == 0 and out.rstrip().endswith("PASSED")
+
+
+def test_labels_from_text_and_array_and_max_samples(assets):
+    a = verify(assets["float"], assets["good"], assets["eval"], labels=assets["labels_txt"], max_samples=100,
+               batch_size=32, thresholds=Thresholds(min_agreement=None))
+    b = verify(assets["float"], assets["good"], assets["eval"], labels=assets["y"][:100], max_samples=100,
+               batch_size=32, thresholds=Thresholds(min_agreement=None))
+    assert a.metrics["samples"] == 100 and a.metrics["batches"] == 4
+    assert a.metrics["accuracy"] == {**b.metrics["accuracy"], "labels": str(assets["labels_txt"])}
+    assert [c.name for c in a.checks] == ["cosine[output]", "top1_drop"]
+    assert np.array_equal(load_labels(assets["labels_txt"]), load_labels(assets["labels"]))
+
+
+def test_works_on_onnxruntime_quantize_static_output(assets, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            files = sorted((ROOT / "calib_data" / "digits").glob("*.npy"))
+            self.items = iter([{"input": np.load(p)[None]} for p in files])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = tmp_path / "ort_qdq.onnx"
+    quantize_static(str(assets["float"]), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    result = verify(assets["float"], out, assets["eval"], labels=assets["labels"])
+    assert result.passed, result.summary
+    assert result.metrics["outputs"]["output"]["cosine_mean"] > 0.999
+
+
+def test_user_errors_exit_2(assets, tmp_path, capsys):
+    short = tmp_path / "short.npy"
+    np.save(short, assets["y"][:10])
+    code, _, err = _cli(capsys, assets["float"], assets["good"], "--data", assets["eval"], "--labels", short)
+    assert code == 2 and "10 labels for the 597 samples" in err and "fix:" in err
+    code, _, err = _cli(capsys, assets["float"], assets["good"], "--data", assets["eval"], "--max-top1-drop", "0.02")
+    assert code == 2 and "--max-top1-drop needs --labels" in err
+    code, _, err = _cli(capsys, assets["float"], tmp_path / "missing.onnx", "--data", assets["eval"])
+    assert code == 2 and "model file not found" in err
+    with pytest.raises(CalibrationDataError, match="must be an integer"):
+        (tmp_path / "bad.txt").write_text("cat\ndog\n")
+        load_labels(tmp_path / "bad.txt")
+
+
+TWO_OUTPUTS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 4] x) => (float[N, 2, 4] y, float[N] s) {
+    y = Relu(x)
+    axes = Constant<value = int64[2] {1, 2}>()
+    s = ReduceSum<keepdims = 0>(x, axes)
+}
+"""
+
+TWO_OUTPUTS_QDQ = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2, 4] x) => (float[N, 2, 4] y, float[N] s)
+  <float sc = {0.05}, uint8 zp = {128}> {
+    q = QuantizeLinear(x, sc, zp)
+    xd = DequantizeLinear(q, sc, zp)
+    y = Relu(xd)
+    axes = Constant<value = int64[2] {1, 2}>()
+    s = ReduceSum<keepdims = 0>(x, axes)
+}
+"""
+
+
+def test_non_classifier_outputs_and_identical_output(tmp_path):
+    """Rank-3 and rank-1 outputs: no top-1 agreement (reported n/a); an untouched output is identical."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    np.save(data / "a.npy", rng.uniform(-3, 3, (20, 2, 4)).astype(np.float32))
+    f = onnx.parser.parse_model(TWO_OUTPUTS)
+    q = onnx.parser.parse_model(TWO_OUTPUTS_QDQ)
+    result = verify(f, q, data, thresholds=Thresholds(min_sqnr=20.0))
+    y, s = result.metrics["outputs"]["y"], result.metrics["outputs"]["s"]
+    assert not y["classifier"] and y["top1_agreement"] is None and y["shape"] == ["N", 2, 4]
+    assert 0.999 < y["cosine_mean"] < 1.0 and 0 < y["max_abs_error"] <= 0.025 + 1e-6  # half a quantization step
+    assert s["identical"] and s["sqnr_db"] is None and s["max_abs_error"] == 0.0 and s["cosine_min"] == 1.0
+    agreement = next(c for c in result.checks if c.name == "top1_agreement")
+    assert not agreement.applicable and agreement.passed
+    assert result.passed, result.summary
+    json.dumps(result.to_dict(), allow_nan=False)  # infinite SQNR is written as null, not Infinity
+    row_s = next(ln for ln in format_report(result).splitlines() if ln.startswith("s "))
+    assert row_s.split()[1:] == ["[N]", "1.00000", "1.00000", "inf", "0", "-"]
+
+
+def test_models_must_have_the_same_interface(assets, tmp_path):
+    with pytest.raises(ModelError, match="do not have the same inputs/outputs"):
+        verify(assets["float"], onnx.parser.parse_model(TWO_OUTPUTS), assets["eval"])
