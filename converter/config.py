@@ -22,52 +22,103 @@ from .errors import ConfigError
 
 
 @dataclass(frozen=True)
+class PatternPolicy:
+    """What Q/DQ one recognised op pattern (:mod:`converter.graph.patterns`) gets on a target.
+
+    ``qdq_inside=False`` makes the pattern one unit: no Q/DQ on its internal tensors, its member
+    nodes are not quantized one by one; its output is quantized like any op output (where the
+    target quantizes outputs and a quantized node reads it). ``inputs`` says which of its inputs
+    get a Q/DQ: ``"none"`` (a Q/DQ there only costs accuracy), ``"after-anchor"`` (an input that a
+    quantized Conv/Gemm/MatMul group produces, so that op still runs on integers: QLinearConv needs
+    a Q after it) or ``"all"`` (every activation quantized, QNN). ``join_anchor`` (residual Adds):
+    the Add joins the fused group of the Conv/Gemm/MatMul producing its main input and only the
+    shortcut input gets a Q/DQ.
+    """
+
+    qdq_inside: bool = True
+    inputs: str = "none"  # none | after-anchor | all
+    join_anchor: bool = False
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("none", "after-anchor", "all"):
+            raise ValueError(f"PatternPolicy.inputs must be none, after-anchor or all; got {self.inputs!r}")
+
+
+_ONE_UNIT = PatternPolicy(qdq_inside=False)
+_EVERY_INPUT = PatternPolicy(qdq_inside=False, inputs="all")
+
+# Op types ONNX Runtime runs on integers (QLinear*/QGemm/MatMulIntegerToFloat) or moves as integers;
+# anything else runs in float between a DQ and a Q, so quantizing it only costs accuracy.
+_ORT_CPU_OPS = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "ReduceMean",
+    "Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Softmax", "MaxPool",
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "Pad", "Resize",
+    "DepthToSpace", "SpaceToDepth", "Identity", "Expand", "Tile",
+})
+
+
+@dataclass(frozen=True)
 class TargetPreset:
     name: str
     description: str
     activation_signed: bool  # int8 (True) or uint8 (False) activations
     activation_symmetric: bool  # zero point 0 (TensorRT) or asymmetric range
     quantize_outputs: bool  # Q/DQ on op outputs (ORT fuses DQ->op->Q) or only on op inputs
-    fusable_activations: frozenset[str]  # activations folded into Conv/Gemm/MatMul, no Q/DQ between
+    # activation kinds (op types, or SiLU/GELU/HardSwish composites) fused into the op before them
+    fusable_activations: frozenset[str]
     op_types: frozenset[str] | None = None  # op types quantized; None means every op with a rule
+    patterns: dict[str, PatternPolicy] = field(default_factory=dict)  # pattern kind -> policy (default: ops as usual)
 
 
 TARGETS: dict[str, TargetPreset] = {
     "ort-cpu": TargetPreset(
         name="ort-cpu",
         description="ONNX Runtime CPU: uint8 asymmetric activations, int8 per-channel weights, "
-        "Q/DQ around every quantized op so ORT fuses QLinearConv/QLinearMatMul/QGemm",
+        "Q/DQ around every quantized op so ORT fuses QLinearConv/QLinearMatMul/QGemm; decomposed "
+        "LayerNorm (with the residual Add before it)/GELU/HardSwish and attention scores stay whole "
+        "(ORT fuses them at load time)",
         activation_signed=False,
         activation_symmetric=False,
         quantize_outputs=True,
-        fusable_activations=frozenset({"Relu", "Clip"}),
+        fusable_activations=frozenset({"Relu", "Clip"}),  # ORT drops Relu/Clip before a Q (Relu/ClipQuantFusion)
+        op_types=_ORT_CPU_OPS,
+        # HardSwish: its input is quantized so the Conv before it still becomes a QLinearConv
+        patterns={"LayerNorm": _ONE_UNIT, "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "attention": _ONE_UNIT,
+                  "HardSwish": PatternPolicy(qdq_inside=False, inputs="after-anchor")},
     ),
     "tensorrt": TargetPreset(
         name="tensorrt",
         description="TensorRT explicit quantization: int8 symmetric (zero point 0) everywhere, Q/DQ on "
-        "the inputs of Conv/ConvTranspose/Gemm/MatMul, residual Adds and pooling, none on outputs",
+        "the inputs of Conv/ConvTranspose/Gemm/MatMul, on the shortcut input of residual Adds (the Add "
+        "fuses into the Conv) and on pooling, none on outputs",
         activation_signed=True,
         activation_symmetric=True,
         quantize_outputs=False,
         fusable_activations=frozenset(
-            {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "PRelu"}
+            {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "PRelu", "SiLU", "GELU",
+             "Elu", "Selu", "Softplus"}
         ),
         op_types=frozenset(
             {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "GlobalAveragePool", "MaxPool"}
         ),
+        patterns={"residual_add": PatternPolicy(join_anchor=True), "LayerNorm": _ONE_UNIT,
+                  "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "SiLU": _ONE_UNIT, "HardSwish": _ONE_UNIT,
+                  "attention": _ONE_UNIT},
     ),
     "qnn": TargetPreset(
         name="qnn",
         description="Qualcomm QNN / AIMET style: every activation quantized (uint8 or uint16 asymmetric), "
-        "int8 per-channel weights",
+        "int8 per-channel weights, AIMET supergroups (Conv/Gemm + Relu/Clip/PRelu, Add + Relu); decomposed "
+        "LayerNorm/GELU stay whole (the QNN converter maps them to LayerNorm/Gelu ops)",
         activation_signed=False,
         activation_symmetric=False,
         quantize_outputs=True,
-        fusable_activations=frozenset({"Relu", "Clip"}),
+        fusable_activations=frozenset({"Relu", "Clip", "PRelu"}),
+        patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT},
     ),
 }
 
-CALIB_METHODS = ("minmax", "percentile")
+CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -89,6 +140,13 @@ class QuantConfig:
     providers: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 lets ORT decide
     encodings_version: str = "1.0.0"
+    # calibration: per-tensor methods ({tensor name | "op:<OpType>": method}), EMA momentum of minmax_ema,
+    # histogram bins covering [0, max|x|], histogram values per sample and tensor (0: all), memory bound
+    calib_overrides: dict[str, str] = field(default_factory=dict)
+    ema_momentum: float = 0.01
+    histogram_bins: int = 2048
+    histogram_subsample: int = 16384
+    calib_memory_budget_mb: int = 1024
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -103,6 +161,7 @@ class QuantConfig:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}", "leave it unset to use all samples")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}", "use e.g. 16")
+        _check_calibration(self)
         if self.op_types is not None:
             object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
@@ -171,6 +230,25 @@ def load_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, lines
 
 
+def _check_calibration(c: "QuantConfig") -> None:
+    for key, method in dict(c.calib_overrides).items():
+        if not isinstance(key, str) or not key or key == "op:":
+            raise ConfigError(f"calib_overrides keys must be tensor names or 'op:<OpType>', got {key!r}",
+                              "e.g. calib_overrides: {'op:Softmax': minmax, 'conv1_out': entropy}")
+        _check_choice(f"calib_overrides[{key!r}]", method, CALIB_METHODS)
+    object.__setattr__(c, "calib_overrides", dict(c.calib_overrides))
+    if not 0.0 < c.ema_momentum <= 1.0:
+        raise ConfigError(f"ema_momentum must be in (0, 1], got {c.ema_momentum}", "use e.g. 0.01")
+    if not 128 <= c.histogram_bins <= 65536 or c.histogram_bins & (c.histogram_bins - 1):
+        raise ConfigError(f"histogram_bins must be a power of two in [128, 65536], got {c.histogram_bins}",
+                          "use 2048 (TensorRT's choice)")
+    if c.histogram_subsample < 0:
+        raise ConfigError(f"histogram_subsample must be >= 0, got {c.histogram_subsample}",
+                          "use 0 to histogram every value, or e.g. 16384")
+    if c.calib_memory_budget_mb < 1:
+        raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
+
+
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}",
@@ -184,7 +262,10 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     ann = str(annotation)
     if value is None and "None" in ann:
         return
-    if ann.startswith("tuple"):
+    if ann.startswith("dict"):
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        expected = "a mapping of strings to strings"
+    elif ann.startswith("tuple"):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         expected = "a list of strings"
     else:

@@ -18,12 +18,14 @@ import onnx
 
 from . import __version__
 from .calib.readers import model_inputs, open_calibration
-from .calib.runner import collect, make_session, select_providers
+from .calib.observers import ObserverSettings, resolve_methods
+from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .config import QuantConfig
 from .errors import EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
 from .graph.passes import default_opset, preprocess
+from .graph.validate import ensure_float_model
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
@@ -33,7 +35,8 @@ from .quant.rules import weight_axis
 
 log = logging.getLogger("converter")
 
-_QUANT_SCHEMES = {"minmax": "post_training_tf", "percentile": "post_training_percentile"}
+_QUANT_SCHEMES = {"minmax": "post_training_tf", "minmax_ema": "post_training_tf",
+                  "percentile": "post_training_percentile", "mse": "post_training_tf_enhanced"}
 
 
 @dataclass
@@ -69,6 +72,7 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     source_path, float_model = _resolve_model(model, example_inputs)
     name = name or (Path(source_path).stem if source_path else "model")
     proto = load_model(float_model)
+    ensure_float_model(proto)
     opset = default_opset(proto)
     passes = preprocess(proto)
     return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
@@ -79,7 +83,14 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
     """One pass of the float model over the calibration data; returns the runner's CalibrationResult."""
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
     providers = select_providers(config.providers)
-    result = collect(prepared.model, tensors, data, config.calib_method, providers, config.threads)
+    if not tensors:  # nothing to observe (all in float subgraphs / excluded): no ORT pass
+        result = CalibrationResult({}, 0, 0, 0.0, providers)
+        result.source = data.description
+        return result
+    producers = {t: n.op_type for t, n in prepared.idx.producer.items()}
+    methods = resolve_methods(tensors, producers, config.calib_method, config.calib_overrides)
+    result = collect(prepared.model, tensors, data, methods, providers, config.threads,
+                     ObserverSettings.from_config(config), config.calib_memory_budget_mb << 20)
     result.source = data.description
     return result
 
@@ -97,12 +108,15 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     out_dir = ensure_writable_dir(output_dir)
     prepared = prepare(model, name, example_inputs)
     plan = build_plan(prepared.model, config, prepared.idx)
+    for sub in plan.float_subgraphs:
+        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
+                    sub["op_type"], sub["node"], sub["subgraph"], sub["nodes"])
     timings = {"load_and_plan_s": time.perf_counter() - t0}
 
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     timings["calibration_s"] = calib.seconds
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, config.calib_method, config.percentile)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config.percentile)
     qdq = render_qdq(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0)
@@ -239,6 +253,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "nodes": counts,
         "quantized_tensors": {r: len(plan.by_role(r)) for r in ("activation", "weight", "bias")},
         "float_nodes": plan.float_nodes(),
+        "float_subgraphs": plan.float_subgraphs,
         "qdq_model_ops": quantized_node_counts(qdq),
     }
 

@@ -42,7 +42,8 @@ class DigitsCNN(nn.Module):
         self.res_bn1 = nn.BatchNorm2d(c1)
         self.res_conv2 = nn.Conv2d(c1, c1, 3, padding=1)
         self.res_bn2 = nn.BatchNorm2d(c1)
-        self.relu = nn.ReLU()
+        # one ReLU module per call site: a reused module is ambiguous for quantization tools
+        self.relu_res1, self.relu_res2, self.relu_fc = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.pool1 = nn.MaxPool2d(2)  # 8x8 -> 4x4
         self.conv3 = nn.Sequential(
             nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU()
@@ -54,13 +55,13 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        r = self.relu(self.res_bn1(self.res_conv1(x)))
+        r = self.relu_res1(self.res_bn1(self.res_conv1(x)))
         r = self.res_bn2(self.res_conv2(r))
-        x = self.relu(x + r)
+        x = self.relu_res2(x + r)
         x = self.pool1(x)
         x = self.pool2(self.conv3(x))
         x = self.flatten(x)
-        return self.fc2(self.relu(self.fc1(x)))
+        return self.fc2(self.relu_fc(self.fc1(x)))
 
 
 def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

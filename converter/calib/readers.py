@@ -143,11 +143,18 @@ class CalibrationSource:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Yield batches ``{input name: array}`` of at most ``batch_size`` samples."""
-        target = self.batch_size if all(s.dynamic_batch for s in self.inputs) else 1
+        batchable = all(s.dynamic_batch for s in self.inputs)
+        target = self.batch_size if batchable else 1
         pending: list[dict[str, np.ndarray]] = []
         seen = 0
         for origin, sample in self._samples():
-            batch = self._check(origin, sample)
+            batch = self._check(origin, sample, batchable)
+            if not batchable:  # a scalar or a state whose batch axis is not 0 (RNN [2, N, 128]): one file, one sample
+                if self.max_samples is not None and seen >= self.max_samples:
+                    break
+                seen += 1
+                yield batch
+                continue
             n = next(iter(batch.values())).shape[0]
             for i in range(n):
                 if self.max_samples is not None and seen >= self.max_samples:
@@ -181,7 +188,7 @@ class CalibrationSource:
                         "yield {input_name: numpy_array} dicts")
                 yield f"sample {i}", sample
 
-    def _check(self, origin: str, sample: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _check(self, origin: str, sample: dict[str, Any], batchable: bool = True) -> dict[str, np.ndarray]:
         names = [s.name for s in self.inputs]
         missing = [n for n in names if n not in sample]
         extra = [k for k in sample if k not in names]
@@ -215,10 +222,10 @@ class CalibrationSource:
                 bad = int((~np.isfinite(x)).sum())
                 raise CalibrationDataError(f"{origin}: input {spec.name!r} contains {bad} NaN/Inf values",
                                            "clean or drop those samples: calibration ranges would be meaningless")
-            if n_batch is not None and x.shape[0] != n_batch:
+            if batchable and n_batch is not None and x.shape[0] != n_batch:
                 raise CalibrationDataError(f"{origin}: inputs have different batch sizes",
                                            "give every input the same number of samples")
-            n_batch = x.shape[0]
+            n_batch = x.shape[0] if x.ndim else None
             out[spec.name] = x
         return out
 

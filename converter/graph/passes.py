@@ -4,7 +4,8 @@ Each pass takes a ModelProto, edits it in place and returns the number of change
 caller can log what happened. The same sequence runs before ``quantize`` and ``apply-encodings``:
 that is what makes an encodings file re-applied to the float model give the same QDQ model.
 
-Batch-norm folding (Conv followed by BatchNormalization in inference mode)::
+Batch-norm folding (Conv followed by BatchNormalization in inference mode; :func:`fold_affine` does
+the same for a Conv followed by a constant Mul/Add)::
 
     y = gamma * (conv(x, W) + b - mean) / sqrt(var + eps) + beta
       = conv(x, W * k) + (b - mean) * k + beta          with k = gamma / sqrt(var + eps)
@@ -81,6 +82,44 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
+# Cheap, deterministic ops worth evaluating when every input is a constant (Paddle exports reshape
+# each bias at run time: Reshape(Constant, Constant) -> Add).
+FOLDABLE = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Transpose", "Cast", "Identity", "Flatten", "Concat",
+                      "Mul", "Add", "Sub", "Div", "Neg", "Sqrt", "Reciprocal"})
+_FOLD_LIMIT = 1 << 24  # elements
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Replace top-level FOLDABLE nodes whose inputs are all initializers by initializers."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    values = {t.name: t for t in g.initializer}
+    keep, folded = [], 0
+    for node in g.node:
+        if (node.op_type in FOLDABLE and node.domain in ("", "ai.onnx") and len(node.output) == 1
+                and node.input and all(i in values for i in node.input)
+                and sum(int(np.prod(values[i].dims)) for i in node.input) <= _FOLD_LIMIT):
+            sub = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_value_info(node.output[0], onnx.TypeProto())],
+                                         [values[i] for i in dict.fromkeys(node.input)])
+            try:
+                (out,) = ReferenceEvaluator(onnx.helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})
+            except Exception:  # leave the node to the runtime
+                keep.append(node)
+                continue
+            t = numpy_helper.from_array(np.asarray(out), node.output[0])
+            g.initializer.append(t)
+            values[t.name] = t
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(model)
+    return folded
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> int:
     """Convert the model to ``target`` opset if it is older (QDQ per-channel needs 13)."""
     current = default_opset(model)
@@ -95,7 +134,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> int:
             f"re-export the model with opset_version={target} or newer",
         ) from None
     model.CopyFrom(converted)
-    log.info("upgraded the model from opset %d to %d (per-channel QDQ needs %d)", current, target, target)
+    log.info("upgraded the model from opset %d to %d (%s)", current, target,
+             "16-bit QuantizeLinear/DequantizeLinear" if target >= 21 else "per-channel QDQ")
     return 1
 
 
@@ -161,6 +201,77 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
     return folded
 
 
+def fold_affine(model: onnx.ModelProto) -> int:
+    """Fold ``Conv -> Mul(k) -> Add(d)`` with per-channel or scalar constants into the Conv.
+
+    PaddlePaddle's "learnable affine blocks" (PP-LCNet/PPHGNet) put a scalar scale and shift after
+    every Conv; folded, the Conv's output is the tensor that gets quantized (one Q/DQ, not three)::
+
+        y = k * (conv(x, W) + b) + d = conv(x, W * k) + (b * k + d)      (k, d per output channel)
+    """
+    idx = GraphIndex.build(model)
+    g = model.graph
+    steps = [s for s in (_affine_after(idx, n) for n in g.node if n.op_type == "Conv") if s]
+    for conv, nodes, k, d in steps:  # independent: each Conv's weights, bias and followers are its own
+        w = idx.constant(conv.input[1])
+        _replace_initializer(g, conv.input[1], (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype))
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        b = idx.constant(conv.input[2]) if has_bias else np.zeros_like(k)
+        bias = (b * k + d).astype(w.dtype)
+        if has_bias:
+            _replace_initializer(g, conv.input[2], bias)
+        else:
+            g.initializer.append(numpy_helper.from_array(bias, f"{conv.name}.bias"))
+            while len(conv.input) < 3:
+                conv.input.append("")
+            conv.input[2] = f"{conv.name}.bias"
+        conv.output[0] = nodes[-1].output[0]
+    if steps:
+        gone = {n.name for _, nodes, _, _ in steps for n in nodes}
+        keep = [n for n in g.node if n.name not in gone]
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_unused_initializers(model)
+    return len(steps)
+
+
+def _affine_after(idx: GraphIndex, conv: onnx.NodeProto):
+    """(conv, [Mul, Add] nodes, k, d) when a per-channel affine follows ``conv`` and can fold into it."""
+    if len(conv.input) < 2 or not idx.is_constant(conv.input[1]) or len(idx.uses(conv.input[1])) != 1:
+        return None
+    if len(conv.input) > 2 and conv.input[2] and (not idx.is_constant(conv.input[2]) or len(idx.uses(conv.input[2])) != 1):
+        return None
+    w = idx.constant(conv.input[1])
+    channels = w.shape[0]
+    nodes, k, d = [], np.ones(channels, np.float64), np.zeros(channels, np.float64)
+    out = conv.output[0]
+    for op in ("Mul", "Add"):
+        nxt = idx.single_consumer(out)
+        if nxt is None or nxt.op_type != op or len(nxt.input) != 2 or list(nxt.input).count(out) != 1:
+            continue
+        other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+        c = _per_channel(idx.constant(other), channels, w.ndim)
+        if c is None:
+            continue
+        if op == "Mul":
+            k = c
+        else:
+            d = c
+        nodes.append(nxt)
+        out = nxt.output[0]
+    return (conv, nodes, k, d) if nodes else None
+
+
+def _per_channel(c: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
+    """``c`` as one value per output channel of an [N, C, ...] tensor, or None if it varies otherwise."""
+    if c is None or not np.issubdtype(c.dtype, np.floating) or c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(s != 1 for i, s in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,)).copy()
+
+
 def _replace_initializer(g: onnx.GraphProto, name: str, value: np.ndarray) -> None:
     for i, t in enumerate(g.initializer):
         if t.name == name:
@@ -191,7 +302,10 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     return names
 
 
-PREPROCESS = (name_nodes, constants_to_initializers, upgrade_opset, fold_batchnorm, infer_shapes)
+# The opset upgrade runs first: the version converter adds nodes (Softmax-13 reshapes, Squeeze axes
+# Constants) that must be named and folded like the model's own.
+PREPROCESS = (upgrade_opset, name_nodes, constants_to_initializers, fold_constants, fold_batchnorm, fold_affine,
+              infer_shapes)
 
 
 def preprocess(model: onnx.ModelProto) -> dict[str, int]:

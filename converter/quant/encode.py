@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from ..calib.observers import observer_range
@@ -31,6 +33,8 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
     s_in = np.float32(input_enc.scale[0])
     s_w = weight_enc.scale_array()
     need = (np.abs(b.astype(np.float64)) / (float(s_in) * _INT32_MAX)).astype(np.float32)
+    # s_in * s_w must also stay a normal float32 (16-bit activations times near-zero weight channels underflow)
+    need = np.maximum(need, np.float32(2 * np.finfo(np.float32).tiny / float(s_in)))
     if np.any(need > s_w):
         s_w = np.maximum(s_w, need * np.float32(1.0001)).astype(np.float32)
         weight_enc = Encoding(weight_enc.bitwidth, True, True, tuple(s_w.tolist()), weight_enc.zero_point,
@@ -42,11 +46,14 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
     return Encoding(32, True, True, tuple(scale.tolist()), (0,) * len(scale), axis), weight_enc
 
 
-def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str, percentile: float) -> None:
+def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str | Mapping[str, str],
+                      percentile: float) -> None:
+    """``method``: one calibration method for every activation, or a mapping tensor -> method."""
     for root, members in plan.group_members().items():
-        ranges = [observer_range(observers[m], method, percentile) for m in members]
-        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
         t = plan.tensors[root]
+        ranges = [observer_range(observers[m], method.get(m, "minmax") if isinstance(method, Mapping) else method,
+                                 percentile, t.symmetric, t.bitwidth) for m in members]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
         enc = encoding_from_range(lo, hi, t.bitwidth, t.signed, t.symmetric)
         for m in members:
             plan.encodings[m] = enc

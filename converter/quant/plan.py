@@ -4,16 +4,23 @@ The plan is the single source of truth. :func:`build_plan` derives it from the g
 table (:mod:`.rules`) and the target preset; calibration fills ``plan.encodings``; the QDQ renderer
 and the encodings file are both produced from it; the fallback search only edits it.
 
-Planning runs in four small steps over a :class:`GraphIndex`:
+Planning runs in five small steps over a :class:`GraphIndex`:
 
 1. choose the quantized nodes (a rule exists, the target quantizes the op type, not excluded);
-2. fuse groups: an anchor (Conv/ConvTranspose/Gemm/MatMul) followed by a bias ``Add`` with a constant
-   and/or an activation the target fuses (Relu, Clip, ...) forms one group with no Q/DQ inside::
+2. blocks (:func:`converter.graph.patterns.find_blocks`): decomposed LayerNorm, GELU, attention
+   scores... The target preset's ``patterns`` table says what each kind gets; a block that is one
+   unit (``qdq_inside=False``) has no Q/DQ on its internal tensors, e.g. for ORT CPU, which fuses
+   ``ReduceMean/Sub/Pow/.../Add`` back into LayerNormalization only when nothing sits inside;
+3. fused groups (:func:`converter.graph.patterns.fused_group`): an anchor (Conv/ConvTranspose/
+   Gemm/MatMul) followed by BatchNormalization, a bias ``Add`` with a constant, a residual Add
+   (where the target joins it, TensorRT) and/or an activation the target fuses (Relu, Clip, SiLU,
+   ...) forms one group with no Q/DQ inside; any other compute op followed by such an activation
+   too (a residual Add -> Relu: ORT runs QLinearAdd and drops the Relu)::
 
        DQ(x) -> Conv -> Relu -> Q -> DQ          (not: Conv -> Q -> DQ -> Relu -> Q -> DQ)
 
-3. declare tensor roles: activation inputs, per-channel weights, int32 biases, outputs;
-4. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
+4. declare tensor roles: activation inputs, per-channel weights, int32 biases, outputs;
+5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
    Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors).
 """
 
@@ -26,6 +33,7 @@ import onnx
 
 from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr
+from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, find_blocks, float_subgraphs, fused_group
 from .encoding import Encoding
 from .rules import RULES, OpRule, weight_axis
 
@@ -58,7 +66,8 @@ class TensorQuant:
 class NodeStatus:
     op_type: str
     status: str  # quantized | fused | float-excluded | float-no-rule | float-op-type | not-float
-    group: str | None = None  # anchor of the fused group it belongs to
+    group: str | None = None  # anchor of the fused group (or first node of the block) it belongs to
+    pattern: str | None = None  # kind of the block or group follower (LayerNorm, GELU, residual_add, Relu...)
 
 
 @dataclass
@@ -67,6 +76,8 @@ class QuantPlan:
     tensors: dict[str, TensorQuant] = field(default_factory=dict)  # in graph order
     nodes: dict[str, NodeStatus] = field(default_factory=dict)
     encodings: dict[str, Encoding] = field(default_factory=dict)
+    patterns: list[dict[str, Any]] = field(default_factory=list)  # recognised blocks, for the report
+    float_subgraphs: list[dict[str, Any]] = field(default_factory=list)  # If/Loop/Scan bodies left in float
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]
@@ -87,8 +98,11 @@ class QuantPlan:
         return {
             "target": self.target,
             "node_counts": counts,
-            "nodes": {n: {"op_type": s.op_type, "status": s.status, **({"group": s.group} if s.group else {})}
+            "nodes": {n: {"op_type": s.op_type, "status": s.status, **({"group": s.group} if s.group else {}),
+                          **({"pattern": s.pattern} if s.pattern else {})}
                       for n, s in self.nodes.items()},
+            "patterns": self.patterns,
+            "float_subgraphs": self.float_subgraphs,
             "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
         }
 
@@ -113,7 +127,7 @@ class _UnionFind:
 def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | None = None) -> QuantPlan:
     idx = idx or GraphIndex.build(model)
     preset = config.preset
-    plan = QuantPlan(target=config.target)
+    plan = QuantPlan(target=config.target, float_subgraphs=float_subgraphs(model))
     op_types = config.quantized_op_types()
     excluded = set(config.exclude_nodes)
 
@@ -123,7 +137,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         rule = RULES.get(node.op_type)
         if not any(idx.is_float(o) for o in node.output):
             plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
-        elif rule is None:
+        elif rule is None or node.domain not in ("", "ai.onnx"):  # a custom-domain op is not the ONNX op of that name
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
         elif node.name in excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
@@ -132,40 +146,75 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         else:
             plan.nodes[node.name] = NodeStatus(node.op_type, "quantized")
             quantized.append(node)
-    is_quantized = {n.name for n in quantized}
 
-    # 2. fused groups: anchor -> [bias Add] -> [activation]; any other compute op -> [activation]
-    #    (a residual Add -> Relu is one group too: ORT runs QLinearAdd and drops the Relu)
+    # 2-3. blocks and fused groups. Order matters where both could claim a node: structural blocks
+    # (LayerNorm, attention) first, so no group swallows their Adds; then weighted anchors' groups,
+    # which take the activations they fuse (SiLU after a Conv on TensorRT); then what is left of the
+    # activation blocks; then other compute ops followed by an activation (Add -> Relu).
+    no_qdq: set[str] = set()  # internal tensors of blocks and groups
+    unit_blocks: list[Match] = []
+    taken = set(excluded)
+    blocks = find_blocks(idx, excluded, compound=set(preset.patterns) & COMPOUND_KINDS)
+
+    def apply_blocks(selected: list[Match]) -> None:
+        for m in selected:
+            if set(m.nodes) & taken:
+                continue  # fused into a group
+            policy = preset.patterns.get(m.kind)
+            one_unit = policy is not None and not policy.qdq_inside
+            plan.patterns.append({**m.to_dict(), "qdq_inside": not one_unit})
+            if not one_unit:
+                continue
+            unit_blocks.append(m)
+            no_qdq.update(m.internal)
+            taken.update(m.nodes)
+            for name in m.nodes:
+                plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", m.nodes[0], m.kind)
+
+    join_residual = preset.patterns.get("residual_add") is not None and preset.patterns["residual_add"].join_anchor
     group_output: dict[str, str] = {}  # group head name -> tensor that ends its group
-    for node in quantized:
-        rule = RULES[node.op_type]
-        if rule.kind != "compute" or plan.nodes[node.name].status != "quantized":
-            continue
-        out = node.output[0]
-        nxt = idx.single_consumer(out)
-        if (rule.anchor and nxt is not None and nxt.op_type == "Add" and nxt.name not in excluded
-                and _is_bias_add(nxt, out, idx)):
-            plan.nodes[nxt.name] = NodeStatus(nxt.op_type, "fused", node.name)
-            out = nxt.output[0]
-            nxt = idx.single_consumer(out)
-        if nxt is not None and nxt.op_type in preset.fusable_activations and nxt.name not in excluded:
-            plan.nodes[nxt.name] = NodeStatus(nxt.op_type, "fused", node.name)
-            out = nxt.output[0]
-        group_output[node.name] = out
-        if out != node.output[0]:
+    group_inputs: dict[str, tuple[str, ...]] = {}  # group head name -> extra inputs (a residual shortcut)
+
+    def apply_groups(anchors: bool) -> None:
+        for node in quantized:
+            rule = RULES[node.op_type]
+            if rule.kind != "compute" or rule.anchor != anchors or node.name in taken:
+                continue
+            g = fused_group(idx, node, preset.fusable_activations, join_residual, taken, rule.anchor)
+            if g is None:
+                continue
+            for name, kind in zip(g.followers, g.kinds):
+                plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", node.name, kind)
+            taken.update(g.followers)
+            no_qdq.update(g.internal)
+            group_output[node.name] = g.output
+            group_inputs[node.name] = g.extra_inputs
             plan.nodes[node.name].group = node.name
 
-    # 3. tensor roles
+    apply_blocks([m for m in blocks if m.kind not in ACTIVATION_KINDS])
+    apply_groups(anchors=True)
+    apply_blocks([m for m in blocks if m.kind in ACTIVATION_KINDS])
+    apply_groups(anchors=False)
+    is_quantized = {n.name for n in quantized if n.name not in taken}
+
+    # 4. tensor roles
     act_bits, act_signed, act_sym = config.activation_bits, preset.activation_signed, preset.activation_symmetric
     uf = _UnionFind()
     acts: set[str] = set()
 
     def want_activation(name: str) -> bool:
-        if not name or idx.is_constant(name) or not idx.is_float(name):
+        if not name or name in no_qdq or idx.is_constant(name) or not idx.is_float(name):
             return False
         acts.add(name)
         uf.find(name)
         return True
+
+    def want_output(out: str) -> None:
+        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
+        # float therefore reads float inputs unless another quantized consumer shares the tensor.
+        if preset.quantize_outputs and (out in idx.graph_outputs
+                                        or any(c.name in is_quantized for c in idx.uses(out))):
+            want_activation(out)
 
     weights: dict[str, TensorQuant] = {}
     biases: dict[str, TensorQuant] = {}
@@ -189,15 +238,18 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             if b is not None and node.input[0] in acts:
                 biases[b] = TensorQuant(b, BIAS, 32, True, True, 0 if axis is not None else None,
                                         bias_of=(node.input[0], w))
-        out = group_output.get(node.name, node.output[0])
-        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
-        # float therefore reads float inputs unless another quantized consumer shares the tensor.
-        if preset.quantize_outputs and (out in idx.graph_outputs
-                                        or any(c.name in is_quantized for c in idx.uses(out))):
-            want_activation(out)
+        for t in group_inputs.get(node.name, ()):
+            want_activation(t)
+        want_output(group_output.get(node.name, node.output[0]))
+    for m in unit_blocks:
+        which = preset.patterns[m.kind].inputs
+        for t in m.inputs:
+            if which == "all" or (which == "after-anchor" and _anchor_head(idx, plan, t, is_quantized)):
+                want_activation(t)
+        want_output(m.output)
 
-    # 4. data-movement ops share their input's encoding; iterate to a fixed point
-    shared_nodes = [n for n in quantized if RULES[n.op_type].kind == "shared"]
+    # 5. data-movement ops share their input's encoding; iterate to a fixed point
+    shared_nodes = [n for n in quantized if RULES[n.op_type].kind == "shared" and n.name in is_quantized]
     changed = True
     while changed:
         changed = False
@@ -209,7 +261,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                 continue
             for t in tensors:
                 if t not in acts:
-                    want_activation(t)
+                    if not want_activation(t):
+                        continue
                     changed = True
                 if uf.find(t) != uf.find(data_in[0]):
                     uf.union(data_in[0], t)
@@ -259,6 +312,10 @@ def _bias_of(node: onnx.NodeProto, rule: OpRule, idx: GraphIndex) -> str | None:
     return b
 
 
-def _is_bias_add(add: onnx.NodeProto, tensor: str, idx: GraphIndex) -> bool:
-    other = [t for t in add.input if t != tensor]
-    return len(other) == 1 and idx.is_constant(other[0])
+def _anchor_head(idx: GraphIndex, plan: QuantPlan, tensor: str, quantized: set[str]) -> bool:
+    """``tensor`` ends a quantized Conv/Gemm/MatMul group (whose integer kernel wants a Q after it)."""
+    node = idx.producer.get(tensor)
+    if node is None:
+        return False
+    head = plan.nodes[node.name].group or node.name
+    return head in quantized and RULES[plan.nodes[head].op_type].anchor

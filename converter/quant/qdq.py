@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph.index import GraphIndex
-from ..graph.passes import _subgraph_inputs, default_opset
+from ..graph.passes import _subgraph_inputs, default_opset, name_nodes, upgrade_opset
 from .encoding import Encoding
 
 
@@ -48,14 +48,15 @@ class _Names:
 def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
+    # 16-bit Q/DQ need opset 21. The graph is converted, not just relabelled: ops whose signature
+    # changed on the way (ReduceMean/Split/Squeeze axes became inputs in 13/18) are rewritten.
+    needs_opset = 21 if any(e.bitwidth == 16 for e in encodings.values()) else 13
+    if default_opset(model) < needs_opset:
+        upgrade_opset(model, needs_opset)
+        name_nodes(model)
     g = model.graph
     idx = GraphIndex.build(model)
     names = _Names(model)
-    needs_opset = 21 if any(e.bitwidth == 16 for e in encodings.values()) else 13
-    if default_opset(model) < needs_opset:
-        for imp in model.opset_import:
-            if imp.domain in ("", "ai.onnx"):
-                imp.version = needs_opset
 
     order = sorted(encodings, key=lambda t: (idx.position(t), t))
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> DQ nodes of its weights
