@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import UserError
 
 log = logging.getLogger("converter")
 
@@ -60,7 +60,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
     p.add_argument("--name", help="output file stem (default: the model file's stem)")
     p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
-    p.add_argument("--calib-method", choices=["minmax", "percentile"])
+    p.add_argument("--calib-method", choices=["minmax", "minmax_ema", "percentile", "entropy", "mse"],
+                   help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
     p.add_argument("--percentile", type=float)
     p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --calib)")
     g = p.add_mutually_exclusive_group()
@@ -73,6 +74,18 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int)
     p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"])
+    s = p.add_argument_group("accuracy target (automatic fallback search)")
+    s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
+                   help="built-in metric on --eval data; turns the fallback search on")
+    s.add_argument("--evaluator", help="custom metric: path/to/file.py:fn or pkg.mod:fn, fn(model_path) -> float")
+    s.add_argument("--eval", help="evaluation data (same formats as --calib)")
+    s.add_argument("--labels", help="labels for --target-metric top1 (.npy of ints or one per line)")
+    s.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default 0.01)")
+    s.add_argument("--relative-drop", action="store_true", help="--max-drop is a fraction of the FP32 metric")
+    s.add_argument("--min-metric", type=float, help="absolute metric the quantized model must reach")
+    s.add_argument("--strategy", choices=["bisect", "sequential"], default="bisect")
+    s.add_argument("--ranking", choices=["single-op", "end-to-end"], default="single-op")
+    s.add_argument("--sensitivity-samples", type=int, default=8)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -86,8 +99,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n for n in args.exclude_nodes.split(",") if n)
     config = config.replace(**overrides)
-    result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
-                      calib_spec=args.calib_spec)
+    if args.target_metric or args.evaluator:
+        result = _auto_quantize(args, config)
+    else:
+        result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
+                          calib_spec=args.calib_spec)
     s = result.report["summary"]
     q = s["quantized_tensors"]
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
@@ -96,6 +112,36 @@ def _run_quantize(args: argparse.Namespace) -> int:
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0
+
+
+def _auto_quantize(args: argparse.Namespace, config):
+    from .export import load_module_spec
+    from .graph.model_io import load_model
+    from .graph.passes import preprocess
+    from .search import AccuracyTarget, BuiltinEvaluator, auto_quantize, load_labels
+
+    target = AccuracyTarget(max_drop=0.01 if args.max_drop is None and args.min_metric is None else args.max_drop,
+                            relative=args.relative_drop, min_value=args.min_metric)
+    if args.evaluator:
+        evaluate = load_module_spec(args.evaluator)
+    else:
+        if not args.eval:
+            raise UserError("--target-metric needs evaluation data", "pass --eval DIR (same formats as --calib)")
+        float_model = load_model(args.model)
+        preprocess(float_model)
+        labels = load_labels(args.labels) if args.labels else None
+        evaluate = BuiltinEvaluator(args.target_metric, float_model, args.eval, labels, batch_size=config.batch_size,
+                                    image_spec=args.calib_spec)
+    result = auto_quantize(args.model, args.calib, evaluate, target, config, output_dir=args.output_dir,
+                           name=args.name, strategy=args.strategy, sensitivity_samples=args.sensitivity_samples,
+                           ranking=args.ranking, calib_spec=args.calib_spec)
+    search = result.report["search"]
+    print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
+          f"(threshold {search['threshold']:.4f}) with {len(search['kept_float'])} layer(s) in float after "
+          f"{search['full_evaluations']} full evaluations")
+    for layer in search["kept_float"]:
+        print(f"  float: {layer['name']} ({layer['op_type']}, single-op cosine {layer['cosine']:.4f})")
+    return result
 
 
 # --- apply-encodings -------------------------------------------------------------------------------
@@ -126,7 +172,23 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "export": ("export a PyTorch model to ONNX (simplified, nodes named by module path)", _add_export, _run_export),
     "quantize": ("calibrate and write the QDQ model, encodings and report", _add_quantize, _run_quantize),
     "apply-encodings": ("float model + encodings file -> QDQ model", _add_apply, _run_apply),
+    "validate": ("check an ONNX model or PyTorch module before quantizing: findings with fixes; exit 1 on errors",
+                 lambda p: _lazy("graph.validate").add_args(p), lambda a: _lazy("graph.validate").run(a)),
+    "verify": ("run float and quantized models on real data; exit 1 when a threshold fails",
+               lambda p: _lazy("verify").add_arguments(p), lambda a: _lazy("verify").run(a)),
+    "batch": ("convert (and verify) many models from a job file, each in its own process",
+              lambda p: _lazy("batch").add_arguments(p), lambda a: _lazy("batch").run(a)),
+    "analyze": ("where quantization hurts: per-layer sensitivity, errors, histograms -> report.json/.html",
+                lambda p: _lazy("analysis.analyzer").add_args(p), lambda a: _lazy("analysis.analyzer").run(a)),
+    "compare": ("layer-by-layer MSE/SQNR/cosine of two models sharing tensor names",
+                lambda p: _lazy("analysis.compare").add_args(p), lambda a: _lazy("analysis.compare").run(a)),
 }
+
+
+def _lazy(module: str):
+    import importlib
+
+    return importlib.import_module(f".{module}", __package__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

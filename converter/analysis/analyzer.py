@@ -1,0 +1,532 @@
+"""Quant analyzer: where and why quantization hurts a model (AIMET QuantAnalyzer for ONNX).
+
+:func:`analyze` quantizes the model exactly as :func:`converter.pipeline.quantize` does (same
+preprocessing, plan, calibration and encodings) without writing a model, then runs these steps,
+each a function over a :class:`Prepared` model, all of them rendering variants of the one QuantPlan
+with :func:`~converter.quant.qdq.render_qdq` and a subset of its encodings:
+
+``sanity``       FP32 check: the preprocessed model, and the QDQ renderer with every quantizer
+                 bypassed (no encodings), against the original float model.
+``split``        the metric with only weights+biases quantized, only activations, and everything:
+                 which side hurts.
+``sensitivity``  per layer, the metric with only that layer's quantizers enabled and with only that
+                 layer's quantizers disabled (AIMET's two per-layer analyses).
+``propagation``  per layer output, MSE / SQNR / cosine of the whole QDQ model's tensor against the
+                 float model's (errors of earlier layers included; torch.ao.ns ``add_loggers``).
+``shadow``       per layer, the layer alone fed the *float* inputs (fake-quantized by its input
+                 encodings, weights quantized, output quantized) against its float output: the error
+                 the layer adds by itself (``add_shadow_loggers``).
+``weights``      per weight, SQNR of the quantized vs float values, per tensor and per channel.
+``histograms``   per layer output, the calibration histogram with the encoding range marked, and the
+                 fraction of calibration values the range clips.
+
+Work is bounded: the whole-model metrics use ``eval_samples`` samples, the per-layer steps
+``layer_samples`` (a few); histograms are rebinned to ``histogram_bins`` bins. The metric is a
+built-in (:data:`~converter.analysis.metrics.MODEL_METRICS`) or the user's
+``evaluate(model_path) -> float`` (higher is better).
+
+Layers are ranked worst first by the metric with only that layer quantized, ties broken by the
+shadow SQNR (the layer's own error); see :func:`rank_layers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .. import __version__
+from ..calib.readers import model_inputs, open_calibration
+from ..calib.runner import collect, make_session, select_providers
+from ..config import QuantConfig
+from ..errors import CalibrationDataError, ConfigError, UserError
+from ..graph.index import GraphIndex
+from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
+from ..graph.passes import preprocess
+from ..quant.encode import activation_tensors, compute_encodings
+from ..quant.encoding import Encoding
+from ..quant.plan import ACTIVATION, QuantPlan, build_plan
+from ..quant.qdq import render_qdq
+from ..quant.rules import weight_axis
+from .compare import dequantized_name_map, with_outputs
+from .layers import Layer, layer_model, plan_layers, unassigned_quantizers
+from .metrics import MODEL_METRICS, TensorStats, finite_or_str, per_channel_sqnr, sqnr_db
+
+log = logging.getLogger("converter")
+
+STEPS = ("sanity", "split", "sensitivity", "propagation", "shadow", "weights", "histograms")
+Evaluate = Callable[[str], float]
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """What the analyzer computes and on how much data."""
+
+    metric: str = "auto"  # auto (top1 with labels, else cosine) | cosine | top1-agreement | top1
+    layer_metric: str = "cosine"  # metric of the per-layer sensitivity; "same" = ``metric`` (or evaluate())
+    eval_samples: int = 64  # samples for the whole-model metrics (sanity, split)
+    layer_samples: int = 8  # samples for the per-layer steps
+    batch_size: int = 8
+    histogram_bins: int = 48
+    steps: tuple[str, ...] = STEPS
+    worst: int = 10  # layers listed as the worst in the summary
+    sanity_cosine: float = 0.9999  # the FP32 check passes at or above this output cosine
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        bad = [s for s in self.steps if s not in STEPS]
+        if bad:
+            raise ConfigError(f"unknown analysis step(s) {', '.join(bad)}", f"use some of: {', '.join(STEPS)}")
+        if self.metric not in ("auto", *MODEL_METRICS):
+            raise ConfigError(f"unknown metric {self.metric!r}", f"use one of: auto, {', '.join(MODEL_METRICS)}")
+        if self.layer_metric not in ("same", *MODEL_METRICS):
+            raise ConfigError(f"unknown layer metric {self.layer_metric!r}",
+                              f"use one of: same, {', '.join(MODEL_METRICS)}")
+        for key in ("eval_samples", "layer_samples", "batch_size", "histogram_bins", "worst"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}", f"set {key} to a positive number")
+
+
+@dataclass
+class Prepared:
+    """The model quantized in memory: what every step works from."""
+
+    original: onnx.ModelProto  # the float model as given
+    model: onnx.ModelProto  # preprocessed float model (the QDQ models are rendered from it)
+    idx: GraphIndex
+    plan: QuantPlan
+    observers: dict[str, Any]
+    layers: list[Layer]
+    calibration: dict[str, Any]
+    preprocess: dict[str, Any]
+
+    def encodings(self, keep: Callable[[str], bool] = lambda t: True) -> dict[str, Encoding]:
+        return {t: e for t, e in self.plan.encodings.items() if keep(t)}
+
+    def render(self, keep: Callable[[str], bool] = lambda t: True) -> onnx.ModelProto:
+        return render_qdq(self.model, self.encodings(keep))
+
+
+@dataclass
+class AnalysisResult:
+    report_path: Path
+    html_path: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None) -> Prepared:
+    """load -> preprocess -> plan -> calibrate -> encodings, as ``quantize`` does, nothing written.
+
+    Calibration keeps histograms (bounded bins) whatever the method, for the histogram step; the
+    encodings are computed with the configured method, so they equal ``quantize``'s.
+    """
+    original = load_model(model)
+    pre = load_model(original)
+    passes = preprocess(pre)
+    idx = GraphIndex.build(pre)
+    plan = build_plan(pre, config, idx)
+    data = open_calibration(calib_data, model_inputs(pre), config.batch_size, config.max_samples, calib_spec)
+    providers = select_providers(config.providers)
+    calib = collect(pre, activation_tensors(plan), data, "percentile", providers, config.threads)
+    compute_encodings(plan, idx, calib.observers, config.calib_method, config.percentile)
+    layers = plan_layers(pre, plan, idx)
+    info = {"method": config.calib_method, "samples": calib.samples, "seconds": round(calib.seconds, 3),
+            "providers": providers, "source": data.description}
+    return Prepared(original, pre, idx, plan, calib.observers, layers, info, passes)
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Scores a model against the FP32 outputs of the reference model on fixed batches."""
+
+    def __init__(self, reference: onnx.ModelProto, batches: list[dict[str, np.ndarray]], metric: str,
+                 labels: np.ndarray | None, providers: list[str], threads: int = 0,
+                 evaluate: Evaluate | None = None) -> None:
+        self.batches, self.metric, self.labels = batches, metric, labels
+        self.providers, self.threads, self.evaluate = providers, threads, evaluate
+        self.output_names = [o.name for o in reference.graph.output]
+        sess = make_session(reference, providers, threads, optimize=False)
+        self.reference = [sess.run(self.output_names, b) for b in batches]
+        self.samples = sum(next(iter(b.values())).shape[0] for b in batches)
+
+    def subset(self, samples: int, metric: str | None = None, evaluate: Evaluate | None = None) -> "Evaluator":
+        """The first batches covering ``samples`` samples (reference outputs reused)."""
+        sub = object.__new__(Evaluator)
+        sub.__dict__.update(self.__dict__)
+        keep, n = 0, 0
+        while keep < len(self.batches) and n < samples:
+            n += next(iter(self.batches[keep].values())).shape[0]
+            keep += 1
+        sub.batches, sub.reference, sub.samples = self.batches[:keep], self.reference[:keep], n
+        sub.metric, sub.evaluate = metric or self.metric, evaluate
+        return sub
+
+    @property
+    def name(self) -> str:
+        return "evaluate()" if self.evaluate else self.metric
+
+    def outputs(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        sess = make_session(model, self.providers, self.threads, optimize=False)
+        return [sess.run(self.output_names, b) for b in self.batches]
+
+    def score(self, model: onnx.ModelProto) -> float:
+        if self.evaluate is not None:
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d) / "candidate.onnx"
+                save_model(model, path)
+                return float(self.evaluate(str(path)))
+        fn, _ = MODEL_METRICS[self.metric]
+        scores, offset = [], 0
+        for ref, out in zip(self.reference, self.outputs(model)):
+            n = ref[0].shape[0]
+            labels = None if self.labels is None else self.labels[offset:offset + n]
+            scores.append(fn(ref, out, labels))
+            offset += n
+        return float(np.concatenate(scores).mean())
+
+    def max_abs_diff(self, model: onnx.ModelProto) -> float:
+        diff = 0.0
+        for ref, out in zip(self.reference, self.outputs(model)):
+            for a, b in zip(ref, out):
+                if np.issubdtype(a.dtype, np.floating) and a.size:
+                    diff = max(diff, float(np.abs(a.astype(np.float64) - b).max()))
+        return diff
+
+
+def load_labels(labels: Any) -> np.ndarray | None:
+    """Labels from a sequence, a ``.npy`` file, or a text file of integers (one per line or whitespace)."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        if not path.is_file():
+            raise UserError(f"labels file not found: {path}", "pass a .npy file or a text file of class indices")
+        try:
+            arr = np.load(path) if path.suffix == ".npy" else np.array(path.read_text().split(), dtype=np.int64)
+        except ValueError as exc:
+            raise UserError(f"cannot read labels from {path}: {exc}",
+                            "write one integer class index per line, in the order of the evaluation samples") from None
+        return np.asarray(arr).reshape(-1).astype(np.int64)
+    return np.asarray(labels).reshape(-1).astype(np.int64)
+
+
+def eval_batches(prep: Prepared, data: Any, samples: int, batch_size: int,
+                 calib_spec: str | Path | None) -> list[dict[str, np.ndarray]]:
+    source = open_calibration(data, model_inputs(prep.model), batch_size, samples, calib_spec)
+    return list(source)
+
+
+# --- steps -------------------------------------------------------------------------------------------
+
+def step_sanity(prep: Prepared, ev: Evaluator, cfg: AnalysisConfig) -> dict[str, Any]:
+    """Preprocessed float model and the bypassed QDQ render (no encodings) vs the original model."""
+    out = {}
+    for key, model in (("preprocessed", prep.model), ("quantizers_bypassed", render_qdq(prep.model, {}))):
+        cos = ev.subset(ev.samples, "cosine").score(model)
+        out[key] = {"output_cosine": cos, "max_abs_diff": ev.max_abs_diff(model)}
+    out["passed"] = all(v["output_cosine"] >= cfg.sanity_cosine for v in out.values())
+    return out
+
+
+def step_split(prep: Prepared, ev: Evaluator) -> dict[str, Any]:
+    """Metric with only weights (+biases), only activations, and everything quantized."""
+    roles = {t: prep.plan.tensors[t].role for t in prep.plan.encodings}
+    variants = {"fp32": lambda t: False, "weights_only": lambda t: roles[t] != ACTIVATION,
+                "activations_only": lambda t: roles[t] == ACTIVATION, "all_quantized": lambda t: True}
+    out = {k: ev.score(prep.render(keep)) for k, keep in tqdm(variants.items(), desc="weights vs activations",
+                                                            disable=None, leave=False)}
+    drop_w, drop_a = out["fp32"] - out["weights_only"], out["fp32"] - out["activations_only"]
+    out["verdict"] = ("activations hurt more" if drop_a > drop_w else "weights hurt more" if drop_w > drop_a
+                      else "weights and activations hurt equally")
+    return out
+
+
+def step_sensitivity(prep: Prepared, ev: Evaluator, rows: dict[str, dict]) -> dict[str, Any]:
+    """Per layer: only its quantizers enabled, and only its quantizers disabled."""
+    base = {"fp32": ev.score(prep.model), "all_quantized": ev.score(prep.render()), "metric": ev.name,
+            "samples": ev.samples}
+    for layer in tqdm(prep.layers, desc="per-layer sensitivity", unit="layer", disable=None, leave=False):
+        own = set(layer.quantizers)
+        rows[layer.name]["sensitivity"] = {
+            "only_this_quantized": ev.score(prep.render(lambda t: t in own)) if own else base["fp32"],
+            "only_this_float": ev.score(prep.render(lambda t: t not in own)) if own else base["all_quantized"],
+        }
+    return base
+
+
+def step_activations(prep: Prepared, batches: list[dict[str, np.ndarray]], rows: dict[str, dict],
+                     propagation: bool, shadow: bool) -> None:
+    """Per-layer output errors: whole QDQ model (propagated) and each layer alone (shadow)."""
+    layers = prep.layers
+    types = prep.idx.elem_type
+    shadow_layers = [lay for lay in layers if all(t in types for t in lay.inputs)] if shadow else []
+    needed = {lay.output for lay in layers} | {t for lay in shadow_layers for t in lay.inputs}
+    float_sess = make_session(with_outputs(prep.model, sorted(needed), types), ["CPUExecutionProvider"],
+                              optimize=False)
+    fetch = sorted(needed)
+    qdq_sess = q_fetch = None
+    if propagation:
+        qdq = prep.render()
+        dq = dequantized_name_map(qdq)
+        q_fetch = [dq.get(lay.output, lay.output) for lay in layers]
+        qdq_sess = make_session(with_outputs(qdq, q_fetch), ["CPUExecutionProvider"], optimize=False)
+    prop = {lay.name: TensorStats() for lay in layers}
+    shad = {lay.name: TensorStats() for lay in shadow_layers}
+    sessions: dict[str, Any] = {}
+    for batch in tqdm(batches, desc="layer outputs", unit="batch", disable=None, leave=False):
+        values = dict(zip(fetch, float_sess.run(fetch, batch)))
+        if qdq_sess is not None:
+            for lay, q in zip(layers, qdq_sess.run(q_fetch, batch)):
+                prop[lay.name].update(values[lay.output], q)
+        for lay in shadow_layers:
+            if lay.name not in sessions:
+                sub = layer_model(prep.model, prep.idx, lay, values)
+                enc = {t: prep.plan.encodings[t] for t in lay.inputs + lay.constants + [lay.output]
+                       if t in prep.plan.encodings}
+                sessions[lay.name] = make_session(render_qdq(sub, enc), ["CPUExecutionProvider"], optimize=False)
+            (q,) = sessions[lay.name].run([lay.output], {t: values[t] for t in lay.inputs})
+            shad[lay.name].update(values[lay.output], q)
+    for lay in layers:
+        if propagation:
+            rows[lay.name]["propagated"] = prop[lay.name].to_dict()
+        if lay.name in shad:
+            rows[lay.name]["shadow"] = shad[lay.name].to_dict()
+
+
+def step_weights(prep: Prepared, rows: dict[str, dict]) -> None:
+    """SQNR of each layer's quantized weight, per tensor and per output channel."""
+    by_name = {n.name: n for n in prep.model.graph.node}
+    for layer in prep.layers:
+        w = layer.weight
+        if w is None or w not in prep.plan.encodings:
+            continue
+        values = prep.idx.constant(w).astype(np.float32)
+        enc = prep.plan.encodings[w]
+        fq = enc.fake_quantize(values)
+        axis = enc.axis if enc.per_channel else weight_axis(by_name[layer.name], prep.idx)
+        entry: dict[str, Any] = {"tensor": w, "shape": list(values.shape), "per_channel": enc.per_channel,
+                                 "sqnr_db": sqnr_db(values, fq)}
+        if axis is not None and values.ndim > axis:
+            ch = per_channel_sqnr(values, fq, axis)
+            finite = ch[np.isfinite(ch)]
+            entry.update(axis=axis, channel_sqnr_db=[round(float(v), 2) if np.isfinite(v) else float(v) for v in ch],
+                         min_channel_sqnr_db=float(ch.min()), worst_channel=int(ch.argmin()),
+                         mean_channel_sqnr_db=float(finite.mean()) if finite.size else float("inf"))
+        rows[layer.name]["weight"] = entry
+
+
+def histogram_entry(obs: Any, enc: Encoding | None, bins: int) -> dict[str, Any]:
+    """The observer's histogram rebinned to ``bins`` over the union of the data and encoding ranges."""
+    lo_data, hi_data = obs.range()
+    entry: dict[str, Any] = {"observed_min": lo_data, "observed_max": hi_data}
+    if enc is not None and not enc.per_channel:
+        entry["encoding_min"], entry["encoding_max"] = enc.mins()[0], enc.maxs()[0]
+    counts = getattr(obs, "counts", None)
+    if counts is None or obs.lo is None:
+        return entry
+    fine_edges = np.linspace(obs.lo, obs.hi, len(counts) + 1)
+    centers = (fine_edges[:-1] + fine_edges[1:]) / 2
+    lo = min(lo_data, entry.get("encoding_min", lo_data))
+    hi = max(hi_data, entry.get("encoding_max", hi_data))
+    if hi <= lo:
+        hi = lo + 1e-6
+    hist, _ = np.histogram(np.clip(centers, lo, hi), bins=bins, range=(lo, hi), weights=counts)
+    entry["histogram"] = {"lo": lo, "hi": hi, "counts": [int(c) for c in hist]}
+    if "encoding_min" in entry:
+        outside = (centers < entry["encoding_min"]) | (centers > entry["encoding_max"])
+        entry["clipped_fraction"] = float(counts[outside].sum() / max(counts.sum(), 1))
+    return entry
+
+
+def step_histograms(prep: Prepared, rows: dict[str, dict], bins: int) -> None:
+    for layer in prep.layers:
+        t = layer.output
+        if t in prep.observers:
+            rows[layer.name]["activation"] = {"tensor": t,
+                                              **histogram_entry(prep.observers[t], prep.plan.encodings.get(t), bins)}
+
+
+# --- ranking and orchestration ----------------------------------------------------------------------
+
+def rank_layers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Worst first: lowest metric with only this layer quantized, then lowest shadow / propagated SQNR."""
+    def key(r: dict) -> tuple:
+        sens = r.get("sensitivity", {}).get("only_this_quantized", float("inf"))
+        shadow = r.get("shadow", {}).get("sqnr_db", float("inf"))
+        prop = r.get("propagated", {}).get("sqnr_db", float("inf"))
+        return (sens, shadow, prop, r["position"])
+    return sorted(rows, key=key)
+
+
+def _layer_row(layer: Layer) -> dict[str, Any]:
+    return {"name": layer.name, "nodes": layer.nodes, "op_types": layer.op_types, "label": layer.label,
+            "position": layer.position, "output": layer.output, "quantizers": layer.quantizers}
+
+
+def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "analysis",
+            eval_data: Any = None, labels: Any = None, evaluate: Evaluate | None = None,
+            analysis: AnalysisConfig | None = None, calib_spec: str | Path | None = None) -> AnalysisResult:
+    """Analyze where quantization hurts ``model``; writes ``report.json`` and ``report.html`` to ``output_dir``.
+
+    ``eval_data`` defaults to the calibration data; ``labels`` (sequence, ``.npy`` or text file of
+    class indices, in the order of the evaluation samples) enables the ``top1`` metric; ``evaluate``
+    replaces the built-in metric by ``evaluate(model_path) -> float`` (higher is better).
+    """
+    config = config or QuantConfig()
+    cfg = analysis or AnalysisConfig()
+    out_dir = ensure_writable_dir(output_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prep = prepare(model, calib_data, config, calib_spec)
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    label_arr = load_labels(labels)
+    metric = cfg.metric if cfg.metric != "auto" else ("top1" if label_arr is not None else "cosine")
+    if MODEL_METRICS[metric][1] and label_arr is None and evaluate is None:
+        raise ConfigError(f"metric {metric!r} needs labels", "pass --labels FILE, or use --metric cosine")
+    batches = eval_batches(prep, eval_data if eval_data is not None else calib_data, cfg.eval_samples,
+                           cfg.batch_size, calib_spec)
+    n_eval = sum(next(iter(b.values())).shape[0] for b in batches)
+    if label_arr is not None and len(label_arr) < n_eval:
+        raise CalibrationDataError(f"{len(label_arr)} labels for {n_eval} evaluation samples",
+                                   "give one label per evaluation sample, in order")
+    ev = Evaluator(prep.original, batches, metric, label_arr, prep.calibration["providers"], config.threads, evaluate)
+    layer_ev = (ev.subset(cfg.layer_samples, evaluate=evaluate) if cfg.layer_metric == "same"
+                else ev.subset(cfg.layer_samples, cfg.layer_metric))
+    if MODEL_METRICS.get(layer_ev.metric, (None, False))[1] and label_arr is None and layer_ev.evaluate is None:
+        raise ConfigError(f"layer metric {layer_ev.metric!r} needs labels", "pass --labels FILE")
+    layer_batches = layer_ev.batches
+
+    rows = {lay.name: _layer_row(lay) for lay in prep.layers}
+    report: dict[str, Any] = {
+        "converter_version": __version__,
+        "model": {"source": str(model) if isinstance(model, (str, Path)) else None,
+                  "nodes": len(prep.model.graph.node), "layers": len(prep.layers)},
+        "config": config.to_dict(),
+        "analysis_config": {**asdict(cfg), "steps": list(cfg.steps)},
+        "calibration": prep.calibration,
+        "preprocess": prep.preprocess,
+        "evaluation": {"metric": ev.name, "samples": ev.samples, "layer_metric": layer_ev.name,
+                       "layer_samples": layer_ev.samples, "labels": label_arr is not None},
+        "plan": {"node_counts": prep.plan.to_dict()["node_counts"], "float_nodes": prep.plan.float_nodes(),
+                 "quantized_tensors": len(prep.plan.encodings),
+                 "unassigned_quantizers": unassigned_quantizers(prep.plan, prep.layers)},
+    }
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        result = fn()
+        timings[f"{name}_s"] = time.perf_counter() - t
+        log.info("analysis step %s: %.1f s", name, timings[f"{name}_s"])
+        return result
+
+    steps = set(cfg.steps)
+    if "sanity" in steps:
+        report["sanity"] = timed("sanity", lambda: step_sanity(prep, ev, cfg))
+    if "split" in steps:
+        report["split"] = timed("split", lambda: step_split(prep, ev))
+    if "sensitivity" in steps:
+        report["sensitivity"] = timed("sensitivity", lambda: step_sensitivity(prep, layer_ev, rows))
+    if steps & {"propagation", "shadow"}:
+        timed("layer_outputs", lambda: step_activations(prep, layer_batches, rows, "propagation" in steps,
+                                                        "shadow" in steps))
+    if "weights" in steps:
+        timed("weights", lambda: step_weights(prep, rows))
+    if "histograms" in steps:
+        timed("histograms", lambda: step_histograms(prep, rows, cfg.histogram_bins))
+
+    ranked = rank_layers(list(rows.values()))
+    report["layers"] = list(rows.values())
+    report["worst_layers"] = [r["name"] for r in ranked[:cfg.worst]]
+    timings["total_s"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    return write_report(report, out_dir)
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> AnalysisResult:
+    from .html import render_html
+
+    clean = finite_or_str(report)
+    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+    atomic_write_text(json_path, json.dumps(clean, indent=1) + "\n")
+    atomic_write_text(html_path, render_html(clean))
+    log.info("wrote %s and %s", json_path, html_path)
+    return AnalysisResult(json_path, html_path, clean)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float ONNX model")
+    p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
+    p.add_argument("--eval", help="evaluation data (same formats; default: the calibration data)")
+    p.add_argument("--labels", help="class indices of the evaluation samples (.npy or text, one per line)")
+    p.add_argument("--evaluate", help="MODULE:FUNCTION or file.py:FUNCTION, evaluate(model_path) -> float, "
+                                      "higher is better (replaces the built-in metric)")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for report.json and report.html")
+    p.add_argument("--config", help="YAML/JSON file with QuantConfig keys")
+    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in the data folder)")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
+    p.add_argument("--calib-method", choices=["minmax", "percentile"])
+    p.add_argument("--max-samples", type=int, help="calibration samples")
+    p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto")
+    p.add_argument("--layer-metric", choices=["same", *MODEL_METRICS], default="cosine",
+                   help="metric of the per-layer sensitivity (default cosine: informative on a few samples)")
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--layer-samples", type=int, default=8)
+    p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)}")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
+
+
+def run(args: argparse.Namespace) -> int:
+    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "max_samples", "providers")
+                 if getattr(args, k) is not None}
+    config = config.replace(**overrides)
+    cfg = AnalysisConfig(metric=args.metric, layer_metric=args.layer_metric, eval_samples=args.eval_samples,
+                         layer_samples=args.layer_samples,
+                         steps=tuple(s for s in args.steps.split(",") if s) if args.steps else STEPS)
+    evaluate = None
+    if args.evaluate:
+        from ..export import load_module_spec
+
+        evaluate = load_module_spec(args.evaluate)
+    result = analyze(args.model, args.calib, config, args.output_dir, eval_data=args.eval, labels=args.labels,
+                     evaluate=evaluate, analysis=cfg, calib_spec=args.calib_spec)
+    print(summary_text(result.report))
+    print(f"  report.json {result.report_path}\n  report.html {result.html_path}")
+    return 0
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    ev = report["evaluation"]
+    lines = [f"analyzed {report['model']['layers']} layers; metric {ev['metric']} on {ev['samples']} samples, "
+             f"per-layer {ev['layer_metric']} on {ev['layer_samples']}"]
+    if "sanity" in report:
+        s = report["sanity"]
+        lines.append(f"FP32 sanity: {'PASSED' if s['passed'] else 'FAILED'} (bypassed QDQ output cosine "
+                     f"{s['quantizers_bypassed']['output_cosine']:.6f})")
+    if "split" in report:
+        s = report["split"]
+        lines.append(f"fp32 {s['fp32']:.4f}  weights only {s['weights_only']:.4f}  activations only "
+                     f"{s['activations_only']:.4f}  all {s['all_quantized']:.4f}: {s['verdict']}")
+    rows = {r["name"]: r for r in report["layers"]}
+    lines.append("worst layers:")
+    for name in report["worst_layers"]:
+        r = rows[name]
+        sens = r.get("sensitivity", {}).get("only_this_quantized")
+        shadow = r.get("shadow", {}).get("sqnr_db")
+        parts = [f"only-this-quantized {sens:.5f}" if isinstance(sens, float) else "",
+                 f"shadow SQNR {shadow:.1f} dB" if isinstance(shadow, float) else ""]
+        lines.append(f"  {name} ({r['label']}): " + ", ".join(p for p in parts if p))
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Layers of a QuantPlan: the units the analyzer enables, disables and compares.
+
+A *layer* is a quantized ``compute`` node of the plan, or a fused group (anchor + bias ``Add`` +
+activation, see :mod:`converter.quant.plan`) taken as one. Data-movement ops (``shared`` rules:
+Reshape, MaxPool...) are not layers: they reuse their neighbours' encodings.
+
+A layer's *quantizers* are the encodings of the tensors it reads and writes (activation inputs,
+weight, bias, output), widened to whole scale groups: a Reshape output shares its input's encoding,
+so disabling a layer's input quantizer also disables it on the Reshape output, otherwise the float
+value would be re-quantized one op later with the same encoding and the layer would not really be
+in float. Neighbouring layers share the quantizer between them (one's output is the other's input).
+
+:func:`layer_model` cuts a layer out as a model of its own whose graph inputs are the layer's
+external inputs; rendering it with :func:`~converter.quant.qdq.render_qdq` and the layer's
+encodings gives the "shadow" layer: float inputs, fake-quantized at the layer's input quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..graph.index import GraphIndex
+from ..quant.plan import ACTIVATION, QuantPlan
+from ..quant.rules import RULES
+
+
+@dataclass
+class Layer:
+    name: str  # the anchor (first) node's name
+    nodes: list[str]  # member node names in graph order
+    op_types: list[str]
+    position: int  # graph index of the first node
+    inputs: list[str]  # tensors read from outside the layer (initializers excluded)
+    constants: list[str]  # initializers the layer reads
+    output: str  # tensor the layer ends with
+    quantizers: list[str] = field(default_factory=list)  # tensors whose encodings belong to the layer
+    weight: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.op_types)
+
+
+def plan_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex | None = None) -> list[Layer]:
+    """Every quantized compute node or fused group of ``plan``, in graph order."""
+    idx = idx or GraphIndex.build(model)
+    members: dict[str, list[onnx.NodeProto]] = {}
+    by_name = {n.name: n for n in model.graph.node}
+    for node in model.graph.node:
+        status = plan.nodes.get(node.name)
+        if status is None:
+            continue
+        if status.status == "quantized" and RULES[node.op_type].kind == "compute":
+            members.setdefault(node.name, []).append(node)
+        elif status.status == "fused" and status.group in by_name:
+            members.setdefault(status.group, []).append(node)
+    groups = plan.group_members()
+    weights = {t.name for t in plan.tensors.values() if t.role == "weight"}
+    layers = []
+    for anchor, nodes in members.items():
+        nodes.sort(key=lambda n: idx.order[n.name])
+        produced = {o for n in nodes for o in n.output}
+        inputs, constants = [], []
+        for n in nodes:
+            for t in n.input:
+                if not t or t in produced or t in inputs or t in constants:
+                    continue
+                (constants if idx.is_constant(t) else inputs).append(t)
+        output = nodes[-1].output[0]
+        touched = inputs + constants + [output]
+        quantizers: list[str] = []
+        for t in touched:
+            tq = plan.tensors.get(t)
+            if tq is None or t not in plan.encodings:
+                continue
+            same = groups.get(tq.group, [t]) if tq.role == ACTIVATION else [t]
+            quantizers.extend(s for s in same if s not in quantizers and s in plan.encodings)
+        layers.append(Layer(anchor, [n.name for n in nodes], [n.op_type for n in nodes], idx.order[nodes[0].name],
+                            inputs, constants, output, quantizers, next((c for c in constants if c in weights), None)))
+    layers.sort(key=lambda lay: lay.position)
+    return layers
+
+
+def unassigned_quantizers(plan: QuantPlan, layers: list[Layer]) -> list[str]:
+    covered = {t for lay in layers for t in lay.quantizers}
+    return [t for t in plan.encodings if t not in covered]
+
+
+def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer, input_values: dict[str, np.ndarray]
+                ) -> onnx.ModelProto:
+    """The layer's nodes as a model: its external inputs become graph inputs, its output the graph output.
+
+    ``input_values`` gives a sample value of every input (for the element types).
+    """
+    by_name = {n.name: n for n in model.graph.node}
+    nodes = [by_name[n] for n in layer.nodes]
+    g_inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(input_values[t].dtype), None)
+                for t in layer.inputs]
+    out_type = idx.elem_type.get(layer.output, onnx.TensorProto.FLOAT)
+    graph = helper.make_graph(nodes, f"layer_{layer.name}", g_inputs,
+                              [helper.make_tensor_value_info(layer.output, out_type, None)],
+                              initializer=[idx.initializers[c] for c in layer.constants])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return sub

@@ -1,0 +1,346 @@
+"""Calibration benchmark: ours vs ONNX Runtime's quantize_static, per method, wall time / peak RSS / accuracy.
+
+Every run (ours, ORT's, and one plain FP32 ORT pass over the same samples: the floor) is a CHILD
+process of this script, started fresh, so its peak RSS is its own (``os.wait4`` rusage). A child
+is capped: RLIMIT_AS (cap + 4 GiB, a backstop) and the parent polls its RSS and kills it past the
+cap; such runs read ``killed > cap``. ORT's histogram calibrators keep every activation of every
+sample (tens of MiB per sample), so expect them to hit the cap at 512 samples.
+
+Pairs compared (ours / ORT): minmax / MinMax, percentile / Percentile, entropy / Entropy,
+mse / Distribution (ORT has no MSE calibrator; Distribution is its remaining histogram method).
+Ours also runs minmax_ema. ORT runs with its defaults (QDQ, per-channel int8 weights, uint8
+activations; Percentile 99.999 like ours), which is what its users get.
+
+Models (assets under $ASSETS, default /work/shared/assets):
+  effnet   EfficientNet-Lite0; calibration = the first 100 ImageNet sample images, cycled to N;
+           accuracy = top-1 on the other 900 images
+  resnet8  MLPerf Tiny ResNet-8 CIFAR-10; calibration = the first 1000 test images (cycled);
+           accuracy = top-1 on the other 9000
+  minilm   all-MiniLM-L6-v2 (ONNX made by $ASSETS/minilm-sts/export.py, path via --minilm-onnx);
+           calibration = STS-B test sentences, padded to 128 tokens; memory scaling only
+
+Usage: python tools/bench_calibration.py --models effnet,resnet8,minilm --samples 32,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("ASSETS", "/work/shared/assets"))
+OURS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
+PEER = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": "Distribution"}
+BATCH = 16
+
+
+# --- data (children and parent) ---------------------------------------------------------------------
+
+def _effnet_images(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    sys.path.insert(0, str(ASSETS / "imagenet-samples"))
+    import imagenet_data
+
+    x, y, _ = imagenet_data.load(stop)
+    return x[start:], y[start:]
+
+
+def _effnet_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input": ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()}
+
+
+def _cifar(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(ASSETS / "cifar10-resnet8" / "cifar10_test_from_jpg.npz") as d:
+        return d["images_nhwc_uint8"][start:stop], d["labels"][start:stop]
+
+
+def _cifar_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_1": u8.astype(np.float32).transpose(0, 3, 1, 2).copy()}
+
+
+class WordPiece:
+    """Minimal BERT uncased WordPiece (basic split + greedy longest match), enough for calibration data."""
+
+    def __init__(self, vocab: Path) -> None:
+        self.vocab = {w.rstrip("\n"): i for i, w in enumerate(vocab.open(encoding="utf-8"))}
+
+    def encode(self, text: str, length: int = 128) -> list[int]:
+        ids = [self.vocab["[CLS]"]]
+        for word in re.findall(r"\w+|[^\w\s]", text.lower()):
+            start = 0
+            while start < len(word):
+                end = len(word)
+                while end > start and (("##" if start else "") + word[start:end]) not in self.vocab:
+                    end -= 1
+                if end == start:
+                    ids.append(self.vocab["[UNK]"])
+                    break
+                ids.append(self.vocab[("##" if start else "") + word[start:end]])
+                start = end
+        ids = ids[:length - 1] + [self.vocab["[SEP]"]]
+        return ids + [0] * (length - len(ids))
+
+
+def _minilm_tokens(count: int) -> np.ndarray:
+    folder = ASSETS / "minilm-sts"
+    tok = WordPiece(folder / "vocab.txt")
+    rows = [line.rstrip("\n").split("\t") for line in (folder / "sts-test.csv").open(encoding="utf-8")]
+    sentences = [s for r in rows for s in (r[5], r[6])][:count]
+    return np.array([tok.encode(s) for s in sentences], dtype=np.int64)
+
+
+def _minilm_feed(ids: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+
+
+def calibration_batches(model: str, n: int):
+    """The model's calibration set (real data, cycled to ``n`` samples), in batches of BATCH, made lazily."""
+    if model == "effnet":
+        pool, feed = _effnet_images(0, 100)[0], _effnet_feed
+    elif model == "resnet8":
+        pool, feed = _cifar(0, 1000)[0], _cifar_feed
+    else:
+        pool, feed = _minilm_tokens(1000), _minilm_feed
+    for i in range(0, n, BATCH):
+        idx = np.arange(i, min(i + BATCH, n)) % len(pool)
+        yield feed(pool[idx])
+
+
+# --- child jobs ----------------------------------------------------------------------------------------
+
+def model_path(model: str, minilm: str) -> str:
+    return {"effnet": str(ASSETS / "efficientnet-lite0" / "efficientnet-lite0_opset13.onnx"),
+            "resnet8": str(ASSETS / "cifar10-resnet8" / "resnet8_cifar10.onnx"), "minilm": minilm}[model]
+
+
+def child(job: dict) -> dict:
+    """Runs one job in this (child) process; returns {'seconds': ...} (time of the measured call only)."""
+    path, n, out = model_path(job["model"], job["minilm"]), job["n"], Path(job["out"])
+    if job["tool"] == "fp32":
+        import onnxruntime as ort
+
+        t = time.perf_counter()
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        for feeds in calibration_batches(job["model"], n):
+            sess.run(None, feeds)
+        return {"seconds": time.perf_counter() - t}
+    if job["tool"] == "ours":
+        from converter.config import QuantConfig
+        from converter.pipeline import quantize
+
+        config = QuantConfig(calib_method=job["method"], batch_size=BATCH)
+        t = time.perf_counter()
+        result = quantize(path, calibration_batches(job["model"], n), config, output_dir=out.parent, name=out.stem)
+        return {"seconds": time.perf_counter() - t, "calib_seconds": result.report["timings"]["calibration_s"]}
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = calibration_batches(job["model"], n)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    method = getattr(CalibrationMethod, job["method"])
+    extra = {"CalibPercentile": 99.999} if job["method"] == "Percentile" else {}
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # ORT writes its augmented model next to the CWD otherwise
+        os.chdir(tmp)
+        path = _opset13(path, Path(tmp))
+        quantize_static(path, str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                        extra_options=extra)
+    return {"seconds": time.perf_counter() - t}
+
+
+def _opset13(path: str, tmp: Path) -> str:
+    """ORT's per-channel DequantizeLinear needs opset 13; older models are converted first (ours does the same)."""
+    import onnx
+
+    model = onnx.load(path)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 13:
+        return path
+    out = tmp / "opset13.onnx"
+    onnx.save(onnx.version_converter.convert_version(model, 13), out)
+    return str(out)
+
+
+def spawn(job: dict, cap: int) -> dict:
+    """Run ``job`` in a child process with an RSS cap; returns its result plus peak RSS (bytes)."""
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap + (4 << 30), cap + (4 << 30)))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=fout, stderr=ferr,
+                                preexec_fn=limits, env=env, text=True)
+        killed, status_file = False, Path(f"/proc/{proc.pid}/status")
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                rss = int(re.search(r"VmRSS:\s+(\d+)", status_file.read_text()).group(1)) * 1024
+            except (OSError, AttributeError):
+                rss = 0
+            if rss > cap and not killed:
+                killed = True
+                os.kill(proc.pid, signal.SIGKILL)
+            time.sleep(0.05)
+        proc.returncode = status
+        fout.seek(0), ferr.seek(0)
+        out, err = fout.read(), ferr.read()
+    res = {"peak_rss": usage.ru_maxrss * 1024, "killed": killed, "ok": False}
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    if lines and not killed:
+        res.update(json.loads(lines[-1][7:]), ok=True)
+    elif not killed:
+        res["error"] = (err.strip().splitlines() or ["exit status %d" % status])[-1][:160]
+    return res
+
+
+# --- accuracy (parent) ---------------------------------------------------------------------------------
+
+def accuracy(model: str, path: str) -> str:
+    try:
+        return _accuracy(model, path)
+    except Exception as exc:  # an invalid quantized model is a result too
+        return f"model fails: {str(exc).splitlines()[0][:80]}"
+
+
+def _accuracy(model: str, path: str) -> str:
+    import onnxruntime as ort
+
+    if model == "minilm":
+        return "-"
+    x, y = _effnet_images(100, 1000) if model == "effnet" else _cifar(1000, 10000)
+    feed = _effnet_feed if model == "effnet" else _cifar_feed
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    pred = np.concatenate([sess.run(None, {name: next(iter(feed(x[i:i + 100]).values()))})[0].argmax(1)
+                           for i in range(0, len(x), 100)])
+    return f"{int((pred == y).sum())}/{len(y)}"
+
+
+# --- parent ----------------------------------------------------------------------------------------------
+
+def mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB"
+
+
+def fmt(res: dict, cap: int) -> tuple[str, str]:
+    if res["killed"]:
+        return f"killed > {cap / 2**30:.0f} GiB", f">{mib(cap)}"
+    if not res["ok"]:
+        return "failed: " + res.get("error", "?"), mib(res["peak_rss"])
+    return f"{res['seconds']:.1f} s", mib(res["peak_rss"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="effnet,resnet8,minilm")
+    ap.add_argument("--samples", default="32,512")
+    ap.add_argument("--methods", default=",".join(OURS))
+    ap.add_argument("--cap-gib", type=float, default=8.0, help="RSS cap per child (GiB)")
+    ap.add_argument("--minilm-onnx", default="/tmp/minilm/all-MiniLM-L6-v2_opset14.onnx")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-peer", action="store_true", help="skip ONNX Runtime's runs")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    cap = int(args.cap_gib * 2**30)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_calib_"))
+    work.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    counts = [int(s) for s in args.samples.split(",")]
+    for model in args.models.split(","):
+        if model == "minilm" and not Path(args.minilm_onnx).is_file():
+            print(f"\n## {model}: {args.minilm_onnx} missing (python {ASSETS}/minilm-sts/export.py OUT legacy)")
+            continue
+        print(f"\n## {model}  ({model_path(model, args.minilm_onnx)})", flush=True)
+        results: dict[tuple, dict] = {}
+        for n in counts:
+            base = dict(model=model, n=n, minilm=args.minilm_onnx)
+            results[("fp32", "", n)] = spawn({**base, "tool": "fp32", "method": "", "out": str(work / "fp32")}, cap)
+            for m in methods:  # interleave ours and the peer's so load changes hit both
+                out = work / f"{model}_{n}_ours_{m}.onnx"
+                results[("ours", m, n)] = {**spawn({**base, "tool": "ours", "method": m, "out": str(out)}, cap),
+                                           "path": str(out)}
+                if m in PEER and not args.no_peer:
+                    out = work / f"{model}_{n}_ort_{PEER[m]}.onnx"
+                    results[("ort", m, n)] = {**spawn({**base, "tool": "ort", "method": PEER[m], "out": str(out)}, cap),
+                                              "path": str(out)}
+                print(f"  done n={n} {m}", file=sys.stderr, flush=True)
+        report(model, results, methods, counts, cap)
+
+
+def report(model: str, results: dict, methods: list[str], counts: list[int], cap: int) -> None:
+    print(f"\nwall time and peak RSS (child process), {model}")
+    print("(time: the whole quantize call; ours/floor: our calibration pass alone vs the plain FP32 pass)")
+    head = ("| method | N | ours time | ours RSS | ORT method | ORT time | ORT RSS | time ours/ORT | RSS ours/ORT "
+            "| ours calib / FP32 floor |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for n in counts:
+        floor = results[("fp32", "", n)]
+        ft, fr = fmt(floor, cap)
+        print(f"| FP32 pass (floor) | {n} | {ft} | {fr} | | | | | | |")
+        for m in methods:
+            ours = results[("ours", m, n)]
+            peer = results.get(("ort", m, n))
+            ot, orr = fmt(ours, cap)
+            pt, pr = fmt(peer, cap) if peer else ("", "")
+            t_ratio = f"{ours['seconds'] / peer['seconds']:.3f}" if peer and ours["ok"] and peer["ok"] else \
+                (f"< {ours['seconds'] / 1:.0f} s vs killed" if peer and peer["killed"] else "-")
+            r_ratio = f"{ours['peak_rss'] / peer['peak_rss']:.2f}" if peer and ours["ok"] and peer["ok"] else \
+                (f"< {ours['peak_rss'] / cap:.2f}" if peer and peer["killed"] and ours["ok"] else "-")
+            f_ratio = f"{ours['calib_seconds'] / floor['seconds']:.2f}" if ours["ok"] and floor["ok"] else "-"
+            print(f"| {m} | {n} | {ot} | {orr} | {PEER.get(m, '') if peer else ''} | {pt} | {pr} | {t_ratio} | "
+                  f"{r_ratio} | {f_ratio} |")
+    if len(counts) > 1:
+        lo, hi = counts[0], counts[-1]
+        print(f"\npeak RSS at N={hi} / N={lo}, {model}")
+        print("| method | ours | ORT |")
+        print("|---|---|---|")
+        for m in methods:
+            row = []
+            for tool in ("ours", "ort"):
+                a, b = results.get((tool, m, hi)), results.get((tool, m, lo))
+                if a is None or b is None:
+                    row.append("")
+                elif a["killed"]:
+                    row.append(f"> {cap / b['peak_rss']:.1f} (killed at cap)")
+                else:
+                    row.append(f"{a['peak_rss'] / b['peak_rss']:.2f}" if a["ok"] and b["ok"] else "-")
+            print(f"| {m} | {row[0]} | {row[1]} |")
+    if model == "minilm":
+        return
+    print(f"\naccuracy (top-1 on held-out data), {model}")
+    print("| method | N | ours | ORT |")
+    print("|---|---|---|---|")
+    fp = accuracy(model, model_path(model, ""))
+    print(f"| FP32 | - | {fp} | {fp} |")
+    for n in counts:
+        for m in methods:
+            ours, peer = results[("ours", m, n)], results.get(("ort", m, n))
+            a = accuracy(model, ours["path"]) if ours["ok"] else fmt(ours, cap)[0]
+            b = "" if peer is None else accuracy(model, peer["path"]) if peer["ok"] else fmt(peer, cap)[0]
+            print(f"| {m} / {PEER.get(m, '-')} | {n} | {a} | {b} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
