@@ -86,6 +86,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     s.add_argument("--strategy", choices=["bisect", "sequential"], default="bisect")
     s.add_argument("--ranking", choices=["single-op", "end-to-end"], default="single-op")
     s.add_argument("--sensitivity-samples", type=int, default=8)
+    s.add_argument("--fallback", choices=["float", "int16"], default="float",
+                   help="int16: try 16-bit activations for the sensitive layers before keeping them in float")
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -134,12 +136,13 @@ def _auto_quantize(args: argparse.Namespace, config):
                                     image_spec=args.calib_spec)
     result = auto_quantize(args.model, args.calib, evaluate, target, config, output_dir=args.output_dir,
                            name=args.name, strategy=args.strategy, sensitivity_samples=args.sensitivity_samples,
-                           ranking=args.ranking, calib_spec=args.calib_spec)
+                           ranking=args.ranking, fallback=args.fallback, calib_spec=args.calib_spec)
     search = result.report["search"]
     print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
-          f"(threshold {search['threshold']:.4f}) with {len(search['kept_float'])} layer(s) in float after "
+          f"(threshold {search['threshold']:.4f}) with {len(search['fallback_layers'])} layer(s) in "
+          f"{search['fallback'] if search['fallback_layers'] else 'float'} after "
           f"{search['full_evaluations']} full evaluations")
-    for layer in search["kept_float"]:
+    for layer in search["fallback_layers"]:
         print(f"  float: {layer['name']} ({layer['op_type']}, single-op cosine {layer['cosine']:.4f})")
     return result
 

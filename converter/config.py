@@ -137,6 +137,7 @@ class QuantConfig:
     batch_size: int = 16
     op_types: tuple[str, ...] | None = None  # overrides the target's op types
     exclude_nodes: tuple[str, ...] = ()  # node names kept in float
+    int16_nodes: tuple[str, ...] = ()  # node names whose activations (inputs, output) use 16 bits
     providers: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 lets ORT decide
     encodings_version: str = "1.0.0"
@@ -165,6 +166,7 @@ class QuantConfig:
         if self.op_types is not None:
             object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        object.__setattr__(self, "int16_nodes", tuple(self.int16_nodes))
 
     @property
     def preset(self) -> TargetPreset:
@@ -180,6 +182,7 @@ class QuantConfig:
         d = dataclasses.asdict(self)
         d["op_types"] = list(self.op_types) if self.op_types is not None else None
         d["exclude_nodes"] = list(self.exclude_nodes)
+        d["int16_nodes"] = list(self.int16_nodes)
         return d
 
     @classmethod

@@ -52,7 +52,7 @@ def test_search_finds_exactly_the_sensitive_layer(tmp_path, strategy):
     res = auto_quantize(model, data(1), evaluate, AccuracyTarget(max_drop=0.001), QuantConfig(),
                         output_dir=tmp_path, strategy=strategy)
     search = res.report["search"]
-    assert search["met"] and [s["name"] for s in search["kept_float"]] == ["MatMul_3"]
+    assert search["met"] and [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
     assert search["ranking"][0]["name"] == "MatMul_3"
     assert search["ranking"][0]["cosine"] < 0.5 < search["ranking"][1]["cosine"]
     n = len(search["ranking"])
@@ -133,3 +133,16 @@ def test_cli_search_on_digits(digits, tmp_path, capsys):
                  str(tmp_path / "labels.npy"), "--min-metric", "1.01"])
     assert code == 1 and "not met" in capsys.readouterr().err
     assert (tmp_path / "out2" / "digits.onnx").is_file()
+
+
+def test_int16_fallback_before_float(tmp_path):
+    """With --fallback int16 the sensitive layer is kept at 16 bits (opset 21 QDQ) instead of float."""
+    model = sensitive_model()
+    res = auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(max_drop=0.005),
+                        QuantConfig(), output_dir=tmp_path, fallback="int16")
+    search = res.report["search"]
+    assert search["met"] and search["fallback"] == "int16"
+    assert [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
+    assert res.plan.tensors["h2"].bitwidth == 16 and res.plan.tensors["r1"].bitwidth == 8
+    assert res.plan.nodes["MatMul_3"].status == "quantized"
+    assert next(i.version for i in res.model.opset_import if i.domain == "") >= 21

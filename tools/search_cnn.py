@@ -56,7 +56,7 @@ def search(task, drop: float, work: Path) -> dict:
     n = len(s["ranking"])
     return {"model": task.title, "max_drop": drop, "met": s["met"], "fp32_top1": s["baseline_metric"],
             "final_top1": s["final_metric"], "threshold": s["threshold"], "layers": n,
-            "kept_float": [(k["name"], k["op_type"], round(k["cosine"], 4)) for k in s["kept_float"]],
+            "fallback_layers": [(k["name"], k["op_type"], round(k["cosine"], 4)) for k in s["fallback_layers"]],
             "full_evaluations": s["full_evaluations"], "bound": math.ceil(math.log2(max(n, 2))) + 3,
             "evaluations": [(e["label"], round(e["metric"], 4)) for e in s["evaluations"]],
             "wall_s": round(time.perf_counter() - t, 1)}
@@ -120,7 +120,7 @@ def main() -> int:
         out["search"].append(r)
         print(f"\n{r['model']}: target top-1 drop <= {r['max_drop'] * 100:.1f} point")
         print(f"  FP32 {r['fp32_top1']:.4f}  final {r['final_top1']:.4f}  threshold {r['threshold']:.4f}  met {r['met']}")
-        print(f"  kept in float {len(r['kept_float'])} of {r['layers']} layers: {r['kept_float']}")
+        print(f"  kept in float {len(r['fallback_layers'])} of {r['layers']} layers: {r['fallback_layers']}")
         print(f"  full evaluations {r['full_evaluations']} (bound {r['bound']}): {r['evaluations']}")
         print(f"  wall {r['wall_s']} s")
         if key == "resnet8":

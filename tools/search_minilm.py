@@ -150,8 +150,8 @@ def main() -> int:
     s = report["search"]
     n_layers = len(s["ranking"])
     fig["ours"] = {"met": s["met"], "fp32_spearman": s["baseline_metric"], "threshold": s["threshold"],
-                   "final_spearman": s["final_metric"], "layers": n_layers, "kept_float": [
-                       (k["name"], k["op_type"], round(k["cosine"], 4)) for k in s["kept_float"]],
+                   "final_spearman": s["final_metric"], "layers": n_layers, "fallback_layers": [
+                       (k["name"], k["op_type"], round(k["cosine"], 4)) for k in s["fallback_layers"]],
                    "full_evaluations": s["full_evaluations"], "bound": int(np.ceil(np.log2(max(n_layers, 2)))) + 3,
                    "evaluations": [(e["label"], round(e["metric"], 4)) for e in s["evaluations"]],
                    "wall_s": round(wall, 1), "timings": report["timings"]}
@@ -173,8 +173,8 @@ def main() -> int:
     if "ort_quantize_static_all_ops" in fig:
         print(f"  ORT quantize_static    {fig['ort_quantize_static_all_ops']['spearman']:.4f}   (all ops, MinMax, "
               f"no search)")
-    print(f"  layers ranked          {o['layers']}; kept in float: {len(o['kept_float'])}")
-    for name, op, cos in o["kept_float"]:
+    print(f"  layers ranked          {o['layers']}; kept in float: {len(o['fallback_layers'])}")
+    for name, op, cos in o["fallback_layers"]:
         print(f"      {name} ({op}, single-op cosine {cos})")
     print(f"  full evaluations       {o['full_evaluations']} (bound ceil(log2 N)+3 = {o['bound']})")
     print(f"  evaluations            {o['evaluations']}")

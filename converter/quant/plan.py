@@ -270,6 +270,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
 
     # Weights whose bias input is not quantized keep their own encodings; biases need a quantized input.
     ordered = sorted(acts | set(weights) | set(biases), key=lambda t: (idx.position(t), t))
+    wide_groups = {uf.find(t) for t in _int16_tensors(model, plan, set(config.int16_nodes)) if t in acts}
     for name in ordered:
         if name in weights:
             plan.tensors[name] = weights[name]
@@ -277,7 +278,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             if biases[name].bias_of[0] in acts:
                 plan.tensors[name] = biases[name]
         else:
-            plan.tensors[name] = TensorQuant(name, ACTIVATION, act_bits, act_signed, act_sym, group=uf.find(name))
+            bits = 16 if uf.find(name) in wide_groups else act_bits
+            plan.tensors[name] = TensorQuant(name, ACTIVATION, bits, act_signed, act_sym, group=uf.find(name))
     # Groups are named by their first member in graph order (deterministic, independent of union order).
     first: dict[str, str] = {}
     for t in plan.by_role(ACTIVATION):
@@ -285,6 +287,18 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     for t in plan.by_role(ACTIVATION):
         t.group = first[t.group]
     return plan
+
+
+def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> set[str]:
+    """Tensors read or written by ``nodes`` (a fused group counts as its anchor): they get 16 bits."""
+    if not nodes:
+        return set()
+    out: set[str] = set()
+    for node in model.graph.node:
+        status = plan.nodes.get(node.name)
+        if node.name in nodes or (status is not None and status.group in nodes):
+            out.update(t for t in list(node.input) + list(node.output) if t)
+    return out
 
 
 def _data_inputs(node: onnx.NodeProto) -> list[str]:

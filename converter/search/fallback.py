@@ -70,9 +70,14 @@ class Searcher:
     baseline: float = float("nan")
     _tmp: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
 
-    def build(self, float_layers: list[LayerScore] | list[Layer]) -> tuple[QuantPlan, onnx.ModelProto]:
-        excluded = tuple(self.config.exclude_nodes) + tuple(n for layer in float_layers for n in layer.nodes)
-        plan = build_plan(self.prepared.model, self.config.replace(exclude_nodes=excluded), self.prepared.idx)
+    def build(self, layers: list[LayerScore] | list[Layer], mode: str = "float") -> tuple[QuantPlan, onnx.ModelProto]:
+        """The plan and QDQ model with ``layers`` kept in float (``mode="float"``) or at 16 bits."""
+        names = tuple(n for layer in layers for n in layer.nodes)
+        if mode == "int16":
+            config = self.config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in layers))
+        else:
+            config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
+        plan = build_plan(self.prepared.model, config, self.prepared.idx)
         compute_encodings(plan, self.prepared.idx, self.observers, self.config.calib_method, self.config.percentile)
         return plan, render_qdq(self.prepared.model, plan.encodings)
 
@@ -95,62 +100,76 @@ class SearchOutcome:
     threshold: float
     plan: QuantPlan
     qdq: onnx.ModelProto
-    kept_float: list[LayerScore]
+    fallback_layers: list[LayerScore]
     ranking: list[LayerScore]
     trials: list[Trial]
     strategy: str
     seconds: float
+    fallback: str = "float"  # what the kept layers fell back to: float | int16 | none
 
     def to_dict(self) -> dict[str, Any]:
-        final = next((t for t in reversed(self.trials) if t.float_layers == [s.name for s in self.kept_float]), None)
+        final = next((t for t in reversed(self.trials) if t.float_layers == [s.name for s in self.fallback_layers]), None)
         return {
             "met": self.met,
             "strategy": self.strategy,
+            "fallback": self.fallback,
             "baseline_metric": self.baseline,
             "threshold": self.threshold,
             "final_metric": final.metric if final else None,
             "full_evaluations": len(self.trials),
-            "kept_float": [s.to_dict() for s in self.kept_float],
+            "fallback_layers": [s.to_dict() for s in self.fallback_layers],
             "evaluations": [t.to_dict() for t in self.trials],
             "ranking": [s.to_dict() for s in self.ranking],
             "seconds": round(self.seconds, 3),
         }
 
 
-def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str = "bisect") -> SearchOutcome:
+def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str = "bisect",
+                    fallback: str = "float") -> SearchOutcome:
+    """``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them at 16 bits miss
+    the target, the search keeps layers in float instead."""
     t0 = time.perf_counter()
     searcher.baseline = searcher.measure(searcher.prepared.model, "fp32", []).metric
     threshold = searcher.target.threshold(searcher.baseline)
-    results: dict[int, tuple[Trial, QuantPlan, onnx.ModelProto]] = {}
+    results: dict[tuple[str, int], tuple[Trial, QuantPlan, onnx.ModelProto]] = {}
+    mode = "float"
 
     def attempt(k: int) -> bool:
-        plan, qdq = searcher.build(ranking[:k])
-        trial = searcher.measure(qdq, f"{k} layers in float", [s.name for s in ranking[:k]])
-        results[k] = (trial, plan, qdq)
+        plan, qdq = searcher.build(ranking[:k], mode)
+        trial = searcher.measure(qdq, f"{k} layers in {mode}", [s.name for s in ranking[:k]])
+        results[(mode if k else "none", k)] = (trial, plan, qdq)
         return trial.passed
 
     chooser = STRATEGIES[strategy](len(ranking))
     with tqdm(total=None, desc=f"fallback search ({strategy})", unit="eval", disable=None, leave=False) as bar:
         ok = attempt(0)
         bar.update(1)
+        if not ok and fallback == "int16" and ranking:
+            mode = "int16"
+            if not attempt(len(ranking)):  # even every layer at 16 bits misses the target: use float
+                mode = "float"
+            bar.update(1)
         while not ok and not chooser.done:
             chooser.step(attempt(chooser.current))
             bar.update(1)
-            bar.set_postfix(float_layers=chooser.current, best=max(t.metric for t, _, _ in results.values()))
+            bar.set_postfix(layers=chooser.current, best=max(t.metric for t, _, _ in results.values()))
     k = 0 if ok else chooser.result
-    if k not in results:
+    key = (mode if k else "none", k)
+    if key not in results:
         attempt(k)
-    trial, plan, qdq = results[k]
-    if not trial.passed:  # not even this met it: keep the best model seen
-        k = max(results, key=lambda i: (results[i][0].metric, -i))
-        trial, plan, qdq = results[k]
+    trial, plan, qdq = results[key]
+    if not trial.passed:  # not even this met it: keep the best model seen (fewest layers on a tie)
+        key = max(results, key=lambda m_k: (results[m_k][0].metric, -m_k[1]))
+        trial, plan, qdq = results[key]
+    mode, k = key
     return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, ranking[:k], ranking,
-                         list(searcher.trials), strategy, time.perf_counter() - t0)
+                         list(searcher.trials), strategy, time.perf_counter() - t0, mode)
 
 
 def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: AccuracyTarget | None = None,
                   config: QuantConfig | None = None, output_dir: str | Path = "out", name: str | None = None,
                   strategy: str = "bisect", sensitivity_samples: int = 8, ranking: str = "single-op",
+                  fallback: str = "float",
                   calib_spec: str | Path | None = None, example_inputs: Any = None) -> QuantResult:
     """Quantize, then keep the most sensitive layers in float until ``target`` holds.
 
@@ -160,6 +179,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    if fallback not in ("float", "int16"):
+        raise UserError(f"unknown fallback {fallback!r}", "use float or int16")
     config = config or QuantConfig()
     target = target or AccuracyTarget()
     t0 = time.perf_counter()
@@ -190,12 +211,12 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
     timings["sensitivity_s"] = time.perf_counter() - t
 
-    outcome = fallback_search(searcher, scores, strategy)
+    outcome = fallback_search(searcher, scores, strategy, fallback)
     timings["search_s"] = outcome.seconds
     search_report = {"target": target.describe(), "ranking_kind": ranking, **outcome.to_dict()}
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
                     extra_report={"search": search_report})
-    names = [s.name for s in outcome.kept_float]
+    names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     if not outcome.met:
         raise TargetNotMetError(
@@ -203,6 +224,6 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             f"{max(t.metric for t in outcome.trials if t.label != 'fp32'):.4f}, threshold {outcome.threshold:.4f}; "
             f"the best model found was written to {result.model_path}",
             "relax the target, add calibration data, try --calib-method percentile, or --fallback to more layers")
-    log.info("target met with %d layer(s) in float (%s) after %d full evaluations", len(outcome.kept_float), kept,
+    log.info("target met with %d layer(s) in float (%s) after %d full evaluations", len(outcome.fallback_layers), kept,
              len(outcome.trials))
     return result
