@@ -66,6 +66,7 @@ class Searcher:
     observers: dict
     evaluate: Evaluator
     target: AccuracyTarget
+    methods: dict[str, str] | None = None  # tensor -> calibration method (calib_overrides applied)
     trials: list[Trial] = field(default_factory=list)
     baseline: float = float("nan")
     _tmp: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
@@ -78,7 +79,8 @@ class Searcher:
         else:
             config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
         plan = build_plan(self.prepared.model, config, self.prepared.idx)
-        compute_encodings(plan, self.prepared.idx, self.observers, self.config.calib_method, self.config.percentile)
+        compute_encodings(plan, self.prepared.idx, self.observers, self.methods or self.config.calib_method,
+                          self.config.percentile)
         return plan, render_qdq(self.prepared.model, plan.encodings)
 
     def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str]) -> Trial:
@@ -188,9 +190,9 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     prepared = prepare(model, name, example_inputs)
     full = build_plan(prepared.model, config, prepared.idx)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
-    compute_encodings(full, prepared.idx, calib.observers, config.calib_method, config.percentile)
+    compute_encodings(full, prepared.idx, calib.observers, calib.methods, config.percentile)
     layers = plan_layers(full, prepared.idx)
-    searcher = Searcher(prepared, config, calib.observers, evaluate, target)
+    searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods)
     timings = {"calibration_s": calib.seconds}
 
     t = time.perf_counter()
