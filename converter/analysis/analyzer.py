@@ -46,12 +46,11 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration
-from ..calib.runner import collect, make_session, select_providers
+from ..calib.runner import collect, make_session
 from ..config import QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
-from ..graph.passes import preprocess
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.encoding import Encoding
 from ..quant.plan import ACTIVATION, QuantPlan, build_plan
@@ -123,25 +122,36 @@ class AnalysisResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None) -> Prepared:
-    """load -> preprocess -> plan -> calibrate -> encodings, as ``quantize`` does, nothing written.
+def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None,
+            example_inputs: Any = None) -> Prepared:
+    """The steps of :func:`converter.pipeline.quantize` up to the encodings, nothing written.
 
-    Calibration keeps histograms (bounded bins) whatever the method, for the histogram step; the
-    encodings are computed with the configured method, so they equal ``quantize``'s.
+    Composes the pipeline's own ``prepare`` / ``calibrate`` and ``compute_encodings``, so the
+    encodings are exactly ``quantize``'s. Where the calibration method keeps no histogram (min/max),
+    a second pass over the calibration data records histograms of the layer outputs for the report.
     """
-    original = load_model(model)
-    pre = load_model(original)
-    passes = preprocess(pre)
-    idx = GraphIndex.build(pre)
+    from ..pipeline import calibrate
+    from ..pipeline import prepare as prepare_model
+
+    t0 = time.perf_counter()
+    prepared = prepare_model(model, example_inputs=example_inputs)
+    # the FP32 reference: the model as given (a torch module: its export, already preprocessed)
+    original = load_model(model if isinstance(model, (str, Path, onnx.ModelProto)) else prepared.model)
+    pre, idx = prepared.model, prepared.idx
     plan = build_plan(pre, config, idx)
-    data = open_calibration(calib_data, model_inputs(pre), config.batch_size, config.max_samples, calib_spec)
-    providers = select_providers(config.providers)
-    calib = collect(pre, activation_tensors(plan), data, "percentile", providers, config.threads)
-    compute_encodings(plan, idx, calib.observers, config.calib_method, config.percentile)
+    calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
+    compute_encodings(plan, idx, calib.observers, calib.methods, config.percentile)
     layers = plan_layers(pre, plan, idx)
-    info = {"method": config.calib_method, "samples": calib.samples, "seconds": round(calib.seconds, 3),
-            "providers": providers, "source": data.description}
-    return Prepared(original, pre, idx, plan, calib.observers, layers, info, passes)
+    observers = dict(calib.observers)
+    missing = [lay.output for lay in layers if lay.output in observers and getattr(observers[lay.output], "counts",
+                                                                                    None) is None]
+    if missing:
+        data = open_calibration(calib_data, model_inputs(pre), config.batch_size, config.max_samples, calib_spec)
+        hist = collect(pre, missing, data, "percentile", calib.providers, config.threads)
+        observers.update(hist.observers)
+    info = {"method": config.calib_method, "samples": calib.samples, "seconds": round(time.perf_counter() - t0, 3),
+            "providers": calib.providers, "source": getattr(calib, "source", None)}
+    return Prepared(original, pre, idx, plan, observers, layers, info, prepared.passes)
 
 
 # --- evaluation --------------------------------------------------------------------------------------
@@ -163,12 +173,15 @@ class Evaluator:
         """The first batches covering ``samples`` samples (reference outputs reused)."""
         sub = object.__new__(Evaluator)
         sub.__dict__.update(self.__dict__)
-        keep, n = 0, 0
-        while keep < len(self.batches) and n < samples:
-            n += next(iter(self.batches[keep].values())).shape[0]
-            keep += 1
-        sub.batches, sub.reference, sub.samples = self.batches[:keep], self.reference[:keep], n
-        sub.metric, sub.evaluate = metric or self.metric, evaluate
+        sub.batches, sub.reference, n = [], [], 0
+        for batch, ref in zip(self.batches, self.reference):
+            if n >= samples:
+                break
+            k = min(samples - n, next(iter(batch.values())).shape[0])
+            sub.batches.append({name: v[:k] for name, v in batch.items()})
+            sub.reference.append([r[:k] for r in ref])
+            n += k
+        sub.samples, sub.metric, sub.evaluate = n, metric or self.metric, evaluate
         return sub
 
     @property
@@ -185,14 +198,19 @@ class Evaluator:
                 path = Path(d) / "candidate.onnx"
                 save_model(model, path)
                 return float(self.evaluate(str(path)))
-        fn, _ = MODEL_METRICS[self.metric]
-        scores, offset = [], 0
+        return self.scores(model, [self.metric])[self.metric]
+
+    def scores(self, model: onnx.ModelProto, metrics: list[str]) -> dict[str, float]:
+        """Several built-in metrics from one run of ``model``."""
+        per_sample: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+        offset = 0
         for ref, out in zip(self.reference, self.outputs(model)):
             n = ref[0].shape[0]
             labels = None if self.labels is None else self.labels[offset:offset + n]
-            scores.append(fn(ref, out, labels))
+            for m in metrics:
+                per_sample[m].append(MODEL_METRICS[m][0](ref, out, labels))
             offset += n
-        return float(np.concatenate(scores).mean())
+        return {m: float(np.concatenate(v).mean()) for m, v in per_sample.items()}
 
     def max_abs_diff(self, model: onnx.ModelProto) -> float:
         diff = 0.0
@@ -239,16 +257,33 @@ def step_sanity(prep: Prepared, ev: Evaluator, cfg: AnalysisConfig) -> dict[str,
 
 
 def step_split(prep: Prepared, ev: Evaluator) -> dict[str, Any]:
-    """Metric with only weights (+biases), only activations, and everything quantized."""
+    """Metric with only weights (+biases), only activations, and everything quantized.
+
+    With a discrete built-in metric (top-1...) the output cosine of each variant is reported too,
+    and decides the verdict when the metric ties (a few samples rarely flip a top-1).
+    """
     roles = {t: prep.plan.tensors[t].role for t in prep.plan.encodings}
     variants = {"fp32": lambda t: False, "weights_only": lambda t: roles[t] != ACTIVATION,
                 "activations_only": lambda t: roles[t] == ACTIVATION, "all_quantized": lambda t: True}
-    out = {k: ev.score(prep.render(keep)) for k, keep in tqdm(variants.items(), desc="weights vs activations",
-                                                            disable=None, leave=False)}
-    drop_w, drop_a = out["fp32"] - out["weights_only"], out["fp32"] - out["activations_only"]
-    out["verdict"] = ("activations hurt more" if drop_a > drop_w else "weights hurt more" if drop_w > drop_a
-                      else "weights and activations hurt equally")
+    extra = ev.evaluate is None and ev.metric != "cosine"  # a discrete metric: show the output cosine too
+    out: dict[str, Any] = {"output_cosine": {}} if extra else {}
+    for k, keep in tqdm(variants.items(), desc="weights vs activations", disable=None, leave=False):
+        model = prep.model if k == "fp32" else prep.render(keep)
+        if extra:
+            both = ev.scores(model, [ev.metric, "cosine"])
+            out[k], out["output_cosine"][k] = both[ev.metric], both["cosine"]
+        else:
+            out[k] = ev.score(model)
+    out["verdict"] = _verdict(out) if not extra or _verdict(out) != _EQUAL else _verdict(out["output_cosine"])
     return out
+
+
+_EQUAL = "weights and activations hurt equally"
+
+
+def _verdict(v: dict[str, float]) -> str:
+    drop_w, drop_a = v["fp32"] - v["weights_only"], v["fp32"] - v["activations_only"]
+    return "activations hurt more" if drop_a > drop_w else "weights hurt more" if drop_w > drop_a else _EQUAL
 
 
 def step_sensitivity(prep: Prepared, ev: Evaluator, rows: dict[str, dict]) -> dict[str, Any]:
@@ -267,11 +302,10 @@ def step_sensitivity(prep: Prepared, ev: Evaluator, rows: dict[str, dict]) -> di
 def step_activations(prep: Prepared, batches: list[dict[str, np.ndarray]], rows: dict[str, dict],
                      propagation: bool, shadow: bool) -> None:
     """Per-layer output errors: whole QDQ model (propagated) and each layer alone (shadow)."""
-    layers = prep.layers
-    types = prep.idx.elem_type
+    layers, types, providers = prep.layers, prep.idx.elem_type, prep.calibration["providers"]
     shadow_layers = [lay for lay in layers if all(t in types for t in lay.inputs)] if shadow else []
     needed = {lay.output for lay in layers} | {t for lay in shadow_layers for t in lay.inputs}
-    float_sess = make_session(with_outputs(prep.model, sorted(needed), types), ["CPUExecutionProvider"],
+    float_sess = make_session(with_outputs(prep.model, sorted(needed), types), providers,
                               optimize=False)
     fetch = sorted(needed)
     qdq_sess = q_fetch = None
@@ -279,7 +313,7 @@ def step_activations(prep: Prepared, batches: list[dict[str, np.ndarray]], rows:
         qdq = prep.render()
         dq = dequantized_name_map(qdq)
         q_fetch = [dq.get(lay.output, lay.output) for lay in layers]
-        qdq_sess = make_session(with_outputs(qdq, q_fetch), ["CPUExecutionProvider"], optimize=False)
+        qdq_sess = make_session(with_outputs(qdq, q_fetch), providers, optimize=False)
     prop = {lay.name: TensorStats() for lay in layers}
     shad = {lay.name: TensorStats() for lay in shadow_layers}
     sessions: dict[str, Any] = {}
@@ -293,7 +327,7 @@ def step_activations(prep: Prepared, batches: list[dict[str, np.ndarray]], rows:
                 sub = layer_model(prep.model, prep.idx, lay, values)
                 enc = {t: prep.plan.encodings[t] for t in lay.inputs + lay.constants + [lay.output]
                        if t in prep.plan.encodings}
-                sessions[lay.name] = make_session(render_qdq(sub, enc), ["CPUExecutionProvider"], optimize=False)
+                sessions[lay.name] = make_session(render_qdq(sub, enc), providers, optimize=False)
             (q,) = sessions[lay.name].run([lay.output], {t: values[t] for t in lay.inputs})
             shad[lay.name].update(values[lay.output], q)
     for lay in layers:
@@ -334,7 +368,7 @@ def histogram_entry(obs: Any, enc: Encoding | None, bins: int) -> dict[str, Any]
     counts = getattr(obs, "counts", None)
     if counts is None or obs.lo is None:
         return entry
-    fine_edges = np.linspace(obs.lo, obs.hi, len(counts) + 1)
+    fine_edges = obs.edges() if hasattr(obs, "edges") else np.linspace(obs.lo, obs.hi, len(counts) + 1)
     centers = (fine_edges[:-1] + fine_edges[1:]) / 2
     lo = min(lo_data, entry.get("encoding_min", lo_data))
     hi = max(hi_data, entry.get("encoding_max", hi_data))
@@ -343,9 +377,26 @@ def histogram_entry(obs: Any, enc: Encoding | None, bins: int) -> dict[str, Any]
     hist, _ = np.histogram(np.clip(centers, lo, hi), bins=bins, range=(lo, hi), weights=counts)
     entry["histogram"] = {"lo": lo, "hi": hi, "counts": [int(c) for c in hist]}
     if "encoding_min" in entry:
-        outside = (centers < entry["encoding_min"]) | (centers > entry["encoding_max"])
-        entry["clipped_fraction"] = float(counts[outside].sum() / max(counts.sum(), 1))
+        half_step = enc.scale[0] / 2  # beyond it, saturation costs more than rounding does
+        entry["clipped_fraction"] = clipped_fraction(counts, fine_edges, lo_data, hi_data,
+                                                     entry["encoding_min"] - half_step,
+                                                     entry["encoding_max"] + half_step)
     return entry
+
+
+def clipped_fraction(counts: np.ndarray, edges: np.ndarray, data_lo: float, data_hi: float, enc_lo: float,
+                     enc_hi: float) -> float:
+    """Estimated fraction of values outside ``[enc_lo, enc_hi]`` (the caller widens the encoding range by
+    half a step: values there saturate with no more error than rounding): values spread evenly within each bin,
+    bins first cut to the observed ``[data_lo, data_hi]`` (a min/max range then clips ~nothing)."""
+    left, right = np.maximum(edges[:-1], data_lo), np.minimum(edges[1:], data_hi)
+    width = right - left
+    below = np.clip(np.minimum(right, enc_lo) - left, 0, None)
+    above = np.clip(right - np.maximum(left, enc_hi), 0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(width > 0, np.clip((below + above) / width, 0, 1),
+                        ((left < enc_lo) | (left > enc_hi)).astype(float))
+    return float((counts * frac).sum() / max(counts.sum(), 1))
 
 
 def step_histograms(prep: Prepared, rows: dict[str, dict], bins: int) -> None:
@@ -375,19 +426,21 @@ def _layer_row(layer: Layer) -> dict[str, Any]:
 
 def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "analysis",
             eval_data: Any = None, labels: Any = None, evaluate: Evaluate | None = None,
-            analysis: AnalysisConfig | None = None, calib_spec: str | Path | None = None) -> AnalysisResult:
+            analysis: AnalysisConfig | None = None, calib_spec: str | Path | None = None,
+            example_inputs: Any = None) -> AnalysisResult:
     """Analyze where quantization hurts ``model``; writes ``report.json`` and ``report.html`` to ``output_dir``.
 
     ``eval_data`` defaults to the calibration data; ``labels`` (sequence, ``.npy`` or text file of
     class indices, in the order of the evaluation samples) enables the ``top1`` metric; ``evaluate``
-    replaces the built-in metric by ``evaluate(model_path) -> float`` (higher is better).
+    replaces the built-in metric by ``evaluate(model_path) -> float`` (higher is better). A
+    ``torch.nn.Module`` is exported first (``example_inputs`` required), as in ``quantize``.
     """
     config = config or QuantConfig()
     cfg = analysis or AnalysisConfig()
     out_dir = ensure_writable_dir(output_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    prep = prepare(model, calib_data, config, calib_spec)
+    prep = prepare(model, calib_data, config, calib_spec, example_inputs)
     timings["prepare_s"] = time.perf_counter() - t0
 
     label_arr = load_labels(labels)
@@ -518,8 +571,12 @@ def summary_text(report: dict[str, Any]) -> str:
                      f"{s['quantizers_bypassed']['output_cosine']:.6f})")
     if "split" in report:
         s = report["split"]
-        lines.append(f"fp32 {s['fp32']:.4f}  weights only {s['weights_only']:.4f}  activations only "
-                     f"{s['activations_only']:.4f}  all {s['all_quantized']:.4f}: {s['verdict']}")
+        lines.append(f"fp32 {s['fp32']:.6f}  weights only {s['weights_only']:.6f}  activations only "
+                     f"{s['activations_only']:.6f}  all {s['all_quantized']:.6f}: {s['verdict']}")
+        if "output_cosine" in s:
+            c = s["output_cosine"]
+            lines.append(f"  output cosine: weights only {c['weights_only']:.6f}  activations only "
+                         f"{c['activations_only']:.6f}  all {c['all_quantized']:.6f}")
     rows = {r["name"]: r for r in report["layers"]}
     lines.append("worst layers:")
     for name in report["worst_layers"]:

@@ -24,9 +24,10 @@ h2{font-size:18px;margin:4px 0 10px}.cards{display:flex;flex-wrap:wrap;gap:16px}
 .pass{color:#11793b;font-weight:600}.fail{color:#b3261e;font-weight:600}
 table{border-collapse:collapse;font-size:12.5px;width:100%}
 th,td{border-bottom:1px solid #e5e8ee;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#eef1f5;position:sticky;top:30px;cursor:pointer;user-select:none}
+th{background:#eef1f5;cursor:pointer;user-select:none}
 th[data-dir=asc]::after{content:" \\25B2"}th[data-dir=desc]::after{content:" \\25BC"}
 td.l,th.l{text-align:left}td.name{max-width:360px;overflow:hidden;text-overflow:ellipsis}
+td.ops{max-width:190px;overflow:hidden;text-overflow:ellipsis}
 .scroll{overflow-x:auto}.bad{background:#f8d3d0}.warn{background:#fbe7c6}.meh{background:#fdf6d8}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:10px}
 .hist{border:1px solid #e5e8ee;border-radius:6px;padding:6px;background:#fbfcfd;font-size:11.5px}
@@ -34,7 +35,7 @@ td.l,th.l{text-align:left}td.name{max-width:360px;overflow:hidden;text-overflow:
 ol li{margin:2px 0}code{font-size:12px}.muted{color:#6b7385}svg text{font:10px system-ui,sans-serif}
 """
 
-_JS = """
+_JS = r"""
 function cellValue(row, i) {
   const c = row.cells[i];
   if (c.dataset.v === undefined) return c.textContent.trim().toLowerCase();
@@ -56,6 +57,12 @@ document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventLis
   });
   rows.forEach(r => body.appendChild(r));
 }));
+// report.html#sort=TABLE:COLUMN[:desc] opens with that table sorted (links, and the headless-browser test)
+const m = location.hash.match(/^#sort=([\w-]+):(\d+)(:desc)?$/);
+if (m) {
+  const th = document.querySelectorAll('#' + m[1] + ' th')[+m[2]];
+  if (th) { th.click(); if (m[3]) th.click(); }
+}
 """
 
 
@@ -153,7 +160,7 @@ def svg_line_chart(series: dict[str, list[float | None]], colors: dict[str, str]
     y0, y1 = min(finite), max(finite)
     if y1 - y0 < 1e-9:
         y0, y1 = y0 - 1, y1 + 1
-    left, right, top, bottom = 46, 10, 10, 22
+    left, right, top, bottom = 70, 10, 10, 22
     pw, ph = width - left - right, height - top - bottom
     n = max(len(labels), 2)
 
@@ -162,11 +169,12 @@ def svg_line_chart(series: dict[str, list[float | None]], colors: dict[str, str]
         return left + pw * i / (n - 1), top + ph * (1 - (v - y0) / (y1 - y0))
 
     parts = []
+    decimals = max(0, min(8, math.ceil(-math.log10(y1 - y0)) + 1))
     for k in range(5):
         v = y0 + (y1 - y0) * k / 4
         _, y = xy(0, v)
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6eb"/>'
-                     f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{esc(fmt(v, 3))}</text>')
+                     f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{esc(fmt(v, decimals, "f"))}</text>')
     for name, values in series.items():
         pts = [(i, v) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in pts))
@@ -229,8 +237,14 @@ def _summary(r: dict[str, Any]) -> str:
                  ("activations only", num(s["activations_only"])), ("all quantized", num(s["all_quantized"]))]
         lo = min(v for _, v in items)
         lo = lo - 0.1 * (max(v for _, v in items) - lo) - 1e-9
+        cos = s.get("output_cosine")
+        extra = ""
+        if cos:
+            extra = ("<p>output cosine vs FP32: " + ", ".join(
+                f'{esc(k.replace("_", " "))} {fmt(cos[k], 6)}' for k in ("weights_only", "activations_only",
+                                                                          "all_quantized")) + "</p>")
         cards.append(f'<div class="card" id="split"><h3>Weights vs activations ({esc(ev["metric"])}, '
-                     f'{ev["samples"]} samples)</h3>{svg_bars(items, lo, max(v for _, v in items))}'
+                     f'{ev["samples"]} samples)</h3>{svg_bars(items, lo, max(v for _, v in items))}{extra}'
                      f'<p><b>{esc(s["verdict"])}</b></p></div>')
     rows = {x["name"]: x for x in r["layers"]}
     worst = []
@@ -270,7 +284,7 @@ _LAYER_HEADERS = [
     ("prop. SQNR dB", "", "whole QDQ model vs float, at this layer's output"), ("prop. cosine", ""),
     ("prop. MSE", ""), ("shadow SQNR dB", "", "this layer alone, float inputs fake-quantized"),
     ("shadow cosine", ""), ("shadow MSE", ""), ("enc min", ""), ("enc max", ""), ("obs min", ""), ("obs max", ""),
-    ("clipped", "", "fraction of calibration values outside the encoding range"),
+    ("clipped", "", "fraction of calibration values beyond the encoding range by more than half a step"),
     ("weight SQNR dB", ""), ("worst channel SQNR dB", ""),
 ]
 
@@ -281,7 +295,7 @@ def _layer_table(r: dict[str, Any]) -> str:
         sens, prop, shad = x.get("sensitivity", {}), x.get("propagated", {}), x.get("shadow", {})
         act, w = x.get("activation", {}), x.get("weight", {})
         rows.append(
-            f'<tr id="layer-{esc(x["name"])}">{td(x["position"])}{td_text(x["name"], "l name")}{td_text(x["label"])}'
+            f'<tr id="layer-{esc(x["name"])}">{td(x["position"])}{td_text(x["name"], "l name")}{td_text(x["label"], "l ops")}'
             f'{td(sens.get("only_this_quantized"), 6, "f")}{td(sens.get("only_this_float"), 6, "f")}'
             f'{td(prop.get("sqnr_db"), 2, "f", _sqnr_class(prop.get("sqnr_db")))}{td(prop.get("cosine"), 6, "f")}'
             f'{td(prop.get("mse"), 3)}{td(shad.get("sqnr_db"), 2, "f", _sqnr_class(shad.get("sqnr_db")))}'
