@@ -62,6 +62,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
     p.add_argument("--calib-method", choices=["minmax", "minmax_ema", "percentile", "entropy", "mse"],
                    help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
+    p.add_argument("--weight-calib", choices=["minmax", "mse"],
+                   help="weight ranges per channel: max |w| (default) or the clipping that minimises MSE")
     p.add_argument("--percentile", type=float)
     p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --calib)")
     g = p.add_mutually_exclusive_group()
@@ -95,7 +97,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .pipeline import quantize
 
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "percentile", "per_channel", "max_samples",
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel", "max_samples",
                                                "batch_size", "activation_bits", "providers", "threads",
                                                "encodings_version") if getattr(args, k) is not None}
     if args.exclude_nodes:

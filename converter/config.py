@@ -119,6 +119,7 @@ TARGETS: dict[str, TargetPreset] = {
 }
 
 CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
+WEIGHT_CALIB_METHODS = ("minmax", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
 PROVIDERS = ("auto", "cpu", "cuda")
 
@@ -129,6 +130,7 @@ class QuantConfig:
 
     target: str = "ort-cpu"
     calib_method: str = "minmax"
+    weight_calib: str = "minmax"  # weights: minmax (max |w| per channel) or mse (clipping that minimises MSE)
     percentile: float = 99.999
     per_channel: bool = True
     activation_bits: int = 8
@@ -152,6 +154,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
         _check_choice("calib_method", self.calib_method, CALIB_METHODS)
+        _check_choice("weight_calib", self.weight_calib, WEIGHT_CALIB_METHODS)
         _check_choice("encodings_version", self.encodings_version, ENCODINGS_VERSIONS)
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))

@@ -116,7 +116,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     timings["calibration_s"] = calib.seconds
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config.percentile)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config.percentile, config.weight_calib)
     qdq = render_qdq(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0)
@@ -141,7 +141,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
                         "source": calib.source},
         "summary": _summary(plan, qdq),
         **(extra_report or {}),
-        "tensors": _tensor_report(plan, calib.observers),
+        "tensors": _tensor_report(plan, calib.observers, calib.methods),
         "plan": plan.to_dict(),
         "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},
     }
@@ -258,15 +258,19 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
-def _tensor_report(plan: QuantPlan, observers: dict) -> dict[str, Any]:
+def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) -> dict[str, Any]:
     out = {}
     for name, enc in plan.encodings.items():
         t = plan.tensors[name]
-        entry = {**t.to_dict(), "scale": list(enc.scale) if enc.per_channel else enc.scale[0],
-                 "zero_point": list(enc.zero_point) if enc.per_channel else enc.zero_point[0]}
+        if enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
+            entry = {**t.to_dict(), "channels": len(enc.scale), "scale_min": min(enc.scale),
+                     "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
+        else:
+            entry = {**t.to_dict(), "scale": enc.scale[0], "zero_point": enc.zero_point[0]}
         if t.role == ACTIVATION and name in observers:
             lo, hi = observers[name].range()
             entry["observed_min"], entry["observed_max"] = lo, hi
+            entry["calib_method"] = methods.get(name)
         if t.role != BIAS:
             entry["encoding_min"] = min(enc.mins())
             entry["encoding_max"] = max(enc.maxs())

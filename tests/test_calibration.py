@@ -242,3 +242,53 @@ def test_every_method_quantizes_end_to_end(tmp_path, method):
     got = ort.InferenceSession(str(res.model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - ref).mean() < 0.02 and np.abs(got - ref).max() < 0.15, method  # sigmoid outputs
     assert res.report["calibration"]["method"] == method
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+def _weight_sq_error(w, scale, axis):
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    s = np.asarray(scale, dtype=np.float32).reshape(shape)
+    q = np.clip(np.rint(w / s), -127, 127) * s
+    return np.square(q - w).sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_weight_mse_per_channel_beats_minmax_and_matches_brute_force(rng, axis):
+    from converter.quant.encode import _MSE_RATIOS, weight_encoding
+
+    # channel 0: 65536 uniform(-1, 1) values and one at 1.3. Min/max rounding noise n * (1.3/127)**2 / 12 = 0.57;
+    # clipping at ~1.0 costs 0.09 for the outlier and leaves 0.36 of noise: the MSE optimum clips.
+    rows = rng.laplace(size=(6, 65536)).astype(np.float32) * 0.1
+    rows[0] = rng.uniform(-1, 1, 65536)
+    rows[0, 7] = 1.3
+    w = np.moveaxis(rows.reshape(6, 256, 256, 1), 0, axis).copy()
+    mm, mse = weight_encoding(w, 8, axis, "minmax"), weight_encoding(w, 8, axis, "mse")
+    assert mm.axis == mse.axis == axis and len(mse.scale) == 6
+    e_mm, e_mse = _weight_sq_error(w, mm.scale, axis), _weight_sq_error(w, mse.scale, axis)
+    assert np.all(e_mse <= e_mm * (1 + 1e-6))  # never worse, channel by channel
+    assert mse.scale[0] < 0.85 * mm.scale[0] and e_mse[0] < 0.8 * e_mm[0]
+    assert np.all(np.asarray(mse.scale) <= np.asarray(mm.scale) * (1 + 1e-6))  # it only ever clips
+    for c, row in enumerate(rows):  # brute force over the same candidate bounds, channel by channel
+        bounds = np.abs(row).max() * _MSE_RATIOS
+        errs = [_weight_sq_error(row[None], [b / 127], 0)[0] for b in bounds]
+        assert mse.scale[c] == pytest.approx(bounds[int(np.argmin(errs))] / 127, rel=1e-5)
+
+
+def test_weight_calib_mse_end_to_end(tmp_path):
+    model = _tiny_model()
+    cfg = QuantConfig(weight_calib="mse")
+    res = quantize(model, _samples(), cfg, output_dir=tmp_path, name="wmse")
+    base = quantize(model, _samples(), QuantConfig(), output_dir=tmp_path, name="wmm")
+    assert res.report["config"]["weight_calib"] == "mse"
+    w_mse, w_mm = res.report["tensors"]["w1"], base.report["tensors"]["w1"]
+    assert w_mse["channels"] == w_mm["channels"] == 8 and w_mse["scale_max"] <= w_mm["scale_max"]
+    x = np.stack([s["x"] for s in _samples(32, seed=7)])
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(res.model_path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).mean() < 0.02
+    with pytest.raises(ConfigError, match="weight_calib"):
+        QuantConfig(weight_calib="entropy")

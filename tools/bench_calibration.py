@@ -138,7 +138,8 @@ def child(job: dict) -> dict:
         from converter.config import QuantConfig
         from converter.pipeline import quantize
 
-        config = QuantConfig(calib_method=job["method"], batch_size=BATCH)
+        config = QuantConfig(calib_method=job["method"], weight_calib=job.get("weight_calib", "minmax"),
+                             batch_size=BATCH)
         t = time.perf_counter()
         result = quantize(path, calibration_batches(job["model"], n), config, output_dir=out.parent, name=out.stem)
         return {"seconds": time.perf_counter() - t, "calib_seconds": result.report["timings"]["calibration_s"]}
@@ -257,6 +258,8 @@ def main() -> None:
     ap.add_argument("--minilm-onnx", default="/tmp/minilm/all-MiniLM-L6-v2_opset14.onnx")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-peer", action="store_true", help="skip ONNX Runtime's runs")
+    ap.add_argument("--weight-calib", choices=["minmax", "mse"], default="minmax",
+                    help="our weight ranges (ORT's are always max |w| per channel)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -271,10 +274,10 @@ def main() -> None:
         if model == "minilm" and not Path(args.minilm_onnx).is_file():
             print(f"\n## {model}: {args.minilm_onnx} missing (python {ASSETS}/minilm-sts/export.py OUT legacy)")
             continue
-        print(f"\n## {model}  ({model_path(model, args.minilm_onnx)})", flush=True)
+        print(f"\n## {model}  ({model_path(model, args.minilm_onnx)}; our weights: {args.weight_calib})", flush=True)
         results: dict[tuple, dict] = {}
         for n in counts:
-            base = dict(model=model, n=n, minilm=args.minilm_onnx)
+            base = dict(model=model, n=n, minilm=args.minilm_onnx, weight_calib=args.weight_calib)
             results[("fp32", "", n)] = spawn({**base, "tool": "fp32", "method": "", "out": str(work / "fp32")}, cap)
             for m in methods:  # interleave ours and the peer's so load changes hit both
                 out = work / f"{model}_{n}_ours_{m}.onnx"

@@ -1,7 +1,8 @@
 """Fill ``plan.encodings`` from calibration statistics (activations) and values (weights, biases).
 
 * Activations: one encoding per scale group, from the union of its members' ranges.
-* Weights: symmetric int8, per channel along the rule's axis (or per tensor), from max |w|.
+* Weights: symmetric int8, per channel along the rule's axis (or per tensor), from max |w|
+  (``minmax``) or from the clipping bound that minimises each channel's quantization MSE (``mse``).
 * Biases: int32, zero point 0, ``scale = input_scale * weight_scale`` (per output channel), as
   ONNX Runtime's QLinearConv/QGemm expect. If a bias would not fit in int32 (a channel whose weights
   are almost zero but whose bias is not), that channel's weight scale is raised until it fits.
@@ -21,11 +22,36 @@ from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
 _INT32_MAX = 2**31 - 1
 
 
-def weight_encoding(w: np.ndarray, bits: int, axis: int | None) -> Encoding:
+_MSE_RATIOS = np.linspace(0.3, 1.0, 71, dtype=np.float32)  # clipping bounds tried, as fractions of max |w|
+_MSE_CHUNK = 1 << 22  # weight values per vectorised step of the MSE search (bounds its temporaries)
+
+
+def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "minmax") -> Encoding:
+    """Symmetric encoding of a weight tensor (per channel along ``axis``, or per tensor)."""
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))
+    if method == "mse":
+        amax = mse_weight_absmax(rows, amax, 2 ** (bits - 1) - 1)
     if axis is None:
-        return encoding_from_range(float(w.min()), float(w.max()), bits, True, True)
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    return encoding_from_range(w.min(axis=red), w.max(axis=red), bits, True, True, axis)
+        return encoding_from_range(-float(amax[0]), float(amax[0]), bits, True, True)
+    return encoding_from_range(-amax, amax, bits, True, True, axis)
+
+
+def mse_weight_absmax(rows: np.ndarray, amax: np.ndarray, levels: int) -> np.ndarray:
+    """Per row, the clipping bound ``r * max|w|`` (``r`` in ``_MSE_RATIOS``) minimising the squared error of
+    symmetric quantization with ``levels`` positive levels (AIMET's / pytorch-quantization's MSE for weights)."""
+    rows = rows.astype(np.float32, copy=False)
+    best = np.asarray(amax, dtype=np.float32).copy()
+    per_chunk = max(1, _MSE_CHUNK // max(rows.shape[1] * len(_MSE_RATIOS), 1))
+    for a in range(0, len(rows), per_chunk):
+        x = rows[a:a + per_chunk]  # channels x values
+        bound = best[a:a + per_chunk, None] * _MSE_RATIOS[None, :]  # channels x ratios
+        scale = np.where(bound > 0, bound / levels, 1.0)[:, :, None]
+        q = np.clip(np.rint(x[:, None, :] / scale), -levels, levels) * scale
+        err = np.square(q - x[:, None, :]).sum(axis=2)  # channels x ratios
+        pick = len(_MSE_RATIOS) - 1 - np.argmin(err[:, ::-1], axis=1)  # ties: the widest range
+        best[a:a + per_chunk] = bound[np.arange(len(x)), pick]
+    return best
 
 
 def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> tuple[Encoding, Encoding]:
@@ -47,8 +73,9 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
 
 
 def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str | Mapping[str, str],
-                      percentile: float) -> None:
-    """``method``: one calibration method for every activation, or a mapping tensor -> method."""
+                      percentile: float, weight_method: str = "minmax") -> None:
+    """``method``: one calibration method for every activation, or a mapping tensor -> method;
+    ``weight_method``: minmax or mse, for every weight."""
     for root, members in plan.group_members().items():
         t = plan.tensors[root]
         ranges = [observer_range(observers[m], method.get(m, "minmax") if isinstance(method, Mapping) else method,
@@ -58,7 +85,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         for m in members:
             plan.encodings[m] = enc
     for t in plan.by_role(WEIGHT):
-        plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis)
+        plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method)
     for t in plan.by_role(BIAS):
         act, w = t.bias_of
         if act not in plan.encodings or w not in plan.encodings:
