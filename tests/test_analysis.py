@@ -258,3 +258,24 @@ def test_report_renders_and_sorts_in_headless_chromium(outlier_model, rng, tmp_p
                     "--window-size=1200,1600", res.html_path.resolve().as_uri()], capture_output=True, timeout=120,
                    check=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_dead_weight_channel_is_negligible_not_worst(rng, tmp_path):
+    """A BatchNorm-folded dead channel (max |w| ~1e-9, bias 2): its weight scale is raised so the bias fits int32,
+    the channel quantizes to zero (0 dB), and the analyzer lists it as negligible instead of the worst channel."""
+    w = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    w[2] = 1e-9
+    b = np.full(8, 0.1, np.float32)
+    b[2] = 2.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])], "dead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    data = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    res = analyze(model, data, QuantConfig(), tmp_path, analysis=AnalysisConfig(steps=("weights",)))
+    entry = by_name(res.report)["conv"]["weight"]
+    assert entry["negligible_channels"] == [2]
+    assert abs(num(entry["channel_sqnr_db"][2])) < 1e-6  # quantized to all zeros
+    assert entry["worst_channel"] != 2 and num(entry["min_channel_sqnr_db"]) > 30

@@ -337,6 +337,10 @@ def step_activations(prep: Prepared, batches: list[dict[str, np.ndarray]], rows:
             rows[lay.name]["shadow"] = shad[lay.name].to_dict()
 
 
+NEGLIGIBLE_CHANNEL = 1e-4  # a channel whose max |w| is below this fraction of the layer's median is left out of
+# the worst-channel figures (listed as negligible_channels instead)
+
+
 def step_weights(prep: Prepared, rows: dict[str, dict]) -> None:
     """SQNR of each layer's quantized weight, per tensor and per output channel."""
     by_name = {n.name: n for n in prep.model.graph.node}
@@ -352,10 +356,16 @@ def step_weights(prep: Prepared, rows: dict[str, dict]) -> None:
                                  "sqnr_db": sqnr_db(values, fq)}
         if axis is not None and values.ndim > axis:
             ch = per_channel_sqnr(values, fq, axis)
-            finite = ch[np.isfinite(ch)]
+            # dead channels (BatchNorm folded with a ~0 gamma: max |w| ~1e-9, the output is the bias) quantize
+            # to zero, often because their weight scale was raised to fit the bias in int32: 0 dB, harmless
+            amax = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
+            negligible = amax <= NEGLIGIBLE_CHANNEL * np.median(amax)
+            live = np.where(negligible, np.inf, ch)
+            finite = live[np.isfinite(live)]
             entry.update(axis=axis, channel_sqnr_db=[round(float(v), 2) if np.isfinite(v) else float(v) for v in ch],
-                         min_channel_sqnr_db=float(ch.min()), worst_channel=int(ch.argmin()),
-                         mean_channel_sqnr_db=float(finite.mean()) if finite.size else float("inf"))
+                         min_channel_sqnr_db=float(live.min()), worst_channel=int(live.argmin()),
+                         mean_channel_sqnr_db=float(finite.mean()) if finite.size else float("inf"),
+                         negligible_channels=[int(i) for i in np.flatnonzero(negligible)])
         rows[layer.name]["weight"] = entry
 
 

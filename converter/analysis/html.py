@@ -338,12 +338,14 @@ def _weights(r: dict[str, Any]) -> str:
                     f'{td(w["sqnr_db"], 2, "f", _sqnr_class(w["sqnr_db"]))}'
                     f'{td(w.get("min_channel_sqnr_db"), 2, "f", _sqnr_class(w.get("min_channel_sqnr_db")))}'
                     f'{td(w.get("worst_channel"))}{td(w.get("mean_channel_sqnr_db"), 2, "f")}'
+                    f'{td(len(w.get("negligible_channels", [])))}'
                     f'<td class="l">{svg_sparkline(w.get("channel_sqnr_db", []))}</td></tr>')
     if not rows:
         return ""
     headers = [("layer", "l"), ("weight", "l"), ("shape", "l"), ("per channel", "l"), ("SQNR dB", ""),
                ("worst channel SQNR dB", ""), ("worst channel", ""), ("mean channel SQNR dB", ""),
-               ("per-channel SQNR", "l")]
+               ("negligible channels", "", "max |w| below 1e-4 of the layer's median (dead channels): left out of "
+                "the worst/mean figures"), ("per-channel SQNR", "l")]
     return f'<section id="weights"><h2>Weights</h2>{table("weight-table", headers, rows)}</section>'
 
 
