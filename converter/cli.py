@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .config import CALIB_METHODS
 from .errors import UserError
 
 log = logging.getLogger("converter")
@@ -60,7 +61,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
     p.add_argument("--name", help="output file stem (default: the model file's stem)")
     p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
-    p.add_argument("--calib-method", choices=["minmax", "minmax_ema", "percentile", "entropy", "mse"],
+    p.add_argument("--calib-method", choices=list(CALIB_METHODS),
                    help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
     p.add_argument("--weight-calib", choices=["minmax", "mse"],
                    help="weight ranges per channel: max |w| (default) or the clipping that minimises MSE")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import collect, make_session
-from ..config import QuantConfig
+from ..config import CALIB_METHODS, WEIGHT_CALIB_METHODS, QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
@@ -540,7 +540,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys")
     p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
-    p.add_argument("--calib-method", choices=["minmax", "percentile"])
+    p.add_argument("--calib-method", choices=list(CALIB_METHODS))
+    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS))
     p.add_argument("--max-samples", type=int, help="calibration samples")
     p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto")
     p.add_argument("--layer-metric", choices=["same", *MODEL_METRICS], default="cosine",
@@ -553,7 +554,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "max_samples", "providers")
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "max_samples", "providers")
                  if getattr(args, k) is not None}
     config = config.replace(**overrides)
     cfg = AnalysisConfig(metric=args.metric, layer_metric=args.layer_metric, eval_samples=args.eval_samples,
