@@ -148,29 +148,25 @@ def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-def _rank4_tensors(model: onnx.ModelProto) -> dict[str, int]:
-    """4-D tensors -> C * H * W (0 where not static)."""
-    g = model.graph
-    out = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") and len(tt.shape.dim) == 4:
-            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim[1:]]
-            out[vi.name] = int(np.prod(dims))
-    return out
-
-
-def _sample_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Elements per sample (all dimensions after the first) of tensors whose shape is static."""
+def _per_sample_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor -> its dimensions after the batch dimension (0 where not static)."""
     g = model.graph
     out = {}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         if tt.HasField("shape") and len(tt.shape.dim) >= 1:
-            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim[1:]]
-            if all(dims):
-                out[vi.name] = int(np.prod(dims))
+            out[vi.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim[1:]]
     return out
+
+
+def _rank4_tensors(model: onnx.ModelProto) -> dict[str, int]:
+    """4-D tensors -> C * H * W (0 where not static)."""
+    return {name: int(np.prod(dims)) for name, dims in _per_sample_dims(model).items() if len(dims) == 3}
+
+
+def _sample_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements per sample (all dimensions after the first) of tensors whose shape is static."""
+    return {name: int(np.prod(dims)) for name, dims in _per_sample_dims(model).items() if all(dims)}
 
 
 def _static_bytes(tap: "_Tap", sizes: Mapping[str, int], subsample: int) -> int | None:
