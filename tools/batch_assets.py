@@ -12,8 +12,10 @@ efficientnet-lite0  ImageNet samples (JPEGs + preprocess.yaml): calibrate on 100
 minilm              STS-B sentences (padded to 64 tokens): calibrate on 100, verify on 200 more;
                     ONNX made by the asset's export.py (opset 14) into the work folder
 ppocr-rec           rendered text lines, natural width (batch size 1): calibrate 0..19, verify 20..119
+ppocr-rec-a16       the same with 16-bit activations (target qnn): the remedy when 8 bits fail the gate
 ppocr-cls           the same lines upright and rotated 180 deg (labels 0/1)
 silero-vad (x3)     real speech, streamed 512-sample chunks with the FP32 state fed back
+                    (+ silero-vad-16k-op15-a16: 16-bit activations)
 corrupt             a truncated copy of resnet8_cifar10.onnx
 wrong-input-data    resnet8 with the 224x224 ImageNet images as calibration data
 wrong-input-shape   models/efficientnet_lite0.py:build exported with input_shape [1, 1, 224, 224] (1 channel, not 3)
@@ -45,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The CI policy of this demo: mean cosine >= 0.99 on every output (verify's default); classifiers also
 # top-1 agreement >= 95% and accuracy drop <= 1 point (verify's default agreement, 99%, is stricter).
 CLASSIFIER = {"min_agreement": 0.95, "max_top1_drop": 0.01}
+# What a user does when 8-bit activations fail the gate (ppocr-rec, silero 16k): 16-bit activations (QNN style)
+A16 = {"target": "qnn", "activation_bits": 16}
 EFFNET_SPEC = {"resize": 256, "center_crop": 224, "color": "RGB", "layout": "NCHW", "scale": 1.0,
                "mean": [127.0] * 3, "std": [128.0] * 3, "dtype": "float32"}
 
@@ -147,8 +151,9 @@ def ppocr(assets: Path, work: Path) -> list[dict]:
     cls_calib = save_npz(work / "cls-calib", [{"x": _ocr_input(im, width=192)} for _, im in both(imgs[:20])])
     cls_data = save_npz(work / "cls-eval", [{"x": _ocr_input(im, width=192)} for _, im in both(imgs[20:])])
     labels = save_labels(work / "cls-labels.npy", [lab for lab, _ in both(imgs[20:])])
-    return [{"name": "ppocr-rec", "model": str(h / "models" / "ch_PP-OCRv4_rec_infer.onnx"), "calib": rec_calib,
-             "config": {"batch_size": 1}, "verify": {"data": rec_data, "batch_size": 1, "min_agreement": None}},
+    rec = {"name": "ppocr-rec", "model": str(h / "models" / "ch_PP-OCRv4_rec_infer.onnx"), "calib": rec_calib,
+           "config": {"batch_size": 1}, "verify": {"data": rec_data, "batch_size": 1, "min_agreement": None}}
+    return [rec, {**rec, "name": "ppocr-rec-a16", "config": {**rec["config"], **A16}},
             {"name": "ppocr-cls", "model": str(h / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
              "calib": cls_calib, "verify": {"data": cls_data, "labels": labels, **CLASSIFIER}}]
 
@@ -186,6 +191,8 @@ def silero(assets: Path, work: Path) -> list[dict]:
         data = save_npz(work / f"{name}-eval", _vad_feeds(h / f, _wav(wavs[2])[:16000 * 20], 4))
         jobs.append({"name": name, "model": str(h / f), "calib": calib, "config": {"batch_size": 1},
                      "verify": {"data": data, "batch_size": 1}})
+        if "16k" in f:  # 8 bits fail the cosine gate on this variant; the remedy job uses 16-bit activations
+            jobs.append({**jobs[-1], "name": name + "-a16", "config": {"batch_size": 1, **A16}})
     return jobs
 
 
