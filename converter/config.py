@@ -114,7 +114,9 @@ TARGETS: dict[str, TargetPreset] = {
         activation_symmetric=False,
         quantize_outputs=True,
         fusable_activations=frozenset({"Relu", "Clip", "PRelu"}),
-        patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT},
+        # attention scores (+ the additive mask, often float32's lowest value: quantizing it leaves the scores
+        # no resolution) stay whole: QNN runs masked softmax in higher precision
+        patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT, "attention": _ONE_UNIT},
     ),
 }
 

@@ -306,7 +306,8 @@ att (float[N,6,8] x, float[N,1,6] mask) => (float[N,6,8] y) {
 """
 
 
-def test_attention_scores_stay_float_with_a_finfo_min_mask(tmp_path, rng, monkeypatch):
+@pytest.mark.parametrize("target,bits", [("ort-cpu", 8), ("qnn", 8), ("qnn", 16)])
+def test_attention_scores_stay_float_with_a_finfo_min_mask(tmp_path, rng, monkeypatch, target, bits):
     """A BERT-style mask of -3.4e38 must not share an encoding with the scores (it wipes them out)."""
     w = lambda: rng.normal(0, 0.4, (8, 8)).astype(F32)  # noqa: E731
     model = parse(ATTENTION, Wq=w(), Wk=w(), Wv=w(), Wo=w(), scale=np.array(8 ** -0.5, F32))
@@ -317,12 +318,13 @@ def test_attention_scores_stay_float_with_a_finfo_min_mask(tmp_path, rng, monkey
         return m
 
     data = [{"x": rng.normal(0, 1, (2, 6, 8)).astype(F32), "mask": mask(2)} for _ in range(8)]
-    res = quantize(model, data, QuantConfig(target="ort-cpu"), output_dir=tmp_path / "with")
+    cfg = QuantConfig(target=target, activation_bits=bits)
+    res = quantize(model, data, cfg, output_dir=tmp_path / "with")
     assert not {"sc", "ss", "sm", "mask"} & qdq_tensors(res.model)
     assert {"q", "kt", "pr", "v"} <= qdq_tensors(res.model)  # both MatMuls keep integer inputs
     assert [p["kind"] for p in res.plan.patterns if p["kind"] == "attention"] == ["attention"]
-    monkeypatch.setitem(TARGETS, "ort-cpu", dataclasses.replace(TARGETS["ort-cpu"], patterns={}))
-    old = quantize(model, data, QuantConfig(target="ort-cpu"), output_dir=tmp_path / "without")
+    monkeypatch.setitem(TARGETS, target, dataclasses.replace(TARGETS[target], patterns={}))
+    old = quantize(model, data, cfg, output_dir=tmp_path / "without")
     feeds = {"x": rng.normal(0, 1, (8, 6, 8)).astype(F32), "mask": mask(8)}
     f = run(model, feeds)[0]
     new_cos, old_cos = cosine(f, run(res.model, feeds)[0]), cosine(f, run(old.model, feeds)[0])

@@ -10,7 +10,7 @@ job file listing only the jobs that succeeded (nothing to run).
 resnet8, -large     CIFAR-10 test: calibrate on images 0..199, verify (labels) on 200..1199
 efficientnet-lite0  ImageNet samples (JPEGs + preprocess.yaml): calibrate on 100, verify on 200 more
 minilm              STS-B sentences (padded to 64 tokens): calibrate on 100, verify on 200 more;
-                    ONNX made by the asset's export.py (opset 14) into the work folder
+                    ONNX made by the asset's export.py (opset 14) into the work folder (+ minilm-a16)
 ppocr-rec           rendered text lines, natural width (batch size 1): calibrate 0..19, verify 20..119
 ppocr-rec-a16       the same with 16-bit activations (target qnn): the remedy when 8 bits fail the gate
 ppocr-cls           the same lines upright and rotated 180 deg (labels 0/1)
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The CI policy of this demo: mean cosine >= 0.99 on every output (verify's default); classifiers also
 # top-1 agreement >= 95% and accuracy drop <= 1 point (verify's default agreement, 99%, is stricter).
 CLASSIFIER = {"min_agreement": 0.95, "max_top1_drop": 0.01}
-# What a user does when 8-bit activations fail the gate (ppocr-rec, silero 16k): 16-bit activations (QNN style)
+# What a user does when 8-bit activations fail the gate (minilm, ppocr-rec, silero 16k): 16-bit activations (QNN)
 A16 = {"target": "qnn", "activation_bits": 16}
 EFFNET_SPEC = {"resize": 256, "center_crop": 224, "color": "RGB", "layout": "NCHW", "scale": 1.0,
                "mean": [127.0] * 3, "std": [128.0] * 3, "dtype": "float32"}
@@ -121,8 +121,8 @@ def minilm(assets: Path, work: Path) -> list[dict]:
 
     calib = save_npz(work / "sts-calib", [feeds(sentences[i:i + 10]) for i in range(0, 100, 10)])
     data = save_npz(work / "sts-eval", [feeds(sentences[i:i + 10]) for i in range(100, 300, 10)])
-    return [{"name": "minilm", "model": str(model), "calib": calib,
-             "verify": {"data": data, "min_agreement": None}}]
+    job = {"name": "minilm", "model": str(model), "calib": calib, "verify": {"data": data, "min_agreement": None}}
+    return [job, {**job, "name": "minilm-a16", "config": A16}]
 
 
 def _ocr_input(img_bgr: np.ndarray, h: int = 48, width: int | None = None, min_w: int = 320) -> np.ndarray:
