@@ -68,15 +68,18 @@ def save_labels(path: Path, labels) -> str:
 # --- per-asset data preparation: each returns the job entries for that asset ----------------------------
 
 def resnet8(assets: Path, work: Path) -> list[dict]:
+    from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
+
     d = np.load(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")
-    x = d["images_nhwc_uint8"][:1200].astype(np.float32).transpose(0, 3, 1, 2).copy()
+    order = class_interleaved(d["labels"])[:1200]
+    x = d["images_nhwc_uint8"][order].astype(np.float32).transpose(0, 3, 1, 2).copy()
     calib, data = work / "cifar-calib", work / "cifar-eval"
     calib.mkdir(exist_ok=True)
     data.mkdir(exist_ok=True)
     np.save(calib / "000.npy", x[:200])
     for i in range(200, 1200, 250):
         np.save(data / f"{i:05d}.npy", x[i:i + 250])
-    labels = save_labels(work / "cifar-labels.npy", d["labels"][200:1200])
+    labels = save_labels(work / "cifar-labels.npy", d["labels"][order][200:1200])
     verify = {"data": str(data), "labels": labels, **CLASSIFIER}
     return [{"name": name, "model": str(assets / "cifar10-resnet8" / f), "calib": str(calib), "verify": dict(verify)}
             for name, f in (("resnet8", "resnet8_cifar10.onnx"), ("resnet8-large", "resnet8_large_cifar10.onnx"))]

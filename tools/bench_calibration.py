@@ -60,8 +60,11 @@ def _effnet_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _cifar(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
+
     with np.load(ASSETS / "cifar10-resnet8" / "cifar10_test_from_jpg.npz") as d:
-        return d["images_nhwc_uint8"][start:stop], d["labels"][start:stop]
+        order = class_interleaved(d["labels"])[start:stop]
+        return d["images_nhwc_uint8"][order], d["labels"][order]
 
 
 def _cifar_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
