@@ -34,6 +34,7 @@ import numpy as np
 ENTROPY_START_BIN = 128  # TensorRT / pytorch-quantization: thresholds below bin 128 of 2048 are not tried
 _BLOCK = 256  # candidates evaluated per vectorised block (bounds the temporary matrices)
 _MSE_GRID = 512  # candidates per side for the two-sided MSE search
+_TINY = 1e-300  # log(max(x, _TINY)): finite for x = 0, and x * log(...) = 0 there
 MAX_CANDIDATES = 1024  # KL candidates per tensor: past this, every k-th threshold (pytorch-quantization's stride)
 
 
@@ -64,19 +65,18 @@ def kl_divergences(counts: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
         bounds = a[:, None] + (k[None, :] * i[:, None] + nq - 1) // nq  # ceil(k * i / nq)
         s = np.diff(cum[bounds], axis=1)
         z = np.diff(cnz[bounds], axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            avg = np.where(z > 0, s / np.maximum(z, 1), 0.0)
-            chunk_terms = np.where(s > 0, s * np.log(np.where(s > 0, avg, 1.0)), 0.0).sum(axis=1)
-            rows = np.arange(len(a))
-            q_first = avg[:, 0]
-            q_last = avg[rows, ((i - 1) * nq) // i]
-            left, right = cum[a], total - cum[e]
-            inside = cum[e] - cum[a]
-            first, last = c[a], c[e - 1]
-            plogp = (clc[e] - clc[a] - _xlogx(first) - _xlogx(last) + _xlogx(first + left) + _xlogx(last + right))
-            plogq = chunk_terms + np.where(left > 0, left * np.log(np.where(q_first > 0, q_first, 1.0)), 0.0) \
-                + np.where(right > 0, right * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
-            kl = (plogp - total * np.log(total) - plogq + total * np.log(np.where(inside > 0, inside, 1.0))) / total
+        # sum_k S_k log(S_k / Z_k): empty chunks (S = 0) give 0 * finite = 0, and Z >= 1 wherever S > 0
+        chunk_terms = (s * (np.log(np.maximum(s, _TINY)) - np.log(np.maximum(z, 1.0)))).sum(axis=1)
+        rows = np.arange(len(a))
+        last = ((i - 1) * nq) // i
+        q_first = s[:, 0] / np.maximum(z[:, 0], 1.0)
+        q_last = s[rows, last] / np.maximum(z[rows, last], 1.0)
+        left, right = cum[a], total - cum[e]
+        inside = cum[e] - cum[a]
+        first, last_c = c[a], c[e - 1]
+        plogp = (clc[e] - clc[a] - _xlogx(first) - _xlogx(last_c) + _xlogx(first + left) + _xlogx(last_c + right))
+        plogq = chunk_terms + left * np.log(np.maximum(q_first, _TINY)) + right * np.log(np.maximum(q_last, _TINY))
+        kl = (plogp - total * np.log(total) - plogq + total * np.log(np.maximum(inside, 1.0))) / total
         missing = (inside <= 0) | ((left > 0) & (q_first <= 0)) | ((right > 0) & (q_last <= 0))
         out[b:b + _BLOCK] = np.where(missing, np.inf, np.maximum(kl, 0.0))
     return out
