@@ -149,7 +149,18 @@ def test_output_is_deterministic_text(version):
     text = dumps_encodings(ACTS, PARAMS, ARGS, version)
     assert text.endswith("}\n")
     assert text == dumps_encodings(dict(ACTS), dict(PARAMS), dict(ARGS), version)
-    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+    doc = json.loads(text)
+    assert list(doc) == ["version", "activation_encodings", "param_encodings", "quantizer_args"]
+    lines = text.splitlines()
+    tensors = len(doc["activation_encodings"]) + len(doc["param_encodings"])
+    on_one_line = [ln for ln in lines if '"bitwidth"' in ln or '"bw"' in ln]  # one tensor per line
+    assert len(on_one_line) == tensors and tensors >= 2
+
+
+def test_empty_sections_are_valid_json():
+    doc = json.loads(dumps_encodings({}, {}, {}, "1.0.0"))
+    assert doc["activation_encodings"] == [] and doc["param_encodings"] == [] and doc["quantizer_args"] == {}
+    assert json.loads(dumps_encodings({}, {}, {}, "0.6.1"))["param_encodings"] == {}
 
 
 def test_default_version_is_100():

@@ -149,7 +149,30 @@ def dumps_encodings(
         "param_encodings": _section(version, params),
         "quantizer_args": dict(quantizer_args),
     }
-    return json.dumps(doc, indent=2) + "\n"
+    return _layout(doc)
+
+
+def _layout(doc: dict) -> str:
+    """``doc`` as JSON with one tensor per line (and quantizer_args indented).
+
+    ``json.dumps(indent=...)`` puts every per-channel scale on its own line and runs Python's slow
+    encoder (0.18 s for EfficientNet-Lite0, a fifth of a whole calibration); the entries here go
+    through the C encoder, and a tensor's encoding stays on one greppable line.
+    """
+    lines = ["{", f'  "version": {json.dumps(doc["version"])},']
+    for key in ("activation_encodings", "param_encodings"):
+        section = doc[key]
+        if isinstance(section, dict):
+            items = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in section.items()]
+            opening, closing = "{", "}"
+        else:
+            items = [f"    {json.dumps(v)}" for v in section]
+            opening, closing = "[", "]"
+        body = ("\n" + ",\n".join(items) + "\n  ") if items else ""
+        lines.append(f'  "{key}": {opening}{body}{closing},')
+    args = json.dumps(doc["quantizer_args"], indent=2).replace("\n", "\n  ")
+    lines.append(f'  "quantizer_args": {args}')
+    return "\n".join(lines) + "\n}\n"
 
 
 # --- reading ----------------------------------------------------------------------------------
