@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx
@@ -325,6 +326,12 @@ def test_attention_scores_stay_float_with_a_finfo_min_mask(tmp_path, rng, monkey
     assert [p["kind"] for p in res.plan.patterns if p["kind"] == "attention"] == ["attention"]
     monkeypatch.setitem(TARGETS, target, dataclasses.replace(TARGETS[target], patterns={}))
     old = quantize(model, data, cfg, output_dir=tmp_path / "without")
+    # a tensor ranging to -3.4e38 gets a finite encoding (clipped), and the files stay strict JSON
+    for r in (res, old):
+        for enc in r.plan.encodings.values():
+            assert np.isfinite(enc.mins()).all() and np.isfinite(enc.maxs()).all()
+        for path in (r.encodings_path, r.report_path):
+            json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name} holds {c}"))
     feeds = {"x": rng.normal(0, 1, (8, 6, 8)).astype(F32), "mask": mask(8)}
     f = run(model, feeds)[0]
     new_cos, old_cos = cosine(f, run(res.model, feeds)[0]), cosine(f, run(old.model, feeds)[0])

@@ -10,16 +10,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import numpy as np
 
 from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
-from .encoding import Encoding, encoding_from_range
+from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
 
 _INT32_MAX = 2**31 - 1
+log = logging.getLogger("converter")
 
 
 _MSE_RATIOS = np.linspace(0.3, 1.0, 71, dtype=np.float32)  # clipping bounds tried, as fractions of max |w|
@@ -81,6 +83,9 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         ranges = [observer_range(observers[m], method.get(m, "minmax") if isinstance(method, Mapping) else method,
                                  percentile, t.symmetric, t.bitwidth) for m in members]
         lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        if max(-lo, hi) > RANGE_LIMIT:
+            log.warning("tensor %r: calibrated range [%.3g, %.3g] reaches past float32's useful range (a mask "
+                        "sentinel such as finfo.min?); its encoding is clipped to +/-%.3g", root, lo, hi, RANGE_LIMIT)
         enc = encoding_from_range(lo, hi, t.bitwidth, t.signed, t.symmetric)
         for m in members:
             plan.encodings[m] = enc

@@ -42,6 +42,11 @@ _NUMPY_INT_TYPES = {
     (32, True): np.int32,
 }
 
+# Largest |range| an encoding covers: 2**126 (8.5e37). Mask sentinels such as finfo(float32).min
+# (-3.4e38) would otherwise give min = offset * scale beyond float32 (inf in the encodings);
+# clipped to -2**126 they still act as minus infinity (exp(-8.5e37) = 0 in a softmax).
+RANGE_LIMIT = 2.0**126
+
 
 @dataclass(frozen=True)
 class Encoding:
@@ -179,10 +184,11 @@ def encoding_from_range(
     The range is widened to include 0 so that zero is exactly representable (padding, ReLU).
     Symmetric encodings use the restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` with zero
     point 0, as TensorRT and ONNX Runtime do for int8; asymmetric ones use every level.
-    A range of width 0 (e.g. a dead channel) gets scale 1.
+    A range of width 0 (e.g. a dead channel) gets scale 1. Ranges are clipped to
+    ``[-RANGE_LIMIT, RANGE_LIMIT]`` so that scale, min and max stay finite float32 numbers.
     """
-    rmin = np.minimum(np.asarray(rmin, dtype=np.float64).reshape(-1), 0.0)
-    rmax = np.maximum(np.asarray(rmax, dtype=np.float64).reshape(-1), 0.0)
+    rmin = np.clip(np.asarray(rmin, dtype=np.float64).reshape(-1), -RANGE_LIMIT, 0.0)
+    rmax = np.clip(np.asarray(rmax, dtype=np.float64).reshape(-1), 0.0, RANGE_LIMIT)
     if symmetric:
         levels = 2 ** (bitwidth - 1) - 1
         absmax = np.maximum(np.abs(rmin), np.abs(rmax))
