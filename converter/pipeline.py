@@ -116,7 +116,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     timings["calibration_s"] = calib.seconds
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config.percentile, config.weight_calib)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
     qdq = render_qdq(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0)

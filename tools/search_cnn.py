@@ -78,7 +78,7 @@ def rankings(task) -> dict:
     plan = build_plan(prepared.model, config, prepared.idx)
     calib_batches = batches(task.input_name, task.calib, 16)
     calib = calibrate(prepared, activation_tensors(plan), calib_batches, config)
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config.percentile, config.weight_calib)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
     layers = plan_layers(plan, prepared.idx)
     providers = ["CPUExecutionProvider"]
     needed = sorted({t for layer in layers for t in layer.inputs if not prepared.idx.is_constant(t)})

@@ -140,7 +140,7 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
     pre, idx = prepared.model, prepared.idx
     plan = build_plan(pre, config, idx)
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
-    compute_encodings(plan, idx, calib.observers, calib.methods, config.percentile, config.weight_calib)
+    compute_encodings(plan, idx, calib.observers, calib.methods, config)
     layers = plan_layers(pre, plan, idx)
     observers = dict(calib.observers)
     missing = [lay.output for lay in layers if lay.output in observers and getattr(observers[lay.output], "counts",

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -75,9 +75,10 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
 
 
 def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str | Mapping[str, str],
-                      percentile: float, weight_method: str = "minmax") -> None:
-    """``method``: one calibration method for every activation, or a mapping tensor -> method;
-    ``weight_method``: minmax or mse, for every weight."""
+                      config: Any) -> None:
+    """``method``: one calibration method for every activation, or a mapping tensor -> method (the
+    calibration's ``methods``); ``config`` (a QuantConfig) gives ``percentile`` and ``weight_calib``."""
+    percentile, weight_method = config.percentile, config.weight_calib
     for root, members in plan.group_members().items():
         t = plan.tensors[root]
         ranges = [observer_range(observers[m], method.get(m, "minmax") if isinstance(method, Mapping) else method,

@@ -80,7 +80,7 @@ class Searcher:
             config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
         plan = build_plan(self.prepared.model, config, self.prepared.idx)
         compute_encodings(plan, self.prepared.idx, self.observers, self.methods or self.config.calib_method,
-                          self.config.percentile, self.config.weight_calib)
+                          self.config)
         return plan, render_qdq(self.prepared.model, plan.encodings)
 
     def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str]) -> Trial:
@@ -190,7 +190,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     prepared = prepare(model, name, example_inputs)
     full = build_plan(prepared.model, config, prepared.idx)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
-    compute_encodings(full, prepared.idx, calib.observers, calib.methods, config.percentile, config.weight_calib)
+    compute_encodings(full, prepared.idx, calib.observers, calib.methods, config)
     layers = plan_layers(full, prepared.idx)
     searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods)
     timings = {"calibration_s": calib.seconds}
