@@ -292,3 +292,24 @@ def test_weight_calib_mse_end_to_end(tmp_path):
     assert np.abs(got - ref).mean() < 0.02
     with pytest.raises(ConfigError, match="weight_calib"):
         QuantConfig(weight_calib="entropy")
+
+
+def test_samples_of_different_sizes_are_batched_by_size(tmp_path):
+    """Text lines of natural width (PP-OCR rec): batches hold samples of one size; nothing fails to stack."""
+    w = (np.random.default_rng(1).standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    model = parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 3, 8, W] x) => (float[N, 4, 8, W] y) {
+            c = Conv <pads = [1, 1, 1, 1]> (x, w)
+            y = Relu (c)
+        }""", w=w)
+    rng = np.random.default_rng(0)
+    widths = [16, 16, 24, 24, 24, 16, 40]
+    for i, width in enumerate(widths):
+        np.savez(tmp_path / f"{i:03d}.npz", x=rng.standard_normal((1, 3, 8, width)).astype(np.float32))
+    data = open_calibration(str(tmp_path), model_inputs(model), batch_size=16)
+    assert [b["x"].shape for b in data] == [(2, 3, 8, 16), (3, 3, 8, 24), (1, 3, 8, 16), (1, 3, 8, 40)]
+    res = quantize(model, str(tmp_path), QuantConfig(batch_size=16), output_dir=tmp_path / "out")
+    assert res.report["calibration"]["samples"] == len(widths)
+    x = np.concatenate([np.load(tmp_path / f"{i:03d}.npz")["x"].ravel() for i in range(len(widths))])
+    assert res.report["tensors"]["x"]["observed_min"] == pytest.approx(float(x.min()))

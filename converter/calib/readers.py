@@ -156,6 +156,9 @@ class CalibrationSource:
                 yield batch
                 continue
             n = next(iter(batch.values())).shape[0]
+            if pending and _shapes(pending[0]) != _shapes(batch):  # different sizes (text lines): a new batch
+                yield _stack(pending)
+                pending = []
             for i in range(n):
                 if self.max_samples is not None and seen >= self.max_samples:
                     break
@@ -296,6 +299,11 @@ def _iterate_python(items: Any) -> Iterable[Any]:
             yield x
     else:
         yield from items
+
+
+def _shapes(batch: dict[str, np.ndarray]) -> tuple:
+    """The per-sample shapes of a batch (what must agree for samples to stack)."""
+    return tuple((k, v.shape[1:]) for k, v in batch.items())
 
 
 def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
