@@ -100,8 +100,8 @@ def _reference_entropy_bins(hist: np.ndarray, nq: int, start: int = 128) -> int:
         q = np.array([new_counts[d] if d != -1 else 0.0 for d in digitized])
         p = bins[:i].copy()
         p[-1] += bins[i:].sum()
-        p, q = p / p.sum(), q / q.sum()
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty window: q = 0/0, KL inf below
+            p, q = p / p.sum(), q / q.sum()
             terms = np.where(p > 0, p * np.log(p / q), 0.0)
         divergences.append(terms.sum() if np.all(q[p > 0] > 0) else np.inf)
         arguments.append(i)
@@ -115,6 +115,20 @@ def test_entropy_matches_reference_algorithm(rng, nq):
     hist, _ = np.histogram(a, bins=400, range=(0, a.max()))
     hist[0] += 30_000  # ReLU zeros: the reference's zero-bin rule applies
     assert ranges.entropy_bins(hist, nq) == _reference_entropy_bins(hist, nq)
+
+
+def test_entropy_skips_windows_holding_one_spike(rng):
+    """A sigmoid that never goes below 0.06 (PP-OCR rec): the reference algorithm keeps [0, 0.06] (KL 0: P and Q
+    are the same spike in the last bin) and clips nearly every value; ours keeps the range."""
+    x = np.clip(1 / (1 + np.exp(-rng.normal(1.0, 0.8, 200_000))), 0.15, 0.868)
+    hist, _ = np.histogram(x, bins=1000, range=(0, 0.868))  # no candidate striding below 1024 bins
+    first = int(np.flatnonzero(hist)[0])
+    assert 128 < first < 200  # nothing below 0.15
+    assert _reference_entropy_bins(hist, 256) == first + 1  # the degenerate pick: one spike, KL 0
+    assert ranges.entropy_bins(hist, 256) > 0.9 * len(hist)
+    obs = make_observer("entropy")
+    obs.update(x.astype(np.float32), 0.0, float(x.max()))
+    assert observer_range(obs, "entropy")[1] > 0.8
 
 
 def test_minmax_ema_follows_batches():

@@ -19,7 +19,9 @@ from prefix sums::
 with ``S_k``/``Z_k`` the count and the number of non-empty bins of chunk ``k``, ``C_i`` the counts
 inside the window, ``L``/``R`` the outliers left and right of it and ``N`` the total. A window may
 also start inside the histogram (``start > 0``): that is how asymmetric ranges of signed data are
-searched (the window shrinks towards zero keeping its proportions).
+searched (the window shrinks towards zero keeping its proportions). A window whose values all lie in
+its last chunk is skipped: there P and Q are the same spike and KL is 0 however much is clipped
+(the reference picks such a window for data with an empty region next to zero, e.g. a sigmoid).
 
 MSE (pytorch-quantization ``mse``, AIMET tf-enhanced): expected squared error of quantizing the
 histogram with a candidate range: in-range values pay the rounding noise ``step**2 / 12``, values
@@ -78,6 +80,9 @@ def kl_divergences(counts: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
         plogq = chunk_terms + left * np.log(np.maximum(q_first, _TINY)) + right * np.log(np.maximum(q_last, _TINY))
         kl = (plogp - total * np.log(total) - plogq + total * np.log(np.maximum(inside, 1.0))) / total
         missing = (inside <= 0) | ((left > 0) & (q_first <= 0)) | ((right > 0) & (q_last <= 0))
+        # degenerate: all the window's values lie in its last chunk (data that starts far from zero, e.g. a
+        # sigmoid that never goes below 0.06): P and Q are then the same spike there and KL = 0 whatever is clipped
+        missing |= cnz[bounds[rows, last]] - cnz[a] <= 0
         out[b:b + _BLOCK] = np.where(missing, np.inf, np.maximum(kl, 0.0))
     return out
 
