@@ -48,6 +48,7 @@ import onnxruntime as ort
 from .calib.readers import model_inputs, open_calibration
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
+from .stats import TensorStats
 
 log = logging.getLogger("converter")
 
@@ -143,11 +144,7 @@ class _OutputStats:
     row_size: int = 0
     cos_sum: float = 0.0
     cos_min: float = math.inf
-    dot: float = 0.0  # sum f*q over everything: the whole-data cosine for one-value-per-sample outputs
-    quant_energy: float = 0.0  # sum q^2
-    signal: float = 0.0
-    noise: float = 0.0
-    max_abs: float = 0.0
+    whole: TensorStats = field(default_factory=TensorStats)  # every value of every sample as one vector
     agree: int = 0
     float_top1: list[np.ndarray] = field(default_factory=list)
     quant_top1: list[np.ndarray] = field(default_factory=list)
@@ -168,14 +165,9 @@ class _OutputStats:
         cos = _cosine_rows(f2, q2)
         self.rows += len(cos)
         self.row_size = f2.shape[1]
-        self.dot += float((f2 * q2).sum())
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min()))
-        diff = f2 - q2
-        self.signal += float(np.square(f2).sum())
-        self.noise += float(np.square(diff).sum())
-        self.quant_energy += float(np.square(q2).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+        self.whole.update(f2, q2)
         if self.classifier:
             fa, qa = ref.argmax(1), got.argmax(1)
             self.agree += int((fa == qa).sum())
@@ -191,10 +183,7 @@ class _OutputStats:
     def cosine_mean(self) -> float:
         if not self.whole_cosine:
             return self.cos_sum / max(self.rows, 1)
-        denom = math.sqrt(self.signal * self.quant_energy)
-        if denom == 0.0:
-            return 1.0 if self.signal == self.quant_energy == 0.0 else 0.0
-        return self.dot / denom
+        return self.whole.cosine
 
     @property
     def cosine_min(self) -> float:
@@ -202,11 +191,7 @@ class _OutputStats:
 
     @property
     def sqnr_db(self) -> float:
-        if self.noise == 0.0:
-            return math.inf
-        if self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return self.whole.sqnr_db
 
     @property
     def agreement(self) -> float | None:
@@ -215,8 +200,8 @@ class _OutputStats:
     def to_dict(self) -> dict[str, Any]:
         return {"shape": ["N", *self.shape[1:]] if self.shape else [], "classifier": self.classifier,
                 "cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min,
-                "sqnr_db": _finite(self.sqnr_db), "identical": self.noise == 0.0,
-                "max_abs_error": self.max_abs, "top1_agreement": self.agreement}
+                "sqnr_db": _finite(self.sqnr_db), "identical": self.whole.sse == 0.0,
+                "max_abs_error": self.whole.max_abs_err, "top1_agreement": self.agreement}
 
 
 def _cosine_rows(f: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import onnx
 import pytest
 
 from converter.calib import ranges

@@ -58,7 +58,8 @@ from ..quant.qdq import render_qdq
 from ..quant.rules import weight_axis
 from .compare import dequantized_name_map, with_outputs
 from .layers import Layer, layer_model, plan_layers, unassigned_quantizers
-from .metrics import MODEL_METRICS, TensorStats, finite_or_str, per_channel_sqnr, sqnr_db
+from ..stats import TensorStats, sqnr_db
+from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
 
 log = logging.getLogger("converter")
 

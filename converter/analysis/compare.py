@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -31,7 +30,8 @@ from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers
 from ..errors import ModelError, UserError
 from ..graph.model_io import atomic_write_text, load_model
-from .metrics import TensorStats, finite_or_str
+from ..stats import TensorStats
+from .metrics import finite_or_str
 
 log = logging.getLogger("converter")
 

@@ -1,11 +1,5 @@
-"""Error statistics between a reference tensor and its quantized counterpart, accumulated per batch.
-
-For a reference ``a`` (float) and a candidate ``b`` (quantized), over every element of every sample
-seen so far (the tensors are treated as one long vector, so nothing is kept between batches)::
-
-    MSE    = sum((a - b)**2) / n
-    SQNR   = 10 * log10(sum(a**2) / sum((a - b)**2))   dB; +inf when b == a exactly
-    cosine = sum(a * b) / sqrt(sum(a**2) * sum(b**2))  1.0 when both are all zeros
+"""Error statistics of the analyzer: per-tensor ones (:class:`converter.stats.TensorStats`: MSE, SQNR,
+cosine accumulated per batch), per-channel SQNR, and the model-level metrics.
 
 Model-level metrics (``MODEL_METRICS``) score a model's outputs against the FP32 outputs on the
 evaluation set; higher is better for all of them:
@@ -19,65 +13,9 @@ evaluation set; higher is better for all of them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-
-
-@dataclass
-class TensorStats:
-    """Running sums for MSE / SQNR / cosine between a reference and a candidate tensor."""
-
-    n: int = 0
-    sse: float = 0.0  # sum of squared errors
-    ref_energy: float = 0.0  # sum(a**2)
-    out_energy: float = 0.0  # sum(b**2)
-    dot: float = 0.0
-    max_abs_err: float = 0.0
-
-    def update(self, ref: np.ndarray, out: np.ndarray) -> None:
-        a = np.asarray(ref, dtype=np.float64).reshape(-1)
-        b = np.asarray(out, dtype=np.float64).reshape(-1)
-        if a.shape != b.shape:
-            raise ValueError(f"shape mismatch: {np.shape(ref)} vs {np.shape(out)}")
-        d = a - b
-        self.n += a.size
-        self.sse += float(d @ d)
-        self.ref_energy += float(a @ a)
-        self.out_energy += float(b @ b)
-        self.dot += float(a @ b)
-        if d.size:
-            self.max_abs_err = max(self.max_abs_err, float(np.abs(d).max()))
-
-    @property
-    def mse(self) -> float:
-        return self.sse / self.n if self.n else 0.0
-
-    @property
-    def sqnr_db(self) -> float:
-        if self.sse == 0.0:
-            return math.inf
-        if self.ref_energy == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.ref_energy / self.sse)
-
-    @property
-    def cosine(self) -> float:
-        denom = math.sqrt(self.ref_energy * self.out_energy)
-        if denom == 0.0:
-            return 1.0 if self.ref_energy == self.out_energy else 0.0
-        return max(-1.0, min(1.0, self.dot / denom))
-
-    def to_dict(self) -> dict[str, float]:
-        return {"mse": self.mse, "sqnr_db": self.sqnr_db, "cosine": self.cosine, "max_abs_err": self.max_abs_err,
-                "elements": self.n}
-
-
-def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    s = TensorStats()
-    s.update(ref, out)
-    return s.sqnr_db
 
 
 def per_channel_sqnr(ref: np.ndarray, out: np.ndarray, axis: int) -> np.ndarray:
