@@ -257,6 +257,20 @@ def test_decomposed_layernorm_stays_whole_and_ort_fuses_it(tmp_path, rng, monkey
     assert cosine(f, run(res.model, {"x": x})[0]) >= cosine(f, run(old.model, {"x": x})[0]) - 1e-4
 
 
+def test_pattern_blocks_are_layers_of_the_search_and_the_analyzer(rng):
+    """A LayerNorm block is one layer (the search can keep it in float, the analyzer ranks it)."""
+    from converter.pipeline import prepare
+    from converter.quant.layers import plan_layers
+    from converter.quant.plan import build_plan
+
+    prepared = prepare(layernorm_model(rng))
+    layers = plan_layers(build_plan(prepared.model, QuantConfig(), prepared.idx), prepared.idx)
+    ln = [lay for lay in layers if "ReduceMean" in lay.op_types]
+    assert len(ln) == 1 and ln[0].output == "o" and len(ln[0].nodes) == 9, [lay.label for lay in layers]
+    assert ln[0].inputs == ["a"] and set(ln[0].constants) == {"two", "eps", "gamma", "beta"}
+    assert [lay.op_type for lay in layers] == ["MatMul", "ReduceMean", "MatMul"]
+
+
 def test_layernorm_node_is_recognised(rng):
     model = parse("""
     <ir_version: 8, opset_import: ["" : 17]>

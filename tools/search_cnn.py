@@ -81,7 +81,7 @@ def rankings(task) -> dict:
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
     layers = plan_layers(plan, prepared.idx)
     providers = ["CPUExecutionProvider"]
-    needed = sorted({t for layer in layers for t in layer.inputs if not prepared.idx.is_constant(t)})
+    needed = sorted({t for layer in layers for t in layer.inputs})
     t = time.perf_counter()
     single = single_op_sensitivity(prepared.model, prepared.idx, plan,
                                    layers, capture(prepared.model, needed, calib_batches[:1], providers), providers)

@@ -8,7 +8,7 @@
 from .analyzer import STEPS, AnalysisConfig, AnalysisResult, analyze, prepare
 from .compare import TensorComparison, compare_models, format_table
 from .html import render_html
-from .layers import Layer, plan_layers
+from ..quant.layers import Layer, plan_layers
 
 __all__ = ["analyze", "prepare", "AnalysisConfig", "AnalysisResult", "STEPS", "compare_models", "format_table",
            "TensorComparison", "render_html", "Layer", "plan_layers"]

@@ -57,7 +57,7 @@ from ..quant.plan import ACTIVATION, QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from ..quant.rules import weight_axis
 from .compare import dequantized_name_map, with_outputs
-from .layers import Layer, layer_model, plan_layers, unassigned_quantizers
+from ..quant.layers import Layer, layer_model, plan_layers, unassigned_quantizers
 from ..stats import TensorStats, sqnr_db
 from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
 
@@ -142,7 +142,7 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
     plan = build_plan(pre, config, idx)
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     compute_encodings(plan, idx, calib.observers, calib.methods, config)
-    layers = plan_layers(pre, plan, idx)
+    layers = plan_layers(plan, idx)
     observers = dict(calib.observers)
     missing = [lay.output for lay in layers if lay.output in observers and getattr(observers[lay.output], "counts",
                                                                                     None) is None]

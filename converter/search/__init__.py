@@ -3,7 +3,7 @@
 from ..verify import load_labels
 from .evaluate import METRICS, AccuracyTarget, BuiltinEvaluator
 from .fallback import TargetNotMetError, auto_quantize, fallback_search
-from .layers import Layer, plan_layers
+from ..quant.layers import Layer, plan_layers
 from .sensitivity import LayerScore, single_op_sensitivity, spearman
 from .strategies import STRATEGIES, Bisect, Sequential
 

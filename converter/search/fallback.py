@@ -31,7 +31,7 @@ from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.plan import QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from .evaluate import AccuracyTarget, Evaluator
-from .layers import Layer, plan_layers
+from ..quant.layers import Layer, plan_layers
 from .sensitivity import LayerScore, capture, end_to_end_sensitivity, single_op_sensitivity
 from .strategies import STRATEGIES
 
@@ -208,7 +208,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     else:
         providers = select_providers(config.providers)
         data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
-        needed = sorted({t for layer in layers for t in layer.inputs if not prepared.idx.is_constant(t)})
+        needed = sorted({t for layer in layers for t in layer.inputs})
         captured = capture(prepared.model, needed, data, providers)
         scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
     timings["sensitivity_s"] = time.perf_counter() - t

@@ -27,7 +27,7 @@ from ..calib.runner import make_session
 from ..graph.index import GraphIndex
 from ..quant.plan import QuantPlan
 from ..quant.qdq import render_qdq
-from .layers import Layer
+from ..quant.layers import Layer, layer_model
 
 log = logging.getLogger("converter")
 
@@ -35,7 +35,7 @@ log = logging.getLogger("converter")
 @dataclass
 class LayerScore:
     name: str
-    op_type: str
+    op_type: str  # the layer's ops, "+"-joined (Conv+Relu, a GELU block Div+Erf+Add+Mul+Mul)
     cosine: float
     sqnr_db: float
     mse: float
@@ -79,27 +79,13 @@ def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
     return out
 
 
-def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer) -> onnx.ModelProto:
-    """The layer alone as a model: its activations as inputs, its constants as initializers."""
-    nodes = [n for n in model.graph.node if n.name in set(layer.nodes)]
-    acts = [t for t in layer.inputs if not idx.is_constant(t)]
-    inits = [idx.initializers[t] for t in layer.inputs if idx.is_constant(t)]
-    graph = helper.make_graph(
-        nodes, f"layer_{layer.name}",
-        [helper.make_tensor_value_info(t, idx.elem_type.get(t, onnx.TensorProto.FLOAT), None) for t in acts],
-        [helper.make_tensor_value_info(layer.output, idx.elem_type.get(layer.output, onnx.TensorProto.FLOAT), None)],
-        initializer=inits)
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return sub
-
-
 def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPlan, layers: list[Layer],
                           captured: list[dict[str, np.ndarray]], providers: list[str]) -> list[LayerScore]:
     """Score every layer alone on the captured float inputs; worst (lowest cosine) first."""
     scores = []
     for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=None, leave=False):
         sub = layer_model(model, idx, layer)
-        tensors = set(layer.inputs) | {layer.output}
+        tensors = set(layer.inputs) | set(layer.constants) | {layer.output}
         encodings = {t: e for t, e in plan.encodings.items() if t in tensors}
         fsess = make_session(sub, providers, optimize=False)
         qsess = make_session(render_qdq(sub, encodings), providers, optimize=False)
@@ -110,7 +96,7 @@ def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPl
             refs.append(fsess.run(None, feed)[0].ravel())
             tests.append(qsess.run(None, feed)[0].ravel())
         cos, sqnr, mse = compare(np.concatenate(refs), np.concatenate(tests))
-        scores.append(LayerScore(layer.name, layer.op_type, cos, sqnr, mse, layer.nodes))
+        scores.append(LayerScore(layer.name, layer.label, cos, sqnr, mse, layer.nodes))
     return rank(scores)
 
 
@@ -124,7 +110,7 @@ def end_to_end_sensitivity(layers: list[Layer], evaluate_only: Callable[[Layer],
     scores = []
     for layer in tqdm(layers, desc="end-to-end sensitivity", unit="layer", disable=None, leave=False):
         m = evaluate_only(layer)
-        scores.append(LayerScore(layer.name, layer.op_type, math.nan, math.nan, math.nan, layer.nodes, metric=m))
+        scores.append(LayerScore(layer.name, layer.label, math.nan, math.nan, math.nan, layer.nodes, metric=m))
     return sorted(scores, key=lambda s: (s.metric, s.name))
 
 

@@ -1,8 +1,9 @@
-"""Layers of a QuantPlan: the units the analyzer enables, disables and compares.
+"""Layers of a QuantPlan: the units the analyzer and the fallback search score, disable and keep in float.
 
 A *layer* is a quantized ``compute`` node of the plan, or a fused group (anchor + bias ``Add`` +
-activation, see :mod:`converter.quant.plan`) taken as one. Data-movement ops (``shared`` rules:
-Reshape, MaxPool...) are not layers: they reuse their neighbours' encodings.
+activation, or a pattern block such as a LayerNorm or a GELU, see :mod:`converter.quant.plan`) taken
+as one. Data-movement ops (``shared`` rules: Reshape, MaxPool...) are not layers: they reuse their
+neighbours' encodings. Keeping a layer in float means excluding all its nodes from the plan.
 
 A layer's *quantizers* are the encodings of the tensors it reads and writes (activation inputs,
 weight, bias, output), widened to whole scale groups: a Reshape output shares its input's encoding,
@@ -18,14 +19,15 @@ encodings gives the "shadow" layer: float inputs, fake-quantized at the layer's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from ..graph.index import GraphIndex
-from ..quant.plan import ACTIVATION, QuantPlan
-from ..quant.rules import RULES
+from .plan import ACTIVATION, WEIGHT, QuantPlan
+from .rules import RULES
 
 
 @dataclass
@@ -41,16 +43,20 @@ class Layer:
     weight: str | None = None
 
     @property
+    def op_type(self) -> str:
+        return self.op_types[0]
+
+    @property
     def label(self) -> str:
         return "+".join(self.op_types)
 
 
-def plan_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex | None = None) -> list[Layer]:
-    """Every quantized compute node or fused group of ``plan``, in graph order."""
-    idx = idx or GraphIndex.build(model)
+def plan_layers(plan: QuantPlan, idx: GraphIndex) -> list[Layer]:
+    """Every quantized compute node or fused group of ``plan`` (over the model ``idx`` indexes), in graph order."""
+    graph = idx.graph
     members: dict[str, list[onnx.NodeProto]] = {}
-    by_name = {n.name: n for n in model.graph.node}
-    for node in model.graph.node:
+    by_name = {n.name: n for n in graph.node}
+    for node in graph.node:
         status = plan.nodes.get(node.name)
         if status is None:
             continue
@@ -59,7 +65,7 @@ def plan_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex | None 
         elif status.status == "fused" and status.group in by_name:
             members.setdefault(status.group, []).append(node)
     groups = plan.group_members()
-    weights = {t.name for t in plan.tensors.values() if t.role == "weight"}
+    weights = {t.name for t in plan.tensors.values() if t.role == WEIGHT}
     layers = []
     for anchor, nodes in members.items():
         nodes.sort(key=lambda n: idx.order[n.name])
@@ -71,9 +77,8 @@ def plan_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex | None 
                     continue
                 (constants if idx.is_constant(t) else inputs).append(t)
         output = nodes[-1].output[0]
-        touched = inputs + constants + [output]
         quantizers: list[str] = []
-        for t in touched:
+        for t in inputs + constants + [output]:
             tq = plan.tensors.get(t)
             if tq is None or t not in plan.encodings:
                 continue
@@ -90,19 +95,23 @@ def unassigned_quantizers(plan: QuantPlan, layers: list[Layer]) -> list[str]:
     return [t for t in plan.encodings if t not in covered]
 
 
-def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer, input_values: dict[str, np.ndarray]
-                ) -> onnx.ModelProto:
+def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer,
+                input_values: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The layer's nodes as a model: its external inputs become graph inputs, its output the graph output.
 
-    ``input_values`` gives a sample value of every input (for the element types).
+    Element types come from ``input_values`` (a sample value per input) where given, else from the graph.
     """
     by_name = {n.name: n for n in model.graph.node}
     nodes = [by_name[n] for n in layer.nodes]
-    g_inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(input_values[t].dtype), None)
-                for t in layer.inputs]
-    out_type = idx.elem_type.get(layer.output, onnx.TensorProto.FLOAT)
-    graph = helper.make_graph(nodes, f"layer_{layer.name}", g_inputs,
-                              [helper.make_tensor_value_info(layer.output, out_type, None)],
+    values = input_values or {}
+
+    def elem(t: str) -> int:
+        if t in values:
+            return helper.np_dtype_to_tensor_dtype(np.asarray(values[t]).dtype)
+        return idx.elem_type.get(t, onnx.TensorProto.FLOAT)
+
+    graph = helper.make_graph(nodes, f"layer_{layer.name}",
+                              [helper.make_tensor_value_info(t, elem(t), None) for t in layer.inputs],
+                              [helper.make_tensor_value_info(layer.output, elem(layer.output), None)],
                               initializer=[idx.initializers[c] for c in layer.constants])
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return sub
+    return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
