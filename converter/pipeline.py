@@ -23,7 +23,8 @@ from .calib.runner import CalibrationResult, collect, make_session, select_provi
 from .config import QuantConfig
 from .errors import EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
-from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
+from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
+                             model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.validate import ensure_float_model
 from .quant.encode import activation_tensors, compute_encodings
@@ -125,7 +126,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
-    check_model(qdq)
+    data = model_bytes(qdq) if qdq.ByteSize() < PROTOBUF_LIMIT else None  # serialized once: checked, then written
+    check_model(qdq, data)
     encodings_text = encodings_json(plan, config)
     name = prepared.name
     paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
@@ -146,7 +148,10 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
         "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},
     }
     t = time.perf_counter()
-    save_model(qdq, paths[0])
+    if data is not None:
+        atomic_write_bytes(paths[0], data)
+    else:
+        save_model(qdq, paths[0])
     atomic_write_text(paths[1], encodings_text)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -184,14 +189,14 @@ def encodings_json(plan: QuantPlan, config: QuantConfig) -> str:
     return dumps_encodings(acts, params, args, config.encodings_version)
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """The output must pass the full ONNX checker and load in ONNX Runtime."""
+def check_model(model: onnx.ModelProto, data: bytes | None = None) -> None:
+    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized)."""
     try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model, full_check=True)
+        if data is not None or model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(data if data is not None else model, full_check=True)
     except Exception as exc:
         raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
-    make_session(model, ["CPUExecutionProvider"], optimize=False)
+    make_session(data if data is not None else model, ["CPUExecutionProvider"], optimize=False)
 
 
 def _resolve_model(model: Any, example_inputs: Any) -> tuple[str | None, Any]:

@@ -77,7 +77,7 @@ def select_providers(preference: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
+def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: int = 0,
                  optimize: bool = True, full_optimization: bool = False,
                  mem_pattern: bool = True) -> ort.InferenceSession:
     """An ORT session; ``optimize`` gives basic graph optimizations, ``full_optimization`` all of them."""
@@ -90,7 +90,8 @@ def make_session(model: onnx.ModelProto, providers: list[str], threads: int = 0,
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        return ort.InferenceSession(data, so, providers=providers)
     except Exception as exc:
         raise UserError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
                         "check the model with `qconvert validate`; it must run in ONNX Runtime as float first") from None

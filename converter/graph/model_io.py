@@ -11,7 +11,7 @@ import onnx
 from ..errors import ModelError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; past this size weights go to external data.
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -68,7 +68,7 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Save atomically. Models over 2 GiB go to ``<name>.data`` beside the file (also atomically)."""
     path = Path(path)
-    if model.ByteSize() < _PROTOBUF_LIMIT:
+    if model.ByteSize() < PROTOBUF_LIMIT:
         atomic_write_bytes(path, model_bytes(model))
         return
     # Large model: write into a temp folder in the destination, then move both files into place.

@@ -35,7 +35,7 @@ import onnx
 
 from ..errors import EXIT_CHECK_FAILED, ModelError, UserError
 from .index import GraphIndex
-from .model_io import atomic_write_text, load_model, save_model
+from .model_io import PROTOBUF_LIMIT, atomic_write_text, load_model, save_model
 from .passes import MIN_OPSET, default_opset, preprocess, upgrade_opset
 from .patterns import all_nodes as _all_nodes
 from .patterns import subgraphs as _subgraphs
@@ -53,7 +53,6 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", 
                            "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
 HEAVY_OPS = frozenset({"LSTM", "GRU", "RNN", "Einsum", "Attention", "MultiHeadAttention"})  # weights, no rule
 HUGE_CONSTANT = 1e9  # |value| beyond this in the data path swamps an 8/16-bit range (attention masks: -3.4e38)
-PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
