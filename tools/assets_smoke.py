@@ -7,7 +7,7 @@ logic (held-out data, never the calibration samples):
 
 ==================  ===========================================================================
 efficientnet-lite0  ImageNet samples: calibrate on images 0..99, top-1 on the next ``--n-eval``
-resnet8 (2 sizes)   CIFAR-10 test: calibrate on images 0..199, top-1 on 200..(200+n)
+resnet8 (2 sizes)   CIFAR-10 test, class-interleaved order: calibrate on the first 200, top-1 on the next 4n
 minilm              STS-B test: calibrate on 100 sentences, Spearman + embedding cosine vs FP32
                     on the other pairs (the ONNX comes from the asset's export.py, opset 14)
 ppocr-rec           rendered text lines: calibrate on lines 0..19, exact lines + CER on the rest
@@ -93,9 +93,12 @@ def effnet(assets: Path, n_eval: int):
 
 def resnet8(file: str):
     def make(assets: Path, n_eval: int):
+        from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
+
         d = np.load(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")
-        x = d["images_nhwc_uint8"][:200 + n_eval * 4].astype(np.float32).transpose(0, 3, 1, 2).copy()
-        y = d["labels"][:len(x)]
+        order = class_interleaved(d["labels"])[:200 + n_eval * 4]
+        x = d["images_nhwc_uint8"][order].astype(np.float32).transpose(0, 3, 1, 2).copy()
+        y = d["labels"][order]
         path = assets / "cifar10-resnet8" / file
         name = onnx.load(str(path)).graph.input[0].name
         calib = [{name: x[i:i + 1]} for i in range(200)]
