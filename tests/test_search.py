@@ -6,6 +6,8 @@ import json
 import math
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 
 from converter import QuantConfig
@@ -146,3 +148,42 @@ def test_int16_fallback_before_float(tmp_path):
     assert res.plan.tensors["h2"].bitwidth == 16 and res.plan.tensors["r1"].bitwidth == 8
     assert res.plan.nodes["MatMul_3"].status == "quantized"
     assert next(i.version for i in res.model.opset_import if i.domain == "") >= 21
+
+
+def _variable_width_model():
+    w = (np.random.default_rng(1).standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 3, 8, W] x) => (float[N, 4, 8, W] y, float[4] sf) {
+      c = Conv <pads = [1, 1, 1, 1]> (x, w)
+      y = Relu (c)
+      s = Shape (y)
+      sf = Cast <to = 1> (s)
+    }""", w=w)
+
+
+def test_evaluator_takes_samples_of_different_sizes(tmp_path):
+    """Text lines of natural width: the evaluator scores per batch, never stacks outputs of different sizes."""
+    model = _variable_width_model()
+    rng = np.random.default_rng(0)
+    for i, width in enumerate([16, 16, 24, 40, 24]):
+        np.savez(tmp_path / f"{i:03d}.npz", x=rng.standard_normal((1, 3, 8, width)).astype(np.float32))
+    ev = BuiltinEvaluator("cosine", model, str(tmp_path), batch_size=16)
+    assert [r.shape[-1] for r in ev.reference] == [16, 24, 40, 24]
+    assert ev(model) == pytest.approx(1.0)
+    half = model.__deepcopy__()
+    w = next(t for t in half.graph.initializer if t.name == "w")
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * -1.0, "w"))  # relu of -conv
+    assert ev(half) < 0.5
+    labels = np.zeros(5, np.int64)
+    assert 0.0 <= BuiltinEvaluator("top1", model, str(tmp_path), labels=labels)(model) <= 1.0
+
+
+def test_capture_keeps_integer_tensors_integer():
+    from converter.search.sensitivity import capture
+
+    model = _variable_width_model()
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 16)).astype(np.float32)
+    got = capture(model, ["c", "s"], [{"x": x}], ["CPUExecutionProvider"])[0]
+    assert got["s"].dtype == np.int64 and got["s"].tolist() == [2, 4, 8, 16]
+    assert got["c"].shape == (2, 4, 8, 16)

@@ -235,7 +235,7 @@ def _tap_nodes(tap: _Tap, elem_type: int, subsample: bool) -> list[onnx.NodeProt
 
 def augment(model: onnx.ModelProto, taps: list[_Tap], subsample: bool) -> onnx.ModelProto:
     """A copy of ``model`` whose outputs are the taps' outputs (the original outputs are dropped)."""
-    elem = _elem_types(model)
+    elem = elem_types(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -250,7 +250,7 @@ def augment(model: onnx.ModelProto, taps: list[_Tap], subsample: bool) -> onnx.M
     return out
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
     g = model.graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.input) + list(g.value_info) + list(g.output)}
     types.update({t.name: t.data_type for t in g.initializer})

@@ -83,9 +83,10 @@ class BuiltinEvaluator:
         self.providers = providers or ["CPUExecutionProvider"]
         self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
         self._cached: list[dict[str, np.ndarray]] | None = None
-        self.reference = self._outputs(float_model)
-        if labels is not None and len(labels) != len(self.reference):
-            raise CalibrationDataError(f"{len(labels)} labels for {len(self.reference)} evaluation samples",
+        self.reference = self._outputs(float_model)  # per batch: samples of different sizes stay apart
+        samples = sum(len(r) for r in self.reference)
+        if labels is not None and len(labels) != samples:
+            raise CalibrationDataError(f"{len(labels)} labels for {samples} evaluation samples",
                                        "give one label per evaluation sample, in the data's sorted file order")
         self.labels = labels
 
@@ -101,25 +102,34 @@ class BuiltinEvaluator:
         self._cached = batches
         return batches
 
-    def _outputs(self, model: onnx.ModelProto | str) -> np.ndarray:
+    def _outputs(self, model: onnx.ModelProto | str) -> list[np.ndarray]:
         proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
         sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
         first = sess.get_outputs()[0].name
-        return np.concatenate([sess.run([first], b)[0] for b in self._batches()])
+        return [sess.run([first], b)[0] for b in self._batches()]
 
-    def score(self, outputs: np.ndarray) -> float:
-        ref = self.reference
+    def _sample_scores(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        """The metric of each sample of one batch (its first output, flattened per sample)."""
+        r = ref.reshape(len(ref), -1)
+        o = out.reshape(len(out), -1)
         if self.metric == "top1":
-            return float((outputs.reshape(len(outputs), -1).argmax(1) == self.labels).mean())
+            return (o.argmax(1) == labels).astype(np.float64)
         if self.metric == "agreement":
-            return float((outputs.reshape(len(outputs), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)).mean())
-        r = ref.reshape(len(ref), -1).astype(np.float64)
-        o = outputs.reshape(len(outputs), -1).astype(np.float64)
+            return (o.argmax(1) == r.argmax(1)).astype(np.float64)
+        r, o = r.astype(np.float64), o.astype(np.float64)
         if self.metric == "cosine":
-            return float(np.mean((r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1),
-                                                             1e-30)))
+            return (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
         err = np.maximum(((r - o) ** 2).sum(1), 1e-30)
-        return float(np.mean(10 * np.log10(np.maximum((r**2).sum(1), 1e-30) / err)))
+        return 10 * np.log10(np.maximum((r**2).sum(1), 1e-30) / err)
+
+    def score(self, outputs: list[np.ndarray]) -> float:
+        """Mean over samples of the metric, ``outputs`` being the model's first output per evaluation batch."""
+        scores, offset = [], 0
+        for ref, out in zip(self.reference, outputs):
+            labels = None if self.labels is None else self.labels[offset:offset + len(ref)]
+            scores.append(self._sample_scores(ref, out, labels))
+            offset += len(ref)
+        return float(np.mean(np.concatenate(scores)))
 
     def __call__(self, model_path: str | onnx.ModelProto) -> float:
         return self.score(self._outputs(model_path))

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 from tqdm import tqdm
 
-from ..calib.runner import make_session
+from ..calib.runner import elem_types, make_session
 from ..graph.index import GraphIndex
 from ..quant.plan import QuantPlan
 from ..quant.qdq import render_qdq
@@ -67,9 +67,11 @@ def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
     have = {o.name for o in augmented.graph.output}
     inputs = {i.name for i in augmented.graph.input}
     fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    types = elem_types(model)
     for t in fetch:
-        if t not in have:
-            augmented.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+        if t not in have:  # a layer may read integer tensors too (a Shape output in a pattern block)
+            augmented.graph.output.append(helper.make_tensor_value_info(t, types[t], None) if types.get(t)
+                                          else helper.make_empty_tensor_value_info(t))  # ORT infers the type
     session = make_session(augmented, providers)
     out = []
     for batch in batches:
