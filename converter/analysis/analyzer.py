@@ -53,12 +53,12 @@ from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.encoding import Encoding
+from ..quant.layers import Layer, layer_model, plan_layers, unassigned_quantizers
 from ..quant.plan import ACTIVATION, QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from ..quant.rules import weight_axis
-from .compare import dequantized_name_map, with_outputs
-from ..quant.layers import Layer, layer_model, plan_layers, unassigned_quantizers
 from ..stats import TensorStats, sqnr_db
+from .compare import dequantized_name_map, with_outputs
 from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
 
 log = logging.getLogger("converter")

@@ -28,10 +28,10 @@ from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import ensure_writable_dir, save_model
 from ..pipeline import Prepared, QuantResult, calibrate, finish, prepare
 from ..quant.encode import activation_tensors, compute_encodings
+from ..quant.layers import Layer, plan_layers
 from ..quant.plan import QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from .evaluate import AccuracyTarget, Evaluator
-from ..quant.layers import Layer, plan_layers
 from .sensitivity import LayerScore, capture, end_to_end_sensitivity, single_op_sensitivity
 from .strategies import STRATEGIES
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from ..calib.runner import elem_types, make_session
 from ..graph.index import GraphIndex
+from ..quant.layers import Layer, layer_model
 from ..quant.plan import QuantPlan
 from ..quant.qdq import render_qdq
-from ..quant.layers import Layer, layer_model
 
 log = logging.getLogger("converter")
 
