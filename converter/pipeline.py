@@ -129,6 +129,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     data = model_bytes(qdq) if qdq.ByteSize() < PROTOBUF_LIMIT else None  # serialized once: checked, then written
     check_model(qdq, data)
     encodings_text = encodings_json(plan, config)
+    tensors = _tensor_report(plan, calib.observers, calib.methods)
+    _warn_clipping(tensors)
     name = prepared.name
     paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
     report = {
@@ -143,7 +145,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
                         "source": calib.source},
         "summary": _summary(plan, qdq),
         **(extra_report or {}),
-        "tensors": _tensor_report(plan, calib.observers, calib.methods),
+        "tensors": tensors,
         "plan": plan.to_dict(),
         "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},
     }
@@ -279,8 +281,25 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
         if t.role != BIAS:
             entry["encoding_min"] = min(enc.mins())
             entry["encoding_max"] = max(enc.maxs())
+        if t.role == ACTIVATION and hasattr(observers.get(name), "fraction_outside"):  # beyond the last step's rounding
+            half = enc.scale[0] / 2
+            entry["clipped_fraction"] = observers[name].fraction_outside(entry["encoding_min"] - half,
+                                                                         entry["encoding_max"] + half)
         out[name] = entry
     return out
+
+
+CLIP_WARNING = 0.01  # a histogram method clipping more than this fraction of a tensor's values is worth a look
+
+
+def _warn_clipping(tensors: dict[str, dict[str, Any]]) -> None:
+    clipped = sorted(((e["clipped_fraction"], n) for n, e in tensors.items()
+                      if e.get("clipped_fraction", 0.0) > CLIP_WARNING), reverse=True)
+    if clipped:
+        worst = ", ".join(f"{n} {f:.1%} ({tensors[n]['calib_method']})" for f, n in clipped[:3])
+        log.warning("%d activation(s) have more than %.0f%% of their calibration values clipped (worst: %s); if "
+                    "accuracy drops, try calib_method minmax or percentile for them (calib_overrides), or run "
+                    "`qconvert analyze`", len(clipped), CLIP_WARNING * 100, worst)
 
 
 def _write_json(path: Path, data: dict) -> None:

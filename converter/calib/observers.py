@@ -208,6 +208,15 @@ class HistogramObserver(MinMaxObserver):
         neg, pos = self.signed_counts()
         return neg + pos
 
+    def fraction_outside(self, lo: float, hi: float) -> float:
+        """Fraction of the values seen below ``lo`` or above ``hi`` (whole bins only: a lower bound)."""
+        total = self.counts.sum()
+        if total == 0 or self.limit is None:
+            return 0.0
+        edges = self.edges()
+        outside = self.counts[(edges[1:] <= lo) | (edges[:-1] > hi)].sum()
+        return float(outside / total)
+
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """Range keeping ``percentile`` % of the values: (100 - p) / 2 % is clipped on each side."""
         total = self.counts.sum()
