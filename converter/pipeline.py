@@ -281,10 +281,9 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
         if t.role != BIAS:
             entry["encoding_min"] = min(enc.mins())
             entry["encoding_max"] = max(enc.maxs())
-        if t.role == ACTIVATION and hasattr(observers.get(name), "fraction_outside"):  # beyond the last step's rounding
-            half = enc.scale[0] / 2
-            entry["clipped_fraction"] = observers[name].fraction_outside(entry["encoding_min"] - half,
-                                                                         entry["encoding_max"] + half)
+        if t.role == ACTIVATION and hasattr(observers.get(name), "clipped_fraction"):
+            entry["clipped_fraction"] = observers[name].clipped_fraction(entry["encoding_min"], entry["encoding_max"],
+                                                                         enc.scale[0])
         out[name] = entry
     return out
 

@@ -379,7 +379,7 @@ def histogram_entry(obs: Any, enc: Encoding | None, bins: int) -> dict[str, Any]
     counts = getattr(obs, "counts", None)
     if counts is None or obs.lo is None:
         return entry
-    fine_edges = obs.edges() if hasattr(obs, "edges") else np.linspace(obs.lo, obs.hi, len(counts) + 1)
+    fine_edges = obs.edges()
     centers = (fine_edges[:-1] + fine_edges[1:]) / 2
     lo = min(lo_data, entry.get("encoding_min", lo_data))
     hi = max(hi_data, entry.get("encoding_max", hi_data))
@@ -388,26 +388,8 @@ def histogram_entry(obs: Any, enc: Encoding | None, bins: int) -> dict[str, Any]
     hist, _ = np.histogram(np.clip(centers, lo, hi), bins=bins, range=(lo, hi), weights=counts)
     entry["histogram"] = {"lo": lo, "hi": hi, "counts": [int(c) for c in hist]}
     if "encoding_min" in entry:
-        half_step = enc.scale[0] / 2  # beyond it, saturation costs more than rounding does
-        entry["clipped_fraction"] = clipped_fraction(counts, fine_edges, lo_data, hi_data,
-                                                     entry["encoding_min"] - half_step,
-                                                     entry["encoding_max"] + half_step)
+        entry["clipped_fraction"] = obs.clipped_fraction(entry["encoding_min"], entry["encoding_max"], enc.scale[0])
     return entry
-
-
-def clipped_fraction(counts: np.ndarray, edges: np.ndarray, data_lo: float, data_hi: float, enc_lo: float,
-                     enc_hi: float) -> float:
-    """Estimated fraction of values outside ``[enc_lo, enc_hi]`` (the caller widens the encoding range by
-    half a step: values there saturate with no more error than rounding): values spread evenly within each bin,
-    bins first cut to the observed ``[data_lo, data_hi]`` (a min/max range then clips ~nothing)."""
-    left, right = np.maximum(edges[:-1], data_lo), np.minimum(edges[1:], data_hi)
-    width = right - left
-    below = np.clip(np.minimum(right, enc_lo) - left, 0, None)
-    above = np.clip(right - np.maximum(left, enc_hi), 0, None)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        frac = np.where(width > 0, np.clip((below + above) / width, 0, 1),
-                        ((left < enc_lo) | (left > enc_hi)).astype(float))
-    return float((counts * frac).sum() / max(counts.sum(), 1))
 
 
 def step_histograms(prep: Prepared, rows: dict[str, dict], bins: int) -> None:

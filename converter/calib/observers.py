@@ -208,14 +208,25 @@ class HistogramObserver(MinMaxObserver):
         neg, pos = self.signed_counts()
         return neg + pos
 
-    def fraction_outside(self, lo: float, hi: float) -> float:
-        """Fraction of the values seen below ``lo`` or above ``hi`` (whole bins only: a lower bound)."""
+    def clipped_fraction(self, lo: float, hi: float, step: float = 0.0) -> float:
+        """Estimated fraction of the values seen that an encoding over ``[lo, hi]`` with step ``step`` clips.
+
+        Values within half a step of the range saturate with no more error than rounding, so the range is
+        widened by ``step / 2``. Values are taken as spread evenly within each bin, the bins first cut to
+        the observed ``[min, max]`` (a min/max range then clips nothing).
+        """
         total = self.counts.sum()
         if total == 0 or self.limit is None:
             return 0.0
+        lo, hi = lo - step / 2, hi + step / 2
         edges = self.edges()
-        outside = self.counts[(edges[1:] <= lo) | (edges[:-1] > hi)].sum()
-        return float(outside / total)
+        left, right = np.maximum(edges[:-1], self.min), np.minimum(edges[1:], self.max)
+        width = right - left
+        below = np.clip(np.minimum(right, lo) - left, 0, None)
+        above = np.clip(right - np.maximum(left, hi), 0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(width > 0, np.clip((below + above) / width, 0, 1), ((left < lo) | (left > hi)).astype(float))
+        return float((self.counts * frac).sum() / total)
 
     def percentile_range(self, percentile: float) -> tuple[float, float]:
         """Range keeping ``percentile`` % of the values: (100 - p) / 2 % is clipped on each side."""
