@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import CALIB_METHODS
+from .config import CALIB_METHODS, WEIGHT_CALIB_METHODS
 from .errors import UserError
 
 log = logging.getLogger("converter")
@@ -63,7 +63,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
     p.add_argument("--calib-method", choices=list(CALIB_METHODS),
                    help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
-    p.add_argument("--weight-calib", choices=["minmax", "mse"],
+    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
                    help="weight ranges per channel: max |w| (default) or the clipping that minimises MSE")
     p.add_argument("--percentile", type=float)
     p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --calib)")
@@ -98,9 +98,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from .pipeline import quantize
 
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel", "max_samples",
-                                               "batch_size", "activation_bits", "providers", "threads",
-                                               "encodings_version") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
+                                               "max_samples", "batch_size", "activation_bits", "providers",
+                                               "threads", "encodings_version") if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n for n in args.exclude_nodes.split(",") if n)
     config = config.replace(**overrides)
