@@ -86,11 +86,22 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default 0.01)")
     s.add_argument("--relative-drop", action="store_true", help="--max-drop is a fraction of the FP32 metric")
     s.add_argument("--min-metric", type=float, help="absolute metric the quantized model must reach")
-    s.add_argument("--strategy", choices=["bisect", "sequential"], default="bisect")
-    s.add_argument("--ranking", choices=["single-op", "end-to-end"], default="single-op")
-    s.add_argument("--sensitivity-samples", type=int, default=8)
-    s.add_argument("--fallback", choices=["float", "int16"], default="float",
-                   help="int16: try 16-bit activations for the sensitive layers before keeping them in float")
+    s.add_argument("--eval-output", help="graph output the metric reads (default: the first; 'all': the worst "
+                                          "output's score, for cosine/sqnr)")
+    s.add_argument("--strategy", choices=["gallop", "bisect", "sequential"], default="gallop",
+                   help="how many of the ranked layers to keep in float (default: gallop, 1, 2, 4... then bisect)")
+    s.add_argument("--ranking", choices=["propagated", "single-op", "end-to-end"], default="propagated",
+                   help="how layers are ranked (default: propagated, each layer alone quantized, model outputs "
+                        "compared)")
+    s.add_argument("--sensitivity-samples", type=int, default=8, help="calibration samples the ranking runs on")
+    s.add_argument("--fallback", choices=["auto", "float", "int16"], default="auto",
+                   help="int16: try 16-bit activations for the sensitive layers before float; auto (default): "
+                        "int16 on --target qnn, float elsewhere (ORT CPU has no fast 16-bit kernels)")
+    s.add_argument("--no-give-back", dest="give_back", action="store_false",
+                   help="keep the strategy's whole prefix in float (default: re-quantize the layers not needed)")
+    s.add_argument("--max-float-fraction", type=float,
+                   help="exit 1 when more than this share of the compute layers ends in float (the model and "
+                        "report are still written)")
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -136,17 +147,25 @@ def _auto_quantize(args: argparse.Namespace, config):
         preprocess(float_model)
         labels = load_labels(args.labels) if args.labels else None
         evaluate = BuiltinEvaluator(args.target_metric, float_model, args.eval, labels, batch_size=config.batch_size,
-                                    image_spec=args.calib_spec)
+                                    image_spec=args.calib_spec, output=args.eval_output)
     result = auto_quantize(args.model, args.calib, evaluate, target, config, output_dir=args.output_dir,
                            name=args.name, strategy=args.strategy, sensitivity_samples=args.sensitivity_samples,
-                           ranking=args.ranking, fallback=args.fallback, calib_spec=args.calib_spec)
+                           ranking=args.ranking, fallback=args.fallback, calib_spec=args.calib_spec,
+                           give_back_layers=args.give_back, max_float_fraction=args.max_float_fraction)
     search = result.report["search"]
     print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
           f"(threshold {search['threshold']:.4f}) with {len(search['fallback_layers'])} layer(s) in "
           f"{search['fallback'] if search['fallback_layers'] else 'float'} after "
           f"{search['full_evaluations']} full evaluations")
+    print(f"  {search['float_fraction']:.0%} of the compute layers in float; ranking: {search['ranking_kind']}")
     for layer in search["fallback_layers"]:
-        print(f"  float: {layer['name']} ({layer['op_type']}, single-op cosine {layer['cosine']:.4f})")
+        print(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, {search['ranking_kind']} cosine "
+              f"{layer['cosine']:.4f})")
+    lat = search.get("latency")
+    if lat:
+        print(f"  latency (ORT CPU, batch 1): FP32 {lat['fp32_ms']:.2f} ms, all INT8 "
+              f"{lat['all_int8_ms'] or float('nan'):.2f} ms, this model {lat['final_ms']:.2f} ms "
+              f"({lat['final_vs_fp32']:.2f}x FP32)")
     return result
 
 

@@ -152,6 +152,9 @@ class QuantConfig:
     histogram_bins: int = 2048
     histogram_subsample: int = 16384
     calib_memory_budget_mb: int = 1024
+    # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
+    # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
+    max_shared_scale_loss_bits: float | None = 3.0
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -253,6 +256,9 @@ def _check_calibration(c: "QuantConfig") -> None:
     if c.histogram_subsample < 0:
         raise ConfigError(f"histogram_subsample must be >= 0, got {c.histogram_subsample}",
                           "use 0 to histogram every value, or e.g. 16384")
+    if c.max_shared_scale_loss_bits is not None and c.max_shared_scale_loss_bits < 0:
+        raise ConfigError(f"max_shared_scale_loss_bits must be >= 0, got {c.max_shared_scale_loss_bits}",
+                          "use e.g. 3 (bits), or null to never split a scale group")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
 

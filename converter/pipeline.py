@@ -131,6 +131,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     encodings_text = encodings_json(plan, config)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
     _warn_clipping(tensors)
+    _note_split_groups(plan)
     name = prepared.name
     paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
     report = {
@@ -261,6 +262,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "quantized_tensors": {r: len(plan.by_role(r)) for r in ("activation", "weight", "bias")},
         "float_nodes": plan.float_nodes(),
         "float_subgraphs": plan.float_subgraphs,
+        "split_scale_groups": plan.split_groups,
         "qdq_model_ops": quantized_node_counts(qdq),
     }
 
@@ -286,6 +288,14 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
                                                                          enc.scale[0])
         out[name] = entry
     return out
+
+
+def _note_split_groups(plan: QuantPlan) -> None:
+    for g in plan.split_groups:
+        left = f"; {', '.join(g['float_nodes'])} left in float" if g["float_nodes"] else ""
+        log.warning("scale group of %r split: %r (range %.3g..%.3g) would lose %.1f bits in the shared range "
+                    "%.3g..%.3g, so the Concat inputs keep their own encodings%s", g["group"], g["worst_member"],
+                    g["worst_range"][0], g["worst_range"][1], g["loss_bits"], g["range"][0], g["range"][1], left)
 
 
 CLIP_WARNING = 0.01  # a histogram method clipping more than this fraction of a tensor's values is worth a look

@@ -10,6 +10,8 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
+from converter.errors import ConfigError
+
 from converter import QuantConfig
 from converter.cli import main
 from converter.search import (AccuracyTarget, Bisect, BuiltinEvaluator, Sequential, TargetNotMetError, auto_quantize,
@@ -169,14 +171,21 @@ def test_evaluator_takes_samples_of_different_sizes(tmp_path):
     for i, width in enumerate([16, 16, 24, 40, 24]):
         np.savez(tmp_path / f"{i:03d}.npz", x=rng.standard_normal((1, 3, 8, width)).astype(np.float32))
     ev = BuiltinEvaluator("cosine", model, str(tmp_path), batch_size=16)
-    assert [r.shape[-1] for r in ev.reference] == [16, 24, 40, 24]
+    assert [r[0].shape[-1] for r in ev.reference] == [16, 24, 40, 24]
     assert ev(model) == pytest.approx(1.0)
     half = model.__deepcopy__()
     w = next(t for t in half.graph.initializer if t.name == "w")
     w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * -1.0, "w"))  # relu of -conv
     assert ev(half) < 0.5
     labels = np.zeros(5, np.int64)
-    assert 0.0 <= BuiltinEvaluator("top1", model, str(tmp_path), labels=labels)(model) <= 1.0
+    with pytest.raises(ConfigError, match=r"not \[N, classes\].*") as err:  # a feature map is no class output
+        BuiltinEvaluator("top1", model, str(tmp_path), labels=labels)
+    assert "--target-metric cosine" in err.value.fix and "--evaluator" in err.value.fix
+    # the metric reads the output it is told to; "all" takes the worst output
+    assert BuiltinEvaluator("cosine", model, str(tmp_path), output="sf").output_names == ["sf"]
+    assert BuiltinEvaluator("cosine", model, str(tmp_path), output="all")(half) == pytest.approx(ev(half))
+    with pytest.raises(ConfigError, match="no output 'nope'"):
+        BuiltinEvaluator("cosine", model, str(tmp_path), output="nope")
 
 
 def test_capture_keeps_integer_tensors_integer():
@@ -187,3 +196,107 @@ def test_capture_keeps_integer_tensors_integer():
     got = capture(model, ["c", "s"], [{"x": x}], ["CPUExecutionProvider"])[0]
     assert got["s"].dtype == np.int64 and got["s"].tolist() == [2, 4, 8, 16]
     assert got["c"].shape == (2, 4, 8, 16)
+
+
+def planted_model(n: int = 20, culprits: tuple[int, ...] = (6, 15), d: int = 24):
+    """A chain of ``n`` MatMuls; before each planted culprit ``j`` the previous MatMul writes one huge outlier
+    channel that MatMul ``j`` ignores (tiny weights on it). Quantizing that tensor (which MatMul ``j`` reads,
+    so keeping MatMul ``j`` in float removes its quantizer) wipes out the other channels."""
+    rng = np.random.default_rng(3)
+    ws = [rng.normal(0, 1 / np.sqrt(d), (d, d)).astype(np.float32) for _ in range(n)]
+    for j in culprits:
+        ws[j - 1][:, 0] = 0.0
+        ws[j - 1][0, 0] = 3000.0
+        ws[j][0, :] = 1e-6
+    lines = [f"h{i + 1} = MatMul(h{i}, W{i})" for i in range(n)]
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,{d}] h0) => (float[N,{d}] h{n}) {{
+      {chr(10).join(lines)}
+    }}"""
+    return parse(text, **{f"W{i}": w for i, w in enumerate(ws)})
+
+
+def planted_data(seed, n=4):
+    rng = np.random.default_rng(seed)
+    return [{"h0": (rng.normal(0, 1, (8, 24)) + np.eye(24)[0] * 3).astype(np.float32)} for _ in range(n)]
+
+
+def test_search_keeps_exactly_the_two_planted_culprits_in_float(tmp_path):
+    model = planted_model()
+    evaluate = BuiltinEvaluator("cosine", model, planted_data(2))
+    res = auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=0.005), QuantConfig(),
+                        output_dir=tmp_path, latency_runs=3)
+    s = res.report["search"]
+    assert s["ranking_kind"] == "propagated" and len(s["ranking"]) == 20
+    assert s["met"] and sorted(x["name"] for x in s["fallback_layers"]) == ["MatMul_15", "MatMul_6"]
+    assert {x["name"] for x in s["ranking"][:2]} == {"MatMul_15", "MatMul_6"}
+    assert s["evaluations"][1]["metric"] < s["threshold"]  # all INT8 misses the target
+    assert s["float_fraction"] == pytest.approx(0.1)
+    assert s["full_evaluations"] <= 2 + 2 * math.ceil(math.log2(20)) + 1
+    assert s["latency"]["fp32_ms"] > 0 and s["latency"]["final_ms"] > 0 and s["latency"]["all_int8_ms"] > 0
+
+
+def test_give_back_requantizes_a_layer_the_strategy_over_included(tmp_path):
+    """A ranking with an innocent layer between the two culprits: the strategy's prefix holds all three,
+    give-back quantizes the innocent one again."""
+    from converter.pipeline import calibrate, prepare
+    from converter.quant.encode import activation_tensors, compute_encodings
+    from converter.quant.plan import build_plan
+    from converter.search import LayerScore, plan_layers
+    from converter.search.fallback import Searcher, fallback_search
+
+    model, config = planted_model(), QuantConfig()
+    prepared = prepare(model)
+    plan = build_plan(prepared.model, config, prepared.idx)
+    calib = calibrate(prepared, activation_tensors(plan), planted_data(1), config)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
+    layers = {lay.name: lay for lay in plan_layers(plan, prepared.idx)}
+    order = ["MatMul_6", "MatMul_10", "MatMul_15"] + [n for n in layers if n not in ("MatMul_6", "MatMul_10",
+                                                                                     "MatMul_15")]
+    ranking = [LayerScore(n, "MatMul", 0.5, 0.0, 0.0, tuple(layers[n].nodes)) for n in order]
+    searcher = Searcher(prepared, config, calib.observers, BuiltinEvaluator("cosine", model, planted_data(2)),
+                        AccuracyTarget(max_drop=0.005), methods=calib.methods)
+    out = fallback_search(searcher, ranking, "gallop")
+    assert out.met and out.prefix == 3
+    assert sorted(s.name for s in out.fallback_layers) == ["MatMul_15", "MatMul_6"]
+    assert out.to_dict()["given_back"] == 1
+    without = fallback_search(Searcher(prepared, config, calib.observers, searcher.evaluate, searcher.target,
+                                       methods=calib.methods), ranking, "gallop", give_back_layers=False)
+    assert [s.name for s in without.fallback_layers] == ["MatMul_6", "MatMul_10", "MatMul_15"]
+
+
+def test_give_back_group_testing_costs_few_evaluations():
+    from converter.search.giveback import give_back
+
+    needed = {3, 17}
+    tried = []
+
+    def passes(float_set):
+        tried.append(list(float_set))
+        return needed <= set(float_set)
+
+    assert sorted(give_back(list(range(32)), passes)) == [3, 17]
+    assert len(tried) <= 2 * 2 * math.ceil(math.log2(32 / 2)) + 2
+
+
+def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
+    model = planted_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    for i, batch in enumerate(planted_data(1)):
+        np.save(tmp_path / f"c{i}.npy", batch["h0"])
+    (tmp_path / "calib").mkdir()
+    for f in tmp_path.glob("c*.npy"):
+        f.rename(tmp_path / "calib" / f.name)
+    (tmp_path / "eval").mkdir()
+    for i, batch in enumerate(planted_data(2)):
+        np.save(tmp_path / "eval" / f"e{i}.npy", batch["h0"])
+    args = ["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
+            "--target-metric", "cosine", "--max-drop", "0.005", "-o", str(tmp_path / "out")]
+    assert main(args + ["--max-float-fraction", "0.05"]) == 1
+    err = capsys.readouterr().err
+    assert "10% of the compute layers" in err and "--max-float-fraction" in err
+    report = json.loads((tmp_path / "out" / "m.report.json").read_text())
+    assert report["search"]["met"] and report["search"]["float_fraction"] == pytest.approx(0.1)
+    assert (tmp_path / "out" / "m.onnx").exists()
+    assert main(args + ["--max-float-fraction", "0.1"]) == 0

@@ -235,6 +235,41 @@ def _check_patterns(ctx: _Context) -> Iterator[Finding]:
                       f"{count} {kind} block(s) recognised ({how} for target {ctx.target})", "nothing to do")
 
 
+BOUNDED_OPS = frozenset({"Sigmoid", "Softmax", "Tanh", "HardSigmoid", "LogSoftmax"})  # outputs in a fixed small range
+_MOVES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
+                    "Identity", "MaxPool", "Pad", "Resize", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
+
+
+def _value_source(idx: GraphIndex, tensor: str) -> str | None:
+    """Op type that computed ``tensor``'s values, looking through data movement."""
+    node = idx.producer.get(tensor)
+    while node is not None and node.op_type in _MOVES and node.input:
+        node = idx.producer.get(node.input[0])
+    return node.op_type if node is not None else None
+
+
+def _check_mixed_concat(ctx: _Context) -> Iterator[Finding]:
+    """A Concat of a bounded tensor (Sigmoid, Softmax) and an unbounded one would share one scale."""
+    if ctx.plan is None or ctx.idx is None:
+        return
+    for node in ctx.idx.graph.node:
+        status = ctx.plan.nodes.get(node.name)
+        if node.op_type != "Concat" or status is None or status.status != "quantized":
+            continue
+        if not any(t in ctx.plan.tensors for t in node.input):
+            continue
+        sources = [_value_source(ctx.idx, t) for t in node.input if t and not ctx.idx.is_constant(t)]
+        bounded = sorted({s for s in sources if s in BOUNDED_OPS})
+        if bounded and any(s not in BOUNDED_OPS for s in sources):
+            yield Finding(WARNING, "mixed-range-concat", node.name,
+                          f"Concat joins {', '.join(bounded)} output(s) (range ~0..1) with unbounded tensors "
+                          f"({', '.join(sorted({s or 'input' for s in sources if s not in BOUNDED_OPS}))}): one "
+                          "shared encoding would quantize the bounded values with the large tensors' step",
+                          "nothing to do: quantize splits such scale groups after calibration when a member would "
+                          "lose more than max_shared_scale_loss_bits (default 3); see the report's "
+                          "summary.split_scale_groups")
+
+
 def _check_huge_constants(ctx: _Context) -> Iterator[Finding]:
     """A huge constant (an attention mask of -3.4e38) reaching a quantized tensor swamps its range."""
     if ctx.plan is None or ctx.idx is None:
@@ -313,7 +348,7 @@ def _check_runs(ctx: _Context) -> Iterator[Finding]:
 ONNX_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     _check_opset, _check_already_quantized, _check_runs, _check_node_names, _check_constant_weights,
     _check_shared_weights, _check_dynamic_dims, _check_control_flow, _check_domains, _check_rules,
-    _check_huge_constants, _check_size, _check_patterns,
+    _check_huge_constants, _check_mixed_concat, _check_size, _check_patterns,
 )
 
 

@@ -19,6 +19,7 @@ from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
 from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
+from .scale_groups import split_mixed_groups
 
 _INT32_MAX = 2**31 - 1
 log = logging.getLogger("converter")
@@ -79,11 +80,14 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
     """``method``: one calibration method for every activation, or a mapping tensor -> method (the
     calibration's ``methods``); ``config`` (a QuantConfig) gives ``percentile`` and ``weight_calib``."""
     percentile, weight_method = config.percentile, config.weight_calib
+    ranges = {t.name: observer_range(observers[t.name], method.get(t.name, "minmax") if isinstance(method, Mapping)
+                                     else method, percentile, t.symmetric, t.bitwidth)
+              for t in plan.by_role(ACTIVATION)}
+    max_loss = getattr(config, "max_shared_scale_loss_bits", None)
+    plan.split_groups = split_mixed_groups(plan, idx, ranges, max_loss) if max_loss is not None else []
     for root, members in plan.group_members().items():
         t = plan.tensors[root]
-        ranges = [observer_range(observers[m], method.get(m, "minmax") if isinstance(method, Mapping) else method,
-                                 percentile, t.symmetric, t.bitwidth) for m in members]
-        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        lo, hi = min(ranges[m][0] for m in members), max(ranges[m][1] for m in members)
         if max(-lo, hi) > RANGE_LIMIT:
             log.warning("tensor %r: calibrated range [%.3g, %.3g] reaches past float32's useful range (a mask "
                         "sentinel such as finfo.min?); its encoding is clipped to +/-%.3g", root, lo, hi, RANGE_LIMIT)

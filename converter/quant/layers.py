@@ -115,3 +115,20 @@ def layer_model(model: onnx.ModelProto, idx: GraphIndex, layer: Layer,
                               [helper.make_tensor_value_info(layer.output, elem(layer.output), None)],
                               initializer=[idx.initializers[c] for c in layer.constants])
     return helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def owned_quantizers(model: onnx.ModelProto, idx: GraphIndex, config, plan: QuantPlan,
+                     layers: list[Layer]) -> dict[str, list[str]]:
+    """Per layer, the encodings that keeping that layer (alone) in float removes from ``plan``.
+
+    That is what the fallback search can change by keeping it in float: its weight and bias, an input
+    no other quantized op reads, an output no quantized op reads. A tensor between two quantized layers
+    belongs to its readers (the producer in float still hands a quantized tensor to them).
+    """
+    from .plan import build_plan  # same layer; imported here to keep the module's top small
+
+    out = {}
+    for layer in layers:
+        without = build_plan(model, config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(layer.nodes)), idx)
+        out[layer.name] = [t for t in plan.encodings if t not in without.tensors]
+    return out

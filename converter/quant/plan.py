@@ -78,6 +78,7 @@ class QuantPlan:
     encodings: dict[str, Encoding] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)  # recognised blocks, for the report
     float_subgraphs: list[dict[str, Any]] = field(default_factory=list)  # If/Loop/Scan bodies left in float
+    split_groups: list[dict[str, Any]] = field(default_factory=list)  # scale groups split for their ranges
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]
@@ -103,6 +104,7 @@ class QuantPlan:
                       for n, s in self.nodes.items()},
             "patterns": self.patterns,
             "float_subgraphs": self.float_subgraphs,
+            "split_groups": self.split_groups,
             "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
         }
 

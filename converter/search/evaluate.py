@@ -3,10 +3,15 @@
 An evaluator is any callable ``evaluate(model_path) -> float`` where higher is better. Built-in
 ones run the model on an evaluation set and compare with the float model (computed once):
 
-* ``top1``       accuracy of the first output's argmax against labels;
+* ``top1``       accuracy of the output's argmax against labels;
 * ``agreement``  fraction of samples whose argmax equals the float model's;
-* ``cosine``     mean per-sample cosine similarity of the first output to the float output;
-* ``sqnr``       mean per-sample SQNR (dB) of the first output against the float output.
+* ``cosine``     mean per-sample cosine similarity of the output to the float output;
+* ``sqnr``       mean per-sample SQNR (dB) of the output against the float output.
+
+The output read is the first graph output unless ``output`` names another; ``output="all"`` scores
+every float output and takes the worst (``cosine``/``sqnr``). ``top1``/``agreement`` need an output of
+shape ``[N, classes]`` (trailing 1s allowed): a box-regression head or a sequence of hidden states is
+refused with a message naming ``cosine`` and ``--evaluator``.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class BuiltinEvaluator:
 
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
-                 image_spec: str | Path | None = None) -> None:
+                 image_spec: str | Path | None = None, output: str | None = None) -> None:
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
         if metric == "top1" and labels is None:
@@ -81,10 +86,19 @@ class BuiltinEvaluator:
 
         self.metric = metric
         self.providers = providers or ["CPUExecutionProvider"]
+        self.output_names = _pick_outputs(float_model, metric, output)
         self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
         self._cached: list[dict[str, np.ndarray]] | None = None
         self.reference = self._outputs(float_model)  # per batch: samples of different sizes stay apart
-        samples = sum(len(r) for r in self.reference)
+        if metric in ("top1", "agreement"):
+            shape = self.reference[0][0].shape if self.reference else ()
+            classes = [d for d in shape[1:] if d != 1]
+            if len(shape) < 2 or len(classes) != 1 or classes[0] < 2:
+                raise ConfigError(f"metric {metric} reads output {self.output_names[0]!r} of shape {list(shape)}, "
+                                  "which is not [N, classes]",
+                                  "use --target-metric cosine (or sqnr) for this output, pick a class output with "
+                                  "--eval-output NAME, or score the model yourself with --evaluator file.py:fn")
+        samples = sum(len(r[0]) for r in self.reference)
         if labels is not None and len(labels) != samples:
             raise CalibrationDataError(f"{len(labels)} labels for {samples} evaluation samples",
                                        "give one label per evaluation sample, in the data's sorted file order")
@@ -105,8 +119,7 @@ class BuiltinEvaluator:
     def _outputs(self, model: onnx.ModelProto | str) -> list[np.ndarray]:
         proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
         sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
-        first = sess.get_outputs()[0].name
-        return [sess.run([first], b)[0] for b in self._batches()]
+        return [sess.run(self.output_names, b) for b in self._batches()]
 
     def _sample_scores(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """The metric of each sample of one batch (its first output, flattened per sample)."""
@@ -122,14 +135,36 @@ class BuiltinEvaluator:
         err = np.maximum(((r - o) ** 2).sum(1), 1e-30)
         return 10 * np.log10(np.maximum((r**2).sum(1), 1e-30) / err)
 
-    def score(self, outputs: list[np.ndarray]) -> float:
-        """Mean over samples of the metric, ``outputs`` being the model's first output per evaluation batch."""
-        scores, offset = [], 0
-        for ref, out in zip(self.reference, outputs):
-            labels = None if self.labels is None else self.labels[offset:offset + len(ref)]
-            scores.append(self._sample_scores(ref, out, labels))
-            offset += len(ref)
-        return float(np.mean(np.concatenate(scores)))
+    def score(self, outputs: list[list[np.ndarray]]) -> float:
+        """Mean over samples of the metric (worst output first), ``outputs`` being the model's outputs per
+        evaluation batch (a bare array per batch is taken as the one output)."""
+        worst = math.inf
+        for k in range(len(self.output_names)):
+            scores, offset = [], 0
+            for ref, out in zip(self.reference, outputs):
+                out_k = out if isinstance(out, np.ndarray) else out[k]
+                labels = None if self.labels is None else self.labels[offset:offset + len(ref[k])]
+                scores.append(self._sample_scores(ref[k], out_k, labels))
+                offset += len(ref[k])
+            worst = min(worst, float(np.mean(np.concatenate(scores))))
+        return worst
 
     def __call__(self, model_path: str | onnx.ModelProto) -> float:
         return self.score(self._outputs(model_path))
+
+
+def _pick_outputs(model: onnx.ModelProto, metric: str, output: str | None) -> list[str]:
+    names = [o.name for o in model.graph.output]
+    if output is None:
+        return names[:1]
+    if output == "all":
+        if metric in ("top1", "agreement"):
+            raise ConfigError(f"metric {metric} reads one class output; --eval-output all takes the worst of every "
+                              "output", "use --target-metric cosine or sqnr with --eval-output all, or name one "
+                              "output with --eval-output NAME")
+        floats = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
+        return floats or names[:1]
+    if output not in names:
+        raise ConfigError(f"the model has no output {output!r}", f"use one of: {', '.join(names)} (or all)")
+    return [output]

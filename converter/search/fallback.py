@@ -28,11 +28,13 @@ from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import ensure_writable_dir, save_model
 from ..pipeline import Prepared, QuantResult, calibrate, finish, prepare
 from ..quant.encode import activation_tensors, compute_encodings
-from ..quant.layers import Layer, plan_layers
+from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from .evaluate import AccuracyTarget, Evaluator
-from .sensitivity import LayerScore, capture, end_to_end_sensitivity, single_op_sensitivity
+from .sensitivity import LayerScore, capture, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity
+from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency
+from .giveback import give_back
 from .strategies import STRATEGIES
 
 log = logging.getLogger("converter")
@@ -108,9 +110,20 @@ class SearchOutcome:
     strategy: str
     seconds: float
     fallback: str = "float"  # what the kept layers fell back to: float | int16 | none
+    prefix: int = 0  # layers the strategy kept (the smallest passing prefix of the ranking)
+    costs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample
+    all_quantized: onnx.ModelProto | None = None
+
+    def float_fraction(self) -> float:
+        """Share of the compute layers (Conv, Gemm, MatMul) left in float (or 16 bits)."""
+        compute = [s for s in self.ranking if s.op_type.split("+")[0] in COMPUTE_OPS]
+        kept = {s.name for s in self.fallback_layers}
+        return sum(s.name in kept for s in compute) / len(compute) if compute else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        final = next((t for t in reversed(self.trials) if t.float_layers == [s.name for s in self.fallback_layers]), None)
+        names = [s.name for s in self.fallback_layers]
+        final = next((t for t in reversed(self.trials) if t.float_layers == names), None)
+        total = sum(self.costs.values())
         return {
             "met": self.met,
             "strategy": self.strategy,
@@ -119,71 +132,140 @@ class SearchOutcome:
             "threshold": self.threshold,
             "final_metric": final.metric if final else None,
             "full_evaluations": len(self.trials),
-            "fallback_layers": [s.to_dict() for s in self.fallback_layers],
+            "strategy_prefix": self.prefix,
+            "given_back": max(self.prefix - len(names), 0),
+            "float_fraction": round(self.float_fraction(), 4),
+            "float_mac_fraction": round(sum(self.costs.get(n, 0.0) for n in names) / total, 4) if total else 0.0,
+            "fallback_layers": [{**s.to_dict(), "macs": self.costs.get(s.name)} for s in self.fallback_layers],
             "evaluations": [t.to_dict() for t in self.trials],
-            "ranking": [s.to_dict() for s in self.ranking],
+            "ranking": [{**s.to_dict(), "macs": self.costs.get(s.name)} for s in self.ranking],
             "seconds": round(self.seconds, 3),
         }
 
 
-def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str = "bisect",
-                    fallback: str = "float") -> SearchOutcome:
-    """``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them at 16 bits miss
-    the target, the search keeps layers in float instead."""
+def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[LayerScore]:
+    """Cheapest to quantize back first: least damage (1 - cosine) per MAC gained."""
+    def key(s: LayerScore) -> tuple:
+        damage = 1.0 - s.cosine if s.cosine == s.cosine else 1.0 - (s.metric or 0.0)
+        return (max(damage, 0.0) / max(costs.get(s.name, 0.0), 1.0), -costs.get(s.name, 0.0), s.name)
+    return sorted(layers, key=key)
+
+
+def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str = "gallop",
+                    fallback: str = "float", costs: dict[str, float] | None = None,
+                    give_back_layers: bool = True) -> SearchOutcome:
+    """Find the fewest, cheapest layers to keep in float (``fallback="int16"``: at 16 bits) for the target.
+
+    1. the strategy finds the smallest prefix of ``ranking`` that meets it;
+    2. give-back re-quantizes the layers of that prefix the target does not need (:mod:`.giveback`);
+    3. of every model that met the target, the one with the fewest MACs left in float is kept.
+
+    ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them at 16 bits miss
+    the target, the search keeps layers in float instead.
+    """
     t0 = time.perf_counter()
+    costs = costs or {}
     searcher.baseline = searcher.measure(searcher.prepared.model, "fp32", []).metric
     threshold = searcher.target.threshold(searcher.baseline)
-    results: dict[tuple[str, int], tuple[Trial, QuantPlan, onnx.ModelProto]] = {}
+    results: dict[tuple[str, frozenset], tuple[Trial, QuantPlan, onnx.ModelProto, list[LayerScore]]] = {}
     mode = "float"
 
-    def attempt(k: int) -> bool:
-        plan, qdq = searcher.build(ranking[:k], mode)
-        trial = searcher.measure(qdq, f"{k} layers in {mode}", [s.name for s in ranking[:k]])
-        results[(mode if k else "none", k)] = (trial, plan, qdq)
-        return trial.passed
+    def attempt(layers: list[LayerScore], label: str | None = None) -> bool:
+        key = (mode if layers else "none", frozenset(s.name for s in layers))
+        if key not in results:
+            plan, qdq = searcher.build(layers, mode)
+            trial = searcher.measure(qdq, label or f"{len(layers)} layers in {mode}", [s.name for s in layers])
+            results[key] = (trial, plan, qdq, list(layers))
+        return results[key][0].passed
 
     chooser = STRATEGIES[strategy](len(ranking))
     with tqdm(total=None, desc=f"fallback search ({strategy})", unit="eval", disable=None, leave=False) as bar:
-        ok = attempt(0)
+        ok = attempt([])
         bar.update(1)
         if not ok and fallback == "int16" and ranking:
             mode = "int16"
-            if not attempt(len(ranking)):  # even every layer at 16 bits misses the target: use float
+            if not attempt(ranking):  # even every layer at 16 bits misses the target: use float
                 mode = "float"
             bar.update(1)
         while not ok and not chooser.done:
-            chooser.step(attempt(chooser.current))
+            chooser.step(attempt(ranking[:chooser.current]))
             bar.update(1)
-            bar.set_postfix(layers=chooser.current, best=max(t.metric for t, _, _ in results.values()))
-    k = 0 if ok else chooser.result
-    key = (mode if k else "none", k)
-    if key not in results:
-        attempt(k)
-    trial, plan, qdq = results[key]
-    if not trial.passed:  # not even this met it: keep the best model seen (fewest layers on a tie)
-        key = max(results, key=lambda m_k: (results[m_k][0].metric, -m_k[1]))
-        trial, plan, qdq = results[key]
-    mode, k = key
-    return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, ranking[:k], ranking,
-                         list(searcher.trials), strategy, time.perf_counter() - t0, mode)
+            bar.set_postfix(layers=chooser.current, best=max(r[0].metric for r in results.values()))
+        k = 0 if ok else chooser.result
+        if k and not attempt(ranking[:k]):
+            pass  # not even this met it (n layers is assumed to pass): the best model seen is kept below
+        prefix = k
+        if k > 1 and give_back_layers and results[(mode, frozenset(s.name for s in ranking[:k]))][0].passed:
+            bar.set_description("give back")
+
+            def passes(layers: list[LayerScore]) -> bool:
+                ok_ = attempt(layers, f"give back: {len(layers)} layers in {mode}")
+                bar.update(1)
+                return ok_
+
+            give_back(give_back_order(ranking[:k], costs), passes)
+    passed = [key for key, r in results.items() if r[0].passed and key[0] in (mode, "none")]
+    if passed:  # the fewest MACs left in float, then the fewest layers, then the best metric
+        key = min(passed, key=lambda kk: (sum(costs.get(n, 0.0) for n in kk[1]), len(kk[1]), -results[kk][0].metric))
+    else:  # nothing met it: keep the best model seen (fewest layers on a tie)
+        key = max(results, key=lambda kk: (results[kk][0].metric, -len(kk[1])))
+    trial, plan, qdq, layers = results[key]
+    order = {s.name: i for i, s in enumerate(ranking)}
+    layers = sorted(layers, key=lambda s: order[s.name])
+    none = results.get(("none", frozenset()))
+    return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, layers, ranking,
+                         list(searcher.trials), strategy, time.perf_counter() - t0, key[0], prefix, dict(costs),
+                         none[2] if none else None)
+
+
+RANKINGS = {
+    "propagated": "each layer alone quantized, the whole model run on the sensitivity samples and its outputs "
+                  "compared with FP32: the error a layer causes after every layer behind it (default)",
+    "single-op": "each layer alone quantized, fed the float inputs, its own output compared (AMCT): no "
+                 "propagation, cheapest, misses layers whose error later layers amplify",
+    "end-to-end": "each layer alone quantized, the user's metric on the whole evaluation set (AIMET): one full "
+                  "evaluation per layer",
+}
+FALLBACKS = ("auto", "float", "int16")
+FLOAT_FRACTION_WARNING = 0.25  # more than this share of the compute layers in float: the result is barely INT8
+
+
+class TooMuchFloatError(TargetNotMetError):
+    """The target was met, but with more of the model in float than ``max_float_fraction`` allows."""
 
 
 def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: AccuracyTarget | None = None,
                   config: QuantConfig | None = None, output_dir: str | Path = "out", name: str | None = None,
-                  strategy: str = "bisect", sensitivity_samples: int = 8, ranking: str = "single-op",
-                  fallback: str = "float",
-                  calib_spec: str | Path | None = None, example_inputs: Any = None) -> QuantResult:
-    """Quantize, then keep the most sensitive layers in float until ``target`` holds.
+                  strategy: str = "gallop", sensitivity_samples: int = 8, ranking: str = "propagated",
+                  fallback: str = "auto", calib_spec: str | Path | None = None, example_inputs: Any = None,
+                  give_back_layers: bool = True, max_float_fraction: float | None = None,
+                  latency: bool = True, latency_runs: int = 20) -> QuantResult:
+    """Quantize, then keep the fewest, cheapest layers in float until ``target`` holds.
 
     ``evaluate(model_path) -> float`` scores a model (higher is better), e.g. a
-    :class:`~converter.search.evaluate.BuiltinEvaluator`. Raises :class:`TargetNotMetError` when no
-    tried model meets the target; the best model found and the report are written first.
+    :class:`~converter.search.evaluate.BuiltinEvaluator`. ``ranking``: ``propagated`` (default),
+    ``single-op`` or ``end-to-end`` (see :data:`RANKINGS`). ``fallback``: ``float``, ``int16`` (16-bit
+    activations before float) or ``auto`` (int16 where the target runs 16 bits fast: qnn; float elsewhere).
+    Raises :class:`TargetNotMetError` when no tried model meets the target, and :class:`TooMuchFloatError`
+    when it is met with more than ``max_float_fraction`` of the compute layers in float; the best model
+    found and the report are written first.
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
-    if fallback not in ("float", "int16"):
-        raise UserError(f"unknown fallback {fallback!r}", "use float or int16")
+    if ranking not in RANKINGS:
+        raise UserError(f"unknown ranking {ranking!r}", f"use one of {', '.join(RANKINGS)}")
+    if fallback not in FALLBACKS:
+        raise UserError(f"unknown fallback {fallback!r}", f"use one of {', '.join(FALLBACKS)}")
+    if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
+        raise UserError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}",
+                        "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
     config = config or QuantConfig()
+    if fallback == "auto":
+        fallback = "int16" if config.target == "qnn" else "float"
+    elif fallback == "int16" and config.target != "qnn":
+        log.warning("fallback int16 on target %s: ONNX Runtime CPU has no fast 16-bit kernels, so a 16-bit layer "
+                    "runs no faster than float; --fallback float gives the same speed with FP32 accuracy",
+                    config.target)
     target = target or AccuracyTarget()
     t0 = time.perf_counter()
     out_dir = ensure_writable_dir(output_dir)
@@ -196,6 +278,14 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     timings = {"calibration_s": calib.seconds}
 
     t = time.perf_counter()
+    providers = select_providers(config.providers)
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
+    batches = list(data)
+    graph = prepared.model.graph
+    anchors_out = {graph.node[prepared.idx.order[layer.nodes[0]]].output[0] for layer in layers}
+    needed = sorted({t for layer in layers for t in layer.inputs} | anchors_out)
+    captured = capture(prepared.model, needed, batches if ranking == "single-op" else batches[:1], providers)
+    costs = layer_macs(prepared.idx, layers, captured[0]) if captured else {}
     if ranking == "end-to-end":
         all_layers = {layer.name: layer for layer in layers}
 
@@ -205,17 +295,38 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
 
         scores = end_to_end_sensitivity(layers, only)
         searcher.trials.clear()
-    else:
-        providers = select_providers(config.providers)
-        data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
-        needed = sorted({t for layer in layers for t in layer.inputs})
-        captured = capture(prepared.model, needed, data, providers)
+    elif ranking == "single-op":
         scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
+    else:
+        owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers)
+        scores = propagated_sensitivity(prepared.model, full, layers, batches, providers,
+                                        getattr(evaluate, "output_names", None), owned)
+    del captured
     timings["sensitivity_s"] = time.perf_counter() - t
 
-    outcome = fallback_search(searcher, scores, strategy, fallback)
+    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers)
     timings["search_s"] = outcome.seconds
-    search_report = {"target": target.describe(), "ranking_kind": ranking, **outcome.to_dict()}
+    search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
+                     "sensitivity_samples": sum(len(next(iter(b.values()))) for b in batches),
+                     **outcome.to_dict()}
+    if latency and batches:
+        t = time.perf_counter()
+        feed = first_sample(batches[0])
+        lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
+               "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
+               if outcome.all_quantized is not None else None,
+               "final_ms": measure_latency(outcome.qdq, feed, latency_runs)}
+        lat["final_vs_fp32"] = round(lat["final_ms"] / lat["fp32_ms"], 3)
+        if lat["all_int8_ms"]:
+            lat["all_int8_vs_fp32"] = round(lat["all_int8_ms"] / lat["fp32_ms"], 3)
+        lat.update({"batch": 1, "runs": latency_runs, "runtime": "onnxruntime CPU, all graph optimizations"})
+        search_report["latency"] = lat
+        timings["latency_s"] = time.perf_counter() - t
+    fraction = outcome.float_fraction()
+    if outcome.met and fraction > FLOAT_FRACTION_WARNING:
+        log.warning("the target holds with %.0f%% of the compute layers in %s: the model is barely quantized; try "
+                    "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
+                    outcome.fallback)
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
                     extra_report={"search": search_report})
     names = [s.name for s in outcome.fallback_layers]
@@ -226,6 +337,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             f"{max(t.metric for t in outcome.trials if t.label != 'fp32'):.4f}, threshold {outcome.threshold:.4f}; "
             f"the best model found was written to {result.model_path}",
             "relax the target, add calibration data, try --calib-method percentile, or --fallback to more layers")
-    log.info("target met with %d layer(s) in float (%s) after %d full evaluations", len(outcome.fallback_layers), kept,
-             len(outcome.trials))
+    if max_float_fraction is not None and fraction > max_float_fraction + 1e-12:
+        raise TooMuchFloatError(
+            f"the accuracy target holds only with {fraction:.0%} of the compute layers in {outcome.fallback} "
+            f"(--max-float-fraction {max_float_fraction:g}): {kept}; the model was written to {result.model_path}",
+            "relax the target, try --calib-method percentile or mse, or allow more float with --max-float-fraction")
+    log.info("target met with %d layer(s) in %s (%s) after %d full evaluations", len(outcome.fallback_layers),
+             outcome.fallback, kept, len(outcome.trials))
     return result

@@ -7,6 +7,13 @@ bias and output through their Q/DQ), both fed the *same float inputs*. No error 
 earlier layers, so the score says how much quantizing this layer costs, and no full-model evaluation
 is needed per layer. Scores: cosine similarity (ranking key), SQNR in dB, MSE.
 
+Propagated (the default): quantize only that layer, run the *whole* model on the same few samples
+and compare the model's outputs with the float outputs (worst output's cosine). The layer's error
+goes through everything after it, so a layer whose local error looks small but which later layers
+amplify (MiniLM's first FFN output, whose outlier channels set a range that wipes out the others
+before a LayerNorm) ranks where it belongs. One render and one short run per layer, no full
+evaluation.
+
 End-to-end (AIMET's per-layer analysis): quantize only that layer and evaluate the whole model with
 the user's metric. N full evaluations: for when the user can afford it.
 """
@@ -99,6 +106,37 @@ def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPl
             tests.append(qsess.run(None, feed)[0].ravel())
         cos, sqnr, mse = compare(np.concatenate(refs), np.concatenate(tests))
         scores.append(LayerScore(layer.name, layer.label, cos, sqnr, mse, layer.nodes))
+    return rank(scores)
+
+
+def propagated_sensitivity(model: onnx.ModelProto, plan: QuantPlan, layers: list[Layer],
+                           batches: list[dict[str, np.ndarray]], providers: list[str],
+                           outputs: list[str] | None = None,
+                           quantizers: dict[str, list[str]] | None = None) -> list[LayerScore]:
+    """Score every layer by the model outputs with only that layer quantized; worst (lowest cosine) first.
+
+    ``outputs``: the graph outputs compared (default: every float output); a layer's score is its
+    worst output's cosine (SQNR and MSE of that output beside it). ``quantizers``: per layer, the
+    encodings quantized for it (default: ``layer.quantizers``); the search passes the ones keeping the
+    layer in float would remove (:func:`~converter.quant.layers.owned_quantizers`).
+    """
+    fsess = make_session(model, providers, optimize=False)
+    names = outputs or [o.name for o in fsess.get_outputs() if o.type == "tensor(float)"] or \
+        [fsess.get_outputs()[0].name]
+    refs = [fsess.run(names, b) for b in batches]
+    scores = []
+    for layer in tqdm(layers, desc="sensitivity (propagated)", unit="layer", disable=None, leave=False):
+        which = quantizers.get(layer.name, []) if quantizers is not None else layer.quantizers
+        encodings = {t: plan.encodings[t] for t in which if t in plan.encodings}
+        qsess = make_session(render_qdq(model, encodings), providers, optimize=False)
+        tests = [qsess.run(names, b) for b in batches]
+        worst = None
+        for k in range(len(names)):
+            r = np.concatenate([ref[k].ravel() for ref in refs])
+            t = np.concatenate([test[k].ravel() for test in tests])
+            m = compare(r, t)
+            worst = m if worst is None or (m[0], m[1]) < (worst[0], worst[1]) else worst
+        scores.append(LayerScore(layer.name, layer.label, *worst, layer.nodes))
     return rank(scores)
 
 

@@ -6,7 +6,10 @@ found to pass. Both start knowing that 0 failed (everything quantized was evalua
 ``n`` passes (nothing quantized is the float model).
 
 ``Bisect`` halves the interval between the largest failing and the smallest passing count:
-``ceil(log2 n)`` evaluations at most. ``Sequential`` (AMCT) adds one layer at a time, worst first.
+``ceil(log2 n)`` evaluations at most. ``Gallop`` (the default) tries 1, 2, 4, 8... layers first and
+bisects once one passes: when a good ranking puts the few culprits first, it stops after about
+``2 log2 k`` evaluations for ``k`` layers (1 evaluation when one layer carries the error), and never
+needs more than ``2 ceil(log2 n) + 1``. ``Sequential`` (AMCT) adds one layer at a time, worst first.
 """
 
 from __future__ import annotations
@@ -38,6 +41,32 @@ class Bisect:
         return self.hi
 
 
+class Gallop(Bisect):
+    name = "gallop"
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.galloping = n > 1
+        self.probe = 1
+
+    @property
+    def current(self) -> int:
+        return min(self.probe, self.hi - 1) if self.galloping else (self.lo + self.hi) // 2
+
+    def step(self, passed: bool) -> bool:
+        if not self.galloping:
+            return super().step(passed)
+        k = self.current
+        if passed:
+            self.hi, self.galloping = k, False
+        else:
+            self.lo = k
+            self.probe = 2 * k
+            if self.probe >= self.hi:
+                self.galloping = False
+        return self.done
+
+
 class Sequential:
     name = "sequential"
 
@@ -66,4 +95,4 @@ class Sequential:
         return self.passed_at if self.passed_at is not None else self.n
 
 
-STRATEGIES = {"bisect": Bisect, "sequential": Sequential}
+STRATEGIES = {"gallop": Gallop, "bisect": Bisect, "sequential": Sequential}

@@ -1,0 +1,85 @@
+"""What a layer costs to run, and what a model costs: the search's other objective.
+
+* :func:`layer_macs`: multiply-accumulates per sample of each layer, from the shapes its tensors
+  really have on a sample batch (dynamic sequence lengths included): ``Conv`` output elements times
+  ``C_in / group * k_h * k_w``; ``MatMul``/``Gemm`` output elements times the reduced dimension.
+  Element-wise layers and pattern blocks (LayerNorm, GELU) count one per output element: on ONNX
+  Runtime CPU they run in float between a DQ and a Q whether quantized or not, so keeping them in
+  float costs almost nothing.
+* :func:`measure_latency`: median wall time of one ONNX Runtime CPU session run at batch 1, all
+  graph optimizations on (what a deployment runs), after warm-up runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from ..calib.runner import make_session
+from ..graph.index import GraphIndex, attr
+from ..quant.layers import Layer
+
+COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per-sample MACs of each layer, from ``values`` (one batch of its tensors' real values, by name)."""
+    by_name = {n.name: n for n in idx.graph.node}
+    out = {}
+    for layer in layers:
+        node = by_name[layer.nodes[0]]
+        y = values.get(node.output[0])
+        if y is None:
+            y = values.get(layer.output)
+        if y is None:
+            out[layer.name] = 0.0
+            continue
+        batch = max(int(y.shape[0]), 1) if y.ndim else 1
+        elems = float(y.size) / batch
+        shape = lambda t: (values[t].shape if t in values else tuple(idx.initializers[t].dims)  # noqa: E731
+                           if t in idx.initializers else tuple(idx.shape.get(t) or ()))
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+            w = shape(node.input[1])
+            k = float(np.prod(w[1:])) if len(w) > 1 else 1.0
+            if node.op_type == "ConvTranspose":  # weight (C_in, C_out/g, k...): MACs = input elements * C_out/g * k
+                x = shape(node.input[0])
+                elems = float(np.prod(x[1:])) if len(x) > 1 else elems
+            out[layer.name] = elems * k
+        elif node.op_type == "MatMul":
+            a = shape(node.input[0])
+            out[layer.name] = elems * float(a[-1] if len(a) else 1)
+        elif node.op_type == "Gemm":
+            a = shape(node.input[0])
+            k = a[0] if attr(node, "transA", 0) else a[-1] if len(a) else 1
+            out[layer.name] = elems * float(k)
+        else:
+            out[layer.name] = float(y.size) / batch
+    return out
+
+
+def is_compute(layer: Layer) -> bool:
+    return layer.op_type in COMPUTE_OPS
+
+
+def first_sample(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[:1] for k, v in batch.items()}
+
+
+def measure_latency(model: onnx.ModelProto | str, feed: Mapping[str, np.ndarray], runs: int = 20,
+                    warmup: int = 3, threads: int = 0) -> float:
+    """Median milliseconds of one run of ``model`` on ``feed`` (ONNX Runtime CPU, all optimizations)."""
+    data = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    sess = make_session(data, ["CPUExecutionProvider"], threads=threads, full_optimization=True)
+    names = [i.name for i in sess.get_inputs()]
+    feed = {k: v for k, v in feed.items() if k in names}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(max(runs, 1)):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(times))
