@@ -155,6 +155,10 @@ class QuantConfig:
     # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
     # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
     max_shared_scale_loss_bits: float | None = 3.0
+    # SmoothQuant on MatMul inputs with outlier channels (applied only where it lowers the quantized layer's error
+    # >= 1.5x); alpha None picks it per tensor by that error
+    smoothquant: bool = True
+    smoothquant_alpha: float | None = 0.5
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -259,6 +263,9 @@ def _check_calibration(c: "QuantConfig") -> None:
     if c.max_shared_scale_loss_bits is not None and c.max_shared_scale_loss_bits < 0:
         raise ConfigError(f"max_shared_scale_loss_bits must be >= 0, got {c.max_shared_scale_loss_bits}",
                           "use e.g. 3 (bits), or null to never split a scale group")
+    if c.smoothquant_alpha is not None and not 0.0 < c.smoothquant_alpha < 1.0:
+        raise ConfigError(f"smoothquant_alpha must be in (0, 1), got {c.smoothquant_alpha}",
+                          "use e.g. 0.5, or leave it unset to pick alpha per tensor")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
 

@@ -79,6 +79,31 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
 
 
+SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
+
+
+def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
+           calib_spec: str | Path | None = None) -> tuple[QuantConfig, list[dict[str, Any]]]:
+    """SmoothQuant the prepared model in place where it helps (:mod:`converter.quant.smoothquant`).
+
+    Returns the config with the inserted float ``Mul`` nodes excluded, and what was changed.
+    """
+    if not config.smoothquant:
+        return config, []
+    from .quant.smoothquant import smoothquant
+
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, SMOOTH_SAMPLES, calib_spec)
+    changes = smoothquant(prepared.model, data, select_providers(config.providers), config.smoothquant_alpha,
+                          activation_bits=config.activation_bits, symmetric=config.preset.activation_symmetric,
+                          per_channel=config.per_channel)
+    if not changes:
+        return config, []
+    prepared.idx = GraphIndex.build(prepared.model)
+    prepared.passes["smoothquant"] = len(changes)
+    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
+        [c.to_dict() for c in changes]
+
+
 def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: QuantConfig,
               calib_spec: str | Path | None = None):
     """One pass of the float model over the calibration data; returns the runner's CalibrationResult."""
@@ -108,6 +133,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     t0 = time.perf_counter()
     out_dir = ensure_writable_dir(output_dir)
     prepared = prepare(model, name, example_inputs)
+    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)
     for sub in plan.float_subgraphs:
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
@@ -120,7 +146,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
     qdq = render_qdq(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
-    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0)
+    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0,
+                  extra_report={"smoothquant": smoothed} if smoothed else None)
 
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,

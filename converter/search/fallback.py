@@ -26,7 +26,7 @@ from ..calib.runner import select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import ensure_writable_dir, save_model
-from ..pipeline import Prepared, QuantResult, calibrate, finish, prepare
+from ..pipeline import Prepared, QuantResult, calibrate, finish, prepare, smooth
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
@@ -270,6 +270,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     t0 = time.perf_counter()
     out_dir = ensure_writable_dir(output_dir)
     prepared = prepare(model, name, example_inputs)
+    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     full = build_plan(prepared.model, config, prepared.idx)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
     compute_encodings(full, prepared.idx, calib.observers, calib.methods, config)
@@ -328,7 +329,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                     "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
                     outcome.fallback)
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
-                    extra_report={"search": search_report})
+                    extra_report={"search": search_report, **({"smoothquant": smoothed} if smoothed else {})})
     names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     if not outcome.met:
