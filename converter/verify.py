@@ -48,6 +48,7 @@ import onnxruntime as ort
 from .calib.readers import model_inputs, open_calibration
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
+from .ort_session import create_session
 from .stats import TensorStats
 
 log = logging.getLogger("converter")
@@ -337,13 +338,9 @@ def resolve_providers(providers: str | list[str]) -> list[str]:
 
 
 def _session(source: Any, proto: onnx.ModelProto, providers: list[str], threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
     target = str(source) if isinstance(source, (str, Path)) else proto.SerializeToString()
     try:
-        return ort.InferenceSession(target, so, providers=providers)
+        return create_session(target, providers, "all", threads)
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot load {_describe(source)}: {str(exc).splitlines()[0]}",
                          "check the model runs in ONNX Runtime (onnxruntime.InferenceSession) on its own") from None
