@@ -22,6 +22,7 @@ import onnx
 from ..calib.readers import open_calibration
 from ..calib.runner import make_session
 from ..errors import CalibrationDataError, ConfigError
+from ..ort_session import OptimizationCheck, check_optimizations
 
 METRICS = ("top1", "agreement", "cosine", "sqnr")
 Evaluator = Callable[[str], float]
@@ -68,7 +69,12 @@ class AccuracyTarget:
 
 
 class BuiltinEvaluator:
-    """Runs a model over an evaluation set and scores it against the float model (or labels)."""
+    """Runs a model over an evaluation set and scores it against the float model (or labels).
+
+    Models run with all graph optimizations (what a deployment runs). On the first batch each
+    model's output is also computed without them (:func:`~converter.ort_session.check_optimizations`):
+    a disagreement is warned about once and kept in ``optimization_check``.
+    """
 
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
@@ -83,7 +89,10 @@ class BuiltinEvaluator:
         self.providers = providers or ["CPUExecutionProvider"]
         self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
         self._cached: list[dict[str, np.ndarray]] | None = None
-        self.reference = self._outputs(float_model)  # per batch: samples of different sizes stay apart
+        # the worst disagreement of optimized and unoptimized outputs seen (warned about once)
+        self.optimization_check: OptimizationCheck | None = None
+        self.optimization_warned = False
+        self.reference = self._outputs(float_model, "the float model")  # per batch: samples of different sizes stay apart
         samples = sum(len(r) for r in self.reference)
         if labels is not None and len(labels) != samples:
             raise CalibrationDataError(f"{len(labels)} labels for {samples} evaluation samples",
@@ -102,11 +111,29 @@ class BuiltinEvaluator:
         self._cached = batches
         return batches
 
-    def _outputs(self, model: onnx.ModelProto | str) -> list[np.ndarray]:
+    def _outputs(self, model: onnx.ModelProto | str, what: str | None = None) -> list[np.ndarray]:
         proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
         sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
         first = sess.get_outputs()[0].name
-        return [sess.run([first], b)[0] for b in self._batches()]
+        outputs = []
+        for b in self._batches():
+            outputs.append(sess.run([first], b)[0])
+            if len(outputs) == 1:  # the guard: first batch only, against the unoptimized graph
+                self._check_optimizations(proto, b, first, outputs[0], what or self._describe(model))
+        return outputs
+
+    def _check_optimizations(self, proto: onnx.ModelProto, batch: dict[str, np.ndarray], output: str,
+                             optimized: np.ndarray, what: str) -> None:
+        check = check_optimizations(proto, batch, [output], [optimized], what, self.providers,
+                                    warn=not self.optimization_warned)
+        if check is not None and not check.agree:
+            self.optimization_warned = True
+            if self.optimization_check is None or check.cosine < self.optimization_check.cosine:
+                self.optimization_check = check
+
+    @staticmethod
+    def _describe(model: onnx.ModelProto | str) -> str:
+        return str(model) if not isinstance(model, onnx.ModelProto) else "a candidate model"
 
     def _sample_scores(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """The metric of each sample of one batch (its first output, flattened per sample)."""
