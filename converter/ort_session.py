@@ -7,8 +7,9 @@ per-tensor, or 2/4-bit) feeding ``MatMul``/``Gemm`` between 16-bit activation Q/
 ``com.microsoft.MatMulNBits`` node. Its ``accuracy_level`` comes from the session option
 ``session.qdq_matmulnbits_accuracy_level``, default 4 = int8 compute: inside the kernel the input
 activation is re-quantized to int8, per block of 32 values along K, so a 16-bit activation gets 8
-bits again (ORT 1.31 leaves these MatMuls alone). On a MatMul model quantized with 16-bit activations
-the output cosine vs FP32 drops from 0.9991 to 0.3794 (tools/ort_16bit_repro.py).
+bits again (ORT 1.31 leaves these MatMuls alone). On the four-MatMul test model quantized with 16-bit
+activations the output cosine vs FP32 drops from 0.9991 to 0.3794; tools/ort_16bit_repro.py
+reproduces it with one MatMul.
 
 The fix, :data:`SESSION_CONFIG`: accuracy level 1 (fp32 compute) keeps the rewrite (weights packed
 once) but computes what DequantizeLinear + MatMul compute. It is set in every session: ORT versions

@@ -92,7 +92,8 @@ class BuiltinEvaluator:
         # the worst disagreement of optimized and unoptimized outputs seen (warned about once)
         self.optimization_check: OptimizationCheck | None = None
         self.optimization_warned = False
-        self.reference = self._outputs(float_model, "the float model")  # per batch: samples of different sizes stay apart
+        # per batch: samples of different sizes stay apart
+        self.reference = self._outputs(float_model, "the float model")
         samples = sum(len(r) for r in self.reference)
         if labels is not None and len(labels) != samples:
             raise CalibrationDataError(f"{len(labels)} labels for {samples} evaluation samples",
