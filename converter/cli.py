@@ -146,7 +146,7 @@ def _auto_quantize(args: argparse.Namespace, config):
           f"{search['fallback'] if search['fallback_layers'] else 'float'} after "
           f"{search['full_evaluations']} full evaluations")
     for layer in search["fallback_layers"]:
-        print(f"  float: {layer['name']} ({layer['op_type']}, single-op cosine {layer['cosine']:.4f})")
+        print(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, single-op cosine {layer['cosine']:.4f})")
     return result
 
 
