@@ -77,6 +77,10 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int)
     p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"])
+    p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
+                   help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
+                        "(default: on)")
+    p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default 0.5)")
     s = p.add_argument_group("accuracy target (automatic fallback search)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -111,7 +115,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "providers",
-                                               "threads", "encodings_version") if getattr(args, k) is not None}
+                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha")
+                 if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n for n in args.exclude_nodes.split(",") if n)
     config = config.replace(**overrides)

@@ -4,6 +4,10 @@ Both models run in ONNX Runtime (default graph optimisation, i.e. what a deploym
 CPU provider Q/DQ pairs are fused into QLinearConv/QLinearMatMul) on the same batches, read by the
 calibration readers (``.npy``/``.npz`` directories or images + ``preprocess.yaml``). Any QDQ model
 works, ours or ONNX Runtime's ``quantize_static`` output: only input and output names must match.
+Sessions come from :mod:`converter.ort_session` (its session options keep ORT 1.32 from computing
+16-bit QDQ MatMuls in int8). The first batch also runs without graph optimizations: when either
+model's outputs differ (cosine < 0.995 or max error > 10% of the range) a warning names the ORT
+version, and ``graph_optimizations`` in the metrics records the comparison.
 
 Metrics, streamed batch by batch (memory does not grow with the data, except one predicted class
 per sample for classifier outputs), per model output::
@@ -48,6 +52,7 @@ import onnxruntime as ort
 from .calib.readers import model_inputs, open_calibration
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
+from .ort_session import check_optimizations, create_session
 from .stats import TensorStats
 
 log = logging.getLogger("converter")
@@ -248,18 +253,21 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
                                    f"{source.description}", "give exactly one label per sample, in the data's "
                                    "sorted file order")
     provider_list = resolve_providers(providers)
-    sessions = _session(float_model, float_proto, provider_list, threads), \
-        _session(quant_model, quant_proto, provider_list, threads)
+    targets = _target(float_model, float_proto), _target(quant_model, quant_proto)
+    sessions = tuple(_session(t, m, provider_list, threads) for t, m in zip(targets, (float_model, quant_model)))
     outputs = [o.name for o in float_proto.graph.output]
 
     stats = {name: _OutputStats(name) for name in outputs}
     latency = _Latency(), _Latency()
     samples = batches = 0
+    optimization: dict[str, dict | None] = {}
     for batch in source:
         n = next(iter(batch.values())).shape[0]
-        if batches == 0:
-            for s in sessions:  # warm-up, untimed
-                _run(s, outputs, batch, 0)
+        if batches == 0:  # warm-up, untimed; and the guard: the same batch without graph optimizations
+            for which, s, target, model in zip(("float", "quant"), sessions, targets, (float_model, quant_model)):
+                check = check_optimizations(target, batch, outputs, _run(s, outputs, batch, 0), _describe(model),
+                                            provider_list, threads)
+                optimization[which] = check.to_dict() if check is not None else None
         results = []
         for s, lat in zip(sessions, latency):
             t = time.perf_counter()
@@ -281,6 +289,7 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
         "outputs": {name: st.to_dict() for name, st in stats.items()},
         "accuracy": accuracy,
         "latency": {"float": latency[0].to_dict(), "quant": latency[1].to_dict()},
+        "graph_optimizations": optimization,
     }
     return VerifyResult(all(c.passed for c in checks), metrics, checks, thresholds)
 
@@ -336,14 +345,14 @@ def resolve_providers(providers: str | list[str]) -> list[str]:
     return chosen
 
 
-def _session(source: Any, proto: onnx.ModelProto, providers: list[str], threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    target = str(source) if isinstance(source, (str, Path)) else proto.SerializeToString()
+def _target(source: Any, proto: onnx.ModelProto) -> str | bytes:
+    """What ORT loads: the path (external data next to it), else the serialized proto."""
+    return str(source) if isinstance(source, (str, Path)) else proto.SerializeToString()
+
+
+def _session(target: str | bytes, source: Any, providers: list[str], threads: int) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(target, so, providers=providers)
+        return create_session(target, providers, "all", threads)
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot load {_describe(source)}: {str(exc).splitlines()[0]}",
                          "check the model runs in ONNX Runtime (onnxruntime.InferenceSession) on its own") from None
@@ -442,6 +451,12 @@ def format_report(result: VerifyResult) -> str:
     lines += ["", f"latency per batch (batch size {m['batch_size']}, mean / median): float {lf['mean_ms']:.3f} / "
                   f"{lf['median_ms']:.3f} ms  quantized {lq['mean_ms']:.3f} / {lq['median_ms']:.3f} ms  "
                   f"(quantized/float x{ratio:.2f})"]
+    bad = {k: g for k, g in (m.get("graph_optimizations") or {}).items() if g and not g["agree"]}
+    for which, g in bad.items():
+        lines += ["", f"WARNING: ONNX Runtime {g['onnxruntime']}: graph optimizations change the "
+                      f"{'quantized' if which == 'quant' else which} model's "
+                      f"output {g['output']!r} (first batch: cosine {g['cosine']:.4f} against no optimizations); "
+                      "see the README, 'ONNX Runtime versions'"]
     if result.checks:
         lines += ["", "checks:"]
         lines += [f"  {'ok  ' if c.passed and c.applicable else 'n/a ' if not c.applicable else 'FAIL'} "

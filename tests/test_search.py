@@ -44,6 +44,11 @@ def sensitive_model():
         W4=rng.normal(0, 0.5, (32, 10)).astype(np.float32))
 
 
+# These models plant activation outliers for the search to find; SmoothQuant would remove them first
+# (tests/test_smoothquant.py), so the search tests turn it off.
+NO_SMOOTH = QuantConfig(smoothquant=False)
+
+
 def data(seed, n=8):
     rng = np.random.default_rng(seed)
     return [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(n)]
@@ -53,7 +58,7 @@ def data(seed, n=8):
 def test_search_finds_exactly_the_sensitive_layer(tmp_path, strategy):
     model = sensitive_model()
     evaluate = BuiltinEvaluator("cosine", model, data(2))
-    res = auto_quantize(model, data(1), evaluate, AccuracyTarget(max_drop=0.001), QuantConfig(),
+    res = auto_quantize(model, data(1), evaluate, AccuracyTarget(max_drop=0.001), NO_SMOOTH,
                         output_dir=tmp_path, strategy=strategy)
     search = res.report["search"]
     assert search["met"] and [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
@@ -71,7 +76,7 @@ def test_unmet_target_still_writes_best_model(tmp_path):
     model = sensitive_model()
     with pytest.raises(TargetNotMetError) as err:
         auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(min_value=1.5),
-                      QuantConfig(), output_dir=tmp_path, name="best")
+                      NO_SMOOTH, output_dir=tmp_path, name="best")
     assert err.value.exit_code == 1 and "not met" in err.value.message
     report = json.loads((tmp_path / "best.report.json").read_text())
     assert report["search"]["met"] is False
@@ -143,7 +148,7 @@ def test_int16_fallback_before_float(tmp_path):
     """With --fallback int16 the sensitive layer is kept at 16 bits (opset 21 QDQ) instead of float."""
     model = sensitive_model()
     res = auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(max_drop=0.005),
-                        QuantConfig(), output_dir=tmp_path, fallback="int16")
+                        NO_SMOOTH, output_dir=tmp_path, fallback="int16")
     search = res.report["search"]
     assert search["met"] and search["fallback"] == "int16"
     assert [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
@@ -225,7 +230,7 @@ def planted_data(seed, n=4):
 def test_search_keeps_exactly_the_two_planted_culprits_in_float(tmp_path):
     model = planted_model()
     evaluate = BuiltinEvaluator("cosine", model, planted_data(2))
-    res = auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=0.005), QuantConfig(),
+    res = auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=0.005), NO_SMOOTH,
                         output_dir=tmp_path, latency_runs=3)
     s = res.report["search"]
     assert s["ranking_kind"] == "propagated" and len(s["ranking"]) == 20
@@ -246,7 +251,7 @@ def test_give_back_requantizes_a_layer_the_strategy_over_included(tmp_path):
     from converter.search import LayerScore, plan_layers
     from converter.search.fallback import Searcher, fallback_search
 
-    model, config = planted_model(), QuantConfig()
+    model, config = planted_model(), NO_SMOOTH
     prepared = prepare(model)
     plan = build_plan(prepared.model, config, prepared.idx)
     calib = calibrate(prepared, activation_tensors(plan), planted_data(1), config)
@@ -292,7 +297,7 @@ def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
     for i, batch in enumerate(planted_data(2)):
         np.save(tmp_path / "eval" / f"e{i}.npy", batch["h0"])
     args = ["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
-            "--target-metric", "cosine", "--max-drop", "0.005", "-o", str(tmp_path / "out")]
+            "--target-metric", "cosine", "--max-drop", "0.005", "-o", str(tmp_path / "out"), "--no-smoothquant"]
     assert main(args + ["--max-float-fraction", "0.05"]) == 1
     err = capsys.readouterr().err
     assert "10% of the compute layers" in err and "--max-float-fraction" in err

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from converter import QuantConfig
+from converter.ort_session import create_session  # ORT 1.32: 16-bit MatMuls need its session options
 from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
 
 SEQ = 128
@@ -74,18 +74,14 @@ class STSB:
     def __call__(self, path: str) -> float:
         from scipy.stats import spearmanr
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        s = create_session(str(path), optimization="all")
         emb = lambda ss: np.concatenate([s.run(["sentence_embedding"], feeds(self.tok, ss[i:i + 64]))[0]
                                          for i in range(0, len(ss), 64)])
         return float(spearmanr((emb(self.s1) * emb(self.s2)).sum(1), self.gold).correlation)
 
 
 def latency_ms(path: str, feed: dict, runs: int) -> float:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    s = create_session(str(path), optimization="all")
     for _ in range(3):
         s.run(None, feed)
     times = []

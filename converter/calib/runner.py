@@ -49,6 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
 from ..errors import CalibrationDataError, UserError
+from ..ort_session import create_session
 from .observers import MinMaxObserver, ObserverSettings, make_observer
 from .readers import CalibrationSource
 
@@ -81,17 +82,9 @@ def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: 
                  optimize: bool = True, full_optimization: bool = False,
                  mem_pattern: bool = True) -> ort.InferenceSession:
     """An ORT session; ``optimize`` gives basic graph optimizations, ``full_optimization`` all of them."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.enable_mem_pattern = mem_pattern
-    if threads:
-        so.intra_op_num_threads = threads
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if full_optimization
-                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    level = "all" if full_optimization else "basic" if optimize else "off"
     try:
-        data = model if isinstance(model, bytes) else model.SerializeToString()
-        return ort.InferenceSession(data, so, providers=providers)
+        return create_session(model, providers, level, threads, mem_pattern)
     except Exception as exc:
         raise UserError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
                         "check the model with `qconvert validate`; it must run in ONNX Runtime as float first") from None

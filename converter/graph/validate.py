@@ -333,13 +333,10 @@ def _external_tensors(path: Path) -> int:
 def _check_runs(ctx: _Context) -> Iterator[Finding]:
     if ctx.original.ByteSize() > PROTOBUF_LIMIT:
         return
-    import onnxruntime as ort
+    from ..ort_session import create_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(ctx.original.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        create_session(ctx.original, ["CPUExecutionProvider"], "off")
     except Exception as exc:
         yield Finding(ERROR, "ort-load", "", f"ONNX Runtime cannot load the float model: {str(exc).splitlines()[0]}",
                       "calibration runs the float model in ONNX Runtime: fix or re-export the model first")

@@ -163,6 +163,8 @@ def smoothquant(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]]
             n.input[0] = out
         inserts.append((min(position[n.name] for n in nodes), helper.make_node("Mul", [tensor, inv], [out],
                                                                                  name=mul_name)))
+        shape = idx.shape.get(tensor)
+        model.graph.value_info.append(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, shape))
         med = float(np.median(xmax)) or 1e-30
         changes.append(Smoothed(tensor, [n.name for n in nodes], best, before, errs[best], mul_name,
                                 float(xmax.max()) / med))

@@ -27,6 +27,7 @@ import onnx
 from ..calib.readers import open_calibration
 from ..calib.runner import make_session
 from ..errors import CalibrationDataError, ConfigError
+from ..ort_session import OptimizationCheck, check_optimizations
 
 METRICS = ("top1", "agreement", "cosine", "sqnr")
 Evaluator = Callable[[str], float]
@@ -73,7 +74,12 @@ class AccuracyTarget:
 
 
 class BuiltinEvaluator:
-    """Runs a model over an evaluation set and scores it against the float model (or labels)."""
+    """Runs a model over an evaluation set and scores it against the float model (or labels).
+
+    Models run with all graph optimizations (what a deployment runs). On the first batch each
+    model's output is also computed without them (:func:`~converter.ort_session.check_optimizations`):
+    a disagreement is warned about once and kept in ``optimization_check``.
+    """
 
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
@@ -89,7 +95,11 @@ class BuiltinEvaluator:
         self.output_names = _pick_outputs(float_model, metric, output)
         self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
         self._cached: list[dict[str, np.ndarray]] | None = None
-        self.reference = self._outputs(float_model)  # per batch: samples of different sizes stay apart
+        # the worst disagreement of optimized and unoptimized outputs seen (warned about once)
+        self.optimization_check: OptimizationCheck | None = None
+        self.optimization_warned = False
+        # per batch: samples of different sizes stay apart
+        self.reference = self._outputs(float_model, "the float model")
         if metric in ("top1", "agreement"):
             shape = self.reference[0][0].shape if self.reference else ()
             classes = [d for d in shape[1:] if d != 1]
@@ -116,10 +126,28 @@ class BuiltinEvaluator:
         self._cached = batches
         return batches
 
-    def _outputs(self, model: onnx.ModelProto | str) -> list[np.ndarray]:
+    def _outputs(self, model: onnx.ModelProto | str, what: str | None = None) -> list[list[np.ndarray]]:
         proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
         sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
-        return [sess.run(self.output_names, b) for b in self._batches()]
+        outputs = []
+        for b in self._batches():
+            outputs.append(sess.run(self.output_names, b))
+            if len(outputs) == 1:  # the guard: first batch only, against the unoptimized graph
+                self._check_optimizations(proto, b, self.output_names, outputs[0], what or self._describe(model))
+        return outputs
+
+    def _check_optimizations(self, proto: onnx.ModelProto, batch: dict[str, np.ndarray], outputs: list[str],
+                             optimized: list[np.ndarray], what: str) -> None:
+        check = check_optimizations(proto, batch, outputs, optimized, what, self.providers,
+                                    warn=not self.optimization_warned)
+        if check is not None and not check.agree:
+            self.optimization_warned = True
+            if self.optimization_check is None or check.cosine < self.optimization_check.cosine:
+                self.optimization_check = check
+
+    @staticmethod
+    def _describe(model: onnx.ModelProto | str) -> str:
+        return str(model) if not isinstance(model, onnx.ModelProto) else "a candidate model"
 
     def _sample_scores(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         """The metric of each sample of one batch (its first output, flattened per sample)."""

@@ -122,7 +122,8 @@ class SearchOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         names = [s.name for s in self.fallback_layers]
-        final = next((t for t in reversed(self.trials) if t.float_layers == names), None)
+        final = next((t for t in reversed(self.trials) if set(t.float_layers) == set(names) and t.label != "fp32"),
+                     None)
         total = sum(self.costs.values())
         return {
             "met": self.met,

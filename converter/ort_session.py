@@ -1,0 +1,140 @@
+"""Every ONNX Runtime session the tool creates comes from :func:`create_session`.
+
+Why one place: ONNX Runtime 1.32 computes 16-bit QDQ MatMul/Gemm models wrongly at its default
+optimization level. Its ``QDQSelectorActionTransformer`` (levels ORT_ENABLE_EXTENDED and ALL, CPU
+provider) gained a rule that replaces a constant weight ``DequantizeLinear`` (int8 per-channel or
+per-tensor, or 2/4-bit) feeding ``MatMul``/``Gemm`` between 16-bit activation Q/DQ pairs with a
+``com.microsoft.MatMulNBits`` node. Its ``accuracy_level`` comes from the session option
+``session.qdq_matmulnbits_accuracy_level``, default 4 = int8 compute: inside the kernel the input
+activation is re-quantized to int8, per block of 32 values along K, so a 16-bit activation gets 8
+bits again (ORT 1.31 leaves these MatMuls alone). On the four-MatMul test model quantized with 16-bit
+activations the output cosine vs FP32 drops from 0.9991 to 0.3794; tools/ort_16bit_repro.py
+reproduces it with one MatMul.
+
+The fix, :data:`SESSION_CONFIG`: accuracy level 1 (fp32 compute) keeps the rewrite (weights packed
+once) but computes what DequantizeLinear + MatMul compute. It is set in every session: ORT versions
+without the rewrite do not use it. A deployment on ONNX Runtime's CPU provider needs the same entry:
+see the README, "ONNX Runtime versions".
+
+:func:`check_optimizations` is the guard for the next such change: the evaluators run the
+optimized graph (what a deployment runs) and compare its first batch with an unoptimized session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger("converter")
+
+# Session config entries every session gets (see the module docstring).
+SESSION_CONFIG: dict[str, str] = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+LEVELS = {
+    "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# The guard's tolerance: optimized vs unoptimized outputs of the same model on the same batch.
+# Fused integer kernels (QLinearConv, ...) round differently from Q/DQ + float op, which moves a
+# quantized output by a step here and there: EfficientNet-Lite0 at 8 bits, fused vs unfused, cosine
+# 0.99943 and max error 1.6% of the range (digits CNN: identical; 16-bit models: identical). The ORT
+# 1.32 16-bit MatMul rewrite: cosine 0.48 on the four-MatMul test model, 0.953 in the repro script.
+MIN_COSINE = 0.995
+MAX_RELATIVE_ERROR = 0.1  # max |optimized - reference| / max |reference|
+
+
+def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.SessionOptions:
+    """SessionOptions with :data:`SESSION_CONFIG`; ``optimization`` is off | basic | extended | all."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_mem_pattern = mem_pattern
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = LEVELS[optimization]
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    return so
+
+
+def create_session(model: onnx.ModelProto | bytes | str, providers: Sequence[str] | None = None,
+                   optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.InferenceSession:
+    """An ORT session for a model (proto, serialized bytes or a path); ORT's exceptions pass through."""
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, session_options(optimization, threads, mem_pattern),
+                                providers=list(providers or ["CPUExecutionProvider"]))
+
+
+@dataclass(frozen=True)
+class OptimizationCheck:
+    """Optimized vs unoptimized outputs of one model on one batch (the worst floating output)."""
+
+    output: str | None
+    cosine: float
+    relative_error: float
+
+    @property
+    def agree(self) -> bool:
+        return self.cosine >= MIN_COSINE and self.relative_error <= MAX_RELATIVE_ERROR
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "cosine": self.cosine, "relative_max_error": self.relative_error,
+                "agree": self.agree, "onnxruntime": ort.__version__}
+
+
+def compare_outputs(names: Sequence[str], optimized: Sequence[np.ndarray],
+                    reference: Sequence[np.ndarray]) -> OptimizationCheck:
+    """The worst output's cosine and max error relative to the reference's max magnitude."""
+    worst = OptimizationCheck(None, 1.0, 0.0)
+    for name, got, ref in zip(names, optimized, reference):
+        got, ref = np.asarray(got), np.asarray(ref)
+        if not np.issubdtype(ref.dtype, np.floating) or got.shape != ref.shape or ref.size == 0:
+            continue
+        g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+        if not (np.isfinite(g).all() and np.isfinite(r).all()):
+            continue
+        norms = np.linalg.norm(g) * np.linalg.norm(r)
+        cos = float(g @ r / norms) if norms > 0 else (1.0 if not g.any() and not r.any() else 0.0)
+        scale = float(np.abs(r).max())
+        rel = float(np.abs(g - r).max() / scale) if scale > 0 else float(np.abs(g).max() > 0)
+        check = OptimizationCheck(name, cos, rel)
+        if worst.output is None or (not check.agree, -cos, rel) > (not worst.agree, -worst.cosine,
+                                                                  worst.relative_error):
+            worst = check
+    return worst
+
+
+def check_optimizations(model: onnx.ModelProto | bytes | str, feeds: Mapping[str, np.ndarray],
+                        outputs: Sequence[str], optimized: Sequence[np.ndarray], what: str,
+                        providers: Sequence[str] | None = None, threads: int = 0,
+                        warn: bool = True) -> OptimizationCheck | None:
+    """Run ``model`` without graph optimizations on ``feeds`` and compare with ``optimized``.
+
+    ``optimized``: the optimized session's ``outputs`` on the same feeds. Logs a warning naming the
+    ONNX Runtime version when they disagree beyond :data:`MIN_COSINE` / :data:`MAX_RELATIVE_ERROR`
+    (``warn``). None when the unoptimized session cannot be made or run.
+    """
+    try:
+        plain = create_session(model, providers, "off", threads)
+        reference = plain.run(list(outputs), dict(feeds))
+    except Exception as exc:  # the guard must never stop an evaluation
+        log.debug("graph optimization check of %s skipped: %s", what, exc)
+        return None
+    check = compare_outputs(outputs, optimized, reference)
+    if not check.agree and warn:
+        log.warning(
+            "ONNX Runtime %s: graph optimizations change the result of %s: on the first batch, output %r of the "
+            "optimized session has cosine %.4f (max error %.1f%% of its range) against the same model run without "
+            "graph optimizations; the numbers measured here are those of the optimized graph, which is what a "
+            "deployment runs. Install the tested versions (pip install -c constraints.txt ...) and see the README, "
+            "'ONNX Runtime versions', for the session options a deployment needs",
+            ort.__version__, what, check.output, check.cosine, 100 * check.relative_error)
+    return check
