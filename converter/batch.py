@@ -781,11 +781,11 @@ def _json_default(o: Any) -> Any:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_file", help="YAML/JSON job file (see `python -m pydoc converter.batch`)")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once (default 1)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once")
     p.add_argument("--resume", action="store_true",
                    help="skip jobs whose inputs, config and converter version are unchanged since a successful run")
-    p.add_argument("--timeout", type=float, help="seconds per job (overrides the job file's default)")
-    p.add_argument("-o", "--output-dir", help="override the job file's output_dir")
+    p.add_argument("--timeout", type=float, help="seconds per job (default: the job file's, else none)")
+    p.add_argument("-o", "--output-dir", help="override the job file's output_dir (default: the job file's)")
 
 
 def run(args: argparse.Namespace) -> int:

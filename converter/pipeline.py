@@ -21,12 +21,13 @@ from .calib.readers import model_inputs, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .config import QuantConfig
-from .errors import EncodingsError, ModelError, UserError
+from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
                              model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.validate import ensure_float_model
+from .options import check_name, check_outputs_free, output_paths
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
@@ -79,6 +80,45 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
 
 
+def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
+    """Check ``name`` and the output folder before any work: writable, and no output over an input."""
+    if name is not None:
+        check_name(name)
+    out_dir = ensure_writable_dir(output_dir)
+    stem = name or (Path(model).stem if isinstance(model, (str, Path)) else None)
+    if stem:
+        check_outputs_free(output_paths(out_dir, stem), [model, calib_data if isinstance(calib_data, (str, Path))
+                                                         else None])
+    return out_dir
+
+
+def check_node_names(model: Any, config: QuantConfig) -> None:
+    """``exclude_nodes`` and ``int16_nodes`` must name nodes of the (preprocessed) model: a typo would
+    otherwise quantize everything without a word."""
+    wanted = [("exclude_nodes", "--exclude-nodes", n) for n in config.exclude_nodes]
+    wanted += [("int16_nodes", "int16_nodes", n) for n in config.int16_nodes]
+    if not wanted:
+        return
+    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in model.graph.node):
+        proto = model
+    else:
+        proto = load_model(model)
+        preprocess(proto)
+    names = {n.name for n in proto.graph.node}
+    unknown = [(key, opt, n) for key, opt, n in wanted if n not in names]
+    if unknown:
+        import difflib
+
+        key, opt, _ = unknown[0]
+        listed = ", ".join(repr(n) for _, _, n in unknown[:5])
+        close = difflib.get_close_matches(unknown[0][2], sorted(names), n=3)
+        raise ConfigError(f"{opt}: no node named {listed} in the model ({len(names)} nodes)",
+                          (f"did you mean {', '.join(close)}? " if close else "")
+                          + "node names are listed by `qconvert validate MODEL --json findings.json` "
+                          "and in the report's plan; names are case-sensitive")
+    log.debug("%d node name(s) checked: %s", len(wanted), ", ".join(n for _, _, n in wanted))
+
+
 def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: QuantConfig,
               calib_spec: str | Path | None = None):
     """One pass of the float model over the calibration data; returns the runner's CalibrationResult."""
@@ -102,12 +142,14 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 
     ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``) or a Python
     iterable / ``get_next()`` reader of ``{input name: array}`` dicts. Writes
-    ``<output_dir>/<name>.onnx``, ``<name>.encodings`` and ``<name>.report.json``.
+    ``<output_dir>/<name>.qdq.onnx``, ``<name>.encodings`` and ``<name>.report.json``; never over the
+    input model or the calibration data (checked before any work).
     """
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    out_dir = ensure_writable_dir(output_dir)
+    out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
+    check_node_names(prepared.model, config)
     plan = build_plan(prepared.model, config, prepared.idx)
     for sub in plan.float_subgraphs:
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
@@ -132,7 +174,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     tensors = _tensor_report(plan, calib.observers, calib.methods)
     _warn_clipping(tensors)
     name = prepared.name
-    paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
+    paths = output_paths(out_dir, name)
+    check_outputs_free(paths, [prepared.source_path])
     report = {
         "converter_version": __version__,
         "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,

@@ -83,7 +83,7 @@ def test_cli_export_quantize_apply_on_pypi_efficientnet(tmp_path, capsys):
     assert any(n.startswith("/_blocks.0/") for n in names)  # node names keep the PyTorch module path
     out = tmp_path / "out"
     assert main(["quantize", str(model), "--calib", str(ROOT / "calib_data" / "photos"), "-o", str(out)]) == 0
-    qdq = onnx.load(str(out / "effnet.onnx"))
+    qdq = onnx.load(str(out / "effnet.qdq.onnx"))
     onnx.checker.check_model(qdq, full_check=True)
     report = json.loads((out / "effnet.report.json").read_text())
     assert report["summary"]["quantized_tensors"]["weight"] == op_counts(qdq)["Conv"] + op_counts(qdq)["Gemm"]
@@ -98,7 +98,7 @@ def test_cli_export_quantize_apply_on_pypi_efficientnet(tmp_path, capsys):
     assert cos.min() > 0.9
     applied = tmp_path / "applied.onnx"
     assert main(["apply-encodings", str(model), str(out / "effnet.encodings"), "-o", str(applied)]) == 0
-    assert applied.read_bytes() == (out / "effnet.onnx").read_bytes()
+    assert applied.read_bytes() == (out / "effnet.qdq.onnx").read_bytes()
 
 
 def test_python_module_entry_point(tmp_path):

@@ -181,26 +181,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("float_model", help="float ONNX model")
     p.add_argument("quant_model", help="quantized (QDQ) ONNX model sharing the float model's tensor names")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --data)")
-    p.add_argument("--json", help="write the full table as JSON to this file")
-    p.add_argument("--max-samples", type=int, default=32, help="samples to run (default 32)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
+                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--json", help="also write the full table as JSON to this file (default: none)")
+    p.add_argument("--max-samples", type=int, default=32, help="samples to run")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per ONNX Runtime run")
     p.add_argument("--sort", choices=["order", "sqnr"], default="order", help="graph order or worst SQNR first")
-    p.add_argument("--top", type=int, default=None, help="print only this many rows")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--top", type=int, default=None, help="print only this many rows (default: all)")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="execution provider; auto: CUDA if present, else CPU")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {args.max_samples}", "use e.g. --max-samples 32")
+    if args.json:  # before the models run
+        from ..options import check_output_file
+
+        check_output_file(args.json, "--json", [args.float_model, args.quant_model])
     rows = compare_models(args.float_model, args.quant_model, args.data, args.max_samples, args.batch_size,
                           select_providers(args.providers), args.calib_spec)
     print(format_table(rows, args.top, args.sort))
     if args.json:
-        from ..graph.model_io import ensure_writable_dir
-
         out = Path(args.json)
-        ensure_writable_dir(out.parent if str(out.parent) else Path("."))
         atomic_write_text(out, comparison_json(rows, args.float_model, args.quant_model))
         print(f"wrote {out}")
     worst = min(rows, key=lambda r: r.stats.sqnr_db)
