@@ -20,14 +20,14 @@ _DEFAULTS = QuantConfig()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, unless the help already names it or there is none."""
+    """Every option's help ends with its default ("none": not set), unless the help already names it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
-                or isinstance(action, (argparse._VersionAction, argparse._StoreConstAction))):
+        if (not action.option_strings or "default" in text or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action, (argparse._VersionAction, argparse._StoreConstAction, argparse._HelpAction))):
             return text
-        return f"{text} (default: %(default)s)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
 
 # --- export ----------------------------------------------------------------------------------------

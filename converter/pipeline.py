@@ -77,6 +77,8 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     ensure_float_model(proto)
     opset = default_opset(proto)
     passes = preprocess(proto)
+    log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
+              ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
     return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
 
 
@@ -114,9 +116,12 @@ def check_node_names(model: Any, config: QuantConfig) -> None:
         close = difflib.get_close_matches(unknown[0][2], sorted(names), n=3)
         raise ConfigError(f"{opt}: no node named {listed} in the model ({len(names)} nodes)",
                           (f"did you mean {', '.join(close)}? " if close else "")
-                          + "node names are listed by `qconvert validate MODEL --json findings.json` "
-                          "and in the report's plan; names are case-sensitive")
+                          + f"use node names of the model (case-sensitive), e.g. "
+                          f"{', '.join(n.name for n in proto.graph.node[:3])}")
     log.debug("%d node name(s) checked: %s", len(wanted), ", ".join(n for _, _, n in wanted))
+
+
+FEW_CALIB_SAMPLES = 16  # fewer calibration samples than this get a warning
 
 
 def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: QuantConfig,
@@ -130,9 +135,15 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
         return result
     producers = {t: n.op_type for t, n in prepared.idx.producer.items()}
     methods = resolve_methods(tensors, producers, config.calib_method, config.calib_overrides)
+    log.debug("calibrating %d activation tensors on %s with %s (providers %s)", len(tensors), data.description,
+              config.calib_method, ", ".join(providers))
     result = collect(prepared.model, tensors, data, methods, providers, config.threads,
                      ObserverSettings.from_config(config), config.calib_memory_budget_mb << 20)
     result.source = data.description
+    if result.samples < FEW_CALIB_SAMPLES:
+        log.warning("only %d calibration sample%s (%s): ranges from so few inputs rarely hold on real data; use "
+                    "at least %d (100-1000 is typical) that look like what the model will see", result.samples,
+                    "" if result.samples == 1 else "s", data.description, FEW_CALIB_SAMPLES)
     return result
 
 
@@ -151,6 +162,9 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     plan = build_plan(prepared.model, config, prepared.idx)
+    log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
+              ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
+              len(plan.float_nodes()))
     for sub in plan.float_subgraphs:
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
                     sub["op_type"], sub["node"], sub["subgraph"], sub["nodes"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -117,6 +118,13 @@ def compare_models(float_model: Any, quant_model: Any, data: Any, max_samples: i
     if not pairs:
         raise ModelError("the two models share no float tensor names",
                          "compare a quantized model with the float model it was made from")
+    outputs = {o.name for o in fm.graph.output}
+    inner = [p for p in pairs if p[0] not in outputs]
+    if tensors is None and not inner and len(fm.graph.node) > 1:
+        raise ModelError(f"the two models share only their output name(s) ({', '.join(p[0] for p in pairs)}), no "
+                         "tensor inside the network: they are not a float model and its quantized version",
+                         "compare a quantized model with the float model it was made from (qconvert quantize "
+                         "keeps the float tensor names)")
     providers = providers or select_providers("auto")
     f_sess = make_session(with_outputs(fm, [p[0] for p in pairs]), providers, optimize=False)
     q_sess = make_session(with_outputs(qm, [p[1] for p in pairs]), providers, optimize=False)
@@ -127,8 +135,17 @@ def compare_models(float_model: Any, quant_model: Any, data: Any, max_samples: i
     with tqdm(desc="comparing", unit="sample", disable=None, leave=False) as bar:
         for batch in source:
             f_out = f_sess.run(f_fetch, batch)
-            q_out = q_sess.run(q_fetch, batch)
+            try:
+                q_out = q_sess.run(q_fetch, batch)
+            except Exception as exc:  # the float model took the data, the quantized one does not
+                raise ModelError(f"the quantized model cannot run the data the float model takes: "
+                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
+                                 "compare a quantized model with the float model it was made from") from None
             for row, a, b in zip(rows, f_out, q_out):
+                if np.shape(a) != np.shape(b):
+                    raise ModelError(f"tensor {row.tensor!r} has shape {list(np.shape(a))} in the float model and "
+                                     f"{list(np.shape(b))} in the quantized one: they are not the same network",
+                                     "compare a quantized model with the float model it was made from")
                 row.stats.update(a, b)
             bar.update(next(iter(batch.values())).shape[0])
     return rows
@@ -140,6 +157,14 @@ def _check_same_inputs(f_sess, q_sess) -> None:
     if f_in != q_in:
         raise ModelError(f"the models have different inputs: {f_in} vs {q_in}",
                          "compare a quantized model with the float model it was made from")
+    q_shapes = {i.name: i.shape for i in q_sess.get_inputs()}
+    for i in f_sess.get_inputs():
+        a, b = i.shape, q_shapes[i.name]
+        fixed_differ = len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                               for x, y in zip(a, b))
+        if fixed_differ:
+            raise ModelError(f"input {i.name!r} has shape {a} in the float model and {b} in the quantized one",
+                             "compare a quantized model with the float model it was made from (same input shapes)")
 
 
 # --- presentation ----------------------------------------------------------------------------------

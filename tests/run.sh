@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: install what the tests need, then run them (about 2-4 minutes on 2 cores).
+# torch's CPU build first (an unpinned torch pulls a multi-GB CUDA build), then the package with its test
+# extras, then Chromium (Debian package) for tests/test_analysis.py, which renders report.html headless.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[dev]'
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt=(apt-get); else apt=(sudo apt-get); fi
+    "${apt[@]}" update -q && "${apt[@]}" install -y -q chromium
+fi
+python -m pytest -q "$@"
