@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,27 +187,60 @@ def test_digits_weights_are_bundled_not_trained():
     assert proc.returncode == 0 and "training" not in proc.stderr and float(proc.stdout) < 2.0
 
 
-def test_readme_quick_start_runs_as_written(tmp_path):
-    """The README's quick start (minus the pip install), verbatim, in a copy of the repo's data: it passes the
-    default verify gate with the accuracy printed, and the float model is not overwritten."""
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [c.strip() for c in block.replace("\\\n", " ").split("&&") if c.strip()]
-    commands = [c for c in commands if not c.startswith("pip ")]
-    assert commands and all(c.startswith("qconvert ") for c in commands), commands
-    for folder in ("models", "calib_data", "eval_data"):
+def readme_commands() -> list[str]:
+    """Every qconvert command in the README's bash blocks, continuation lines joined, comments and [optional]
+    parts dropped, in order."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\[[^\]]*\]", "", line.split(" #")[0] if not line.startswith("#") else "")
+            commands += [c.strip() for c in line.split("&&") if c.strip().startswith("qconvert ")]
+    return commands
+
+
+def test_readme_usage_commands_run_as_written(tmp_path):
+    """All README commands, the quick start first (the EfficientNet ones are test_end_to_end's), verbatim in a copy
+    of the repo's files: each exits 0."""
+    commands = [c for c in readme_commands() if "efficientnet" not in c and "effnet" not in c]
+    assert len(commands) >= 12 and any(c.startswith("qconvert batch examples/jobs.yaml") for c in commands)
+    for folder in ("models", "calib_data", "eval_data", "examples"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
-    outputs = []
+    stdout = []
     for cmd in commands:
         proc = subprocess.run([sys.executable, "-m", "converter", *cmd.split()[1:]], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                                "PYTHONPATH": str(ROOT)})
-        assert proc.returncode == 0, (cmd, proc.stderr[-3000:])
-        outputs.append(proc.stdout)
-    assert "PASSED" in outputs[-1] and "accuracy on 597 labels" in outputs[-1]
-    assert (tmp_path / "out" / "digits.onnx").is_file() and (tmp_path / "out" / f"digits{QDQ_SUFFIX}").is_file()
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, (cmd, proc.stdout[-2000:], proc.stderr[-3000:])
+        stdout.append(proc.stdout)
+    # the quick start (its first three commands) ends with the accuracy on the held-out digits and PASSED
+    assert commands[2].startswith("qconvert verify out/digits.onnx out/digits.qdq.onnx")
+    assert "accuracy on 597 labels" in stdout[2] and stdout[2].rstrip().endswith("PASSED")
     x = np.load(tmp_path / "eval_data" / "digits" / "heldout.npz")["input"]
     y = np.loadtxt(tmp_path / "eval_data" / "digits_labels.txt", dtype=np.int64)
     fp32 = (run(tmp_path / "out" / "digits.onnx", {"input": x})[0].argmax(1) == y).mean()
     int8 = (run(tmp_path / "out" / f"digits{QDQ_SUFFIX}", {"input": x})[0].argmax(1) == y).mean()
     assert fp32 > 0.95 and int8 >= fp32 - 0.01
+    summary = json.loads((tmp_path / "out" / "batch" / "summary.json").read_text())
+    assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"]
+    assert (tmp_path / "digits.qdq.onnx").is_file()
+    html = (tmp_path / "analysis" / "report.html").read_text()
+    assert html.count('class="xlabel"') >= 2  # the line charts' x axes are labelled
+    analysis = json.loads((tmp_path / "analysis" / "report.json").read_text())
+    assert analysis["evaluation"]["samples"] == 597  # --eval-samples 0: all of them
+
+
+def test_analyze_says_how_many_eval_samples_and_when_the_metric_ties(digits, tmp_path, caplog):
+    from converter import QuantConfig
+    from converter.analysis import analyze
+    from converter.analysis.analyzer import AnalysisConfig
+
+    eval_dir = ROOT / "eval_data" / "digits"
+    labels = ROOT / "eval_data" / "digits_labels.txt"
+    res = analyze(digits["path"], DIGITS_CALIB, QuantConfig(), tmp_path, eval_data=eval_dir, labels=labels,
+                  analysis=AnalysisConfig(eval_samples=16, steps=("split",)))
+    assert "first 16 evaluation samples only" in caplog.text and "--eval-samples 0 uses all" in caplog.text
+    split = res.report["split"]
+    assert res.report["evaluation"]["samples"] == 16
+    if split["fp32"] == split["weights_only"] == split["activations_only"] == split["all_quantized"]:
+        assert split["verdict"].startswith("top1 is the same for all variants on 16 samples; by output cosine")
+    else:
+        assert split["verdict"] in ("activations hurt more", "weights hurt more")
