@@ -11,8 +11,9 @@
   side is 256, 336 and 448 px (PIL bilinear); the centre crop of the first and
   the centre and four corner crops of the others are saved as JPEG quality 90
   (11 views per photo). SOURCES.md lists each photo and its licence.
-  ``preprocess.yaml`` is the EfficientNet-Lite0 spec of calib_data/photos
-  (the images are already 224x224, so resize and crop leave them unchanged).
+  ``preprocess.yaml`` (written by hand) is the EfficientNet-Lite0 colour and
+  normalisation of calib_data/photos without resize or crop: the views
+  already are the model's 224x224 input.
 
 Nothing is downloaded. Usage: python eval_data/make_eval_data.py
 """
