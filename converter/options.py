@@ -72,6 +72,27 @@ def check_outputs_free(paths: tuple[Path, ...] | list[Path], inputs: list[str | 
                                   f"choose another {option}; the quantized model is written as <name>{QDQ_SUFFIX}")
 
 
+def check_earlier_outputs(paths: tuple[Path, ...] | list[Path], option: str = "-o/--output-dir or --name") -> None:
+    """Existing files at (QDQ model, encodings, report) are replaced only when the report there says an earlier
+    ``quantize`` run wrote them: a file of the same name that this tool did not make is never overwritten."""
+    import json
+
+    existing = [p for p in paths if p.is_file()]
+    if not existing:
+        return
+    report = Path(paths[-1])
+    try:
+        doc = json.loads(report.read_text(encoding="utf-8"))
+        ours = ("converter_version" in doc and
+                {Path(v).name for v in doc.get("outputs", {}).values()} >= {Path(p).name for p in paths})
+    except (OSError, ValueError, AttributeError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"{existing[0]} already exists and is not the output of an earlier quantize run "
+                          f"(no {report.name} of this tool lists it)",
+                          f"choose another {option}, or move the file away")
+
+
 def check_output_file(path: str | os.PathLike, option: str, inputs: list[str | os.PathLike | None] = ()) -> Path:
     """Before any work: the folder of ``path`` can be written (created if missing), ``path`` is not a folder
     and not one of ``inputs``."""

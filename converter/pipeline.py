@@ -27,7 +27,7 @@ from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_te
                              model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.validate import ensure_float_model
-from .options import check_name, check_outputs_free, output_paths
+from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
@@ -89,8 +89,9 @@ def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name
     out_dir = ensure_writable_dir(output_dir)
     stem = name or (Path(model).stem if isinstance(model, (str, Path)) else None)
     if stem:
-        check_outputs_free(output_paths(out_dir, stem), [model, calib_data if isinstance(calib_data, (str, Path))
-                                                         else None])
+        paths = output_paths(out_dir, stem)
+        check_outputs_free(paths, [model, calib_data if isinstance(calib_data, (str, Path)) else None])
+        check_earlier_outputs(paths)
     return out_dir
 
 
@@ -190,6 +191,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     name = prepared.name
     paths = output_paths(out_dir, name)
     check_outputs_free(paths, [prepared.source_path])
+    check_earlier_outputs(paths)
     report = {
         "converter_version": __version__,
         "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,

@@ -93,6 +93,14 @@ def test_quantize_never_writes_over_its_input(digits, tmp_path, capsys):
     code, err = quantize_cli(capsys, clash, DIGITS_CALIB, out, "--name", "m")
     assert code == 2 and "would overwrite the input" in err and "--name" in err and "Traceback" not in err
     assert clash.read_bytes() == before and not (out / "m.encodings").exists()
+    # a file of an output's name that no earlier run wrote (no report of ours lists it) is not overwritten
+    (out / "other.encodings").write_text("mine")
+    shutil.copy(digits["path"], out / "other.onnx")
+    code, err = quantize_cli(capsys, out / "other.onnx", DIGITS_CALIB, out)
+    assert code == 2 and "other.encodings already exists and is not the output of an earlier" in err
+    assert (out / "other.encodings").read_text() == "mine" and not (out / "other.qdq.onnx").exists()
+    # an earlier run's outputs are replaced
+    assert main(["quantize", str(model), "--calib", str(DIGITS_CALIB), "-o", str(out)]) == 0
 
 
 def test_name_with_a_path_separator_is_refused(model_path, tmp_path, capsys):
