@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: install what the tests need, then run them (about 2-4 minutes on 2 cores).
+# The README's test command: install what the tests need, then run them (2-5 minutes on 2 cores).
 # torch's CPU build first (an unpinned torch pulls a multi-GB CUDA build), then the package with its test
 # extras, then Chromium (Debian package) for tests/test_analysis.py, which renders report.html headless.
 set -euo pipefail
