@@ -98,8 +98,8 @@ def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name
 def check_node_names(model: Any, config: QuantConfig) -> None:
     """``exclude_nodes`` and ``int16_nodes`` must name nodes of the (preprocessed) model: a typo would
     otherwise quantize everything without a word."""
-    wanted = [("exclude_nodes", "--exclude-nodes", n) for n in config.exclude_nodes]
-    wanted += [("int16_nodes", "int16_nodes", n) for n in config.int16_nodes]
+    wanted = [("exclude_nodes", "exclude_nodes (--exclude-nodes or --config)", n) for n in config.exclude_nodes]
+    wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
     if not wanted:
         return
     if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in model.graph.node):
