@@ -146,11 +146,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     s = result.report["summary"]
     q = s["quantized_tensors"]
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
-          f"{q['bias']} biases on {result.report['calibration']['samples']} calibration samples "
+          f"{q['bias']} biases on {_plural(result.report['calibration']['samples'], 'calibration sample')} "
           f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _auto_quantize(args: argparse.Namespace, config):
@@ -269,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         remove_created_dirs()
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped into head & co., which stopped reading: not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except BaseException:
         remove_created_dirs()
         raise
