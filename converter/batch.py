@@ -1,20 +1,21 @@
 """Batch conversion: many models from one job file, each job in its own process, resumable.
 
-Job file (YAML or JSON; every relative path is relative to the job file's folder)::
+Job file (YAML or JSON; every relative path is relative to the job file's folder, not the current
+directory; ``examples/jobs.yaml`` is one that runs as written)::
 
     defaults: {target: ort-cpu, calib_method: minmax}   # QuantConfig keys for every job
     output_dir: out/                                    # default: <job file stem>-out/
     timeout: 600                                        # seconds per job (default: none)
     jobs:
-      - name: resnet8                                   # default: the model file's stem
-        model: models/resnet8.onnx                      # an ONNX file ...
-        calib: calib_data/cifar/
-        verify: {data: eval/cifar/, labels: eval/labels.npy, min_agreement: 0.98}
-      - name: mynet
-        model: "models/net.py:build"                    # ... or a PyTorch factory, exported first
+      - name: digits                                    # default: the model file's stem
+        model: out/digits.onnx                          # an ONNX file ...
+        calib: calib_data/digits/
+        verify: {data: eval_data/digits/, labels: eval_data/digits_labels.txt, min_agreement: 0.98}
+      - name: effnet
+        model: "models/efficientnet_lite0.py:build"     # ... or a PyTorch factory, exported first
         input_shape: [1, 3, 224, 224]
-        calib: calib_data/imgs/
-        calib_spec: calib_data/imgs/preprocess.yaml     # optional
+        calib: calib_data/photos/
+        calib_spec: calib_data/photos/preprocess.yaml   # optional
         config: {per_channel: false}                    # overrides defaults
         timeout: 120
 
@@ -781,11 +782,11 @@ def _json_default(o: Any) -> Any:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_file", help="YAML/JSON job file (see `python -m pydoc converter.batch`)")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once (default 1)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once")
     p.add_argument("--resume", action="store_true",
                    help="skip jobs whose inputs, config and converter version are unchanged since a successful run")
-    p.add_argument("--timeout", type=float, help="seconds per job (overrides the job file's default)")
-    p.add_argument("-o", "--output-dir", help="override the job file's output_dir")
+    p.add_argument("--timeout", type=float, help="seconds per job (default: the job file's, else none)")
+    p.add_argument("-o", "--output-dir", help="override the job file's output_dir (default: the job file's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,32 +8,35 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Callable
 
-from .config import CALIB_METHODS, WEIGHT_CALIB_METHODS
+from . import __version__
+from .config import CALIB_METHODS, WEIGHT_CALIB_METHODS, QuantConfig
 from .errors import UserError
+from .options import QDQ_SUFFIX, check_output_file, parse_shape
 
 log = logging.getLogger("converter")
+_DEFAULTS = QuantConfig()
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,3,224,224)")
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
-    return dims
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default ("none": not set), unless the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is argparse.SUPPRESS or action.required
+                or isinstance(action, (argparse._VersionAction, argparse._StoreConstAction, argparse._HelpAction))):
+            return text
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
 
 
 # --- export ----------------------------------------------------------------------------------------
 
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("module_spec", help="package.module:factory or path/to/file.py:factory returning an nn.Module")
-    p.add_argument("--input-shape", type=_shape, required=True, help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--input-shape", type=parse_shape, required=True, help="example input shape, e.g. 1,3,224,224")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the export")
     p.add_argument("--static-batch", action="store_true", help="keep the batch dimension fixed")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
 
@@ -43,9 +46,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from .export import build_module, export_torch
 
+    out = check_output_file(args.output, "-o/--output")  # before the model is built
     module = build_module(args.module_spec)
-    out = Path(args.output)
-    _check_parent(out)
     export_torch(module, torch.zeros(args.input_shape), out, opset=args.opset,
                  dynamic_batch=not args.static_batch, simplify=not args.no_simplify)
     print(f"exported {args.module_spec} -> {out}")
@@ -55,41 +57,55 @@ def _run_export(args: argparse.Namespace) -> int:
 # --- quantize --------------------------------------------------------------------------------------
 
 def _add_quantize(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
     p.add_argument("model", help="float ONNX model")
     p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("-o", "--output-dir", required=True,
+                   help=f"folder for <name>{QDQ_SUFFIX}, <name>.encodings and <name>.report.json (created if missing)")
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
-    p.add_argument("--name", help="output file stem (default: the model file's stem)")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
+    p.add_argument("--name", help="output file stem, a plain file name (default: the model file's stem)")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"],
+                   help=f"runtime whose quantization rules are used (default: {d.target})")
     p.add_argument("--calib-method", choices=list(CALIB_METHODS),
-                   help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
+                   help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config) "
+                        f"(default: {d.calib_method})")
     p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
-                   help="weight ranges per channel: max |w| (default) or the clipping that minimises MSE")
-    p.add_argument("--percentile", type=float)
-    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --calib)")
+                   help=f"weight ranges per channel: max |w| or the clipping that minimises MSE "
+                        f"(default: {d.weight_calib})")
+    p.add_argument("--percentile", type=float, help=f"for --calib-method percentile (default: {d.percentile})")
+    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
+                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
+    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None)
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false")
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--activation-bits", type=int, choices=[8, 16])
-    p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"])
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
+                   help="one weight scale per output channel (default)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
+    p.add_argument("--max-samples", type=int, help="use at most N calibration samples (default: all)")
+    p.add_argument("--batch-size", type=int, help=f"samples per ONNX Runtime run (default: {d.batch_size})")
+    p.add_argument("--activation-bits", type=int, choices=[8, 16],
+                   help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
+    p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
+                   help=f"execution provider for calibration; auto: CUDA if present, else CPU "
+                        f"(default: {d.providers})")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: 0, ORT decides)")
+    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"],
+                   help=f"AIMET encodings file format (default: {d.encodings_version})")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
                         "(default: on)")
-    p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default 0.5)")
-    s = p.add_argument_group("accuracy target (automatic fallback search)")
+    p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
+    s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
-    s.add_argument("--evaluator", help="custom metric: path/to/file.py:fn or pkg.mod:fn, fn(model_path) -> float")
-    s.add_argument("--eval", help="evaluation data (same formats as --calib)")
+    s.add_argument("--evaluator", help="custom metric: path/to/file.py:fn or pkg.mod:fn, fn(model_path) -> float; "
+                                       "turns the fallback search on")
+    s.add_argument("--evaluate", dest="evaluator", help=argparse.SUPPRESS)  # the spelling analyze used
+    s.add_argument("--eval", help="evaluation data for --target-metric (same formats as --calib)")
     s.add_argument("--labels", help="labels for --target-metric top1 (.npy of ints or one per line)")
-    s.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default 0.01)")
+    s.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default: 0.01)")
     s.add_argument("--relative-drop", action="store_true", help="--max-drop is a fraction of the FP32 metric")
-    s.add_argument("--min-metric", type=float, help="absolute metric the quantized model must reach")
+    s.add_argument("--min-metric", type=float, help="absolute metric the quantized model must reach (default: none)")
     s.add_argument("--eval-output", help="graph output the metric reads (default: the first; 'all': the worst "
                                           "output's score, for cosine/sqnr)")
     s.add_argument("--strategy", choices=["gallop", "bisect", "sequential"], default="gallop",
@@ -97,7 +113,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     s.add_argument("--ranking", choices=["propagated", "single-op", "end-to-end"], default="propagated",
                    help="how layers are ranked (default: propagated, each layer alone quantized, model outputs "
                         "compared)")
-    s.add_argument("--sensitivity-samples", type=int, default=8, help="calibration samples the ranking runs on")
+    s.add_argument("--sensitivity-samples", type=int, default=8, help="calibration samples the ranking runs on (default: 8)")
     s.add_argument("--fallback", choices=["auto", "float", "int16"], default="auto",
                    help="int16: try 16-bit activations for the sensitive layers before float; auto (default): "
                         "int16 on --target qnn, float elsewhere (ORT CPU has no fast 16-bit kernels)")
@@ -105,22 +121,38 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="keep the strategy's whole prefix in float (default: re-quantize the layers not needed)")
     s.add_argument("--max-float-fraction", type=float,
                    help="exit 1 when more than this share of the compute layers ends in float (the model and "
-                        "report are still written)")
+                        "report are still written) (default: none)")
+    p.set_defaults(_search_group=s)
+
+
+def _search_options_without_metric(args: argparse.Namespace) -> list[str]:
+    """The search options given although neither --target-metric nor --evaluator turns the search on."""
+    if args.target_metric or args.evaluator:
+        return []
+    return [a.option_strings[0] for a in args._search_group._group_actions
+            if a.help != argparse.SUPPRESS and getattr(args, a.dest, None) != a.default]
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .config import QuantConfig
-    from .pipeline import quantize
+    from .pipeline import check_node_names, prepare_output_dir, quantize
 
+    stray = _search_options_without_metric(args)
+    if stray:
+        raise UserError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for the accuracy-target search, "
+                        "which runs only with --target-metric or --evaluator",
+                        "add --target-metric top1|agreement|cosine|sqnr (with --eval DIR), or --evaluator "
+                        f"file.py:fn; or drop {', '.join(stray)}")
+    prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before any work
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "providers",
                                                "threads", "encodings_version", "smoothquant", "smoothquant_alpha")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
-        overrides["exclude_nodes"] = tuple(n for n in args.exclude_nodes.split(",") if n)
+        overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())
     config = config.replace(**overrides)
     if args.target_metric or args.evaluator:
+        check_node_names(args.model, config)
         result = _auto_quantize(args, config)
     else:
         result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
@@ -128,11 +160,15 @@ def _run_quantize(args: argparse.Namespace) -> int:
     s = result.report["summary"]
     q = s["quantized_tensors"]
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
-          f"{q['bias']} biases on {result.report['calibration']['samples']} calibration samples "
+          f"{q['bias']} biases on {_plural(result.report['calibration']['samples'], 'calibration sample')} "
           f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _auto_quantize(args: argparse.Namespace, config):
@@ -148,6 +184,9 @@ def _auto_quantize(args: argparse.Namespace, config):
     else:
         if not args.eval:
             raise UserError("--target-metric needs evaluation data", "pass --eval DIR (same formats as --calib)")
+        if args.target_metric == "top1" and not args.labels:
+            raise UserError("--target-metric top1 needs --labels", "pass --labels FILE, or use --target-metric "
+                                                                   "agreement (top-1 agreement with FP32)")
         float_model = load_model(args.model)
         preprocess(float_model)
         labels = load_labels(args.labels) if args.labels else None
@@ -185,17 +224,10 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
 def _run_apply(args: argparse.Namespace) -> int:
     from .pipeline import apply_encodings
 
-    out = Path(args.output)
-    _check_parent(out)
+    out = check_output_file(args.output, "-o/--output", [args.model, args.encodings])
     model = apply_encodings(args.model, args.encodings, out)
     print(f"applied {args.encodings} -> {out} ({len(model.graph.node)} nodes)")
     return 0
-
-
-def _check_parent(path: Path) -> None:
-    from .graph.model_io import ensure_writable_dir
-
-    ensure_writable_dir(path.parent if str(path.parent) else Path("."))
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -221,33 +253,57 @@ def _lazy(module: str):
     return importlib.import_module(f".{module}", __package__)
 
 
+def _common_options(parser: argparse.ArgumentParser, default) -> None:
+    """-v/-q on the main parser and on every subcommand, so they work anywhere on the line."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging: stages, timings, chosen providers, files read and written")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qconvert", description="ONNX quantization converter")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser = argparse.ArgumentParser(prog="qconvert", description="ONNX quantization converter",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qconvert {__version__}")
+    _common_options(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add(p)
+        _common_options(p, argparse.SUPPRESS)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .graph.model_io import remove_created_dirs
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-                        format="converter: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="converter: %(message)s", stream=sys.stderr)
+    logging.getLogger("converter").setLevel(level)
+    log.debug("qconvert %s %s (python %s)", __version__, args.command, sys.version.split()[0])
     try:
-        return args._run(args)
+        code = args._run(args)
     except UserError as exc:
+        remove_created_dirs()
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        remove_created_dirs()
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped into head & co., which stopped reading: not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except BaseException:
+        remove_created_dirs()
+        raise
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

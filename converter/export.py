@@ -51,18 +51,50 @@ def load_module_spec(spec: str) -> Callable[[], Any]:
         raise
     except ImportError as exc:
         raise UserError(f"cannot import {target!r}: {exc}",
-                        "install the package that defines the model, or give a file path (path/to/file.py:factory)"
-                        ) from None
+                        _missing_package_fix(exc, "install the package that defines the model, or give a file path "
+                                                  "(path/to/file.py:factory)")) from None
+    except Exception as exc:  # the module itself fails on import: the user's code, not converter
+        raise UserError(f"importing {target!r} failed: {type(exc).__name__}: {_first_line(exc)}",
+                        f"fix the module (python -c \"import runpy; runpy.run_path('{target}')\" shows the traceback)"
+                        if target.endswith(".py") else f"fix the module (python -c 'import {target}' shows the "
+                                                       "traceback)") from None
     factory = getattr(module, attr_name, None)
     if not callable(factory):
         raise UserError(f"{target} has no callable {attr_name!r}", "name a function or class that builds the model")
     return factory
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _missing_package_fix(exc: ImportError, default: str) -> str:
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if not name:
+        return default
+    dist = name.replace("_", "-")
+    return (f"install the missing package (pip install {dist}); the bundled example models need the test extras: "
+            "pip install -e '.[dev]'")
+
+
+def call_factory(spec: str, factory: Callable[[], Any]) -> Any:
+    """Call a model factory; an exception inside it (a missing optional package, a bug) is a user error."""
+    try:
+        return factory()
+    except ImportError as exc:
+        raise UserError(f"{spec}: the factory needs a package that is not installed: {_first_line(exc)}",
+                        _missing_package_fix(exc, "install the package the factory imports")) from None
+    except Exception as exc:
+        raise UserError(f"{spec}: the factory raised {type(exc).__name__}: {_first_line(exc)}",
+                        "fix the factory (call it in Python to see the traceback)") from None
+
+
 def build_module(spec: str):
     import torch
 
-    model = load_module_spec(spec)()
+    log.info("building %s", spec)
+    model = call_factory(spec, load_module_spec(spec))
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module",
                         "make the factory return the model instance")

@@ -21,12 +21,13 @@ from .calib.readers import model_inputs, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .config import QuantConfig
-from .errors import EncodingsError, ModelError, UserError
+from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
                              model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.validate import ensure_float_model
+from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
@@ -76,6 +77,8 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     ensure_float_model(proto)
     opset = default_opset(proto)
     passes = preprocess(proto)
+    log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
+              ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
     return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
 
 
@@ -104,6 +107,49 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
         [c.to_dict() for c in changes]
 
 
+def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
+    """Check ``name`` and the output folder before any work: writable, and no output over an input."""
+    if name is not None:
+        check_name(name)
+    out_dir = ensure_writable_dir(output_dir)
+    stem = name or (Path(model).stem if isinstance(model, (str, Path)) else None)
+    if stem:
+        paths = output_paths(out_dir, stem)
+        check_outputs_free(paths, [model, calib_data if isinstance(calib_data, (str, Path)) else None])
+        check_earlier_outputs(paths)
+    return out_dir
+
+
+def check_node_names(model: Any, config: QuantConfig) -> None:
+    """``exclude_nodes`` and ``int16_nodes`` must name nodes of the (preprocessed) model: a typo would
+    otherwise quantize everything without a word."""
+    wanted = [("exclude_nodes", "exclude_nodes (--exclude-nodes or --config)", n) for n in config.exclude_nodes]
+    wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
+    if not wanted:
+        return
+    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in model.graph.node):
+        proto = model
+    else:
+        proto = load_model(model)
+        preprocess(proto)
+    names = {n.name for n in proto.graph.node}
+    unknown = [(key, opt, n) for key, opt, n in wanted if n not in names]
+    if unknown:
+        import difflib
+
+        key, opt, _ = unknown[0]
+        listed = ", ".join(repr(n) for _, _, n in unknown[:5])
+        close = difflib.get_close_matches(unknown[0][2], sorted(names), n=3)
+        raise ConfigError(f"{opt}: no node named {listed} in the model ({len(names)} nodes)",
+                          (f"did you mean {', '.join(close)}? " if close else "")
+                          + f"use node names of the model (case-sensitive), e.g. "
+                          f"{', '.join(n.name for n in proto.graph.node[:3])}")
+    log.debug("%d node name(s) checked: %s", len(wanted), ", ".join(n for _, _, n in wanted))
+
+
+FEW_CALIB_SAMPLES = 16  # fewer calibration samples than this get a warning
+
+
 def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: QuantConfig,
               calib_spec: str | Path | None = None):
     """One pass of the float model over the calibration data; returns the runner's CalibrationResult."""
@@ -115,9 +161,15 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
         return result
     producers = {t: n.op_type for t, n in prepared.idx.producer.items()}
     methods = resolve_methods(tensors, producers, config.calib_method, config.calib_overrides)
+    log.debug("calibrating %d activation tensors on %s with %s (providers %s)", len(tensors), data.description,
+              config.calib_method, ", ".join(providers))
     result = collect(prepared.model, tensors, data, methods, providers, config.threads,
                      ObserverSettings.from_config(config), config.calib_memory_budget_mb << 20)
     result.source = data.description
+    if result.samples < FEW_CALIB_SAMPLES:
+        log.warning("only %d calibration sample%s (%s): ranges from so few inputs rarely hold on real data; use "
+                    "at least %d (100-1000 is typical) that look like what the model will see", result.samples,
+                    "" if result.samples == 1 else "s", data.description, FEW_CALIB_SAMPLES)
     return result
 
 
@@ -127,14 +179,19 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 
     ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``) or a Python
     iterable / ``get_next()`` reader of ``{input name: array}`` dicts. Writes
-    ``<output_dir>/<name>.onnx``, ``<name>.encodings`` and ``<name>.report.json``.
+    ``<output_dir>/<name>.qdq.onnx``, ``<name>.encodings`` and ``<name>.report.json``; never over the
+    input model or the calibration data (checked before any work).
     """
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    out_dir = ensure_writable_dir(output_dir)
+    out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
+    check_node_names(prepared.model, config)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)
+    log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
+              ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
+              len(plan.float_nodes()))
     for sub in plan.float_subgraphs:
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
                     sub["op_type"], sub["node"], sub["subgraph"], sub["nodes"])
@@ -160,7 +217,9 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     _warn_clipping(tensors)
     _note_split_groups(plan)
     name = prepared.name
-    paths = out_dir / f"{name}.onnx", out_dir / f"{name}.encodings", out_dir / f"{name}.report.json"
+    paths = output_paths(out_dir, name)
+    check_outputs_free(paths, [prepared.source_path])
+    check_earlier_outputs(paths)
     report = {
         "converter_version": __version__,
         "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,

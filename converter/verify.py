@@ -132,7 +132,7 @@ class VerifyResult:
 
     def write_json(self, path: str | Path) -> None:
         path = Path(path)
-        ensure_writable_dir(path.parent if str(path.parent) else ".")
+        ensure_writable_dir(path.parent if str(path.parent) else ".", "--json")
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
@@ -479,7 +479,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("float_model", help="the float ONNX model")
     p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--data-spec", help="image preprocessing spec (default: preprocess.yaml in --data)")
+    p.add_argument("--image-spec", dest="data_spec", metavar="YAML",
+                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+    p.add_argument("--data-spec", dest="data_spec", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--labels", help=".npy of integers or a text file with one integer per line, in the data's "
                                     "sorted file order")
     p.add_argument("--min-agreement", type=_limit, help=f"min top-1 agreement of [N, C] outputs "
@@ -488,11 +490,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top1-drop", type=_limit, help=f"max accuracy drop, needs --labels (default "
                                                         f"{d.max_top1_drop} = 1 point)")
     p.add_argument("--min-sqnr", type=_limit, help="min SQNR in dB of every output (default: not checked)")
-    p.add_argument("--providers", default="auto", help="auto, or a comma-separated list such as cuda,cpu")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-samples", type=int, help="use only the first N samples")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="execution provider; auto: CUDA if present, else CPU")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per ONNX Runtime run")
+    p.add_argument("--max-samples", type=int, help="use only the first N samples (default: all)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT decides)")
-    p.add_argument("--json", help="write the metrics and checks to this JSON file")
+    p.add_argument("--json", help="also write the metrics and checks to this JSON file (default: none)")
 
 
 def _limit(text: str) -> float | str:
@@ -516,6 +519,10 @@ def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size and --max-samples must be >= 1", "pass a positive number")
+    if args.json:  # before the models run: a bad path fails now, not after the check
+        from .options import check_output_file
+
+        check_output_file(args.json, "--json", [args.float_model, args.quant_model])
     result = verify(args.float_model, args.quant_model, args.data, labels=args.labels,
                     thresholds=thresholds_from_args(args), providers=args.providers, batch_size=args.batch_size,
                     max_samples=args.max_samples, data_spec=args.data_spec, threads=args.threads)

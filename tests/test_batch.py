@@ -104,7 +104,7 @@ def test_failures_are_isolated_and_reported(workdir, capsys):
     good = res["good"]
     assert good["status"] == "ok" and good["quantize"]["quantized"].endswith("/6/6")  # activations/weights/biases
     assert good["verify"]["passed"] and good["verify"]["min_agreement"] >= 0.98
-    assert sorted(good["outputs"].values()) == ["good.encodings", "good.onnx", "good.report.json", "good.verify.json"]
+    assert sorted(good["outputs"].values()) == ["good.encodings", "good.qdq.onnx", "good.report.json", "good.verify.json"]
     for f in good["outputs"].values():
         assert (workdir / "mixed" / "good" / f).stat().st_size > 0
     expect = {
@@ -179,7 +179,7 @@ def test_outputs_are_byte_identical_across_runs(workdir, tmp_path):
     c = quantize(workdir / "digits.onnx", DIGITS, QuantConfig(), tmp_path / "c", name="good")
     batch_dir = workdir / "mixed" / "good"
     if batch_dir.is_dir():  # written by test_failures_are_isolated_and_reported in its worker process
-        assert (batch_dir / "good.onnx").read_bytes() == c.model_path.read_bytes()
+        assert (batch_dir / "good.qdq.onnx").read_bytes() == c.model_path.read_bytes()
         assert (batch_dir / "good.encodings").read_bytes() == c.encodings_path.read_bytes()
 
 

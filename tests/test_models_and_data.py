@@ -78,23 +78,23 @@ def test_digits_split(digits):
 
 
 def test_digits_train_deterministic_and_accurate(digits):
+    """Training is deterministic: one run here reproduces the bundled weights (models/digits_cnn.npz, written by
+    another process with `python models/digits_cnn.py --write-weights`), which build() loads without training."""
     a = digits.train(seed=0)
-    b = digits.train(seed=0)
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    sa = a.state_dict()
     assert not a.training
     n_params = sum(p.numel() for p in a.parameters())
     assert 10_000 <= n_params <= 30_000
     _, _, x_te, y_te = digits.load_split()
     acc = digits.accuracy(a, x_te, y_te)
     assert acc >= 0.95, acc
-    # build() returns the same trained weights (cached per process)
     c = digits.build()
     assert not c.training
-    for k, v in c.state_dict().items():
-        assert torch.equal(v, sa[k]), k
+    sc = c.state_dict()
+    assert sc.keys() == sa.keys()
+    for k, v in sc.items():  # bit-identical on this machine; the tolerance covers other CPUs' kernels
+        assert torch.allclose(v.to(sa[k].dtype), sa[k], atol=1e-5), f"{k}: regenerate models/digits_cnn.npz"
+    assert digits.accuracy(c, x_te, y_te) == acc
     with torch.no_grad():
         assert c(torch.zeros(digits.INPUT_SHAPE)).shape == (1, 10)
 

@@ -81,7 +81,7 @@ def test_unmet_target_still_writes_best_model(tmp_path):
     report = json.loads((tmp_path / "best.report.json").read_text())
     assert report["search"]["met"] is False
     assert len(report["search"]["evaluations"]) >= 2
-    assert (tmp_path / "best.onnx").is_file() and (tmp_path / "best.encodings").is_file()
+    assert (tmp_path / "best.qdq.onnx").is_file() and (tmp_path / "best.encodings").is_file()
     best = max(e["metric"] for e in report["search"]["evaluations"] if e["label"] != "fp32")
     assert report["search"]["final_metric"] == best
 
@@ -141,7 +141,7 @@ def test_cli_search_on_digits(digits, tmp_path, capsys):
                  str(tmp_path / "out2"), "--target-metric", "top1", "--eval", str(eval_dir), "--labels",
                  str(tmp_path / "labels.npy"), "--min-metric", "1.01"])
     assert code == 1 and "not met" in capsys.readouterr().err
-    assert (tmp_path / "out2" / "digits.onnx").is_file()
+    assert (tmp_path / "out2" / "digits.qdq.onnx").is_file()
 
 
 def test_int16_fallback_before_float(tmp_path):
@@ -303,5 +303,5 @@ def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
     assert "10% of the compute layers" in err and "--max-float-fraction" in err
     report = json.loads((tmp_path / "out" / "m.report.json").read_text())
     assert report["search"]["met"] and report["search"]["float_fraction"] == pytest.approx(0.1)
-    assert (tmp_path / "out" / "m.onnx").exists()
+    assert (tmp_path / "out" / "m.qdq.onnx").exists()
     assert main(args + ["--max-float-fraction", "0.1"]) == 0

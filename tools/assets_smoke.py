@@ -348,7 +348,7 @@ def run_one(name: str, assets: Path, target: str, n_eval: int, work: Path, extra
     t = time.perf_counter()
     row.quantize_rc = qconvert(args)
     row.seconds = round(time.perf_counter() - t, 1)
-    qpath = work / "out" / "q.onnx"
+    qpath = work / "out" / "q.qdq.onnx"
     if row.quantize_rc != 0 or not qpath.exists():
         return row
     q = session(qpath)

@@ -156,7 +156,8 @@ def child(job: dict) -> dict:
         config = QuantConfig(calib_method=job["method"], weight_calib=job.get("weight_calib", "minmax"),
                              batch_size=BATCH, histogram_subsample=job.get("subsample", 16384))
         t = time.perf_counter()
-        result = quantize(path, calibration_batches(job["model"], n, pool), config, output_dir=out.parent, name=out.stem)
+        result = quantize(path, calibration_batches(job["model"], n, pool), config, output_dir=out.parent,
+                          name=out.name.removesuffix(".qdq.onnx"))
         return {"seconds": time.perf_counter() - t, "calib_seconds": result.report["timings"]["calibration_s"]}
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -299,7 +300,7 @@ def main() -> None:
                         subsample=args.subsample)
             results[("fp32", "", n)] = spawn({**base, "tool": "fp32", "method": "", "out": str(work / "fp32")}, cap)
             for m in methods:  # interleave ours and the peer's so load changes hit both
-                out = work / f"{model}_{n}_ours_{m}.onnx"
+                out = work / f"{model}_{n}_ours_{m}.qdq.onnx"  # what quantize writes for that name
                 results[("ours", m, n)] = {**spawn({**base, "tool": "ours", "method": m, "out": str(out)}, cap),
                                            "path": str(out)}
                 if m in PEER and not args.no_peer:

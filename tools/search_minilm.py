@@ -143,7 +143,7 @@ def main() -> int:
     except TargetNotMetError as exc:
         print(f"TARGET NOT MET: {exc}")
         report = json.loads((work / "ours" / "minilm.report.json").read_text())
-        ours_path = str(work / "ours" / "minilm.onnx")
+        ours_path = str(work / "ours" / "minilm.qdq.onnx")
     wall = time.perf_counter() - t
     s = report["search"]
     n_layers = len(s["ranking"])

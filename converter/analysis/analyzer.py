@@ -91,7 +91,10 @@ class AnalysisConfig:
         if self.layer_metric not in ("same", *MODEL_METRICS):
             raise ConfigError(f"unknown layer metric {self.layer_metric!r}",
                               f"use one of: same, {', '.join(MODEL_METRICS)}")
-        for key in ("eval_samples", "layer_samples", "batch_size", "histogram_bins", "worst"):
+        if self.eval_samples < 0:
+            raise ConfigError(f"eval_samples must be >= 0 (0: all), got {self.eval_samples}",
+                              "set eval_samples to 0 (all) or a positive number")
+        for key in ("layer_samples", "batch_size", "histogram_bins", "worst"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}", f"set {key} to a positive number")
 
@@ -241,8 +244,17 @@ def load_labels(labels: Any) -> np.ndarray | None:
 
 def eval_batches(prep: Prepared, data: Any, samples: int, batch_size: int,
                  calib_spec: str | Path | None) -> list[dict[str, np.ndarray]]:
-    source = open_calibration(data, model_inputs(prep.model), batch_size, samples, calib_spec)
-    return list(source)
+    """The first ``samples`` evaluation samples (0: all); says so when the data holds more."""
+    source = open_calibration(data, model_inputs(prep.model), batch_size, samples + 1 if samples else None,
+                              calib_spec)
+    batches = list(source)
+    n = sum(next(iter(b.values())).shape[0] for b in batches)
+    if samples and n > samples:  # one more than asked for: the data has more than are used
+        last = {k: v[:-1] for k, v in batches[-1].items()}
+        batches = batches[:-1] + ([last] if next(iter(last.values())).shape[0] else [])
+        log.warning("model metrics use the first %d evaluation samples only (--eval-samples %d; "
+                    "--eval-samples 0 uses all)", samples, samples)
+    return batches
 
 
 # --- steps -------------------------------------------------------------------------------------------
@@ -275,7 +287,10 @@ def step_split(prep: Prepared, ev: Evaluator) -> dict[str, Any]:
             out[k], out["output_cosine"][k] = both[ev.metric], both["cosine"]
         else:
             out[k] = ev.score(model)
-    out["verdict"] = _verdict(out) if not extra or _verdict(out) != _EQUAL else _verdict(out["output_cosine"])
+    out["verdict"] = _verdict(out)
+    if extra and out["verdict"] == _EQUAL:  # the discrete metric cannot tell: say so, then what the cosine says
+        out["verdict"] = (f"{ev.name} is the same for all variants on {ev.samples} samples; by output cosine, "
+                          f"{_verdict(out['output_cosine'])}")
     return out
 
 
@@ -513,26 +528,37 @@ def write_report(report: dict[str, Any], out_dir: Path) -> AnalysisResult:
 # --- CLI ---------------------------------------------------------------------------------------------
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    d, q = AnalysisConfig(), QuantConfig()
     p.add_argument("model", help="float ONNX model")
     p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     p.add_argument("--eval", help="evaluation data (same formats; default: the calibration data)")
     p.add_argument("--labels", help="class indices of the evaluation samples (.npy or text, one per line)")
-    p.add_argument("--evaluate", help="MODULE:FUNCTION or file.py:FUNCTION, evaluate(model_path) -> float, "
-                                      "higher is better (replaces the built-in metric)")
+    p.add_argument("--evaluator", dest="evaluate",
+                   help="MODULE:FUNCTION or file.py:FUNCTION, evaluate(model_path) -> float, "
+                        "higher is better (replaces the built-in metric)")
+    p.add_argument("--evaluate", dest="evaluate", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("-o", "--output-dir", required=True, help="folder for report.json and report.html")
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys")
-    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in the data folder)")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"])
-    p.add_argument("--calib-method", choices=list(CALIB_METHODS))
-    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS))
-    p.add_argument("--max-samples", type=int, help="calibration samples")
-    p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto")
+    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
+                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
+    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"], help=f"(default: {q.target})")
+    p.add_argument("--calib-method", choices=list(CALIB_METHODS),
+                   help=f"activation ranges (default: {q.calib_method})")
+    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
+                   help=f"weight ranges (default: {q.weight_calib})")
+    p.add_argument("--max-samples", type=int, help="calibration samples (default: all)")
+    p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto",
+                   help="model metric; auto: top1 with --labels, else agreement for classifiers, else cosine")
     p.add_argument("--layer-metric", choices=["same", *MODEL_METRICS], default="cosine",
-                   help="metric of the per-layer sensitivity (default cosine: informative on a few samples)")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--layer-samples", type=int, default=8)
-    p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)}")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"])
+                   help="metric of the per-layer sensitivity (cosine: informative on a few samples)")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help="evaluation samples for the model metric (0: all)")
+    p.add_argument("--layer-samples", type=int, default=d.layer_samples,
+                   help="evaluation samples for each per-layer measurement")
+    p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
+                   help=f"execution provider; auto: CUDA if present, else CPU (default: {q.providers})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -117,6 +118,13 @@ def compare_models(float_model: Any, quant_model: Any, data: Any, max_samples: i
     if not pairs:
         raise ModelError("the two models share no float tensor names",
                          "compare a quantized model with the float model it was made from")
+    outputs = {o.name for o in fm.graph.output}
+    inner = [p for p in pairs if p[0] not in outputs]
+    if tensors is None and not inner and len(fm.graph.node) > 1:
+        raise ModelError(f"the two models share only their output name(s) ({', '.join(p[0] for p in pairs)}), no "
+                         "tensor inside the network: they are not a float model and its quantized version",
+                         "compare a quantized model with the float model it was made from (qconvert quantize "
+                         "keeps the float tensor names)")
     providers = providers or select_providers("auto")
     f_sess = make_session(with_outputs(fm, [p[0] for p in pairs]), providers, optimize=False)
     q_sess = make_session(with_outputs(qm, [p[1] for p in pairs]), providers, optimize=False)
@@ -127,8 +135,17 @@ def compare_models(float_model: Any, quant_model: Any, data: Any, max_samples: i
     with tqdm(desc="comparing", unit="sample", disable=None, leave=False) as bar:
         for batch in source:
             f_out = f_sess.run(f_fetch, batch)
-            q_out = q_sess.run(q_fetch, batch)
+            try:
+                q_out = q_sess.run(q_fetch, batch)
+            except Exception as exc:  # the float model took the data, the quantized one does not
+                raise ModelError(f"the quantized model cannot run the data the float model takes: "
+                                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
+                                 "compare a quantized model with the float model it was made from") from None
             for row, a, b in zip(rows, f_out, q_out):
+                if np.shape(a) != np.shape(b):
+                    raise ModelError(f"tensor {row.tensor!r} has shape {list(np.shape(a))} in the float model and "
+                                     f"{list(np.shape(b))} in the quantized one: they are not the same network",
+                                     "compare a quantized model with the float model it was made from")
                 row.stats.update(a, b)
             bar.update(next(iter(batch.values())).shape[0])
     return rows
@@ -140,6 +157,14 @@ def _check_same_inputs(f_sess, q_sess) -> None:
     if f_in != q_in:
         raise ModelError(f"the models have different inputs: {f_in} vs {q_in}",
                          "compare a quantized model with the float model it was made from")
+    q_shapes = {i.name: i.shape for i in q_sess.get_inputs()}
+    for i in f_sess.get_inputs():
+        a, b = i.shape, q_shapes[i.name]
+        fixed_differ = len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                               for x, y in zip(a, b))
+        if fixed_differ:
+            raise ModelError(f"input {i.name!r} has shape {a} in the float model and {b} in the quantized one",
+                             "compare a quantized model with the float model it was made from (same input shapes)")
 
 
 # --- presentation ----------------------------------------------------------------------------------
@@ -181,26 +206,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("float_model", help="float ONNX model")
     p.add_argument("quant_model", help="quantized (QDQ) ONNX model sharing the float model's tensor names")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--calib-spec", help="image preprocessing spec (default: preprocess.yaml in --data)")
-    p.add_argument("--json", help="write the full table as JSON to this file")
-    p.add_argument("--max-samples", type=int, default=32, help="samples to run (default 32)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
+                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
+    p.add_argument("--json", help="also write the full table as JSON to this file (default: none)")
+    p.add_argument("--max-samples", type=int, default=32, help="samples to run")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per ONNX Runtime run")
     p.add_argument("--sort", choices=["order", "sqnr"], default="order", help="graph order or worst SQNR first")
-    p.add_argument("--top", type=int, default=None, help="print only this many rows")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--top", type=int, default=None, help="print only this many rows (default: all)")
+    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="execution provider; auto: CUDA if present, else CPU")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {args.max_samples}", "use e.g. --max-samples 32")
+    if args.json:  # before the models run
+        from ..options import check_output_file
+
+        check_output_file(args.json, "--json", [args.float_model, args.quant_model])
     rows = compare_models(args.float_model, args.quant_model, args.data, args.max_samples, args.batch_size,
                           select_providers(args.providers), args.calib_spec)
     print(format_table(rows, args.top, args.sort))
     if args.json:
-        from ..graph.model_io import ensure_writable_dir
-
         out = Path(args.json)
-        ensure_writable_dir(out.parent if str(out.parent) else Path("."))
         atomic_write_text(out, comparison_json(rows, args.float_model, args.quant_model))
         print(f"wrote {out}")
     worst = min(rows, key=lambda r: r.stats.sqnr_db)

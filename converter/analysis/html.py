@@ -152,15 +152,17 @@ def svg_histogram(hist: dict[str, Any], enc_min: Any, enc_max: Any, width: int =
 
 
 def svg_line_chart(series: dict[str, list[float | None]], colors: dict[str, str], labels: list[str],
-                   y_label: str, width: int = 1100, height: int = 230) -> str:
-    """One polyline per series over the layer index; +inf is drawn at the top, with a tooltip per point."""
+                   y_label: str, width: int = 1100, height: int = 246, x_ticks: list[str] | None = None) -> str:
+    """One polyline per series over the layer index; +inf is drawn at the top, with a tooltip per point.
+
+    The x axis is labelled with ``x_ticks`` (default: the layer index), the layer table's # column."""
     finite = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
     if not finite:
         return '<p class="muted">no data</p>'
     y0, y1 = min(finite), max(finite)
     if y1 - y0 < 1e-9:
         y0, y1 = y0 - 1, y1 + 1
-    left, right, top, bottom = 70, 10, 10, 22
+    left, right, top, bottom = 70, 10, 10, 38
     pw, ph = width - left - right, height - top - bottom
     n = max(len(labels), 2)
 
@@ -175,6 +177,15 @@ def svg_line_chart(series: dict[str, list[float | None]], colors: dict[str, str]
         _, y = xy(0, v)
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6eb"/>'
                      f'<text x="{left - 4}" y="{y + 3:.1f}" text-anchor="end">{esc(fmt(v, decimals, "f"))}</text>')
+    step = max(1, math.ceil(len(labels) / 12))
+    ticks = sorted(set(range(0, len(labels), step)) | ({len(labels) - 1} if labels else set()))
+    axis_y = top + ph
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{axis_y:.1f}" y2="{axis_y:.1f}" stroke="#9aa3ad"/>')
+    for i in ticks:
+        x, _ = xy(i, y0)
+        parts.append(f'<line class="xtick" x1="{x:.1f}" x2="{x:.1f}" y1="{axis_y:.1f}" y2="{axis_y + 4:.1f}" '
+                     f'stroke="#9aa3ad"/><text class="xlabel" x="{x:.1f}" y="{axis_y + 15:.1f}" text-anchor="middle">'
+                     f'<title>{esc(labels[i])}</title>{esc(x_ticks[i] if x_ticks else i)}</text>')
     for name, values in series.items():
         pts = [(i, v) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
         coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in pts))
@@ -184,7 +195,8 @@ def svg_line_chart(series: dict[str, list[float | None]], colors: dict[str, str]
             parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.4" fill="{colors[name]}">'
                          f'<title>{esc(labels[i])}: {esc(name)} {esc(fmt(v, 4))}</title></circle>')
     legend = "".join(f'<tspan fill="{colors[k]}" dx="12">■ {esc(k)}</tspan>' for k in series)
-    parts.append(f'<text x="{left}" y="{height - 4}">{esc(y_label)} vs layer (graph order){legend}</text>')
+    parts.append(f'<text x="{left}" y="{height - 4}">{esc(y_label)} (y) vs layer (x: graph position, the # '
+                 f'column of the layer table){legend}</text>')
     return f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">{"".join(parts)}</svg>'
 
 
@@ -263,17 +275,19 @@ def _summary(r: dict[str, Any]) -> str:
 def _charts(r: dict[str, Any]) -> str:
     layers = r["layers"]
     labels = [f'{x["name"]} ({x["label"]})' for x in layers]
+    ticks = [str(x["position"]) for x in layers]
     parts = []
     sq = {"propagated": [num(x.get("propagated", {}).get("sqnr_db")) for x in layers],
           "shadow": [num(x.get("shadow", {}).get("sqnr_db")) for x in layers]}
     sq = {k: v for k, v in sq.items() if any(e is not None for e in v)}
     if sq:
-        parts.append(svg_line_chart(sq, {"propagated": "#d62728", "shadow": "#4c78a8"}, labels, "SQNR dB"))
+        parts.append(svg_line_chart(sq, {"propagated": "#d62728", "shadow": "#4c78a8"}, labels, "SQNR dB",
+                                    x_ticks=ticks))
     if any("sensitivity" in x for x in layers):
         sens = {"only this quantized": [num(x.get("sensitivity", {}).get("only_this_quantized")) for x in layers],
                 "only this float": [num(x.get("sensitivity", {}).get("only_this_float")) for x in layers]}
         parts.append(svg_line_chart(sens, {"only this quantized": "#d62728", "only this float": "#2ca02c"}, labels,
-                                    r["evaluation"]["layer_metric"]))
+                                    r["evaluation"]["layer_metric"], x_ticks=ticks))
     return f'<section id="charts"><h2>Per-layer error along the network</h2>{"".join(parts)}</section>'
 
 

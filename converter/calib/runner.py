@@ -73,8 +73,9 @@ def select_providers(preference: str = "auto") -> list[str]:
         raise UserError("CUDAExecutionProvider was requested but this onnxruntime has no CUDA support "
                         f"(available: {', '.join(available)})",
                         "pip uninstall onnxruntime && pip install 'converter[gpu]', or use --providers cpu")
-    log.info("CUDAExecutionProvider not available (available: %s); calibration falls back to CPUExecutionProvider",
-             ", ".join(available))
+    # auto on a CPU-only onnxruntime is the usual case, not news: only -v says so
+    log.debug("CUDAExecutionProvider not available (available: %s); running on CPUExecutionProvider",
+              ", ".join(available))
     return ["CPUExecutionProvider"]
 
 

@@ -82,17 +82,38 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         os.replace(tmp_model, path)
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and check a file can be written there, before any long work."""
+_created_dirs: list[Path] = []  # folders ensure_writable_dir made, so a failed run can remove them again
+
+
+def ensure_writable_dir(path: str | os.PathLike, option: str = "-o/--output-dir") -> Path:
+    """Create ``path`` if needed and check a file can be written there, before any long work.
+
+    Folders created here are remembered: :func:`remove_created_dirs` takes the empty ones away after a
+    failed run, so a failure leaves no empty output folder behind."""
     path = Path(path)
+    missing, p = [], path
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
     try:
         path.mkdir(parents=True, exist_ok=True)
+        _created_dirs.extend(reversed(missing))
         fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=path)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
         raise OutputError(
             f"cannot write to output directory {path} ({exc.strerror or exc})",
-            "choose a directory you can write to (-o/--output-dir) or fix its permissions",
+            f"choose a directory you can write to ({option}) or fix its permissions",
         ) from None
     return path
+
+
+def remove_created_dirs() -> None:
+    """Remove the folders :func:`ensure_writable_dir` created that are still empty (innermost first)."""
+    while _created_dirs:
+        p = _created_dirs.pop()
+        try:
+            p.rmdir()  # only an empty folder goes
+        except OSError:
+            pass

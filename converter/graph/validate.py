@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 
 from ..errors import EXIT_CHECK_FAILED, ModelError, UserError
+from ..options import parse_shape
 from .index import GraphIndex
 from .model_io import PROTOBUF_LIMIT, atomic_write_text, load_model, save_model
 from .passes import MIN_OPSET, default_opset, preprocess, upgrade_opset
@@ -403,17 +404,21 @@ def report(findings: list[Finding], source: str, target: str) -> dict[str, Any]:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX file, or package.module:factory / path/to/file.py:factory of an nn.Module")
-    from ..cli import _shape
-
-    p.add_argument("--input-shape", type=_shape, help="example input shape for a PyTorch module, e.g. 1,3,224,224")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"], default="ort-cpu")
-    p.add_argument("--json", help="also write the findings as JSON here")
+    p.add_argument("--input-shape", type=parse_shape, help="example input shape for a PyTorch module, e.g. 1,3,224,224")
+    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"], default="ort-cpu",
+                   help="runtime whose rules the model is checked against")
+    p.add_argument("--json", help="also write the findings as JSON here (default: none)")
     p.add_argument("--upgrade-opset", action="store_true",
                    help=f"convert an ONNX model to opset {MIN_OPSET} first (written to -o) and validate that")
     p.add_argument("-o", "--output", help="where --upgrade-opset writes the converted model")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..options import check_output_file
+
+    for path, option in ((args.json, "--json"), (args.output, "-o/--output")):
+        if path:  # before the checks run
+            check_output_file(path, option, [args.model])
     findings, source = _run_checks(args)
     doc = report(findings, source, args.target)
     print(format_table(findings))

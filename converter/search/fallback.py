@@ -25,8 +25,9 @@ from ..calib.readers import open_calibration
 from ..calib.runner import select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
-from ..graph.model_io import ensure_writable_dir, save_model
-from ..pipeline import Prepared, QuantResult, calibrate, finish, prepare, smooth
+from ..graph.model_io import save_model
+from ..pipeline import (Prepared, QuantResult, calibrate, check_node_names, finish, prepare, prepare_output_dir,
+                        smooth)
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
@@ -269,8 +270,9 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                     config.target)
     target = target or AccuracyTarget()
     t0 = time.perf_counter()
-    out_dir = ensure_writable_dir(output_dir)
+    out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
+    check_node_names(prepared.model, config)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     full = build_plan(prepared.model, config, prepared.idx)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
