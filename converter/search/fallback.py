@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 from tqdm import tqdm
@@ -153,7 +153,8 @@ def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[L
     return sorted(layers, key=key)
 
 
-def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str = "gallop",
+def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[], list[LayerScore]],
+                    strategy: str = "gallop",
                     fallback: str = "float", costs: dict[str, float] | None = None,
                     give_back_layers: bool = True) -> SearchOutcome:
     """Find the fewest, cheapest layers to keep in float (``fallback="int16"``: at 16 bits) for the target.
@@ -162,8 +163,9 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str
     2. give-back re-quantizes the layers of that prefix the target does not need (:mod:`.giveback`);
     3. of every model that met the target, the one with the fewest MACs left in float is kept.
 
-    ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them at 16 bits miss
-    the target, the search keeps layers in float instead.
+    ``ranking`` may be a function computing it: it is then called only when the fully quantized model
+    misses the target. ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them
+    at 16 bits miss the target, the search keeps layers in float instead.
     """
     t0 = time.perf_counter()
     costs = costs or {}
@@ -180,10 +182,12 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore], strategy: str
             results[key] = (trial, plan, qdq, list(layers))
         return results[key][0].passed
 
-    chooser = STRATEGIES[strategy](len(ranking))
     with tqdm(total=None, desc=f"fallback search ({strategy})", unit="eval", disable=None, leave=False) as bar:
         ok = attempt([])
         bar.update(1)
+        if callable(ranking):
+            ranking = [] if ok else ranking()
+        chooser = STRATEGIES[strategy](len(ranking))
         if not ok and fallback == "int16" and ranking:
             mode = "int16"
             if not attempt(ranking):  # even every layer at 16 bits misses the target: use float
@@ -281,7 +285,6 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods)
     timings = {"calibration_s": calib.seconds}
 
-    t = time.perf_counter()
     providers = select_providers(config.providers)
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
     batches = list(data)
@@ -290,7 +293,21 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     needed = sorted({t for layer in layers for t in layer.inputs} | anchors_out)
     captured = capture(prepared.model, needed, batches if ranking == "single-op" else batches[:1], providers)
     costs = layer_macs(prepared.idx, layers, captured[0]) if captured else {}
-    if ranking == "end-to-end":
+
+    def rank() -> list[LayerScore]:
+        t = time.perf_counter()
+        if ranking == "single-op":
+            scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
+        else:
+            owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers)
+            scores = propagated_sensitivity(prepared.model, full, layers, batches, providers,
+                                            getattr(evaluate, "output_names", None), owned)
+        timings["sensitivity_s"] = time.perf_counter() - t
+        return scores
+
+    scores: list[LayerScore] | Callable[[], list[LayerScore]] = rank
+    if ranking == "end-to-end":  # full evaluations of its own, before the search's
+        t = time.perf_counter()
         all_layers = {layer.name: layer for layer in layers}
 
         def only(layer: Layer) -> float:
@@ -299,17 +316,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
 
         scores = end_to_end_sensitivity(layers, only)
         searcher.trials.clear()
-    elif ranking == "single-op":
-        scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
-    else:
-        owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers)
-        scores = propagated_sensitivity(prepared.model, full, layers, batches, providers,
-                                        getattr(evaluate, "output_names", None), owned)
-    del captured
-    timings["sensitivity_s"] = time.perf_counter() - t
+        timings["sensitivity_s"] = time.perf_counter() - t
 
     outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers)
-    timings["search_s"] = outcome.seconds
+    del captured
+    timings["search_s"] = outcome.seconds - (timings.get("sensitivity_s", 0.0) if ranking != "end-to-end" else 0.0)
     search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
                      "sensitivity_samples": sum(len(next(iter(b.values()))) for b in batches),
                      **outcome.to_dict()}

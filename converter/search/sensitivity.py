@@ -120,7 +120,7 @@ def propagated_sensitivity(model: onnx.ModelProto, plan: QuantPlan, layers: list
     encodings quantized for it (default: ``layer.quantizers``); the search passes the ones keeping the
     layer in float would remove (:func:`~converter.quant.layers.owned_quantizers`).
     """
-    fsess = make_session(model, providers, optimize=False)
+    fsess = make_session(model, providers)
     names = outputs or [o.name for o in fsess.get_outputs() if o.type == "tensor(float)"] or \
         [fsess.get_outputs()[0].name]
     refs = [fsess.run(names, b) for b in batches]
@@ -128,7 +128,7 @@ def propagated_sensitivity(model: onnx.ModelProto, plan: QuantPlan, layers: list
     for layer in tqdm(layers, desc="sensitivity (propagated)", unit="layer", disable=None, leave=False):
         which = quantizers.get(layer.name, []) if quantizers is not None else layer.quantizers
         encodings = {t: plan.encodings[t] for t in which if t in plan.encodings}
-        qsess = make_session(render_qdq(model, encodings), providers, optimize=False)
+        qsess = make_session(render_qdq(model, encodings), providers)  # basic optimizations: no QDQ fusion
         tests = [qsess.run(names, b) for b in batches]
         worst = None
         for k in range(len(names)):
