@@ -349,6 +349,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "float_nodes": plan.float_nodes(),
         "float_subgraphs": plan.float_subgraphs,
         "split_scale_groups": plan.split_groups,
+        "mixed_range_operands": plan.mixed_operands,
         "qdq_model_ops": quantized_node_counts(qdq),
     }
 
@@ -377,6 +378,12 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
 
 
 def _note_split_groups(plan: QuantPlan) -> None:
+    if plan.mixed_operands:
+        worst = max(plan.mixed_operands, key=lambda m: m["loss_bits"])
+        log.info("%d Add/Mul node(s) join operands of very different ranges (worst: %s, %r spans %.3g..%.3g in an "
+                 "output range %.3g..%.3g); each operand keeps its own encoding, the output's step is the larger "
+                 "one's (report: summary.mixed_range_operands)", len(plan.mixed_operands), worst["node"],
+                 worst["small_operand"], *worst["small_range"], *worst["range"])
     for g in plan.split_groups:
         left = f"; {', '.join(g['float_nodes'])} left in float" if g["float_nodes"] else ""
         log.warning("scale group of %r split: %r (range %.3g..%.3g) would lose %.1f bits in the shared range "

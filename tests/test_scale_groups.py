@@ -122,3 +122,18 @@ def test_validate_names_a_concat_of_probabilities_and_boxes(tmp_path):
       y = Concat <axis = 1> (a, b)
     }""", W1=rng.normal(0, 0.5, (16, 32)).astype(np.float32), W2=rng.normal(0, 0.5, (16, 32)).astype(np.float32))
     assert not [f for f in validate_onnx(same) if f.code == "mixed-range-concat"]
+
+
+def test_add_of_operands_with_very_different_ranges_is_reported():
+    rng = np.random.default_rng(0)
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,16] x) => (float[N,8] y) {
+      a = MatMul(x, Wa)
+      b = MatMul(x, Wb)
+      y = Add(a, b)
+    }""", Wa=rng.normal(0, 50, (16, 8)).astype(np.float32), Wb=rng.normal(0, 0.05, (16, 8)).astype(np.float32))
+    _, plan, _ = quantized(model, QuantConfig())
+    [m] = plan.mixed_operands
+    assert m["op_type"] == "Add" and m["small_operand"] == "b" and m["loss_bits"] > 8
+    assert plan.encodings["b"].scale[0] < plan.encodings["a"].scale[0] / 100  # each operand keeps its own

@@ -19,7 +19,7 @@ from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
 from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
-from .scale_groups import split_mixed_groups
+from .scale_groups import mixed_operands, split_mixed_groups
 
 _INT32_MAX = 2**31 - 1
 log = logging.getLogger("converter")
@@ -85,6 +85,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
               for t in plan.by_role(ACTIVATION)}
     max_loss = getattr(config, "max_shared_scale_loss_bits", None)
     plan.split_groups = split_mixed_groups(plan, idx, ranges, max_loss) if max_loss is not None else []
+    plan.mixed_operands = mixed_operands(plan, idx, ranges, max_loss if max_loss is not None else 3.0)
     for root, members in plan.group_members().items():
         t = plan.tensors[root]
         lo, hi = min(ranges[m][0] for m in members), max(ranges[m][1] for m in members)

@@ -79,6 +79,7 @@ class QuantPlan:
     patterns: list[dict[str, Any]] = field(default_factory=list)  # recognised blocks, for the report
     float_subgraphs: list[dict[str, Any]] = field(default_factory=list)  # If/Loop/Scan bodies left in float
     split_groups: list[dict[str, Any]] = field(default_factory=list)  # scale groups split for their ranges
+    mixed_operands: list[dict[str, Any]] = field(default_factory=list)  # Add/Mul operands of very different range
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]
@@ -105,6 +106,7 @@ class QuantPlan:
             "patterns": self.patterns,
             "float_subgraphs": self.float_subgraphs,
             "split_groups": self.split_groups,
+            "mixed_operands": self.mixed_operands,
             "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
         }
 

@@ -139,3 +139,32 @@ def _float_parts(plan: QuantPlan, idx: GraphIndex, parts: dict[str, str]) -> set
         if not needed:
             out.add(p)
     return out
+
+
+MIXED_OPERAND_OPS = frozenset({"Add", "Mul", "Sub", "Div"})
+
+
+def mixed_operands(plan: QuantPlan, idx: GraphIndex, ranges: dict[str, tuple[float, float]],
+                   max_loss_bits: float) -> list[dict[str, Any]]:
+    """Quantized binary ops whose two activation operands' ranges differ by more than ``max_loss_bits``.
+
+    Each operand keeps its own encoding (QLinearAdd/QLinearMul take per-input scales), but the output's
+    encoding spans the larger one: what the small operand adds is resolved with the output's step. Listed
+    for the report; nothing is changed.
+    """
+    out = []
+    for node in idx.graph.node:
+        status = plan.nodes.get(node.name)
+        if node.op_type not in MIXED_OPERAND_OPS or status is None or status.status != "quantized":
+            continue
+        ops = [t for t in node.input[:2] if t in ranges and t in plan.tensors]
+        if len(ops) != 2:
+            continue
+        lo = min(ranges[t][0] for t in ops)
+        hi = max(ranges[t][1] for t in ops)
+        losses = {t: loss_bits((lo, hi), ranges[t]) for t in ops}
+        small = max(losses, key=lambda t: losses[t])
+        if losses[small] > max_loss_bits:
+            out.append({"node": node.name, "op_type": node.op_type, "small_operand": small,
+                        "small_range": list(ranges[small]), "range": [lo, hi], "loss_bits": round(losses[small], 2)})
+    return out
