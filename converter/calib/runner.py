@@ -433,3 +433,26 @@ def _one_batch(session: _TapSession, observers: Mapping[str, MinMaxObserver], ba
         observers[tap.tensor].end_batch()
     bar.update(n)
     return n
+
+
+def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
+            providers: list[str]) -> list[dict[str, np.ndarray]]:
+    """Run ``model`` on ``batches`` and keep ``tensors`` (plus the inputs) for each batch (all values: for a few
+    samples, e.g. the search's sensitivity or SmoothQuant's scales; calibration itself streams)."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    have = {o.name for o in augmented.graph.output}
+    inputs = {i.name for i in augmented.graph.input}
+    fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
+    types = elem_types(model)
+    for t in fetch:
+        if t not in have:  # a layer may read integer tensors too (a Shape output in a pattern block)
+            augmented.graph.output.append(helper.make_tensor_value_info(t, types[t], None) if types.get(t)
+                                          else helper.make_empty_tensor_value_info(t))  # ORT infers the type
+    session = make_session(augmented, providers)
+    out = []
+    for batch in batches:
+        values = dict(zip(fetch, session.run(fetch, batch)))
+        values.update(batch)
+        out.append(values)
+    return out

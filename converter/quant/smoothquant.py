@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..calib.runner import elem_types, make_session
+from ..calib.runner import capture
 from ..graph.index import GraphIndex
 
 log = logging.getLogger("converter")
@@ -181,21 +181,10 @@ def smoothquant(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]]
 
 def _capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
              providers: list[str]) -> dict[str, np.ndarray]:
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    have = {o.name for o in augmented.graph.output}
-    inputs = {i.name for i in augmented.graph.input}
-    types = elem_types(model)
-    fetch = [t for t in tensors if t not in inputs]
-    for t in fetch:
-        if t not in have:
-            augmented.graph.output.append(helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None))
-    session = make_session(augmented, providers)
+    """Each tensor's values over ``batches``, as rows of its last dimension."""
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        for t, v in zip(fetch, session.run(fetch, batch)):
-            parts.setdefault(t, []).append(v.reshape(-1, v.shape[-1]) if v.ndim else v)
+    for values in capture(model, tensors, batches, providers):
         for t in tensors:
-            if t in batch:
-                parts.setdefault(t, []).append(batch[t].reshape(-1, batch[t].shape[-1]))
+            if t in values and np.ndim(values[t]):
+                parts.setdefault(t, []).append(values[t].reshape(-1, values[t].shape[-1]))
     return {t: np.concatenate(v) for t, v in parts.items()}

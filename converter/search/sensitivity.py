@@ -23,14 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
 from tqdm import tqdm
 
-from ..calib.runner import elem_types, make_session
+from ..calib.runner import capture, make_session  # noqa: F401  (capture: re-exported for tools/tests)
 from ..graph.index import GraphIndex
 from ..quant.layers import Layer, layer_model
 from ..quant.plan import QuantPlan
@@ -64,28 +63,6 @@ def compare(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
     cosine = float(r @ t / denom) if denom > 0 else (1.0 if err == 0 else 0.0)
     sqnr = math.inf if err == 0 else (10 * math.log10(power / err) if power > 0 else -math.inf)
     return cosine, sqnr, err / max(r.size, 1)
-
-
-def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
-            providers: list[str]) -> list[dict[str, np.ndarray]]:
-    """Run the float model on ``batches`` and keep ``tensors`` (plus the inputs) for each batch."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    have = {o.name for o in augmented.graph.output}
-    inputs = {i.name for i in augmented.graph.input}
-    fetch = [t for t in dict.fromkeys(tensors) if t not in inputs]
-    types = elem_types(model)
-    for t in fetch:
-        if t not in have:  # a layer may read integer tensors too (a Shape output in a pattern block)
-            augmented.graph.output.append(helper.make_tensor_value_info(t, types[t], None) if types.get(t)
-                                          else helper.make_empty_tensor_value_info(t))  # ORT infers the type
-    session = make_session(augmented, providers)
-    out = []
-    for batch in batches:
-        values = dict(zip(fetch, session.run(fetch, batch)))
-        values.update(batch)
-        out.append(values)
-    return out
 
 
 def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPlan, layers: list[Layer],
