@@ -26,7 +26,9 @@ Model
 ``make_data(n, seed)`` -> (x [n,1,32,32] float32, gt [n, 2, 6] float32) where each gt row is
 ``[valid, class, cx, cy, w, h]`` (box in the 320-pixel frame, tight around the digit's ink).
 ``detection_accuracy(output, gt)``: share of digits whose cell has objectness > 0.5, the right
-class as argmax, and a box centre within 20 frame pixels.
+class as argmax, and a box centre within 20 frame pixels. ``ScoreAgreement(float_model, x)`` is an
+``evaluate(model_path) -> float`` for the fallback search (thresholded class-score agreement with the
+float model); ``score_resolution(out, reference)`` counts distinct score values and score errors.
 
 Run ``python models/digits_detector.py`` to train (or load) and print held-out figures.
 """
@@ -216,11 +218,11 @@ def train(seed: int = 0, n_images: int = 3000, epochs: int = 15, batch_size: int
 
 
 def _cache_path(seed: int) -> Path:
-    """The cache file of the weights trained with ``seed``: keyed by the code that determines them (data,
-    targets, model, training, constants), so editing the scoring helpers keeps the cache."""
-    import inspect
-
-    code = "".join(inspect.getsource(f) for f in (make_data, encode_targets, _cbr, DigitsDetector, train))
+    """The cache file of the weights trained with ``seed``: keyed by the code that determines them (this
+    file from the data section to the scoring section), so editing the docs or the scoring helpers keeps
+    the cache."""
+    src = Path(__file__).read_text(encoding="utf-8")
+    code = src[src.index("# --- data"):src.index("# --- scoring")]
     consts = (CANVAS, GRID, FRAME_SCALE, N_CLASSES, N_TRAIN_DIGITS, MAX_OBJECTS, torch.__version__.split("+")[0])
     key = hashlib.sha256(f"{code}{consts}seed={seed}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("CONVERTER_CACHE", Path.home() / ".cache" / "converter"))

@@ -101,8 +101,8 @@ def cnn_bench(key: str, assets: Path) -> Bench:
 
     task = (efficientnet_task if key == "effnet" else resnet8_task)(assets)
     drop = 0.005 if key == "effnet" else 0.003
-    evaluate = BuiltinEvaluator("top1", _float_proto(task.model), _batches(task.input_name, task.eval_x, task.eval_batch),
-                                task.eval_y)
+    eval_batches = _batches(task.input_name, task.eval_x, task.eval_batch)
+    evaluate = BuiltinEvaluator("top1", _float_proto(task.model), eval_batches, task.eval_y)
     return Bench(key, task.title, task.model, _batches(task.input_name, task.calib, 16), evaluate,
                  AccuracyTarget(max_drop=drop), {task.input_name: task.eval_x[:1]}, ["Conv", "Gemm"], "top-1")
 
@@ -161,17 +161,22 @@ def ours(b: Bench, work: Path) -> tuple[Path, dict]:
         report, path = res.report, Path(res.model_path)
     except TargetNotMetError as exc:
         log(f"TARGET NOT MET: {exc}")
-        report, path = json.loads((out / f"{b.key}.report.json").read_text()), out / f"{b.key}.onnx"
+        report = json.loads((out / f"{b.key}.report.json").read_text())
+        path = next(p for p in (out / f"{b.key}.qdq.onnx", out / f"{b.key}.onnx") if p.exists())
     s = report["search"]
-    compute = [r for r in s["ranking"] if r["op_type"].split("+")[0] in COMPUTE_OPS]
-    floats = [r for r in s["fallback_layers"] if r["op_type"].split("+")[0] in COMPUTE_OPS]
+    metric = s["final_metric"]
+    if metric is None:  # the report names no trial with the final float set: score the written model
+        log(f"  the report's final_metric is None (met {s['met']}): evaluating {path}")
+        metric = b.evaluate(str(path))
+    n_float, n_compute = float_compute_ops(path)  # from the model: the ranking is empty when all-INT8 passes
     return path, {"met": s["met"], "baseline": s["baseline_metric"], "threshold": s["threshold"],
-                  "metric": s["final_metric"], "evaluations": s["full_evaluations"], "float_layers": len(floats),
-                  "compute_layers": len(compute), "float_fraction": s["float_fraction"],
+                  "metric": metric, "report_final_metric": s["final_metric"], "evaluations": s["full_evaluations"],
+                  "float_layers": n_float, "compute_layers": n_compute, "float_fraction": s["float_fraction"],
                   "float_mac_fraction": s["float_mac_fraction"], "ranked_layers": len(s["ranking"]),
                   "fallback_layers": [(r["name"], r["op_type"]) for r in s["fallback_layers"]],
                   "strategy_prefix": s["strategy_prefix"], "given_back": s["given_back"],
-                  "search_latency": s.get("latency"), "split_scale_groups": report["summary"].get("split_scale_groups"),
+                  "search_latency": s.get("latency"), "search_evaluations": s["evaluations"],
+                  "split_scale_groups": report["summary"].get("split_scale_groups"),
                   "wall_s": round(time.perf_counter() - t, 1)}
 
 
@@ -205,11 +210,12 @@ def ort_static(b: Bench, work: Path, label: str, op_types: list[str] | None) -> 
 
 
 def float_compute_ops(path: Path) -> tuple[int, int]:
-    """(compute ops whose data input is not dequantized, compute ops) in a QDQ model."""
+    """(compute ops left in float: an operand not dequantized, compute ops) in a QDQ model."""
     model = onnx.load(str(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
-    floats = [n for n in compute if getattr(producer.get(n.input[0]), "op_type", None) != "DequantizeLinear"]
+    floats = [n for n in compute  # INT8: both operands (data, weight) dequantized
+              if any(getattr(producer.get(t), "op_type", None) != "DequantizeLinear" for t in n.input[:2])]
     return len(floats), len(compute)
 
 
@@ -243,28 +249,28 @@ def run_bench(b: Bench, work: Path, args) -> dict:
     log(f"== {b.title}")
     rows: dict[str, dict] = {}
     paths: dict[str, Path] = {FP32: b.model}
-    n_float, n_compute = float_compute_ops(b.model)
+    _, n_compute = float_compute_ops(b.model)
     t = time.perf_counter()
     baseline = b.evaluate(str(b.model))
     rows[FP32] = {"float_layers": n_compute, "compute_layers": n_compute, "evaluations": 1, "metric": baseline,
                   "eval_s": round(time.perf_counter() - t, 1)}
     threshold = b.target.threshold(baseline)
-    log(f"  ours: auto_quantize ...")
+    log("  ours: auto_quantize ...")
     paths[OURS], rows[OURS] = ours(b, work)
-    log(f"  ORT all ops ...")
+    log("  ORT all ops ...")
     paths[ORT_ALL], rows[ORT_ALL] = ort_static(b, work, "ort_all", None)
     rows[ORT_ALL]["metric"] = b.evaluate(str(paths[ORT_ALL]))
     if b.hand_ops is not None:
         log(f"  ORT hand-tuned {b.hand_ops} ...")
         paths[ORT_HAND], rows[ORT_HAND] = ort_static(b, work, "ort_hand", b.hand_ops)
         rows[ORT_HAND]["metric"] = b.evaluate(str(paths[ORT_HAND]))
-    else:
-        rows[ORT_HAND] = {**rows[ORT_ALL], "same_as": ORT_ALL}
     for k, p in paths.items():
         rows[k]["threshold"] = threshold
         rows[k]["met"] = bool(rows[k]["metric"] >= threshold - 1e-12)
         log(f"  extra figures {k} ...")
         rows[k].update(b.extra(p))
+    if b.hand_ops is None:
+        rows[ORT_HAND] = {**rows[ORT_ALL], "same_as": ORT_ALL}
     log("  latency ...")
     ms = latency(paths, b.feed, args.threads, args.runs)
     for k in rows:
@@ -278,27 +284,29 @@ def run_bench(b: Bench, work: Path, args) -> dict:
 def print_table(r: dict) -> None:
     print(f"\n{r['model']}\n  metric: {r['metric']}, target {r['target']}: FP32 {r['baseline']:.4f}, "
           f"threshold {r['threshold']:.4f}")
-    print(f"  {'':34s} {'float/compute':>13s} {'evals':>5s} {'metric':>8s} {'met':>5s} {'ms b1':>8s} {'vs FP32':>7s}")
+    print(f"  {'':50s} {'float/compute':>13s} {'evals':>5s} {'metric':>8s} {'met':>5s} {'ms b1':>8s} {'vs FP32':>7s}")
     for k in (FP32, OURS, ORT_ALL, ORT_HAND):
         row = r["rows"][k]
         label = LABELS[k] + (f" {row['op_types_to_quantize']}" if k == ORT_HAND and "same_as" not in row else "")
         if "same_as" in row:
             label += " (= all ops)"
-        print(f"  {label:34s} {row['float_layers']:>6d}/{row['compute_layers']:<6d} {row['evaluations']:>5d} "
+        print(f"  {label:50s} {row['float_layers']:>6d}/{row['compute_layers']:<6d} {row['evaluations']:>5d} "
               f"{row['metric']:>8.4f} {str(row['met']):>5s} {row['latency_ms']:>8.2f} {row['vs_fp32']:>7.2f}")
     o = r["rows"][OURS]
     print(f"  ours: kept in float {o['fallback_layers']} (float MAC fraction {o['float_mac_fraction']}), "
           f"strategy prefix {o['strategy_prefix']}, given back {o['given_back']}, wall {o['wall_s']} s")
     if o.get("search_latency"):
         sl = o["search_latency"]
+        all_int8 = sl.get("all_int8_ms") or float("nan")
         print(f"  ours, the search's own latency (default threads): FP32 {sl['fp32_ms']:.2f} ms, final "
-              f"{sl['final_ms']:.2f} ms ({sl['final_vs_fp32']}), all-INT8 {sl.get('all_int8_ms')} ms")
+              f"{sl['final_ms']:.2f} ms ({sl['final_vs_fp32']}), all-INT8 {all_int8:.2f} ms")
     extras = {k: {e: v for e, v in row.items() if e in ("stsb_spearman", "distinct_scores", "max_abs_err",
-                                                         "box_max_abs_err", "detection_accuracy")}
+                                                         "p99_abs_err", "mean_abs_err", "box_max_abs_err",
+                                                         "detection_accuracy")}
               for k, row in r["rows"].items() if "same_as" not in row}
     if any(extras.values()):
         for k, e in extras.items():
-            print(f"  {LABELS[k]:34s} " + ", ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
+            print(f"  {LABELS[k]:50s} " + ", ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
                                                       for n, v in e.items()))
 
 
