@@ -27,6 +27,7 @@ from .graph.index import GraphIndex
 from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
                              model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
+from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
 from .graph.validate import ensure_float_model
 from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
@@ -34,8 +35,9 @@ from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
 from .quant.plan import ACTIVATION, BIAS, QuantPlan, build_plan
-from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs, render_control_flow,
-                                 subgraph_activations, subgraph_qdq_counts, subgraph_summary)
+from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
+                                 quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
+                                 subgraph_qdq_counts, subgraph_summary)
 from .quant.qdq import quantized_node_counts
 from .quant.rules import weight_axis
 
@@ -131,12 +133,12 @@ def check_node_names(model: Any, config: QuantConfig) -> None:
     wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
     if not wanted:
         return
-    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in model.graph.node):
+    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in all_nodes(model.graph)):
         proto = model
     else:
         proto = load_model(model)
         preprocess(proto)
-    names = {n.name for n in proto.graph.node}
+    names = {n.name for n in all_nodes(proto.graph)}  # nodes inside If/Loop/Scan bodies count too
     unknown = [(key, opt, n) for key, opt, n in wanted if n not in names]
     if unknown:
         import difflib
@@ -191,7 +193,7 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     calib.observers.update(observers)
     for t in observers:
         calib.methods[t] = "minmax"
-    drop_uncalibrated(subs, unreached, set(prepared.idx.producer))
+    drop_uncalibrated(subs, unreached)
 
 
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
@@ -386,6 +388,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "float_subgraphs": plan.float_subgraphs,
         "subgraphs": plan.subgraphs,
         "subgraph_qdq_ops": subgraph_qdq_counts(qdq),
+        "subgraph_nodes_reading_dq": {k: v for k, v in quantized_nodes_in_bodies(qdq).items() if v},
         "split_scale_groups": plan.split_groups,
         "mixed_range_operands": plan.mixed_operands,
         "qdq_model_ops": quantized_node_counts(qdq),

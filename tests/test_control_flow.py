@@ -139,6 +139,13 @@ def test_if_and_loop_bodies_are_quantized_and_close_to_fp32(tmp_path):
     assert q_in_bodies["branch/else_branch/nested/then_branch"] >= 1  # the nested If's MatMul inputs/outputs
     assert q_in_bodies["branch/else_branch/nested/else_branch"] >= 1
     assert res.report["summary"]["subgraph_qdq_ops"]["QuantizeLinear"] == sum(q_in_bodies.values())
+    reading = res.report["summary"]["subgraph_nodes_reading_dq"]  # Conv, GAP, MatMul / nested MatMul / MatMul...
+    assert reading["branch/then_branch"] >= 3 and reading["loop/body"] >= 2, reading
+    # every Q/DQ anywhere has a reader (a tensor read only inside a body gets its Q/DQ there, not outside)
+    for g in [qdq.graph] + [s.graph for s in scopes(qdq)]:
+        read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        read |= {x for s in scopes(qdq) for n in s.graph.node for x in n.input}
+        assert all(n.output[0] in read for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     # outputs close to FP32 on held-out data through either branch
     for scale, seed in ((1.5, 10), (0.3, 11), (0.42, 13)):
         held = _data(16, seed, scale)

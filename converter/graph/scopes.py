@@ -59,8 +59,9 @@ class Scope:
         return list(out)
 
     def used(self) -> set[str]:
-        """Tensors the body's own nodes read or define: what a Q/DQ in this body can refer to."""
-        return self.defined() | set(self.captures())
+        """Tensors the body's own nodes read, and its outputs: where a Q/DQ in this body has a reader (a tensor
+        read only by a nested body gets its Q/DQ there)."""
+        return {x for n in self.graph.node for x in n.input if x} | {o.name for o in self.graph.output}
 
 
 def _visible(g: onnx.GraphProto) -> tuple[dict[str, onnx.ValueInfoProto], dict[str, onnx.TensorProto]]:

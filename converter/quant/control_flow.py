@@ -71,7 +71,7 @@ def subgraph_activations(subs: list[SubPlan]) -> list[str]:
     return list(dict.fromkeys(t.name for s in subs for t in s.plan.by_role(ACTIVATION)))
 
 
-def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], captured_from_main: set[str]) -> list[str]:
+def drop_uncalibrated(subs: list[SubPlan], unreached: list[str]) -> list[str]:
     """Leave tensors without a range (and their scale groups, and biases built on them) in float; warn."""
     missing = set(unreached)
     dropped: list[str] = []
@@ -82,13 +82,14 @@ def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], captured_from_m
         gone |= {t.name for t in plan.by_role(BIAS) if t.bias_of[0] in gone}
         if not gone:
             continue
-        names = [n for n in plan.tensors if n in gone and plan.tensors[n].role == ACTIVATION]
+        names = [n for n in plan.tensors if n in missing and plan.tensors[n].role == ACTIVATION]
+        mates = len([n for n in gone if n not in missing and plan.tensors[n].role == ACTIVATION])
         captured = [n for n in names if n in set(s.scope.captures())]
         log.warning("%s: %d tensor(s) got no calibration values (a branch the data never takes, or a loop that "
-                    "never runs): %s%s; left in float, the rest is quantized", s.scope.path, len(names),
+                    "never runs): %s%s; left in float%s, the rest is quantized", s.scope.path, len(names),
                     ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else ""),
                     f" (captured from the enclosing graph: {', '.join(repr(n) for n in captured[:3])})"
-                    if captured else "")
+                    if captured else "", f" with {mates} tensor(s) sharing their encodings" if mates else "")
         for n in gone:
             del plan.tensors[n]
         dropped += names
@@ -140,9 +141,19 @@ def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encod
         rendered = render_qdq(wrapper(scope, model), wanted, reserved=reserved)
         write_back(scope, rendered)
     main_idx = GraphIndex.build(model)
-    main_used = set(main_idx.producer) | set(main_idx.consumers) | set(main_idx.graph_inputs)
+    main_used = set(main_idx.consumers) | main_idx.graph_outputs  # read in the main graph (not only by bodies)
     out = render_qdq(model, {t: e for t, e in encodings.items() if t in main_used}, reserved=reserved)
     _drop_unused_initializers(out)  # outer weights now read quantized inside the bodies
+    return out
+
+
+def quantized_nodes_in_bodies(model: onnx.ModelProto) -> dict[str, int]:
+    """Per body of the rendered model: nodes (other than Q/DQ) that read at least one dequantized tensor."""
+    out = {}
+    for scope in scopes(model):
+        dq = {o for n in scope.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        out[scope.path] = sum(1 for n in scope.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                              and dq & set(n.input))
     return out
 
 
