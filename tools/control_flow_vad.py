@@ -108,7 +108,9 @@ def dq_readers(path) -> dict[str, int]:
 
 
 def evaluate(model_path: Path, calib: list, config: QuantConfig, out_dir: Path, label: str,
-             fp32: ort.InferenceSession, wavs: list[str]) -> ort.InferenceSession:
+             fp32: ort.InferenceSession, wavs: list[str], calib_seconds: float) -> ort.InferenceSession:
+    """Quantize with ``config``, print the counts and the per-file comparison (held-out: the frames after the
+    first ``calib_seconds`` of each file, which calibration never saw)."""
     t = time.perf_counter()
     res = quantize(str(model_path), calib, config, out_dir, f"silero_vad_16k_{label.replace('+', '_')}")
     print(f"quantized in {time.perf_counter() - t:.1f} s -> {res.model_path}")
@@ -134,9 +136,10 @@ def evaluate(model_path: Path, calib: list, config: QuantConfig, out_dir: Path, 
         all_got.append(got)
         print(f"{os.path.basename(w):14s} {len(ref):6d} {cosine(ref, got):8.4f} "
               f"{np.mean((ref > 0.5) == (got > 0.5)):9.4f} {np.abs(ref - got).max():8.4f}")
-    ref, got = np.concatenate(all_ref), np.concatenate(all_got)
-    print(f"{'ALL':14s} {len(ref):6d} {cosine(ref, got):8.4f} {np.mean((ref > 0.5) == (got > 0.5)):9.4f} "
-          f"{np.abs(ref - got).max():8.4f}")
+    for label, start in (("ALL", 0), ("held-out", int(calib_seconds * 16000) // CHUNK)):
+        ref, got = np.concatenate([r[start:] for r in all_ref]), np.concatenate([g[start:] for g in all_got])
+        print(f"{label:14s} {len(ref):6d} {cosine(ref, got):8.4f} {np.mean((ref > 0.5) == (got > 0.5)):9.4f} "
+              f"{np.abs(ref - got).max():8.4f}")
     return qdq
 
 
@@ -163,7 +166,8 @@ def main() -> None:
     sessions = {}
     for label, config in CONFIGS.items():
         print(f"\n== {label}")
-        sessions[label] = evaluate(model_path, calib, config, out_dir, label, fp32, wavs)
+        sessions[label] = evaluate(model_path, calib, config, out_dir, label, fp32, wavs,
+                                   args.calib_seconds)
     x = read_wav(wavs[0])[: 10 * 16000]
     print(f"\nlatency per 32 ms chunk (1 thread, best of 3 over 10 s): FP32 {latency_ms(fp32, x):.3f} ms, "
           + ", ".join(f"{label} {latency_ms(s, x):.3f} ms" for label, s in sessions.items()))
