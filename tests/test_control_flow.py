@@ -255,3 +255,19 @@ def test_scan_body_is_quantized(tmp_path):
         feeds = sample()
         for ref, got in zip(sess_f.run(None, feeds), sess_q.run(None, feeds)):
             assert _cos(ref, got) > 0.99
+
+
+def test_061_encodings_and_16_bit_bodies(tmp_path):
+    """0.6.1 files carry no channel axis: a weight read only inside a body finds it from the body's node; 16-bit
+    activations lift the whole model (bodies included) to opset 21."""
+    model = control_flow_model()
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)
+    res = quantize(model, calib, QuantConfig(batch_size=8, encodings_version="0.6.1"), tmp_path / "a", "cf")
+    again = apply_encodings(model, res.encodings_path, tmp_path / "a" / "again.onnx")
+    assert again.SerializeToString() == onnx.load(res.model_path).SerializeToString()
+    res16 = quantize(model, calib, QuantConfig(batch_size=8, activation_bits=16), tmp_path / "b", "cf")
+    q16 = onnx.load(res16.model_path)
+    assert q16.opset_import[0].version == 21
+    assert any(n.op_type == "QuantizeLinear" for s in scopes(q16) for n in s.graph.node)
+    x = _data(1, 9, 0.42)[0]
+    assert _cos(_run(model, x), _run(q16, x)) > 0.999
