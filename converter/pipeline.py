@@ -227,8 +227,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     compute_subgraph_encodings(plan, subs, calib.observers, calib.methods, config)
     plan.subgraphs = subgraph_summary(subs)
     quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
-    plan.float_subgraphs = [f for f in plan.float_subgraphs
-                            if not any(q.startswith(f"{f['node']}/{f['subgraph']}") for q in quantized_bodies)]
+    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
+        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
     for sub in plan.float_subgraphs:
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
                     sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs

@@ -395,8 +395,8 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
 
 # The opset upgrade runs first: the version converter adds nodes (Softmax-13 reshapes, Squeeze axes
 # Constants) that must be named and folded like the model's own.
-PREPROCESS = (upgrade_opset, name_nodes, unique_subgraph_names, constants_to_initializers, fold_constants, fold_batchnorm, fold_affine,
-              infer_shapes)
+PREPROCESS = (upgrade_opset, name_nodes, unique_subgraph_names, constants_to_initializers, fold_constants,
+              fold_batchnorm, fold_affine, infer_shapes)
 
 
 def preprocess(model: onnx.ModelProto) -> dict[str, int]:
