@@ -146,6 +146,18 @@ def test_if_and_loop_bodies_are_quantized_and_close_to_fp32(tmp_path):
         read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
         read |= {x for s in scopes(qdq) for n in s.graph.node for x in n.input}
         assert all(n.output[0] in read for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    # one encoding per tensor name: every Q of a tensor, in the main graph or any body (the captured h is
+    # quantized in the main graph for ReduceMean and at the top of each branch), has the same scale
+    scales: dict[str, set[float]] = {}
+    graphs = [qdq.graph] + [sc.graph for sc in scopes(qdq)]
+    inits = {t.name: numpy_helper.to_array(t) for g in graphs for t in g.initializer}
+    for g in graphs:
+        for n in g.node:
+            if n.op_type == "QuantizeLinear":
+                scales.setdefault(n.input[0].removesuffix("_float"), set()).add(float(inits[n.input[1]]))
+    assert len(scales["h"]) == 1 and sum(n.input[0] == "h" for g in graphs for n in g.node
+                                         if n.op_type == "QuantizeLinear") >= 3
+    assert all(len(v) == 1 for v in scales.values()), scales
     # outputs close to FP32 on held-out data through either branch
     for scale, seed in ((1.5, 10), (0.3, 11), (0.42, 13)):
         held = _data(16, seed, scale)
@@ -271,3 +283,19 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     assert any(n.op_type == "QuantizeLinear" for s in scopes(q16) for n in s.graph.node)
     x = _data(1, 9, 0.42)[0]
     assert _cos(_run(model, x), _run(q16, x)) > 0.999
+
+
+def test_captured_activation_keeps_the_outer_encoding_and_its_biases_follow(tmp_path):
+    """h is calibrated once (by the main pass, percentile here; bodies do not observe it again), has one encoding
+    wherever it is quantized, and the bias of each branch's Conv on h is s_h * s_w with that encoding."""
+    model = control_flow_model()
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)
+    res = quantize(model, calib, QuantConfig(batch_size=8, calib_method="percentile"), tmp_path, "cf")
+    enc = res.plan.encodings
+    assert res.report["tensors"]["h"]["calib_method"] == "percentile"
+    for w, b in (("Wa", "Wa_b"), ("Wb", "Wb_b")):
+        expected = np.float32(enc["h"].scale[0]) * np.asarray(enc[w].scale, np.float32)
+        assert np.allclose(enc[b].scale, expected, rtol=1e-6), (b, enc[b].scale[:3], expected[:3])
+    qdq = onnx.load(res.model_path)
+    x = _data(1, 9, 1.5)[0]
+    assert _cos(_run(model, x), _run(qdq, x)) > 0.99

@@ -31,7 +31,7 @@ import onnx
 from ..graph.index import GraphIndex
 from ..graph.passes import _drop_unused_initializers, name_nodes, upgrade_opset
 from ..graph.scopes import Scope, all_graph_names, scopes, unknown_captures, wrapper, write_back
-from .encode import compute_encodings
+from .encode import bias_encoding, compute_encodings
 from .encoding import Encoding
 from .plan import ACTIVATION, BIAS, QuantPlan, build_plan
 from .qdq import render_qdq
@@ -101,11 +101,29 @@ def compute_subgraph_encodings(main: QuantPlan, subs: list[SubPlan], observers: 
     """Encodings of each body plan, then merged into ``main`` (tensors and encodings)."""
     for s in subs:
         compute_encodings(s.plan, s.idx, observers, methods, config)
+        _adopt_outer_encodings(s, main)
         for name, t in s.plan.tensors.items():
             if name in main.encodings or name not in s.plan.encodings:
                 continue  # a captured tensor the main graph (or another body) already encodes keeps that encoding
             main.tensors[name] = t
             main.encodings[name] = s.plan.encodings[name]
+
+
+def _adopt_outer_encodings(s: SubPlan, main: QuantPlan) -> None:
+    """A body's scale group holding a tensor already encoded outside (a captured activation) takes that encoding,
+    and the biases computed from it follow, so each tensor name has one encoding and every Q/DQ agrees."""
+    plan = s.plan
+    for root, members in plan.group_members().items():
+        outer = next((main.encodings[m] for m in members if m in main.encodings), None)
+        if outer is None or all(plan.encodings.get(m) == outer for m in members):
+            continue
+        for m in members:
+            plan.encodings[m] = outer
+        for b in plan.by_role(BIAS):
+            act, w = b.bias_of
+            if act in members and w in plan.encodings and b.name in plan.encodings:
+                plan.encodings[b.name], plan.encodings[w] = bias_encoding(s.idx.constant(b.name), outer,
+                                                                           plan.encodings[w])
 
 
 def subgraph_summary(subs: list[SubPlan]) -> list[dict[str, Any]]:
