@@ -43,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..graph.scopes import graph_attrs
 from .observers import MinMaxObserver
-from .runner import make_session
+from .runner import _samples_in, make_session
 
 log = logging.getLogger("converter")
 
@@ -169,7 +169,7 @@ def collect_subgraph_ranges(model: onnx.ModelProto, tensors: list[str], data: It
                 observers[t].update(lo=float(lo_v.min()), hi=float(hi_v.max()))
         for o in observers.values():
             o.end_batch()
-        samples += int(next(iter(batch.values())).shape[0]) if batch else 0
+        samples += _samples_in(batch)
     reached = {t: o for t, o in observers.items() if o.min <= o.max}
     unreached = sorted(wanted - set(reached))
     log.info("calibrated %d tensor(s) inside control flow in %.2f s", len(reached), time.perf_counter() - start)
