@@ -95,6 +95,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
                         "(default: on)")
     p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
+    p.add_argument("--quantize-subgraphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize inside If/Loop/Scan bodies with the main graph's rules (default: on)")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -146,7 +148,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "providers",
-                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha")
+                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha",
+                                               "quantize_subgraphs")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -159,6 +159,8 @@ class QuantConfig:
     # >= 1.5x); alpha None picks it per tensor by that error
     smoothquant: bool = True
     smoothquant_alpha: float | None = 0.5
+    # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
+    quantize_subgraphs: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))

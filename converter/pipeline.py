@@ -20,19 +20,25 @@ from . import __version__
 from .calib.readers import model_inputs, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
+from .calib.subgraphs import collect_subgraph_ranges
 from .config import QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
                              model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
+from .graph.patterns import all_nodes
+from .graph.scopes import scopes, wrapper
 from .graph.validate import ensure_float_model
 from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
 from .quant.plan import ACTIVATION, BIAS, QuantPlan, build_plan
-from .quant.qdq import quantized_node_counts, render_qdq
+from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
+                                 quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
+                                 subgraph_qdq_counts, subgraph_summary)
+from .quant.qdq import quantized_node_counts
 from .quant.rules import weight_axis
 
 log = logging.getLogger("converter")
@@ -127,12 +133,12 @@ def check_node_names(model: Any, config: QuantConfig) -> None:
     wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
     if not wanted:
         return
-    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in model.graph.node):
+    if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in all_nodes(model.graph)):
         proto = model
     else:
         proto = load_model(model)
         preprocess(proto)
-    names = {n.name for n in proto.graph.node}
+    names = {n.name for n in all_nodes(proto.graph)}  # nodes inside If/Loop/Scan bodies count too
     unknown = [(key, opt, n) for key, opt, n in wanted if n not in names]
     if unknown:
         import difflib
@@ -173,6 +179,23 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
     return result
 
 
+def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, config: QuantConfig,
+                        calib_spec: str | Path | None = None) -> None:
+    """Ranges of the tensors inside If/Loop/Scan bodies (:mod:`converter.calib.subgraphs`), added to ``calib``;
+    tensors without a range are named and left in float."""
+    wanted = [t for t in subgraph_activations(subs) if t not in calib.observers]
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
+    observers, unreached, samples = collect_subgraph_ranges(prepared.model, wanted, data,
+                                                             select_providers(config.providers), config.threads)
+    if not samples and wanted:
+        log.warning("the calibration data gave no samples on its second reading (a one-shot iterator?): tensors "
+                    "inside control flow are left in float; pass a list or a directory to quantize them")
+    calib.observers.update(observers)
+    for t in observers:
+        calib.methods[t] = "minmax"
+    drop_uncalibrated(subs, unreached)
+
+
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
              name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
     """Quantize ``model`` (ONNX path, ModelProto or torch.nn.Module) with ``calib_data``.
@@ -192,16 +215,25 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
               len(plan.float_nodes()))
-    for sub in plan.float_subgraphs:
-        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (nothing inside control flow is quantized)",
-                    sub["op_type"], sub["node"], sub["subgraph"], sub["nodes"])
+    subs = plan_subgraphs(prepared.model, config) if config.quantize_subgraphs else []
     timings = {"load_and_plan_s": time.perf_counter() - t0}
 
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
     timings["calibration_s"] = calib.seconds
+    if subs:
+        calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec)
     t = time.perf_counter()
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
-    qdq = render_qdq(prepared.model, plan.encodings)
+    compute_subgraph_encodings(plan, subs, calib.observers, calib.methods, config)
+    plan.subgraphs = subgraph_summary(subs)
+    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
+    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
+        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
+    for sub in plan.float_subgraphs:
+        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
+                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
+                    else "quantize_subgraphs is off")
+    qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0,
                   extra_report={"smoothquant": smoothed} if smoothed else None)
@@ -258,7 +290,7 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> on
     preprocess(float_model)
     enc_file = read_encodings(encodings)
     encs = _encodings_for_model(float_model, enc_file, str(encodings))
-    qdq = render_qdq(float_model, encs)
+    qdq = render_control_flow(float_model, encs)
     check_model(qdq)
     save_model(qdq, output)
     return qdq
@@ -314,16 +346,22 @@ def _resolve_model(model: Any, example_inputs: Any) -> tuple[str | None, Any]:
 def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[str, Encoding]:
     idx = GraphIndex.build(model)
     tensors = set(idx.producer) | set(idx.graph_inputs) | set(idx.initializers)
+    bodies = {}  # tensors read or defined inside If/Loop/Scan bodies -> the index of a body's wrapper
+    for scope in scopes(model):
+        body_idx = GraphIndex.build(wrapper(scope, model))
+        for name in scope.used():  # defined there or captured (an outer weight read only inside the body)
+            bodies.setdefault(name, body_idx)
     out: dict[str, Encoding] = {}
     for section in (enc_file.activations, enc_file.params):
         for name, enc in section.items():
             if isinstance(enc, FloatEncoding):
                 continue
-            if name not in tensors:
+            if name not in tensors and name not in bodies:
                 raise EncodingsError(f"{source}: tensor {name!r} is not in the model",
                                      "apply the encodings to the float model they were computed for")
-            if idx.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
-                enc = dataclasses.replace(enc, axis=_param_axis(idx, name, enc, source))
+            where = idx if name in tensors and (idx.uses(name) or name not in bodies) else bodies[name]
+            if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
+                enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))
             out[name] = enc
     return out
 
@@ -348,6 +386,9 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "quantized_tensors": {r: len(plan.by_role(r)) for r in ("activation", "weight", "bias")},
         "float_nodes": plan.float_nodes(),
         "float_subgraphs": plan.float_subgraphs,
+        "subgraphs": plan.subgraphs,
+        "subgraph_qdq_ops": subgraph_qdq_counts(qdq),
+        "subgraph_nodes_reading_dq": {k: v for k, v in quantized_nodes_in_bodies(qdq).items() if v},
         "split_scale_groups": plan.split_groups,
         "mixed_range_operands": plan.mixed_operands,
         "qdq_model_ops": quantized_node_counts(qdq),

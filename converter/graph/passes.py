@@ -38,7 +38,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def name_nodes(model: onnx.ModelProto) -> int:
-    """Give every node a unique, stable name (``<OpType>_<position>`` where missing or repeated)."""
+    """Give every node a unique, stable name (``<OpType>_<position>`` where missing or repeated).
+
+    Nodes inside If/Loop/Scan bodies are named too (``<OpType>_<position>`` prefixed by the control-flow
+    node and attribute), unique over the whole model: the plan and the report key nodes by name."""
     seen: set[str] = set()
     changed = 0
     for pos, node in enumerate(model.graph.node):
@@ -50,15 +53,103 @@ def name_nodes(model: onnx.ModelProto) -> int:
             node.name = name
             changed += 1
         seen.add(node.name)
+    for node in list(model.graph.node):
+        changed += _name_subgraph_nodes(node, seen)
     return changed
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Replace top-level Constant nodes by initializers so weights in Constant nodes are found."""
+def _name_subgraph_nodes(parent: onnx.NodeProto, seen: set[str]) -> int:
+    changed = 0
+    for a in parent.attribute:
+        subs = [(a.name, a.g)] if a.type == onnx.AttributeProto.GRAPH else \
+            [(f"{a.name}{i}", g) for i, g in enumerate(a.graphs)]
+        for attr_name, sub in subs:
+            for pos, node in enumerate(sub.node):
+                if not node.name or node.name in seen:
+                    base = f"{parent.name}/{attr_name}/{node.op_type}_{pos}"
+                    name, k = base, 1
+                    while name in seen:
+                        name, k = f"{base}_{k}", k + 1
+                    node.name = name
+                    changed += 1
+                seen.add(node.name)
+            for node in sub.node:
+                changed += _name_subgraph_nodes(node, seen)
+    return changed
+
+
+def unique_subgraph_names(model: onnx.ModelProto) -> int:
+    """Rename tensors defined inside If/Loop/Scan bodies whose name is also defined elsewhere in the model
+    (sibling branches may reuse names; the encodings file keys tensors by name, so each must be unique).
+
+    A tensor defined in a body (node output, body input, body initializer) that clashes gets
+    ``<name>__<n>``; every read of it in that body and in bodies nested inside it follows."""
     g = model.graph
-    keep, moved = [], 0
+    seen = {i.name for i in g.input} | {t.name for t in g.initializer}
+    seen |= {o for n in g.node for o in n.output if o}
+    renamed = 0
+
+    def defined(sub: onnx.GraphProto) -> list[str]:
+        return [i.name for i in sub.input] + [t.name for t in sub.initializer] + \
+            [o for n in sub.node for o in n.output if o]
+
+    def apply(sub: onnx.GraphProto, mapping: dict[str, str]) -> None:
+        for n in sub.node:
+            for i, x in enumerate(n.input):
+                if x in mapping:
+                    n.input[i] = mapping[x]
+            for i, x in enumerate(n.output):
+                if x in mapping:
+                    n.output[i] = mapping[x]
+            for a in n.attribute:
+                for inner in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    local = set(defined(inner))  # a nested body's own names shadow nothing (SSA), but be safe
+                    apply(inner, {k: v for k, v in mapping.items() if k not in local})
+        for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+            if vi.name in mapping:
+                vi.name = mapping[vi.name]
+        for t in sub.initializer:
+            if t.name in mapping:
+                t.name = mapping[t.name]
+
+    def visit(graph: onnx.GraphProto) -> None:
+        nonlocal renamed
+        for node in graph.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    mapping = {}
+                    for name in defined(sub):
+                        if name in seen:
+                            k = 1
+                            while f"{name}__{k}" in seen:
+                                k += 1
+                            mapping[name] = f"{name}__{k}"
+                        seen.add(mapping.get(name, name))
+                    if mapping:
+                        apply(sub, mapping)
+                        renamed += len(mapping)
+                    visit(sub)
+
+    visit(g)
+    return renamed
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Replace Constant nodes by initializers so weights in Constant nodes are found (inside If/Loop/Scan
+    bodies too: they become the body's initializers)."""
+    return _constants_to_initializers(model.graph, top=True)
+
+
+def _constants_to_initializers(g: onnx.GraphProto, top: bool) -> int:
+    moved = 0
     for node in g.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                moved += _constants_to_initializers(sub, top=False)
+    outputs = set() if top else {o.name for o in g.output}  # a body output stays a node's output
+    keep = []
+    for node in g.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.output[0] not in outputs:
             a = node.attribute[0]
             value = None
             if a.name == "value":
@@ -304,8 +395,8 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
 
 # The opset upgrade runs first: the version converter adds nodes (Softmax-13 reshapes, Squeeze axes
 # Constants) that must be named and folded like the model's own.
-PREPROCESS = (upgrade_opset, name_nodes, constants_to_initializers, fold_constants, fold_batchnorm, fold_affine,
-              infer_shapes)
+PREPROCESS = (upgrade_opset, name_nodes, unique_subgraph_names, constants_to_initializers, fold_constants,
+              fold_batchnorm, fold_affine, infer_shapes)
 
 
 def preprocess(model: onnx.ModelProto) -> dict[str, int]:

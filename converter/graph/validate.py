@@ -187,12 +187,12 @@ def _check_control_flow(ctx: _Context) -> Iterator[Finding]:
     for node, attr_name, sub in _subgraphs(ctx.original.graph):
         ops = Counter(n.op_type for n in _all_nodes(sub))
         weighted = sum(c for op, c in ops.items() if op in ("Conv", "ConvTranspose", "Gemm", "MatMul", *HEAVY_OPS))
-        yield Finding(WARNING, "control-flow", f"{node.name or node.op_type}/{attr_name}",
+        yield Finding(INFO, "control-flow", f"{node.name or node.op_type}/{attr_name}",
                       f"{node.op_type} node {node.name!r} has subgraph {attr_name!r} ({sum(ops.values())} nodes, "
-                      f"{weighted} Conv/Gemm/MatMul/recurrent); nothing inside a subgraph is quantized: it "
-                      "stays in float (listed in the report's float_subgraphs)",
-                      "re-export without control flow where you can (fixed sample rate / sequence length, "
-                      "unrolled loops); the graph around it is quantized")
+                      f"{weighted} Conv/Gemm/MatMul/recurrent); it is quantized with the main graph's rules, "
+                      "except what the calibration data never reaches (a branch never taken stays in float)",
+                      "calibrate with data that takes every branch you deploy; quantize_subgraphs: false keeps "
+                      "bodies in float")
 
 
 def _check_domains(ctx: _Context) -> Iterator[Finding]:

@@ -78,6 +78,7 @@ class QuantPlan:
     encodings: dict[str, Encoding] = field(default_factory=dict)
     patterns: list[dict[str, Any]] = field(default_factory=list)  # recognised blocks, for the report
     float_subgraphs: list[dict[str, Any]] = field(default_factory=list)  # If/Loop/Scan bodies left in float
+    subgraphs: list[dict[str, Any]] = field(default_factory=list)  # bodies planned (converter.quant.control_flow)
     split_groups: list[dict[str, Any]] = field(default_factory=list)  # scale groups split for their ranges
     mixed_operands: list[dict[str, Any]] = field(default_factory=list)  # Add/Mul operands of very different range
 
@@ -105,6 +106,7 @@ class QuantPlan:
                       for n, s in self.nodes.items()},
             "patterns": self.patterns,
             "float_subgraphs": self.float_subgraphs,
+            "subgraphs": self.subgraphs,
             "split_groups": self.split_groups,
             "mixed_operands": self.mixed_operands,
             "tensors": {n: t.to_dict() for n, t in self.tensors.items()},

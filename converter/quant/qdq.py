@@ -25,17 +25,18 @@ from onnx import helper, numpy_helper
 
 from ..graph.index import GraphIndex
 from ..graph.passes import _subgraph_inputs, default_opset, name_nodes, upgrade_opset
+from ..graph.scopes import all_graph_names
 from .encoding import Encoding
 
 
 class _Names:
-    """Allocates names that do not clash with anything in the graph."""
+    """Allocates names that do not clash with anything in the model (bodies of If/Loop/Scan included), nor
+    with ``reserved`` (shared by the renders of one model's bodies; new names are added to it)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.used = {n.name for n in g.node} | {t.name for t in g.initializer}
-        self.used |= {x for n in g.node for x in list(n.input) + list(n.output)}
-        self.used |= {v.name for v in list(g.input) + list(g.output)}
+    def __init__(self, model: onnx.ModelProto, reserved: set[str] | None = None) -> None:
+        self.used = all_graph_names(model) if reserved is None else reserved
+        if reserved is not None:
+            reserved |= all_graph_names(model)
 
     def __call__(self, base: str) -> str:
         name, k = base, 1
@@ -45,7 +46,10 @@ class _Names:
         return name
 
 
-def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
+def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
+               reserved: set[str] | None = None) -> onnx.ModelProto:
+    """The QDQ model of one graph (bodies of If/Loop/Scan are left as they are: see
+    :func:`converter.quant.control_flow.render_control_flow`). ``reserved``: names to avoid (updated)."""
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
     # 16-bit Q/DQ need opset 21. The graph is converted, not just relabelled: ops whose signature
@@ -56,7 +60,7 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> 
         name_nodes(model)
     g = model.graph
     idx = GraphIndex.build(model)
-    names = _Names(model)
+    names = _Names(model, reserved)
 
     order = sorted(encodings, key=lambda t: (idx.position(t), t))
     before: dict[str, list[onnx.NodeProto]] = {}  # node name -> DQ nodes of its weights

@@ -279,6 +279,9 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     check_node_names(prepared.model, config)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     full = build_plan(prepared.model, config, prepared.idx)
+    if full.float_subgraphs and config.quantize_subgraphs:
+        log.warning("the accuracy-target search plans the main graph only: %d If/Loop/Scan bodies stay in float "
+                    "(plain quantize, without --target-metric/--evaluator, quantizes them)", len(full.float_subgraphs))
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
     compute_encodings(full, prepared.idx, calib.observers, calib.methods, config)
     layers = plan_layers(full, prepared.idx)

@@ -1,0 +1,301 @@
+"""Quantization inside If/Loop bodies (converter.quant.control_flow, converter.calib.subgraphs): a model
+built with onnx.helper, real ONNX Runtime sessions, measured numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from converter.calib.subgraphs import collect_subgraph_ranges
+from converter.config import QuantConfig
+from converter.graph.passes import preprocess
+from converter.graph.scopes import scopes
+from converter.pipeline import apply_encodings, quantize
+
+F = TensorProto.FLOAT
+
+
+def _branch(name: str, conv_w: str, mm_w: str, nested: bool = False) -> onnx.GraphProto:
+    """Conv(h captured from the main graph) -> Relu -> GlobalAveragePool -> Flatten -> MatMul. Both branches use
+    the same local tensor names (as exporters do), which preprocessing must make unique. ``nested``: the MatMul
+    is in a nested If (on hm > 0.24, hm captured from the main graph) whose branches capture ``f``."""
+    nodes = [helper.make_node("Conv", ["h", conv_w, conv_w + "_b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"])]
+    if nested:
+        def inner(w):
+            return helper.make_graph([helper.make_node("MatMul", ["f", w], ["ny"])], "inner", [],
+                                     [helper.make_tensor_value_info("ny", F, ["N", 16])])
+        nodes += [helper.make_node("Greater", ["hm", "thr_n"], ["cond_n"]),
+                  helper.make_node("If", ["cond_n"], ["y"], name="nested", then_branch=inner(mm_w),
+                                   else_branch=inner("Mc"))]
+    else:
+        nodes.append(helper.make_node("MatMul", ["f", mm_w], ["y"]))
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info("y", F, ["N", 16])])
+
+
+def _loop_body() -> onnx.GraphProto:
+    """s <- Tanh(MatMul(s, Wl) + bl): the weight is captured from the main graph; s is the carried state."""
+    nodes = [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("MatMul", ["s_in", "Wl"], ["lm"]),
+             helper.make_node("Add", ["lm", "bl"], ["la"]),
+             helper.make_node("Tanh", ["la"], ["s_out"])]
+    return helper.make_graph(nodes, "loop_body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("s_in", F, ["N", 16])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("s_out", F, ["N", 16])])
+
+
+def control_flow_model(seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv -> Relu = h; If(mean(h) > 0.5): branch A / branch B (Conv + MatMul each, on the captured h; B's
+    MatMul inside a nested If);
+    then a 3-iteration Loop with a MatMul body; output = the loop's final state."""
+    rng = np.random.default_rng(seed)
+    inits = {
+        "W0": rng.normal(0, 0.4, (8, 3, 3, 3)), "W0_b": rng.normal(0, 0.1, 8),
+        "Wa": rng.normal(0, 0.2, (8, 8, 3, 3)), "Wa_b": rng.normal(0, 0.1, 8),
+        "Wb": rng.normal(0, 0.2, (8, 8, 3, 3)), "Wb_b": rng.normal(0, 0.1, 8),
+        "Ma": rng.normal(0, 0.5, (8, 16)), "Mb": rng.normal(0, 0.5, (8, 16)), "Mc": rng.normal(0, 0.5, (8, 16)),
+        "Wl": rng.normal(0, 0.3, (16, 16)), "bl": rng.normal(0, 0.1, 16),
+        "thr": np.array(0.5), "thr_n": np.array(0.24), "trips": np.array(3, np.int64), "true": np.array(True),
+    }
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32) if np.asarray(v).dtype == np.float64 else v, k)
+             for k, v in inits.items()]
+    nodes = [helper.make_node("Conv", ["x", "W0", "W0_b"], ["h0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["hm"], keepdims=0),
+             helper.make_node("Greater", ["hm", "thr"], ["cond"]),
+             helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=_branch("A", "Wa", "Ma"),
+                              else_branch=_branch("B", "Wb", "Mb", nested=True)),
+             helper.make_node("Loop", ["trips", "true", "z"], ["out"], name="loop", body=_loop_body())]
+    g = helper.make_graph(nodes, "control_flow", [helper.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", F, ["N", 16])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _data(n: int, seed: int, scale: float) -> list[dict[str, np.ndarray]]:
+    """Inputs of std ``scale``: 1.5 takes the then-branch (mean(h) > 0.5), 0.3 the else-branch."""
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.normal(0, scale, (1, 3, 8, 8))).astype(np.float32)} for _ in range(n)]
+
+
+def _run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _cos(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _branch_taken(model, sample) -> bool:
+    h = np.maximum(0, _run(_prefix(model), sample))
+    return bool(h.mean() > 0.5)
+
+
+def _prefix(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("h0", F, None))
+    return m
+
+
+def _body_qdq(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in scopes(model):
+        q = sum(n.op_type == "QuantizeLinear" for n in s.graph.node)
+        counts[s.path] = q
+    return counts
+
+
+def test_if_and_loop_bodies_are_quantized_and_close_to_fp32(tmp_path):
+    model = control_flow_model()
+    # calibration reaches both branches
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)  # 0.3: nested else, 0.42: nested then
+    assert {_branch_taken(model, s) for s in calib[:24:6] + calib[24::6]} == {True, False}
+    res = quantize(model, calib, QuantConfig(batch_size=8), tmp_path, "cf")
+    qdq = onnx.load(res.model_path)
+    onnx.checker.check_model(qdq, full_check=True)
+    subs = {s["subgraph"]: s for s in res.report["summary"]["subgraphs"]}
+    # both branches: Conv(+Relu fused), GlobalAveragePool, MatMul quantized; the loop body: MatMul (+ Add, Tanh)
+    assert subs["branch/then_branch"]["quantized_nodes"] >= 4 and subs["branch/else_branch"]["quantized_nodes"] >= 4
+    assert subs["loop/body"]["quantized_nodes"] >= 2
+    assert res.report["summary"]["float_subgraphs"] == []
+    q_in_bodies = _body_qdq(qdq)
+    assert all(q_in_bodies[p] >= 3 for p in ("branch/then_branch", "branch/else_branch", "loop/body")), q_in_bodies
+    assert q_in_bodies["branch/else_branch/nested/then_branch"] >= 1  # the nested If's MatMul inputs/outputs
+    assert q_in_bodies["branch/else_branch/nested/else_branch"] >= 1
+    assert res.report["summary"]["subgraph_qdq_ops"]["QuantizeLinear"] == sum(q_in_bodies.values())
+    reading = res.report["summary"]["subgraph_nodes_reading_dq"]  # Conv, GAP, MatMul / nested MatMul / MatMul...
+    assert reading["branch/then_branch"] >= 3 and reading["loop/body"] >= 2, reading
+    # every Q/DQ anywhere has a reader (a tensor read only inside a body gets its Q/DQ there, not outside)
+    for g in [qdq.graph] + [s.graph for s in scopes(qdq)]:
+        read = {x for n in g.node for x in n.input} | {o.name for o in g.output}
+        read |= {x for s in scopes(qdq) for n in s.graph.node for x in n.input}
+        assert all(n.output[0] in read for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    # one encoding per tensor name: every Q of a tensor, in the main graph or any body (the captured h is
+    # quantized in the main graph for ReduceMean and at the top of each branch), has the same scale
+    scales: dict[str, set[float]] = {}
+    graphs = [qdq.graph] + [sc.graph for sc in scopes(qdq)]
+    inits = {t.name: numpy_helper.to_array(t) for g in graphs for t in g.initializer}
+    for g in graphs:
+        for n in g.node:
+            if n.op_type == "QuantizeLinear":
+                scales.setdefault(n.input[0].removesuffix("_float"), set()).add(float(inits[n.input[1]]))
+    assert len(scales["h"]) == 1 and sum(n.input[0] == "h" for g in graphs for n in g.node
+                                         if n.op_type == "QuantizeLinear") >= 3
+    assert all(len(v) == 1 for v in scales.values()), scales
+    # outputs close to FP32 on held-out data through either branch
+    for scale, seed in ((1.5, 10), (0.3, 11), (0.42, 13)):
+        held = _data(16, seed, scale)
+        x = np.concatenate([s["x"] for s in held])
+        for xi in np.split(x, 4):
+            ref, got = _run(model, {"x": xi}), _run(qdq, {"x": xi})
+            assert _cos(ref, got) > 0.99, (scale, _cos(ref, got))
+    # encodings: body tensors under unique names (the branches' local "c"/"y" became c/c__1 ...), re-applicable
+    enc = json.loads(res.encodings_path.read_text())
+    names = [e["name"] for e in enc["activation_encodings"]] + [e["name"] for e in enc["param_encodings"]]
+    assert len(names) == len(set(names))
+    assert {"y__1", "ny", "ny__1", "r", "r__1", "s_in", "Wl", "Wa", "Wb", "Mc"} <= set(names), names
+    again = apply_encodings(model, res.encodings_path, tmp_path / "again.onnx")
+    assert again.SerializeToString() == qdq.SerializeToString()
+
+
+def test_loop_range_covers_every_iteration():
+    """One encoding for all iterations: the calibrated range of the body's MatMul output is the min/max over
+    every iteration of every sample (checked against the unrolled computation in numpy)."""
+    model = control_flow_model()
+    preprocess(model)
+    data = _data(6, 3, 1.5)
+    observers, unreached, samples = collect_subgraph_ranges(model, ["lm", "s_in"], data, ["CPUExecutionProvider"])
+    assert unreached == [] and samples == 6
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    z_model = onnx.ModelProto()
+    z_model.CopyFrom(model)
+    del z_model.graph.output[:]
+    z_model.graph.output.append(helper.make_tensor_value_info("z", F, None))
+    lo, hi, s_lo, s_hi = np.inf, -np.inf, np.inf, -np.inf
+    for d in data:
+        s = _run(z_model, d)
+        for _ in range(3):
+            s_lo, s_hi = min(s_lo, s.min()), max(s_hi, s.max())
+            lm = s @ inits["Wl"]
+            lo, hi = min(lo, lm.min()), max(hi, lm.max())
+            s = np.tanh(lm + inits["bl"])
+    assert np.allclose(observers["lm"].range(), (lo, hi), rtol=1e-5, atol=1e-6)
+    assert np.allclose(observers["s_in"].range(), (s_lo, s_hi), rtol=1e-5, atol=1e-6)
+
+
+def test_branch_never_taken_is_named_and_the_rest_quantizes(tmp_path, caplog):
+    model = control_flow_model()
+    calib = _data(24, 1, 1.5)  # every sample takes the then-branch
+    assert all(_branch_taken(model, s) for s in calib[::4])
+    with caplog.at_level(logging.WARNING, logger="converter"):
+        res = quantize(model, calib, QuantConfig(), tmp_path, "cf")
+    text = caplog.text
+    assert "branch/else_branch: 3 tensor(s) got no calibration values" in text and "'r', 'p', 'f'" in text, text
+    # the nested If's branches name the tensor they capture from the enclosing (never run) branch
+    assert "branch/else_branch/nested/then_branch: 2 tensor(s)" in text, text
+    assert "captured from the enclosing graph: 'f'" in text, text
+    subs = {s["subgraph"]: s for s in res.report["summary"]["subgraphs"]}
+    assert subs["branch/then_branch"]["quantized_tensors"] >= 4
+    assert subs["loop/body"]["quantized_tensors"] >= 2
+    qdq = onnx.load(res.model_path)
+    q = _body_qdq(qdq)
+    assert q["branch/then_branch"] >= 3 and q["loop/body"] >= 2
+    # the never-run else-branch quantizes only what has a range: its weights and the captured (calibrated) h
+    else_branch = next(s for s in scopes(qdq) if s.path == "branch/else_branch").graph
+    assert [n.input[0] for n in else_branch.node if n.op_type == "QuantizeLinear"] == ["h"]
+    held = _data(8, 12, 0.3)  # through the float else-branch: still runs, still close
+    for d in held:
+        assert _cos(_run(model, d), _run(qdq, d)) > 0.99
+
+
+def scan_model(seed: int = 0) -> onnx.ModelProto:
+    """A Scan over time: s_t = Tanh(MatMul(s_{t-1}, Ws) + MatMul(x_t, Wx)); scan output y_t = s_t."""
+    rng = np.random.default_rng(seed)
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["s_prev", "Ws"], ["ms"]),
+         helper.make_node("MatMul", ["x_t", "Wx"], ["mx"]),
+         helper.make_node("Add", ["ms", "mx"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["s_next"]),
+         helper.make_node("Identity", ["s_next"], ["y_t"])],
+        "scan_body",
+        [helper.make_tensor_value_info("s_prev", F, [1, 16]), helper.make_tensor_value_info("x_t", F, [1, 8])],
+        [helper.make_tensor_value_info("s_next", F, [1, 16]), helper.make_tensor_value_info("y_t", F, [1, 16])])
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), "Ws"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "Wx")]
+    g = helper.make_graph(
+        [helper.make_node("Scan", ["s0", "xs"], ["s_last", "ys"], name="scan", num_scan_inputs=1, body=body)],
+        "scan", [helper.make_tensor_value_info("s0", F, [1, 16]), helper.make_tensor_value_info("xs", F, [6, 1, 8])],
+        [helper.make_tensor_value_info("s_last", F, [1, 16]), helper.make_tensor_value_info("ys", F, [6, 1, 16])],
+        inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_scan_body_is_quantized(tmp_path):
+    model = scan_model()
+    rng = np.random.default_rng(5)
+
+    def sample():
+        return {"s0": rng.normal(0, 0.5, (1, 16)).astype(np.float32),
+                "xs": rng.normal(0, 1.0, (6, 1, 8)).astype(np.float32)}
+
+    res = quantize(model, [sample() for _ in range(32)], QuantConfig(batch_size=1), tmp_path, "scan")
+    qdq = onnx.load(res.model_path)
+    reading = res.report["summary"]["subgraph_nodes_reading_dq"]
+    assert reading["scan/body"] >= 3, reading  # both MatMuls and the Add (or its fused successors)
+    assert "ms" in res.plan.encodings or "pre" in res.plan.encodings
+    sess_f = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess_q = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    for _ in range(8):
+        feeds = sample()
+        for ref, got in zip(sess_f.run(None, feeds), sess_q.run(None, feeds)):
+            assert _cos(ref, got) > 0.99
+
+
+def test_061_encodings_and_16_bit_bodies(tmp_path):
+    """0.6.1 files carry no channel axis: a weight read only inside a body finds it from the body's node; 16-bit
+    activations lift the whole model (bodies included) to opset 21."""
+    model = control_flow_model()
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)
+    res = quantize(model, calib, QuantConfig(batch_size=8, encodings_version="0.6.1"), tmp_path / "a", "cf")
+    again = apply_encodings(model, res.encodings_path, tmp_path / "a" / "again.onnx")
+    assert again.SerializeToString() == onnx.load(res.model_path).SerializeToString()
+    res16 = quantize(model, calib, QuantConfig(batch_size=8, activation_bits=16), tmp_path / "b", "cf")
+    q16 = onnx.load(res16.model_path)
+    assert q16.opset_import[0].version == 21
+    assert any(n.op_type == "QuantizeLinear" for s in scopes(q16) for n in s.graph.node)
+    x = _data(1, 9, 0.42)[0]
+    assert _cos(_run(model, x), _run(q16, x)) > 0.999
+
+
+def test_captured_activation_keeps_the_outer_encoding_and_its_biases_follow(tmp_path):
+    """h is calibrated once (by the main pass, percentile here; bodies do not observe it again), has one encoding
+    wherever it is quantized, and the bias of each branch's Conv on h is s_h * s_w with that encoding."""
+    model = control_flow_model()
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)
+    res = quantize(model, calib, QuantConfig(batch_size=8, calib_method="percentile"), tmp_path, "cf")
+    enc = res.plan.encodings
+    assert res.report["tensors"]["h"]["calib_method"] == "percentile"
+    for w, b in (("Wa", "Wa_b"), ("Wb", "Wb_b")):
+        expected = np.float32(enc["h"].scale[0]) * np.asarray(enc[w].scale, np.float32)
+        assert np.allclose(enc[b].scale, expected, rtol=1e-6), (b, enc[b].scale[:3], expected[:3])
+    qdq = onnx.load(res.model_path)
+    x = _data(1, 9, 1.5)[0]
+    assert _cos(_run(model, x), _run(qdq, x)) > 0.99
