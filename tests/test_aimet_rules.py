@@ -15,7 +15,7 @@ import pytest
 
 from converter import QuantConfig, apply_encodings, quantize
 from converter.graph.index import GraphIndex
-from converter.quant.aimet_rules import (BIASES_IN_FILE, OUTPUT_NOT_QUANTIZED, TIED_OP_TYPES, aimet_quantizers,
+from converter.quant.aimet_rules import (BIASES_IN_FILE, DATA_MOVEMENT_IN_FILE, OUTPUT_NOT_QUANTIZED, TIED_OP_TYPES, aimet_quantizers,
                                          tie_conflicts)
 from converter.quant.encodings_io import FloatEncoding, read_encodings
 
@@ -66,15 +66,16 @@ def test_file_names_what_aimet_quantizes_and_applies_byte_identical(tmp_path, ta
     biases = {"B", "B2"}
     movers = {"t", "f"}  # Transpose, Reshape outputs
     assert biases <= set(res.plan.encodings) and movers <= set(res.plan.encodings)  # the QDQ model has them
-    assert not named & movers
     if BIASES_IN_FILE[version]:
-        assert named == acts | params | biases  # 2.0.0 mirrors the QDQ graph's int32 biases
+        # 2.0.0 mirrors the QDQ graph as AIMET's 2.0.0 export does: int32 biases and data-movement outputs
+        assert DATA_MOVEMENT_IN_FILE[version] and named == acts | params | biases | movers
         assert {e["output_dtype"] for e in doc["encodings"] if e["name"] in biases} == {"int32"}
+        assert res.report["encodings_file"]["omitted_data_movement_outputs"] == 0
     else:
         # exactly the sim's quantizers: a strict load finds no unknown name and no quantizer without an encoding
-        assert named == acts | params
+        assert named == acts | params and not named & movers
         assert res.report["encodings_file"]["omitted_biases"] == 2
-    assert res.report["encodings_file"]["omitted_data_movement_outputs"] == 2
+        assert res.report["encodings_file"]["omitted_data_movement_outputs"] == 2
     out = tmp_path / "applied.onnx"
     apply_encodings(model, res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
@@ -147,7 +148,7 @@ def test_rules_table_matches_aimet_defaults():
     assert {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Split", "Identity"} <= \
         OUTPUT_NOT_QUANTIZED
     assert "MaxPool" not in OUTPUT_NOT_QUANTIZED and "Concat" not in OUTPUT_NOT_QUANTIZED
-    assert BIASES_IN_FILE == {"0.6.1": False, "1.0.0": False, "2.0.0": True}
+    assert BIASES_IN_FILE == DATA_MOVEMENT_IN_FILE == {"0.6.1": False, "1.0.0": False, "2.0.0": True}
     # every tied op is tied on qnn: data movement always, compute ops through the preset
     for op in TIED_OP_TYPES:
         assert RULES[op].kind == "shared" or op in TARGETS["qnn"].tied_op_types

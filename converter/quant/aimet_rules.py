@@ -8,7 +8,9 @@ constants; ``aimet_common/quantsim_config/default_config.json``), aimet-onnx 2.x
   input's values); ``default_config.json`` also sets ``is_output_quantized: False`` for Cast,
   Dropout, Expand, Squeeze, Pad, Mean, Gather -> :data:`OUTPUT_NOT_QUANTIZED`.
 * ``params.bias.is_quantized: False``: bias quantizers are off by default; int32 biases appear only
-  in 2.0.0 exports (which mirror the QDQ graph) -> :data:`BIASES_IN_FILE`.
+  in 2.0.0 exports (which mirror the QDQ graph, data-movement outputs included) -> :data:`BIASES_IN_FILE`,
+  :data:`DATA_MOVEMENT_IN_FILE`. AIMET's own 2.0.0 file therefore fails its own strict load into a
+  default-config sim (bias quantizers disabled); 2.0.0 is the deployment (QNN) format.
 * ``op_types_to_tie_qtzrs``: one quantizer object for the input and the output of these ops; a file
   giving them different encodings loads without an error and the last one wins (ResNet-8: the
   AveragePool range 0..4.2 replaced the Relu range 0..24.3 before it, 19% of values clipped)
@@ -40,6 +42,9 @@ OUTPUT_NOT_QUANTIZED = frozenset({
 TIED_OP_TYPES = frozenset({"Concat", "MaxPool", "AveragePool", "Resize"})
 # default_config.json "params": {"bias": {"is_quantized": "False"}}; 2.0.0 mirrors the QDQ graph's int32 biases
 BIASES_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
+# AIMET's 2.0.0 export (aimet-onnx 2.42, measured on ResNet-8) also names the Transpose/Reshape outputs that carry
+# a Q/DQ in its QDQ graph (QuantizationSimModel._export_data_movement_op_output_quantizers); 1.0.0/0.6.1 do not
+DATA_MOVEMENT_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
 _BIAS_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # op type -> bias input slot
 # default_config.json "supergroups": no quantizer between the two ops
 SUPERGROUPS = (("Conv", "Relu"), ("ConvTranspose", "Relu"), ("Conv", "Clip"), ("Add", "Relu"), ("Gemm", "Relu"))
@@ -114,7 +119,7 @@ def file_entries(idx: GraphIndex, encodings: dict[str, Encoding], version: str,
     if all_tensors:
         return dict(encodings), set()
     biases = set() if BIASES_IN_FILE[version] else {n for n, e in encodings.items() if e.bitwidth == 32}
-    movers = omitted_outputs(idx, encodings)
+    movers = set() if DATA_MOVEMENT_IN_FILE[version] else omitted_outputs(idx, encodings)
     for drop in (biases | movers, movers, biases, set()):
         kept = {n: e for n, e in encodings.items() if n not in drop}
         floats = set(derive_omitted(idx, kept)) - set(encodings)
