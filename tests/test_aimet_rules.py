@@ -152,3 +152,22 @@ def test_rules_table_matches_aimet_defaults():
     # every tied op is tied on qnn: data movement always, compute ops through the preset
     for op in TIED_OP_TYPES:
         assert RULES[op].kind == "shared" or op in TARGETS["qnn"].tied_op_types
+
+
+def test_aimet_quantizers_depthwise_clip_and_clip_constants():
+    """aimet-onnx 2.42 on EfficientNet-Lite0: a depthwise Conv keeps its output quantizer before a Clip (no
+    supergroup), a regular one does not; Clip's min/max constants are params."""
+    rng = np.random.default_rng(0)
+    model = onnx.shape_inference.infer_shapes(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+      a = Conv <pads = [1, 1, 1, 1]> (x, W)
+      b = Clip(a, lo, hi)
+      c = Conv <pads = [1, 1, 1, 1], group = 4> (b, D)
+      y = Clip(c, lo, hi)
+    }
+    """, W=rng.normal(0, 1, (4, 4, 3, 3)).astype(np.float32), D=rng.normal(0, 1, (4, 1, 3, 3)).astype(np.float32),
+                 lo=np.array(0, np.float32), hi=np.array(6, np.float32)))
+    acts, params = aimet_quantizers(GraphIndex.build(model))
+    assert acts == {"x", "b", "c", "y"}
+    assert params == {"W", "D", "lo", "hi"}

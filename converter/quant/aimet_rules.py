@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph.index import GraphIndex
+from ..graph.index import GraphIndex, attr
 from .encode import bias_encoding
 from .encoding import Encoding
 from .rules import RULES
@@ -48,6 +48,8 @@ DATA_MOVEMENT_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
 _BIAS_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # op type -> bias input slot
 # default_config.json "supergroups": no quantizer between the two ops
 SUPERGROUPS = (("Conv", "Relu"), ("ConvTranspose", "Relu"), ("Conv", "Clip"), ("Add", "Relu"), ("Gemm", "Relu"))
+# ops whose float constant inputs (past the data input) get param quantizers: Clip's min/max (measured, 2.42)
+CONSTANT_INPUTS_QUANTIZED = frozenset({"Clip"})
 # aimet_onnx param quantizers: the weight input of these ops (biases are off, see BIASES_IN_FILE)
 _PARAM_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -149,8 +151,13 @@ def aimet_quantizers(idx: GraphIndex) -> tuple[set[str], set[str]]:
     """(activation, param) tensors an aimet-onnx sim with the default config quantizes.
 
     Model inputs, every float op output except those of :data:`OUTPUT_NOT_QUANTIZED` ops and the
-    first op of a :data:`SUPERGROUPS` pair (when it is the pair's only reader), and constant weights.
-    A file that a strict load accepts names a subset of these (and, for a full match, all of them).
+    first op of a :data:`SUPERGROUPS` pair (when it is the pair's only reader), constant weights, and
+    the float constant inputs of :data:`CONSTANT_INPUTS_QUANTIZED` ops. A file that a strict load
+    accepts names a subset of these (and, for a full match, all of them).
+
+    Measured with aimet-onnx 2.42 on EfficientNet-Lite0 (strict-load errors): a grouped (depthwise)
+    Conv does not join the Conv+Clip supergroup (its output has a quantizer), and Clip's min/max
+    constants get param quantizers.
     """
     acts = {t for t in idx.graph_inputs if idx.is_float(t)}
     params = set()
@@ -158,12 +165,15 @@ def aimet_quantizers(idx: GraphIndex) -> tuple[set[str], set[str]]:
         slot = _PARAM_OPS.get(node.op_type)
         if slot is not None and len(node.input) > slot and idx.is_constant(node.input[slot]):
             params.add(node.input[slot])
+        if node.op_type in CONSTANT_INPUTS_QUANTIZED:
+            params.update(t for t in node.input[1:] if t and idx.is_constant(t) and idx.is_float(t))
         if node.op_type in OUTPUT_NOT_QUANTIZED:
             continue
+        grouped = node.op_type == "Conv" and attr(node, "group", 1) != 1
         for o in node.output:
             users = idx.uses(o)
             fused = (len(users) == 1 and (node.op_type, users[0].op_type) in SUPERGROUPS
-                     and o not in idx.graph_outputs)
+                     and o not in idx.graph_outputs and not grouped)
             if o and idx.is_float(o) and not fused:
                 acts.add(o)
     return acts, params
