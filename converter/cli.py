@@ -89,8 +89,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
                         f"(default: {d.providers})")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: 0, ORT decides)")
-    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1"],
+    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1", "2.0.0"],
                    help=f"AIMET encodings file format (default: {d.encodings_version})")
+    p.add_argument("--encodings-all-tensors", dest="encodings_all_tensors", action="store_true", default=None,
+                   help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 files, which AIMET's "
+                        "strict load rejects (default: only what AIMET quantizes)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
                    help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
                         "(default: on)")
@@ -148,8 +151,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "providers",
-                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha",
-                                               "quantize_subgraphs")
+                                               "threads", "encodings_version", "encodings_all_tensors", "smoothquant",
+                                               "smoothquant_alpha", "quantize_subgraphs")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

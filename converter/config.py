@@ -68,6 +68,9 @@ class TargetPreset:
     fusable_activations: frozenset[str]
     op_types: frozenset[str] | None = None  # op types quantized; None means every op with a rule
     patterns: dict[str, PatternPolicy] = field(default_factory=dict)  # pattern kind -> policy (default: ops as usual)
+    # compute ops whose input and output share one encoding (AIMET ties their quantizers, QNN requires it);
+    # data-movement ops (rules.py "shared") always do
+    tied_op_types: frozenset[str] = frozenset()
 
 
 TARGETS: dict[str, TargetPreset] = {
@@ -117,12 +120,15 @@ TARGETS: dict[str, TargetPreset] = {
         # attention scores (+ the additive mask, often float32's lowest value: quantizing it leaves the scores
         # no resolution) stay whole: QNN runs masked softmax in higher precision
         patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT, "attention": _ONE_UNIT},
+        # aimet_onnx op_types_to_tie_qtzrs (converter/quant/aimet_rules.py TIED_OP_TYPES); MaxPool, Concat and
+        # Resize are data movement and tied anyway
+        tied_op_types=frozenset({"AveragePool"}),
     ),
 }
 
 CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
 WEIGHT_CALIB_METHODS = ("minmax", "mse")
-ENCODINGS_VERSIONS = ("1.0.0", "0.6.1")
+ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
 
 
@@ -145,6 +151,9 @@ class QuantConfig:
     providers: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 lets ORT decide
     encodings_version: str = "1.0.0"
+    # write every quantized tensor (int32 biases, data-movement outputs) into 1.0.0/0.6.1 files; by default they
+    # name only what AIMET quantizes, so its strict load accepts them (converter/quant/aimet_rules.py)
+    encodings_all_tensors: bool = False
     # calibration: per-tensor methods ({tensor name | "op:<OpType>": method}), EMA momentum of minmax_ema,
     # histogram bins covering [0, max|x|], histogram values per sample and tensor (0: all), memory bound
     calib_overrides: dict[str, str] = field(default_factory=dict)

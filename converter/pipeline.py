@@ -31,6 +31,7 @@ from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
 from .graph.validate import ensure_float_model
 from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
+from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
@@ -244,7 +245,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
     data = model_bytes(qdq) if qdq.ByteSize() < PROTOBUF_LIMIT else None  # serialized once: checked, then written
     check_model(qdq, data)
-    encodings_text = encodings_json(plan, config)
+    encodings_text, aimet = encodings_json(plan, config, prepared.idx)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
     _warn_clipping(tensors)
     _note_split_groups(plan)
@@ -263,6 +264,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
                         "seconds": round(calib.seconds, 3), "providers": calib.providers,
                         "source": calib.source},
         "summary": _summary(plan, qdq),
+        "encodings_file": aimet,
         **(extra_report or {}),
         "tensors": tensors,
         "plan": plan.to_dict(),
@@ -296,9 +298,14 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> on
     return qdq
 
 
-def encodings_json(plan: QuantPlan, config: QuantConfig) -> str:
-    acts = {n: e for n, e in plan.encodings.items() if plan.tensors[n].role == ACTIVATION}
-    params = {n: e for n, e in plan.encodings.items() if plan.tensors[n].role != ACTIVATION}
+def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tuple[str, dict[str, Any]]:
+    """The encodings file's text, and what it left out for AIMET (see :mod:`.quant.aimet_rules`)."""
+    written, floats = file_entries(idx, plan.encodings, config.encodings_version, config.encodings_all_tensors)
+    acts: dict[str, Encoding | FloatEncoding] = {}
+    params: dict[str, Encoding | FloatEncoding] = {}
+    for n, e in written.items():
+        (acts if plan.tensors[n].role == ACTIVATION else params)[n] = e
+    acts.update({n: FloatEncoding(32) for n in sorted(floats, key=lambda t: (idx.position(t), t))})
     args = {
         "activation_bitwidth": config.activation_bits,
         "param_bitwidth": config.weight_bits,
@@ -307,7 +314,19 @@ def encodings_json(plan: QuantPlan, config: QuantConfig) -> str:
         "per_channel_quantization": config.per_channel,
         "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
     }
-    return dumps_encodings(acts, params, args, config.encodings_version)
+    left_out = [n for n in plan.encodings if n not in written]
+    conflicts = tie_conflicts(idx, plan.encodings)
+    if conflicts:
+        node, i, o = conflicts[0]
+        log.warning("%d node(s) that AIMET ties (one quantizer for input and output: %s) have different input and "
+                    "output encodings here (first: %s, %r vs %r); an AIMET sim keeps only one of them; "
+                    "--target qnn ties them", len(conflicts), ", ".join(sorted(TIED_OP_TYPES)), node, i, o)
+    info = {"version": config.encodings_version, "tensors": len(written),
+            "omitted_biases": sum(plan.tensors[n].role == BIAS for n in left_out),
+            "omitted_data_movement_outputs": sum(plan.tensors[n].role != BIAS for n in left_out),
+            "marked_float": sorted(floats),
+            "aimet_tie_conflicts": [{"node": n, "input": i, "output": o} for n, i, o in conflicts]}
+    return dumps_encodings(acts, params, args, config.encodings_version), info
 
 
 def check_model(model: onnx.ModelProto, data: bytes | None = None) -> None:
@@ -363,7 +382,8 @@ def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[
             if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
                 enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))
             out[name] = enc
-    return out
+    floats = {n for sec in (enc_file.activations, enc_file.params) for n, e in sec.items() if isinstance(e, FloatEncoding)}
+    return derive_omitted(idx, out, floats)
 
 
 def _param_axis(idx: GraphIndex, name: str, enc: Encoding, source: str) -> int:

@@ -169,9 +169,35 @@ def test_default_version_is_100():
 
 def test_unsupported_write_version():
     with pytest.raises(EncodingsError) as exc:
-        dumps_encodings(ACTS, PARAMS, ARGS, "2.0.0")
-    assert "2.0.0" in exc.value.message
-    assert "1.0.0" in exc.value.fix and "0.6.1" in exc.value.fix
+        dumps_encodings(ACTS, PARAMS, ARGS, "3.0.0")
+    assert "3.0.0" in exc.value.message
+    assert "1.0.0" in exc.value.fix and "0.6.1" in exc.value.fix and "2.0.0" in exc.value.fix
+
+
+def test_write_200_mirrors_quantize_linear():
+    doc = json.loads(dumps_encodings(ACTS, PARAMS, ARGS, "2.0.0"))
+    assert list(doc) == ["version", "encodings"] and doc["version"] == "2.0.0"
+    by_name = {e["name"]: e for e in doc["encodings"]}
+    inp = by_name["input"]
+    assert inp["output_dtype"] == "uint8" and inp["y_zero_point"] == 114 and "axis" not in inp
+    w = by_name["conv.weight"]
+    assert w["output_dtype"] == "int8" and w["axis"] == 0 and len(w["y_scale"]) == 3
+    assert "y_zero_point" not in w  # all zero: left out
+
+
+def test_round_trip_200_bit_exact(tmp_path):
+    acts = {f"a{i}": Encoding.from_aimet(8, False, [s], [-(i * 30)]) for i, s in enumerate(AWKWARD)}
+    acts["a16"] = UINT16_ASYM
+    acts["bias_pt"] = Encoding(32, True, True, (f32(3e-7),), (0,))  # per-tensor: read back as an activation
+    acts["half"] = FloatEncoding(16)
+    params = {"w_pc": Encoding(8, True, True, tuple(AWKWARD), (0,) * len(AWKWARD), axis=1),
+              "bias": Encoding(32, True, True, (f32(1e-7), f32(2e-7)), (0, 0), axis=0)}
+    path = tmp_path / "model.encodings"
+    path.write_text(dumps_encodings(acts, params, {}, "2.0.0"))
+    got = read_encodings(path)
+    assert got.version == "2.0.0" and not got.axis_unknown
+    assert got.activations == acts and got.params == params
+    assert dumps_encodings(got.activations, got.params, {}, "2.0.0") == path.read_text()
 
 
 # --- the offset convention --------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_percentile_and_targets_keep_accuracy(digits, tmp_path, target):
     assert (top1(res.model_path, digits["x_test"]) == y).mean() >= fp32 - 0.02
 
 
-@pytest.mark.parametrize("version", ["1.0.0", "0.6.1"])
+@pytest.mark.parametrize("version", ["1.0.0", "0.6.1", "2.0.0"])
 def test_encodings_round_trip_is_byte_identical(digits, tmp_path, version):
     """quantize -> write encodings -> read -> apply to the float model -> the same bytes."""
     res = quantize(digits["path"], str(ROOT / "calib_data" / "digits"), QuantConfig(encodings_version=version),

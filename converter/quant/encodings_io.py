@@ -16,7 +16,7 @@ Three versions of the format are in use:
     It has no activation/param split: entries with an ``axis`` or more than one scale are put in
     ``params``, the rest in ``activations``; callers must not rely on that split for 2.0.0.
 
-We write 1.0.0 (default) or 0.6.1 and read all three. 0.6.1 and 1.0.0 never state the channel
+We write and read all three (1.0.0 by default). 0.6.1 and 1.0.0 never state the channel
 axis of a per-channel encoding: such tensors are read with ``axis=0`` as a placeholder and listed
 in :attr:`EncodingsFile.axis_unknown` for the caller to fix (``dataclasses.replace``). A 0.6.1
 list of one reads as per-tensor, so a one-channel per-channel encoding comes back per-tensor.
@@ -44,7 +44,7 @@ import numpy as np
 from converter.errors import EncodingsError
 from converter.quant.encoding import Encoding
 
-WRITE_VERSIONS = ("1.0.0", "0.6.1")
+WRITE_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 READ_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 
 # 2.0.0 output_dtype -> (bitwidth, signed)
@@ -123,6 +123,18 @@ def _entry_100(name: str, enc: AnyEncoding) -> dict:
     }
 
 
+def _entry_200(name: str, enc: AnyEncoding) -> dict:
+    if isinstance(enc, FloatEncoding):
+        return {"name": name, "output_dtype": f"float{enc.bitwidth}"}
+    entry: dict[str, Any] = {"name": name, "output_dtype": f"{'' if enc.signed else 'u'}int{enc.bitwidth}",
+                             "y_scale": list(enc.scale) if enc.per_channel else enc.scale[0]}
+    if any(enc.zero_point):
+        entry["y_zero_point"] = list(enc.zero_point) if enc.per_channel else enc.zero_point[0]
+    if enc.per_channel:
+        entry["axis"] = enc.axis
+    return entry
+
+
 def _section(version: str, encodings: dict[str, AnyEncoding]) -> list | dict:
     if version == "1.0.0":
         return [_entry_100(name, enc) for name, enc in encodings.items()]
@@ -135,12 +147,19 @@ def dumps_encodings(
     quantizer_args: dict,
     version: str = "1.0.0",
 ) -> str:
-    """AIMET encodings JSON text of ``version`` ("1.0.0" or "0.6.1"), deterministic."""
+    """AIMET encodings JSON text of ``version`` ("1.0.0", "0.6.1" or "2.0.0"), deterministic.
+
+    2.0.0 has one ``encodings`` list (activations first, then params) and no quantizer_args.
+    """
     if version not in WRITE_VERSIONS:
         raise EncodingsError(
             f"cannot write encodings version {version!r}",
             f"choose one of the supported versions: {', '.join(WRITE_VERSIONS)}",
         )
+    if version == "2.0.0":
+        entries = [_entry_200(n, e) for n, e in (*activations.items(), *params.items())]
+        body = ("\n" + ",\n".join(f"    {json.dumps(e)}" for e in entries) + "\n  ") if entries else ""
+        return f'{{\n  "version": "2.0.0",\n  "encodings": [{body}]\n}}\n'
     if version == "0.6.1":
         quantizer_args = {k: _bool_str(v) if isinstance(v, bool) else v for k, v in quantizer_args.items()}
     doc = {

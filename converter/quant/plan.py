@@ -21,7 +21,8 @@ Planning runs in five small steps over a :class:`GraphIndex`:
 
 4. declare tensor roles: activation inputs, per-channel weights, int32 biases, outputs;
 5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
-   Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors).
+   Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors); the
+   target's ``tied_op_types`` (AveragePool on ``qnn``, as AIMET and QNN tie it) join their groups too.
 """
 
 from __future__ import annotations
@@ -254,8 +255,11 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                 want_activation(t)
         want_output(m.output)
 
-    # 5. data-movement ops share their input's encoding; iterate to a fixed point
-    shared_nodes = [n for n in quantized if RULES[n.op_type].kind == "shared" and n.name in is_quantized]
+    # 5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
+    # qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point
+    tied = preset.tied_op_types
+    shared_nodes = [n for n in quantized if (RULES[n.op_type].kind == "shared" or n.op_type in tied)
+                    and n.name in is_quantized]
     changed = True
     while changed:
         changed = False
