@@ -95,6 +95,15 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
                         "(default: on)")
     p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
+    p.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
+                        "per-tensor weights (default: off)")
+    p.add_argument("--cle-relu6", choices=["min", "replace", "keep"],
+                   help="ReLU6 between equalized layers: min (Relu + per-channel Min, FP32 unchanged), replace "
+                        f"by Relu (FP32 changes; AIMET's way) or keep (skip those pairs) (default: {d.cle_relu6})")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
+                        "(default: off)")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -146,7 +155,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "providers",
-                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha")
+                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha", "cle",
+                                               "cle_relu6", "bias_correction")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -159,6 +159,14 @@ class QuantConfig:
     # >= 1.5x); alpha None picks it per tensor by that error
     smoothquant: bool = True
     smoothquant_alpha: float | None = 0.5
+    # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
+    # between two equalized layers: "min" (Relu + Min by the per-channel bound 6/s: FP32 unchanged), "replace" it
+    # by Relu (AIMET's way; FP32 outputs change) or "keep" (skip the pair)
+    cle: bool = False
+    cle_relu6: str = "min"
+    # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
+    # data matches the float model's (converter.quant.bias_correction)
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -167,6 +175,7 @@ class QuantConfig:
         _check_choice("encodings_version", self.encodings_version, ENCODINGS_VERSIONS)
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
+        _check_choice("cle_relu6", self.cle_relu6, ("min", "replace", "keep"))
         _check_choice("weight_bits", self.weight_bits, (8,))
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")

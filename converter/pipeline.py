@@ -83,6 +83,22 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
 
 
 SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
+CLE_SAMPLES = 32  # calibration samples high-bias absorption reads
+
+
+def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
+                    calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """Cross-layer equalization + high-bias absorption of the prepared model in place
+    (:mod:`converter.quant.cle`); returns the report entry, or None when ``config.cle`` is off."""
+    if not config.cle:
+        return None
+    from .quant.cle import equalize
+
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
+    result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
+    prepared.idx = GraphIndex.build(prepared.model)
+    prepared.passes["cle_pairs"] = len(result.pairs)
+    return result.to_dict()
 
 
 def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
@@ -105,6 +121,24 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
     prepared.passes["smoothquant"] = len(changes)
     return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
         [c.to_dict() for c in changes]
+
+
+BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
+
+
+def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
+                 calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """Empirical bias correction of the planned layers (:mod:`converter.quant.bias_correction`), encodings
+    recomputed; returns the report entry, or None when ``config.bias_correction`` is off."""
+    if not config.bias_correction:
+        return None
+    from .quant.bias_correction import correct_biases
+
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
+    layers = correct_biases(prepared.model, plan, prepared.idx,
+                            lambda: compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config),
+                            data, select_providers(config.providers))
+    return {"samples": BIAS_CORRECTION_SAMPLES, "layers": [c.to_dict() for c in layers]}
 
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
@@ -187,6 +221,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
+    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
@@ -201,10 +236,12 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     timings["calibration_s"] = calib.seconds
     t = time.perf_counter()
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
+    corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
     qdq = render_qdq(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
-    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0,
-                  extra_report={"smoothquant": smoothed} if smoothed else None)
+    extra = {**({"cle": equalized} if equalized else {}), **({"smoothquant": smoothed} if smoothed else {}),
+             **({"bias_correction": corrected} if corrected else {})}
+    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None)
 
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
