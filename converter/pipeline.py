@@ -123,6 +123,21 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
         [c.to_dict() for c in changes]
 
 
+def replayable(calib_data: Any, config: QuantConfig) -> Any:
+    """A one-shot Python reader (``get_next()`` or an iterator) read into a list when more than one pass reads
+    the calibration data (CLE, bias correction, SmoothQuant before calibration): otherwise the first pass would
+    consume samples the calibration never sees."""
+    if not (config.cle or config.bias_correction or config.smoothquant):
+        return calib_data
+    if isinstance(calib_data, (str, Path, dict, list, tuple)):
+        return calib_data
+    if hasattr(calib_data, "get_next"):
+        return list(iter(calib_data.get_next, None))
+    if hasattr(calib_data, "__next__"):
+        return list(calib_data)
+    return calib_data
+
+
 BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
 
 
@@ -221,6 +236,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
+    calib_data = replayable(calib_data, config)
     equalized = equalize_layers(prepared, calib_data, config, calib_spec)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)

@@ -118,6 +118,8 @@ def test_cle_lowers_per_tensor_error_and_is_reported(tmp_path):
         errs[cle] = float(np.mean((run(r.model_path, x)[0] - ref) ** 2) / np.mean(ref**2))
         assert ("cle" in r.report) == cle
     assert errs[True] * 3 < errs[False], errs
+    once = quantize(model, iter(calib), QuantConfig(per_channel=False, cle=True), output_dir=tmp_path / "it", name="m")
+    assert once.report["calibration"]["samples"] == 16  # a one-shot iterator: CLE's read did not consume it
     pairs = r.report["cle"]["pairs"]
     assert len(pairs) == 2 and all(p["scale_max"] > p["scale_min"] > 0 for p in pairs)
 

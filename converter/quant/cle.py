@@ -28,8 +28,8 @@ Measured on EfficientNet-Lite0 (every activation a ReLU6), per-tensor W8A8, top-
 samples (FP32 799): no CLE 730, keep 733 (2 pairs), replace 552 (the FP32 model itself breaks: 77% top-1
 agreement with the original on 64 images), min 778 (34 pairs).
 
-**High-bias absorption**: after scaling, a channel whose pre-activation never falls below ``c_i > 0`` (Relu or
-PRelu between the layers) carries a constant ``c_i`` that only widens the activation range. With
+**High-bias absorption**: after scaling, a channel whose pre-activation never falls below ``c_i > 0`` (Relu,
+PRelu, or Relu + Min where the Min's bound becomes ``6 / s_i - c_i``, between the layers) carries a constant ``c_i`` that only widens the activation range. With
 ``c_i = max(0, min(observed min, mean - 3 std))`` on calibration data, ``b1_i -= c_i`` and the second layer's
 bias gains ``sum_k W2[:, i, k] c_i``; exact whenever the pre-activation stays >= ``c_i``. Done only where the
 second layer has no padding (a padded border would see ``0``, not ``c_i``).
@@ -291,7 +291,7 @@ def _set_bias(model: onnx.ModelProto, idx: GraphIndex, node: onnx.NodeProto, b: 
 def _absorb_high_bias(model: onnx.ModelProto, pairs: list[Pair], kinds: dict[str, str],
                       batches: Iterable[dict[str, np.ndarray]], providers: list[str]) -> None:
     nodes = {n.name: n for n in model.graph.node}
-    todo = [p for p in pairs if p.activation in ("Relu", "PRelu")
+    todo = [p for p in pairs if p.activation in ("Relu", "PRelu", "Relu+Min")
             and not any(attr(nodes[p.second], "pads", [0]) or [0])
             and attr(nodes[p.second], "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID", "NOTSET", "VALID")]
     if not todo:
@@ -332,6 +332,11 @@ def _absorb_high_bias(model: onnx.ModelProto, pairs: list[Pair], kinds: dict[str
         has_b2 = len(b.input) > 2 and b.input[2]
         b2 = idx.constant(b.input[2]).astype(np.float64) if has_b2 else np.zeros(w2.shape[0])
         _set_bias(model, idx, a, (b1 - c).astype(dtype))
+        if p.activation == "Relu+Min":  # min(relu(x), B) = min(relu(x - c), B - c) + c for x >= c
+            mn = idx.single_consumer(idx.single_consumer(a.output[0]).output[0])
+            bound = idx.constant(mn.input[1])
+            idx.initializers[mn.input[1]].CopyFrom(numpy_helper.from_array(
+                (bound - c.reshape(bound.shape)).astype(bound.dtype), mn.input[1]))
         _set_bias(model, idx, b, (b2 + shift).astype(dtype))
         p.absorbed = float(c.mean())
         p.absorbed_channels = int((c > 0).sum())

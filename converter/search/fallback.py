@@ -27,7 +27,7 @@ from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import save_model
 from ..pipeline import (Prepared, QuantResult, calibrate, check_node_names, equalize_layers, finish, prepare,
-                        prepare_output_dir, smooth)
+                        prepare_output_dir, replayable, smooth)
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
@@ -277,6 +277,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
+    calib_data = replayable(calib_data, config)
     equalized = equalize_layers(prepared, calib_data, config, calib_spec)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     full = build_plan(prepared.model, config, prepared.idx)
