@@ -136,7 +136,7 @@ class QuantConfig:
     percentile: float = 99.999
     per_channel: bool = True
     activation_bits: int = 8
-    weight_bits: int = 8
+    weight_bits: int = 8  # 8, or 4: int4 weights (packed, opset 21 DequantizeLinear), per channel or per tensor
     max_samples: int | None = None
     batch_size: int = 16
     op_types: tuple[str, ...] | None = None  # overrides the target's op types
@@ -176,7 +176,10 @@ class QuantConfig:
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
         _check_choice("cle_relu6", self.cle_relu6, ("min", "replace", "keep"))
-        _check_choice("weight_bits", self.weight_bits, (8,))
+        if self.weight_bits not in (4, 8):
+            raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
+                              "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "
+                              "ONNX Runtime runs")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")
         if self.max_samples is not None and self.max_samples < 1:
