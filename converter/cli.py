@@ -85,7 +85,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-bits", type=int, choices=[8, 16],
                    help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
     p.add_argument("--weight-bits", type=int,
-                   help=f"weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) (default: {d.weight_bits})")
+                   help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
+                        f"(default: {d.weight_bits})")
     p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
@@ -156,9 +157,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before any work
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
-                                               "max_samples", "batch_size", "activation_bits", "weight_bits", "providers",
-                                               "threads", "encodings_version", "smoothquant", "smoothquant_alpha", "cle",
-                                               "cle_relu6", "bias_correction")
+                                               "max_samples", "batch_size", "activation_bits", "weight_bits",
+                                               "providers", "threads", "encodings_version", "smoothquant",
+                                               "smoothquant_alpha", "cle", "cle_relu6", "bias_correction")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

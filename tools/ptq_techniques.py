@@ -1,6 +1,6 @@
 """AIMET-style post-training techniques on EfficientNet-Lite0: top-1 on 900 held-out ImageNet samples.
 
-Each row quantizes the same float model from the same 100 calibration images (W8A8, ort-cpu target, minmax)
+Each row quantizes the same float model from the same 100 calibration images (W8A8 or W4A8, ort-cpu target, minmax)
 with one combination of converter's techniques and evaluates the QDQ model in ONNX Runtime CPU
 (ORT_ENABLE_ALL: the fused integer kernels). Rows from aimet-onnx (``equalize_model``) are added when
 ``aimet_onnx`` is importable; it is not a dependency (a ~6 GB download with its CUDA torch build).
@@ -37,6 +37,8 @@ ROWS = {
     "per-tensor+cle(keep-relu6)+bc": dict(per_channel=False, cle=True, cle_relu6="keep", bias_correction=True),
     "per-channel": dict(per_channel=True),
     "per-channel+bc": dict(per_channel=True, bias_correction=True),
+    "w4-per-channel": dict(weight_bits=4),
+    "w4-per-channel+bc": dict(weight_bits=4, bias_correction=True),
 }
 
 

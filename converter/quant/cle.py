@@ -29,7 +29,8 @@ samples (FP32 799): no CLE 730, keep 733 (2 pairs), replace 552 (the FP32 model 
 agreement with the original on 64 images), min 778 (34 pairs).
 
 **High-bias absorption**: after scaling, a channel whose pre-activation never falls below ``c_i > 0`` (Relu,
-PRelu, or Relu + Min where the Min's bound becomes ``6 / s_i - c_i``, between the layers) carries a constant ``c_i`` that only widens the activation range. With
+PRelu, or Relu + Min where the Min's bound becomes ``6 / s_i - c_i``, between the layers) carries a constant
+``c_i`` that only widens the activation range. With
 ``c_i = max(0, min(observed min, mean - 3 std))`` on calibration data, ``b1_i -= c_i`` and the second layer's
 bias gains ``sum_k W2[:, i, k] c_i``; exact whenever the pre-activation stays >= ``c_i``. Done only where the
 second layer has no padding (a padded border would see ``0``, not ``c_i``).
@@ -102,7 +103,8 @@ def _conv_kind(node: onnx.NodeProto, idx: GraphIndex) -> str | None:
         return None
     if len(idx.uses(node.input[1])) != 1:
         return None
-    if len(node.input) > 2 and node.input[2] and (not idx.is_constant(node.input[2]) or len(idx.uses(node.input[2])) != 1):
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if bias and (not idx.is_constant(bias) or len(idx.uses(bias)) != 1):
         return None
     w = idx.initializers[node.input[1]]
     group = attr(node, "group", 1)
@@ -211,9 +213,9 @@ def equalize(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]] | 
                 has_bias = len(n.input) > 2 and n.input[2]
                 biases[n.name] = idx.constant(n.input[2]).astype(np.float64) if has_bias else np.zeros(c)
                 kinds[n.name] = _conv_kind(n, idx)
-    pairs = [Pair(a.name, b.name, ("Relu+Min" if relu6 == "min" else "Relu") if kind == "ReLU6" else kind, weights[a.name].shape[0],
-                  np.ones(weights[a.name].shape[0]), _ratio(_out_ranges(weights[a.name])))
-             for a, _, b, kind in found]
+    joined = "Relu+Min" if relu6 == "min" else "Relu"
+    pairs = [Pair(a.name, b.name, joined if kind == "ReLU6" else kind, weights[a.name].shape[0],
+                  np.ones(weights[a.name].shape[0]), _ratio(_out_ranges(weights[a.name]))) for a, _, b, kind in found]
     pairs = [p for p in pairs if _in_ranges(weights[p.second], kinds[p.second]).shape[0] == p.channels]
     iterations = 0
     for iterations in range(1, MAX_ITERATIONS + 1):

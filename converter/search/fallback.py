@@ -278,6 +278,9 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     calib_data = replayable(calib_data, config)
+    if config.bias_correction:
+        log.warning("bias_correction is not applied by the accuracy-target search (its layers are re-encoded trial "
+                    "by trial); quantize without --target-metric/--evaluator to use it")
     equalized = equalize_layers(prepared, calib_data, config, calib_spec)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     full = build_plan(prepared.model, config, prepared.idx)
