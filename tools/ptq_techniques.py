@@ -2,8 +2,8 @@
 
 Each row quantizes the same float model from the same 100 calibration images (W8A8 or W4A8, ort-cpu target, minmax)
 with one combination of converter's techniques and evaluates the QDQ model in ONNX Runtime CPU
-(ORT_ENABLE_ALL: the fused integer kernels). Rows from aimet-onnx (``equalize_model``) are added when
-``aimet_onnx`` is importable; it is not a dependency (a ~6 GB download with its CUDA torch build).
+(ORT_ENABLE_ALL: the fused integer kernels). AIMET rows are not implemented: aimet-onnx is not installed here (a
+~6 GB download with its CUDA torch build); the script only says whether ``aimet_onnx`` imports.
 
     python tools/ptq_techniques.py --assets ../shared/assets [--rows fp32,per-tensor,per-tensor+cle,...]
 """
@@ -76,7 +76,9 @@ def main() -> int:
     try:
         import aimet_onnx  # noqa: F401
     except ImportError:
-        print("aimet-onnx not importable: no AIMET rows (pip install aimet-onnx in a scratch venv to add them)")
+        print("aimet-onnx not importable: no AIMET rows")
+    else:
+        print("aimet-onnx imports, but its rows (equalize_model) are not implemented in this script yet")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
