@@ -25,7 +25,7 @@ a per-channel upper bound ``6 / s_i``, which Clip cannot hold. Three ways (``rel
   equalized).
 
 Measured on EfficientNet-Lite0 (every activation a ReLU6), per-tensor W8A8, top-1 of 900 held-out ImageNet
-samples (FP32 799, per-channel 789): no CLE 730, keep 733 (2 pairs), replace 552 (the FP32 model itself breaks:
+samples (FP32 799, per-channel 789): no CLE 730, keep 733 (2 pairs), replace 553 (the FP32 model itself breaks:
 77% top-1 agreement with the original on 64 images), min 785 (34 pairs, with high-bias absorption), min + bias
 correction 792.
 
