@@ -102,8 +102,9 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
                         "per-tensor weights (default: off)")
     p.add_argument("--cle-relu6", choices=["min", "replace", "keep"],
-                   help="ReLU6 between equalized layers: min (Relu + per-channel Min, FP32 unchanged), replace "
-                        f"by Relu (FP32 changes; AIMET's way) or keep (skip those pairs) (default: {d.cle_relu6})")
+                   help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
+                        "unchanged; ORT runs the Conv before each Min in float) or replace by Relu (FP32 changes; "
+                        f"AIMET's way) (default: {d.cle_relu6})")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
                         "(default: off)")

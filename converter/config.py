@@ -160,10 +160,10 @@ class QuantConfig:
     smoothquant: bool = True
     smoothquant_alpha: float | None = 0.5
     # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
-    # between two equalized layers: "min" (Relu + Min by the per-channel bound 6/s: FP32 unchanged), "replace" it
-    # by Relu (AIMET's way; FP32 outputs change) or "keep" (skip the pair)
+    # between two equalized layers: "keep" (skip the pair), "min" (Relu + Min by the per-channel bound 6/s: FP32
+    # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
     cle: bool = False
-    cle_relu6: str = "min"
+    cle_relu6: str = "keep"
     # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
     # data matches the float model's (converter.quant.bias_correction)
     bias_correction: bool = False

@@ -28,12 +28,11 @@ from converter import QuantConfig  # noqa: E402
 
 ROWS = {
     "per-tensor": dict(per_channel=False),
-    "per-tensor+cle": dict(per_channel=False, cle=True),
+    "per-tensor+cle": dict(per_channel=False, cle=True, cle_relu6="min"),
     "per-tensor+cle(replace-relu6)": dict(per_channel=False, cle=True, cle_relu6="replace"),
     "per-tensor+cle(keep-relu6)": dict(per_channel=False, cle=True, cle_relu6="keep"),
-    "per-tensor+cle(min-relu6)": dict(per_channel=False, cle=True, cle_relu6="min"),
     "per-tensor+bc": dict(per_channel=False, bias_correction=True),
-    "per-tensor+cle+bc": dict(per_channel=False, cle=True, bias_correction=True),
+    "per-tensor+cle+bc": dict(per_channel=False, cle=True, cle_relu6="min", bias_correction=True),
     "per-tensor+cle(keep-relu6)+bc": dict(per_channel=False, cle=True, cle_relu6="keep", bias_correction=True),
     "per-channel": dict(per_channel=True),
     "per-channel+bc": dict(per_channel=True, bias_correction=True),
