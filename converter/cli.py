@@ -84,6 +84,9 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help=f"samples per ONNX Runtime run (default: {d.batch_size})")
     p.add_argument("--activation-bits", type=int, choices=[8, 16],
                    help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
+    p.add_argument("--weight-bits", type=int,
+                   help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
+                        f"(default: {d.weight_bits})")
     p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
     p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
@@ -100,6 +103,16 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
     p.add_argument("--quantize-subgraphs", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize inside If/Loop/Scan bodies with the main graph's rules (default: on)")
+    p.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
+                        "per-tensor weights (default: off)")
+    p.add_argument("--cle-relu6", choices=["min", "replace", "keep"],
+                   help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
+                        "unchanged; ORT runs the Conv before each Min in float) or replace by Relu (FP32 changes; "
+                        f"AIMET's way) (default: {d.cle_relu6})")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
+                        "(default: off)")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -150,9 +163,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before any work
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
-                                               "max_samples", "batch_size", "activation_bits", "providers",
-                                               "threads", "encodings_version", "encodings_all_tensors", "smoothquant",
-                                               "smoothquant_alpha", "quantize_subgraphs")
+                                               "max_samples", "batch_size", "activation_bits", "weight_bits",
+                                               "providers", "threads", "encodings_version", "encodings_all_tensors",
+                                               "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
+                                               "cle_relu6", "bias_correction")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -142,7 +142,7 @@ class QuantConfig:
     percentile: float = 99.999
     per_channel: bool = True
     activation_bits: int = 8
-    weight_bits: int = 8
+    weight_bits: int = 8  # 8, or 4: int4 weights (packed, opset 21 DequantizeLinear), per channel or per tensor
     max_samples: int | None = None
     batch_size: int = 16
     op_types: tuple[str, ...] | None = None  # overrides the target's op types
@@ -170,6 +170,14 @@ class QuantConfig:
     smoothquant_alpha: float | None = 0.5
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
     quantize_subgraphs: bool = True
+    # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
+    # between two equalized layers: "keep" (skip the pair), "min" (Relu + Min by the per-channel bound 6/s: FP32
+    # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
+    cle: bool = False
+    cle_relu6: str = "keep"
+    # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
+    # data matches the float model's (converter.quant.bias_correction)
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -178,7 +186,11 @@ class QuantConfig:
         _check_choice("encodings_version", self.encodings_version, ENCODINGS_VERSIONS)
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
-        _check_choice("weight_bits", self.weight_bits, (8,))
+        _check_choice("cle_relu6", self.cle_relu6, ("min", "replace", "keep"))
+        if self.weight_bits not in (4, 8):
+            raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
+                              "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "
+                              "ONNX Runtime runs")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")
         if self.max_samples is not None and self.max_samples < 1:

@@ -90,6 +90,22 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
 
 
 SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
+CLE_SAMPLES = 32  # calibration samples high-bias absorption reads
+
+
+def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
+                    calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """Cross-layer equalization + high-bias absorption of the prepared model in place
+    (:mod:`converter.quant.cle`); returns the report entry, or None when ``config.cle`` is off."""
+    if not config.cle:
+        return None
+    from .quant.cle import equalize
+
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
+    result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
+    prepared.idx = GraphIndex.build(prepared.model)
+    prepared.passes["cle_pairs"] = len(result.pairs)
+    return result.to_dict()
 
 
 def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
@@ -112,6 +128,71 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
     prepared.passes["smoothquant"] = len(changes)
     return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
         [c.to_dict() for c in changes]
+
+
+class Replayable:
+    """A one-shot reader (``get_next()`` or an iterator) that several passes can read.
+
+    The first ``keep`` items are kept; each pass reads them again, then goes on with the source where the
+    previous pass left it. The passes before calibration (CLE, SmoothQuant) read a few samples, calibration
+    reads everything once (kept items, then the rest streamed, never stored), the passes after it (bias
+    correction, the search's ranking) read the kept ones again: memory stays bounded by ``keep`` items.
+    """
+
+    def __init__(self, source: Any, keep: int) -> None:
+        self._source = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
+        self.keep = keep
+        self.head: list[Any] = []
+        self.streamed = False  # items past the kept ones were handed out (a second full pass gets only the kept)
+
+    def __iter__(self):
+        after_full_pass = self.streamed  # a pass after one that streamed past the kept items: the kept ones only
+        i = 0
+        while True:
+            if i < len(self.head):
+                yield self.head[i]
+                i += 1
+                continue
+            if after_full_pass:
+                return
+            item = next(self._source, None)
+            if item is None:
+                return
+            if len(self.head) < self.keep:
+                self.head.append(item)
+                i += 1
+            else:
+                self.streamed = True
+            yield item
+
+
+def replayable(calib_data: Any, keep: int = 64) -> Any:
+    """``calib_data`` as :class:`Replayable` when it is a one-shot reader and more than one pass reads it
+    (CLE, bias correction, SmoothQuant, the search): otherwise the first pass would consume samples the
+    calibration never sees. Folders, lists and dicts are returned as they are."""
+    if isinstance(calib_data, (str, Path, dict, list, tuple, Replayable)):
+        return calib_data
+    if hasattr(calib_data, "get_next") or hasattr(calib_data, "__next__"):
+        return Replayable(calib_data, keep)
+    return calib_data
+
+
+BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
+
+
+def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
+                 calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """Empirical bias correction of the planned layers (:mod:`converter.quant.bias_correction`), encodings
+    recomputed; returns the report entry, or None when ``config.bias_correction`` is off."""
+    if not config.bias_correction:
+        return None
+    from .quant.bias_correction import correct_biases
+
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
+    layers = correct_biases(prepared.model, plan, prepared.idx,
+                            lambda: compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config),
+                            data, select_providers(config.providers))
+    return {"samples": BIAS_CORRECTION_SAMPLES, "layers": [c.to_dict() for c in layers]}
 
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
@@ -211,6 +292,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
+    calib_data = replayable(calib_data)
+    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
     config, smoothed = smooth(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
@@ -234,10 +317,12 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
         log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
                     sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
                     else "quantize_subgraphs is off")
+    corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
     qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
-    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0,
-                  extra_report={"smoothquant": smoothed} if smoothed else None)
+    extra = {**({"cle": equalized} if equalized else {}), **({"smoothquant": smoothed} if smoothed else {}),
+             **({"bias_correction": corrected} if corrected else {})}
+    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None)
 
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,

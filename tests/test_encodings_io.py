@@ -416,7 +416,7 @@ BAD = {
     "200 zero point out of range": (v200(y_zero_point=[0, 128]), "y_zero_point"),
     # unsupported kinds
     "100 per-block": (v100(enc_type="PER_BLOCK", block_size=64), "enc_type"),
-    "100 4 bits": (v100(bw=4), "bw"),
+    "100 3 bits": (v100(bw=3), "bw"),  # 4 bits is read (int4 weights)
     "100 asymmetric 32 bits": (v100(bw=32, is_sym=False), "bw"),
     "100 dtype": (v100(dtype="BF16"), "dtype"),
     "061 dtype": (v061(dtype="fixed"), "dtype"),

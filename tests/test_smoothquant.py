@@ -78,3 +78,28 @@ def test_no_outliers_nothing_changes():
     prepared = prepare(model)
     config, changes = smooth(prepared, batches(1), QuantConfig())
     assert changes == [] and config == QuantConfig()
+
+
+def test_one_shot_reader_is_read_once_and_kept_only_in_part(tmp_path):
+    """SmoothQuant reads calibration samples before calibration: a get_next() reader still gives calibration
+    every sample, and only the first ``keep`` items are held in memory."""
+    from converter.pipeline import Replayable
+
+    items = batches(1, n=100)
+    handed = []
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(items)
+
+        def get_next(self):
+            item = next(self.it, None)
+            if item is not None:
+                handed.append(1)
+            return item
+
+    res = quantize(outlier_model(), Reader(), QuantConfig(), output_dir=tmp_path, name="m")
+    assert res.report["smoothquant"] and res.report["calibration"]["samples"] == 100 * 16
+    assert len(handed) == 100  # each item pulled from the reader once
+    r = Replayable(iter(items), keep=10)
+    assert len(list(r)) == 100 and len(r.head) == 10 and len(list(r)) == 10  # a second full pass: the kept ones

@@ -439,6 +439,12 @@ def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
             providers: list[str]) -> list[dict[str, np.ndarray]]:
     """Run ``model`` on ``batches`` and keep ``tensors`` (plus the inputs) for each batch (all values: for a few
     samples, e.g. the search's sensitivity or SmoothQuant's scales; calibration itself streams)."""
+    return list(iter_capture(model, tensors, batches, providers))
+
+
+def iter_capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
+                 providers: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`capture` one batch at a time (for callers that reduce each batch, e.g. to per-channel means)."""
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     have = {o.name for o in augmented.graph.output}
@@ -450,9 +456,7 @@ def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
             augmented.graph.output.append(helper.make_tensor_value_info(t, types[t], None) if types.get(t)
                                           else helper.make_empty_tensor_value_info(t))  # ORT infers the type
     session = make_session(augmented, providers)
-    out = []
     for batch in batches:
         values = dict(zip(fetch, session.run(fetch, batch)))
         values.update(batch)
-        out.append(values)
-    return out
+        yield values

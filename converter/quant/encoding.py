@@ -28,13 +28,17 @@ import numpy as np
 
 # ONNX TensorProto data types for the integer types we emit.
 _ONNX_INT_TYPES = {
+    (4, True): 22,  # INT4 (opset 21; stored packed, two values a byte)
+    (4, False): 21,  # UINT4
     (8, True): 3,  # INT8
     (8, False): 2,  # UINT8
     (16, True): 5,  # INT16
     (16, False): 4,  # UINT16
     (32, True): 6,  # INT32
 }
-_NUMPY_INT_TYPES = {
+_NUMPY_INT_TYPES = {  # 4-bit values live in 8-bit arrays until written (onnx.helper.make_tensor packs them)
+    (4, True): np.int8,
+    (4, False): np.uint8,
     (8, True): np.int8,
     (8, False): np.uint8,
     (16, True): np.int16,

@@ -253,9 +253,9 @@ class _Reader:
               keys: tuple[str, str, str]) -> Encoding:
         """Encoding from AIMET (scale, offset) lists; ``keys`` name bitwidth, scale, offset."""
         bw_key, scale_key, offset_key = keys
-        if bw not in (8, 16, 32) or (bw == 32 and not sym):
+        if bw not in (4, 8, 16, 32) or (bw == 32 and not sym):
             self.fail(name, bw_key, f"unsupported bitwidth {bw} ({'' if sym else 'a'}symmetric)",
-                      "use 8 or 16 bits, or 32 bits symmetric")
+                      "use 4, 8 or 16 bits, or 32 bits symmetric")
         if len(scales) != len(offsets):
             self.fail(name, offset_key, f"{len(offsets)} offsets for {len(scales)} scales",
                       "give one offset per scale")

@@ -54,7 +54,7 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
     model.CopyFrom(float_model)
     # 16-bit Q/DQ need opset 21. The graph is converted, not just relabelled: ops whose signature
     # changed on the way (ReduceMean/Split/Squeeze axes became inputs in 13/18) are rewritten.
-    needs_opset = 21 if any(e.bitwidth == 16 for e in encodings.values()) else 13
+    needs_opset = 21 if any(e.bitwidth in (4, 16) for e in encodings.values()) else 13
     if default_opset(model) < needs_opset:
         upgrade_opset(model, needs_opset)
         name_nodes(model)
@@ -74,7 +74,7 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
         shape_scale = enc.scale_array() if enc.per_channel else enc.scale_array().reshape(())
         shape_zp = enc.zero_point_array() if enc.per_channel else enc.zero_point_array().reshape(())
         new_inits.append(numpy_helper.from_array(shape_scale, scale))
-        new_inits.append(numpy_helper.from_array(shape_zp, zp))
+        new_inits.append(int_tensor(shape_zp, zp, enc))
         return scale, zp
 
     def axis_attr(enc: Encoding) -> dict:
@@ -85,7 +85,7 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
         if idx.is_constant(tensor):
             values = idx.constant(tensor)
             q_name = names(f"{tensor}_quantized")
-            new_inits.append(numpy_helper.from_array(enc.quantize(values), q_name))
+            new_inits.append(int_tensor(enc.quantize(values), q_name, enc))
             scale, zp = params(tensor, enc)
             dq_out = names(f"{tensor}_dequantized")
             dq = helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq_out],
@@ -136,6 +136,13 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
     # stale shape information of renamed tensors would mislead the checker; let ORT infer it
     del g.value_info[:]
     return model
+
+
+def int_tensor(values: np.ndarray, name: str, enc: Encoding) -> onnx.TensorProto:
+    """An initializer of the encoding's integer type; 4-bit values packed two to a byte (ONNX INT4/UINT4)."""
+    if enc.bitwidth == 4:
+        return helper.make_tensor(name, enc.onnx_dtype, values.shape, values.astype(np.int64).ravel().tolist())
+    return numpy_helper.from_array(values, name)
 
 
 def quantized_node_counts(model: onnx.ModelProto) -> dict[str, int]:

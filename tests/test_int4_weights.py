@@ -1,0 +1,75 @@
+"""4-bit weights: packed INT4 initializers, opset 21 DequantizeLinear, runs in ONNX Runtime CPU, bw 4 on file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from converter import QuantConfig, quantize
+from converter.cli import main
+from converter.errors import ConfigError
+from converter.pipeline import apply_encodings
+from converter.quant.encoding import encoding_from_range
+from converter.quant.qdq import int_tensor
+
+from .conftest import parse, run
+
+
+def conv_model():
+    rng = np.random.default_rng(0)
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,8,8] x) => (float[N,16,8,8] y) {
+      h = Conv <pads: ints = [1, 1, 1, 1]> (x, W, B)
+      y = Relu(h)
+    }""", W=(rng.normal(0, 1, (16, 4, 3, 3)) * rng.uniform(0.1, 2, (16, 1, 1, 1))).astype(np.float32),
+                 B=rng.normal(0, 0.1, 16).astype(np.float32))
+
+
+def batches(seed, n=2):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 4, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def test_int4_pack_unpack_round_trip():
+    values = np.array([[-8, 7, 0, -1, 3], [1, -2, 5, -8, 6]], np.int8)
+    enc = encoding_from_range(-1.0, 1.0, 4, True, True)
+    t = int_tensor(values, "w", enc)
+    assert t.data_type == onnx.TensorProto.INT4 and len(t.raw_data or t.int32_data) <= 5  # two values a byte
+    np.testing.assert_array_equal(numpy_helper.to_array(t).astype(np.int8), values)
+
+
+def test_int4_weights_run_in_ort_and_round_trip_the_encodings(tmp_path):
+    model = conv_model()
+    x = batches(9, 1)[0]
+    ref = run(model, x)[0]
+    errs = {}
+    for bits in (8, 4):
+        r = quantize(model, batches(1), QuantConfig(weight_bits=bits), output_dir=tmp_path / str(bits), name="m")
+        q = onnx.load(str(r.model_path))
+        w = [t for t in q.graph.initializer if t.name == "W_quantized"]
+        assert [t.data_type for t in w] == [onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8]
+        errs[bits] = float(np.mean((run(q, x)[0] - ref) ** 2) / np.mean(ref**2))
+    assert q.opset_import[0].version >= 21
+    assert 0.0005 < errs[4] < 0.05 and errs[8] * 10 < errs[4], errs  # 4 bits: worse than 8, still the model
+    enc = json.loads(r.encodings_path.read_text())
+    [w_enc] = [e for e in enc["param_encodings"] if e["name"] == "W"]
+    assert w_enc["bw"] == 4 and len(w_enc["scale"]) == 16
+    again = apply_encodings(model, r.encodings_path, tmp_path / "again.onnx")
+    np.testing.assert_array_equal(run(again, x)[0], run(q, x)[0])
+
+
+def test_weight_bits_3_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="weight_bits must be 4 or 8"):
+        QuantConfig(weight_bits=3)
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(), str(path))
+    np.save(tmp_path / "c.npy", batches(1)[0]["x"])
+    assert main(["quantize", str(path), "--calib", str(tmp_path / "c.npy"), "-o", str(tmp_path / "o"),
+                 "--weight-bits", "3"]) != 0
+    err = capsys.readouterr().err
+    assert "weight_bits must be 4 or 8" in err and "fix:" in err and err.count("error:") == 1
