@@ -23,8 +23,8 @@ from .calib.runner import CalibrationResult, collect, make_session, select_provi
 from .config import QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
-from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
-                             model_bytes, save_model)
+from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
+                             load_model, model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.validate import ensure_float_model
 from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
@@ -210,7 +210,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
-    data = model_bytes(qdq) if qdq.ByteSize() < PROTOBUF_LIMIT else None  # serialized once: checked, then written
+    data = None if is_large(qdq) else model_bytes(qdq)  # serialized once: checked, then written
     check_model(qdq, data)
     encodings_text = encodings_json(plan, config)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
@@ -278,11 +278,15 @@ def encodings_json(plan: QuantPlan, config: QuantConfig) -> str:
     return dumps_encodings(acts, params, args, config.encodings_version)
 
 
-def check_model(model: onnx.ModelProto, data: bytes | None = None) -> None:
-    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized)."""
+def check_model(model: onnx.ModelProto, data: bytes | str | None = None) -> None:
+    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized,
+    or the path of a copy with external data)."""
+    if data is None and is_large(model):  # over the protobuf limit: checked from a copy with external data
+        with external_copy(model) as path:
+            check_model(model, path)
+        return
     try:
-        if data is not None or model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(data if data is not None else model, full_check=True)
+        onnx.checker.check_model(data if data is not None else model, full_check=True)
     except Exception as exc:
         raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
     make_session(data if data is not None else model, ["CPUExecutionProvider"], optimize=False)
