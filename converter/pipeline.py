@@ -210,7 +210,10 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
-    data = None if is_large(qdq) else model_bytes(qdq)  # serialized once: checked, then written
+    # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
+    # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
+    external = is_large(prepared.model)
+    data = None if external or is_large(qdq) else model_bytes(qdq)  # serialized once: checked, then written
     check_model(qdq, data)
     encodings_text = encodings_json(plan, config)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
@@ -240,7 +243,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     if data is not None:
         atomic_write_bytes(paths[0], data)
     else:
-        save_model(qdq, paths[0])
+        save_model(qdq, paths[0], external=external)
     atomic_write_text(paths[1], encodings_text)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -260,7 +263,7 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> on
     encs = _encodings_for_model(float_model, enc_file, str(encodings))
     qdq = render_qdq(float_model, encs)
     check_model(qdq)
-    save_model(qdq, output)
+    save_model(qdq, output, external=is_large(float_model))  # the layout quantize writes
     return qdq
 
 

@@ -155,10 +155,11 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Save atomically. Models over 2 GiB go to ``<name>.data`` beside the file (also atomically)."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
+    """Save atomically. Models over 2 GiB go to ``<name>.data`` beside the file (also atomically);
+    ``external=True`` sends a smaller one there too (the QDQ model of a float model over the limit)."""
     path = Path(path)
-    if not is_large(model):
+    if not external and not is_large(model):
         atomic_write_bytes(path, model_bytes(model))
         return
     # Large model: write into a temp folder in the destination, then move both files into place.
