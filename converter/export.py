@@ -190,10 +190,10 @@ def _export_dynamo(module: Any, args: tuple, input_names: list[str], output_name
         while root.__cause__ is not None:  # the exporter wraps torch.export's error ("step 1/3 ...")
             root = root.__cause__
         reason = re.sub(r"\x1b\[[0-9;]*m", "", _first_line(root))
-        raise ModelError(f"torch.export could not trace {type(module).__name__}: {type(root).__name__}: {reason}",
-                         "make forward traceable by torch.export (no Python branches on tensor values; "
-                         "--static-batch if the batch size is baked in), or export with the TorchScript exporter "
-                         "(--exporter torchscript)") from None
+        raise ModelError(f"torch.export failed on {type(module).__name__}: {type(root).__name__}: {reason}",
+                         "check the example input shape (--input-shape) matches what the model expects; a forward "
+                         "torch.export cannot trace (Python branches on tensor values; --static-batch if the batch "
+                         "size is baked in) exports with the TorchScript exporter (--exporter torchscript)") from None
     name_from_scopes(model, {n for n, _ in module.named_modules() if n})
     return model
 
