@@ -424,12 +424,26 @@ class BatchResult:
 # --- running -------------------------------------------------------------------------------------------
 
 def run_batch(job_file: str | Path, jobs: int = 1, resume: bool = False, timeout: float | None = None,
-              output_dir: str | Path | None = None) -> BatchResult:
-    """Run every job of ``job_file`` with up to ``jobs`` worker processes; write the summary files."""
+              output_dir: str | Path | None = None, executor: str = "local",
+              address: str | None = None) -> BatchResult:
+    """Run every job of ``job_file`` with up to ``jobs`` workers at once; write the summary files.
+
+    ``executor``: ``"local"`` (child processes) or ``"ray"`` (Ray tasks; ``address`` of a cluster, else a
+    local Ray), see :mod:`converter.executors`."""
+    from .executors import make_executor
+
     spec = load_job_file(job_file)
     out_dir = ensure_writable_dir(Path(output_dir) if output_dir else spec.output_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}", "use e.g. --jobs 2")
+    runner = make_executor(executor, address)
+    try:
+        return _run_jobs(spec, out_dir, jobs, resume, timeout, runner)
+    finally:
+        runner.close()
+
+
+def _run_jobs(spec: JobFile, out_dir: Path, jobs: int, resume: bool, timeout: float | None, runner) -> BatchResult:
     _remove_stale(out_dir)
     t0 = time.perf_counter()
     results: dict[str, JobResult] = {}
@@ -447,7 +461,8 @@ def run_batch(job_file: str | Path, jobs: int = 1, resume: bool = False, timeout
     hash_s = time.perf_counter() - t_hash
     log.info("hashed the inputs of %d jobs in %.2f s; %d to run", len(spec.jobs), hash_s, len(pending))
     default_timeout = timeout if timeout is not None else spec.timeout
-    for r in _Scheduler(pending, out_dir, jobs, default_timeout, spec.path.resolve().parent, len(results)).run():
+    for r in _Scheduler(pending, out_dir, jobs, default_timeout, spec.path.resolve().parent, len(results),
+                        runner).run():
         results[r.name] = r
     ordered = [results[j.name] for j in spec.jobs]
     batch = BatchResult(spec.path, out_dir, ordered, time.perf_counter() - t0, hash_s)
@@ -499,7 +514,10 @@ class _Scheduler:
     POLL_S = 0.05
 
     def __init__(self, pending: list[tuple[Job, str]], out_dir: Path, width: int, timeout: float | None,
-                 job_file_dir: Path, done_already: int) -> None:
+                 job_file_dir: Path, done_already: int, runner=None) -> None:
+        from .executors import LocalExecutor
+
+        self.runner = runner or LocalExecutor()
         self.queue = list(pending)
         self.out_dir, self.width, self.timeout, self.job_file_dir = out_dir, width, timeout, job_file_dir
         self.done_already = done_already
@@ -541,9 +559,7 @@ class _Scheduler:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(self.job_file_dir), os.getcwd(),
                                                          os.environ.get("PYTHONPATH", "")) if p)}
-        proc = subprocess.Popen([sys.executable, "-m", "converter.batch", "worker.json"], cwd=staging, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = self.runner.start(staging, env, log_file)
         limit = job.timeout if job.timeout is not None else self.timeout
         now = time.perf_counter()
         return _Running(job, digest, staging, proc, log_file, now, _now(), now + limit if limit else None)
@@ -605,12 +621,10 @@ def _log_tail(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+def _kill(proc: Any) -> None:
+    from .executors import kill
+
+    kill(proc)
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -787,11 +801,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip jobs whose inputs, config and converter version are unchanged since a successful run")
     p.add_argument("--timeout", type=float, help="seconds per job (default: the job file's, else none)")
     p.add_argument("-o", "--output-dir", help="override the job file's output_dir (default: the job file's)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: one Ray task per job (pip install '.[ray]') "
+                        "(default: local)")
+    p.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray with this "
+                                     "machine's CPUs)")
 
 
 def run(args: argparse.Namespace) -> int:
     batch = run_batch(args.job_file, jobs=args.jobs, resume=args.resume, timeout=args.timeout,
-                      output_dir=args.output_dir)
+                      output_dir=args.output_dir, executor=args.executor, address=args.address)
     print(format_summary(batch))
     return batch.exit_code
 

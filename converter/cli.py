@@ -36,7 +36,11 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("module_spec", help="package.module:factory or path/to/file.py:factory returning an nn.Module")
     p.add_argument("--input-shape", type=parse_shape, required=True, help="example input shape, e.g. 1,3,224,224")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the export")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset of the export; the dynamo exporter writes at least 18")
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="dynamo: torch.export, the exporter PyTorch maintains (needs onnxscript); torchscript: the "
+                        "deprecated TorchScript-based exporter")
     p.add_argument("--static-batch", action="store_true", help="keep the batch dimension fixed")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
 
@@ -49,8 +53,8 @@ def _run_export(args: argparse.Namespace) -> int:
     out = check_output_file(args.output, "-o/--output")  # before the model is built
     module = build_module(args.module_spec)
     export_torch(module, torch.zeros(args.input_shape), out, opset=args.opset,
-                 dynamic_batch=not args.static_batch, simplify=not args.no_simplify)
-    print(f"exported {args.module_spec} -> {out}")
+                 dynamic_batch=not args.static_batch, simplify=not args.no_simplify, exporter=args.exporter)
+    print(f"exported {args.module_spec} -> {out} ({args.exporter} exporter)")
     return 0
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .graph.model_io import external_copy, is_large
+
 log = logging.getLogger("converter")
 
 # Session config entries every session gets (see the module docstring).
@@ -67,10 +69,19 @@ def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: 
 
 def create_session(model: onnx.ModelProto | bytes | str, providers: Sequence[str] | None = None,
                    optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.InferenceSession:
-    """An ORT session for a model (proto, serialized bytes or a path); ORT's exceptions pass through."""
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, session_options(optimization, threads, mem_pattern),
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    """An ORT session for a model (proto, serialized bytes or a path); ORT's exceptions pass through.
+
+    A proto over the protobuf limit (:func:`converter.graph.model_io.is_large`) is written with external
+    data to a temporary folder and the session is made from that path (ONNX Runtime reads the weights
+    while the session is created; the folder goes afterwards)."""
+    options = session_options(optimization, threads, mem_pattern)
+    providers = list(providers or ["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        if is_large(model):
+            with external_copy(model) as path:
+                return ort.InferenceSession(path, options, providers=providers)
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 @dataclass(frozen=True)

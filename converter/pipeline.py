@@ -24,8 +24,8 @@ from .calib.subgraphs import collect_subgraph_ranges
 from .config import QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
-from .graph.model_io import (PROTOBUF_LIMIT, atomic_write_bytes, atomic_write_text, ensure_writable_dir, load_model,
-                             model_bytes, save_model)
+from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
+                             load_model, model_bytes, save_model)
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
@@ -328,7 +328,10 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
-    data = model_bytes(qdq) if qdq.ByteSize() < PROTOBUF_LIMIT else None  # serialized once: checked, then written
+    # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
+    # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
+    external = is_large(prepared.model)
+    data = None if external or is_large(qdq) else model_bytes(qdq)  # serialized once: checked, then written
     check_model(qdq, data)
     encodings_text, aimet = encodings_json(plan, config, prepared.idx)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
@@ -359,7 +362,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     if data is not None:
         atomic_write_bytes(paths[0], data)
     else:
-        save_model(qdq, paths[0])
+        save_model(qdq, paths[0], external=external)
     atomic_write_text(paths[1], encodings_text)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -379,7 +382,7 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> on
     encs = _encodings_for_model(float_model, enc_file, str(encodings))
     qdq = render_control_flow(float_model, encs)
     check_model(qdq)
-    save_model(qdq, output)
+    save_model(qdq, output, external=is_large(float_model))  # the layout quantize writes
     return qdq
 
 
@@ -414,11 +417,15 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
     return dumps_encodings(acts, params, args, config.encodings_version), info
 
 
-def check_model(model: onnx.ModelProto, data: bytes | None = None) -> None:
-    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized)."""
+def check_model(model: onnx.ModelProto, data: bytes | str | None = None) -> None:
+    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized,
+    or the path of a copy with external data)."""
+    if data is None and is_large(model):  # over the protobuf limit: checked from a copy with external data
+        with external_copy(model) as path:
+            check_model(model, path)
+        return
     try:
-        if data is not None or model.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(data if data is not None else model, full_check=True)
+        onnx.checker.check_model(data if data is not None else model, full_check=True)
     except Exception as exc:
         raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
     make_session(data if data is not None else model, ["CPUExecutionProvider"], optimize=False)

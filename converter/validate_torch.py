@@ -173,12 +173,15 @@ def _export(module: Any, args: tuple) -> onnx.ModelProto | None:
     from .export import export_torch
 
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            # raw export (no onnxsim): every node keeps the scope of the module that produced it
-            return export_torch(module, args, Path(tmp) / "model.onnx", simplify=False)
-        except UserError as exc:
-            log.warning("%s", exc.message)
-            return None
+        # raw export (no onnxsim): every node keeps the scope of the module that produced it. torch.export
+        # first (the default exporter); a model it cannot trace (data-dependent control flow) goes
+        # through the TorchScript exporter, which records the path the example input takes.
+        for exporter in ("dynamo", "torchscript"):
+            try:
+                return export_torch(module, args, Path(tmp) / "model.onnx", simplify=False, exporter=exporter)
+            except UserError as exc:
+                log.warning("%s", exc.message)
+        return None
 
 
 def onnx_module_map(model: onnx.ModelProto, module: Any | None = None) -> dict[str, str]:

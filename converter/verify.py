@@ -347,7 +347,7 @@ def resolve_providers(providers: str | list[str]) -> list[str]:
 
 def _target(source: Any, proto: onnx.ModelProto) -> str | bytes:
     """What ORT loads: the path (external data next to it), else the serialized proto."""
-    return str(source) if isinstance(source, (str, Path)) else proto.SerializeToString()
+    return str(source) if isinstance(source, (str, Path)) else proto  # a proto: create_session handles large ones
 
 
 def _session(target: str | bytes, source: Any, providers: list[str], threads: int) -> ort.InferenceSession:

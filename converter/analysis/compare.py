@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers
 from ..errors import ModelError, UserError
-from ..graph.model_io import atomic_write_text, load_model
+from ..graph.model_io import atomic_write_text, is_large, load_model, skeleton
 from ..stats import TensorStats
 from .metrics import finite_or_str
 
@@ -64,7 +64,7 @@ def dequantized_name_map(model: onnx.ModelProto) -> dict[str, str]:
 def float_tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor the shape inference can type (the model is not modified)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if is_large(model) else model)
     except Exception:  # a model shape inference cannot handle still runs: fall back to declared types
         inferred = model
     g = inferred.graph

@@ -11,7 +11,97 @@ import onnx
 from ..errors import ModelError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; past this size weights go to external data.
-PROTOBUF_LIMIT = 2**31 - 1
+# A parameter (the CONVERTER_PROTOBUF_LIMIT environment variable, or set the module attribute) so tests
+# can send a small model down the external-data path; code reads it through is_large().
+PROTOBUF_LIMIT = int(os.environ.get("CONVERTER_PROTOBUF_LIMIT", 2**31 - 1))
+EXTERNAL_THRESHOLD = 1024  # tensors of this many bytes or more go to the external data file
+_ALIGN = 4096  # external tensors start on page boundaries (ONNX Runtime can map them)
+
+
+def proto_size(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes; a model protobuf cannot serialise (2 GiB or more) counts as 2**31."""
+    try:
+        return model.ByteSize()
+    except Exception:  # google.protobuf.message.EncodeError: over 2 GiB
+        return 2**31
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot (or, below a lowered :data:`PROTOBUF_LIMIT`, must not) be one protobuf."""
+    return proto_size(model) >= PROTOBUF_LIMIT
+
+
+def skeleton(model: onnx.ModelProto, data_location: str | None = None,
+             data_file=None) -> onnx.ModelProto:
+    """A copy of ``model`` whose large initializers are references into external data.
+
+    With ``data_file`` (an open binary file) the tensors' bytes are written there (``data_location`` is
+    the name the references use); without, the references point nowhere (for shape inference, which
+    needs only dims and types). ``model`` is not modified and no copy of all weights is made: one
+    tensor's bytes at a time."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) < EXTERNAL_THRESHOLD:
+            out.graph.initializer.add().CopyFrom(t)
+            continue
+        ref = out.graph.initializer.add()
+        ref.name, ref.data_type = t.name, t.data_type
+        ref.dims.extend(t.dims)
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        if data_file is not None:
+            pos = data_file.tell()
+            pad = -pos % _ALIGN
+            if pad:
+                data_file.write(b"\0" * pad)
+                pos += pad
+            raw = t.raw_data
+            data_file.write(raw)
+            for key, value in (("location", data_location), ("offset", str(pos)), ("length", str(len(raw)))):
+                entry = ref.external_data.add()
+                entry.key, entry.value = key, value
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):
+            target.extend(value)
+        elif hasattr(value, "CopyFrom"):
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def write_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``path`` and ``<path>.data`` beside it (not atomically; see :func:`save_model`)."""
+    path = Path(path)
+    location = f"{path.name}.data"
+    with open(path.parent / location, "wb") as f:
+        skel = skeleton(model, location, f)
+    path.write_bytes(model_bytes(skel))
+
+
+class external_copy:
+    """``with external_copy(model) as path``: ``model`` written with external data to a temporary folder,
+    for what needs a path rather than bytes (an ONNX Runtime session of a model over the protobuf
+    limit). The folder is removed on exit."""
+
+    def __init__(self, model: onnx.ModelProto, name: str = "model.onnx"):
+        self.model, self.name = model, name
+
+    def __enter__(self) -> str:
+        self._tmp = tempfile.TemporaryDirectory(prefix="converter-large-")
+        path = Path(self._tmp.name) / self.name
+        write_with_external_data(self.model, path)
+        return str(path)
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -65,19 +155,18 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Save atomically. Models over 2 GiB go to ``<name>.data`` beside the file (also atomically)."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool | None = None) -> None:
+    """Save atomically. Models over 2 GiB go to ``<name>.data`` beside the file (also atomically);
+    ``external=True`` sends a smaller one there too (the QDQ model of a float model over the limit)."""
     path = Path(path)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if not external and not is_large(model):
         atomic_write_bytes(path, model_bytes(model))
         return
     # Large model: write into a temp folder in the destination, then move both files into place.
+    # (Not onnx.save_model(save_as_external_data=True): it moves the weights out of the caller's model.)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmpdir:
         tmp_model = Path(tmpdir) / path.name
-        onnx.save_model(
-            model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=f"{path.name}.data", size_threshold=1024,
-        )
+        write_with_external_data(model, tmp_model)
         os.replace(Path(tmpdir) / f"{path.name}.data", path.parent / f"{path.name}.data")
         os.replace(tmp_model, path)
 

@@ -24,6 +24,7 @@ from onnx import numpy_helper, version_converter
 
 from ..errors import ModelError
 from .index import GraphIndex, attr
+from .model_io import is_large, skeleton
 
 log = logging.getLogger("converter")
 
@@ -232,12 +233,22 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> int:
 
 def infer_shapes(model: onnx.ModelProto) -> int:
     """Run ONNX shape inference so every tensor has a known element type where possible."""
+    large = is_large(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        # a model over the protobuf limit: inferred on its skeleton (large weights as external references,
+        # only their dims and types count), the inferred value_info copied back
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model) if large else model, strict_mode=False,
+                                                     data_prop=True)
     except Exception as exc:  # a broken model; the checker in load gives the clearer message
         log.warning("shape inference failed (%s); tensors without a known type are left in float", exc)
         return 0
-    model.CopyFrom(inferred)
+    if large:
+        for field in ("input", "output", "value_info"):
+            target = getattr(model.graph, field)
+            del target[:]
+            target.extend(getattr(inferred.graph, field))
+    else:
+        model.CopyFrom(inferred)
     return 1
 
 

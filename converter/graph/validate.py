@@ -36,7 +36,7 @@ import onnx
 from ..errors import EXIT_CHECK_FAILED, ModelError, UserError
 from ..options import parse_shape
 from .index import GraphIndex
-from .model_io import PROTOBUF_LIMIT, atomic_write_text, load_model, save_model
+from .model_io import atomic_write_text, is_large, load_model, proto_size, save_model
 from .passes import MIN_OPSET, default_opset, preprocess, upgrade_opset
 from .patterns import all_nodes as _all_nodes
 from .patterns import subgraphs as _subgraphs
@@ -313,9 +313,9 @@ def _huge_source(idx: GraphIndex, tensor: str, depth: int = 4) -> str | None:
 
 
 def _check_size(ctx: _Context) -> Iterator[Finding]:
-    size = ctx.original.ByteSize()
+    size = proto_size(ctx.original)
     external = _external_tensors(ctx.path) if ctx.path else 0
-    if size > PROTOBUF_LIMIT or external:
+    if is_large(ctx.original) or external:
         yield Finding(INFO, "external-data", "",
                       f"the model is {size / 2**30:.1f} GiB" + (f" with {external} tensors in external data files"
                                                                   if external else "")
@@ -332,9 +332,7 @@ def _external_tensors(path: Path) -> int:
 
 
 def _check_runs(ctx: _Context) -> Iterator[Finding]:
-    if ctx.original.ByteSize() > PROTOBUF_LIMIT:
-        return
-    from ..ort_session import create_session
+    from ..ort_session import create_session  # a model over the protobuf limit: from a copy with external data
 
     try:
         create_session(ctx.original, ["CPUExecutionProvider"], "off")
