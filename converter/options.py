@@ -18,6 +18,13 @@ QDQ_SUFFIX = ".qdq.onnx"
 ENCODINGS_SUFFIX = ".encodings"
 REPORT_SUFFIX = ".report.json"
 OUTPUT_SUFFIXES = (QDQ_SUFFIX, ENCODINGS_SUFFIX, REPORT_SUFFIX)
+# Written only when a pass changed the float model (SmoothQuant, CLE, bias correction): the float model the
+# encodings file applies to (apply-encodings needs it: the encodings name its tensors and its weights changed).
+FLOAT_SUFFIX = ".prepared.onnx"
+
+
+def float_model_path(out_dir: str | os.PathLike, name: str) -> Path:
+    return Path(out_dir) / f"{name}{FLOAT_SUFFIX}"
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -84,7 +91,7 @@ def check_earlier_outputs(paths: tuple[Path, ...] | list[Path], option: str = "-
     try:
         doc = json.loads(report.read_text(encoding="utf-8"))
         ours = ("converter_version" in doc and
-                {Path(v).name for v in doc.get("outputs", {}).values()} >= {Path(p).name for p in paths})
+                {Path(v).name for v in doc.get("outputs", {}).values()} >= {Path(p).name for p in existing})
     except (OSError, ValueError, AttributeError, TypeError):
         ours = False
     if not ours:

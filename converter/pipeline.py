@@ -30,7 +30,8 @@ from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
 from .graph.validate import ensure_float_model
-from .options import check_earlier_outputs, check_name, check_outputs_free, output_paths
+from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, float_model_path,
+                      output_paths)
 from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
@@ -202,7 +203,8 @@ def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name
     out_dir = ensure_writable_dir(output_dir)
     stem = name or (Path(model).stem if isinstance(model, (str, Path)) else None)
     if stem:
-        paths = output_paths(out_dir, stem)
+        qdq, enc, report = output_paths(out_dir, stem)
+        paths = (qdq, enc, float_model_path(out_dir, stem), report)  # the report last: it lists the others
         check_outputs_free(paths, [model, calib_data if isinstance(calib_data, (str, Path)) else None])
         check_earlier_outputs(paths)
     return out_dir
@@ -339,8 +341,10 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     _note_split_groups(plan)
     name = prepared.name
     paths = output_paths(out_dir, name)
-    check_outputs_free(paths, [prepared.source_path])
-    check_earlier_outputs(paths)
+    changed = [k for k in ("smoothquant", "cle", "bias_correction") if (extra_report or {}).get(k)]
+    float_path = float_model_path(out_dir, name) if changed else None
+    check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])
+    check_earlier_outputs((paths[0], paths[1], float_path, paths[2]) if float_path else paths)  # the report last
     report = {
         "converter_version": __version__,
         "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,
@@ -356,7 +360,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
         **(extra_report or {}),
         "tensors": tensors,
         "plan": plan.to_dict(),
-        "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2])},
+        "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2]),
+                    **({"float_model": str(float_path)} if float_path else {})},
     }
     t = time.perf_counter()
     if data is not None:
@@ -364,6 +369,10 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     else:
         save_model(qdq, paths[0], external=external)
     atomic_write_text(paths[1], encodings_text)
+    if float_path:  # the encodings name this model's tensors (SmoothQuant's Muls) and hold its changed weights
+        save_model(prepared.model, float_path, external=external)
+        log.info("%s changed the float model: %s is the float model the encodings apply to (apply-encodings, "
+                 "verify against FP32 use it or the original: their outputs agree)", ", ".join(changed), float_path)
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -468,8 +477,10 @@ def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[
             if isinstance(enc, FloatEncoding):
                 continue
             if name not in tensors and name not in bodies:
-                raise EncodingsError(f"{source}: tensor {name!r} is not in the model",
-                                     "apply the encodings to the float model they were computed for")
+                raise EncodingsError(f"{source}: tensor {name!r} is not in the model (if quantize wrote a "
+                                     f"<name>{FLOAT_SUFFIX} next to it, SmoothQuant/CLE changed the float model)",
+                                     f"apply the encodings to the float model they were computed for (<name>{FLOAT_SUFFIX} "
+                                     "when quantize wrote one)")
             where = idx if name in tensors and (idx.uses(name) or name not in bodies) else bodies[name]
             if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
                 enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))

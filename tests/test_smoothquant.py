@@ -103,3 +103,29 @@ def test_one_shot_reader_is_read_once_and_kept_only_in_part(tmp_path):
     assert len(handed) == 100  # each item pulled from the reader once
     r = Replayable(iter(items), keep=10)
     assert len(list(r)) == 100 and len(r.head) == 10 and len(list(r)) == 10  # a second full pass: the kept ones
+
+
+def test_smoothed_float_model_is_written_and_apply_encodings_reproduces_the_qdq_model(tmp_path):
+    import onnx
+
+    from converter import apply_encodings
+    from converter.errors import EncodingsError
+
+    model = outlier_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    res = quantize(str(tmp_path / "m.onnx"), batches(1), QuantConfig(), output_dir=tmp_path / "out")
+    float_path = tmp_path / "out" / "m.prepared.onnx"
+    assert res.report["outputs"]["float_model"] == str(float_path) and float_path.is_file()
+    x = batches(9, 1)[0]
+    for got, want in zip(run(str(float_path), x), run(model, x)):  # the smoothed float model is the same function
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    apply_encodings(str(float_path), res.encodings_path, tmp_path / "again.onnx")
+    assert (tmp_path / "again.onnx").read_bytes() == res.model_path.read_bytes()
+    try:
+        apply_encodings(str(tmp_path / "m.onnx"), res.encodings_path, tmp_path / "wrong.onnx")
+        raise AssertionError("applying to the unsmoothed model must fail")
+    except EncodingsError as exc:
+        assert "m.prepared.onnx" not in exc.message and ".prepared.onnx" in exc.message + exc.fix
+    # a second run replaces its own outputs, the float model included
+    quantize(str(tmp_path / "m.onnx"), batches(1), QuantConfig(), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "m.prepared.onnx").with_suffix(".tmp").exists()
