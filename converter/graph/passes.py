@@ -44,18 +44,24 @@ def name_nodes(model: onnx.ModelProto) -> int:
     Nodes inside If/Loop/Scan bodies are named too (``<OpType>_<position>`` prefixed by the control-flow
     node and attribute), unique over the whole model: the plan and the report key nodes by name."""
     seen: set[str] = set()
+    changed = _name_graph_nodes(model.graph.node, "", seen)
+    for node in list(model.graph.node):
+        changed += _name_subgraph_nodes(node, seen)
+    return changed
+
+
+def _name_graph_nodes(nodes, prefix: str, seen: set[str]) -> int:
+    """Name the unnamed or repeated ``nodes`` ``<prefix><OpType>_<position>`` (suffixed until unique)."""
     changed = 0
-    for pos, node in enumerate(model.graph.node):
+    for pos, node in enumerate(nodes):
         if not node.name or node.name in seen:
-            base = f"{node.op_type}_{pos}"
+            base = f"{prefix}{node.op_type}_{pos}"
             name, k = base, 1
             while name in seen:
                 name, k = f"{base}_{k}", k + 1
             node.name = name
             changed += 1
         seen.add(node.name)
-    for node in list(model.graph.node):
-        changed += _name_subgraph_nodes(node, seen)
     return changed
 
 
@@ -65,15 +71,7 @@ def _name_subgraph_nodes(parent: onnx.NodeProto, seen: set[str]) -> int:
         subs = [(a.name, a.g)] if a.type == onnx.AttributeProto.GRAPH else \
             [(f"{a.name}{i}", g) for i, g in enumerate(a.graphs)]
         for attr_name, sub in subs:
-            for pos, node in enumerate(sub.node):
-                if not node.name or node.name in seen:
-                    base = f"{parent.name}/{attr_name}/{node.op_type}_{pos}"
-                    name, k = base, 1
-                    while name in seen:
-                        name, k = f"{base}_{k}", k + 1
-                    node.name = name
-                    changed += 1
-                seen.add(node.name)
+            changed += _name_graph_nodes(sub.node, f"{parent.name}/{attr_name}/", seen)
             for node in sub.node:
                 changed += _name_subgraph_nodes(node, seen)
     return changed
