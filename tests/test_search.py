@@ -194,7 +194,7 @@ def test_evaluator_takes_samples_of_different_sizes(tmp_path):
 
 
 def test_capture_keeps_integer_tensors_integer():
-    from converter.search.sensitivity import capture
+    from converter.calib.runner import capture
 
     model = _variable_width_model()
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 16)).astype(np.float32)

@@ -32,7 +32,8 @@ from converter.quant.plan import build_plan  # noqa: E402
 from converter.search import (AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize,  # noqa: E402
                               plan_layers, spearman)
 from converter.search.fallback import Searcher  # noqa: E402
-from converter.search.sensitivity import capture, end_to_end_sensitivity, single_op_sensitivity  # noqa: E402
+from converter.calib.runner import capture  # noqa: E402
+from converter.search.sensitivity import end_to_end_sensitivity, single_op_sensitivity  # noqa: E402
 
 TARGETS = {"efficientnet_lite0": 0.005, "resnet8": 0.003}
 

@@ -22,7 +22,7 @@ import onnx
 from tqdm import tqdm
 
 from ..calib.readers import open_calibration
-from ..calib.runner import select_providers
+from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import save_model
@@ -33,7 +33,7 @@ from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
 from ..quant.qdq import render_qdq
 from .evaluate import AccuracyTarget, Evaluator
-from .sensitivity import LayerScore, capture, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity
+from .sensitivity import LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity
 from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency
 from .giveback import give_back
 from .strategies import STRATEGIES
@@ -198,8 +198,8 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
             bar.update(1)
             bar.set_postfix(layers=chooser.current, best=max(r[0].metric for r in results.values()))
         k = 0 if ok else chooser.result
-        if k and not attempt(ranking[:k]):
-            pass  # not even this met it (n layers is assumed to pass): the best model seen is kept below
+        if k:
+            attempt(ranking[:k])  # cached unless k is all n (assumed to pass); if it fails, the best seen is kept
         prefix = k
         if k > 1 and give_back_layers and results[(mode, frozenset(s.name for s in ranking[:k]))][0].passed:
             bar.set_description("give back")
@@ -296,10 +296,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     providers = select_providers(config.providers)
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
     batches = list(data)
-    graph = prepared.model.graph
-    anchors_out = {graph.node[prepared.idx.order[layer.nodes[0]]].output[0] for layer in layers}
-    needed = sorted({t for layer in layers for t in layer.inputs} | anchors_out)
-    captured = capture(prepared.model, needed, batches if ranking == "single-op" else batches[:1], providers)
+    anchors = [prepared.model.graph.node[prepared.idx.order[layer.nodes[0]]] for layer in layers]
+    needed = {t for n in anchors for t in (n.input[0], n.output[0])}  # what the MAC counts read
+    if ranking == "single-op":  # it also feeds every layer its captured float inputs
+        needed |= {t for layer in layers for t in layer.inputs}
+    captured = capture(prepared.model, sorted(needed), batches if ranking == "single-op" else batches[:1], providers)
     costs = layer_macs(prepared.idx, layers, captured[0]) if captured else {}
 
     def rank() -> list[LayerScore]:

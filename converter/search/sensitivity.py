@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from ..calib.runner import capture, make_session  # noqa: F401  (capture: re-exported for tools/tests)
+from ..calib.runner import make_session
 from ..graph.index import GraphIndex
 from ..quant.layers import Layer, layer_model
 from ..quant.plan import QuantPlan
