@@ -17,10 +17,9 @@ import pytest
 
 from converter import QuantConfig
 from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
+from converter.search.cost import COMPUTE_OPS
 
 from .conftest import load_models_module
-
-COMPUTE_OPS = {"Conv", "Gemm", "MatMul"}
 
 
 @pytest.fixture(scope="module")

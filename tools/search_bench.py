@@ -60,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from converter import QuantConfig  # noqa: E402
 from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize  # noqa: E402
+from converter.search.cost import COMPUTE_OPS  # noqa: E402
 
-COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 FP32, OURS, ORT_ALL, ORT_HAND = "fp32", "ours", "ort_all_ops", "ort_hand_tuned"
 LABELS = {FP32: "FP32", OURS: "ours (auto_quantize)", ORT_ALL: "ORT quantize_static, all ops",
           ORT_HAND: "ORT quantize_static, hand-tuned"}

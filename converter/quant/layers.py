@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from ..graph.index import GraphIndex
-from .plan import ACTIVATION, WEIGHT, QuantPlan
+from .plan import ACTIVATION, WEIGHT, QuantPlan, build_plan
 from .rules import RULES
 
 
@@ -125,8 +125,6 @@ def owned_quantizers(model: onnx.ModelProto, idx: GraphIndex, config, plan: Quan
     no other quantized op reads, an output no quantized op reads. A tensor between two quantized layers
     belongs to its readers (the producer in float still hands a quantized tensor to them).
     """
-    from .plan import build_plan  # same layer; imported here to keep the module's top small
-
     out = {}
     for layer in layers:
         without = build_plan(model, config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(layer.nodes)), idx)

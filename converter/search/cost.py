@@ -21,8 +21,9 @@ import onnx
 from ..calib.runner import make_session
 from ..graph.index import GraphIndex, attr
 from ..quant.layers import Layer
+from ..quant.rules import RULES
 
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+COMPUTE_OPS = frozenset(op for op, rule in RULES.items() if rule.anchor)  # Conv, ConvTranspose, Gemm, MatMul
 
 
 def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -32,8 +33,6 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
     for layer in layers:
         node = by_name[layer.nodes[0]]
         y = values.get(node.output[0])
-        if y is None:
-            y = values.get(layer.output)
         if y is None:
             out[layer.name] = 0.0
             continue
@@ -58,10 +57,6 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
         else:
             out[layer.name] = float(y.size) / batch
     return out
-
-
-def is_compute(layer: Layer) -> bool:
-    return layer.op_type in COMPUTE_OPS
 
 
 def first_sample(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
