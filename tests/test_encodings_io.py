@@ -420,7 +420,7 @@ BAD = {
     "100 asymmetric 32 bits": (v100(bw=32, is_sym=False), "bw"),
     "100 dtype": (v100(dtype="BF16"), "dtype"),
     "061 dtype": (v061(dtype="fixed"), "dtype"),
-    "200 dtype": (v200(output_dtype="int4"), "output_dtype"),
+    "200 dtype": (v200(output_dtype="int2"), "output_dtype"),
     "200 block_size": (v200(block_size=32), "block_size"),
     # duplicate
     "100 duplicate name": ({**EXAMPLE_100, "param_encodings": EXAMPLE_100["param_encodings"] * 2}, "name"),

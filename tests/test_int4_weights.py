@@ -61,6 +61,13 @@ def test_int4_weights_run_in_ort_and_round_trip_the_encodings(tmp_path):
     assert w_enc["bw"] == 4 and len(w_enc["scale"]) == 16
     again = apply_encodings(model, r.encodings_path, tmp_path / "again.onnx")
     np.testing.assert_array_equal(run(again, x)[0], run(q, x)[0])
+    # 2.0.0 writes the 4-bit weight as int4 and reads it back to the same model
+    r2 = quantize(model, batches(1), QuantConfig(weight_bits=4, encodings_version="2.0.0"), output_dir=tmp_path / "v2",
+                  name="m")
+    doc = json.loads(r2.encodings_path.read_text())
+    assert [e["output_dtype"] for e in doc["encodings"] if e["name"] == "W"] == ["int4"]
+    apply_encodings(model, r2.encodings_path, tmp_path / "again2.onnx")
+    assert (tmp_path / "again2.onnx").read_bytes() == r2.model_path.read_bytes()
 
 
 def test_weight_bits_3_is_one_clear_error(tmp_path, capsys):

@@ -49,6 +49,8 @@ READ_VERSIONS = ("0.6.1", "1.0.0", "2.0.0")
 
 # 2.0.0 output_dtype -> (bitwidth, signed)
 _INT_DTYPES = {
+    "int4": (4, True),
+    "uint4": (4, False),
     "int8": (8, True),
     "uint8": (8, False),
     "int16": (16, True),
@@ -56,6 +58,7 @@ _INT_DTYPES = {
     "int32": (32, True),
 }
 _FLOAT_DTYPES = {"float16": 16, "float32": 32}
+_DTYPE_NAMES = {v: k for k, v in _INT_DTYPES.items()}  # (bitwidth, signed) -> output_dtype, for writing
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ def _entry_100(name: str, enc: AnyEncoding) -> dict:
 def _entry_200(name: str, enc: AnyEncoding) -> dict:
     if isinstance(enc, FloatEncoding):
         return {"name": name, "output_dtype": f"float{enc.bitwidth}"}
-    entry: dict[str, Any] = {"name": name, "output_dtype": f"{'' if enc.signed else 'u'}int{enc.bitwidth}",
+    entry: dict[str, Any] = {"name": name, "output_dtype": _DTYPE_NAMES[(enc.bitwidth, enc.signed)],
                              "y_scale": list(enc.scale) if enc.per_channel else enc.scale[0]}
     if any(enc.zero_point):
         entry["y_zero_point"] = list(enc.zero_point) if enc.per_channel else enc.zero_point[0]
