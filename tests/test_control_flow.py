@@ -283,6 +283,15 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     assert any(n.op_type == "QuantizeLinear" for s in scopes(q16) for n in s.graph.node)
     x = _data(1, 9, 0.42)[0]
     assert _cos(_run(model, x), _run(q16, x)) > 0.999
+    # 4-bit weights (inside the bodies too) need opset 21 as well, and re-apply to the same model
+    res4 = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4), tmp_path / "c", "cf")
+    q4 = onnx.load(res4.model_path)
+    assert q4.opset_import[0].version == 21
+    assert any(t.data_type == onnx.TensorProto.INT4 for s in scopes(q4) for t in s.graph.initializer) or \
+        any(t.data_type == onnx.TensorProto.INT4 for t in q4.graph.initializer)
+    again4 = apply_encodings(model, res4.encodings_path, tmp_path / "c" / "again.onnx")
+    assert again4.SerializeToString() == q4.SerializeToString()
+    assert _cos(_run(model, x), _run(q4, x)) > 0.95
 
 
 def test_captured_activation_keeps_the_outer_encoding_and_its_biases_follow(tmp_path):

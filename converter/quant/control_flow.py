@@ -29,12 +29,12 @@ from typing import Any, Mapping
 import onnx
 
 from ..graph.index import GraphIndex
-from ..graph.passes import _drop_unused_initializers, name_nodes, upgrade_opset
+from ..graph.passes import _drop_unused_initializers
 from ..graph.scopes import Scope, all_graph_names, scopes, unknown_captures, wrapper, write_back
 from .encode import bias_encoding, compute_encodings
 from .encoding import Encoding
 from .plan import ACTIVATION, BIAS, QuantPlan, build_plan
-from .qdq import render_qdq
+from .qdq import ensure_opset, render_qdq
 
 log = logging.getLogger("converter")
 
@@ -142,14 +142,12 @@ def subgraph_summary(subs: list[SubPlan]) -> list[dict[str, Any]]:
 def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
     """:func:`render_qdq` for a model with bodies: each body with the encodings of the tensors its own nodes
     read or define, innermost first, then the main graph. Without bodies it is exactly ``render_qdq``."""
-    bodies = scopes(float_model)
-    if not bodies:
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in float_model.graph.node for a in n.attribute):
         return render_qdq(float_model, encodings)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
-    if any(e.bitwidth == 16 for e in encodings.values()):
-        if upgrade_opset(model, 21):
-            name_nodes(model)
+    ensure_opset(model, encodings)  # once, before the bodies are cut out (as render_qdq would for the main graph)
     reserved = all_graph_names(model)
     for scope in scopes(model):
         used = scope.used()

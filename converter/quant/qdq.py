@@ -46,18 +46,23 @@ class _Names:
         return name
 
 
+def ensure_opset(model: onnx.ModelProto, encodings: dict[str, Encoding]) -> None:
+    """Convert ``model`` to the opset its Q/DQ need: 13 (per-channel), 21 for 4- and 16-bit. The graph is
+    converted, not just relabelled: ops whose signature changed on the way (ReduceMean/Split/Squeeze axes
+    became inputs in 13/18) are rewritten."""
+    needs_opset = 21 if any(e.bitwidth in (4, 16) for e in encodings.values()) else 13
+    if default_opset(model) < needs_opset:
+        upgrade_opset(model, needs_opset)
+        name_nodes(model)
+
+
 def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
                reserved: set[str] | None = None) -> onnx.ModelProto:
     """The QDQ model of one graph (bodies of If/Loop/Scan are left as they are: see
     :func:`converter.quant.control_flow.render_control_flow`). ``reserved``: names to avoid (updated)."""
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
-    # 16-bit Q/DQ need opset 21. The graph is converted, not just relabelled: ops whose signature
-    # changed on the way (ReduceMean/Split/Squeeze axes became inputs in 13/18) are rewritten.
-    needs_opset = 21 if any(e.bitwidth in (4, 16) for e in encodings.values()) else 13
-    if default_opset(model) < needs_opset:
-        upgrade_opset(model, needs_opset)
-        name_nodes(model)
+    ensure_opset(model, encodings)
     g = model.graph
     idx = GraphIndex.build(model)
     names = _Names(model, reserved)
