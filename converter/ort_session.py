@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .graph.model_io import external_copy, is_large
+from .graph.model_io import external_copy, small_bytes
 
 log = logging.getLogger("converter")
 
@@ -77,10 +77,11 @@ def create_session(model: onnx.ModelProto | bytes | str, providers: Sequence[str
     options = session_options(optimization, threads, mem_pattern)
     providers = list(providers or ["CPUExecutionProvider"])
     if isinstance(model, onnx.ModelProto):
-        if is_large(model):
+        data = small_bytes(model)
+        if data is None:
             with external_copy(model) as path:
                 return ort.InferenceSession(path, options, providers=providers)
-        model = model.SerializeToString()
+        model = data
     return ort.InferenceSession(model, options, providers=providers)
 
 

@@ -25,7 +25,7 @@ from .config import QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
-                             load_model, model_bytes, save_model)
+                             load_model, save_model, small_bytes)
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
@@ -333,7 +333,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
     # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
     external = is_large(prepared.model)
-    data = None if external or is_large(qdq) else model_bytes(qdq)  # serialized once: checked, then written
+    data = None if external else small_bytes(qdq, deterministic=True)  # serialized once: checked, then written
     check_model(qdq, data)
     encodings_text, aimet = encodings_json(plan, config, prepared.idx)
     tensors = _tensor_report(plan, calib.observers, calib.methods)

@@ -79,7 +79,7 @@ def select_providers(preference: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def make_session(model: onnx.ModelProto | bytes, providers: list[str], threads: int = 0,
+def make_session(model: onnx.ModelProto | bytes | str, providers: list[str], threads: int = 0,
                  optimize: bool = True, full_optimization: bool = False,
                  mem_pattern: bool = True) -> ort.InferenceSession:
     """An ORT session; ``optimize`` gives basic graph optimizations, ``full_optimization`` all of them."""

@@ -27,6 +27,7 @@ import onnx
 from ..calib.readers import open_calibration
 from ..calib.runner import make_session
 from ..errors import CalibrationDataError, ConfigError
+from ..graph.model_io import small_bytes
 from ..ort_session import OptimizationCheck, check_optimizations
 
 METRICS = ("top1", "agreement", "cosine", "sqnr")
@@ -127,16 +128,17 @@ class BuiltinEvaluator:
         return batches
 
     def _outputs(self, model: onnx.ModelProto | str, what: str | None = None) -> list[list[np.ndarray]]:
-        proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
-        sess = make_session(proto, self.providers, full_optimization=True)  # score what a deployment runs
+        # a path goes to ONNX Runtime as it is; a proto is serialized once for both sessions below
+        source = str(model) if not isinstance(model, onnx.ModelProto) else small_bytes(model) or model
+        sess = make_session(source, self.providers, full_optimization=True)  # score what a deployment runs
         outputs = []
         for b in self._batches():
             outputs.append(sess.run(self.output_names, b))
             if len(outputs) == 1:  # the guard: first batch only, against the unoptimized graph
-                self._check_optimizations(proto, b, self.output_names, outputs[0], what or self._describe(model))
+                self._check_optimizations(source, b, self.output_names, outputs[0], what or self._describe(model))
         return outputs
 
-    def _check_optimizations(self, proto: onnx.ModelProto, batch: dict[str, np.ndarray], outputs: list[str],
+    def _check_optimizations(self, proto: onnx.ModelProto | bytes | str, batch: dict[str, np.ndarray], outputs: list[str],
                              optimized: list[np.ndarray], what: str) -> None:
         check = check_optimizations(proto, batch, outputs, optimized, what, self.providers,
                                     warn=not self.optimization_warned)
