@@ -178,6 +178,18 @@ def replayable(calib_data: Any, keep: int = 64) -> Any:
     return calib_data
 
 
+def transform(prepared: Prepared, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None,
+              keep: int = 64) -> tuple[QuantConfig, Any, dict[str, Any]]:
+    """The passes that change the float model before planning (CLE, SmoothQuant), for quantize, the search
+    and the analyzer alike. Returns the config (SmoothQuant's Muls excluded), the calibration data made
+    :func:`replayable` (``keep`` items), and the report entries of what changed."""
+    calib_data = replayable(calib_data, keep)
+    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
+    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
+    return config, calib_data, {**({"cle": equalized} if equalized else {}),
+                                **({"smoothquant": smoothed} if smoothed else {})}
+
+
 BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
 
 
@@ -294,9 +306,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    calib_data = replayable(calib_data)
-    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
-    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
+    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec)
     plan = build_plan(prepared.model, config, prepared.idx)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
@@ -322,8 +332,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
     qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
-    extra = {**({"cle": equalized} if equalized else {}), **({"smoothquant": smoothed} if smoothed else {}),
-             **({"bias_correction": corrected} if corrected else {})}
+    extra = {**changed, **({"bias_correction": corrected} if corrected else {})}
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None)
 
 

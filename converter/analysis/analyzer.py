@@ -134,14 +134,14 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
     encodings are exactly ``quantize``'s. Where the calibration method keeps no histogram (min/max),
     a second pass over the calibration data records histograms of the layer outputs for the report.
     """
-    from ..pipeline import calibrate, smooth
+    from ..pipeline import calibrate, transform
     from ..pipeline import prepare as prepare_model
 
     t0 = time.perf_counter()
     prepared = prepare_model(model, example_inputs=example_inputs)
     # the FP32 reference: the model as given (a torch module: its export, already preprocessed)
     original = load_model(model if isinstance(model, (str, Path, onnx.ModelProto)) else prepared.model)
-    config, _ = smooth(prepared, calib_data, config, calib_spec)  # as quantize does (FP32 outputs unchanged)
+    config, calib_data, _ = transform(prepared, calib_data, config, calib_spec)  # as quantize does
     pre, idx = prepared.model, prepared.idx
     plan = build_plan(pre, config, idx)
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)

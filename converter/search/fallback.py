@@ -26,8 +26,8 @@ from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import save_model
-from ..pipeline import (Prepared, QuantResult, calibrate, check_node_names, equalize_layers, finish, prepare,
-                        prepare_output_dir, replayable, smooth)
+from ..pipeline import (Prepared, QuantResult, calibrate, check_node_names, finish, prepare, prepare_output_dir,
+                        transform)
 from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan, build_plan
@@ -277,12 +277,10 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    calib_data = replayable(calib_data, max(64, sensitivity_samples))
     if config.bias_correction:
         log.warning("bias_correction is not applied by the accuracy-target search (its layers are re-encoded trial "
                     "by trial); quantize without --target-metric/--evaluator to use it")
-    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
-    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
+    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec, max(64, sensitivity_samples))
     full = build_plan(prepared.model, config, prepared.idx)
     if full.float_subgraphs and config.quantize_subgraphs:
         log.warning("the accuracy-target search plans the main graph only: %d If/Loop/Scan bodies stay in float "
@@ -352,8 +350,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                     "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
                     outcome.fallback)
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
-                    extra_report={"search": search_report, **({"cle": equalized} if equalized else {}),
-                                  **({"smoothquant": smoothed} if smoothed else {})})
+                    extra_report={"search": search_report, **changed})
     names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     if not outcome.met:
