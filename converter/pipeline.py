@@ -283,9 +283,10 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
     observers, unreached, samples = collect_subgraph_ranges(prepared.model, wanted, data,
                                                              select_providers(config.providers), config.threads)
-    if not samples and wanted:
-        log.warning("the calibration data gave no samples on its second reading (a one-shot iterator?): tensors "
-                    "inside control flow are left in float; pass a list or a directory to quantize them")
+    if wanted and samples < calib.samples:  # a one-shot reader replays only its first items (Replayable)
+        log.warning("the calibration data gave %d of its %d samples on its second reading (a one-shot reader?): the "
+                    "ranges inside control flow come from those%s; pass a list or a directory to use every sample",
+                    samples, calib.samples, " (none: the bodies stay in float)" if not samples else "")
     calib.observers.update(observers)
     for t in observers:
         calib.methods[t] = "minmax"
