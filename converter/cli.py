@@ -156,7 +156,7 @@ def _search_options_without_metric(args: argparse.Namespace) -> list[str]:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .pipeline import check_node_names, prepare_output_dir, quantize
+    from .pipeline import prepare_output_dir, quantize
 
     stray = _search_options_without_metric(args)
     if stray:
@@ -164,7 +164,6 @@ def _run_quantize(args: argparse.Namespace) -> int:
                         "which runs only with --target-metric or --evaluator",
                         "add --target-metric top1|agreement|cosine|sqnr (with --eval DIR), or --evaluator "
                         f"file.py:fn; or drop {', '.join(stray)}")
-    prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before any work
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "weight_bits",
@@ -176,7 +175,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())
     config = config.replace(**overrides)
     if args.target_metric or args.evaluator:
-        check_node_names(args.model, config)
+        prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before the evaluator's FP32 runs
         result = _auto_quantize(args, config)
     else:
         result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
@@ -199,6 +198,7 @@ def _auto_quantize(args: argparse.Namespace, config):
     from .export import load_module_spec
     from .graph.model_io import load_model
     from .graph.passes import preprocess
+    from .pipeline import check_node_names
     from .search import AccuracyTarget, BuiltinEvaluator, auto_quantize, load_labels
 
     target = AccuracyTarget(max_drop=0.01 if args.max_drop is None and args.min_metric is None else args.max_drop,
@@ -213,6 +213,7 @@ def _auto_quantize(args: argparse.Namespace, config):
                                                                    "agreement (top-1 agreement with FP32)")
         float_model = load_model(args.model)
         preprocess(float_model)
+        check_node_names(float_model, config)  # a typo fails before the FP32 runs on the evaluation data
         labels = load_labels(args.labels) if args.labels else None
         evaluate = BuiltinEvaluator(args.target_metric, float_model, args.eval, labels, batch_size=config.batch_size,
                                     image_spec=args.calib_spec, output=args.eval_output)
