@@ -237,14 +237,12 @@ def _check_patterns(ctx: _Context) -> Iterator[Finding]:
 
 
 BOUNDED_OPS = frozenset({"Sigmoid", "Softmax", "Tanh", "HardSigmoid", "LogSoftmax"})  # outputs in a fixed small range
-_MOVES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
-                    "Identity", "MaxPool", "Pad", "Resize", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
 
 
-def _value_source(idx: GraphIndex, tensor: str) -> str | None:
-    """Op type that computed ``tensor``'s values, looking through data movement."""
+def _value_source(idx: GraphIndex, tensor: str, moves: frozenset[str]) -> str | None:
+    """Op type that computed ``tensor``'s values, looking through data movement (``moves``)."""
     node = idx.producer.get(tensor)
-    while node is not None and node.op_type in _MOVES and node.input:
+    while node is not None and node.op_type in moves and node.input:
         node = idx.producer.get(node.input[0])
     return node.op_type if node is not None else None
 
@@ -253,13 +251,16 @@ def _check_mixed_concat(ctx: _Context) -> Iterator[Finding]:
     """A Concat of a bounded tensor (Sigmoid, Softmax) and an unbounded one would share one scale."""
     if ctx.plan is None or ctx.idx is None:
         return
+    from ..quant.rules import RULES  # the plan's rule table (quant/ sits above graph/: imported where used)
+
+    moves = frozenset(op for op, rule in RULES.items() if rule.kind == "shared" and op != "Concat")
     for node in ctx.idx.graph.node:
         status = ctx.plan.nodes.get(node.name)
         if node.op_type != "Concat" or status is None or status.status != "quantized":
             continue
         if not any(t in ctx.plan.tensors for t in node.input):
             continue
-        sources = [_value_source(ctx.idx, t) for t in node.input if t and not ctx.idx.is_constant(t)]
+        sources = [_value_source(ctx.idx, t, moves) for t in node.input if t and not ctx.idx.is_constant(t)]
         bounded = sorted({s for s in sources if s in BOUNDED_OPS})
         if bounded and any(s not in BOUNDED_OPS for s in sources):
             yield Finding(WARNING, "mixed-range-concat", node.name,
