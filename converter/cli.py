@@ -11,7 +11,8 @@ import sys
 from typing import Callable
 
 from . import __version__
-from .config import CALIB_METHODS, WEIGHT_CALIB_METHODS, QuantConfig
+from .config import (CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS,
+                     QuantConfig)
 from .errors import UserError
 from .options import QDQ_SUFFIX, check_output_file, parse_shape
 
@@ -68,7 +69,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help=f"folder for <name>{QDQ_SUFFIX}, <name>.encodings and <name>.report.json (created if missing)")
     p.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
     p.add_argument("--name", help="output file stem, a plain file name (default: the model file's stem)")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"],
+    p.add_argument("--target", choices=list(TARGETS),
                    help=f"runtime whose quantization rules are used (default: {d.target})")
     p.add_argument("--calib-method", choices=list(CALIB_METHODS),
                    help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config) "
@@ -92,11 +93,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
                         f"(default: {d.weight_bits})")
     p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--providers", choices=list(PROVIDERS),
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
                         f"(default: {d.providers})")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: 0, ORT decides)")
-    p.add_argument("--encodings-version", choices=["1.0.0", "0.6.1", "2.0.0"],
+    p.add_argument("--encodings-version", choices=list(ENCODINGS_VERSIONS),
                    help=f"AIMET encodings file format (default: {d.encodings_version})")
     p.add_argument("--encodings-all-tensors", dest="encodings_all_tensors", action="store_true", default=None,
                    help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 files, which AIMET's "
@@ -110,7 +111,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
                    help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
                         "per-tensor weights (default: off)")
-    p.add_argument("--cle-relu6", choices=["min", "replace", "keep"],
+    p.add_argument("--cle-relu6", choices=list(CLE_RELU6_MODES),
                    help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
                         "unchanged; ORT runs the Conv before each Min in float) or replace by Relu (FP32 changes; "
                         f"AIMET's way) (default: {d.cle_relu6})")

@@ -130,6 +130,7 @@ CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
 WEIGHT_CALIB_METHODS = ("minmax", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
+CLE_RELU6_MODES = ("keep", "min", "replace")
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class QuantConfig:
         _check_choice("encodings_version", self.encodings_version, ENCODINGS_VERSIONS)
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
-        _check_choice("cle_relu6", self.cle_relu6, ("min", "replace", "keep"))
+        _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         if self.weight_bits not in (4, 8):
             raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
                               "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "

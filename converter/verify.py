@@ -50,6 +50,7 @@ import onnx
 import onnxruntime as ort
 
 from .calib.readers import model_inputs, open_calibration
+from .config import PROVIDERS
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
 from .ort_session import check_optimizations, create_session
@@ -490,7 +491,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top1-drop", type=_limit, help=f"max accuracy drop, needs --labels (default "
                                                         f"{d.max_top1_drop} = 1 point)")
     p.add_argument("--min-sqnr", type=_limit, help="min SQNR in dB of every output (default: not checked)")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--providers", choices=list(PROVIDERS), default="auto",
                    help="execution provider; auto: CUDA if present, else CPU")
     p.add_argument("--batch-size", type=int, default=16, help="samples per ONNX Runtime run")
     p.add_argument("--max-samples", type=int, help="use only the first N samples (default: all)")

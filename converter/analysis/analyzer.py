@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import collect, make_session
-from ..config import CALIB_METHODS, WEIGHT_CALIB_METHODS, QuantConfig
+from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
@@ -543,7 +543,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
                    help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"], help=f"(default: {q.target})")
+    p.add_argument("--target", choices=list(TARGETS), help=f"(default: {q.target})")
     p.add_argument("--calib-method", choices=list(CALIB_METHODS),
                    help=f"activation ranges (default: {q.calib_method})")
     p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
@@ -558,7 +558,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-samples", type=int, default=d.layer_samples,
                    help="evaluation samples for each per-layer measurement")
     p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--providers", choices=list(PROVIDERS),
                    help=f"execution provider; auto: CUDA if present, else CPU (default: {q.providers})")
 
 

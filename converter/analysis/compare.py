@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers
+from ..config import PROVIDERS
 from ..errors import ModelError, UserError
 from ..graph.model_io import atomic_write_text, is_large, load_model, skeleton
 from ..stats import TensorStats
@@ -214,7 +215,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="samples per ONNX Runtime run")
     p.add_argument("--sort", choices=["order", "sqnr"], default="order", help="graph order or worst SQNR first")
     p.add_argument("--top", type=int, default=None, help="print only this many rows (default: all)")
-    p.add_argument("--providers", choices=["auto", "cpu", "cuda"], default="auto",
+    p.add_argument("--providers", choices=list(PROVIDERS), default="auto",
                    help="execution provider; auto: CUDA if present, else CPU")
 
 
