@@ -121,8 +121,7 @@ def write_back(scope: Scope, rendered: onnx.ModelProto) -> None:
     inits = [t for t in r.initializer if t.name not in added or t.name not in scope.outer_consts]
     for part, values in ((g.node, list(r.node)), (g.initializer, inits), (g.input, new_inputs),
                          (g.output, list(r.output))):
-        values = [type(v).FromString(v.SerializeToString()) for v in values]
-        del part[:]
+        del part[:]  # extend copies each message: ``rendered`` is left as it was
         part.extend(values)
     del g.value_info[:]
 

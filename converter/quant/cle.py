@@ -53,7 +53,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calib.runner import capture
+from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import fold_batchnorm
 
@@ -303,20 +303,15 @@ def _absorb_high_bias(model: onnx.ModelProto, pairs: list[Pair], kinds: dict[str
     if not todo:
         return
     tensors = [nodes[p.first].output[0] for p in todo]
-    stats: dict[str, list[np.ndarray]] = {t: [np.zeros(0)] * 4 for t in tensors}  # count, sum, sumsq, min
-    first = True
-    for values in capture(model, tensors, batches, providers):
+    stats: dict[str, list] = {}  # tensor -> per channel [count, sum, sum of squares, min], batch by batch
+    for values in iter_capture(model, tensors, batches, providers):
         for t in tensors:
             v = values[t]
             x = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).astype(np.float64)
             n, s, sq, mn = x.shape[1], x.sum(1), np.square(x).sum(1), x.min(1)
-            if first:
-                stats[t] = [n, s, sq, mn]
-            else:
-                c = stats[t]
-                stats[t] = [c[0] + n, c[1] + s, c[2] + sq, np.minimum(c[3], mn)]
-        first = False
-    if first:
+            c = stats.get(t)
+            stats[t] = [n, s, sq, mn] if c is None else [c[0] + n, c[1] + s, c[2] + sq, np.minimum(c[3], mn)]
+    if not stats:
         return
     idx = GraphIndex.build(model)
     for p in todo:
