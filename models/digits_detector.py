@@ -1,8 +1,8 @@
 """Small YOLO-style detector of real handwritten digits pasted on a 32x32 canvas.
 
-Use as a model spec: ``models/digits_detector.py:build`` (trains on first use in well under a minute
-on 2 CPU cores, deterministic; the trained weights are cached under ``~/.cache/converter``, or
-``$CONVERTER_CACHE``, keyed by a hash of this file and the seed).
+Use as a model spec: ``models/digits_detector.py:build``. The weights trained by this file (seed 0) are
+bundled beside it (``digits_detector.npz``, ~300 KB); ``python models/digits_detector.py --write-weights``
+trains them again (deterministic, about 40 s of CPU).
 
 Data
     ``sklearn.datasets.load_digits()``: 1797 real 8x8 handwritten digits (pixels 0..16, BSD-3-Clause,
@@ -36,8 +36,7 @@ Run ``python models/digits_detector.py`` to train (or load) and print held-out f
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,39 +216,27 @@ def train(seed: int = 0, n_images: int = 3000, epochs: int = 15, batch_size: int
     return model.eval()
 
 
-def _cache_path(seed: int) -> Path:
-    """The cache file of the weights trained with ``seed``: keyed by the code that determines them (this
-    file from the data section to the scoring section), so editing the docs or the scoring helpers keeps
-    the cache."""
-    src = Path(__file__).read_text(encoding="utf-8")
-    code = src[src.index("# --- data"):src.index("# --- scoring")]
-    consts = (CANVAS, GRID, FRAME_SCALE, N_CLASSES, N_TRAIN_DIGITS, MAX_OBJECTS, torch.__version__.split("+")[0])
-    key = hashlib.sha256(f"{code}{consts}seed={seed}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("CONVERTER_CACHE", Path.home() / ".cache" / "converter"))
-    return root / f"digits_detector-{key}.pt"
+WEIGHTS = Path(__file__).resolve().with_name("digits_detector.npz")  # train(seed=0), saved by --write-weights
 
 
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int) -> dict:
-    path = _cache_path(seed)
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a corrupt or foreign file: train again
-            pass
-    state = {k: v.clone() for k, v in train(seed).state_dict().items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # read-only home: just train each process
-    return state
+    """Seed 0: the bundled weights (no training, no pickle); another seed: trained in this process."""
+    if seed == 0 and WEIGHTS.is_file():
+        with np.load(WEIGHTS) as data:
+            return {k: torch.from_numpy(data[k].copy()) for k in data.files}
+    print(f"digits_detector: training (seed {seed}; about 40 s of CPU)...", file=sys.stderr, flush=True)
+    return {k: v.clone() for k, v in train(seed).state_dict().items()}
+
+
+def write_weights(path: Path = WEIGHTS) -> Path:
+    """Train with seed 0 and save the state dict as .npz, the file ``build()`` loads."""
+    np.savez(path, **{k: v.detach().cpu().numpy() for k, v in train(0).state_dict().items()})
+    return path
 
 
 def build(seed: int = 0) -> nn.Module:
-    """Return the trained DigitsDetector in eval mode (trained on first use, cached on disk)."""
+    """Return the trained DigitsDetector in eval mode (bundled weights for seed 0, else trained on first use)."""
     model = DigitsDetector()
     model.load_state_dict(_trained_state(seed))
     return model.eval()
@@ -328,6 +315,9 @@ def score_resolution(out: np.ndarray, reference: np.ndarray) -> dict:
 if __name__ == "__main__":
     import time
 
+    if "--write-weights" in sys.argv:
+        t0 = time.perf_counter()
+        print(f"wrote {write_weights()} ({time.perf_counter() - t0:.1f} s)")
     t0 = time.perf_counter()
     m = build()
     dt = time.perf_counter() - t0
@@ -338,4 +328,4 @@ if __name__ == "__main__":
     print(f"params={n} detection accuracy={detection_accuracy(out, gt):.4f} "
           f"false positives={false_positive_rate(out, gt):.4f} (500 held-out canvases) build_time={dt:.2f}s "
           f"boxes {out[..., :4].min():.1f}..{out[..., :4].max():.1f} probs {out[..., 4:].min():.3f}.."
-          f"{out[..., 4:].max():.3f} cache={_cache_path(0)}")
+          f"{out[..., 4:].max():.3f}")
