@@ -53,7 +53,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -501,7 +500,7 @@ class _Running:
     job: Job
     digest: str
     staging: Path
-    proc: subprocess.Popen
+    proc: Any  # subprocess.Popen, or an executors.RayProc
     log_file: Any
     started: float
     started_at: str
@@ -514,10 +513,8 @@ class _Scheduler:
     POLL_S = 0.05
 
     def __init__(self, pending: list[tuple[Job, str]], out_dir: Path, width: int, timeout: float | None,
-                 job_file_dir: Path, done_already: int, runner=None) -> None:
-        from .executors import LocalExecutor
-
-        self.runner = runner or LocalExecutor()
+                 job_file_dir: Path, done_already: int, runner: Any) -> None:
+        self.runner = runner  # converter.executors: LocalExecutor or RayExecutor
         self.queue = list(pending)
         self.out_dir, self.width, self.timeout, self.job_file_dir = out_dir, width, timeout, job_file_dir
         self.done_already = done_already
@@ -544,7 +541,7 @@ class _Scheduler:
                     time.sleep(self.POLL_S)
             except BaseException:
                 for r in running:  # Ctrl-C or a bug here: leave no orphan workers behind
-                    _kill(r.proc)
+                    self.runner.kill(r.proc)
                     r.log_file.close()
                     shutil.rmtree(r.staging, ignore_errors=True)
                 raise
@@ -568,7 +565,7 @@ class _Scheduler:
         if r.proc.poll() is not None:
             return True
         if r.deadline is not None and time.perf_counter() > r.deadline:
-            _kill(r.proc)
+            self.runner.kill(r.proc)
             r.proc.timed_out = True  # type: ignore[attr-defined]
             return True
         return False
@@ -619,12 +616,6 @@ def _log_tail(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1][:300] if lines else ""
-
-
-def _kill(proc: Any) -> None:
-    from .executors import kill
-
-    kill(proc)
 
 
 def _publish(staging: Path, final: Path) -> None:

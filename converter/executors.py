@@ -44,24 +44,26 @@ def make_executor(name: str = "local", address: str | None = None, retries: int 
     raise ConfigError(f"unknown executor {name!r}", f"use one of: {', '.join(EXECUTORS)}")
 
 
-def kill(proc: Any) -> None:
-    """Stop a worker handle (a local process group, or a Ray task) and wait for it."""
-    if isinstance(proc, RayProc):
-        proc.kill()
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+def popen_worker(staging: str | Path, env: dict[str, str], log_file: Any) -> subprocess.Popen:
+    """The batch worker in ``staging``, in a process group of its own (so a kill takes its children too)."""
+    return subprocess.Popen(WORKER_CMD, cwd=staging, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 class LocalExecutor:
     name = "local"
 
     def start(self, staging: Path, env: dict[str, str], log_file: Any) -> subprocess.Popen:
-        return subprocess.Popen(WORKER_CMD, cwd=staging, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return popen_worker(staging, env, log_file)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        """Stop the worker's process group and wait for it."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
 
     def close(self) -> None:
         pass
@@ -99,16 +101,13 @@ class RayProc:
 
 def _run_worker(staging: str, env: dict[str, str], retries: int) -> int:
     """On a Ray worker: run the batch worker in ``staging``; start it again if a signal killed it."""
-    import subprocess as sp
-
     rc = 0
     for attempt in range(retries + 1):
         with open(Path(staging) / "job.log", "ab") as log:
             if attempt:
                 log.write(f"converter: worker killed (exit {rc}); retry {attempt} of {retries}\n".encode())
                 log.flush()
-            rc = sp.Popen(WORKER_CMD, cwd=staging, env=env, stdin=sp.DEVNULL, stdout=log, stderr=sp.STDOUT,
-                          start_new_session=True).wait()
+            rc = popen_worker(staging, env, log).wait()
         if rc >= 0:
             break
     return rc
@@ -145,6 +144,10 @@ class RayExecutor:
         log_file.close()  # the task appends to job.log itself, on its node
         env = {**env, "OMP_NUM_THREADS": "1"}  # the task's one CPU
         return RayProc(self.ray, self._task.remote(str(staging.resolve()), env, self.retries))
+
+    @staticmethod
+    def kill(proc: RayProc) -> None:
+        proc.kill()
 
     def close(self) -> None:
         if self._started:
