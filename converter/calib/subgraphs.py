@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..graph.scopes import graph_attrs
+from ..graph.index import graph_attrs
 from .observers import MinMaxObserver
 from .runner import _samples_in, make_session
 

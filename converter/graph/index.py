@@ -7,6 +7,7 @@ index is a snapshot: a pass that edits the graph builds a new one afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -90,3 +91,18 @@ def attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def graph_attrs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The bodies of a control-flow node (If/Loop/Scan), named by attribute (``else_branch``, ``body``, ``x[i]``
+    for a list of graphs)."""
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for _, g in graph_attrs(node)]

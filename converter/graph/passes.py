@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from ..errors import ModelError
-from .index import GraphIndex, attr
+from .index import GraphIndex, attr, bodies, graph_attrs
 from .model_io import is_large, skeleton
 
 log = logging.getLogger("converter")
@@ -67,13 +67,10 @@ def _name_graph_nodes(nodes, prefix: str, seen: set[str]) -> int:
 
 def _name_subgraph_nodes(parent: onnx.NodeProto, seen: set[str]) -> int:
     changed = 0
-    for a in parent.attribute:
-        subs = [(a.name, a.g)] if a.type == onnx.AttributeProto.GRAPH else \
-            [(f"{a.name}{i}", g) for i, g in enumerate(a.graphs)]
-        for attr_name, sub in subs:
-            changed += _name_graph_nodes(sub.node, f"{parent.name}/{attr_name}/", seen)
-            for node in sub.node:
-                changed += _name_subgraph_nodes(node, seen)
+    for attr_name, sub in graph_attrs(parent):
+        changed += _name_graph_nodes(sub.node, f"{parent.name}/{attr_name}/", seen)
+        for node in sub.node:
+            changed += _name_subgraph_nodes(node, seen)
     return changed
 
 
@@ -100,10 +97,9 @@ def unique_subgraph_names(model: onnx.ModelProto) -> int:
             for i, x in enumerate(n.output):
                 if x in mapping:
                     n.output[i] = mapping[x]
-            for a in n.attribute:
-                for inner in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    local = set(defined(inner))  # a nested body's own names shadow nothing (SSA), but be safe
-                    apply(inner, {k: v for k, v in mapping.items() if k not in local})
+            for inner in bodies(n):
+                local = set(defined(inner))  # a nested body's own names shadow nothing (SSA), but be safe
+                apply(inner, {k: v for k, v in mapping.items() if k not in local})
         for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
             if vi.name in mapping:
                 vi.name = mapping[vi.name]
@@ -114,20 +110,19 @@ def unique_subgraph_names(model: onnx.ModelProto) -> int:
     def visit(graph: onnx.GraphProto) -> None:
         nonlocal renamed
         for node in graph.node:
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    mapping = {}
-                    for name in defined(sub):
-                        if name in seen:
-                            k = 1
-                            while f"{name}__{k}" in seen:
-                                k += 1
-                            mapping[name] = f"{name}__{k}"
-                        seen.add(mapping.get(name, name))
-                    if mapping:
-                        apply(sub, mapping)
-                        renamed += len(mapping)
-                    visit(sub)
+            for sub in bodies(node):
+                mapping = {}
+                for name in defined(sub):
+                    if name in seen:
+                        k = 1
+                        while f"{name}__{k}" in seen:
+                            k += 1
+                        mapping[name] = f"{name}__{k}"
+                    seen.add(mapping.get(name, name))
+                if mapping:
+                    apply(sub, mapping)
+                    renamed += len(mapping)
+                visit(sub)
 
     visit(g)
     return renamed
@@ -142,9 +137,8 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
 def _constants_to_initializers(g: onnx.GraphProto, top: bool) -> int:
     moved = 0
     for node in g.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                moved += _constants_to_initializers(sub, top=False)
+        for sub in bodies(node):
+            moved += _constants_to_initializers(sub, top=False)
     outputs = set() if top else {o.name for o in g.output}  # a body output stays a node's output
     keep = []
     for node in g.node:
@@ -394,11 +388,9 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     """Names read from inside If/Loop/Scan bodies (they may refer to outer-scope tensors)."""
     names: set[str] = set()
     for node in g.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                names |= {n for sn in sub.node for n in sn.input}
-                names |= _subgraph_inputs(sub)
+        for sub in bodies(node):
+            names |= {n for sn in sub.node for n in sn.input}
+            names |= _subgraph_inputs(sub)
     return names
 
 

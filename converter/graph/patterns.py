@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from .index import GraphIndex, attr
+from .index import GraphIndex, attr, bodies, graph_attrs
 
 # Single-node activations. Their kind is their op type; composites below have their own kind.
 ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh",
@@ -503,20 +503,15 @@ def anchor_of(idx: GraphIndex, tensor: str) -> onnx.NodeProto | None:
 def subgraphs(g: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, onnx.GraphProto]]:
     """Top-level control-flow nodes and their subgraph attributes (nested ones are counted inside)."""
     for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield node, a.name, a.g
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for i, sub in enumerate(a.graphs):
-                    yield node, f"{a.name}[{i}]", sub
+        for name, sub in graph_attrs(node):
+            yield node, name, sub
 
 
 def all_nodes(g: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in g.node:
         yield node
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from all_nodes(sub)
+        for sub in bodies(node):
+            yield from all_nodes(sub)
 
 
 def float_subgraphs(model: onnx.ModelProto) -> list[dict[str, Any]]:

@@ -17,19 +17,11 @@ into a model of its own so the ordinary planner (:func:`converter.quant.plan.bui
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import onnx
 from onnx import helper
 
-
-def graph_attrs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                yield f"{a.name}[{i}]", g
+from .index import graph_attrs
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import onnx
 
-from ..graph.index import GraphIndex
+from ..graph.index import GraphIndex, bodies
 from ..graph.passes import _drop_unused_initializers
 from ..graph.scopes import Scope, all_graph_names, scopes, unknown_captures, wrapper, write_back
 from .encode import bias_encoding, compute_encodings
@@ -142,8 +142,7 @@ def subgraph_summary(subs: list[SubPlan]) -> list[dict[str, Any]]:
 def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
     """:func:`render_qdq` for a model with bodies: each body with the encodings of the tensors its own nodes
     read or define, innermost first, then the main graph. Without bodies it is exactly ``render_qdq``."""
-    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in float_model.graph.node for a in n.attribute):
+    if not any(bodies(n) for n in float_model.graph.node):
         return render_qdq(float_model, encodings)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
