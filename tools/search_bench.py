@@ -53,13 +53,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from converter import QuantConfig  # noqa: E402
 from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize  # noqa: E402
+from converter.options import output_paths  # noqa: E402
+from converter.ort_session import create_session  # noqa: E402
 from converter.search.cost import COMPUTE_OPS  # noqa: E402
 
 FP32, OURS, ORT_ALL, ORT_HAND = "fp32", "ours", "ort_all_ops", "ort_hand_tuned"
@@ -161,13 +162,10 @@ def ours(b: Bench, work: Path) -> tuple[Path, dict]:
         report, path = res.report, Path(res.model_path)
     except TargetNotMetError as exc:
         log(f"TARGET NOT MET: {exc}")
-        report = json.loads((out / f"{b.key}.report.json").read_text())
-        path = next(p for p in (out / f"{b.key}.qdq.onnx", out / f"{b.key}.onnx") if p.exists())
+        path, _, report_path = output_paths(out, b.key)
+        report = json.loads(report_path.read_text())
     s = report["search"]
     metric = s["final_metric"]
-    if metric is None:  # the report names no trial with the final float set: score the written model
-        log(f"  the report's final_metric is None (met {s['met']}): evaluating {path}")
-        metric = b.evaluate(str(path))
     n_float, n_compute = float_compute_ops(path)  # from the model: the ranking is empty when all-INT8 passes
     return path, {"met": s["met"], "baseline": s["baseline_metric"], "threshold": s["threshold"],
                   "metric": metric, "report_final_metric": s["final_metric"], "evaluations": s["full_evaluations"],
@@ -223,13 +221,7 @@ def float_compute_ops(path: Path) -> tuple[int, int]:
 
 def latency(paths: dict[str, Path], feed: dict, threads: int, runs: int, warmup: int = 5) -> dict[str, float]:
     """Batch-1 median ms; every round runs each model once, in an order rotated round by round."""
-    sessions = {}
-    for k, p in paths.items():
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sessions[k] = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    sessions = {k: create_session(str(p), ["CPUExecutionProvider"], "all", threads) for k, p in paths.items()}
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feed)
