@@ -179,6 +179,10 @@ class QuantConfig:
     # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
     # data matches the float model's (converter.quant.bias_correction)
     bias_correction: bool = False
+    # AdaRound: each Conv/Gemm/MatMul's weights rounded up or down to reconstruct its output on calibration data
+    # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000)
+    adaround: bool = False
+    adaround_iterations: int = 1000
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -192,6 +196,9 @@ class QuantConfig:
             raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
                               "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "
                               "ONNX Runtime runs")
+        if self.adaround_iterations < 1:
+            raise ConfigError(f"adaround_iterations must be >= 1, got {self.adaround_iterations}",
+                              "use e.g. 1000 (AIMET's default is 10000; more is slower and rarely much better)")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")
         if self.max_samples is not None and self.max_samples < 1:
