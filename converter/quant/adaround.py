@@ -202,6 +202,32 @@ def _sample_rows(layer: _Layer, x: np.ndarray, y: np.ndarray, m: int, rng: np.ra
     return patches, y[bi, :, oy, ox].astype(np.float32)
 
 
+def _prefix(model: onnx.ModelProto, wanted: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``wanted`` (its outputs left to the capture): each layer's capture
+    then runs only the layers before it, not the whole model. Models with If/Loop/Scan are returned whole."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return model
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    keep: set[int] = set()
+    stack = list(wanted)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is not None and i not in keep:
+            keep.add(i)
+            stack.extend(t for t in g.node[i].input if t)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(n for i, n in enumerate(g.node) if i in keep)
+    used = {t for n in out.graph.node for t in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    del out.graph.output[:]
+    return out
+
+
 def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
            providers: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of (quantized-prefix input patches, float layer outputs), bounded by MAX_ROWS / CACHE_MB."""
@@ -215,7 +241,8 @@ def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, batches:
     per_batch = max(1, -(-rows // max(len(batches), 1)))
     rng = np.random.default_rng(seed)
     xs, ys = [], []
-    for qv, fv in zip(iter_capture(qdq, [q_in], batches, providers), iter_capture(model, [f_out], batches, providers)):
+    for qv, fv in zip(iter_capture(_prefix(qdq, [q_in]), [q_in], batches, providers),
+                      iter_capture(_prefix(model, [f_out]), [f_out], batches, providers)):
         x, y = qv[q_in], fv[f_out]
         px, py = _sample_rows(layer, x, y, per_batch, rng, kernel)
         xs.append(px)
