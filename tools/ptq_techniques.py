@@ -132,7 +132,11 @@ def main() -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
     task = TASKS[args.model](Path(args.assets))
-    if args.one:
+    if args.one:  # progress (AdaRound's per-layer lines) on stderr, which the parent passes through
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
+        logging.getLogger("converter").setLevel(logging.DEBUG)
         print(json.dumps(one_row(task, args.one, args.adaround_iterations, args.threads, Path(args.work))), flush=True)
         return 0
     rows = []
@@ -150,9 +154,9 @@ def main() -> int:
                 proc = subprocess.run([sys.executable, __file__, "--assets", args.assets, "--model", args.model,
                                        "--one", key, "--work", d, "--adaround-iterations",
                                        str(args.adaround_iterations), "--threads", str(args.threads)],
-                                      capture_output=True, text=True)
+                                      stdout=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
-                    row = {"tool": "converter", "row": key, "error": proc.stderr[-2000:]}
+                    row = {"tool": "converter", "row": key, "error": f"exit status {proc.returncode} (see stderr)"}
                 else:
                     row = {**json.loads(proc.stdout.strip().splitlines()[-1]),
                            "wall_s": round(time.perf_counter() - t, 1)}
