@@ -19,7 +19,7 @@ applies it to both sides.
 Memory is bounded per layer: for every calibration batch a random subset of output positions is kept, a Conv's
 as im2col rows (the input patch each position reads, gathered at those positions only, never the whole unfolded
 map), with the float output there: at most :data:`MAX_ROWS` rows and :data:`CACHE_MB` MiB per layer, one layer
-at a time. Each iteration draws :data:`MINIBATCH` of them.
+at a time. Each iteration takes the next :data:`MINIBATCH` of them, in an order reshuffled every epoch.
 
 The rounding reaches the QDQ model and the encodings file through the float model: each weight initializer is
 replaced by its dequantized grid values ``s * q`` (``q`` the AdaRounded integers), and the plan freezes the
@@ -270,7 +270,11 @@ def _optimize(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, 
     gen = torch.Generator().manual_seed(seed)
     s = torch.tensor(enc.scale_array().reshape(shape), device=device)
     w = torch.tensor(w_float, dtype=torch.float32, device=device)
-    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    # rows as [groups, n, k] (one batched matmul per step, grouped/depthwise too), shuffled once per epoch so that
+    # each step reads a contiguous slice instead of gathering rows
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)
+    yt = torch.from_numpy(y).to(device)
+    n = yt.shape[0]
     b = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
     lo, hi = (layer.act if layer.act is not None else (-math.inf, math.inf))
     w_floor = torch.floor(w / s)
@@ -278,10 +282,10 @@ def _optimize(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, 
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).clone().requires_grad_(True)
     qmin, qmax = float(enc.qmin), float(enc.qmax)
 
-    def out(q, xb):
+    def out(q, xb):  # xb: [g, m, k] -> [m, g * o]
         wm = _weight_matrix(layer, q * s)  # [g, o, k]
-        o = torch.einsum("ngk,gok->ngo", xb, wm).reshape(len(xb), -1)
-        return o
+        o = torch.bmm(xb, wm.transpose(1, 2))  # [g, m, o]
+        return o.transpose(0, 1).reshape(xb.shape[1], -1)
 
     def act(o):
         if b is not None:
@@ -297,17 +301,21 @@ def _optimize(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, 
     def full_loss(q):
         with torch.no_grad():
             total = 0.0
-            for a in range(0, len(xt), 4096):
-                total += float(recon(q, xt[a:a + 4096], yt[a:a + 4096])) * len(xt[a:a + 4096])
-            return total / len(xt)
+            for a in range(0, n, 4096):
+                total += float(recon(q, xt[:, a:a + 4096], yt[a:a + 4096])) * len(yt[a:a + 4096])
+            return total / n
 
     nearest = torch.clamp(torch.round(w / s), qmin, qmax)
     opt = torch.optim.Adam([v], lr=learning_rate(iterations))
     warm = WARM_START * iterations
+    m, a = min(MINIBATCH, n), n
     for it in range(iterations):
-        idx = torch.randint(len(xt), (min(MINIBATCH, len(xt)),), generator=gen).to(device)
+        if a + m > n:  # a new epoch: reshuffle
+            perm = torch.randperm(n, generator=gen).to(device)
+            xs, ys, a = xt[:, perm], yt[perm], 0
         q = torch.clamp(w_floor + h(v), qmin, qmax)
-        loss = recon(q, xt[idx], yt[idx])
+        loss = recon(q, xs[:, a:a + m], ys[a:a + m])
+        a += m
         if it >= warm:
             rel = (it - warm) / max(iterations - warm, 1)
             beta = BETA_RANGE[1] + 0.5 * (BETA_RANGE[0] - BETA_RANGE[1]) * (1 + math.cos(rel * math.pi))
