@@ -423,6 +423,12 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
         "per_channel_quantization": config.per_channel,
         "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
     }
+    ragged = [n for n, e in written.items() if e.blocked and idx.shape.get(n) and idx.shape[n][e.axis] % e.block_size]
+    if ragged:
+        log.warning("%d block-wise weight(s) have a ragged last block (first: %r, %d input channels, blocks of %d): "
+                    "ONNX and ONNX Runtime run it, AIMET and QNN take only input channels divisible by the block size "
+                    "(AIMET keeps such layers per channel)", len(ragged), ragged[0], idx.shape[ragged[0]][
+                        written[ragged[0]].axis], written[ragged[0]].block_size)
     left_out = [n for n in plan.encodings if n not in written]
     conflicts = tie_conflicts(idx, plan.encodings)
     if conflicts:
