@@ -71,6 +71,10 @@ class TargetPreset:
     # compute ops whose input and output share one encoding (AIMET ties their quantizers, QNN requires it);
     # data-movement ops (rules.py "shared") always do
     tied_op_types: frozenset[str] = frozenset()
+    # op types whose block-wise layers read their activations in float (weight-only): ONNX Runtime CPU fuses a blocked
+    # DequantizeLinear -> MatMul into MatMulNBits (which quantizes its input per block itself) only when the MatMul's
+    # other input is not dequantized and no QuantizeLinear follows it
+    block_weight_only_ops: frozenset[str] = frozenset()
 
 
 TARGETS: dict[str, TargetPreset] = {
@@ -88,6 +92,7 @@ TARGETS: dict[str, TargetPreset] = {
         # HardSwish: its input is quantized so the Conv before it still becomes a QLinearConv
         patterns={"LayerNorm": _ONE_UNIT, "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "attention": _ONE_UNIT,
                   "HardSwish": PatternPolicy(qdq_inside=False, inputs="after-anchor")},
+        block_weight_only_ops=frozenset({"MatMul"}),
     ),
     "tensorrt": TargetPreset(
         name="tensorrt",

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -16,7 +17,7 @@ from converter.pipeline import apply_encodings
 from converter.quant.encode import weight_encoding
 from converter.quant.encodings_io import dumps_encodings, loads_encodings
 
-from .conftest import parse, run
+from .conftest import op_counts, parse, run
 
 K, N = 200, 48  # K is not a multiple of 32: the last block is ragged (8 of 32)
 
@@ -44,27 +45,41 @@ def rel_err(y, ref):
 
 
 def test_blocks_beat_per_channel_on_outlier_weights_in_ort(tmp_path):
+    """W4A8 on the qnn target (every activation quantized, the same for each row): blocks beat per channel. On
+    ort-cpu a block-wise MatMul is weight-only, so ONNX Runtime fuses it into MatMulNBits."""
     model = outlier_matmul()
     x = xs(9, 1, 256)[0]
     ref = run(model, x)[0]
-    errs = {}
-    for label, cfg in {"pc4": dict(weight_bits=4), "b32": dict(weight_bits=4, weight_block_size=32),
-                       "b64": dict(weight_bits=4, weight_block_size=64),
-                       "b32w8": dict(weight_bits=8, weight_block_size=32), "pc8": dict(weight_bits=8)}.items():
-        r = quantize(model, xs(1), QuantConfig(**cfg), output_dir=tmp_path / label, name="m")
-        q = onnx.load(str(r.model_path))
-        errs[label] = rel_err(run(q, x)[0], ref)
-        [dq] = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized"]
-        attrs = {a.name: a.i for a in dq.attribute}
-        if "block_size" in cfg:
-            size = cfg["weight_block_size"]
-            scale = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == dq.input[1]))
-            assert attrs == {"axis": 0, "block_size": size} and scale.shape == (-(-K // size), N)
-            assert r.report["summary"]["weights"][0]["granularity"] == f"block-{size}"
-    # measured (relative MSE vs FP32): int4 per channel 0.107, blocks of 64 0.033, of 32 0.016; int8 1e-3, 4e-4
-    assert errs["b32"] * 4 < errs["pc4"] and errs["b64"] * 2 < errs["pc4"], errs
-    assert errs["b32"] < errs["b64"] < 0.05, errs
-    assert errs["b32w8"] < errs["b32"] / 3 and errs["pc8"] < errs["b32"] / 3, errs
+    errs, fused = {}, {}
+    rows = {"pc4": dict(weight_bits=4), "b32": dict(weight_bits=4, weight_block_size=32),
+            "b64": dict(weight_bits=4, weight_block_size=64), "b32w8": dict(weight_bits=8, weight_block_size=32),
+            "pc8": dict(weight_bits=8)}
+    for label, cfg in rows.items():
+        for target in ("qnn", "ort-cpu"):
+            r = quantize(model, xs(1), QuantConfig(target=target, **cfg), output_dir=tmp_path / target / label, name="m")
+            q = onnx.load(str(r.model_path))
+            errs[target, label] = rel_err(run(q, x)[0], ref)
+            [dq] = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized"]
+            if "weight_block_size" in cfg:
+                size = cfg["weight_block_size"]
+                scale = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == dq.input[1]))
+                assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": size}
+                assert scale.shape == (-(-K // size), N)  # ragged: 200 = 6 x 32 + 8
+                [w] = r.report["summary"]["weights"]
+                assert w["granularity"] == f"block-{size}" and ("activations" in w) == (target == "ort-cpu")
+            so = ort.SessionOptions()
+            so.optimized_model_filepath = str(tmp_path / f"{target}{label}.opt.onnx")
+            ort.InferenceSession(str(r.model_path), so, providers=["CPUExecutionProvider"])
+            fused[target, label] = op_counts(onnx.load(so.optimized_model_filepath)).get("MatMulNBits", 0)
+    qnn = {k[1]: v for k, v in errs.items() if k[0] == "qnn"}
+    # measured (relative MSE vs FP32, qnn): int4 per channel 0.107, blocks of 64 0.033, of 32 0.016; int8 1e-3, 4e-4
+    assert qnn["b32"] * 4 < qnn["pc4"] and qnn["b64"] * 2 < qnn["pc4"], errs
+    assert qnn["b32"] < qnn["b64"] < 0.05, errs
+    assert qnn["b32w8"] < qnn["b32"] / 3 and qnn["pc8"] < qnn["b32"] / 3, errs
+    # ort-cpu: blocks weight-only, fused into MatMulNBits (int4 and int8; it quantizes x itself, accuracy level 4)
+    assert errs["ort-cpu", "b32"] * 4 < errs["ort-cpu", "pc4"] and errs["ort-cpu", "b32"] < 0.05, errs
+    assert {k: v for k, v in fused.items() if v} == {("ort-cpu", "b32"): 1, ("ort-cpu", "b64"): 1,
+                                                     ("ort-cpu", "b32w8"): 1}, fused
 
 
 def test_blocked_scales_are_per_block_max_or_mse():

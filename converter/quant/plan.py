@@ -24,7 +24,13 @@ Planning runs in five small steps over a :class:`GraphIndex`:
    ``first``/``last`` -- the first and last quantized layer with a weight in graph order, of the graph planned --
    then ``op:<OpType>``); with ``weight_block_size`` a weight whose op has a block axis in the rule table (Conv,
    Gemm, 2-D MatMul: the input channels) and more input channels than one block is block-wise, others stay per
-   channel (``TensorQuant.block_note`` says why);
+   channel (``TensorQuant.block_note`` says why). Where the target lists the op in ``block_weight_only_ops``
+   (MatMul on ort-cpu) a block-wise layer is weight-only: its activation input and output get no Q/DQ for its
+   sake (another quantized reader may still want them), so ONNX Runtime fuses it into MatMulNBits::
+
+       LayerNorm -> x (float) -> MatMul(x, DQ(W int4, axis 0, block_size)) -> Add(bias) -> ...
+
+   
 5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
    Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors); the
    target's ``tied_op_types`` (AveragePool on ``qnn``, as AIMET and QNN tie it) join their groups too.
@@ -62,6 +68,7 @@ class TensorQuant:
     block_axis: int | None = None  # block-wise weight: the axis cut into blocks
     block_note: str | None = None  # why a weight stays per channel although block-wise weights were asked for
     layers: tuple[str, ...] = ()  # weight: the nodes reading it
+    weight_only: bool = False  # block-wise weight of a layer reading float activations (block_weight_only_ops)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"role": self.role, "bitwidth": self.bitwidth, "signed": self.signed, "symmetric": self.symmetric}
@@ -112,6 +119,7 @@ class QuantPlan:
         for t in self.by_role(WEIGHT):
             gran = f"block-{t.block_size}" if t.block_size else "per-channel" if t.axis is not None else "per-tensor"
             out.append({"weight": t.name, "layers": list(t.layers), "bits": t.bitwidth, "granularity": gran,
+                        **({"activations": "float (weight-only)"} if t.weight_only else {}),
                         **({"note": t.block_note} if t.block_note else {})})
         return out
 
@@ -239,25 +247,30 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         uf.find(name)
         return True
 
-    def want_output(out: str) -> None:
-        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
-        # float therefore reads float inputs unless another quantized consumer shares the tensor.
-        if preset.quantize_outputs and (out in idx.graph_outputs
-                                        or any(c.name in is_quantized for c in idx.uses(out))):
-            want_activation(out)
-
     weights: dict[str, TensorQuant] = {}
     biases: dict[str, TensorQuant] = {}
     weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and RULES[n.op_type].kind != "shared"
                 and _weight_of(n, RULES[n.op_type], idx) is not None]
     layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides)
+    weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
+                   and config.weight_block_size is not None and config.per_channel
+                   and _block_note(n, _weight_of(n, RULES[n.op_type], idx), idx, config.weight_block_size) is None}
+    reads_quantized = is_quantized - weight_only
+
+    def want_output(out: str) -> None:
+        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
+        # float therefore reads float inputs unless another quantized consumer shares the tensor.
+        if preset.quantize_outputs and (out in idx.graph_outputs
+                                        or any(c.name in reads_quantized for c in idx.uses(out))):
+            want_activation(out)
+
     for node in quantized:
         if plan.nodes[node.name].status != "quantized":
             continue
         rule = RULES[node.op_type]
         if rule.kind == "shared":
             continue
-        for slot in rule.activations:
+        for slot in () if node.name in weight_only else rule.activations:
             if slot < len(node.input) and not (slot == rule.weight and idx.is_constant(node.input[slot])):
                 want_activation(node.input[slot])
         w = _weight_of(node, rule, idx)
@@ -271,10 +284,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                                      layers=(prev.layers if prev is not None else ()) + (node.name,))
             if config.weight_block_size is not None:
                 _choose_blocks(weights[w], prev, node, idx, config.weight_block_size)
+                weights[w].weight_only = node.name in weight_only and weights[w].block_size is not None
             b = _bias_of(node, rule, idx)
             if b is not None and node.input[0] in acts:
                 biases[b] = TensorQuant(b, BIAS, 32, True, True, 0 if axis is not None else None,
                                         bias_of=(node.input[0], w))
+        if node.name in weight_only:
+            continue
         for t in group_inputs.get(node.name, ()):
             want_activation(t)
         want_output(group_output.get(node.name, node.output[0]))
@@ -345,21 +361,25 @@ def _choose_blocks(t: TensorQuant, prev: TensorQuant | None, node: onnx.NodeProt
                    size: int) -> None:
     """Make weight ``t`` of ``node`` block-wise where the rule table gives its op a block axis and the axis is
     longer than one block; else leave it per channel with a note saying why."""
+    note = "per-tensor (no channel axis)" if t.axis is None else _block_note(node, t.name, idx, size)
     baxis = block_axis(node, idx)
-    shape = idx.shape.get(t.name) or []
-    note = None
-    if t.axis is None:
-        note = "per-tensor (no channel axis)"
-    elif baxis is None:
-        note = f"{node.op_type}: no block axis (Conv, Gemm and 2-D MatMul weights have one)"
-    elif baxis >= len(shape) or shape[baxis] <= size:
-        note = f"{shape[baxis] if baxis < len(shape) else '?'} input channels: one block, same as per channel"
-    elif prev is not None and (prev.block_axis, prev.block_size) != (baxis, size):
+    if note is None and prev is not None and (prev.block_axis, prev.block_size) != (baxis, size):
         note = "shared by layers that disagree on the block axis"
     if note is not None:
         t.block_note = note
         return
     t.block_size, t.block_axis = size, baxis
+
+
+def _block_note(node: onnx.NodeProto, weight: str, idx: GraphIndex, size: int) -> str | None:
+    """Why ``node``'s weight cannot be block-wise (None: it can)."""
+    baxis = block_axis(node, idx)
+    shape = idx.shape.get(weight) or []
+    if baxis is None or weight_axis(node, idx) is None:
+        return f"{node.op_type}: no block axis (Conv, Gemm and 2-D MatMul weights have one)"
+    if baxis >= len(shape) or shape[baxis] <= size:
+        return f"{shape[baxis] if baxis < len(shape) else '?'} input channels: one block, same as per channel"
+    return None
 
 
 def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> set[str]:
