@@ -30,7 +30,6 @@ Planning runs in five small steps over a :class:`GraphIndex`:
 
        LayerNorm -> x (float) -> MatMul(x, DQ(W int4, axis 0, block_size)) -> Add(bias) -> ...
 
-   
 5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
    Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors); the
    target's ``tied_op_types`` (AveragePool on ``qnn``, as AIMET and QNN tie it) join their groups too.
