@@ -238,26 +238,3 @@ def test_cli_weight_block_size(tmp_path, capsys):
     assert main(args + ["--weight-block-size", "64"]) == 0
     report = json.loads((tmp_path / "o" / "m.report.json").read_text())
     assert report["summary"]["weights"][0]["granularity"] == "block-64" and report["config"]["weight_block_size"] == 64
-
-
-def test_weight_only_matmul_reads_float_through_a_reshape():
-    """ort-cpu: a block-wise MatMul is weight-only; a Reshape between it and a quantized producer keeps its output
-    float too (else ORT sees DQ -> Reshape -> Q -> DQ -> MatMul and cannot fuse MatMulNBits)."""
-    from converter.pipeline import prepare
-    from converter.quant.plan import build_plan
-
-    rng = np.random.default_rng(4)
-    model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[2,8,64] x) => (float[2,8,16] y) {
-      a = MatMul(x, x2)
-      s = Constant <value = int64[3] {2, 8, 64}> ()
-      r = Reshape(a, s)
-      y = MatMul(r, W)
-    }""", x2=rng.normal(0, 1, (2, 64, 64)).astype(np.float32), W=rng.normal(0, 0.1, (64, 16)).astype(np.float32))
-    p = prepare(model)
-    for target, quantized in (("ort-cpu", False), ("qnn", True)):
-        plan = build_plan(p.model, QuantConfig(target=target, weight_bits=4, weight_block_size=32), p.idx)
-        assert plan.tensors["W"].block_size == 32 and plan.tensors["W"].weight_only is (target == "ort-cpu")
-        assert "a" in plan.tensors and plan.tensors["x2"].block_size is None  # 3-D weight: per channel
-        assert ("r" in plan.tensors) is quantized and ("y" in plan.tensors) is quantized, target

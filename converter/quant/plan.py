@@ -316,8 +316,6 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                 continue
             for t in tensors:
                 if t not in acts:
-                    if t in outs and _only_weight_only_readers(idx, t, weight_only):
-                        continue  # a Reshape before a weight-only MatMul: its output stays float for MatMulNBits
                     if not want_activation(t):
                         continue
                     changed = True
@@ -381,12 +379,6 @@ def _block_note(node: onnx.NodeProto, weight: str, idx: GraphIndex, size: int) -
     if baxis >= len(shape) or shape[baxis] <= size:
         return f"{shape[baxis] if baxis < len(shape) else '?'} input channels: one block, same as per channel"
     return None
-
-
-def _only_weight_only_readers(idx: GraphIndex, tensor: str, weight_only: set[str]) -> bool:
-    users = idx.uses(tensor)
-    return bool(weight_only) and bool(users) and tensor not in idx.graph_outputs and \
-        all(u.name in weight_only for u in users)
 
 
 def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> set[str]:
