@@ -295,7 +295,8 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     return unreached
 
 
-def plan_model(prepared: Prepared, config: QuantConfig, uncalibrated: list[str] | None = None) -> tuple[QuantPlan, list]:
+def plan_model(prepared: Prepared, config: QuantConfig,
+               uncalibrated: list[str] | None = None) -> tuple[QuantPlan, list]:
     """The main graph's plan and one plan per If/Loop/Scan body (none when ``quantize_subgraphs`` is off).
 
     ``uncalibrated``: body tensors an earlier calibration found no values for (:func:`calibrate_subgraphs`);

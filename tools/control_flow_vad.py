@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
 import os
 import sys
@@ -224,9 +225,9 @@ def main() -> None:
         t = time.perf_counter()
         res = quantize(str(model_path), calib, config, out_dir, f"silero_vad_16k_{label.replace('+', '_')}")
         print(f"quantized in {time.perf_counter() - t:.1f} s -> {res.model_path}")
+        kept = f"{len(config.exclude_nodes)} float, {len(config.int16_nodes)} int16 (hand-picked)"
         rows[f"quantize {label}"] = {**compare(res.model_path, fp32, wavs, args.calib_seconds),
-                                     "kept": "-" if label == "int8" else
-                                     f"{len(config.exclude_nodes)} float, {len(config.int16_nodes)} int16 (hand-picked)"}
+                                     "kept": "-" if label == "int8" else kept}
 
     if "search" not in skip:
         print(f"\n== auto_quantize: target min(cosine, agreement) >= {args.target:g} on the first "
@@ -241,7 +242,6 @@ def main() -> None:
         except TargetNotMetError as exc:
             print(f"target NOT met: {exc}")
             path = out_dir / "silero_vad_16k_search.qdq.onnx"
-            import json
             report = json.loads((out_dir / "silero_vad_16k_search.report.json").read_text())
         s = report["search"]
         print(f"searched in {time.perf_counter() - t:.1f} s ({s['full_evaluations']} full evaluations, "
