@@ -276,9 +276,10 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
 
 
 def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, config: QuantConfig,
-                        calib_spec: str | Path | None = None) -> None:
+                        calib_spec: str | Path | None = None) -> list[str]:
     """Ranges of the tensors inside If/Loop/Scan bodies (:mod:`converter.calib.subgraphs`), added to ``calib``;
-    tensors without a range are named and left in float."""
+    tensors without a range are named and left in float. Returns those tensors (a later plan of the same
+    bodies drops them again: :func:`plan_model`)."""
     wanted = [t for t in subgraph_activations(subs) if t not in calib.observers]
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
     observers, unreached, samples = collect_subgraph_ranges(prepared.model, wanted, data,
@@ -291,6 +292,40 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     for t in observers:
         calib.methods[t] = "minmax"
     drop_uncalibrated(subs, unreached)
+    return unreached
+
+
+def plan_model(prepared: Prepared, config: QuantConfig,
+               uncalibrated: list[str] | None = None) -> tuple[QuantPlan, list]:
+    """The main graph's plan and one plan per If/Loop/Scan body (none when ``quantize_subgraphs`` is off).
+
+    ``uncalibrated``: body tensors an earlier calibration found no values for (:func:`calibrate_subgraphs`);
+    they are left in float again, quietly (the calibration named them). Quantize and the accuracy-target
+    search plan through here, so a body plans the same in both."""
+    plan = build_plan(prepared.model, config, prepared.idx)
+    subs = plan_subgraphs(prepared.model, config, warn=uncalibrated is None) if config.quantize_subgraphs else []
+    if subs and uncalibrated:
+        drop_uncalibrated(subs, uncalibrated, warn=False)
+    return plan, subs
+
+
+def encode_model(prepared: Prepared, plan: QuantPlan, subs: list, observers: dict, methods: Any,
+                 config: QuantConfig) -> None:
+    """Encodings of the main plan and of every body plan (merged into ``plan``), and the plan's account of
+    which bodies are quantized (``plan.subgraphs``) and which stay in float (``plan.float_subgraphs``)."""
+    compute_encodings(plan, prepared.idx, observers, methods, config)
+    compute_subgraph_encodings(plan, subs, observers, methods, config)
+    plan.subgraphs = subgraph_summary(subs)
+    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
+    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
+        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
+
+
+def warn_float_subgraphs(plan: QuantPlan, config: QuantConfig) -> None:
+    for sub in plan.float_subgraphs:
+        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
+                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
+                    else "quantize_subgraphs is off")
 
 
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
@@ -308,11 +343,10 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec)
-    plan = build_plan(prepared.model, config, prepared.idx)
+    plan, subs = plan_model(prepared, config)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
               len(plan.float_nodes()))
-    subs = plan_subgraphs(prepared.model, config) if config.quantize_subgraphs else []
     timings = {"load_and_plan_s": time.perf_counter() - t0}
 
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
@@ -320,16 +354,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     if subs:
         calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec)
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
-    compute_subgraph_encodings(plan, subs, calib.observers, calib.methods, config)
-    plan.subgraphs = subgraph_summary(subs)
-    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
-    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
-        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
-    for sub in plan.float_subgraphs:
-        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
-                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
-                    else "quantize_subgraphs is off")
+    encode_model(prepared, plan, subs, calib.observers, calib.methods, config)
+    warn_float_subgraphs(plan, config)
     corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
     qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
