@@ -297,6 +297,7 @@ class RayExecutor:
         self._by_digest: dict[str, list] = {}  # digest -> [ObjectRef]
         self.puts = 0  # objects put in the object store (one per distinct data content)
         self.put_bytes = 0
+        self.data_uses = 0  # data paths passed to tasks
         self._procs: list[RayProc] = []
         self._nodes: list[dict[str, float]] = []
         self._nodes_at = -1e9
@@ -348,6 +349,7 @@ class RayExecutor:
     def start(self, job: Any, staging: Path, env: dict[str, str], log_file: Any) -> RayProc:
         log_file.close()  # the task appends to job.log itself, on its node
         data = [(list(keys), self._shared(path)) for keys, path in job.data_fields().items() if Path(path).exists()]
+        self.data_uses += len(data)
         r = job.resources
         task = self._task.options(num_cpus=r.num_cpus, memory=r.memory, num_gpus=r.num_gpus)
         proc = RayProc(self.ray, task.remote(str(staging.resolve()), env, self.retries, data, self.copy), r)
@@ -359,6 +361,9 @@ class RayExecutor:
         proc.kill()
 
     def close(self) -> None:
+        if self._data:
+            log.info("Ray object store: %d object(s), %s, for %d data path(s) used %d time(s) by the jobs",
+                     self.puts, format_bytes(self.put_bytes), len(self._data), self.data_uses)
         self._data.clear()
         self._by_digest.clear()
         if self._started:

@@ -60,7 +60,7 @@ CONTRACT_JOBS = GOOD_JOB + f"""
 def test_executor_contract(workdir, executor, request, capsys):  # noqa: F811
     jobs = _jobs(workdir, f"contract-{executor}", CONTRACT_JOBS)
     out = workdir / f"contract-{executor}"
-    runner = _executor(request, executor)
+    runner = _executor(request, executor, retries=0)  # (retries: test_resources_threads_shared_data_retry)
     batch = run_batch(jobs, jobs=2, executor=runner)
     rows = _summary(out)
     assert {n: (r["status"], r["stage"]) for n, r in rows.items()} == {
@@ -114,45 +114,46 @@ def test_resources_threads_shared_data_retry(workdir, executor, request, monkeyp
     """num_cpus sets each worker's threads; Ray: data goes into the object store once per content and is
     read from a node-local copy (data="copy": as on a node that does not see the path), outputs stay
     byte-identical; jobs that together exceed the cluster's CPUs do not run at once; a job no node can
-    hold fails without starting; a worker killed once is retried. Local: memory is ignored, no retry."""
+    hold fails without starting; a worker killed once is retried. Local: memory is ignored."""
     (workdir / "probes.py").write_text(PROBES)
     monkeypatch.setenv("PROBE_MARKER", str(workdir / f"killed-once-{executor}"))
     ncpu = os.cpu_count()
-    good = "".join(GOOD_JOB.replace("name: good", f"name: good{i}") + f"    num_cpus: {ncpu}\n" for i in (1, 2))
+    ray = executor != "local"
+    good = "".join(GOOD_JOB.replace("name: good", f"name: good{i}") + f"    num_cpus: {ncpu}\n"
+                   for i in ((1, 2) if ray else (1,)))
     jobs = _jobs(workdir, f"shared-{executor}", good + f"""
   - name: probe
     model: "probes.py:threads_probe"
     input_shape: [1, 1, 8, 8]
     calib: {DIGITS}
     num_cpus: 2
-  - name: flaky
-    model: "probes.py:killed_once"
-    input_shape: [1, 1, 8, 8]
-    calib: {DIGITS}
   - name: huge
     model: digits.onnx
     calib: {DIGITS}
     memory: 64TiB
-""")
+""" + (f"""
+  - name: flaky
+    model: "probes.py:killed_once"
+    input_shape: [1, 1, 8, 8]
+    calib: {DIGITS}
+""" if ray else ""))  # (the local executor does not retry: test_executor_contract's killed job)
     out = workdir / f"shared-{executor}"
     runner = _executor(request, executor, data="copy")
     run_batch(jobs, jobs=4, executor=runner)
     rows = _summary(out)
-    ray = executor != "local"
-    assert {n: (r["status"], r["stage"]) for n, r in rows.items()} == {
-        "good1": ("ok", ""), "good2": ("ok", ""), "probe": ("ok", ""),
-        "flaky": ("ok", "") if ray else ("failed", "worker"), "huge": ("failed", "resources") if ray else ("ok", "")}
+    expected = {"good1": ("ok", ""), "probe": ("ok", ""), "huge": ("ok", "")}  # local: memory is not its business
+    if ray:
+        expected.update(good2=("ok", ""), flaky=("ok", ""), huge=("failed", "resources"))
+    assert {n: (r["status"], r["stage"]) for n, r in rows.items()} == expected
     # threads: OpenMP and ONNX Runtime's intra-op threads = the job's num_cpus (rounded up)
     assert (out / "probe" / "omp.txt").read_text() == "2"
     assert json.loads((out / "probe" / "probe.report.json").read_text())["config"]["threads"] == 2
     assert json.loads((out / "good1" / "good1.report.json").read_text())["config"]["threads"] == ncpu
-    qdq = [(out / f"good{i}" / f"good{i}.qdq.onnx").read_bytes() for i in (1, 2)]
-    assert qdq[0] == qdq[1]
-    SHARED_RUN[executor] = qdq[0]
+    SHARED_RUN[executor] = (out / "good1" / "good1.qdq.onnx").read_bytes()
     if not ray:
-        assert "SIGKILL" in rows["flaky"]["error"]
         return
-    assert SHARED_RUN["ray"] == SHARED_RUN["local"]  # read from the object store's copy: the same bytes
+    # read from the object store's copy: the same bytes as the local executor's, and as each other
+    assert SHARED_RUN["ray"] == SHARED_RUN["local"] == (out / "good2" / "good2.qdq.onnx").read_bytes()
     # one object per distinct content: the calibration folder, the eval folder, the labels file
     eval_files = [p for p in (workdir / "eval").iterdir() if p.is_file()]
     assert runner.puts == 3 and runner.put_bytes == sum(p.stat().st_size for p in
