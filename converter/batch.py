@@ -18,9 +18,13 @@ directory; ``examples/jobs.yaml`` is one that runs as written)::
         calib_spec: calib_data/photos/preprocess.yaml   # optional
         config: {per_channel: false}                    # overrides defaults
         timeout: 120
+        num_cpus: 2                                     # also memory: 4GiB, num_gpus: 1 (here or in defaults)
 
 The job file is validated as a whole before anything runs: an unknown key or a wrong type names
 the key, the file and the line; config overrides go through :meth:`QuantConfig.from_dict`.
+``num_cpus`` / ``memory`` / ``num_gpus`` (per job, or in ``defaults`` for all) are what the job
+asks of the executor; what is not given is derived from the job's size (:mod:`converter.resources`).
+``num_cpus`` also sets the worker's ONNX Runtime intra-op threads and ``OMP_NUM_THREADS``.
 
 Isolation. Each job runs ``python -m converter.batch WORKER.json`` in a fresh process (its own
 session, cwd = the job's staging folder, stdout+stderr -> ``job.log``). The worker writes
@@ -446,18 +450,19 @@ class BatchResult:
 
 def run_batch(job_file: str | Path, jobs: int = 1, resume: bool = False, timeout: float | None = None,
               output_dir: str | Path | None = None, executor: Any = "local",
-              address: str | None = None) -> BatchResult:
+              address: str | None = None, ray_data: str = "auto") -> BatchResult:
     """Run every job of ``job_file`` with up to ``jobs`` workers at once; write the summary files.
 
     ``executor``: ``"local"`` (child processes), ``"ray"`` (Ray tasks; ``address`` of a cluster, else a
-    local Ray), or an executor object the caller made and closes (see :mod:`converter.executors`)."""
+    local Ray; ``ray_data``: auto | copy), or an executor object the caller made and closes (see
+    :mod:`converter.executors`)."""
     from .executors import make_executor
 
     spec = load_job_file(job_file)
     out_dir = ensure_writable_dir(Path(output_dir) if output_dir else spec.output_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}", "use e.g. --jobs 2")
-    runner = make_executor(executor, address)
+    runner = make_executor(executor, address, data=ray_data)
     try:
         return _run_jobs(spec, out_dir, jobs, resume, timeout, runner)
     finally:
@@ -848,11 +853,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: local)")
     p.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray with this "
                                      "machine's CPUs)")
+    p.add_argument("--ray-data", choices=["auto", "copy"], default="auto",
+                   help="--executor ray: calibration/verification data is read from its path where a node sees it "
+                        "(auto), else from a node-local copy out of Ray's object store; copy: always from the copy "
+                        "(storage that is slow to read from many nodes) (default: auto)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray_data != "auto" and args.executor != "ray":
+        raise ConfigError("--ray-data is for --executor ray", "drop --ray-data, or add --executor ray")
     batch = run_batch(args.job_file, jobs=args.jobs, resume=args.resume, timeout=args.timeout,
-                      output_dir=args.output_dir, executor=args.executor, address=args.address)
+                      output_dir=args.output_dir, executor=args.executor, address=args.address,
+                      ray_data=args.ray_data)
     print(format_summary(batch))
     return batch.exit_code
 

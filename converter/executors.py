@@ -41,9 +41,9 @@ digest into a node-local cache, ``$CONVERTER_DATA_CACHE`` or ``<tmp>/converter-d
 (written to a temporary folder, renamed into place: concurrent tasks on a node never see half a
 copy; content-addressed, so later batches reuse it), rewrites those paths in its ``worker.json``
 and notes it in ``job.log``. The folder keeps its name and files, so calibration reads the same
-samples in the same order and the outputs are the same bytes. ``RayExecutor(data="copy")``
-materializes even visible paths (storage that is slow to read from many nodes; and how the tests
-exercise the copy on one machine).
+samples in the same order and the outputs are the same bytes. ``--ray-data copy``
+(``RayExecutor(data="copy")``) materializes even visible paths (storage that is slow to read from
+many nodes; and how the tests and tools/batch_executors.py exercise the copy on one machine).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ WORKER_CMD = [sys.executable, "-m", "converter.batch", "worker.json"]
 DATA_MODES = ("auto", "copy")
 
 
-def make_executor(name: Any = "local", address: str | None = None, retries: int = 2):
+def make_executor(name: Any = "local", address: str | None = None, retries: int = 2, data: str = "auto"):
     """An executor by name; an executor object passes through (its caller closes it)."""
     if not isinstance(name, str):
         return name
@@ -81,7 +81,7 @@ def make_executor(name: Any = "local", address: str | None = None, retries: int 
             raise ConfigError("--address is for --executor ray", "drop --address, or add --executor ray")
         return LocalExecutor()
     if name == "ray":
-        return RayExecutor(address, retries)
+        return RayExecutor(address, retries, data)
     raise ConfigError(f"unknown executor {name!r}", f"use one of: {', '.join(EXECUTORS)}")
 
 

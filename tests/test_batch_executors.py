@@ -89,6 +89,8 @@ def test_ray_executor_without_ray_is_one_clear_error(workdir, monkeypatch, capsy
     assert "Traceback" not in err
     assert main(["batch", str(jobs), "--address", "10.0.0.1:6379"]) == 2
     assert "--address is for --executor ray" in capsys.readouterr().err
+    assert main(["batch", str(jobs), "--ray-data", "copy"]) == 2
+    assert "--ray-data is for --executor ray" in capsys.readouterr().err
     assert not (workdir / "noray" / "good").exists()
 
 
