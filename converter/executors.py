@@ -348,7 +348,12 @@ class RayExecutor:
 
     def start(self, job: Any, staging: Path, env: dict[str, str], log_file: Any) -> RayProc:
         log_file.close()  # the task appends to job.log itself, on its node
-        data = [(list(keys), self._shared(path)) for keys, path in job.data_fields().items() if Path(path).exists()]
+        data = []
+        for keys, path in job.data_fields().items():
+            try:
+                data.append((list(keys), self._shared(path)))
+            except OSError as exc:  # missing or unreadable here: the worker reads the path and names the problem
+                log.debug("%s: %s not put in the object store: %s", job.name, path, exc)
         self.data_uses += len(data)
         r = job.resources
         task = self._task.options(num_cpus=r.num_cpus, memory=r.memory, num_gpus=r.num_gpus)
