@@ -184,7 +184,8 @@ def materialize(info: dict[str, Any], fetch: Callable[[], dict[str, bytes]], cop
     return str(target)
 
 
-def _localize(staging: str, data: list[tuple[list[str], dict[str, Any]]], copy: bool) -> list[str]:
+def _localize(staging: str, data: list[tuple[list[str], dict[str, Any]]], copy: bool,
+              cache: str | None = None) -> list[str]:
     """On the task's node: point ``worker.json``'s data paths at copies where the paths are not visible."""
     import ray
 
@@ -192,7 +193,7 @@ def _localize(staging: str, data: list[tuple[list[str], dict[str, Any]]], copy: 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     notes = []
     for keys, info in data:
-        local = materialize(info, lambda info=info: ray.get(info["ref"][0]), copy)
+        local = materialize(info, lambda info=info: ray.get(info["ref"][0]), copy, Path(cache) if cache else None)
         if local != info["path"]:
             parent = spec
             for k in keys[:-1]:
@@ -236,11 +237,12 @@ class RayProc:
             self.returncode = -int(signal.SIGKILL)
 
 
-def _run_worker(staging: str, env: dict[str, str], retries: int, data: list, copy: bool) -> int:
+def _run_worker(staging: str, env: dict[str, str], retries: int, data: list, copy: bool,
+                cache: str | None) -> int:
     """On a Ray worker: localize the job's data, run the batch worker in ``staging``; start it again if a
     signal killed it."""
     rc = 0
-    notes = _localize(staging, data, copy)
+    notes = _localize(staging, data, copy, cache)
     for attempt in range(retries + 1):
         with open(Path(staging) / "job.log", "ab") as log_file:
             if notes and not attempt:
@@ -282,7 +284,9 @@ class RayExecutor:
     name = "ray"
     REFRESH_S = 10.0  # how often the cluster's resources are read again (nodes come and go)
 
-    def __init__(self, address: str | None = None, retries: int = 2, data: str = "auto") -> None:
+    def __init__(self, address: str | None = None, retries: int = 2, data: str = "auto",
+                 cache: str | Path | None = None) -> None:
+        """``cache``: the node-local folder for data copies (default: :func:`data_cache` on each node)."""
         if data not in DATA_MODES:
             raise ConfigError(f"unknown data mode {data!r}", f"use one of: {', '.join(DATA_MODES)}")
         try:
@@ -291,7 +295,7 @@ class RayExecutor:
             ray = None
         self._started = ray is None or not ray.is_initialized()
         self.ray = init_ray(address) if self._started else ray
-        self.retries, self.copy = retries, data == "copy"
+        self.retries, self.copy, self.cache = retries, data == "copy", str(cache) if cache else None
         self._task = self.ray.remote(max_retries=retries)(_run_worker)
         self._data: dict[str, dict[str, Any]] = {}  # path -> info with its object ref
         self._by_digest: dict[str, list] = {}  # digest -> [ObjectRef]
@@ -357,7 +361,7 @@ class RayExecutor:
         self.data_uses += len(data)
         r = job.resources
         task = self._task.options(num_cpus=r.num_cpus, memory=r.memory, num_gpus=r.num_gpus)
-        proc = RayProc(self.ray, task.remote(str(staging.resolve()), env, self.retries, data, self.copy), r)
+        proc = RayProc(self.ray, task.remote(str(staging.resolve()), env, self.retries, data, self.copy, self.cache), r)
         self._procs.append(proc)
         return proc
 

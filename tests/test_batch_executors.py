@@ -140,7 +140,7 @@ def test_resources_threads_shared_data_retry(workdir, executor, request, monkeyp
     calib: {DIGITS}
 """ if ray else ""))  # (the local executor does not retry: test_executor_contract's killed job)
     out = workdir / f"shared-{executor}"
-    runner = _executor(request, executor, data="copy")
+    runner = _executor(request, executor, data="copy", cache=workdir / f"data-cache-{executor}")
     run_batch(jobs, jobs=4, executor=runner)
     rows = _summary(out)
     expected = {"good1": ("ok", ""), "probe": ("ok", ""), "huge": ("ok", "")}  # local: memory is not its business
@@ -161,7 +161,7 @@ def test_resources_threads_shared_data_retry(workdir, executor, request, monkeyp
     assert runner.puts == 3 and runner.put_bytes == sum(p.stat().st_size for p in
                                                         [*DIGITS.iterdir(), *eval_files, workdir / "labels.npy"])
     log = (out / "good1" / "job.log").read_text()
-    assert f"calib {DIGITS} read from Ray's object store copy" in log
+    assert f"calib {DIGITS} read from Ray's object store copy {workdir / 'data-cache-ray'}" in log
     assert "retry 1 of 2" in (out / "flaky" / "job.log").read_text()
     assert "no node of the Ray cluster has that much" in rows["huge"]["error"]
     # back-pressure: each good job holds every CPU of the cluster, so they ran one after the other
