@@ -75,6 +75,11 @@ class Pair:
     range_ratio_after: float = 0.0
     absorbed: float = 0.0  # mean absorbed bias over the channels
     absorbed_channels: int = 0
+    shift: np.ndarray | None = field(default=None, repr=False)  # per-channel bias absorbed from the first layer
+
+    def __post_init__(self) -> None:
+        if self.shift is None:
+            self.shift = np.zeros(self.channels)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.scale
@@ -344,3 +349,4 @@ def _absorb_high_bias(model: onnx.ModelProto, pairs: list[Pair], kinds: dict[str
         _set_bias(model, idx, b, (b2 + shift).astype(dtype))
         p.absorbed = float(c.mean())
         p.absorbed_channels = int((c > 0).sum())
+        p.shift = c
