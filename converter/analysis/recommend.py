@@ -221,7 +221,8 @@ def recommend(report: dict[str, Any], model: onnx.ModelProto, idx: GraphIndex, o
             if few:
                 names = [n for _, n in few]
                 recs.append(_rec(
-                    "int16_or_float", f"int16_nodes: [{', '.join(names)}] (--config) | --exclude-nodes {','.join(names)}",
+                    "int16_or_float",
+                    f"int16_nodes: [{', '.join(names)}] (--config) | --exclude-nodes {','.join(names)}",
                     f"{len(few)} layer(s) each recover {FEW_LAYERS_SHARE:.0%} or more of the drop when kept in float "
                     f"(per-layer {sens['metric']}): 16-bit activations there, or float, after the techniques above",
                     layers=names, recovered_share=[round(g / drop, 3) for g, _ in few],

@@ -22,7 +22,8 @@ comes from a BatchNorm, optionally through Relu / Clip / a clamp (``Min``/``Max`
 per-channel input is modelled as ``N(beta, gamma^2)`` clipped to the activation's bounds, so without any data::
 
     E[x_c] = E[clip(N(beta_c, gamma_c^2), lo_c, hi_c)]
-           = lo Phi(a) + hi (1 - Phi(b)) + beta (Phi(b) - Phi(a)) + gamma (phi(a) - phi(b)),   a, b = (lo|hi - beta) / gamma
+           = lo Phi(a) + hi (1 - Phi(b)) + beta (Phi(b) - Phi(a)) + gamma (phi(a) - phi(b))
+    a = (lo - beta) / gamma,  b = (hi - beta) / gamma
     b  <-  b - (W_q - W) E[x]      (summed over input channels and kernel positions; W_q the dequantized weight)
 
 It corrects the weights' rounding only (not the input's), and the statistics come from the BatchNorm as the
