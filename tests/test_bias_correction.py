@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from converter import QuantConfig, quantize
@@ -124,3 +125,25 @@ def test_clipped_normal_mean_matches_sampling():
     for lo, hi in ((-np.inf, np.inf), (0.0, np.inf), (0.0, 6.0)):
         np.testing.assert_allclose(clipped_normal_mean(mean, std, np.full(4, lo), np.full(4, hi)),
                                    np.clip(s, lo, hi).mean(axis=0), atol=0.02)
+
+
+def test_analytical_statistics_follow_cle(tmp_path):
+    """After CLE (channels scaled, high bias absorbed) the BatchNorm statistics are updated: the computed shift of
+    the 1x1 Conv matches the one bias correction measures on data, and correcting it removes the output shift."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    model = bn_model(tmp_path, x)
+    calib = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
+    held_out = {"x": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}
+    ref = run(model, held_out)[0]
+    shift, layers = {}, {}
+    for mode in (None, "analytical", "empirical"):
+        config = QuantConfig(per_channel=False, cle=True, bias_correction=mode is not None,
+                             bias_correction_mode=mode or "empirical")
+        r = quantize(model, calib, config, output_dir=tmp_path / str(mode), name="m")
+        shift[mode] = np.abs((run(r.model_path, held_out)[0] - ref).mean(axis=(0, 2, 3))).mean()
+        layers[mode] = {c["node"]: c for c in (r.report.get("bias_correction") or {"layers": []})["layers"]}
+    assert len(r.report["cle"]["pairs"]) == 1
+    computed, measured = layers["analytical"]["/pw/Conv"], layers["empirical"]["/pw/Conv"]
+    assert computed["mean_shift_before"] == pytest.approx(measured["mean_shift_before"], rel=0.2)
+    assert shift["analytical"] < shift[None] / 10, shift
