@@ -9,7 +9,8 @@ Conv counts and the batch-1 latency (median of rounds over all row models, inter
 AIMET rows (``--aimet``, default on when ``/tmp/aimet/bin/python`` exists): aimet-onnx's ``equalize_model`` on
 the same ONNX model, then ``QuantizationSimModel`` with the default config (per-tensor int8 weights, 8-bit
 activations, min-max) on the same calibration and evaluation images, in that venv
-(tools/aimet_cle_row.py), plus the same sim without CLE.
+(tools/aimet_cle_row.py); again with the Clip bounds as Constant nodes, where aimet-onnx looks for a ReLU6 to
+replace by Relu (with initializers there it skips every ReLU6 pair); and the same sim without CLE.
 
     python tools/ptq_techniques.py --assets ../shared/assets [--rows fp32,per-tensor,...] [--aimet PYTHON|none]
 """
@@ -100,7 +101,7 @@ def aimet_rows(python: str, assets: Path, work: Path) -> list[dict]:
     np.save(files["labels"], task.eval_y)
     del task
     rows = []
-    for extra in ([], ["--no-cle"]):
+    for extra in ([], ["--clip-bounds-as-nodes"], ["--no-cle"]):
         out = work / f"aimet{''.join(extra)}.json"
         t = time.perf_counter()
         proc = subprocess.run([python, str(Path(__file__).with_name("aimet_cle_row.py")),
@@ -108,7 +109,7 @@ def aimet_rows(python: str, assets: Path, work: Path) -> list[dict]:
                                *(str(files[k]) for k in ("calib", "eval", "labels")), str(out), *extra],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            rows.append({"tool": "aimet-onnx", "row": "per-tensor" + ("" if extra else "+cle(equalize_model)"),
+            rows.append({"tool": "aimet-onnx", "row": "per-tensor " + " ".join(extra),
                          "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]})
             continue
         row = json.loads(out.read_text())
