@@ -11,8 +11,8 @@ import sys
 from typing import Callable
 
 from . import __version__
-from .config import (CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS,
-                     QuantConfig)
+from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
+                     WEIGHT_CALIB_METHODS, QuantConfig)
 from .errors import UserError
 from .options import QDQ_SUFFIX, check_output_file, parse_shape
 
@@ -113,11 +113,16 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "per-tensor weights (default: off)")
     p.add_argument("--cle-relu6", choices=list(CLE_RELU6_MODES),
                    help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
-                        "unchanged; ORT runs the Conv before each Min in float) or replace by Relu (FP32 changes; "
+                        "unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
                         f"AIMET's way) (default: {d.cle_relu6})")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
                         "(default: off)")
+    p.add_argument("--bias-correction-mode", choices=list(BIAS_CORRECTION_MODES),
+                   help="with --bias-correction: empirical (measured on calibration data), analytical (from the "
+                        "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
+                        f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
+                        f"(default: {d.bias_correction_mode})")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -170,7 +175,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "max_samples", "batch_size", "activation_bits", "weight_bits",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
-                                               "cle_relu6", "bias_correction")
+                                               "cle_relu6", "bias_correction", "bias_correction_mode")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -131,6 +131,7 @@ WEIGHT_CALIB_METHODS = ("minmax", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
 CLE_RELU6_MODES = ("keep", "min", "replace")
+BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,12 @@ class QuantConfig:
     # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
     cle: bool = False
     cle_relu6: str = "keep"
-    # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
-    # data matches the float model's (converter.quant.bias_correction)
+    # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
+    # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
+    # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
+    # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
     bias_correction: bool = False
+    bias_correction_mode: str = "empirical"
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -188,6 +192,7 @@ class QuantConfig:
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
+        _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         if self.weight_bits not in (4, 8):
             raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
                               "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "

@@ -71,6 +71,9 @@ class Prepared:
     model: onnx.ModelProto  # preprocessed float model
     idx: GraphIndex
     passes: dict[str, int]
+    # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
+    # correction; CLE updates it)
+    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def inputs(self):
@@ -84,10 +87,13 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     proto = load_model(float_model)
     ensure_float_model(proto)
     opset = default_opset(proto)
+    from .quant.bias_correction import batchnorm_statistics
+
+    bn_stats = batchnorm_statistics(proto)
     passes = preprocess(proto)
     log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
               ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
-    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
+    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes, bn_stats)
 
 
 SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
@@ -105,6 +111,12 @@ def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
     result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
     prepared.idx = GraphIndex.build(prepared.model)
+    if prepared.bn_stats:
+        from .quant.bias_correction import equalized_statistics
+
+        for p in result.pairs:
+            first = next(n for n in prepared.model.graph.node if n.name == p.first)
+            equalized_statistics(prepared.bn_stats, first.output[0], p.scale, p.shift)
     prepared.passes["cle_pairs"] = len(result.pairs)
     return result.to_dict()
 
@@ -195,17 +207,33 @@ BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the
 
 def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
                  calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """Empirical bias correction of the planned layers (:mod:`converter.quant.bias_correction`), encodings
-    recomputed; returns the report entry, or None when ``config.bias_correction`` is off."""
+    """Bias correction of the planned layers (:mod:`converter.quant.bias_correction`): analytical from BatchNorm
+    statistics (``analytical``, and ``auto`` where they reach), empirical on calibration data (``empirical``, and
+    ``auto`` elsewhere), encodings recomputed; returns the report entry (each layer's kind), or None when
+    ``config.bias_correction`` is off."""
     if not config.bias_correction:
         return None
-    from .quant.bias_correction import correct_biases
+    from .quant.bias_correction import correct_analytically, correct_biases
 
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
-    layers = correct_biases(prepared.model, plan, prepared.idx,
-                            lambda: compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config),
-                            data, select_providers(config.providers))
-    return {"samples": BIAS_CORRECTION_SAMPLES, "layers": [c.to_dict() for c in layers]}
+    def reencode() -> None:
+        compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
+
+    mode = config.bias_correction_mode
+    layers = []
+    if mode in ("analytical", "auto"):
+        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode)
+        if not layers:
+            log.log(logging.WARNING if mode == "analytical" else logging.DEBUG,
+                    "analytical bias correction: no quantized layer reads a BatchNorm's output (through Relu/Clip) "
+                    "whose statistics are known (the exporter folded them?)%s",
+                    "; use --bias-correction-mode empirical|auto" if mode == "analytical" else "")
+    samples = 0
+    if mode in ("empirical", "auto"):
+        samples = BIAS_CORRECTION_SAMPLES
+        data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
+        layers += correct_biases(prepared.model, plan, prepared.idx, reencode, data, select_providers(config.providers),
+                                 skip={c.node for c in layers})
+    return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:

@@ -27,7 +27,7 @@ from onnx import helper
 
 from ..graph.index import GraphIndex
 from .plan import ACTIVATION, WEIGHT, QuantPlan, build_plan
-from .rules import RULES
+from .rules import node_rule
 
 
 @dataclass
@@ -65,7 +65,7 @@ def plan_layers(plan: QuantPlan, idx: GraphIndex, scope: str = "") -> list[Layer
         status = plan.nodes.get(node.name)
         if status is None:
             continue
-        if status.status == "quantized" and RULES[node.op_type].kind == "compute":
+        if status.status == "quantized" and node_rule(node, idx).kind == "compute":  # a clamp moves data
             members.setdefault(node.name, []).append(node)
         elif status.status == "fused" and status.group in by_name:
             members.setdefault(status.group, []).append(node)

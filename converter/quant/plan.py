@@ -36,7 +36,7 @@ from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr
 from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, find_blocks, float_subgraphs, fused_group
 from .encoding import Encoding
-from .rules import RULES, OpRule, weight_axis
+from .rules import RULES, OpRule, node_rule, rule_op_type, weight_axis
 
 ACTIVATION, WEIGHT, BIAS = "activation", "weight", "bias"
 
@@ -141,14 +141,14 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 1. which nodes are quantized
     quantized: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        rule = RULES.get(node.op_type)
+        rule = node_rule(node, idx)
         if not any(idx.is_float(o) for o in node.output):
             plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
         elif rule is None or node.domain not in ("", "ai.onnx"):  # a custom-domain op is not the ONNX op of that name
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
         elif node.name in excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
-        elif op_types is not None and node.op_type not in op_types:
+        elif op_types is not None and rule_op_type(node, idx) not in op_types:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-op-type")
         else:
             plan.nodes[node.name] = NodeStatus(node.op_type, "quantized")
@@ -184,7 +184,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
 
     def apply_groups(anchors: bool) -> None:
         for node in quantized:
-            rule = RULES[node.op_type]
+            rule = node_rule(node, idx)
             if rule.kind != "compute" or rule.anchor != anchors or node.name in taken:
                 continue
             g = fused_group(idx, node, preset.fusable_activations, join_residual, taken, rule.anchor)
@@ -228,7 +228,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     for node in quantized:
         if plan.nodes[node.name].status != "quantized":
             continue
-        rule = RULES[node.op_type]
+        rule = node_rule(node, idx)
         if rule.kind == "shared":
             continue
         for slot in rule.activations:
@@ -258,13 +258,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
     # qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point
     tied = preset.tied_op_types
-    shared_nodes = [n for n in quantized if (RULES[n.op_type].kind == "shared" or n.op_type in tied)
+    shared_nodes = [n for n in quantized if (node_rule(n, idx).kind == "shared" or n.op_type in tied)
                     and n.name in is_quantized]
     changed = True
     while changed:
         changed = False
         for node in shared_nodes:
-            data_in = [t for t in _data_inputs(node) if t and not idx.is_constant(t) and idx.is_float(t)]
+            data_in = [t for t in _data_inputs(node, idx) if t and not idx.is_constant(t) and idx.is_float(t)]
             outs = [t for t in node.output if t and idx.is_float(t)]
             tensors = data_in + outs
             if not data_in or not any(t in acts for t in tensors):
@@ -311,8 +311,8 @@ def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> 
     return out
 
 
-def _data_inputs(node: onnx.NodeProto) -> list[str]:
-    rule: OpRule = RULES[node.op_type]
+def _data_inputs(node: onnx.NodeProto, idx: GraphIndex) -> list[str]:
+    rule: OpRule = node_rule(node, idx)
     if node.op_type == "Concat":
         return list(node.input)
     return [node.input[s] for s in rule.activations if s < len(node.input)]
