@@ -22,6 +22,8 @@ weight's rows are multiplied by ``s``. ``X / s`` is then produced one of two way
       Add(y, b)   (b constant)         -> Add(y / s, b / s), y's producer folded the same way
                                           (the decomposed LayerNorm ``Div -> Mul(g) -> Add(b)``)
       MatMul(z, V) / Gemm(z, V, c)     -> V's output columns (and c) divided by s
+      Reshape/Flatten/Squeeze/...(y)   -> y's producer folded, when the channels stay the last axis
+                                          (GPT-2's Conv1D: LayerNorm -> Reshape -> Gemm)
 
   No node is added; FP32 outputs are unchanged up to float rounding.
 * otherwise an explicit ``Mul`` by the constant ``1 / s`` before the smoothed layers, kept in float so its
@@ -149,7 +151,7 @@ def find_fold(tensor: str, readers: list[Reader], idx: GraphIndex, channels: int
     if tensor in idx.graph_outputs:
         return None, "a graph output"
     reading = {id(r.node) for r in readers}
-    others = [n for n in idx.uses(tensor) if id(n) not in reading]
+    others = [n for n in _value_readers(idx, tensor) if id(n) not in reading]
     if others:
         return None, "also read by " + ", ".join(sorted({n.op_type for n in others}))
     fold = Fold("")
@@ -158,6 +160,24 @@ def find_fold(tensor: str, readers: list[Reader], idx: GraphIndex, channels: int
         return None, (f"producer {p.op_type} has no per-channel constant or weight to take 1 / s" if p else
                       "a graph input")
     return fold, ""
+
+
+SHAPE_READERS = {"Shape", "Size"}  # read only the shape, which 1 / s does not change
+
+
+def _value_readers(idx: GraphIndex, name: str) -> list[onnx.NodeProto]:
+    return [n for n in idx.uses(name) if n.op_type not in SHAPE_READERS]
+
+
+def _only_reader(idx: GraphIndex, name: str, node: onnx.NodeProto) -> bool:
+    """``node`` is the only reader of ``name``'s values (shape readers aside) and it is no graph output."""
+    readers = _value_readers(idx, name)
+    return len(readers) == 1 and readers[0] is node and name not in idx.graph_outputs
+
+
+def _last_dim(idx: GraphIndex, name: str, channels: int) -> bool:
+    shape = idx.shape.get(name)
+    return bool(shape) and shape[-1] == channels
 
 
 def _fold_producer(tensor: str, idx: GraphIndex, channels: int, fold: Fold) -> bool:
@@ -181,12 +201,20 @@ def _fold_producer(tensor: str, idx: GraphIndex, channels: int, fold: Fold) -> b
             return False
         fold.constants.append((const[0], -1, p))
         return True
+    if p.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+        # channels kept as the last axis (GPT-2's Conv1D: Reshape (B, T, C) -> (B*T, C) before its Gemm)
+        src = p.input[0]
+        if not _only_reader(idx, src, p) or not _last_dim(idx, src, channels) or \
+                not _last_dim(idx, p.output[0], channels):
+            return False
+        fold.node = idx.producer[src].name if src in idx.producer else fold.node
+        return _fold_producer(src, idx, channels, fold)
     if p.op_type == "Add":
         const = [i for i in p.input if _channel_const(idx, i, channels)]
         if len(const) != 1 or p.input[0] == p.input[1]:
             return False
         other = p.input[1] if p.input[0] == const[0] else p.input[0]
-        if idx.single_consumer(other) is not p:
+        if not _only_reader(idx, other, p):
             return False
         fold.constants.append((const[0], -1, p))
         return _fold_producer(other, idx, channels, fold)
