@@ -273,3 +273,32 @@ def test_alpha_auto_from_the_cli_and_bad_alpha_is_one_clear_error():
     with pytest.raises(SystemExit) as exc:
         main(["quantize", "m.onnx", "--calib", "d", "--smoothquant-alpha", "best"])
     assert exc.value.code == 2
+
+
+def test_fold_passes_a_channel_keeping_reshape_and_ignores_shape_readers():
+    """GPT-2's Conv1D: LayerNorm -> Reshape (B, T, C) -> (B*T, C) -> Gemm, the LayerNorm's Shape read for the
+    output's shape: 1 / s still folds into the LayerNorm (Shape reads no values)."""
+    rng = np.random.default_rng(5)
+    g = np.ones(D, np.float32)
+    g[OUTLIERS] = 40.0
+    w = rng.normal(0, 0.3, (D, 24)).astype(np.float32)
+    w[OUTLIERS] /= 20.0
+    model = prepare(parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,T,{D}] x) => (float[N,T,24] y) {{
+      h = LayerNormalization <axis = -1> (x, G, B)
+      s = Shape(h)
+      lead = Slice(s, S0, S2)
+      target = Concat <axis = 0> (lead, C24)
+      flat = Reshape(h, FLAT)
+      z = Gemm(flat, W, C)
+      y = Reshape(z, target)
+    }}""", G=g, B=rng.normal(0, 0.5, D).astype(np.float32), W=w, C=rng.normal(0, 0.1, 24).astype(np.float32),
+        S0=np.array([0], np.int64), S2=np.array([2], np.int64), C24=np.array([24], np.int64),
+        FLAT=np.array([-1, D], np.int64))).model
+    smoothed = copy(model)
+    [change] = smoothquant(smoothed, block_batches(1), ["CPUExecutionProvider"])
+    assert change.tensor == "flat" and change.folded_into == "LayerNormalization_0" and change.mul_node is None
+    assert op_counts(smoothed) == op_counts(model)
+    x = block_batches(9, 1)[0]
+    np.testing.assert_allclose(run(smoothed, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-4)

@@ -38,6 +38,15 @@ half of the captured rows (whole samples), the error from the second half, so an
 the channels so far that unseen data clips in many of them at once is not chosen. A tensor is smoothed
 only where its alpha lowers that error by at least ``min_gain`` times, and only inputs with outlier
 channels (:data:`MIN_OUTLIER_RATIO`): elsewhere nothing changes.
+
+Measured (tools/smoothquant_bench.py, all-INT8, no float layer; MiniLM: 200 held-out STS-B sentences padded to
+128 tokens, 92% of the positions padding): MiniLM output cosine 0.969 -> 0.984 with alpha 0.5 (attended tokens
+0.984 -> 0.995; STS-B Spearman 0.8172 -> 0.8192, FP32 0.8205), 12 Muls, none foldable (post-LN: every
+smoothed LayerNorm output also feeds the residual), latency unchanged (the Muls cost nothing measurable).
+``auto`` picks 0.6-0.8, smooths fc2's GELU input too: attended tokens 0.994, Spearman 0.8201, but the padding
+positions fall (all-position cosine 0.960). Where the rest of the error is (each quantized tensor of the
+alpha-0.5 model put back to float, all-position cosine 0.983): fc2's input (GELU output, 0..25) -> 0.994, the
+smoothed LayerNorm outputs -> 0.985, everything else (Q/K/V, scores, softmax, embeddings) < 0.001.
 """
 
 from __future__ import annotations
