@@ -61,6 +61,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # --- quantize --------------------------------------------------------------------------------------
 
+def _alpha(text: str) -> float | str:
+    """--smoothquant-alpha: ``auto`` or a number (the config checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
 def _add_quantize(p: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     p.add_argument("model", help="float ONNX model")
@@ -103,9 +113,12 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 files, which AIMET's "
                         "strict load rejects (default: only what AIMET quantizes)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
-                   help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
-                        "(default: on)")
-    p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
+                   help="SmoothQuant MatMul/Gemm inputs whose outlier channels cost >= 1.5x the layers' error, "
+                        "1/s folded into the producing LayerNorm/Mul/MatMul/Gemm where nothing else reads the "
+                        "tensor, else a float Mul (default: on)")
+    p.add_argument("--smoothquant-alpha", type=_alpha,
+                   help="migration strength alpha in (0, 1), or auto: per tensor by the quantized layers' error "
+                        "(default: 0.5)")
     p.add_argument("--quantize-subgraphs", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize inside If/Loop/Scan bodies with the main graph's rules (default: on)")
     p.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
@@ -191,6 +204,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
           f"{q['bias']} biases on {_plural(result.report['calibration']['samples'], 'calibration sample')} "
           f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
+    smoothed = result.report.get("smoothquant") or []
+    if smoothed:
+        folded = sum(1 for e in smoothed if e["folded_into"])
+        print(f"  SmoothQuant: {_plural(len(smoothed), 'input')} smoothed, {folded} folded into their producer, "
+              f"{_plural(len(smoothed) - folded, 'Mul')} inserted (report: smoothquant)")
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0

@@ -166,10 +166,11 @@ class QuantConfig:
     # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
     # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
     max_shared_scale_loss_bits: float | None = 3.0
-    # SmoothQuant on MatMul inputs with outlier channels (applied only where it lowers the quantized layer's error
-    # >= 1.5x); alpha None picks it per tensor by that error
+    # SmoothQuant on MatMul/Gemm inputs with outlier channels (applied only where it lowers the quantized layers'
+    # error >= 1.5x), folded into the producer where it can be, else a float Mul; alpha "auto" (or None) picks it
+    # per tensor by that error
     smoothquant: bool = True
-    smoothquant_alpha: float | None = 0.5
+    smoothquant_alpha: float | str | None = 0.5
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
     quantize_subgraphs: bool = True
     # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
@@ -292,9 +293,10 @@ def _check_calibration(c: "QuantConfig") -> None:
     if c.max_shared_scale_loss_bits is not None and c.max_shared_scale_loss_bits < 0:
         raise ConfigError(f"max_shared_scale_loss_bits must be >= 0, got {c.max_shared_scale_loss_bits}",
                           "use e.g. 3 (bits), or null to never split a scale group")
-    if c.smoothquant_alpha is not None and not 0.0 < c.smoothquant_alpha < 1.0:
-        raise ConfigError(f"smoothquant_alpha must be in (0, 1), got {c.smoothquant_alpha}",
-                          "use e.g. 0.5, or leave it unset to pick alpha per tensor")
+    if isinstance(c.smoothquant_alpha, str) and c.smoothquant_alpha != "auto" or \
+            isinstance(c.smoothquant_alpha, (int, float)) and not 0.0 < c.smoothquant_alpha < 1.0:
+        raise ConfigError(f"smoothquant_alpha must be in (0, 1) or 'auto', got {c.smoothquant_alpha!r}",
+                          "use e.g. 0.5, or auto to pick alpha per tensor")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
 

@@ -125,7 +125,8 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
            calib_spec: str | Path | None = None) -> tuple[QuantConfig, list[dict[str, Any]]]:
     """SmoothQuant the prepared model in place where it helps (:mod:`converter.quant.smoothquant`).
 
-    Returns the config with the inserted float ``Mul`` nodes excluded, and what was changed.
+    Returns the config with the inserted float ``Mul`` nodes (where ``1 / s`` could not be folded) excluded, and
+    what was changed.
     """
     if not config.smoothquant:
         return config, []
@@ -139,7 +140,7 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
         return config, []
     prepared.idx = GraphIndex.build(prepared.model)
     prepared.passes["smoothquant"] = len(changes)
-    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
+    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes if c.mul_node)), \
         [c.to_dict() for c in changes]
 
 
