@@ -140,6 +140,7 @@ WEIGHT_BITS = (4, 8)
 WEIGHT_BLOCK_SIZES = (32, 64, 128)
 # weight_bits_overrides keys besides node names and "op:<OpType>": the first / last layer with a weight
 LAYER_POSITIONS = ("first", "last")
+BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,11 @@ class QuantConfig:
     # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
     # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
     max_shared_scale_loss_bits: float | None = 3.0
-    # SmoothQuant on MatMul inputs with outlier channels (applied only where it lowers the quantized layer's error
-    # >= 1.5x); alpha None picks it per tensor by that error
+    # SmoothQuant on MatMul/Gemm inputs with outlier channels (applied only where it lowers the quantized layers'
+    # error >= 1.5x), folded into the producer where it can be, else a float Mul; alpha "auto" (or None) picks it
+    # per tensor by that error
     smoothquant: bool = True
-    smoothquant_alpha: float | None = 0.5
+    smoothquant_alpha: float | str | None = 0.5
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
     quantize_subgraphs: bool = True
     # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
@@ -191,9 +193,12 @@ class QuantConfig:
     # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
     cle: bool = False
     cle_relu6: str = "keep"
-    # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
-    # data matches the float model's (converter.quant.bias_correction)
+    # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
+    # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
+    # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
+    # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
     bias_correction: bool = False
+    bias_correction_mode: str = "empirical"
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -203,6 +208,7 @@ class QuantConfig:
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
+        _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")
@@ -327,9 +333,10 @@ def _check_calibration(c: "QuantConfig") -> None:
     if c.max_shared_scale_loss_bits is not None and c.max_shared_scale_loss_bits < 0:
         raise ConfigError(f"max_shared_scale_loss_bits must be >= 0, got {c.max_shared_scale_loss_bits}",
                           "use e.g. 3 (bits), or null to never split a scale group")
-    if c.smoothquant_alpha is not None and not 0.0 < c.smoothquant_alpha < 1.0:
-        raise ConfigError(f"smoothquant_alpha must be in (0, 1), got {c.smoothquant_alpha}",
-                          "use e.g. 0.5, or leave it unset to pick alpha per tensor")
+    if isinstance(c.smoothquant_alpha, str) and c.smoothquant_alpha != "auto" or \
+            isinstance(c.smoothquant_alpha, (int, float)) and not 0.0 < c.smoothquant_alpha < 1.0:
+        raise ConfigError(f"smoothquant_alpha must be in (0, 1) or 'auto', got {c.smoothquant_alpha!r}",
+                          "use e.g. 0.5, or auto to pick alpha per tensor")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
 

@@ -71,6 +71,9 @@ class Prepared:
     model: onnx.ModelProto  # preprocessed float model
     idx: GraphIndex
     passes: dict[str, int]
+    # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
+    # correction; CLE updates it)
+    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def inputs(self):
@@ -84,10 +87,13 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     proto = load_model(float_model)
     ensure_float_model(proto)
     opset = default_opset(proto)
+    from .quant.bias_correction import batchnorm_statistics
+
+    bn_stats = batchnorm_statistics(proto)
     passes = preprocess(proto)
     log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
               ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
-    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
+    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes, bn_stats)
 
 
 SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
@@ -105,6 +111,12 @@ def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
     result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
     prepared.idx = GraphIndex.build(prepared.model)
+    if prepared.bn_stats:
+        from .quant.bias_correction import equalized_statistics
+
+        for p in result.pairs:
+            first = next(n for n in prepared.model.graph.node if n.name == p.first)
+            equalized_statistics(prepared.bn_stats, first.output[0], p.scale, p.shift)
     prepared.passes["cle_pairs"] = len(result.pairs)
     return result.to_dict()
 
@@ -113,7 +125,8 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
            calib_spec: str | Path | None = None) -> tuple[QuantConfig, list[dict[str, Any]]]:
     """SmoothQuant the prepared model in place where it helps (:mod:`converter.quant.smoothquant`).
 
-    Returns the config with the inserted float ``Mul`` nodes excluded, and what was changed.
+    Returns the config with the inserted float ``Mul`` nodes (where ``1 / s`` could not be folded) excluded, and
+    what was changed.
     """
     if not config.smoothquant:
         return config, []
@@ -127,7 +140,7 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
         return config, []
     prepared.idx = GraphIndex.build(prepared.model)
     prepared.passes["smoothquant"] = len(changes)
-    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
+    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes if c.mul_node)), \
         [c.to_dict() for c in changes]
 
 
@@ -195,17 +208,33 @@ BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the
 
 def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
                  calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """Empirical bias correction of the planned layers (:mod:`converter.quant.bias_correction`), encodings
-    recomputed; returns the report entry, or None when ``config.bias_correction`` is off."""
+    """Bias correction of the planned layers (:mod:`converter.quant.bias_correction`): analytical from BatchNorm
+    statistics (``analytical``, and ``auto`` where they reach), empirical on calibration data (``empirical``, and
+    ``auto`` elsewhere), encodings recomputed; returns the report entry (each layer's kind), or None when
+    ``config.bias_correction`` is off."""
     if not config.bias_correction:
         return None
-    from .quant.bias_correction import correct_biases
+    from .quant.bias_correction import correct_analytically, correct_biases
 
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
-    layers = correct_biases(prepared.model, plan, prepared.idx,
-                            lambda: compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config),
-                            data, select_providers(config.providers))
-    return {"samples": BIAS_CORRECTION_SAMPLES, "layers": [c.to_dict() for c in layers]}
+    def reencode() -> None:
+        compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
+
+    mode = config.bias_correction_mode
+    layers = []
+    if mode in ("analytical", "auto"):
+        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode)
+        if not layers:
+            log.log(logging.WARNING if mode == "analytical" else logging.DEBUG,
+                    "analytical bias correction: no quantized layer reads a BatchNorm's output (through Relu/Clip) "
+                    "whose statistics are known (the exporter folded them?)%s",
+                    "; use --bias-correction-mode empirical|auto" if mode == "analytical" else "")
+    samples = 0
+    if mode in ("empirical", "auto"):
+        samples = BIAS_CORRECTION_SAMPLES
+        data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
+        layers += correct_biases(prepared.model, plan, prepared.idx, reencode, data, select_providers(config.providers),
+                                 skip={c.node for c in layers})
+    return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
@@ -278,9 +307,10 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
 
 
 def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, config: QuantConfig,
-                        calib_spec: str | Path | None = None) -> None:
+                        calib_spec: str | Path | None = None) -> list[str]:
     """Ranges of the tensors inside If/Loop/Scan bodies (:mod:`converter.calib.subgraphs`), added to ``calib``;
-    tensors without a range are named and left in float."""
+    tensors without a range are named and left in float. Returns those tensors (a later plan of the same
+    bodies drops them again: :func:`plan_model`)."""
     wanted = [t for t in subgraph_activations(subs) if t not in calib.observers]
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
     observers, unreached, samples = collect_subgraph_ranges(prepared.model, wanted, data,
@@ -293,6 +323,40 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     for t in observers:
         calib.methods[t] = "minmax"
     drop_uncalibrated(subs, unreached)
+    return unreached
+
+
+def plan_model(prepared: Prepared, config: QuantConfig,
+               uncalibrated: list[str] | None = None) -> tuple[QuantPlan, list]:
+    """The main graph's plan and one plan per If/Loop/Scan body (none when ``quantize_subgraphs`` is off).
+
+    ``uncalibrated``: body tensors an earlier calibration found no values for (:func:`calibrate_subgraphs`);
+    they are left in float again, quietly (the calibration named them). Quantize and the accuracy-target
+    search plan through here, so a body plans the same in both."""
+    plan = build_plan(prepared.model, config, prepared.idx)
+    subs = plan_subgraphs(prepared.model, config, warn=uncalibrated is None) if config.quantize_subgraphs else []
+    if subs and uncalibrated:
+        drop_uncalibrated(subs, uncalibrated, warn=False)
+    return plan, subs
+
+
+def encode_model(prepared: Prepared, plan: QuantPlan, subs: list, observers: dict, methods: Any,
+                 config: QuantConfig) -> None:
+    """Encodings of the main plan and of every body plan (merged into ``plan``), and the plan's account of
+    which bodies are quantized (``plan.subgraphs``) and which stay in float (``plan.float_subgraphs``)."""
+    compute_encodings(plan, prepared.idx, observers, methods, config)
+    compute_subgraph_encodings(plan, subs, observers, methods, config)
+    plan.subgraphs = subgraph_summary(subs)
+    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
+    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
+        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
+
+
+def warn_float_subgraphs(plan: QuantPlan, config: QuantConfig) -> None:
+    for sub in plan.float_subgraphs:
+        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
+                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
+                    else "quantize_subgraphs is off")
 
 
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
@@ -310,11 +374,10 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec)
-    plan = build_plan(prepared.model, config, prepared.idx)
+    plan, subs = plan_model(prepared, config)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
               len(plan.float_nodes()))
-    subs = plan_subgraphs(prepared.model, config) if config.quantize_subgraphs else []
     timings = {"load_and_plan_s": time.perf_counter() - t0}
 
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
@@ -322,16 +385,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     if subs:
         calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec)
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
-    compute_subgraph_encodings(plan, subs, calib.observers, calib.methods, config)
-    plan.subgraphs = subgraph_summary(subs)
-    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
-    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
-        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
-    for sub in plan.float_subgraphs:
-        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
-                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
-                    else "quantize_subgraphs is off")
+    encode_model(prepared, plan, subs, calib.observers, calib.methods, config)
+    warn_float_subgraphs(plan, config)
     corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
     qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t

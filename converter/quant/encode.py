@@ -1,6 +1,10 @@
 """Fill ``plan.encodings`` from calibration statistics (activations) and values (weights, biases).
 
-* Activations: one encoding per scale group, from the union of its members' ranges.
+* Activations: one encoding per scale group, from the union of its members' ranges. The input of a clamp
+  (``Min``/``Max`` against a constant, :func:`converter.quant.rules.node_rule`) in its output's group counts
+  only up to the output's max (``Min``; down to its min for ``Max``): values past it are clamped anyway, so the
+  Q saturating them first changes nothing on the calibration data (``min(min(x, M), B) = min(x, B)`` while
+  ``min(x, B) <= M``), and a Relu output that a per-channel bound cuts does not widen the group's scale.
 * Weights: symmetric int8, per channel along the rule's axis (or per tensor), from max |w|
   (``minmax``) or from the clipping bound that minimises each channel's quantization MSE (``mse``).
 * Biases: int32, zero point 0, ``scale = input_scale * weight_scale`` (per output channel), as
@@ -19,6 +23,7 @@ from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
 from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
+from .rules import clamp_input
 from .scale_groups import mixed_operands, split_mixed_groups
 
 _INT32_MAX = 2**31 - 1
@@ -134,6 +139,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
     ranges = {t.name: observer_range(observers[t.name], method.get(t.name, "minmax") if isinstance(method, Mapping)
                                      else method, percentile, t.symmetric, t.bitwidth)
               for t in plan.by_role(ACTIVATION)}
+    _cap_clamp_inputs(plan, idx, ranges)
     max_loss = getattr(config, "max_shared_scale_loss_bits", None)
     plan.split_groups = split_mixed_groups(plan, idx, ranges, max_loss) if max_loss is not None else []
     plan.mixed_operands = mixed_operands(plan, idx, ranges, max_loss if max_loss is not None else 3.0)
@@ -157,6 +163,18 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
                                                                    plan.encodings[w])
     # keep the plan's order (graph order) in the encodings dict
     plan.encodings = {n: plan.encodings[n] for n in plan.tensors if n in plan.encodings}
+
+
+def _cap_clamp_inputs(plan: QuantPlan, idx: GraphIndex, ranges: dict[str, tuple[float, float]]) -> None:
+    """The range of a clamp's input cut at its output's bound, where both share one encoding (module doc)."""
+    for t in plan.by_role(ACTIVATION):
+        node = idx.producer.get(t.name)
+        slot = clamp_input(node, idx) if node is not None else None
+        x = node.input[slot] if slot is not None else None
+        if x not in ranges or plan.tensors[x].group != t.group:
+            continue
+        (lo, hi), (out_lo, out_hi) = ranges[x], ranges[t.name]
+        ranges[x] = (lo, min(hi, out_hi)) if node.op_type == "Min" else (max(lo, out_lo), hi)
 
 
 def activation_tensors(plan: QuantPlan) -> list[str]:

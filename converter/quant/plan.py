@@ -46,7 +46,7 @@ from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr
 from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, find_blocks, float_subgraphs, fused_group
 from .encoding import Encoding
-from .rules import RULES, OpRule, block_axis, weight_axis
+from .rules import RULES, OpRule, block_axis, node_rule, rule_op_type, weight_axis
 
 ACTIVATION, WEIGHT, BIAS = "activation", "weight", "bias"
 
@@ -171,14 +171,14 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 1. which nodes are quantized
     quantized: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        rule = RULES.get(node.op_type)
+        rule = node_rule(node, idx)
         if not any(idx.is_float(o) for o in node.output):
             plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
         elif rule is None or node.domain not in ("", "ai.onnx"):  # a custom-domain op is not the ONNX op of that name
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
         elif node.name in excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
-        elif op_types is not None and node.op_type not in op_types:
+        elif op_types is not None and rule_op_type(node, idx) not in op_types:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-op-type")
         else:
             plan.nodes[node.name] = NodeStatus(node.op_type, "quantized")
@@ -214,7 +214,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
 
     def apply_groups(anchors: bool) -> None:
         for node in quantized:
-            rule = RULES[node.op_type]
+            rule = node_rule(node, idx)
             if rule.kind != "compute" or rule.anchor != anchors or node.name in taken:
                 continue
             g = fused_group(idx, node, preset.fusable_activations, join_residual, taken, rule.anchor)
@@ -248,12 +248,12 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
 
     weights: dict[str, TensorQuant] = {}
     biases: dict[str, TensorQuant] = {}
-    weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and RULES[n.op_type].kind != "shared"
-                and _weight_of(n, RULES[n.op_type], idx) is not None]
+    weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and node_rule(n, idx).kind != "shared"
+                and _weight_of(n, node_rule(n, idx), idx) is not None]
     layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides)
     weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
                    and config.weight_block_size is not None and config.per_channel
-                   and _block_note(n, _weight_of(n, RULES[n.op_type], idx), idx, config.weight_block_size) is None}
+                   and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
     reads_quantized = is_quantized - weight_only
 
     def want_output(out: str) -> None:
@@ -266,7 +266,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     for node in quantized:
         if plan.nodes[node.name].status != "quantized":
             continue
-        rule = RULES[node.op_type]
+        rule = node_rule(node, idx)
         if rule.kind == "shared":
             continue
         for slot in () if node.name in weight_only else rule.activations:
@@ -303,13 +303,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
     # qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point
     tied = preset.tied_op_types
-    shared_nodes = [n for n in quantized if (RULES[n.op_type].kind == "shared" or n.op_type in tied)
+    shared_nodes = [n for n in quantized if (node_rule(n, idx).kind == "shared" or n.op_type in tied)
                     and n.name in is_quantized]
     changed = True
     while changed:
         changed = False
         for node in shared_nodes:
-            data_in = [t for t in _data_inputs(node) if t and not idx.is_constant(t) and idx.is_float(t)]
+            data_in = [t for t in _data_inputs(node, idx) if t and not idx.is_constant(t) and idx.is_float(t)]
             outs = [t for t in node.output if t and idx.is_float(t)]
             tensors = data_in + outs
             if not data_in or not any(t in acts for t in tensors):
@@ -393,8 +393,8 @@ def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> 
     return out
 
 
-def _data_inputs(node: onnx.NodeProto) -> list[str]:
-    rule: OpRule = RULES[node.op_type]
+def _data_inputs(node: onnx.NodeProto, idx: GraphIndex) -> list[str]:
+    rule: OpRule = node_rule(node, idx)
     if node.op_type == "Concat":
         return list(node.input)
     return [node.input[s] for s in rule.activations if s < len(node.input)]

@@ -9,6 +9,12 @@ kinds
     ``shared``   the op only moves or selects data (Reshape, MaxPool, Concat...): its output is
                  quantized with the *same* encoding as its data inputs, so a runtime can run it on
                  the integers directly. It is quantized only where a neighbour is.
+
+A ``Min`` or ``Max`` against a constant is a *clamp* (:func:`node_rule`): each output value is its input's
+or the bound's, so it is data movement too and shares its input's encoding (as ``Clip`` would, it counts as
+``Clip`` for a target's op types). CLE writes one for a ReLU6 whose channels it scaled (``Relu`` then ``Min``
+by the per-channel bound ``6 / s``): as a shared op the ``Relu`` output gets its Q/DQ, so ORT fuses
+``DQ -> Conv -> Relu -> Q`` into a QLinearConv instead of running the Conv in float.
 """
 
 from __future__ import annotations
@@ -125,6 +131,33 @@ RULES: dict[str, OpRule] = {
     "Expand": _SHARED,
     "Tile": _SHARED,
 }
+
+
+CLAMP_OPS = ("Min", "Max")
+
+
+def clamp_input(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    """Slot of the data input of a clamp (``Min``/``Max`` of one tensor and one constant), else None."""
+    if node.op_type not in CLAMP_OPS or len(node.input) != 2 or not all(node.input):
+        return None
+    const = [idx.is_constant(t) for t in node.input]
+    if const.count(True) != 1:
+        return None
+    return const.index(False)
+
+
+_CLAMPS = {slot: OpRule("shared", activations=(slot,)) for slot in (0, 1)}
+
+
+def node_rule(node: onnx.NodeProto, idx: GraphIndex) -> OpRule | None:
+    """The rule of one node: its op type's row, or the shared row of a clamp (see the module doc)."""
+    slot = clamp_input(node, idx)
+    return _CLAMPS[slot] if slot is not None else RULES.get(node.op_type)
+
+
+def rule_op_type(node: onnx.NodeProto, idx: GraphIndex) -> str:
+    """The op type a target's op-type list is checked against: ``Clip`` for a clamp."""
+    return "Clip" if clamp_input(node, idx) is not None else node.op_type
 
 
 def rule_for(op_type: str) -> OpRule | None:
