@@ -101,7 +101,12 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
     p.add_argument("--weight-bits", type=int,
                    help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
-                        f"(default: {d.weight_bits})")
+                        f"(default: {d.weight_bits}); per-layer widths: weight_bits_overrides in --config "
+                        "(e.g. {first: 8, last: 8})")
+    p.add_argument("--weight-block-size", type=int,
+                   help="block-wise weights: one scale per block of 32, 64 or 128 input channels of each output "
+                        "channel (ONNX opset 21 blocked DequantizeLinear) for Conv, Gemm and 2-D MatMul weights "
+                        "(default: per channel)")
     p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
     p.add_argument("--providers", choices=list(PROVIDERS),
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
@@ -186,6 +191,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "weight_bits",
+                                               "weight_block_size",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
                                                "cle_relu6", "bias_correction", "bias_correction_mode")

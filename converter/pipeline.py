@@ -21,7 +21,7 @@ from .calib.readers import model_inputs, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .calib.subgraphs import collect_subgraph_ranges
-from .config import QuantConfig
+from .config import LAYER_POSITIONS, QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
@@ -41,7 +41,7 @@ from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, 
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
 from .quant.qdq import quantized_node_counts
-from .quant.rules import weight_axis
+from .quant.rules import block_axis, weight_axis
 
 log = logging.getLogger("converter")
 
@@ -256,6 +256,8 @@ def check_node_names(model: Any, config: QuantConfig) -> None:
     otherwise quantize everything without a word."""
     wanted = [("exclude_nodes", "exclude_nodes (--exclude-nodes or --config)", n) for n in config.exclude_nodes]
     wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
+    wanted += [("weight_bits_overrides", "weight_bits_overrides (--config)", n) for n in config.weight_bits_overrides
+               if not n.startswith("op:") and n not in LAYER_POSITIONS]
     if not wanted:
         return
     if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in all_nodes(model.graph)):
@@ -470,12 +472,18 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
     acts.update({n: FloatEncoding(32) for n in sorted(floats, key=lambda t: (idx.position(t), t))})
     args = {
         "activation_bitwidth": config.activation_bits,
-        "param_bitwidth": config.weight_bits,
+        "param_bitwidth": config.weight_bits,  # the default: per-layer widths are in each entry (bw)
         "dtype": "int",
         "is_symmetric": config.preset.activation_symmetric,
         "per_channel_quantization": config.per_channel,
         "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
     }
+    ragged = [n for n, e in written.items() if e.blocked and idx.shape.get(n) and idx.shape[n][e.axis] % e.block_size]
+    if ragged:
+        log.warning("%d block-wise weight(s) have a ragged last block (first: %r, %d input channels, blocks of %d): "
+                    "ONNX and ONNX Runtime run it, AIMET and QNN take only input channels divisible by the block size "
+                    "(AIMET keeps such layers per channel)", len(ragged), ragged[0], idx.shape[ragged[0]][
+                        written[ragged[0]].axis], written[ragged[0]].block_size)
     left_out = [n for n in plan.encodings if n not in written]
     conflicts = tie_conflicts(idx, plan.encodings)
     if conflicts:
@@ -549,6 +557,8 @@ def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[
             where = idx if name in tensors and (idx.uses(name) or name not in bodies) else bodies[name]
             if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
                 enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))
+            if name in enc_file.block_unknown:
+                enc = _param_blocks(where, name, enc, source)
             out[name] = enc
     floats = {n for sec in (enc_file.activations, enc_file.params) for n, e in sec.items() if isinstance(e, FloatEncoding)}
     return derive_omitted(idx, out, floats)
@@ -567,6 +577,28 @@ def _param_axis(idx: GraphIndex, name: str, enc: Encoding, source: str) -> int:
                          "apply the encodings to the float model they were computed for")
 
 
+def _param_blocks(idx: GraphIndex, name: str, enc: Encoding, source: str) -> Encoding:
+    """A 1.0.0 PER_BLOCK entry (flat scales in (output channel, block) order) shaped from the weight it
+    encodes: the blocked axis and channel axis of its consumer (:mod:`.quant.rules`)."""
+    shape = idx.shape.get(name, []) if idx.is_constant(name) else []
+    for node in idx.uses(name):
+        baxis, caxis = block_axis(node, idx), weight_axis(node, idx)
+        if baxis is None or caxis is None or baxis >= len(shape) or caxis >= len(shape):
+            continue
+        block_shape = [1] * len(shape)
+        block_shape[caxis], block_shape[baxis] = shape[caxis], -(-shape[baxis] // enc.block_size)
+        if int(np.prod(block_shape)) != len(enc.scale):
+            continue
+        order = np.arange(len(enc.scale))
+        if len(shape) == 2 and baxis == 0:  # written (channel, block): transposed back
+            order = order.reshape(block_shape[::-1]).T.reshape(-1)
+        return Encoding(enc.bitwidth, enc.signed, enc.symmetric, tuple(enc.scale[i] for i in order),
+                        tuple(enc.zero_point[i] for i in order), baxis, enc.block_size, tuple(block_shape))
+    raise EncodingsError(f"{source}: tensor {name!r} has {len(enc.scale)} block scales (block size {enc.block_size}), "
+                         f"which fit no Conv/Gemm/MatMul weight layout of its shape {shape}",
+                         "apply the encodings to the float model they were computed for")
+
+
 def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
     counts = plan.to_dict()["node_counts"]
     return {
@@ -577,6 +609,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "subgraphs": plan.subgraphs,
         "subgraph_qdq_ops": subgraph_qdq_counts(qdq),
         "subgraph_nodes_reading_dq": {k: v for k, v in quantized_nodes_in_bodies(qdq).items() if v},
+        "weights": plan.weight_layers(),
         "split_scale_groups": plan.split_groups,
         "mixed_range_operands": plan.mixed_operands,
         "qdq_model_ops": quantized_node_counts(qdq),
@@ -587,7 +620,10 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
     out = {}
     for name, enc in plan.encodings.items():
         t = plan.tensors[name]
-        if enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
+        if enc.blocked:
+            entry = {**t.to_dict(), "blocks": len(enc.scale), "scale_min": min(enc.scale),
+                     "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
+        elif enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
             entry = {**t.to_dict(), "channels": len(enc.scale), "scale_min": min(enc.scale),
                      "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
         else:

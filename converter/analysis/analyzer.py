@@ -372,7 +372,7 @@ def step_weights(prep: Prepared, rows: dict[str, dict]) -> None:
         values = prep.idx.constant(w).astype(np.float32)
         enc = prep.plan.encodings[w]
         fq = enc.fake_quantize(values)
-        axis = enc.axis if enc.per_channel else weight_axis(by_name[layer.name], prep.idx)
+        axis = enc.axis if enc.per_channel and not enc.blocked else weight_axis(by_name[layer.name], prep.idx)
         entry: dict[str, Any] = {"tensor": w, "shape": list(values.shape), "per_channel": enc.per_channel,
                                  "sqnr_db": sqnr_db(values, fq)}
         if axis is not None and values.ndim > axis:

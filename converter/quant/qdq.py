@@ -22,6 +22,13 @@ float ``DQ -> Min -> Q`` it replaces cost EfficientNet-Lite0 (32 of them after C
 Weights and biases (initializers) are stored already quantized (int8 / int32) and read through a
 DequantizeLinear placed before their first consumer; the float initializer is dropped unless a
 subgraph still refers to it.
+
+A block-wise weight (``Encoding.blocked``) gets an opset 21 blocked DequantizeLinear (``axis`` = the blocked
+axis, ``block_size``) whose scale has the weight's rank: the weight's shape with the blocked axis divided,
+rounded up (ONNX Runtime runs a ragged last block). A Conv block spans the whole kernel, so its scale
+(``[O, I/B, 1, 1]`` in the encoding) is repeated over the kernel dims: ONNX Runtime does not broadcast them::
+
+    W_quantized (int4 [K, N]) -> DequantizeLinear(axis=0, block_size=B; scale [K/B, N]) -> MatMul
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ def ensure_opset(model: onnx.ModelProto, encodings: dict[str, Encoding]) -> None
     """Convert ``model`` to the opset its Q/DQ need: 13 (per-channel), 21 for 4- and 16-bit. The graph is
     converted, not just relabelled: ops whose signature changed on the way (ReduceMean/Split/Squeeze axes
     became inputs in 13/18) are rewritten."""
-    needs_opset = 21 if any(e.bitwidth in (4, 16) for e in encodings.values()) else 13
+    needs_opset = 21 if any(e.bitwidth in (4, 16) or e.blocked for e in encodings.values()) else 13
     if default_opset(model) < needs_opset:
         upgrade_opset(model, needs_opset)
         name_nodes(model)
@@ -81,15 +88,21 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
     drop_inits: set[str] = set()
     new_inits: list[onnx.TensorProto] = []
 
-    def params(tensor: str, enc: Encoding) -> tuple[str, str]:
+    def params(tensor: str, enc: Encoding, shape: tuple[int, ...] = ()) -> tuple[str, str]:
         scale, zp = names(f"{tensor}_scale"), names(f"{tensor}_zero_point")
         shape_scale = enc.scale_array() if enc.per_channel else enc.scale_array().reshape(())
         shape_zp = enc.zero_point_array() if enc.per_channel else enc.zero_point_array().reshape(())
+        if enc.blocked:  # the scale of a blocked DQ: the weight's rank, kernel dims repeated
+            full = enc.onnx_block_shape(shape)
+            shape_scale = np.ascontiguousarray(np.broadcast_to(shape_scale.reshape(enc.block_shape), full))
+            shape_zp = np.ascontiguousarray(np.broadcast_to(shape_zp.reshape(enc.block_shape), full))
         new_inits.append(numpy_helper.from_array(shape_scale, scale))
         new_inits.append(int_tensor(shape_zp, zp, enc))
         return scale, zp
 
     def axis_attr(enc: Encoding) -> dict:
+        if enc.blocked:
+            return {"axis": enc.axis, "block_size": enc.block_size}
         return {"axis": enc.axis} if enc.per_channel else {}
 
     for tensor in order:
@@ -98,7 +111,7 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
             values = idx.constant(tensor)
             q_name = names(f"{tensor}_quantized")
             new_inits.append(int_tensor(enc.quantize(values), q_name, enc))
-            scale, zp = params(tensor, enc)
+            scale, zp = params(tensor, enc, values.shape)
             dq_out = names(f"{tensor}_dequantized")
             dq = helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq_out],
                                   name=names(f"{tensor}_DequantizeLinear"), **axis_attr(enc))
@@ -231,7 +244,11 @@ def dequantized_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             s = inits[n.input[1]]
             z = inits[n.input[2]].astype(np.float32)
             axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-            if s.ndim == 1:
+            block = next((a.i for a in n.attribute if a.name == "block_size"), 0)
+            if block:  # blocked: each scale repeated over its block (the last one ragged)
+                s = np.take(np.repeat(s, block, axis=axis), np.arange(q.shape[axis]), axis=axis)
+                z = np.take(np.repeat(z, block, axis=axis), np.arange(q.shape[axis]), axis=axis)
+            elif s.ndim == 1:
                 shape = [1] * q.ndim
                 shape[axis] = -1
                 s, z = s.reshape(shape), z.reshape(shape)

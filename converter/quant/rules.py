@@ -35,6 +35,8 @@ class OpRule:
     weight_axis: Callable[[onnx.NodeProto, GraphIndex], int | None] | None = None
     bias: int | None = None  # input slot of a bias (int32, scale = input scale * weight scale)
     anchor: bool = False  # starts a fused group (Conv -> bias Add -> activation)
+    # block-wise weights: the axis cut into blocks (the input channels a dot product runs over), None: not blocked
+    block_axis: Callable[[onnx.NodeProto, GraphIndex], int | None] | None = None
 
 
 def _conv_transpose_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
@@ -51,15 +53,29 @@ def _matmul_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
     return len(shape) - 1 if shape and len(shape) >= 2 else None
 
 
+def _gemm_block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    return 1 if attr(node, "transB", 0) else 0
+
+
+def _matmul_block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    # K of a 2-D [K, N] weight: the layout ONNX Runtime fuses (blocked DQ -> MatMul into MatMulNBits); batched
+    # 3-D weights stay per channel
+    shape = idx.shape.get(node.input[1])
+    return 0 if shape and len(shape) == 2 else None
+
+
 _SHARED = OpRule("shared")
 _UNARY = OpRule("compute")
 _BINARY = OpRule("compute", activations=(0, 1))
 
 RULES: dict[str, OpRule] = {
-    "Conv": OpRule("compute", weight=1, weight_axis=lambda n, i: 0, bias=2, anchor=True),
+    # blocks of a Conv weight [O, I/group, k...] run along I (a block: block_size input channels x the whole kernel);
+    # ConvTranspose weights stay per channel
+    "Conv": OpRule("compute", weight=1, weight_axis=lambda n, i: 0, bias=2, anchor=True, block_axis=lambda n, i: 1),
     "ConvTranspose": OpRule("compute", weight=1, weight_axis=_conv_transpose_axis, bias=2, anchor=True),
-    "Gemm": OpRule("compute", weight=1, weight_axis=_gemm_axis, bias=2, anchor=True),
-    "MatMul": OpRule("compute", activations=(0, 1), weight=1, weight_axis=_matmul_axis, anchor=True),
+    "Gemm": OpRule("compute", weight=1, weight_axis=_gemm_axis, bias=2, anchor=True, block_axis=_gemm_block_axis),
+    "MatMul": OpRule("compute", activations=(0, 1), weight=1, weight_axis=_matmul_axis, anchor=True,
+                     block_axis=_matmul_block_axis),
     "Add": _BINARY,
     "Mul": _BINARY,
     "AveragePool": _UNARY,
@@ -154,3 +170,11 @@ def weight_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
     if rule is None or rule.weight_axis is None:
         return None
     return rule.weight_axis(node, idx)
+
+
+def block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    """Axis of ``node``'s weight that block-wise quantization cuts into blocks, or None where the op has none."""
+    rule = RULES.get(node.op_type)
+    if rule is None or rule.block_axis is None:
+        return None
+    return rule.block_axis(node, idx)
