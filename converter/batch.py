@@ -18,9 +18,13 @@ directory; ``examples/jobs.yaml`` is one that runs as written)::
         calib_spec: calib_data/photos/preprocess.yaml   # optional
         config: {per_channel: false}                    # overrides defaults
         timeout: 120
+        num_cpus: 2                                     # also memory: 4GiB, num_gpus: 1 (here or in defaults)
 
 The job file is validated as a whole before anything runs: an unknown key or a wrong type names
 the key, the file and the line; config overrides go through :meth:`QuantConfig.from_dict`.
+``num_cpus`` / ``memory`` / ``num_gpus`` (per job, or in ``defaults`` for all) are what the job
+asks of the executor; what is not given is derived from the job's size (:mod:`converter.resources`).
+``num_cpus`` also sets the worker's ONNX Runtime intra-op threads and ``OMP_NUM_THREADS``.
 
 Isolation. Each job runs ``python -m converter.batch WORKER.json`` in a fresh process (its own
 session, cwd = the job's staging folder, stdout+stderr -> ``job.log``). The worker writes
@@ -63,6 +67,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from . import resources as job_resources
 from .config import QuantConfig, load_mapping
 from .errors import EXIT_CHECK_FAILED, ConfigError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir
@@ -88,6 +93,9 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "config": ((dict,), "a mapping of QuantConfig keys"),
     "verify": ((dict, bool), "a mapping of verification settings, or true"),
     "timeout": (NUMBER, "seconds"),
+    "num_cpus": (NUMBER, "a number of CPUs (Ray may use fractions)"),
+    "memory": (NUMBER + (str,), "bytes, or a size such as 4GiB"),
+    "num_gpus": (NUMBER, "a number of GPUs"),
 }
 VERIFY_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "data": ((str,), "a data folder (default: the job's calib folder)"),
@@ -133,15 +141,25 @@ class Job:
     calib_spec: str | None = None
     verify: VerifySpec | None = None
     timeout: float | None = None
+    resources: job_resources.Resources = field(default_factory=job_resources.Resources)
 
     @property
     def is_torch(self) -> bool:
         return self.input_shape is not None
 
+    def data_fields(self) -> dict[tuple[str, ...], str]:
+        """The job's data paths (calibration, verification), by their key path in :meth:`to_dict`."""
+        fields = {("calib",): self.calib, ("calib_spec",): self.calib_spec}
+        if self.verify:
+            fields.update({("verify", "data"): self.verify.data, ("verify", "data_spec"): self.verify.data_spec,
+                           ("verify", "labels"): self.verify.labels})
+        return {k: v for k, v in fields.items() if v}
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "calib": self.calib, "config": self.config.to_dict(),
                 "input_shape": list(self.input_shape) if self.input_shape else None, "calib_spec": self.calib_spec,
-                "verify": self.verify.to_dict() if self.verify else None, "timeout": self.timeout}
+                "verify": self.verify.to_dict() if self.verify else None, "timeout": self.timeout,
+                "resources": self.resources.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -162,10 +180,12 @@ def load_job_file(path: str | Path) -> JobFile:
     if "jobs" not in data or not data["jobs"]:
         raise ConfigError(f"{path} has no jobs", "add a 'jobs:' list with one entry per model")
     base = path.resolve().parent
-    defaults = data.get("defaults") or {}
+    defaults = dict(data.get("defaults") or {})
+    default_resources = job_resources.parse({k: defaults.pop(k) for k in job_resources.KEYS if k in defaults},
+                                            {k: where.at(("defaults", k)) for k in job_resources.KEYS})
     QuantConfig.from_dict(defaults, f"{path} (defaults)", {k: lines.get(("defaults", k)) for k in defaults
                                                          if ("defaults", k) in lines})
-    jobs = [_parse_job(item, i, defaults, base, where) for i, item in enumerate(data["jobs"])]
+    jobs = [_parse_job(item, i, defaults, default_resources, base, where) for i, item in enumerate(data["jobs"])]
     seen: dict[str, int] = {}
     for i, job in enumerate(jobs):
         if job.name in seen:
@@ -226,7 +246,7 @@ def _check_keys(data: dict, schema: dict[str, tuple[tuple[type, ...], str]], key
                               f"change {key} to {expected}")
 
 
-def _parse_job(item: Any, i: int, defaults: dict, base: Path, where: _Where) -> Job:
+def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base: Path, where: _Where) -> Job:
     kp = ("jobs", i)
     if not isinstance(item, dict):
         raise ConfigError(f"jobs[{i}] in {where.at(kp)} must be a mapping (name, model, calib, ...), got {item!r}",
@@ -255,9 +275,15 @@ def _parse_job(item: Any, i: int, defaults: dict, base: Path, where: _Where) -> 
     config = QuantConfig.from_dict({**defaults, **overrides}, f"{where.source} (job {name!r})",
                                    {k: v for k, v in lines.items() if v})
     timeout = _positive(item.get("timeout"), kp + ("timeout",), where)
-    return Job(name=name, model=model, calib=_abs(item["calib"], base), config=config, input_shape=shape,
-               calib_spec=_abs(item["calib_spec"], base) if item.get("calib_spec") else None,
-               verify=_parse_verify(item.get("verify"), item, kp + ("verify",), base, where), timeout=timeout)
+    job = Job(name=name, model=model, calib=_abs(item["calib"], base), config=config, input_shape=shape,
+              calib_spec=_abs(item["calib_spec"], base) if item.get("calib_spec") else None,
+              verify=_parse_verify(item.get("verify"), item, kp + ("verify",), base, where), timeout=timeout)
+    given = {**default_resources,
+             **job_resources.parse({k: item[k] for k in job_resources.KEYS if k in item},
+                                   {k: f"{where.at(kp + (k,))} (job {name!r})" for k in job_resources.KEYS})}
+    providers = [config.providers] + (job.verify.providers.lower().split(",") if job.verify else [])
+    resources = job_resources.derive(given, model, job.is_torch, list(job.data_fields().values()), providers)
+    return dataclasses.replace(job, resources=resources)
 
 
 def _parse_verify(raw: Any, job: dict, kp: tuple, base: Path, where: _Where) -> VerifySpec | None:
@@ -381,7 +407,7 @@ class JobResult:
 
     name: str
     status: str  # "ok" | "failed" | "skipped"
-    stage: str = ""  # where it failed: export, quantize, verify, worker (crash), timeout
+    stage: str = ""  # where it failed: export, quantize, verify, worker (crash), timeout, resources (not started)
     error: str = ""
     fix: str = ""
     note: str = ""  # something a successful job's user should know
@@ -423,23 +449,25 @@ class BatchResult:
 # --- running -------------------------------------------------------------------------------------------
 
 def run_batch(job_file: str | Path, jobs: int = 1, resume: bool = False, timeout: float | None = None,
-              output_dir: str | Path | None = None, executor: str = "local",
-              address: str | None = None) -> BatchResult:
+              output_dir: str | Path | None = None, executor: Any = "local",
+              address: str | None = None, ray_data: str = "auto") -> BatchResult:
     """Run every job of ``job_file`` with up to ``jobs`` workers at once; write the summary files.
 
-    ``executor``: ``"local"`` (child processes) or ``"ray"`` (Ray tasks; ``address`` of a cluster, else a
-    local Ray), see :mod:`converter.executors`."""
+    ``executor``: ``"local"`` (child processes), ``"ray"`` (Ray tasks; ``address`` of a cluster, else a
+    local Ray; ``ray_data``: auto | copy), or an executor object the caller made and closes (see
+    :mod:`converter.executors`)."""
     from .executors import make_executor
 
     spec = load_job_file(job_file)
     out_dir = ensure_writable_dir(Path(output_dir) if output_dir else spec.output_dir)
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}", "use e.g. --jobs 2")
-    runner = make_executor(executor, address)
+    runner = make_executor(executor, address, data=ray_data)
     try:
         return _run_jobs(spec, out_dir, jobs, resume, timeout, runner)
     finally:
-        runner.close()
+        if runner is not executor:
+            runner.close()
 
 
 def _run_jobs(spec: JobFile, out_dir: Path, jobs: int, resume: bool, timeout: float | None, runner) -> BatchResult:
@@ -529,7 +557,18 @@ class _Scheduler:
             try:
                 while self.queue or running:
                     while self.queue and len(running) < self.width:
-                        running.append(self._start(*self.queue.pop(0)))
+                        # the first queued job the executor has room for (Ray: the cluster's free resources)
+                        i = next((i for i, (job, _) in enumerate(self.queue)
+                                  if self.runner.fits(job.resources)), None)
+                        if i is None:
+                            break
+                        running.append(self._start(*self.queue.pop(i)))
+                    if self.queue and not running:  # nothing runs, and nothing queued fits: it never will
+                        result = self._unstartable(*self.queue.pop(0))
+                        finished.append(result)
+                        bar.update(1)
+                        log.info("%s: failed (%s)", result.name, result.error)
+                        continue
                     bar.set_postfix_str(", ".join(r.job.name for r in running), refresh=False)
                     for r in [r for r in running if self._ended(r)]:
                         running.remove(r)
@@ -554,12 +593,26 @@ class _Scheduler:
         (staging / "worker.json").write_text(json.dumps(job.to_dict(), indent=2), encoding="utf-8")
         log_file = open(staging / "job.log", "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": str(job.config.threads or job.resources.threads),  # the job's CPUs
                "PYTHONPATH": os.pathsep.join(p for p in (str(self.job_file_dir), os.getcwd(),
                                                          os.environ.get("PYTHONPATH", "")) if p)}
-        proc = self.runner.start(staging, env, log_file)
+        proc = self.runner.start(job, staging, env, log_file)
         limit = job.timeout if job.timeout is not None else self.timeout
         now = time.perf_counter()
         return _Running(job, digest, staging, proc, log_file, now, _now(), now + limit if limit else None)
+
+    def _unstartable(self, job: Job, digest: str) -> JobResult:
+        """A job larger than anything the executor has (Ray: the cluster's largest node), not started."""
+        why = self.runner.infeasible(job.resources) or "the executor has no room for it"
+        result = JobResult(job.name, "failed", "resources", f"not started: it asks for {job.resources.describe()}; "
+                           f"{why}", "lower the job's num_cpus / memory / num_gpus, or add a larger node",
+                           input_hash=digest, started_at=_now(), finished_at=_now())
+        staging = self.out_dir / f".staging-{job.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        atomic_write_text(staging / "job.json", json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        _publish(staging, self.out_dir / job.name)
+        return result
 
     def _ended(self, r: _Running) -> bool:
         if r.proc.poll() is not None:
@@ -703,7 +756,9 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
     from .pipeline import quantize
 
     name = spec["name"]
-    config = QuantConfig.from_dict(spec["config"], f"job {name!r}")
+    threads = spec["resources"]["threads"]  # the job's CPUs, unless its config sets threads itself
+    config = QuantConfig.from_dict({**spec["config"], "threads": spec["config"]["threads"] or threads},
+                                   f"job {name!r}")
     model = spec["model"]
     outputs: dict[str, str] = {}
     if spec["input_shape"]:
@@ -729,7 +784,7 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
                        "the output model computes the same as the float one")
     if spec["verify"]:
         stage[0] = "verify"
-        result.verify, passed, summary = _verify(spec["verify"], model, q.model_path, name)
+        result.verify, passed, summary = _verify(spec["verify"], model, q.model_path, name, config.threads)
         outputs["verify"] = f"{name}.verify.json"
         if not passed:
             result.status, result.stage, result.error = "failed", "verify", summary
@@ -737,12 +792,13 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
     return result
 
 
-def _verify(v: dict[str, Any], float_model: str, quant_model: Path, name: str) -> tuple[dict, bool, str]:
+def _verify(v: dict[str, Any], float_model: str, quant_model: Path, name: str,
+            threads: int) -> tuple[dict, bool, str]:
     from .verify import format_report, verify
 
     res = verify(float_model, quant_model, v["data"], labels=v["labels"], thresholds=Thresholds(**v["thresholds"]),
                  providers=v["providers"], batch_size=v["batch_size"], max_samples=v["max_samples"],
-                 data_spec=v["data_spec"])
+                 data_spec=v["data_spec"], threads=threads)
     res.write_json(f"{name}.verify.json")
     print(format_report(res), flush=True)
     outs = res.metrics["outputs"].values()
@@ -797,11 +853,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: local)")
     p.add_argument("--address", help="Ray cluster address for --executor ray (default: start a local Ray with this "
                                      "machine's CPUs)")
+    p.add_argument("--ray-data", choices=["auto", "copy"], default="auto",
+                   help="--executor ray: calibration/verification data is read from its path where a node sees it "
+                        "(auto), else from a node-local copy out of Ray's object store; copy: always from the copy "
+                        "(storage that is slow to read from many nodes) (default: auto)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray_data != "auto" and args.executor != "ray":
+        raise ConfigError("--ray-data is for --executor ray", "drop --ray-data, or add --executor ray")
     batch = run_batch(args.job_file, jobs=args.jobs, resume=args.resume, timeout=args.timeout,
-                      output_dir=args.output_dir, executor=args.executor, address=args.address)
+                      output_dir=args.output_dir, executor=args.executor, address=args.address,
+                      ray_data=args.ray_data)
     print(format_summary(batch))
     return batch.exit_code
 

@@ -11,8 +11,8 @@ import sys
 from typing import Callable
 
 from . import __version__
-from .config import (CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS,
-                     QuantConfig)
+from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
+                     WEIGHT_CALIB_METHODS, QuantConfig)
 from .errors import UserError
 from .options import QDQ_SUFFIX, check_output_file, parse_shape
 
@@ -61,6 +61,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # --- quantize --------------------------------------------------------------------------------------
 
+def _alpha(text: str) -> float | str:
+    """--smoothquant-alpha: ``auto`` or a number (the config checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
 def _add_quantize(p: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     p.add_argument("model", help="float ONNX model")
@@ -91,7 +101,12 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
     p.add_argument("--weight-bits", type=int,
                    help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
-                        f"(default: {d.weight_bits})")
+                        f"(default: {d.weight_bits}); per-layer widths: weight_bits_overrides in --config "
+                        "(e.g. {first: 8, last: 8})")
+    p.add_argument("--weight-block-size", type=int,
+                   help="block-wise weights: one scale per block of 32, 64 or 128 input channels of each output "
+                        "channel (ONNX opset 21 blocked DequantizeLinear) for Conv, Gemm and 2-D MatMul weights "
+                        "(default: per channel)")
     p.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
     p.add_argument("--providers", choices=list(PROVIDERS),
                    help=f"execution provider for calibration; auto: CUDA if present, else CPU "
@@ -103,9 +118,12 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 files, which AIMET's "
                         "strict load rejects (default: only what AIMET quantizes)")
     p.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
-                   help="SmoothQuant MatMul inputs whose outlier channels cost >= 1.5x the layer's error "
-                        "(default: on)")
-    p.add_argument("--smoothquant-alpha", type=float, help="migration strength alpha in (0, 1) (default: 0.5)")
+                   help="SmoothQuant MatMul/Gemm inputs whose outlier channels cost >= 1.5x the layers' error, "
+                        "1/s folded into the producing LayerNorm/Mul/MatMul/Gemm where nothing else reads the "
+                        "tensor, else a float Mul (default: on)")
+    p.add_argument("--smoothquant-alpha", type=_alpha,
+                   help="migration strength alpha in (0, 1), or auto: per tensor by the quantized layers' error "
+                        "(default: 0.5)")
     p.add_argument("--quantize-subgraphs", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize inside If/Loop/Scan bodies with the main graph's rules (default: on)")
     p.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
@@ -113,11 +131,16 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "per-tensor weights (default: off)")
     p.add_argument("--cle-relu6", choices=list(CLE_RELU6_MODES),
                    help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
-                        "unchanged; ORT runs the Conv before each Min in float) or replace by Relu (FP32 changes; "
+                        "unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
                         f"AIMET's way) (default: {d.cle_relu6})")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
                         "(default: off)")
+    p.add_argument("--bias-correction-mode", choices=list(BIAS_CORRECTION_MODES),
+                   help="with --bias-correction: empirical (measured on calibration data), analytical (from the "
+                        "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
+                        f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
+                        f"(default: {d.bias_correction_mode})")
     p.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
                    help="AdaRound: round each Conv/Gemm/MatMul weight up or down to reconstruct the layer's float "
                         "output on calibration data, for 4-bit weights above all (default: off)")
@@ -173,9 +196,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
     overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "weight_bits",
+                                               "weight_block_size",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
-                                               "cle_relu6", "bias_correction", "adaround", "adaround_iterations")
+                                               "cle_relu6", "bias_correction", "bias_correction_mode", "adaround",
+                                               "adaround_iterations")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())
@@ -191,6 +216,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
           f"{q['bias']} biases on {_plural(result.report['calibration']['samples'], 'calibration sample')} "
           f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
+    smoothed = result.report.get("smoothquant") or []
+    if smoothed:
+        folded = sum(1 for e in smoothed if e["folded_into"])
+        print(f"  SmoothQuant: {_plural(len(smoothed), 'input')} smoothed, {folded} folded into their producer, "
+              f"{_plural(len(smoothed) - folded, 'Mul')} inserted (report: smoothquant)")
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0

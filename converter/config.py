@@ -71,6 +71,10 @@ class TargetPreset:
     # compute ops whose input and output share one encoding (AIMET ties their quantizers, QNN requires it);
     # data-movement ops (rules.py "shared") always do
     tied_op_types: frozenset[str] = frozenset()
+    # op types whose block-wise layers read their activations in float (weight-only): ONNX Runtime CPU fuses a blocked
+    # DequantizeLinear -> MatMul into MatMulNBits (which quantizes its input per block itself) only when the MatMul's
+    # other input is not dequantized and no QuantizeLinear follows it
+    block_weight_only_ops: frozenset[str] = frozenset()
 
 
 TARGETS: dict[str, TargetPreset] = {
@@ -88,6 +92,7 @@ TARGETS: dict[str, TargetPreset] = {
         # HardSwish: its input is quantized so the Conv before it still becomes a QLinearConv
         patterns={"LayerNorm": _ONE_UNIT, "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "attention": _ONE_UNIT,
                   "HardSwish": PatternPolicy(qdq_inside=False, inputs="after-anchor")},
+        block_weight_only_ops=frozenset({"MatMul"}),
     ),
     "tensorrt": TargetPreset(
         name="tensorrt",
@@ -131,6 +136,11 @@ WEIGHT_CALIB_METHODS = ("minmax", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
 CLE_RELU6_MODES = ("keep", "min", "replace")
+WEIGHT_BITS = (4, 8)
+WEIGHT_BLOCK_SIZES = (32, 64, 128)
+# weight_bits_overrides keys besides node names and "op:<OpType>": the first / last layer with a weight
+LAYER_POSITIONS = ("first", "last")
+BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,12 @@ class QuantConfig:
     per_channel: bool = True
     activation_bits: int = 8
     weight_bits: int = 8  # 8, or 4: int4 weights (packed, opset 21 DequantizeLinear), per channel or per tensor
+    # block-wise weights (opset 21 blocked DequantizeLinear): one scale per block of this many input channels and
+    # output channel, for MatMul (2-D weights), Gemm and Conv; None: per channel (converter.quant.plan)
+    weight_block_size: int | None = None
+    # per-layer weight widths: {node name | "op:<OpType>" | "first" | "last": 4 | 8}; a node name wins over
+    # first/last, which win over op:, which wins over weight_bits ("first: 8, last: 8" keeps both ends at 8 bits)
+    weight_bits_overrides: dict[str, int] = field(default_factory=dict)
     max_samples: int | None = None
     batch_size: int = 16
     op_types: tuple[str, ...] | None = None  # overrides the target's op types
@@ -165,10 +181,11 @@ class QuantConfig:
     # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
     # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
     max_shared_scale_loss_bits: float | None = 3.0
-    # SmoothQuant on MatMul inputs with outlier channels (applied only where it lowers the quantized layer's error
-    # >= 1.5x); alpha None picks it per tensor by that error
+    # SmoothQuant on MatMul/Gemm inputs with outlier channels (applied only where it lowers the quantized layers'
+    # error >= 1.5x), folded into the producer where it can be, else a float Mul; alpha "auto" (or None) picks it
+    # per tensor by that error
     smoothquant: bool = True
-    smoothquant_alpha: float | None = 0.5
+    smoothquant_alpha: float | str | None = 0.5
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
     quantize_subgraphs: bool = True
     # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
@@ -176,9 +193,12 @@ class QuantConfig:
     # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
     cle: bool = False
     cle_relu6: str = "keep"
-    # empirical bias correction: each quantized Conv/Gemm/MatMul's bias shifted so its mean output on calibration
-    # data matches the float model's (converter.quant.bias_correction)
+    # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
+    # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
+    # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
+    # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
     bias_correction: bool = False
+    bias_correction_mode: str = "empirical"
     # AdaRound: each Conv/Gemm/MatMul's weights rounded up or down to reconstruct its output on calibration data
     # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000)
     adaround: bool = False
@@ -192,10 +212,8 @@ class QuantConfig:
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
-        if self.weight_bits not in (4, 8):
-            raise ConfigError(f"weight_bits must be 4 or 8; got {self.weight_bits!r}",
-                              "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "
-                              "ONNX Runtime runs")
+        _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
+        _check_weights(self)
         if self.adaround_iterations < 1:
             raise ConfigError(f"adaround_iterations must be >= 1, got {self.adaround_iterations}",
                               "use e.g. 1000 (AIMET's default is 10000; more is slower and rarely much better)")
@@ -276,6 +294,34 @@ def load_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, lines
 
 
+def _check_weights(c: "QuantConfig") -> None:
+    if c.weight_bits not in WEIGHT_BITS:
+        raise ConfigError(f"weight_bits must be 4 or 8; got {c.weight_bits!r}",
+                          "use 8 (int8) or 4 (int4 per channel, ONNX opset 21); other widths have no ONNX type "
+                          "ONNX Runtime runs")
+    for key, bits in dict(c.weight_bits_overrides).items():
+        if not isinstance(key, str) or not key or key == "op:":
+            raise ConfigError(f"weight_bits_overrides keys must be node names, 'op:<OpType>', 'first' or 'last'; "
+                              f"got {key!r}", "e.g. weight_bits_overrides: {first: 8, last: 8, 'op:Gemm': 8}")
+        if bits not in WEIGHT_BITS or isinstance(bits, bool):
+            raise ConfigError(f"weight_bits_overrides[{key!r}] must be 4 or 8; got {bits!r}",
+                              "use 8 (int8) or 4 (int4); other widths have no ONNX type ONNX Runtime runs")
+    object.__setattr__(c, "weight_bits_overrides", dict(c.weight_bits_overrides))
+    if c.weight_block_size is None:
+        return
+    if c.weight_block_size not in WEIGHT_BLOCK_SIZES or isinstance(c.weight_block_size, bool):
+        raise ConfigError(f"weight_block_size must be one of {', '.join(map(str, WEIGHT_BLOCK_SIZES))}; got "
+                          f"{c.weight_block_size!r}", "use 32, 64 or 128 (powers of two ONNX Runtime's MatMulNBits "
+                          "runs), or leave it unset for per-channel weights")
+    if not c.per_channel:
+        raise ConfigError("weight_block_size needs per-channel weights: blocks split each output channel's scale, "
+                          "a per-tensor weight has one scale", "drop --per-tensor (per_channel: false), or drop "
+                          "--weight-block-size")
+    if c.encodings_version == "0.6.1":
+        raise ConfigError("encodings version 0.6.1 has no block-wise form (one entry per channel, no block size)",
+                          "use --encodings-version 2.0.0 (or 1.0.0: enc_type PER_BLOCK), or drop --weight-block-size")
+
+
 def _check_calibration(c: "QuantConfig") -> None:
     for key, method in dict(c.calib_overrides).items():
         if not isinstance(key, str) or not key or key == "op:":
@@ -294,9 +340,10 @@ def _check_calibration(c: "QuantConfig") -> None:
     if c.max_shared_scale_loss_bits is not None and c.max_shared_scale_loss_bits < 0:
         raise ConfigError(f"max_shared_scale_loss_bits must be >= 0, got {c.max_shared_scale_loss_bits}",
                           "use e.g. 3 (bits), or null to never split a scale group")
-    if c.smoothquant_alpha is not None and not 0.0 < c.smoothquant_alpha < 1.0:
-        raise ConfigError(f"smoothquant_alpha must be in (0, 1), got {c.smoothquant_alpha}",
-                          "use e.g. 0.5, or leave it unset to pick alpha per tensor")
+    if isinstance(c.smoothquant_alpha, str) and c.smoothquant_alpha != "auto" or \
+            isinstance(c.smoothquant_alpha, (int, float)) and not 0.0 < c.smoothquant_alpha < 1.0:
+        raise ConfigError(f"smoothquant_alpha must be in (0, 1) or 'auto', got {c.smoothquant_alpha!r}",
+                          "use e.g. 0.5, or auto to pick alpha per tensor")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
 
@@ -314,7 +361,11 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     ann = str(annotation)
     if value is None and "None" in ann:
         return
-    if ann.startswith("dict"):
+    if ann.startswith("dict[str, int]"):
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                             for k, v in value.items())
+        expected = "a mapping of strings to integers"
+    elif ann.startswith("dict"):
         ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
         expected = "a mapping of strings to strings"
     elif ann.startswith("tuple"):

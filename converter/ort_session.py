@@ -150,3 +150,23 @@ def check_optimizations(model: onnx.ModelProto | bytes | str, feeds: Mapping[str
             "'ONNX Runtime versions', for the session options a deployment needs",
             ort.__version__, what, check.output, check.cosine, 100 * check.relative_error)
     return check
+
+
+def optimized_op_counts(model: onnx.ModelProto | bytes | str, optimization: str = "all") -> dict[str, int]:
+    """Op type -> node count of the graph ONNX Runtime CPU runs after its optimizations (the QDQ fusions:
+    ``QLinearConv`` where a Conv runs on integers, ``Conv``/``FusedConv`` where it runs in float), from the
+    session's ``optimized_model_filepath``."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        options = session_options(optimization)
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        if isinstance(model, onnx.ModelProto):
+            model = small_bytes(model) or model.SerializeToString()
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in optimized.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts

@@ -21,7 +21,7 @@ from .calib.readers import model_inputs, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .calib.subgraphs import collect_subgraph_ranges
-from .config import QuantConfig
+from .config import LAYER_POSITIONS, QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
@@ -41,7 +41,7 @@ from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, 
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
 from .quant.qdq import quantized_node_counts
-from .quant.rules import weight_axis
+from .quant.rules import block_axis, weight_axis
 
 log = logging.getLogger("converter")
 
@@ -71,6 +71,9 @@ class Prepared:
     model: onnx.ModelProto  # preprocessed float model
     idx: GraphIndex
     passes: dict[str, int]
+    # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
+    # correction; CLE updates it)
+    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def inputs(self):
@@ -84,10 +87,13 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     proto = load_model(float_model)
     ensure_float_model(proto)
     opset = default_opset(proto)
+    from .quant.bias_correction import batchnorm_statistics
+
+    bn_stats = batchnorm_statistics(proto)
     passes = preprocess(proto)
     log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
               ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
-    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes)
+    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes, bn_stats)
 
 
 SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
@@ -105,6 +111,12 @@ def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
     result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
     prepared.idx = GraphIndex.build(prepared.model)
+    if prepared.bn_stats:
+        from .quant.bias_correction import equalized_statistics
+
+        for p in result.pairs:
+            first = next(n for n in prepared.model.graph.node if n.name == p.first)
+            equalized_statistics(prepared.bn_stats, first.output[0], p.scale, p.shift)
     prepared.passes["cle_pairs"] = len(result.pairs)
     return result.to_dict()
 
@@ -113,7 +125,8 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
            calib_spec: str | Path | None = None) -> tuple[QuantConfig, list[dict[str, Any]]]:
     """SmoothQuant the prepared model in place where it helps (:mod:`converter.quant.smoothquant`).
 
-    Returns the config with the inserted float ``Mul`` nodes excluded, and what was changed.
+    Returns the config with the inserted float ``Mul`` nodes (where ``1 / s`` could not be folded) excluded, and
+    what was changed.
     """
     if not config.smoothquant:
         return config, []
@@ -127,7 +140,7 @@ def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
         return config, []
     prepared.idx = GraphIndex.build(prepared.model)
     prepared.passes["smoothquant"] = len(changes)
-    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes)), \
+    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes if c.mul_node)), \
         [c.to_dict() for c in changes]
 
 
@@ -195,17 +208,33 @@ BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the
 
 def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
                  calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """Empirical bias correction of the planned layers (:mod:`converter.quant.bias_correction`), encodings
-    recomputed; returns the report entry, or None when ``config.bias_correction`` is off."""
+    """Bias correction of the planned layers (:mod:`converter.quant.bias_correction`): analytical from BatchNorm
+    statistics (``analytical``, and ``auto`` where they reach), empirical on calibration data (``empirical``, and
+    ``auto`` elsewhere), encodings recomputed; returns the report entry (each layer's kind), or None when
+    ``config.bias_correction`` is off."""
     if not config.bias_correction:
         return None
-    from .quant.bias_correction import correct_biases
+    from .quant.bias_correction import correct_analytically, correct_biases
 
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
-    layers = correct_biases(prepared.model, plan, prepared.idx,
-                            lambda: compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config),
-                            data, select_providers(config.providers))
-    return {"samples": BIAS_CORRECTION_SAMPLES, "layers": [c.to_dict() for c in layers]}
+    def reencode() -> None:
+        compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
+
+    mode = config.bias_correction_mode
+    layers = []
+    if mode in ("analytical", "auto"):
+        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode)
+        if not layers:
+            log.log(logging.WARNING if mode == "analytical" else logging.DEBUG,
+                    "analytical bias correction: no quantized layer reads a BatchNorm's output (through Relu/Clip) "
+                    "whose statistics are known (the exporter folded them?)%s",
+                    "; use --bias-correction-mode empirical|auto" if mode == "analytical" else "")
+    samples = 0
+    if mode in ("empirical", "auto"):
+        samples = BIAS_CORRECTION_SAMPLES
+        data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
+        layers += correct_biases(prepared.model, plan, prepared.idx, reencode, data, select_providers(config.providers),
+                                 skip={c.node for c in layers})
+    return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
 ADAROUND_SAMPLES = 128  # calibration samples AdaRound caches layer inputs from (subsampled rows, see the module)
@@ -257,6 +286,8 @@ def check_node_names(model: Any, config: QuantConfig) -> None:
     otherwise quantize everything without a word."""
     wanted = [("exclude_nodes", "exclude_nodes (--exclude-nodes or --config)", n) for n in config.exclude_nodes]
     wanted += [("int16_nodes", "int16_nodes (--config)", n) for n in config.int16_nodes]
+    wanted += [("weight_bits_overrides", "weight_bits_overrides (--config)", n) for n in config.weight_bits_overrides
+               if not n.startswith("op:") and n not in LAYER_POSITIONS]
     if not wanted:
         return
     if isinstance(model, onnx.ModelProto) and model.graph.node and all(n.name for n in all_nodes(model.graph)):
@@ -306,9 +337,10 @@ def calibrate(prepared: Prepared, tensors: list[str], calib_data: Any, config: Q
 
 
 def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, config: QuantConfig,
-                        calib_spec: str | Path | None = None) -> None:
+                        calib_spec: str | Path | None = None) -> list[str]:
     """Ranges of the tensors inside If/Loop/Scan bodies (:mod:`converter.calib.subgraphs`), added to ``calib``;
-    tensors without a range are named and left in float."""
+    tensors without a range are named and left in float. Returns those tensors (a later plan of the same
+    bodies drops them again: :func:`plan_model`)."""
     wanted = [t for t in subgraph_activations(subs) if t not in calib.observers]
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, config.max_samples, calib_spec)
     observers, unreached, samples = collect_subgraph_ranges(prepared.model, wanted, data,
@@ -321,6 +353,40 @@ def calibrate_subgraphs(prepared: Prepared, subs: list, calib, calib_data: Any, 
     for t in observers:
         calib.methods[t] = "minmax"
     drop_uncalibrated(subs, unreached)
+    return unreached
+
+
+def plan_model(prepared: Prepared, config: QuantConfig,
+               uncalibrated: list[str] | None = None) -> tuple[QuantPlan, list]:
+    """The main graph's plan and one plan per If/Loop/Scan body (none when ``quantize_subgraphs`` is off).
+
+    ``uncalibrated``: body tensors an earlier calibration found no values for (:func:`calibrate_subgraphs`);
+    they are left in float again, quietly (the calibration named them). Quantize and the accuracy-target
+    search plan through here, so a body plans the same in both."""
+    plan = build_plan(prepared.model, config, prepared.idx)
+    subs = plan_subgraphs(prepared.model, config, warn=uncalibrated is None) if config.quantize_subgraphs else []
+    if subs and uncalibrated:
+        drop_uncalibrated(subs, uncalibrated, warn=False)
+    return plan, subs
+
+
+def encode_model(prepared: Prepared, plan: QuantPlan, subs: list, observers: dict, methods: Any,
+                 config: QuantConfig) -> None:
+    """Encodings of the main plan and of every body plan (merged into ``plan``), and the plan's account of
+    which bodies are quantized (``plan.subgraphs``) and which stay in float (``plan.float_subgraphs``)."""
+    compute_encodings(plan, prepared.idx, observers, methods, config)
+    compute_subgraph_encodings(plan, subs, observers, methods, config)
+    plan.subgraphs = subgraph_summary(subs)
+    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
+    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
+        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
+
+
+def warn_float_subgraphs(plan: QuantPlan, config: QuantConfig) -> None:
+    for sub in plan.float_subgraphs:
+        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
+                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
+                    else "quantize_subgraphs is off")
 
 
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
@@ -340,11 +406,10 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     check_node_names(prepared.model, config)
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec,
                                             max(64, ADAROUND_SAMPLES) if config.adaround else 64)
-    plan = build_plan(prepared.model, config, prepared.idx)
+    plan, subs = plan_model(prepared, config)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
               len(plan.float_nodes()))
-    subs = plan_subgraphs(prepared.model, config) if config.quantize_subgraphs else []
     timings = {"load_and_plan_s": time.perf_counter() - t0}
 
     calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
@@ -352,16 +417,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     if subs:
         calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec)
     t = time.perf_counter()
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
-    compute_subgraph_encodings(plan, subs, calib.observers, calib.methods, config)
-    plan.subgraphs = subgraph_summary(subs)
-    quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
-    plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
-        q == f"{f['node']}/{f['subgraph']}" or q.startswith(f"{f['node']}/{f['subgraph']}/") for q in quantized_bodies)]
-    for sub in plan.float_subgraphs:
-        log.warning("%s node %r: subgraph %r (%d nodes) is left in float (%s)", sub["op_type"], sub["node"],
-                    sub["subgraph"], sub["nodes"], "nothing in it is quantized" if config.quantize_subgraphs
-                    else "quantize_subgraphs is off")
+    encode_model(prepared, plan, subs, calib.observers, calib.methods, config)
+    warn_float_subgraphs(plan, config)
     rounded = adaround_weights(prepared, plan, calib, calib_data, config, calib_spec)
     corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)  # after AdaRound: its weights
     qdq = render_control_flow(prepared.model, plan.encodings)
@@ -449,12 +506,18 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
     acts.update({n: FloatEncoding(32) for n in sorted(floats, key=lambda t: (idx.position(t), t))})
     args = {
         "activation_bitwidth": config.activation_bits,
-        "param_bitwidth": config.weight_bits,
+        "param_bitwidth": config.weight_bits,  # the default: per-layer widths are in each entry (bw)
         "dtype": "int",
         "is_symmetric": config.preset.activation_symmetric,
         "per_channel_quantization": config.per_channel,
         "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
     }
+    ragged = [n for n, e in written.items() if e.blocked and idx.shape.get(n) and idx.shape[n][e.axis] % e.block_size]
+    if ragged:
+        log.warning("%d block-wise weight(s) have a ragged last block (first: %r, %d input channels, blocks of %d): "
+                    "ONNX and ONNX Runtime run it, AIMET and QNN take only input channels divisible by the block size "
+                    "(AIMET keeps such layers per channel)", len(ragged), ragged[0], idx.shape[ragged[0]][
+                        written[ragged[0]].axis], written[ragged[0]].block_size)
     left_out = [n for n in plan.encodings if n not in written]
     conflicts = tie_conflicts(idx, plan.encodings)
     if conflicts:
@@ -528,6 +591,8 @@ def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[
             where = idx if name in tensors and (idx.uses(name) or name not in bodies) else bodies[name]
             if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
                 enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))
+            if name in enc_file.block_unknown:
+                enc = _param_blocks(where, name, enc, source)
             out[name] = enc
     floats = {n for sec in (enc_file.activations, enc_file.params) for n, e in sec.items() if isinstance(e, FloatEncoding)}
     return derive_omitted(idx, out, floats)
@@ -546,6 +611,28 @@ def _param_axis(idx: GraphIndex, name: str, enc: Encoding, source: str) -> int:
                          "apply the encodings to the float model they were computed for")
 
 
+def _param_blocks(idx: GraphIndex, name: str, enc: Encoding, source: str) -> Encoding:
+    """A 1.0.0 PER_BLOCK entry (flat scales in (output channel, block) order) shaped from the weight it
+    encodes: the blocked axis and channel axis of its consumer (:mod:`.quant.rules`)."""
+    shape = idx.shape.get(name, []) if idx.is_constant(name) else []
+    for node in idx.uses(name):
+        baxis, caxis = block_axis(node, idx), weight_axis(node, idx)
+        if baxis is None or caxis is None or baxis >= len(shape) or caxis >= len(shape):
+            continue
+        block_shape = [1] * len(shape)
+        block_shape[caxis], block_shape[baxis] = shape[caxis], -(-shape[baxis] // enc.block_size)
+        if int(np.prod(block_shape)) != len(enc.scale):
+            continue
+        order = np.arange(len(enc.scale))
+        if len(shape) == 2 and baxis == 0:  # written (channel, block): transposed back
+            order = order.reshape(block_shape[::-1]).T.reshape(-1)
+        return Encoding(enc.bitwidth, enc.signed, enc.symmetric, tuple(enc.scale[i] for i in order),
+                        tuple(enc.zero_point[i] for i in order), baxis, enc.block_size, tuple(block_shape))
+    raise EncodingsError(f"{source}: tensor {name!r} has {len(enc.scale)} block scales (block size {enc.block_size}), "
+                         f"which fit no Conv/Gemm/MatMul weight layout of its shape {shape}",
+                         "apply the encodings to the float model they were computed for")
+
+
 def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
     counts = plan.to_dict()["node_counts"]
     return {
@@ -556,6 +643,7 @@ def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
         "subgraphs": plan.subgraphs,
         "subgraph_qdq_ops": subgraph_qdq_counts(qdq),
         "subgraph_nodes_reading_dq": {k: v for k, v in quantized_nodes_in_bodies(qdq).items() if v},
+        "weights": plan.weight_layers(),
         "split_scale_groups": plan.split_groups,
         "mixed_range_operands": plan.mixed_operands,
         "qdq_model_ops": quantized_node_counts(qdq),
@@ -566,7 +654,10 @@ def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) ->
     out = {}
     for name, enc in plan.encodings.items():
         t = plan.tensors[name]
-        if enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
+        if enc.blocked:
+            entry = {**t.to_dict(), "blocks": len(enc.scale), "scale_min": min(enc.scale),
+                     "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
+        elif enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
             entry = {**t.to_dict(), "channels": len(enc.scale), "scale_min": min(enc.scale),
                      "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
         else:

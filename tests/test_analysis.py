@@ -279,3 +279,58 @@ def test_dead_weight_channel_is_negligible_not_worst(rng, tmp_path):
     assert entry["negligible_channels"] == [2]
     assert abs(num(entry["channel_sqnr_db"][2])) < 1e-6  # quantized to all zeros
     assert entry["worst_channel"] != 2 and num(entry["min_channel_sqnr_db"]) > 30
+
+
+def test_recommendations_differ_by_cause(rng, tmp_path):
+    """Depthwise net with per-channel weight ranges 2500x apart, quantized per tensor: CLE first. A MatMul net whose
+    input has two rare spikes (500 vs N(0, 1)): activations dominate, a range method first. Each with its evidence
+    and the flag, in the JSON, the HTML and the terminal summary."""
+    import torch
+
+    from converter import export_torch
+    from converter.analysis.analyzer import summary_text
+    from converter.pipeline import prepare
+
+    from .test_cle import DepthwiseNet
+
+    path = tmp_path / "dw.onnx"
+    export_torch(DepthwiseNet(torch.nn.ReLU6).eval(), torch.zeros(1, 3, 8, 8), path)
+    dw = prepare(str(path)).model
+    x = rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    steps = AnalysisConfig(eval_samples=16, layer_samples=4, steps=("split", "weights", "histograms"))
+    a = analyze(dw, [{dw.graph.input[0].name: x[i:i + 8]} for i in range(0, 32, 8)], QuantConfig(per_channel=False),
+                tmp_path / "dw", analysis=steps).report
+    first = a["recommendations"][0]
+    assert first["technique"] == "cle" and first["flag"] == "--cle --cle-relu6 min", a["recommendations"]
+    assert first["evidence"]["worst_spread"] >= 20 and first["evidence"]["wide_depthwise_layers"] == 1
+    assert first["evidence"]["weights_only_drop"] > first["evidence"]["activations_only_drop"]
+
+    w = gaussian_weights(rng, 2)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w0"], ["h0"], name="mm0"),
+             helper.make_node("MatMul", ["h0", "w1"], ["y"], name="mm1")]
+    graph = helper.make_graph(nodes, "spiky", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              [numpy_helper.from_array(v, f"w{i}") for i, v in enumerate(w)])
+    spiky = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    data = rng.normal(0, 1, (512, 16)).astype(np.float32)
+    data[[100, 300], [3, 7]] = 500.0  # two values in 8192
+    b = analyze(spiky, [{"x": data[i:i + 64]} for i in range(0, 512, 64)], QuantConfig(), tmp_path / "spiky",
+                analysis=steps).report
+    first = b["recommendations"][0]
+    assert first["technique"] == "range_method" and "--calib-method percentile" in first["flag"], b["recommendations"]
+    assert first["evidence"]["worst_ratio"] >= 8
+    assert first["evidence"]["activations_only_drop"] > first["evidence"]["weights_only_drop"]
+    assert all(r["technique"] != "cle" for r in b["recommendations"])
+    assert "--calib-method percentile" in (tmp_path / "spiky" / "report.html").read_text()
+    assert "1. range_method: --calib-method percentile" in summary_text(b)
+
+
+def test_channel_outliers_at_a_matmul_input_recommend_smoothquant(rng, tmp_path):
+    """Input channel 0 is 1000x the others in every sample (persistent per-channel outliers): SmoothQuant first."""
+    w = gaussian_weights(rng, 2)
+    r = analyze(matmul_chain(w), samples(rng, outlier_channel_scale=1000.0), QuantConfig(smoothquant=False),
+                tmp_path, analysis=AnalysisConfig(eval_samples=32, layer_samples=8, steps=("split", "histograms")))
+    first = r.report["recommendations"][0]
+    assert first["technique"] == "smoothquant" and first["flag"] == "--smoothquant", r.report["recommendations"]
+    assert first["evidence"]["worst_layer"] == "mm0" and first["evidence"]["worst_channel_ratio"] > 100

@@ -127,3 +127,29 @@ def test_cle_lowers_per_tensor_error_and_is_reported(tmp_path):
 def test_cle_relu6_choice_is_validated():
     with pytest.raises(ConfigError, match="cle_relu6"):
         QuantConfig(cle_relu6="drop")
+
+
+def test_relu6_min_runs_every_conv_on_integers_in_ort(tmp_path):
+    """cle_relu6=min: the Relu output gets its Q/DQ (the per-channel Min is a clamp sharing its encoding), so ORT
+    fuses every Conv into a QLinearConv and the Min runs on uint8; FP32 outputs unchanged."""
+    from converter.ort_session import optimized_op_counts
+
+    model = export(tmp_path, torch.nn.ReLU6)
+    name = model.graph.input[0].name
+    calib = [{name: b["x"] * 4} for b in batches(1)]
+    x = {name: batches(9, 1)[0]["x"] * 4}
+    ref = run(model, x)[0]
+    out = {}
+    for mode in ("keep", "min"):
+        r = quantize(model, calib, QuantConfig(per_channel=False, cle=True, cle_relu6=mode),
+                     output_dir=tmp_path / mode, name="m")
+        counts = optimized_op_counts(str(r.model_path))
+        assert counts.get("QLinearConv") == 3 and counts.get("Conv", 0) + counts.get("FusedConv", 0) == 0, counts
+        out[mode] = (counts, float(np.mean((run(r.model_path, x)[0] - ref) ** 2) / np.mean(ref**2)), r)
+    counts, err, r = out["min"]
+    assert counts.get("Min") == 2 and counts.get("DequantizeLinear", 0) == 1, counts  # no float DQ -> Min -> Q
+    assert r.report["cle"]["relu6"] == "min" and r.report["cle"]["fp32_changed"] is False
+    eq = copy(model)
+    equalize(eq, None, relu6="min")  # without high-bias absorption (exact only where its bound holds): FP32 exact
+    np.testing.assert_allclose(run(eq, x)[0], ref, rtol=1e-4, atol=1e-4)
+    assert err * 2 < out["keep"][1], (err, out["keep"][1])  # equalized through the ReLU6: lower per-tensor error

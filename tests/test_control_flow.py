@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from converter.calib.subgraphs import collect_subgraph_ranges
@@ -16,6 +17,7 @@ from converter.config import QuantConfig
 from converter.graph.passes import preprocess
 from converter.graph.scopes import scopes
 from converter.pipeline import apply_encodings, quantize
+from converter.quant.control_flow import quantized_nodes_in_bodies
 
 F = TensorProto.FLOAT
 
@@ -308,3 +310,80 @@ def test_captured_activation_keeps_the_outer_encoding_and_its_biases_follow(tmp_
     qdq = onnx.load(res.model_path)
     x = _data(1, 9, 1.5)[0]
     assert _cos(_run(model, x), _run(qdq, x)) > 0.99
+
+
+def _sensitive_if_model() -> onnx.ModelProto:
+    """All compute inside the then-branch of an If (taken whenever max(x) > -1e9, i.e. always): four MatMuls
+    whose second writes one huge outlier channel that the third ignores (tiny weights on it). Quantizing that
+    tensor with the outlier's range wipes out its other channels, so only ``mm3`` (which reads it: keeping it
+    in float removes that quantizer) needs float. The else-branch (never taken) is one MatMul."""
+    rng = np.random.default_rng(0)
+    w2 = rng.normal(0, 0.5, (32, 32)).astype(np.float32)
+    w2[:, 0] *= 2000
+    w3 = rng.normal(0, 0.5, (32, 32)).astype(np.float32)
+    w3[0, :] = 1e-5
+    inits = {"W1": rng.normal(0, 0.5, (16, 32)), "W2": w2, "W3": w3, "W4": rng.normal(0, 0.5, (32, 10)),
+             "W5": rng.normal(0, 0.5, (16, 10)), "low": np.array(-1e9)}
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+                              helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+                              helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+                              helper.make_node("MatMul", ["h2", "W3"], ["h3"], name="mm3"),
+                              helper.make_node("Relu", ["h3"], ["r3"], name="relu3"),
+                              helper.make_node("MatMul", ["r3", "W4"], ["yt"], name="mm4")], "then", [],
+                             [helper.make_tensor_value_info("yt", F, ["N", 10])])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "W5"], ["ye"], name="mm5")], "else", [],
+                              [helper.make_tensor_value_info("ye", F, ["N", 10])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["xm"], keepdims=0, name="xmax"),
+             helper.make_node("Greater", ["xm", "low"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "sensitive_if", [helper.make_tensor_value_info("x", F, ["N", 16])],
+                          [helper.make_tensor_value_info("y", F, ["N", 10])],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _matmul_data(seed: int, n: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, (8, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_search_keeps_the_sensitive_layer_inside_an_if_body_in_float(tmp_path, caplog):
+    from converter.search import AccuracyTarget, BuiltinEvaluator, auto_quantize
+
+    model = _sensitive_if_model()
+    evaluate = BuiltinEvaluator("cosine", model, _matmul_data(2))
+    with caplog.at_level(logging.WARNING, logger="converter"):
+        res = auto_quantize(model, _matmul_data(1), evaluate, AccuracyTarget(max_drop=0.001),
+                            QuantConfig(smoothquant=False), output_dir=tmp_path, latency_runs=3)
+    assert "plans the main graph only" not in caplog.text
+    s = res.report["search"]
+    body = "branch/then_branch"
+    # mm5's output is never calibrated (its branch is never taken), its input x and weight are
+    assert s["subgraph_layers"] == {body: ["mm1", "mm2", "mm3", "mm4"], "branch/else_branch": ["mm5"]}
+    assert s["ranking"][0]["name"] == "mm3" and s["ranking"][0]["subgraph"] == body
+    assert s["ranking"][0]["cosine"] < 0.5 < s["ranking"][1]["cosine"]  # propagated through the If
+    assert s["evaluations"][1]["metric"] < s["threshold"]  # all INT8 misses the target
+    assert s["met"] and [(x["name"], x["subgraph"]) for x in s["fallback_layers"]] == [("mm3", body)]
+    assert all(x["macs"] > 0 for x in s["ranking"])  # estimated from static shapes inside the body
+    # the written model: measured again in ONNX Runtime, it meets the target, with the body quantized but mm3
+    assert evaluate(str(res.model_path)) == pytest.approx(s["final_metric"]) and s["final_metric"] >= s["threshold"]
+    written = onnx.load(str(res.model_path))
+    assert quantized_nodes_in_bodies(written)[body] == 3  # mm1, mm2, mm4 read dequantized inputs
+    then = next(sc.graph for sc in scopes(written) if sc.path == body)
+    mm3 = next(n for n in then.node if n.name == "mm3")
+    dq_out = {o for n in then.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert not set(mm3.input) & dq_out  # mm3 reads h2 and W3 in float
+
+
+def test_search_honours_quantize_subgraphs_off(tmp_path):
+    from converter.search import AccuracyTarget, BuiltinEvaluator, auto_quantize
+
+    model = _sensitive_if_model()
+    res = auto_quantize(model, _matmul_data(1), BuiltinEvaluator("cosine", model, _matmul_data(2)),
+                        AccuracyTarget(max_drop=0.001), QuantConfig(smoothquant=False, quantize_subgraphs=False),
+                        output_dir=tmp_path, latency=False)
+    s = res.report["search"]
+    assert s["subgraph_layers"] == {} and s["ranking"] == [] and s["met"]
+    assert sum(_body_qdq(onnx.load(str(res.model_path))).values()) == 0

@@ -415,13 +415,15 @@ BAD = {
     "100 offset below range": (v100(offset=[-256, -127]), "offset"),
     "200 zero point out of range": (v200(y_zero_point=[0, 128]), "y_zero_point"),
     # unsupported kinds
-    "100 per-block": (v100(enc_type="PER_BLOCK", block_size=64), "enc_type"),
+    "100 LPBQ": (v100(enc_type="LPBQ", block_size=64), "enc_type"),  # PER_BLOCK is read (test_block_weights.py)
+    "100 per-block without size": (v100(enc_type="PER_BLOCK"), "block_size"),
     "100 3 bits": (v100(bw=3), "bw"),  # 4 bits is read (int4 weights)
     "100 asymmetric 32 bits": (v100(bw=32, is_sym=False), "bw"),
     "100 dtype": (v100(dtype="BF16"), "dtype"),
     "061 dtype": (v061(dtype="fixed"), "dtype"),
     "200 dtype": (v200(output_dtype="int2"), "output_dtype"),
-    "200 block_size": (v200(block_size=32), "block_size"),
+    "200 block axis beyond the scale": (v200(block_size=32, axis=1), "y_scale"),
+    "200 LPBQ": (v200(block_size=32, per_block_int_scale=[1, 2]), "per_block_int_scale"),
     # duplicate
     "100 duplicate name": ({**EXAMPLE_100, "param_encodings": EXAMPLE_100["param_encodings"] * 2}, "name"),
 }

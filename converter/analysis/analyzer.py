@@ -20,6 +20,9 @@ with :func:`~converter.quant.qdq.render_qdq` and a subset of its encodings:
 ``histograms``   per layer output, the calibration histogram with the encoding range marked, and the
                  fraction of calibration values the range clips.
 
+Then :func:`converter.analysis.recommend.recommend` names the techniques to try, each with its evidence and
+flag (``recommendations`` in the report, the HTML summary and the terminal).
+
 Work is bounded: the whole-model metrics use ``eval_samples`` samples, the per-layer steps
 ``layer_samples`` (a few); histograms are rebinned to ``histogram_bins`` bins. The metric is a
 built-in (:data:`~converter.analysis.metrics.MODEL_METRICS`) or the user's
@@ -60,6 +63,7 @@ from ..quant.rules import weight_axis
 from ..stats import TensorStats, sqnr_db
 from .compare import dequantized_name_map, with_outputs
 from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
+from .recommend import channel_outlier_ratios, recommend, recommendation_lines
 
 log = logging.getLogger("converter")
 
@@ -368,7 +372,7 @@ def step_weights(prep: Prepared, rows: dict[str, dict]) -> None:
         values = prep.idx.constant(w).astype(np.float32)
         enc = prep.plan.encodings[w]
         fq = enc.fake_quantize(values)
-        axis = enc.axis if enc.per_channel else weight_axis(by_name[layer.name], prep.idx)
+        axis = enc.axis if enc.per_channel and not enc.blocked else weight_axis(by_name[layer.name], prep.idx)
         entry: dict[str, Any] = {"tensor": w, "shape": list(values.shape), "per_channel": enc.per_channel,
                                  "sqnr_db": sqnr_db(values, fq)}
         if axis is not None and values.ndim > axis:
@@ -510,6 +514,8 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     ranked = rank_layers(list(rows.values()))
     report["layers"] = list(rows.values())
     report["worst_layers"] = [r["name"] for r in ranked[:cfg.worst]]
+    ratios = channel_outlier_ratios(prep.model, prep.idx, layer_batches, prep.calibration["providers"])
+    report["recommendations"] = recommend(report, prep.model, prep.idx, prep.observers, config, ratios)
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return write_report(report, out_dir)
@@ -607,4 +613,6 @@ def summary_text(report: dict[str, Any]) -> str:
         parts = [f"only-this-quantized {sens:.5f}" if isinstance(sens, float) else "",
                  f"shadow SQNR {shadow:.1f} dB" if isinstance(shadow, float) else ""]
         lines.append(f"  {name} ({r['label']}): " + ", ".join(p for p in parts if p))
+    if "recommendations" in report:
+        lines += recommendation_lines(report["recommendations"])
     return "\n".join(lines)

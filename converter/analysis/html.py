@@ -269,6 +269,14 @@ def _summary(r: dict[str, Any]) -> str:
             extra.append(f'shadow SQNR {fmt(x["shadow"]["sqnr_db"], 3)} dB')
         worst.append(f'<li><code>{esc(name)}</code> ({esc(x["label"])}) {esc(", ".join(extra))}</li>')
     cards.append(f'<div class="card" id="worst"><h3>Worst layers</h3><ol>{"".join(worst)}</ol></div>')
+    if "recommendations" in r:
+        items = []
+        for rec in r["recommendations"]:
+            ev_text = ", ".join(f"{k} {v}" for k, v in rec["evidence"].items() if v is not None)
+            items.append(f'<li><b>{esc(rec["technique"])}</b>: <code>{esc(rec["flag"])}</code><br>'
+                         f'{esc(rec["reason"])}<br><small>evidence: {esc(ev_text)}</small></li>')
+        body = f'<ol>{"".join(items)}</ol>' if items else "<p>none: no evidence for a technique</p>"
+        cards.append(f'<div class="card" id="recommendations"><h3>What to try (in order)</h3>{body}</div>')
     return f'<section><h2>Summary</h2><div class="cards">{"".join(cards)}</div></section>'
 
 

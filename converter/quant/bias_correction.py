@@ -1,4 +1,5 @@
-"""Empirical bias correction: quantized layers' mean outputs brought back to the float model's.
+"""Bias correction: quantized layers' mean outputs brought back to the float model's, measured (empirical) or
+computed from BatchNorm statistics (analytical).
 
 Rounding weights (and the activations feeding a layer) shifts the mean of its output per channel: with
 per-tensor weights a depthwise channel whose weights are a few quantization steps wide is off by a constant,
@@ -16,6 +17,20 @@ EfficientNet-Lite0 (the total shift grew, so nothing was kept). The measurement 
 (:data:`ROUNDS` rounds: a layer's input mean moves as earlier layers are corrected). The bias's int32 encoding is
 recomputed each round (its scale does not change: it is input scale x weight scale).
 
+**Analytical** (DFQ, Nagel et al. 2019, section 4.2; AIMET's analytical bias correction): where a layer's input
+comes from a BatchNorm, optionally through Relu / Clip / a clamp (``Min``/``Max`` against a constant), its
+per-channel input is modelled as ``N(beta, gamma^2)`` clipped to the activation's bounds, so without any data::
+
+    E[x_c] = E[clip(N(beta_c, gamma_c^2), lo_c, hi_c)]
+           = lo Phi(a) + hi (1 - Phi(b)) + beta (Phi(b) - Phi(a)) + gamma (phi(a) - phi(b))
+    a = (lo - beta) / gamma,  b = (hi - beta) / gamma
+    b  <-  b - (W_q - W) E[x]      (summed over input channels and kernel positions; W_q the dequantized weight)
+
+It corrects the weights' rounding only (not the input's), and the statistics come from the BatchNorm as the
+model holds it (:func:`batchnorm_statistics`, read before preprocessing folds it into the Conv; cross-layer
+equalization's per-channel scaling and absorbed bias update them: :func:`equalized_statistics`). Padding is
+ignored (a padded border reads 0, not ``E[x]``).
+
 The corrected float biases are written into the prepared float model, so the QDQ model carries them; an
 encodings file applied to the original float model (``apply-encodings``) does not.
 """
@@ -23,6 +38,7 @@ encodings file applied to the original float model (``apply-encodings``) does no
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -31,7 +47,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calib.runner import iter_capture
-from ..graph.index import GraphIndex
+from ..graph.index import GraphIndex, attr
 from .plan import QuantPlan
 from .qdq import render_qdq
 
@@ -39,6 +55,7 @@ log = logging.getLogger("converter")
 
 ROUNDS = 2
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
+MODES = ("empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else empirical
 
 
 @dataclass
@@ -48,10 +65,12 @@ class Corrected:
     shift_before: float  # mean |E[y_q] - E[y]| over channels, before any correction
     shift_after: float  # the same, measured after the last round
     max_correction: float
+    kind: str = "empirical"  # or "analytical" (then the shifts are the computed E[(W_q - W) x], after: 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "channels": self.channels, "mean_shift_before": self.shift_before,
-                "mean_shift_after": self.shift_after, "max_correction": self.max_correction}
+        return {"node": self.node, "kind": self.kind, "channels": self.channels,
+                "mean_shift_before": self.shift_before, "mean_shift_after": self.shift_after,
+                "max_correction": self.max_correction}
 
 
 def corrected_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -> list[onnx.NodeProto]:
@@ -110,10 +129,11 @@ def _with_float_twins(qdq: onnx.ModelProto, layers: list[onnx.NodeProto], weight
 
 def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                    reencode: Callable[[], None], batches: Iterable[dict[str, np.ndarray]], providers: list[str],
-                   rounds: int = ROUNDS) -> list[Corrected]:
+                   rounds: int = ROUNDS, skip: set[str] | frozenset[str] = frozenset()) -> list[Corrected]:
     """Correct the biases of ``model`` in place (see the module doc); ``reencode()`` recomputes
-    ``plan.encodings`` from the model's current constants. Returns what changed, per layer."""
-    layers = corrected_layers(model, plan, idx)
+    ``plan.encodings`` from the model's current constants. Returns what changed, per layer (not those in
+    ``skip``: corrected analytically)."""
+    layers = [n for n in corrected_layers(model, plan, idx) if n.name not in skip]
     if not layers:
         return []
     batches = list(batches)
@@ -140,4 +160,152 @@ def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                      float(np.abs(idx.constant(n.input[2]) - original[n.name]).max())) for n in layers]
     log.info("bias correction: %d layer(s); mean |output shift| %.3g -> %.3g", len(out),
              np.mean([c.shift_before for c in out]), np.mean([c.shift_after for c in out]))
+    return out
+
+
+Stats = dict[str, tuple[np.ndarray, np.ndarray]]  # tensor -> per-channel (mean, std) of a BatchNorm output
+
+
+def batchnorm_statistics(model: onnx.ModelProto) -> Stats:
+    """``{BatchNorm output: (beta, |gamma|)}`` for the BatchNorms with constant parameters (inference mode):
+    what the folded Conv's output looks like per channel. Read before folding (the fold keeps the output name)."""
+    idx = GraphIndex.build(model)
+    out: Stats = {}
+    for bn in model.graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or attr(bn, "training_mode", 0):
+            continue
+        gamma, beta = idx.constant(bn.input[1]), idx.constant(bn.input[2])
+        if gamma is None or beta is None or gamma.ndim != 1 or gamma.shape != beta.shape:
+            continue
+        out[bn.output[0]] = (beta.astype(np.float64), np.abs(gamma.astype(np.float64)))
+    return out
+
+
+def equalized_statistics(stats: Stats, tensor: str, scale: np.ndarray, shift: np.ndarray) -> None:
+    """CLE divided channel ``c`` of ``tensor`` by ``scale[c]`` and subtracted ``shift[c]`` (absorbed bias)."""
+    if tensor in stats and len(stats[tensor][0]) == len(scale):
+        mean, std = stats[tensor]
+        stats[tensor] = (mean / scale - shift, std / scale)
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _cdf(z: np.ndarray) -> np.ndarray:
+    return np.where(np.isposinf(z), 1.0, np.where(np.isneginf(z), 0.0, 0.5 * (1.0 + _erf(z / math.sqrt(2)))))
+
+
+def _pdf(z: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(z), np.exp(-0.5 * np.square(np.where(np.isfinite(z), z, 0.0))), 0.0) \
+        / math.sqrt(2 * math.pi)
+
+
+def clipped_normal_mean(mean: np.ndarray, std: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``E[clip(X, lo, hi)]``, ``X ~ N(mean, std^2)`` per channel (module doc); ``lo``/``hi`` may be infinite."""
+    mean, std = np.asarray(mean, np.float64), np.maximum(np.asarray(std, np.float64), 1e-12)
+    lo, hi = np.broadcast_to(lo, mean.shape).astype(np.float64), np.broadcast_to(hi, mean.shape).astype(np.float64)
+    a, b = (lo - mean) / std, (hi - mean) / std
+    ca, cb = _cdf(a), _cdf(b)
+    low = np.where(np.isfinite(lo), lo, 0.0) * ca  # an infinite bound contributes nothing
+    high = np.where(np.isfinite(hi), hi, 0.0) * (1.0 - cb)
+    return low + high + mean * (cb - ca) + std * (_pdf(a) - _pdf(b))
+
+
+def _bounds(node: onnx.NodeProto, idx: GraphIndex, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (lo, hi) that ``node`` clips its data input to, or None when it is no clip."""
+    lo, hi = np.full(channels, -np.inf), np.full(channels, np.inf)
+    if node.op_type == "Relu":
+        return np.zeros(channels), hi
+    if node.op_type == "Clip":
+        for pos, default in ((1, lo), (2, hi)):
+            if len(node.input) > pos and node.input[pos]:
+                c = idx.constant(node.input[pos])
+                if c is None or c.size != 1:
+                    return None
+                default[:] = float(c)
+        for a in node.attribute:  # opset < 11
+            if a.name in ("min", "max"):
+                (lo if a.name == "min" else hi)[:] = a.f
+        return lo, hi
+    if node.op_type in ("Min", "Max") and len(node.input) == 2:
+        const = [idx.constant(t) if idx.is_constant(t) else None for t in node.input]
+        c = next((v for v in const if v is not None), None)
+        if c is None or all(v is not None for v in const):
+            return None
+        if c.size == 1:
+            c = np.full(channels, float(c))
+        elif c.size == channels and c.ndim >= 2 and c.shape[1] == channels:
+            c = c.reshape(-1).astype(np.float64)
+        else:
+            return None
+        return (lo, c) if node.op_type == "Min" else (c, hi)
+    return None
+
+
+def expected_input(idx: GraphIndex, tensor: str, stats: Stats) -> np.ndarray | None:
+    """Per-channel ``E[tensor]`` from the BatchNorm statistics it comes from, through Relu / Clip / clamps; None
+    where no BatchNorm statistics reach it."""
+    clips = []
+    while tensor not in stats:
+        node = idx.producer.get(tensor)
+        if node is None or node.op_type not in ("Relu", "Clip", "Min", "Max"):
+            return None
+        data = next((t for t in node.input if t and not idx.is_constant(t)), None)
+        if data is None:
+            return None
+        clips.append(node)
+        tensor = data
+    mean, std = stats[tensor]
+    lo, hi = np.full(len(mean), -np.inf), np.full(len(mean), np.inf)
+    for node in reversed(clips):  # innermost first: clip(clip(x, a), b) = clip(x, max(lo)/min(hi))
+        b = _bounds(node, idx, len(mean))
+        if b is None:
+            return None
+        lo, hi = np.maximum(lo, b[0]), np.minimum(hi, b[1])
+    return clipped_normal_mean(mean, std, lo, hi)
+
+
+def _weight_error_times(w: np.ndarray, wq: np.ndarray, node: onnx.NodeProto, ex: np.ndarray) -> np.ndarray | None:
+    """``(W_q - W) E[x]`` per output channel for a Conv (regular or depthwise) or Gemm, else None."""
+    e = (wq.astype(np.float64) - w.astype(np.float64))
+    if node.op_type == "Gemm":
+        e = e if attr(node, "transB", 0) else e.T  # (out, in)
+        return e @ ex if e.shape[1] == len(ex) else None
+    if node.op_type != "Conv":
+        return None
+    group = attr(node, "group", 1)
+    per_in = e.reshape(e.shape[0], e.shape[1], -1).sum(axis=2)  # (out, in per group)
+    if group == 1:
+        return per_in @ ex if per_in.shape[1] == len(ex) else None
+    cin = per_in.shape[1]
+    if cin * group != len(ex):
+        return None
+    outs_per_group = e.shape[0] // group
+    xs = ex.reshape(group, cin)[np.arange(e.shape[0]) // outs_per_group]  # (out, in per group)
+    return (per_in * xs).sum(axis=1)
+
+
+def correct_analytically(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, stats: Stats,
+                         reencode: Callable[[], None]) -> list[Corrected]:
+    """Analytical bias correction (module doc) of the quantized layers whose input BatchNorm statistics reach;
+    no data. ``reencode()`` recomputes ``plan.encodings`` afterwards (the bias encodings follow the biases)."""
+    out = []
+    for node in corrected_layers(model, plan, idx):
+        ex = expected_input(idx, node.input[0], stats)
+        w_name, b_name = node.input[1], node.input[2]
+        if ex is None or w_name not in plan.encodings:
+            continue
+        w = idx.constant(w_name)
+        wq = plan.encodings[w_name].fake_quantize(w)
+        shift = _weight_error_times(w, wq, node, ex)
+        b = numpy_helper.to_array(idx.initializers[b_name])
+        if shift is None or shift.shape != b.shape:
+            continue
+        idx.initializers[b_name].CopyFrom(numpy_helper.from_array((b - shift).astype(b.dtype), b_name))
+        out.append(Corrected(node.name, len(b), float(np.abs(shift).mean()), 0.0, float(np.abs(shift).max()),
+                             "analytical"))
+    if out:
+        reencode()
+        log.info("analytical bias correction: %d layer(s) from BatchNorm statistics; mean |E[(W_q - W) x]| %.3g",
+                 len(out), np.mean([c.shift_before for c in out]))
     return out

@@ -18,19 +18,19 @@ depthwise), where each tensor between them has that one reader and the weights a
 a per-channel upper bound ``6 / s_i``, which Clip cannot hold. Three ways (``relu6``):
 
 * ``"min"``: the Clip becomes ``Relu`` followed by ``Min`` with the per-channel constant ``6 / s_i``: exact
-  (FP32 unchanged). But the QDQ model then has no Q/DQ between the Relu and the Min, so ONNX Runtime runs the
-  Conv + Relu before each Min as a float FusedConv (fake-quantized weights, unquantized output): on
-  EfficientNet-Lite0 32 of 49 Convs, 17 QLinearConv left, batch-1 latency 5.4 -> 25.8 ms. Its accuracy figures are
-  therefore not clean W8A8; a Q/DQ on the Relu output (so Conv + Relu fuse to QLinearConv) is still to do.
+  (FP32 unchanged). The plan treats that ``Min`` as a clamp sharing its input's encoding
+  (:func:`converter.quant.rules.node_rule`), so the Relu output gets its Q/DQ and ORT fuses Conv + Relu into a
+  QLinearConv; the renderer runs the ``Min`` on uint8 (:mod:`converter.quant.qdq`). EfficientNet-Lite0: all 49
+  Convs QLinearConv (before this, 32 ran as float FusedConv, batch-1 latency 5.4 -> 25.8 ms).
 * ``"replace"`` (AIMET's choice): the Clip becomes a Relu; FP32 outputs change (activations above 6 pass) and
   the report lists the replaced nodes.
 * ``"keep"`` (default): pairs joined by a ReLU6 are skipped (FP32 unchanged; on models built of ReLU6 blocks little is
   equalized).
 
 Measured on EfficientNet-Lite0 (every activation a ReLU6), per-tensor W8A8, top-1 of 900 held-out ImageNet
-samples (FP32 799, per-channel 789): no CLE 730, keep 733 (2 pairs), replace 553 (the FP32 model itself breaks:
-77% top-1 agreement with the original on 64 images), min 785 (34 pairs, with high-bias absorption), min + bias
-correction 792.
+samples (FP32 799, per-channel 789): no CLE 729, keep 733 (2 pairs), replace 553 (the FP32 model itself breaks:
+77% top-1 agreement with the original on 64 images), min 788 (34 pairs, with high-bias absorption, every Conv
+integer); tools/ptq_techniques.py has the rows.
 
 **High-bias absorption**: after scaling, a channel whose pre-activation never falls below ``c_i > 0`` (Relu,
 PRelu, or Relu + Min where the Min's bound becomes ``6 / s_i - c_i``, between the layers) carries a constant
@@ -75,6 +75,11 @@ class Pair:
     range_ratio_after: float = 0.0
     absorbed: float = 0.0  # mean absorbed bias over the channels
     absorbed_channels: int = 0
+    shift: np.ndarray | None = field(default=None, repr=False)  # per-channel bias absorbed from the first layer
+
+    def __post_init__(self) -> None:
+        if self.shift is None:
+            self.shift = np.zeros(self.channels)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.scale
@@ -265,6 +270,9 @@ def _per_channel_min(model: onnx.ModelProto, pairs: list[Pair], bounds: dict[str
             (hi / p.scale).astype(np.float32).reshape(1, -1, *([1] * (rank - 2))), bound))
         out = act.output[0]
         act.output[0] = f"{out}/relu"
+        typed = [vi for vi in model.graph.value_info if vi.name == out]  # the Relu output keeps the type/shape
+        if typed:
+            model.graph.value_info.append(onnx.helper.make_value_info(act.output[0], typed[0].type))
         nodes.insert(nodes.index(act) + 1, onnx.helper.make_node("Min", [act.output[0], bound], [out],
                                                                  name=f"{act.name}/ClipMin"))
     del model.graph.node[:]
@@ -341,3 +349,4 @@ def _absorb_high_bias(model: onnx.ModelProto, pairs: list[Pair], kinds: dict[str
         _set_bias(model, idx, b, (b2 + shift).astype(dtype))
         p.absorbed = float(c.mean())
         p.absorbed_channels = int((c > 0).sum())
+        p.shift = c

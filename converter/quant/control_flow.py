@@ -47,15 +47,16 @@ class SubPlan:
     plan: QuantPlan
 
 
-def plan_subgraphs(model: onnx.ModelProto, config) -> list[SubPlan]:
-    """One plan per body (innermost first); bodies with nothing to quantize are skipped."""
+def plan_subgraphs(model: onnx.ModelProto, config, warn: bool = True) -> list[SubPlan]:
+    """One plan per body (innermost first); bodies with nothing to quantize are skipped. ``warn``: name the
+    captures of unknown type (once per run: the search plans the bodies again for every try)."""
     out = []
     for scope in scopes(model):
         w = wrapper(scope, model)
         idx = GraphIndex.build(w)
         plan = build_plan(w, config, idx)
         unknown = unknown_captures(scope)
-        if unknown:
+        if unknown and warn:
             readers = [n.name for n in scope.graph.node if set(n.input) & set(unknown)
                        and plan.nodes.get(n.name) is not None and plan.nodes[n.name].status != "not-float"]
             if readers:
@@ -71,8 +72,9 @@ def subgraph_activations(subs: list[SubPlan]) -> list[str]:
     return list(dict.fromkeys(t.name for s in subs for t in s.plan.by_role(ACTIVATION)))
 
 
-def drop_uncalibrated(subs: list[SubPlan], unreached: list[str]) -> list[str]:
-    """Leave tensors without a range (and their scale groups, and biases built on them) in float; warn."""
+def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], warn: bool = True) -> list[str]:
+    """Leave tensors without a range (and their scale groups, and biases built on them) in float; warn
+    (unless ``warn`` is off: a plan made again after the calibration that already named them)."""
     missing = set(unreached)
     dropped: list[str] = []
     for s in subs:
@@ -85,11 +87,12 @@ def drop_uncalibrated(subs: list[SubPlan], unreached: list[str]) -> list[str]:
         names = [n for n in plan.tensors if n in missing and plan.tensors[n].role == ACTIVATION]
         mates = len([n for n in gone if n not in missing and plan.tensors[n].role == ACTIVATION])
         captured = [n for n in names if n in set(s.scope.captures())]
-        log.warning("%s: %d tensor(s) got no calibration values (a branch the data never takes, or a loop that "
-                    "never runs): %s%s; left in float%s, the rest is quantized", s.scope.path, len(names),
-                    ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else ""),
-                    f" (captured from the enclosing graph: {', '.join(repr(n) for n in captured[:3])})"
-                    if captured else "", f" with {mates} tensor(s) sharing their encodings" if mates else "")
+        if warn:
+            log.warning("%s: %d tensor(s) got no calibration values (a branch the data never takes, or a loop that "
+                        "never runs): %s%s; left in float%s, the rest is quantized", s.scope.path, len(names),
+                        ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else ""),
+                        f" (captured from the enclosing graph: {', '.join(repr(n) for n in captured[:3])})"
+                        if captured else "", f" with {mates} tensor(s) sharing their encodings" if mates else "")
         for n in gone:
             del plan.tensors[n]
         dropped += names

@@ -1,6 +1,10 @@
 """Fill ``plan.encodings`` from calibration statistics (activations) and values (weights, biases).
 
-* Activations: one encoding per scale group, from the union of its members' ranges.
+* Activations: one encoding per scale group, from the union of its members' ranges. The input of a clamp
+  (``Min``/``Max`` against a constant, :func:`converter.quant.rules.node_rule`) in its output's group counts
+  only up to the output's max (``Min``; down to its min for ``Max``): values past it are clamped anyway, so the
+  Q saturating them first changes nothing on the calibration data (``min(min(x, M), B) = min(x, B)`` while
+  ``min(x, B) <= M``), and a Relu output that a per-channel bound cuts does not widen the group's scale.
 * Weights: symmetric int8, per channel along the rule's axis (or per tensor), from max |w|
   (``minmax``) or from the clipping bound that minimises each channel's quantization MSE (``mse``).
 * Biases: int32, zero point 0, ``scale = input_scale * weight_scale`` (per output channel), as
@@ -19,6 +23,7 @@ from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
 from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
+from .rules import clamp_input
 from .scale_groups import mixed_operands, split_mixed_groups
 
 _INT32_MAX = 2**31 - 1
@@ -29,8 +34,12 @@ _MSE_RATIOS = np.linspace(0.3, 1.0, 71, dtype=np.float32)  # clipping bounds tri
 _MSE_CHUNK = 1 << 22  # weight values per vectorised step of the MSE search (bounds its temporaries)
 
 
-def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "minmax") -> Encoding:
-    """Symmetric encoding of a weight tensor (per channel along ``axis``, or per tensor)."""
+def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "minmax",
+                    block_size: int | None = None, block_axis: int | None = None) -> Encoding:
+    """Symmetric encoding of a weight tensor: per channel along ``axis``, or per tensor; block-wise when
+    ``block_size`` is given (one scale per ``block_size`` elements of ``block_axis`` and channel of ``axis``)."""
+    if block_size is not None:
+        return blocked_weight_encoding(w, bits, axis, block_size, block_axis, method)
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
     amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))
     if method == "mse":
@@ -38,6 +47,31 @@ def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "m
     if axis is None:
         return encoding_from_range(-float(amax[0]), float(amax[0]), bits, True, True)
     return encoding_from_range(-amax, amax, bits, True, True, axis)
+
+
+def blocked_weight_encoding(w: np.ndarray, bits: int, axis: int, block_size: int, block_axis: int,
+                            method: str = "minmax") -> Encoding:
+    """Block-wise symmetric encoding: the weight's ``block_axis`` cut into blocks of ``block_size`` (the last one
+    ragged where the axis does not divide), each block of each channel (``axis``) its own max |w| (or MSE
+    clipping); dims other than these two are covered whole (a Conv kernel's). Scale array shape: 1 on the other
+    dims, ceil(D / block_size) on ``block_axis``, the channel count on ``axis``."""
+    d = w.shape[block_axis]
+    blocks = -(-d // block_size)
+    pad = [(0, 0)] * w.ndim
+    pad[block_axis] = (0, blocks * block_size - d)  # zeros: they change neither the max nor the MSE's choice
+    x = np.pad(w.astype(np.float32), pad)
+    x = np.moveaxis(x, (axis, block_axis), (0, 1))  # channels, K (padded), rest...
+    x = x.reshape(x.shape[0], blocks, block_size, -1).reshape(x.shape[0] * blocks, -1)  # (channel, block) rows
+    amax = np.abs(x).max(axis=1)
+    if method == "mse":
+        amax = mse_weight_absmax(x, amax, 2 ** (bits - 1) - 1)
+    shape = [1] * w.ndim
+    shape[axis], shape[block_axis] = w.shape[axis], blocks
+    amax = amax.reshape(w.shape[axis], blocks)
+    if axis > block_axis:
+        amax = amax.T
+    enc = encoding_from_range(-amax.reshape(-1), amax.reshape(-1), bits, True, True, block_axis)
+    return Encoding(bits, True, True, enc.scale, enc.zero_point, block_axis, block_size, tuple(shape))
 
 
 def mse_weight_absmax(rows: np.ndarray, amax: np.ndarray, levels: int) -> np.ndarray:
@@ -60,6 +94,8 @@ def mse_weight_absmax(rows: np.ndarray, amax: np.ndarray, levels: int) -> np.nda
 def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> tuple[Encoding, Encoding]:
     """Bias encoding, and the weight encoding (raised where a channel's bias would overflow int32)."""
     s_in = np.float32(input_enc.scale[0])
+    if weight_enc.blocked:
+        return _blocked_bias_encoding(b, s_in, weight_enc)
     s_w = weight_enc.scale_array()
     need = (np.abs(b.astype(np.float64)) / (float(s_in) * _INT32_MAX)).astype(np.float32)
     # s_in * s_w must also stay a normal float32 (16-bit activations times near-zero weight channels underflow)
@@ -75,6 +111,26 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
     return Encoding(32, True, True, tuple(scale.tolist()), (0,) * len(scale), axis), weight_enc
 
 
+def _blocked_bias_encoding(b: np.ndarray, s_in: np.float32, weight_enc: Encoding) -> tuple[Encoding, Encoding]:
+    """Beside a block-wise weight the bias has one scale per output channel: the input scale times the channel's
+    largest block scale (no one product fits every block; ONNX Runtime adds the bias in float after the blocked
+    MatMul/Conv anyway). Block scales of a channel whose bias would overflow int32 are raised to fit."""
+    need = (np.abs(b.astype(np.float64)) / (float(s_in) * _INT32_MAX)).astype(np.float32)
+    need = np.maximum(need, np.float32(2 * np.finfo(np.float32).tiny / float(s_in)))
+    chan = weight_enc.channel_scales()
+    if np.any(need > chan):
+        blocks = weight_enc.scale_array().reshape(weight_enc.block_shape)
+        floor = np.expand_dims((need * np.float32(1.0001)).reshape(
+            [n for i, n in enumerate(weight_enc.block_shape) if i != weight_enc.axis]), weight_enc.axis)
+        blocks = np.where(np.expand_dims(need > chan, weight_enc.axis).reshape(floor.shape),
+                          np.maximum(blocks, floor), blocks).astype(np.float32)
+        weight_enc = Encoding(weight_enc.bitwidth, True, True, tuple(blocks.reshape(-1).tolist()),
+                              weight_enc.zero_point, weight_enc.axis, weight_enc.block_size, weight_enc.block_shape)
+        chan = weight_enc.channel_scales()
+    scale = (s_in * chan).astype(np.float32)
+    return Encoding(32, True, True, tuple(scale.tolist()), (0,) * len(scale), 0), weight_enc
+
+
 def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str | Mapping[str, str],
                       config: Any) -> None:
     """``method``: one calibration method for every activation, or a mapping tensor -> method (the
@@ -83,6 +139,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
     ranges = {t.name: observer_range(observers[t.name], method.get(t.name, "minmax") if isinstance(method, Mapping)
                                      else method, percentile, t.symmetric, t.bitwidth)
               for t in plan.by_role(ACTIVATION)}
+    _cap_clamp_inputs(plan, idx, ranges)
     max_loss = getattr(config, "max_shared_scale_loss_bits", None)
     plan.split_groups = split_mixed_groups(plan, idx, ranges, max_loss) if max_loss is not None else []
     plan.mixed_operands = mixed_operands(plan, idx, ranges, max_loss if max_loss is not None else 3.0)
@@ -98,7 +155,8 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
     for t in plan.by_role(WEIGHT):
         if t.name in plan.frozen_weights and t.name in plan.encodings:
             continue
-        plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method)
+        plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method,
+                                                 t.block_size, t.block_axis)
     for t in plan.by_role(BIAS):
         act, w = t.bias_of
         if act not in plan.encodings or w not in plan.encodings:
@@ -110,6 +168,18 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         plan.encodings[w] = raised
     # keep the plan's order (graph order) in the encodings dict
     plan.encodings = {n: plan.encodings[n] for n in plan.tensors if n in plan.encodings}
+
+
+def _cap_clamp_inputs(plan: QuantPlan, idx: GraphIndex, ranges: dict[str, tuple[float, float]]) -> None:
+    """The range of a clamp's input cut at its output's bound, where both share one encoding (module doc)."""
+    for t in plan.by_role(ACTIVATION):
+        node = idx.producer.get(t.name)
+        slot = clamp_input(node, idx) if node is not None else None
+        x = node.input[slot] if slot is not None else None
+        if x not in ranges or plan.tensors[x].group != t.group:
+            continue
+        (lo, hi), (out_lo, out_hi) = ranges[x], ranges[t.name]
+        ranges[x] = (lo, min(hi, out_hi)) if node.op_type == "Min" else (max(lo, out_lo), hi)
 
 
 def activation_tensors(plan: QuantPlan) -> list[str]:

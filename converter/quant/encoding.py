@@ -18,6 +18,15 @@ places that convert between the two conventions.
 Scales are kept as float32 values (stored in Python floats): a float32 printed by ``repr`` of its
 float64 widening reads back to the same float32, which is what makes the encodings file round trip
 byte-exact.
+
+Block-wise weights (ONNX opset 21 blocked DequantizeLinear) carry one scale per *block*: ``axis`` is then
+the blocked axis (the input-channel axis of a Conv/Gemm/MatMul weight), ``block_size`` the number of its
+elements a block spans, and ``block_shape`` the shape of the scale array: the weight's shape with the blocked
+axis divided by the block size (rounded up: the last block may be ragged, ONNX allows it) and 1 where one
+scale covers the whole dimension (the kernel dims of a Conv: a block is ``block_size`` input channels times
+the whole kernel, as in AIMET). ``scale``/``zero_point`` hold the array in C order. Example: a MatMul weight
+``[K=72, N=16]`` with blocks of 32 has ``axis=0``, ``block_shape=(3, 16)``; a Conv weight ``[O, I=64, 3, 3]``
+has ``axis=1``, ``block_shape=(O, 2, 1, 1)``.
 """
 
 from __future__ import annotations
@@ -67,8 +76,18 @@ class Encoding:
     scale: tuple[float, ...]
     zero_point: tuple[int, ...]
     axis: int | None = None
+    block_size: int | None = None  # block-wise: elements of ``axis`` one scale spans
+    block_shape: tuple[int, ...] | None = None  # block-wise: shape of the scale array
 
     def __post_init__(self) -> None:
+        if (self.block_size is None) != (self.block_shape is None):
+            raise ValueError("block_size and block_shape go together")
+        if self.block_size is not None:
+            object.__setattr__(self, "block_shape", tuple(int(d) for d in self.block_shape))
+            if self.axis is None or not 0 <= self.axis < len(self.block_shape) or self.block_size < 1:
+                raise ValueError(f"a block-wise encoding needs a blocked axis within {self.block_shape}")
+            if int(np.prod(self.block_shape)) != len(self.scale):
+                raise ValueError(f"{len(self.scale)} scales for a block shape {self.block_shape}")
         if (self.bitwidth, self.signed) not in _ONNX_INT_TYPES:
             raise ValueError(f"unsupported integer type: {'' if self.signed else 'u'}int{self.bitwidth}")
         if len(self.scale) != len(self.zero_point) or not self.scale:
@@ -106,7 +125,36 @@ class Encoding:
 
     @property
     def per_channel(self) -> bool:
+        """More than one scale (per channel, or block-wise)."""
         return self.axis is not None
+
+    @property
+    def blocked(self) -> bool:
+        return self.block_size is not None
+
+    def granularity(self) -> str:
+        """per-tensor, per-channel or block-<size>, for reports."""
+        return f"block-{self.block_size}" if self.blocked else "per-channel" if self.per_channel else "per-tensor"
+
+    def expanded(self, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Per-block ``values`` (scale or zero point, C order of ``block_shape``) spread over a tensor of ``shape``:
+        each block's value repeated over its ``block_size`` elements (the last block cut short where ragged) and
+        over the dimensions one value covers whole."""
+        v = np.asarray(values).reshape(self.block_shape)
+        v = np.repeat(v, self.block_size, axis=self.axis)
+        v = np.take(v, np.arange(shape[self.axis]), axis=self.axis)
+        return np.broadcast_to(v, shape)
+
+    def onnx_block_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scale input of an ONNX blocked DequantizeLinear on a tensor of ``shape``: the tensor's shape
+        with the blocked axis divided (rounded up). ONNX Runtime rejects broadcasting (1 for a kernel dim)."""
+        return tuple(self.block_shape[i] if i == self.axis else d for i, d in enumerate(shape))
+
+    def channel_scales(self) -> np.ndarray:
+        """Block-wise: the largest block scale of each output channel (the scale array reduced over the blocked
+        axis, kernel dims squeezed), e.g. for an int32 bias beside the weight."""
+        s = self.scale_array().reshape(self.block_shape).max(axis=self.axis)
+        return s.reshape(-1)
 
     # --- AIMET view ---------------------------------------------------------------------------
     def offsets(self) -> tuple[int, ...]:
@@ -153,8 +201,16 @@ class Encoding:
     def zero_point_array(self) -> np.ndarray:
         return np.asarray(self.zero_point, dtype=self.numpy_dtype)
 
+    def _broadcast(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Block-wise scale and zero point spread over a tensor of ``shape``."""
+        return self.expanded(self.scale_array(), shape), self.expanded(self.zero_point_array().astype(np.float32), shape)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Quantize ``x`` exactly as ONNX QuantizeLinear does (round half to even, saturate)."""
+        if self.blocked:
+            scale, zp = self._broadcast(x.shape)
+            q = np.rint(x.astype(np.float32) / scale) + zp
+            return np.clip(q, self.qmin, self.qmax).astype(self.numpy_dtype)
         scale, zp = self.scale_array(), self.zero_point_array().astype(np.float32)
         if self.axis is not None:
             shape = [1] * x.ndim
@@ -164,6 +220,9 @@ class Encoding:
         return np.clip(q, self.qmin, self.qmax).astype(self.numpy_dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
+        if self.blocked:
+            scale, zp = self._broadcast(q.shape)
+            return ((q.astype(np.float32) - zp) * scale).astype(np.float32)
         scale, zp = self.scale_array(), self.zero_point_array().astype(np.float32)
         if self.axis is not None:
             shape = [1] * q.ndim

@@ -16,6 +16,18 @@ Three versions of the format are in use:
     It has no activation/param split: entries with an ``axis`` or more than one scale are put in
     ``params``, the rest in ``activations``; callers must not rely on that split for 2.0.0.
 
+Block-wise weights (AIMET's ``PER_BLOCK``, ONNX's blocked DequantizeLinear), as aimet-onnx writes them:
+
+- 2.0.0: ``y_scale`` is the scale array with its shape (nested lists: ``[K/B][N]`` for a MatMul weight
+  ``[K, N]``, ``[O][I/B][1][1]`` for a Conv weight), ``axis`` the blocked axis, ``block_size`` B;
+- 1.0.0: ``enc_type: "PER_BLOCK"``, ``block_size``, ``scale``/``offset`` flat in (output channel, block)
+  order: a 2-D weight blocked on axis 0 (MatMul ``[K, N]``) is written transposed, ``[N][K/B]``, as AIMET
+  does. The file states no shape: such entries are read with a flat placeholder shape and listed in
+  :attr:`EncodingsFile.block_unknown` for the caller to shape from the model's weight;
+- 0.6.1 has no block form (one entry per channel): writing a block-wise encoding there is refused (AIMET would
+  flatten the blocks into a list a reader takes for channels). LPBQ (integer per-block scales under a float
+  per-channel one) is not read.
+
 We write and read all three (1.0.0 by default). 0.6.1 and 1.0.0 never state the channel
 axis of a per-channel encoding: such tensors are read with ``axis=0`` as a placeholder and listed
 in :attr:`EncodingsFile.axis_unknown` for the caller to fix (``dataclasses.replace``). A 0.6.1
@@ -84,6 +96,7 @@ class EncodingsFile:
     params: dict[str, AnyEncoding]
     quantizer_args: dict = field(default_factory=dict)
     axis_unknown: set[str] = field(default_factory=set)
+    block_unknown: set[str] = field(default_factory=set)  # 1.0.0 PER_BLOCK: flat scales, shape from the model
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -96,6 +109,9 @@ def _bool_str(value: bool) -> str:
 def _entry_061(name: str, enc: AnyEncoding) -> list[dict]:
     if isinstance(enc, FloatEncoding):
         return [{"bitwidth": enc.bitwidth, "dtype": "float"}]
+    if enc.blocked:
+        raise EncodingsError(f"tensor {name!r}: block-wise encoding (block size {enc.block_size}); 0.6.1 has no "
+                             "block form", "write --encodings-version 2.0.0 (or 1.0.0: PER_BLOCK)")
     with np.errstate(over="ignore"):
         mins, maxs = enc.mins(), enc.maxs()
     if not np.isfinite(mins + maxs).all():
@@ -112,9 +128,21 @@ def _entry_061(name: str, enc: AnyEncoding) -> list[dict]:
     ]
 
 
+def _aimet_block_order(enc: Encoding) -> bool:
+    """1.0.0 lists a 2-D weight's block scales by (output channel, block): transposed where axis 0 is blocked."""
+    return len(enc.block_shape) == 2 and enc.axis == 0
+
+
 def _entry_100(name: str, enc: AnyEncoding) -> dict:
     if isinstance(enc, FloatEncoding):
         return {"name": name, "enc_type": "PER_TENSOR", "dtype": "FLOAT", "bw": enc.bitwidth}
+    if enc.blocked:
+        order = np.arange(len(enc.scale)).reshape(enc.block_shape)
+        order = (order.T if _aimet_block_order(enc) else order).reshape(-1)
+        offsets = enc.offsets()
+        return {"name": name, "enc_type": "PER_BLOCK", "dtype": "INT", "bw": enc.bitwidth, "is_sym": enc.symmetric,
+                "scale": [enc.scale[i] for i in order], "offset": [offsets[i] for i in order],
+                "block_size": enc.block_size}
     return {
         "name": name,
         "enc_type": "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
@@ -129,6 +157,13 @@ def _entry_100(name: str, enc: AnyEncoding) -> dict:
 def _entry_200(name: str, enc: AnyEncoding) -> dict:
     if isinstance(enc, FloatEncoding):
         return {"name": name, "output_dtype": f"float{enc.bitwidth}"}
+    if enc.blocked:
+        entry = {"name": name, "output_dtype": _DTYPE_NAMES[(enc.bitwidth, enc.signed)],
+                 "y_scale": enc.scale_array().astype(np.float64).reshape(enc.block_shape).tolist()}
+        if any(enc.zero_point):
+            entry["y_zero_point"] = np.asarray(enc.zero_point).reshape(enc.block_shape).tolist()
+        entry.update(axis=enc.axis, block_size=enc.block_size)
+        return entry
     entry: dict[str, Any] = {"name": name, "output_dtype": _DTYPE_NAMES[(enc.bitwidth, enc.signed)],
                              "y_scale": list(enc.scale) if enc.per_channel else enc.scale[0]}
     if any(enc.zero_point):
@@ -312,16 +347,23 @@ def _read_100(rd: _Reader, data: dict, out: EncodingsFile) -> None:
                 continue
             if dtype != "INT":
                 rd.fail(name, "dtype", f"unknown dtype {dtype!r}", "use \"INT\" or \"FLOAT\"")
-            if enc_type not in ("PER_TENSOR", "PER_CHANNEL"):
+            if enc_type not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK"):
                 rd.fail(name, "enc_type", f"{enc_type!r} is not supported",
-                        "re-export with per-tensor or per-channel encodings (no blockwise/LPBQ)")
+                        "re-export with per-tensor, per-channel or PER_BLOCK encodings (no LPBQ)")
             scales = rd.items(entry, name, "scale", "number")
             if enc_type == "PER_TENSOR" and len(scales) != 1:
                 rd.fail(name, "scale", f"PER_TENSOR with {len(scales)} scales", "set enc_type PER_CHANNEL")
             offsets = rd.items(entry, name, "offset", "int")
             sym = rd.get(entry, name, "is_sym", "bool")
-            rd.add(target, name, rd.aimet(name, bw, sym, scales, offsets, enc_type == "PER_CHANNEL",
-                                          ("bw", "scale", "offset")))
+            enc = rd.aimet(name, bw, sym, scales, offsets, enc_type != "PER_TENSOR", ("bw", "scale", "offset"))
+            if enc_type == "PER_BLOCK":  # flat placeholder; the caller shapes it from the weight (block_unknown)
+                size = rd.get(entry, name, "block_size", "int")
+                if size < 1:
+                    rd.fail(name, "block_size", f"block size {size}", "give the block size (e.g. 32) of the weight")
+                enc = Encoding(enc.bitwidth, enc.signed, enc.symmetric, enc.scale, enc.zero_point, 0, size,
+                               (len(enc.scale),))
+                out.block_unknown.add(name)
+            rd.add(target, name, enc)
             if enc_type == "PER_CHANNEL":
                 out.axis_unknown.add(name)
 
@@ -339,10 +381,13 @@ def _read_200(rd: _Reader, data: dict, out: EncodingsFile) -> None:
         if dtype not in _INT_DTYPES:
             rd.fail(name, "output_dtype", f"unsupported dtype {dtype!r}",
                     f"use one of {', '.join([*_INT_DTYPES, *_FLOAT_DTYPES])}")
-        if "block_size" in entry:
-            rd.fail(name, "block_size", "blockwise encodings are not supported",
-                    "re-export with per-tensor or per-channel encodings")
+        if "per_block_int_scale" in entry:
+            rd.fail(name, "per_block_int_scale", "LPBQ encodings are not supported",
+                    "re-export with block-wise (PER_BLOCK) or per-channel encodings")
         bw, signed = _INT_DTYPES[dtype]
+        if "block_size" in entry:
+            rd.add(out.params, name, _blocked_200(rd, entry, name, bw, signed))
+            continue
         scales = rd.scales(name, "y_scale", rd.items(entry, name, "y_scale", "number"))
         zps = rd.items(entry, name, "y_zero_point", "int") if "y_zero_point" in entry else [0] * len(scales)
         if len(zps) != len(scales):
@@ -359,6 +404,27 @@ def _read_200(rd: _Reader, data: dict, out: EncodingsFile) -> None:
         rd.add(out.params if per_channel else out.activations, name, enc)
         if per_channel and axis is None:
             out.axis_unknown.add(name)
+
+
+def _blocked_200(rd: _Reader, entry: dict, name: str, bw: int, signed: bool) -> Encoding:
+    """A 2.0.0 block-wise entry: ``y_scale`` nested lists of the scale array's shape, ``axis``, ``block_size``."""
+    size = rd.get(entry, name, "block_size", "int")
+    axis = rd.get(entry, name, "axis", "int")
+    try:
+        scale = np.asarray(entry["y_scale"], dtype=np.float64)
+        zp = np.asarray(entry.get("y_zero_point", np.zeros(scale.shape, np.int64)), dtype=np.float64)
+    except (TypeError, ValueError):
+        rd.fail(name, "y_scale", "not a rectangular array of numbers", "write y_scale as nested lists of one shape")
+    if scale.ndim < 1 or zp.shape != scale.shape or not 0 <= axis < scale.ndim or size < 1:
+        rd.fail(name, "y_scale", f"scale shape {list(scale.shape)}, zero point shape {list(zp.shape)}, axis {axis}, "
+                f"block size {size} do not fit", "give y_scale the weight's rank with the blocked axis divided")
+    rd.scales(name, "y_scale", scale.reshape(-1).tolist())
+    lo, hi = (-(2 ** (bw - 1)), 2 ** (bw - 1) - 1) if signed else (0, 2**bw - 1)
+    if np.any(zp % 1 != 0) or np.any((zp < lo) | (zp > hi)):
+        rd.fail(name, "y_zero_point", f"zero points outside the integers [{lo}, {hi}]", "fix the zero points")
+    zps = tuple(int(z) for z in zp.reshape(-1))
+    return Encoding(bw, signed, signed and not any(zps), tuple(scale.reshape(-1).tolist()), zps, axis, size,
+                    scale.shape)
 
 
 _READERS = {"0.6.1": _read_061, "1.0.0": _read_100, "2.0.0": _read_200}

@@ -27,7 +27,7 @@ from onnx import helper
 
 from ..graph.index import GraphIndex
 from .plan import ACTIVATION, WEIGHT, QuantPlan, build_plan
-from .rules import RULES
+from .rules import node_rule
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Layer:
     output: str  # tensor the layer ends with
     quantizers: list[str] = field(default_factory=list)  # tensors whose encodings belong to the layer
     weight: str | None = None
+    scope: str = ""  # the If/Loop/Scan body the layer is in (its path, converter.graph.scopes); "" = main graph
 
     @property
     def op_type(self) -> str:
@@ -51,8 +52,12 @@ class Layer:
         return "+".join(self.op_types)
 
 
-def plan_layers(plan: QuantPlan, idx: GraphIndex) -> list[Layer]:
-    """Every quantized compute node or fused group of ``plan`` (over the model ``idx`` indexes), in graph order."""
+def plan_layers(plan: QuantPlan, idx: GraphIndex, scope: str = "") -> list[Layer]:
+    """Every quantized compute node or fused group of ``plan`` (over the model ``idx`` indexes), in graph order.
+
+    A body's layers come from its own plan over its wrapper model (:mod:`converter.quant.control_flow`), with
+    ``scope`` the body's path; node names are unique in the whole model, so layers of every scope can be
+    kept in float together through ``exclude_nodes``."""
     graph = idx.graph
     members: dict[str, list[onnx.NodeProto]] = {}
     by_name = {n.name: n for n in graph.node}
@@ -60,7 +65,7 @@ def plan_layers(plan: QuantPlan, idx: GraphIndex) -> list[Layer]:
         status = plan.nodes.get(node.name)
         if status is None:
             continue
-        if status.status == "quantized" and RULES[node.op_type].kind == "compute":
+        if status.status == "quantized" and node_rule(node, idx).kind == "compute":  # a clamp moves data
             members.setdefault(node.name, []).append(node)
         elif status.status == "fused" and status.group in by_name:
             members.setdefault(status.group, []).append(node)
@@ -85,7 +90,8 @@ def plan_layers(plan: QuantPlan, idx: GraphIndex) -> list[Layer]:
             same = groups.get(tq.group, [t]) if tq.role == ACTIVATION else [t]
             quantizers.extend(s for s in same if s not in quantizers and s in plan.encodings)
         layers.append(Layer(anchor, [n.name for n in nodes], [n.op_type for n in nodes], idx.order[nodes[0].name],
-                            inputs, constants, output, quantizers, next((c for c in constants if c in weights), None)))
+                            inputs, constants, output, quantizers, next((c for c in constants if c in weights), None),
+                            scope))
     layers.sort(key=lambda lay: lay.position)
     return layers
 
@@ -124,9 +130,13 @@ def owned_quantizers(model: onnx.ModelProto, idx: GraphIndex, config, plan: Quan
     That is what the fallback search can change by keeping it in float: its weight and bias, an input
     no other quantized op reads, an output no quantized op reads. A tensor between two quantized layers
     belongs to its readers (the producer in float still hands a quantized tensor to them).
+
+    ``model`` is the graph the layers are in (a body's wrapper for a body's layers); encodings of ``plan``
+    that the plan of ``model`` does not hold (another body's, merged into the main plan) belong to no layer here.
     """
+    here = build_plan(model, config, idx).tensors
     out = {}
     for layer in layers:
         without = build_plan(model, config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(layer.nodes)), idx)
-        out[layer.name] = [t for t in plan.encodings if t not in without.tensors]
+        out[layer.name] = [t for t in plan.encodings if t in here and t not in without.tensors]
     return out

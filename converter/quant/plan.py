@@ -19,7 +19,17 @@ Planning runs in five small steps over a :class:`GraphIndex`:
 
        DQ(x) -> Conv -> Relu -> Q -> DQ          (not: Conv -> Q -> DQ -> Relu -> Q -> DQ)
 
-4. declare tensor roles: activation inputs, per-channel weights, int32 biases, outputs;
+4. declare tensor roles: activation inputs, per-channel weights, int32 biases, outputs. Each weight's width
+   comes from ``weight_bits`` and ``weight_bits_overrides`` (:func:`weight_layer_bits`: a node name, then
+   ``first``/``last`` -- the first and last quantized layer with a weight in graph order, of the graph planned --
+   then ``op:<OpType>``); with ``weight_block_size`` a weight whose op has a block axis in the rule table (Conv,
+   Gemm, 2-D MatMul: the input channels) and more input channels than one block is block-wise, others stay per
+   channel (``TensorQuant.block_note`` says why). Where the target lists the op in ``block_weight_only_ops``
+   (MatMul on ort-cpu) a block-wise layer is weight-only: its activation input and output get no Q/DQ for its
+   sake (another quantized reader may still want them), so ONNX Runtime fuses it into MatMulNBits::
+
+       LayerNorm -> x (float) -> MatMul(x, DQ(W int4, axis 0, block_size)) -> Add(bias) -> ...
+
 5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
    Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors); the
    target's ``tied_op_types`` (AveragePool on ``qnn``, as AIMET and QNN tie it) join their groups too.
@@ -36,7 +46,7 @@ from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr
 from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, find_blocks, float_subgraphs, fused_group
 from .encoding import Encoding
-from .rules import RULES, OpRule, weight_axis
+from .rules import RULES, OpRule, block_axis, node_rule, rule_op_type, weight_axis
 
 ACTIVATION, WEIGHT, BIAS = "activation", "weight", "bias"
 
@@ -53,11 +63,20 @@ class TensorQuant:
     axis: int | None = None  # channel axis for per-channel weights and biases
     group: str = ""  # scale-group root: activations in one group share one encoding
     bias_of: tuple[str, str] | None = None  # (activation input, weight) whose scales make the bias scale
+    block_size: int | None = None  # block-wise weight: input channels one scale spans
+    block_axis: int | None = None  # block-wise weight: the axis cut into blocks
+    block_note: str | None = None  # why a weight stays per channel although block-wise weights were asked for
+    layers: tuple[str, ...] = ()  # weight: the nodes reading it
+    weight_only: bool = False  # block-wise weight of a layer reading float activations (block_weight_only_ops)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"role": self.role, "bitwidth": self.bitwidth, "signed": self.signed, "symmetric": self.symmetric}
         if self.axis is not None:
             d["axis"] = self.axis
+        if self.block_size is not None:
+            d["block_size"], d["block_axis"] = self.block_size, self.block_axis
+        if self.block_note:
+            d["block_note"] = self.block_note
         if self.group and self.group != self.name:
             d["shares_encoding_with"] = self.group
         return d
@@ -94,6 +113,17 @@ class QuantPlan:
         for t in self.by_role(ACTIVATION):
             groups.setdefault(t.group, []).append(t.name)
         return groups
+
+    def weight_layers(self) -> list[dict[str, Any]]:
+        """Per weight, in graph order: the layers reading it, bits and granularity (per-tensor, per-channel,
+        block-<size>), for the report."""
+        out = []
+        for t in self.by_role(WEIGHT):
+            gran = f"block-{t.block_size}" if t.block_size else "per-channel" if t.axis is not None else "per-tensor"
+            out.append({"weight": t.name, "layers": list(t.layers), "bits": t.bitwidth, "granularity": gran,
+                        **({"activations": "float (weight-only)"} if t.weight_only else {}),
+                        **({"note": t.block_note} if t.block_note else {})})
+        return out
 
     def float_nodes(self) -> list[str]:
         return [n for n, s in self.nodes.items() if s.status.startswith("float")]
@@ -144,14 +174,14 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 1. which nodes are quantized
     quantized: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        rule = RULES.get(node.op_type)
+        rule = node_rule(node, idx)
         if not any(idx.is_float(o) for o in node.output):
             plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
         elif rule is None or node.domain not in ("", "ai.onnx"):  # a custom-domain op is not the ONNX op of that name
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
         elif node.name in excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
-        elif op_types is not None and node.op_type not in op_types:
+        elif op_types is not None and rule_op_type(node, idx) not in op_types:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-op-type")
         else:
             plan.nodes[node.name] = NodeStatus(node.op_type, "quantized")
@@ -187,7 +217,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
 
     def apply_groups(anchors: bool) -> None:
         for node in quantized:
-            rule = RULES[node.op_type]
+            rule = node_rule(node, idx)
             if rule.kind != "compute" or rule.anchor != anchors or node.name in taken:
                 continue
             g = fused_group(idx, node, preset.fusable_activations, join_residual, taken, rule.anchor)
@@ -219,35 +249,50 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         uf.find(name)
         return True
 
+    weights: dict[str, TensorQuant] = {}
+    biases: dict[str, TensorQuant] = {}
+    weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and node_rule(n, idx).kind != "shared"
+                and _weight_of(n, node_rule(n, idx), idx) is not None]
+    layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides)
+    weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
+                   and config.weight_block_size is not None and config.per_channel
+                   and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
+    reads_quantized = is_quantized - weight_only
+
     def want_output(out: str) -> None:
         # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
         # float therefore reads float inputs unless another quantized consumer shares the tensor.
         if preset.quantize_outputs and (out in idx.graph_outputs
-                                        or any(c.name in is_quantized for c in idx.uses(out))):
+                                        or any(c.name in reads_quantized for c in idx.uses(out))):
             want_activation(out)
 
-    weights: dict[str, TensorQuant] = {}
-    biases: dict[str, TensorQuant] = {}
     for node in quantized:
         if plan.nodes[node.name].status != "quantized":
             continue
-        rule = RULES[node.op_type]
+        rule = node_rule(node, idx)
         if rule.kind == "shared":
             continue
-        for slot in rule.activations:
+        for slot in () if node.name in weight_only else rule.activations:
             if slot < len(node.input) and not (slot == rule.weight and idx.is_constant(node.input[slot])):
                 want_activation(node.input[slot])
         w = _weight_of(node, rule, idx)
         if w is not None:
             axis = weight_axis(node, idx) if config.per_channel else None
             prev = weights.get(w)
+            bits = max(layer_bits[node.name], prev.bitwidth if prev is not None else 0)  # shared: the wider
             if prev is not None and prev.axis != axis:
                 axis = None  # shared by nodes that disagree on the channel axis: per-tensor
-            weights[w] = TensorQuant(w, WEIGHT, config.weight_bits, True, True, axis)
+            weights[w] = TensorQuant(w, WEIGHT, bits, True, True, axis,
+                                     layers=(prev.layers if prev is not None else ()) + (node.name,))
+            if config.weight_block_size is not None:
+                _choose_blocks(weights[w], prev, node, idx, config.weight_block_size)
+                weights[w].weight_only = node.name in weight_only and weights[w].block_size is not None
             b = _bias_of(node, rule, idx)
             if b is not None and node.input[0] in acts:
                 biases[b] = TensorQuant(b, BIAS, 32, True, True, 0 if axis is not None else None,
                                         bias_of=(node.input[0], w))
+        if node.name in weight_only:
+            continue
         for t in group_inputs.get(node.name, ()):
             want_activation(t)
         want_output(group_output.get(node.name, node.output[0]))
@@ -261,13 +306,13 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # 5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
     # qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point
     tied = preset.tied_op_types
-    shared_nodes = [n for n in quantized if (RULES[n.op_type].kind == "shared" or n.op_type in tied)
+    shared_nodes = [n for n in quantized if (node_rule(n, idx).kind == "shared" or n.op_type in tied)
                     and n.name in is_quantized]
     changed = True
     while changed:
         changed = False
         for node in shared_nodes:
-            data_in = [t for t in _data_inputs(node) if t and not idx.is_constant(t) and idx.is_float(t)]
+            data_in = [t for t in _data_inputs(node, idx) if t and not idx.is_constant(t) and idx.is_float(t)]
             outs = [t for t in node.output if t and idx.is_float(t)]
             tensors = data_in + outs
             if not data_in or not any(t in acts for t in tensors):
@@ -302,6 +347,43 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     return plan
 
 
+def weight_layer_bits(nodes: list[onnx.NodeProto], default: int, overrides: dict[str, int]) -> dict[str, int]:
+    """Weight width of each layer (``nodes``: the quantized layers with a weight, in graph order): ``overrides``
+    keyed by node name, then ``first``/``last`` (the first/last of ``nodes``), then ``op:<OpType>``, else
+    ``default``. Names of nodes not among ``nodes`` are checked by the pipeline (they may sit in another graph)."""
+    by_op = {k[3:]: v for k, v in overrides.items() if k.startswith("op:")}
+    out = {n.name: overrides.get(n.name, by_op.get(n.op_type, default)) for n in nodes}
+    for key, node in (("last", nodes[-1:]), ("first", nodes[:1])):
+        if key in overrides and node and node[0].name not in overrides:
+            out[node[0].name] = overrides[key]
+    return out
+
+
+def _choose_blocks(t: TensorQuant, prev: TensorQuant | None, node: onnx.NodeProto, idx: GraphIndex,
+                   size: int) -> None:
+    """Make weight ``t`` of ``node`` block-wise where the rule table gives its op a block axis and the axis is
+    longer than one block; else leave it per channel with a note saying why."""
+    note = "per-tensor (no channel axis)" if t.axis is None else _block_note(node, t.name, idx, size)
+    baxis = block_axis(node, idx)
+    if note is None and prev is not None and (prev.block_axis, prev.block_size) != (baxis, size):
+        note = "shared by layers that disagree on the block axis"
+    if note is not None:
+        t.block_note = note
+        return
+    t.block_size, t.block_axis = size, baxis
+
+
+def _block_note(node: onnx.NodeProto, weight: str, idx: GraphIndex, size: int) -> str | None:
+    """Why ``node``'s weight cannot be block-wise (None: it can)."""
+    baxis = block_axis(node, idx)
+    shape = idx.shape.get(weight) or []
+    if baxis is None or weight_axis(node, idx) is None:
+        return f"{node.op_type}: no block axis (Conv, Gemm and 2-D MatMul weights have one)"
+    if baxis >= len(shape) or shape[baxis] <= size:
+        return f"{shape[baxis] if baxis < len(shape) else '?'} input channels: one block, same as per channel"
+    return None
+
+
 def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> set[str]:
     """Tensors read or written by ``nodes`` (a fused group counts as its anchor): they get 16 bits."""
     if not nodes:
@@ -314,8 +396,8 @@ def _int16_tensors(model: onnx.ModelProto, plan: QuantPlan, nodes: set[str]) -> 
     return out
 
 
-def _data_inputs(node: onnx.NodeProto) -> list[str]:
-    rule: OpRule = RULES[node.op_type]
+def _data_inputs(node: onnx.NodeProto, idx: GraphIndex) -> list[str]:
+    rule: OpRule = node_rule(node, idx)
     if node.op_type == "Concat":
         return list(node.input)
     return [node.input[s] for s in rule.activations if s < len(node.input)]

@@ -9,6 +9,12 @@ kinds
     ``shared``   the op only moves or selects data (Reshape, MaxPool, Concat...): its output is
                  quantized with the *same* encoding as its data inputs, so a runtime can run it on
                  the integers directly. It is quantized only where a neighbour is.
+
+A ``Min`` or ``Max`` against a constant is a *clamp* (:func:`node_rule`): each output value is its input's
+or the bound's, so it is data movement too and shares its input's encoding (as ``Clip`` would, it counts as
+``Clip`` for a target's op types). CLE writes one for a ReLU6 whose channels it scaled (``Relu`` then ``Min``
+by the per-channel bound ``6 / s``): as a shared op the ``Relu`` output gets its Q/DQ, so ORT fuses
+``DQ -> Conv -> Relu -> Q`` into a QLinearConv instead of running the Conv in float.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class OpRule:
     weight_axis: Callable[[onnx.NodeProto, GraphIndex], int | None] | None = None
     bias: int | None = None  # input slot of a bias (int32, scale = input scale * weight scale)
     anchor: bool = False  # starts a fused group (Conv -> bias Add -> activation)
+    # block-wise weights: the axis cut into blocks (the input channels a dot product runs over), None: not blocked
+    block_axis: Callable[[onnx.NodeProto, GraphIndex], int | None] | None = None
 
 
 def _conv_transpose_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
@@ -45,15 +53,29 @@ def _matmul_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
     return len(shape) - 1 if shape and len(shape) >= 2 else None
 
 
+def _gemm_block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    return 1 if attr(node, "transB", 0) else 0
+
+
+def _matmul_block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    # K of a 2-D [K, N] weight: the layout ONNX Runtime fuses (blocked DQ -> MatMul into MatMulNBits); batched
+    # 3-D weights stay per channel
+    shape = idx.shape.get(node.input[1])
+    return 0 if shape and len(shape) == 2 else None
+
+
 _SHARED = OpRule("shared")
 _UNARY = OpRule("compute")
 _BINARY = OpRule("compute", activations=(0, 1))
 
 RULES: dict[str, OpRule] = {
-    "Conv": OpRule("compute", weight=1, weight_axis=lambda n, i: 0, bias=2, anchor=True),
+    # blocks of a Conv weight [O, I/group, k...] run along I (a block: block_size input channels x the whole kernel);
+    # ConvTranspose weights stay per channel
+    "Conv": OpRule("compute", weight=1, weight_axis=lambda n, i: 0, bias=2, anchor=True, block_axis=lambda n, i: 1),
     "ConvTranspose": OpRule("compute", weight=1, weight_axis=_conv_transpose_axis, bias=2, anchor=True),
-    "Gemm": OpRule("compute", weight=1, weight_axis=_gemm_axis, bias=2, anchor=True),
-    "MatMul": OpRule("compute", activations=(0, 1), weight=1, weight_axis=_matmul_axis, anchor=True),
+    "Gemm": OpRule("compute", weight=1, weight_axis=_gemm_axis, bias=2, anchor=True, block_axis=_gemm_block_axis),
+    "MatMul": OpRule("compute", activations=(0, 1), weight=1, weight_axis=_matmul_axis, anchor=True,
+                     block_axis=_matmul_block_axis),
     "Add": _BINARY,
     "Mul": _BINARY,
     "AveragePool": _UNARY,
@@ -111,6 +133,33 @@ RULES: dict[str, OpRule] = {
 }
 
 
+CLAMP_OPS = ("Min", "Max")
+
+
+def clamp_input(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    """Slot of the data input of a clamp (``Min``/``Max`` of one tensor and one constant), else None."""
+    if node.op_type not in CLAMP_OPS or len(node.input) != 2 or not all(node.input):
+        return None
+    const = [idx.is_constant(t) for t in node.input]
+    if const.count(True) != 1:
+        return None
+    return const.index(False)
+
+
+_CLAMPS = {slot: OpRule("shared", activations=(slot,)) for slot in (0, 1)}
+
+
+def node_rule(node: onnx.NodeProto, idx: GraphIndex) -> OpRule | None:
+    """The rule of one node: its op type's row, or the shared row of a clamp (see the module doc)."""
+    slot = clamp_input(node, idx)
+    return _CLAMPS[slot] if slot is not None else RULES.get(node.op_type)
+
+
+def rule_op_type(node: onnx.NodeProto, idx: GraphIndex) -> str:
+    """The op type a target's op-type list is checked against: ``Clip`` for a clamp."""
+    return "Clip" if clamp_input(node, idx) is not None else node.op_type
+
+
 def rule_for(op_type: str) -> OpRule | None:
     return RULES.get(op_type)
 
@@ -121,3 +170,11 @@ def weight_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
     if rule is None or rule.weight_axis is None:
         return None
     return rule.weight_axis(node, idx)
+
+
+def block_axis(node: onnx.NodeProto, idx: GraphIndex) -> int | None:
+    """Axis of ``node``'s weight that block-wise quantization cuts into blocks, or None where the op has none."""
+    rule = RULES.get(node.op_type)
+    if rule is None or rule.block_axis is None:
+        return None
+    return rule.block_axis(node, idx)

@@ -6,6 +6,10 @@
   Element-wise layers and pattern blocks (LayerNorm, GELU) count one per output element: on ONNX
   Runtime CPU they run in float between a DQ and a Q whether quantized or not, so keeping them in
   float costs almost nothing.
+  Layers inside If/Loop/Scan bodies have no captured values (ONNX Runtime returns main-graph tensors
+  only): their MACs are *estimated* from the static shapes (weights, and the output shape that shape
+  inference gave, a symbolic or unknown dimension counting 1), so a Conv whose output length is unknown
+  counts its MACs per output position, and a Loop body counts one iteration.
 * :func:`measure_latency`: median wall time of one ONNX Runtime CPU session run at batch 1, all
   graph optimizations on (what a deployment runs), after warm-up runs.
 """
@@ -27,19 +31,30 @@ COMPUTE_OPS = frozenset(op for op, rule in RULES.items() if rule.anchor)  # Conv
 
 
 def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Per-sample MACs of each layer, from ``values`` (one batch of its tensors' real values, by name)."""
+    """Per-sample MACs of each layer, from ``values`` (one batch of its tensors' real values, by name); a layer
+    whose output is not in ``values`` (inside a body) is estimated from static shapes (see the module doc)."""
     by_name = {n.name: n for n in idx.graph.node}
     out = {}
     for layer in layers:
         node = by_name[layer.nodes[0]]
         y = values.get(node.output[0])
-        if y is None:
-            out[layer.name] = 0.0
-            continue
-        batch = max(int(y.shape[0]), 1) if y.ndim else 1
-        elems = float(y.size) / batch
-        shape = lambda t: (values[t].shape if t in values else tuple(idx.initializers[t].dims)  # noqa: E731
-                           if t in idx.initializers else tuple(idx.shape.get(t) or ()))
+        if y is not None:
+            batch = max(int(y.shape[0]), 1) if y.ndim else 1
+            elems = float(y.size) / batch
+        else:
+            static = idx.shape.get(node.output[0])
+            if static is None:
+                out[layer.name] = 0.0
+                continue
+            dims = [d if isinstance(d, int) and d > 0 else 1 for d in static]
+            elems = float(np.prod(dims[1:])) if len(dims) > 1 else 1.0
+
+        def shape(t: str) -> tuple:
+            if t in values:
+                return values[t].shape
+            if t in idx.initializers:
+                return tuple(idx.initializers[t].dims)
+            return tuple(d if isinstance(d, int) and d > 0 else 1 for d in idx.shape.get(t) or ())
         if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
             w = shape(node.input[1])
             k = float(np.prod(w[1:])) if len(w) > 1 else 1.0
@@ -55,7 +70,7 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
             k = a[0] if attr(node, "transA", 0) else a[-1] if len(a) else 1
             out[layer.name] = elems * float(k)
         else:
-            out[layer.name] = float(y.size) / batch
+            out[layer.name] = elems
     return out
 
 

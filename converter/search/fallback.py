@@ -1,10 +1,15 @@
 """Automatic fallback to an accuracy target (after AMCT's accuracy-based auto calibration).
 
-1. Quantize everything (one calibration pass; the observers are kept).
+1. Quantize everything (one calibration pass, plus one for the tensors inside If/Loop/Scan bodies;
+   the observers are kept).
 2. Evaluate the float model (the baseline) and the fully quantized one. Done if the target holds.
 3. Rank layers by single-op sensitivity (worst first), then let a strategy choose how many of the
    worst to keep in float; each try edits the QuantPlan (``exclude_nodes``), never the graph, and
    re-renders from the same observers, so a try costs one render and one evaluation, no calibration.
+   Layers inside If/Loop/Scan bodies are layers like the others (node names are unique model-wide): a
+   try plans, encodes and renders the main graph and every body the way ``quantize`` does
+   (:func:`~converter.pipeline.plan_model`, :func:`~converter.pipeline.encode_model`,
+   :func:`~converter.quant.control_flow.render_control_flow`).
 4. Write the model that met the target, or, if none did, the best one found, with every evaluation
    in the report; an unmet target raises :class:`TargetNotMetError` *after* writing.
 """
@@ -26,14 +31,15 @@ from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import save_model
-from ..pipeline import (Prepared, QuantResult, calibrate, check_node_names, finish, prepare, prepare_output_dir,
-                        transform)
-from ..quant.encode import activation_tensors, compute_encodings
+from ..pipeline import (Prepared, QuantResult, calibrate, calibrate_subgraphs, check_node_names, encode_model, finish,
+                        plan_model, prepare, prepare_output_dir, transform, warn_float_subgraphs)
+from ..quant.control_flow import render_control_flow
+from ..quant.encode import activation_tensors
 from ..quant.layers import Layer, owned_quantizers, plan_layers
-from ..quant.plan import QuantPlan, build_plan
-from ..quant.qdq import render_qdq
+from ..quant.plan import QuantPlan
 from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity
+from .sensitivity import rank as rank_scores
 from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency
 from .giveback import give_back
 from .strategies import STRATEGIES
@@ -70,6 +76,7 @@ class Searcher:
     evaluate: Evaluator
     target: AccuracyTarget
     methods: dict[str, str] | None = None  # tensor -> calibration method (calib_overrides applied)
+    uncalibrated: list[str] = field(default_factory=list)  # body tensors calibration got no values for
     trials: list[Trial] = field(default_factory=list)
     baseline: float = float("nan")
     _tmp: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
@@ -81,10 +88,9 @@ class Searcher:
             config = self.config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in layers))
         else:
             config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
-        plan = build_plan(self.prepared.model, config, self.prepared.idx)
-        compute_encodings(plan, self.prepared.idx, self.observers, self.methods or self.config.calib_method,
-                          self.config)
-        return plan, render_qdq(self.prepared.model, plan.encodings)
+        plan, subs = plan_model(self.prepared, config, self.uncalibrated)
+        encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method, self.config)
+        return plan, render_control_flow(self.prepared.model, plan.encodings)
 
     def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str]) -> Trial:
         path = Path(self._tmp.name) / "candidate.onnx"
@@ -283,14 +289,16 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                         "quantize without --target-metric/--evaluator to use it", key,
                         ", and a layer it keeps in float must keep its float weights" if key == "adaround" else "")
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec, max(64, sensitivity_samples))
-    full = build_plan(prepared.model, config, prepared.idx)
-    if full.float_subgraphs and config.quantize_subgraphs:
-        log.warning("the accuracy-target search plans the main graph only: %d If/Loop/Scan bodies stay in float "
-                    "(plain quantize, without --target-metric/--evaluator, quantizes them)", len(full.float_subgraphs))
+    full, subs = plan_model(prepared, config)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
-    compute_encodings(full, prepared.idx, calib.observers, calib.methods, config)
+    uncalibrated = calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec) if subs else []
+    encode_model(prepared, full, subs, calib.observers, calib.methods, config)
+    warn_float_subgraphs(full, config)
     layers = plan_layers(full, prepared.idx)
-    searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods)
+    # a body's layers whose tensors all went uncalibrated (a branch the data never takes) are in float already
+    body_layers = {s.scope.path: [x for x in plan_layers(s.plan, s.idx, s.scope.path) if x.quantizers] for s in subs}
+    searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods,
+                        uncalibrated=uncalibrated)
     timings = {"calibration_s": calib.seconds}
 
     providers = select_providers(config.providers)
@@ -302,28 +310,35 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         needed |= {t for layer in layers for t in layer.inputs}
     captured = capture(prepared.model, sorted(needed), batches if ranking == "single-op" else batches[:1], providers)
     costs = layer_macs(prepared.idx, layers, captured[0]) if captured else {}
+    for s in subs:  # no captured values inside bodies: MACs estimated from static shapes
+        costs.update(layer_macs(s.idx, body_layers[s.scope.path], {}))
 
     def rank() -> list[LayerScore]:
         t = time.perf_counter()
+        scores = []
         if ranking == "single-op":
             scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
-        else:
-            owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers)
-            scores = propagated_sensitivity(prepared.model, full, layers, batches, providers,
-                                            getattr(evaluate, "output_names", None), owned)
+        # propagated; also for body layers under single-op: their float inputs cannot be captured
+        owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers) if ranking != "single-op" else {}
+        for s in subs:
+            owned.update(owned_quantizers(s.model, s.idx, config, s.plan, body_layers[s.scope.path]))
+        scored = (layers if ranking != "single-op" else []) + [x for s in subs for x in body_layers[s.scope.path]]
+        if scored:
+            scores += propagated_sensitivity(prepared.model, full, scored, batches, providers,
+                                             getattr(evaluate, "output_names", None), owned)
         timings["sensitivity_s"] = time.perf_counter() - t
-        return scores
+        return rank_scores(scores)
 
     scores: list[LayerScore] | Callable[[], list[LayerScore]] = rank
     if ranking == "end-to-end":  # full evaluations of its own, before the search's
         t = time.perf_counter()
-        all_layers = {layer.name: layer for layer in layers}
+        all_layers = {layer.name: layer for layer in layers + [x for s in subs for x in body_layers[s.scope.path]]}
 
         def only(layer: Layer) -> float:
             _, qdq = searcher.build([other for n, other in all_layers.items() if n != layer.name])
             return searcher.measure(qdq, f"only {layer.name} quantized", []).metric
 
-        scores = end_to_end_sensitivity(layers, only)
+        scores = end_to_end_sensitivity(list(all_layers.values()), only)
         searcher.trials.clear()
         timings["sensitivity_s"] = time.perf_counter() - t
 
@@ -331,6 +346,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     captured.clear()  # the float values of the sensitivity samples: memory back before writing
     timings["search_s"] = outcome.seconds - (timings.get("sensitivity_s", 0.0) if ranking != "end-to-end" else 0.0)
     search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
+                     "subgraph_layers": {path: [x.name for x in ls] for path, ls in body_layers.items() if ls},
                      "sensitivity_samples": sum(len(next(iter(b.values()))) for b in batches),
                      **outcome.to_dict()}
     if latency and batches:

@@ -8,7 +8,8 @@ earlier layers, so the score says how much quantizing this layer costs, and no f
 is needed per layer. Scores: cosine similarity (ranking key), SQNR in dB, MSE.
 
 Propagated (the default): quantize only that layer, run the *whole* model on the same few samples
-and compare the model's outputs with the float outputs (worst output's cosine). The layer's error
+and compare the model's outputs with the float outputs (worst output's cosine). A layer inside an
+If/Loop/Scan body is scored the same way (its Q/DQ rendered inside the body). The layer's error
 goes through everything after it, so a layer whose local error looks small but which later layers
 amplify (MiniLM's first FFN output, whose outlier channels set a range that wipes out the others
 before a LayerNorm) ranks where it belongs. One render and one short run per layer, no full
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from ..calib.runner import make_session
 from ..graph.index import GraphIndex
+from ..quant.control_flow import render_control_flow
 from ..quant.layers import Layer, layer_model
 from ..quant.plan import QuantPlan
 from ..quant.qdq import render_qdq
@@ -47,6 +49,7 @@ class LayerScore:
     mse: float
     nodes: tuple[str, ...] = ()
     metric: float | None = None  # end-to-end: the model metric with only this layer quantized
+    subgraph: str = ""  # the If/Loop/Scan body the layer is in (its path); "" = the main graph
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,7 +70,8 @@ def compare(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
 
 def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPlan, layers: list[Layer],
                           captured: list[dict[str, np.ndarray]], providers: list[str]) -> list[LayerScore]:
-    """Score every layer alone on the captured float inputs; worst (lowest cosine) first."""
+    """Score every layer alone on the captured float inputs; worst (lowest cosine) first. Main-graph layers
+    only: the values inside If/Loop/Scan bodies cannot be captured (the search scores body layers propagated)."""
     scores = []
     for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=None, leave=False):
         sub = layer_model(model, idx, layer)
@@ -82,7 +86,7 @@ def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPl
             refs.append(fsess.run(None, feed)[0].ravel())
             tests.append(qsess.run(None, feed)[0].ravel())
         cos, sqnr, mse = compare(np.concatenate(refs), np.concatenate(tests))
-        scores.append(LayerScore(layer.name, layer.label, cos, sqnr, mse, layer.nodes))
+        scores.append(LayerScore(layer.name, layer.label, cos, sqnr, mse, layer.nodes, subgraph=layer.scope))
     return rank(scores)
 
 
@@ -105,7 +109,8 @@ def propagated_sensitivity(model: onnx.ModelProto, plan: QuantPlan, layers: list
     for layer in tqdm(layers, desc="sensitivity (propagated)", unit="layer", disable=None, leave=False):
         which = quantizers.get(layer.name, []) if quantizers is not None else layer.quantizers
         encodings = {t: plan.encodings[t] for t in which if t in plan.encodings}
-        qsess = make_session(render_qdq(model, encodings), providers)  # basic optimizations: no QDQ fusion
+        # basic optimizations: no QDQ fusion; a layer inside an If/Loop/Scan body gets its Q/DQ there
+        qsess = make_session(render_control_flow(model, encodings), providers)
         tests = [qsess.run(names, b) for b in batches]
         worst = None
         for k in range(len(names)):
@@ -113,7 +118,7 @@ def propagated_sensitivity(model: onnx.ModelProto, plan: QuantPlan, layers: list
             t = np.concatenate([test[k].ravel() for test in tests])
             m = compare(r, t)
             worst = m if worst is None or (m[0], m[1]) < (worst[0], worst[1]) else worst
-        scores.append(LayerScore(layer.name, layer.label, *worst, layer.nodes))
+        scores.append(LayerScore(layer.name, layer.label, *worst, layer.nodes, subgraph=layer.scope))
     return rank(scores)
 
 
@@ -127,7 +132,8 @@ def end_to_end_sensitivity(layers: list[Layer], evaluate_only: Callable[[Layer],
     scores = []
     for layer in tqdm(layers, desc="end-to-end sensitivity", unit="layer", disable=None, leave=False):
         m = evaluate_only(layer)
-        scores.append(LayerScore(layer.name, layer.label, math.nan, math.nan, math.nan, layer.nodes, metric=m))
+        scores.append(LayerScore(layer.name, layer.label, math.nan, math.nan, math.nan, layer.nodes, metric=m,
+                                  subgraph=layer.scope))
     return sorted(scores, key=lambda s: (s.metric, s.name))
 
 
