@@ -264,11 +264,15 @@ def _optimize(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, 
     import torch
 
     enc = layer.enc
-    shape = [1] * w_float.ndim
-    if enc.axis is not None:
-        shape[enc.axis] = -1
+    if enc.blocked:  # one scale per block: spread over the weight's shape
+        scale = np.ascontiguousarray(enc.expanded(enc.scale_array(), w_float.shape), dtype=np.float32)
+    else:
+        shape = [1] * w_float.ndim
+        if enc.axis is not None:
+            shape[enc.axis] = -1
+        scale = enc.scale_array().reshape(shape)
     gen = torch.Generator().manual_seed(seed)
-    s = torch.tensor(enc.scale_array().reshape(shape), device=device)
+    s = torch.tensor(scale, device=device)
     w = torch.tensor(w_float, dtype=torch.float32, device=device)
     # rows as [groups, n, k] (one batched matmul per step, grouped/depthwise too), shuffled once per epoch so that
     # each step reads a contiguous slice instead of gathering rows
