@@ -141,6 +141,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
                         f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
                         f"(default: {d.bias_correction_mode})")
+    p.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdaRound: round each Conv/Gemm/MatMul weight up or down to reconstruct the layer's float "
+                        "output on calibration data, for 4-bit weights above all (default: off)")
+    p.add_argument("--adaround-iterations", type=int, metavar="N",
+                   help=f"optimization steps per layer for --adaround (default: {d.adaround_iterations})")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -194,7 +199,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "weight_block_size",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
-                                               "cle_relu6", "bias_correction", "bias_correction_mode")
+                                               "cle_relu6", "bias_correction", "bias_correction_mode", "adaround",
+                                               "adaround_iterations")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -199,6 +199,10 @@ class QuantConfig:
     # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
     bias_correction: bool = False
     bias_correction_mode: str = "empirical"
+    # AdaRound: each Conv/Gemm/MatMul's weights rounded up or down to reconstruct its output on calibration data
+    # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000)
+    adaround: bool = False
+    adaround_iterations: int = 1000
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -210,6 +214,9 @@ class QuantConfig:
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
+        if self.adaround_iterations < 1:
+            raise ConfigError(f"adaround_iterations must be >= 1, got {self.adaround_iterations}",
+                              "use e.g. 1000 (AIMET's default is 10000; more is slower and rarely much better)")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")
         if self.max_samples is not None and self.max_samples < 1:

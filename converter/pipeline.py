@@ -237,6 +237,36 @@ def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, co
     return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
+ADAROUND_SAMPLES = 128  # calibration samples AdaRound caches layer inputs from (subsampled rows, see the module)
+
+
+def check_adaround_data(calib_data: Any, config: QuantConfig) -> None:
+    """AdaRound learns from data: without calibration data there is nothing to optimize on."""
+    if config.adaround and calib_data is None:
+        raise ConfigError("adaround needs calibration data: it optimizes each layer's weight rounding on the "
+                          "layer's inputs", "pass calibration data (--calib DIR, or calib_data= in Python), or "
+                          "drop --adaround / adaround: true")
+
+
+def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
+                     calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """AdaRound the planned layers' weights (:mod:`converter.quant.adaround`), weights rewritten onto their
+    (frozen) grids and bias encodings recomputed; returns the report entry, or None when ``config.adaround`` is
+    off."""
+    if not config.adaround:
+        return None
+    from .quant.adaround import adaround
+
+    check_adaround_data(calib_data, config)
+    t = time.perf_counter()
+    data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
+    layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
+                      config.adaround_iterations, threads=config.threads)
+    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights
+    return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations,
+            "seconds": round(time.perf_counter() - t, 3), "layers": [r.to_dict() for r in layers]}
+
+
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
     """Check ``name`` and the output folder before any work: writable, and no output over an input."""
     if name is not None:
@@ -370,10 +400,12 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     """
     config = config or QuantConfig()
     t0 = time.perf_counter()
+    check_adaround_data(calib_data, config)
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec)
+    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec,
+                                            max(64, ADAROUND_SAMPLES) if config.adaround else 64)
     plan, subs = plan_model(prepared, config)
     log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
               ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
@@ -387,10 +419,12 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     t = time.perf_counter()
     encode_model(prepared, plan, subs, calib.observers, calib.methods, config)
     warn_float_subgraphs(plan, config)
-    corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)
+    rounded = adaround_weights(prepared, plan, calib, calib_data, config, calib_spec)
+    corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)  # after AdaRound: its weights
     qdq = render_control_flow(prepared.model, plan.encodings)
     timings["render_s"] = time.perf_counter() - t
-    extra = {**changed, **({"bias_correction": corrected} if corrected else {})}
+    extra = {**changed, **({"adaround": rounded} if rounded else {}),
+             **({"bias_correction": corrected} if corrected else {})}
     return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None)
 
 
@@ -408,7 +442,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     _note_split_groups(plan)
     name = prepared.name
     paths = output_paths(out_dir, name)
-    changed = [k for k in ("smoothquant", "cle", "bias_correction") if (extra_report or {}).get(k)]
+    changed = [k for k in ("smoothquant", "cle", "adaround", "bias_correction") if (extra_report or {}).get(k)]
     float_path = float_model_path(out_dir, name) if changed else None
     check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])
     check_earlier_outputs((paths[0], paths[1], float_path, paths[2]) if float_path else paths)  # the report last

@@ -1,18 +1,25 @@
-"""AIMET-style post-training techniques on EfficientNet-Lite0: top-1 on 900 held-out ImageNet samples, beside AIMET.
+"""AIMET-style post-training techniques beside AIMET: top-1 of EfficientNet-Lite0 on 900 held-out ImageNet samples
+(100 calibrate), or of ResNet-8 on 2,000 CIFAR-10 images (200 calibrate) with ``--model resnet8``.
 
-Each row quantizes the same float model from the same 100 calibration images (W8A8 or W4A8, ort-cpu target, minmax)
-with one combination of converter's techniques and evaluates the QDQ model in ONNX Runtime CPU
-(ORT_ENABLE_ALL: the fused integer kernels). Each row runs in its own process (``--one-row``), which reports its
-wall time and peak resident memory (loading the images included); the ORT-optimized graph's QLinearConv / float
-Conv counts and the batch-1 latency (median of rounds over all row models, interleaved) are added afterwards.
+Each converter row quantizes the same float model from the same calibration images (W8A8 or W4A8, ort-cpu target,
+minmax) with one combination of converter's techniques (CLE, bias correction, 4-bit weights, AdaRound) and evaluates
+the QDQ model in ONNX Runtime CPU (ORT_ENABLE_ALL: the fused integer kernels). Each row runs in its own process
+(``--one-row``), which reports its wall time and peak resident memory (loading the images included); the
+ORT-optimized graph's QLinearConv / float Conv counts and the batch-1 latency (median of rounds over all row models,
+interleaved) are added afterwards.
 
-AIMET rows (``--aimet``, default on when ``/tmp/aimet/bin/python`` exists): aimet-onnx's ``equalize_model`` on
-the same ONNX model, then ``QuantizationSimModel`` with the default config (per-tensor int8 weights, 8-bit
-activations, min-max) on the same calibration and evaluation images, in that venv
-(tools/aimet_cle_row.py); again with the Clip bounds as Constant nodes, where aimet-onnx looks for a ReLU6 to
-replace by Relu (with initializers there it skips every ReLU6 pair); and the same sim without CLE.
+AIMET rows run in a venv with aimet-onnx (``--aimet PYTHON``, default ``/tmp/aimet/bin/python`` when present;
+aimet-onnx pulls a CUDA torch of ~6 GB, so it is never a project dependency), on the same images:
 
-    python tools/ptq_techniques.py --assets ../shared/assets [--rows fp32,per-tensor,...] [--aimet PYTHON|none]
+* ``aimet-cle`` / ``aimet-cle-nodes`` / ``aimet-per-tensor`` (tools/aimet_cle_row.py): ``equalize_model`` on the
+  same ONNX model, then ``QuantizationSimModel`` with the default config (per-tensor int8 weights, 8-bit
+  activations, min-max); again with the Clip bounds as Constant nodes, where aimet-onnx looks for a ReLU6 to replace
+  by Relu (with initializers there it skips every ReLU6 pair); and the same sim without CLE;
+* ``aimet-w4-adaround`` / ``aimet-w4`` / ``aimet-w8-adaround`` (tools/aimet_adaround.py): ``apply_adaround`` (or
+  nearest rounding) on our preprocessed float model with the same iteration budget (``--adaround-iterations``).
+
+    python tools/ptq_techniques.py --assets ../shared/assets [--model efficientnet_lite0|resnet8]
+        [--rows fp32,per-tensor,...,aimet-cle] [--adaround-iterations N] [--aimet PYTHON|none] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,15 +35,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_e2e import ArrayReader, accuracy, efficientnet_task, latency  # noqa: E402
+from bench_e2e import ArrayReader, accuracy, efficientnet_task, latency, resnet8_task  # noqa: E402
 
 import converter  # noqa: E402
 from converter import QuantConfig  # noqa: E402
 from converter.ort_session import optimized_op_counts  # noqa: E402
+from converter.pipeline import prepare  # noqa: E402
 
 ROWS = {
     "per-tensor": dict(per_channel=False),
@@ -51,11 +60,18 @@ ROWS = {
                                     bias_correction_mode="auto"),
     "per-channel": dict(per_channel=True),
     "per-channel+bc": dict(per_channel=True, bias_correction=True),
+    "per-channel+adaround": dict(per_channel=True, adaround=True),
     "w4-per-channel": dict(weight_bits=4),
     "w4-per-channel+bc": dict(weight_bits=4, bias_correction=True),
+    "w4-per-channel+adaround": dict(weight_bits=4, adaround=True),
+    "w4-per-channel+adaround+bc": dict(weight_bits=4, adaround=True, bias_correction=True),
 }
+AIMET_CLE_ROWS = {"aimet-cle": [], "aimet-cle-nodes": ["--clip-bounds-as-nodes"], "aimet-per-tensor": ["--no-cle"]}
+AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True), "aimet-w4": (4, False), "aimet-w8-adaround": (8, True)}
+TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}
 DEFAULT_ROWS = ("fp32", "per-tensor", "per-tensor+cle(keep-relu6)+bc", "per-tensor+cle", "per-tensor+cle+bc",
-                "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel")
+                "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel", "aimet-cle",
+                "aimet-cle-nodes", "aimet-per-tensor")
 AIMET_PYTHON = "/tmp/aimet/bin/python"
 
 
@@ -63,112 +79,136 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def one_row(key: str, assets: Path, out_dir: Path) -> dict:
-    """Quantize and evaluate one row in this process; the model stays in ``out_dir``."""
+def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dict:
+    """Quantize and evaluate one converter row in this process; the model stays in ``out_dir``."""
     t0 = time.perf_counter()
-    task = efficientnet_task(assets)
     if key == "fp32":
         path, report, seconds = task.model, {}, 0.0
     else:
-        config = QuantConfig(target="ort-cpu", calib_method="minmax", **ROWS[key])
+        config = QuantConfig(target="ort-cpu", calib_method="minmax", adaround_iterations=iterations,
+                             threads=threads, **ROWS[key])
         t = time.perf_counter()
         result = converter.quantize(task.model, ArrayReader(task.input_name, task.calib), config,
                                     output_dir=out_dir, name=task.key)
         path, report, seconds = result.model_path, result.report, time.perf_counter() - t
-    acc = accuracy(Path(path), task)
     counts = optimized_op_counts(str(path))
-    row = {"tool": "converter", "row": key, **acc, "of": len(task.eval_y), "quantize_s": round(seconds, 1),
-           "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": peak_rss_mb(),
-           "qlinearconv": counts.get("QLinearConv", 0),
-           "float_conv": counts.get("Conv", 0) + counts.get("FusedConv", 0),
-           "model": str(path)}
+    row = {"tool": "converter", "row": key, **accuracy(Path(path), task), "of": len(task.eval_y),
+           "quantize_s": round(seconds, 1), "wall_s": round(time.perf_counter() - t0, 1),
+           "peak_rss_mb": peak_rss_mb(), "qlinearconv": counts.get("QLinearConv", 0),
+           "float_conv": counts.get("Conv", 0) + counts.get("FusedConv", 0), "model": str(path)}
     if "cle" in report:
         row["cle_pairs"] = len(report["cle"]["pairs"])
         row["relu6_replaced"] = len(report["cle"]["relu6_replaced"])
     if "bias_correction" in report:
         kinds = [c.get("kind", "empirical") for c in report["bias_correction"]["layers"]]
         row["bias_corrected"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+    if "adaround" in report:
+        layers = report["adaround"]["layers"]
+        row.update(adaround_iterations=iterations, adaround_s=report["adaround"]["seconds"],
+                   adaround_layers=len(layers), adaround_kept=sum(r["kept"] for r in layers),
+                   loss_nearest_sum=round(sum(r["loss_nearest"] for r in layers), 4),
+                   loss_adaround_sum=round(sum(r["loss_adaround"] for r in layers), 4),
+                   per_layer=[[r["node"], round(r["loss_nearest"], 5), round(r["loss_adaround"], 5),
+                               round(r["seconds"], 1)] for r in layers])
     return row
 
 
-def aimet_rows(python: str, assets: Path, work: Path) -> list[dict]:
-    """AIMET's per-tensor sim with and without ``equalize_model``, in the aimet-onnx venv."""
-    task = efficientnet_task(assets)
-    model = task.model
+def save_arrays(task, work: Path) -> dict[str, Path]:
     files = {k: work / f"{k}.npy" for k in ("calib", "eval", "labels")}
-    np.save(files["calib"], task.calib)
-    np.save(files["eval"], task.eval_x)
-    np.save(files["labels"], task.eval_y)
-    del task
-    rows = []
-    for extra in ([], ["--clip-bounds-as-nodes"], ["--no-cle"]):
-        out = work / f"aimet{''.join(extra)}.json"
-        t = time.perf_counter()
-        proc = subprocess.run([python, str(Path(__file__).with_name("aimet_cle_row.py")),
-                               str(model),
-                               *(str(files[k]) for k in ("calib", "eval", "labels")), str(out), *extra],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"tool": "aimet-onnx", "row": "per-tensor " + " ".join(extra),
-                         "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]})
-            continue
-        row = json.loads(out.read_text())
-        row["process_wall_s"] = round(time.perf_counter() - t, 1)  # interpreter start and imports included
-        rows.append(row)
-    return rows
+    if not files["labels"].exists():
+        for k, a in (("calib", task.calib), ("eval", task.eval_x), ("labels", task.eval_y)):
+            np.save(files[k], a)
+    return files
+
+
+def aimet_row(python: str, task, key: str, args, work: Path) -> dict:
+    """One AIMET row in the aimet-onnx venv (tools/aimet_cle_row.py or tools/aimet_adaround.py)."""
+    files = save_arrays(task, work)
+    if key in AIMET_CLE_ROWS:
+        out = work / f"{key}.json"
+        cmd = [python, str(Path(__file__).with_name("aimet_cle_row.py")), str(task.model),
+               *(str(files[k]) for k in ("calib", "eval", "labels")), str(out), *AIMET_CLE_ROWS[key]]
+    else:
+        bits, on = AIMET_ADAROUND_ROWS[key]
+        model = work / "float_prepared.onnx"
+        if not model.exists():
+            onnx.save(prepare(str(task.model)).model, model)
+        cmd = [python, str(Path(__file__).with_name("aimet_adaround.py")), "--model", str(model),
+               "--calib", str(files["calib"]), "--eval", str(files["eval"]), "--labels", str(files["labels"]),
+               "--input", task.input_name, "--weight-bits", str(bits), "--iterations",
+               str(args.adaround_iterations if on else 0), "--threads", str(args.threads)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"tool": "aimet-onnx", "row": key,
+                "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    row = json.loads(out.read_text()) if key in AIMET_CLE_ROWS else json.loads(proc.stdout.strip().splitlines()[-1])
+    row.pop("pid", None)
+    # interpreter start and imports included
+    return {"tool": "aimet-onnx", **row, "row": key, "process_wall_s": round(time.perf_counter() - t, 1)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "../shared/assets"),
-                    help="folder with efficientnet-lite0/ and imagenet-samples/ (default: $CONVERTER_ASSETS or "
-                         "../shared/assets)")
+                    help="folder with efficientnet-lite0/, imagenet-samples/, cifar10-resnet8/ (default: "
+                         "$CONVERTER_ASSETS or ../shared/assets)")
+    ap.add_argument("--model", choices=list(TASKS), default="efficientnet_lite0")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                    help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)}; all: fp32,{','.join(ROWS)})")
+                    help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)}; all: fp32, {', '.join(ROWS)}, "
+                         f"{', '.join([*AIMET_CLE_ROWS, *AIMET_ADAROUND_ROWS])})")
+    ap.add_argument("--adaround-iterations", type=int, default=1000,
+                    help="AdaRound steps per layer, ours and AIMET's alike (default: 1000; AIMET's default 10000)")
+    ap.add_argument("--threads", type=int, default=1, help="ORT and torch threads of every row (default: 1)")
     ap.add_argument("--aimet", default=AIMET_PYTHON if Path(AIMET_PYTHON).exists() else "none",
                     help="python of a venv with aimet-onnx, or none (default: /tmp/aimet/bin/python when present)")
     ap.add_argument("--latency-runs", type=int, default=30, help="batch-1 latency rounds (0: none; default 30)")
     ap.add_argument("--json", help="also write the rows to this JSON file (default: none)")
-    ap.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    ap.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run one converter row in this process
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    assets = Path(args.assets)
-    if args.one_row:
-        print(json.dumps(one_row(args.one_row, assets, Path(args.out))))
+    task = TASKS[args.model](Path(args.assets))
+    if args.one_row:  # progress (AdaRound's per-layer lines) on stderr, which the parent passes through
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
+        logging.getLogger("converter").setLevel(logging.DEBUG)
+        print(json.dumps(one_row(task, args.one_row, args.adaround_iterations, args.threads, Path(args.out))),
+              flush=True)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for key in args.rows.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--assets", str(assets), "--one-row", key,
-                                   "--out", str(Path(d) / key)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                rows.append({"tool": "converter", "row": key, "error": f"exit {proc.returncode}"})
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if key in AIMET_CLE_ROWS or key in AIMET_ADAROUND_ROWS:
+                if args.aimet == "none" or not Path(args.aimet).exists():
+                    print(f"aimet-onnx: no venv (--aimet PYTHON): no {key} row")
+                    continue
+                row = aimet_row(args.aimet, task, key, args, Path(d))
+            else:
+                proc = subprocess.run([sys.executable, __file__, "--assets", args.assets, "--model", args.model,
+                                       "--one-row", key, "--out", str(Path(d) / key), "--adaround-iterations",
+                                       str(args.adaround_iterations), "--threads", str(args.threads)],
+                                      stdout=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    row = {"tool": "converter", "row": key, "error": f"exit status {proc.returncode} (see stderr)"}
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "model"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("model", "per_layer")}), flush=True)
         done = {r["row"]: Path(r["model"]) for r in rows if "model" in r}
         if args.latency_runs and done:
-            task = efficientnet_task(assets)
             lat = latency(done, {task.input_name: task.eval_x[:1]}, 1, 5, args.latency_runs)
             for r in rows:
                 if r["row"] in lat:
                     r["latency_ms_batch1_1thread"] = round(lat[r["row"]]["median_ms"], 2)
             print(json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}), flush=True)
-        if args.aimet != "none":
-            for row in aimet_rows(args.aimet, assets, Path(d)):
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        else:
-            print("aimet-onnx: no venv given (--aimet PYTHON): no AIMET rows")
     print(f"{'tool':<11} {'row':<34} {'top1':>5} {'of':>4} {'QLinConv':>8} {'fltConv':>7} {'lat ms':>7} "
           f"{'wall s':>7} {'peak MB':>7}")
     for r in rows:
         print(f"{r['tool']:<11} {r['row']:<34} {r.get('top1', '-'):>5} {r.get('of', '-'):>4} "
               f"{r.get('qlinearconv', '-'):>8} {r.get('float_conv', '-'):>7} "
               f"{r.get('latency_ms_batch1_1thread', '-'):>7} "
-              f"{r.get('wall_s', '-'):>7} {r.get('peak_rss_mb', '-'):>7}")
+              f"{r.get('wall_s', r.get('process_wall_s', '-')):>7} {r.get('peak_rss_mb', '-'):>7}")
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "model"} for r in rows],
                                               indent=2) + "\n")

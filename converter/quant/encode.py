@@ -153,14 +153,19 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         for m in members:
             plan.encodings[m] = enc
     for t in plan.by_role(WEIGHT):
+        if t.name in plan.frozen_weights and t.name in plan.encodings:
+            continue
         plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method,
                                                  t.block_size, t.block_axis)
     for t in plan.by_role(BIAS):
         act, w = t.bias_of
         if act not in plan.encodings or w not in plan.encodings:
             continue
-        plan.encodings[t.name], plan.encodings[w] = bias_encoding(idx.constant(t.name), plan.encodings[act],
-                                                                   plan.encodings[w])
+        plan.encodings[t.name], raised = bias_encoding(idx.constant(t.name), plan.encodings[act], plan.encodings[w])
+        if raised != plan.encodings[w] and w in plan.frozen_weights:
+            log.warning("weight %r: its bias needs a larger weight scale to fit int32, which moves the grid its "
+                        "values were AdaRounded on (they are rounded to the nearest level of the new one)", w)
+        plan.encodings[w] = raised
     # keep the plan's order (graph order) in the encodings dict
     plan.encodings = {n: plan.encodings[n] for n in plan.tensors if n in plan.encodings}
 

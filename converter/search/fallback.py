@@ -283,9 +283,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    if config.bias_correction:
-        log.warning("bias_correction is not applied by the accuracy-target search (its layers are re-encoded trial "
-                    "by trial); quantize without --target-metric/--evaluator to use it")
+    for key in ("bias_correction", "adaround"):
+        if getattr(config, key):
+            log.warning("%s is not applied by the accuracy-target search (its layers are re-encoded trial by trial%s); "
+                        "quantize without --target-metric/--evaluator to use it", key,
+                        ", and a layer it keeps in float must keep its float weights" if key == "adaround" else "")
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec, max(64, sensitivity_samples))
     full, subs = plan_model(prepared, config)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)

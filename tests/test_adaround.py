@@ -1,0 +1,133 @@
+"""AdaRound: better than nearest rounding at 4 bits on held-out data, weights on the encodings' grid, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from converter import QuantConfig, quantize
+from converter.cli import main
+from converter.errors import ConfigError
+from converter.pipeline import apply_encodings
+from converter.quant.encodings_io import read_encodings
+from converter.quant.qdq import dequantized_values
+
+from .conftest import parse, run
+
+
+def layer_model():
+    """Conv (4 -> 16, 3x3) -> Relu -> depthwise Conv -> Gemm: weights of widely different channel ranges."""
+    rng = np.random.default_rng(0)
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,8,8] x) => (float[N,10] y) {
+      h = Conv <pads: ints = [1, 1, 1, 1]> (x, W, B)
+      r = Relu(h)
+      d = Conv <pads: ints = [1, 1, 1, 1], group: int = 16> (r, D, DB)
+      p = GlobalAveragePool(d)
+      f = Flatten(p)
+      y = Gemm <transB: int = 1> (f, F, FB)
+    }""", W=(rng.normal(0, 1, (16, 4, 3, 3)) * rng.uniform(0.1, 2, (16, 1, 1, 1))).astype(np.float32),
+                 B=rng.normal(0, 0.1, 16).astype(np.float32),
+                 D=rng.normal(0, 1, (16, 1, 3, 3)).astype(np.float32), DB=np.zeros(16, np.float32),
+                 F=rng.normal(0, 1, (10, 16)).astype(np.float32), FB=np.zeros(10, np.float32))
+
+
+def batches(seed, n=4):
+    """Inputs correlated across a patch, as images are (with independent inputs nearest rounding is already the
+    best a layer can do: its output error is then the sum of independent rounding errors)."""
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.normal(0, 1, (16, 4, 1, 1)) + 0.3 * rng.normal(0, 1, (16, 4, 8, 8))).astype(np.float32)}
+            for _ in range(n)]
+
+
+def config(iterations=300, **kw):
+    return QuantConfig(weight_bits=4, adaround_iterations=iterations, threads=1, **kw)
+
+
+def test_adaround_beats_nearest_rounding_at_4_bits(tmp_path):
+    model = layer_model()
+    held_out = batches(7, 1)[0]
+    ref = run(model, held_out)[0]
+    err = {}
+    for on in (False, True):
+        r = quantize(model, batches(1), config(adaround=on), output_dir=tmp_path / str(on), name="m")
+        err[on] = float(np.mean((run(r.model_path, held_out)[0] - ref) ** 2))
+    assert err[True] < 0.85 * err[False], err  # measured on data the optimization did not see
+    layers = r.report["adaround"]["layers"]
+    assert [x["node"] for x in layers] == ["Conv_0", "Conv_2", "Gemm_5"]
+    assert all(x["loss_adaround"] < x["loss_nearest"] and x["kept"] for x in layers), layers
+    assert layers[0]["loss_adaround"] < layers[0]["loss_nearest"] / 2, layers  # its input is float: all its own
+    assert r.report["adaround"]["iterations"] == 300 and all(x["seconds"] > 0 for x in layers)
+    assert sum(x["flipped_fraction"] for x in layers) > 0  # some weights really rounded the other way
+
+
+def test_adarounded_weights_lie_on_the_encodings_grid(tmp_path):
+    r = quantize(layer_model(), batches(1), config(50, adaround=True, bias_correction=True), output_dir=tmp_path,
+                 name="m")
+    float_path = r.report["outputs"]["float_model"]  # the float model with the AdaRounded weights
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(float_path).graph.initializer}
+    qdq = onnx.load(r.model_path)
+    used = dequantized_values(qdq)
+    enc = read_encodings(r.encodings_path)
+    for w in ("W", "D", "F"):
+        e = enc.params[w]
+        assert e.bitwidth == 4 and e == r.plan.encodings[w]
+        q = e.quantize(floats[w])
+        np.testing.assert_array_equal(e.dequantize(q), floats[w])  # exactly on the grid
+        np.testing.assert_array_equal(used[f"{w}_dequantized"], floats[w])  # what the QDQ model computes with
+    # the encodings applied to that float model give the same QDQ model
+    again = apply_encodings(float_path, r.encodings_path, tmp_path / "again.onnx")
+    assert again.SerializeToString() == qdq.SerializeToString()
+    assert "bias_correction" in r.report  # ran after AdaRound, on its weights
+
+
+def test_adaround_without_calibration_data_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        quantize(layer_model(), None, QuantConfig(adaround=True), output_dir=tmp_path, name="m")
+    assert "adaround needs calibration data" in exc.value.message and "--calib" in exc.value.fix
+    with pytest.raises(ConfigError, match="adaround_iterations must be >= 1"):
+        QuantConfig(adaround=True, adaround_iterations=0)
+
+
+def test_cli_adaround(tmp_path, capsys):
+    onnx.save(layer_model(), tmp_path / "m.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, b in enumerate(batches(1, 2)):
+        np.save(calib / f"{i}.npy", b["x"])
+    rc = main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(calib), "--weight-bits", "4", "--adaround",
+               "--adaround-iterations", "50", "--threads", "1", "--output-dir", str(tmp_path / "out")])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "m.report.json").read_text())
+    assert report["config"]["adaround"] is True and report["config"]["adaround_iterations"] == 50
+    assert len(report["adaround"]["layers"]) == 3
+
+
+def test_adaround_with_block_wise_weights(tmp_path):
+    """Block-wise scales (one per 32 input channels): AdaRound rounds on each block's own grid."""
+    rng = np.random.default_rng(3)
+    w = (rng.normal(0, 1, (64, 16)) * np.repeat(rng.uniform(0.05, 2, (2, 1)), 32, axis=0)).astype(np.float32)
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,64] x) => (float[N,16] y) {
+      y = MatMul(x, W)
+    }""", W=w)
+    data = [{"x": (rng.normal(0, 1, (64, 1)) + 0.3 * rng.normal(0, 1, (64, 64))).astype(np.float32)}
+            for _ in range(2)]
+    held_out = {"x": (rng.normal(0, 1, (64, 1)) + 0.3 * rng.normal(0, 1, (64, 64))).astype(np.float32)}
+    ref = run(model, held_out)[0]
+    err = {}
+    for on in (False, True):
+        r = quantize(model, data, config(200, adaround=on, weight_block_size=32, target="qnn"),
+                     output_dir=tmp_path / str(on), name="m")
+        err[on] = float(np.mean((run(r.model_path, held_out)[0] - ref) ** 2))
+    e = r.plan.encodings["W"]
+    assert e.blocked and e.block_size == 32
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(r.report["outputs"]["float_model"]).graph.initializer}
+    np.testing.assert_array_equal(e.dequantize(e.quantize(floats["W"])), floats["W"])  # on the blocks' grid
+    assert err[True] < 0.85 * err[False], err  # measured on held-out data

@@ -1,0 +1,72 @@
+"""AIMET's AdaRound on one model, for tools/ptq_techniques.py: runs INSIDE the aimet-onnx venv (not a project
+dependency), as a subprocess, and prints one JSON line.
+
+    /tmp/aimet/bin/python tools/aimet_adaround.py --model float.onnx --calib calib.npy --eval eval.npy
+        --labels labels.npy --input NAME [--weight-bits 4] [--iterations N] [--batch 16] [--threads 1]
+
+Flow (aimet-onnx 2.x docs): ``QuantizationSimModel`` (min_max, ``default_config_per_channel.json``: symmetric
+per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib batches, num_iterations)``
+(weights frozen), then ``sim.compute_encodings(calib batches)`` for the activations; top-1 of ``sim.session``
+on the evaluation images. With ``--iterations 0``: the sim without AdaRound (nearest rounding). Wall time and
+peak RSS (``ru_maxrss``) of this process are in the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True, help=".npy of preprocessed calibration inputs")
+    ap.add_argument("--eval", required=True, help=".npy of preprocessed evaluation inputs")
+    ap.add_argument("--labels", required=True, help=".npy of int labels for --eval")
+    ap.add_argument("--input", required=True, help="the model's input name")
+    ap.add_argument("--weight-bits", type=int, default=4)
+    ap.add_argument("--iterations", type=int, default=1000, help="AdaRound steps per layer; 0: no AdaRound")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch and ORT threads")
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnx
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import aimet_onnx
+    from aimet_onnx import apply_adaround
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    t0 = time.perf_counter()
+    calib = np.load(args.calib)
+    batches = [{args.input: calib[i:i + args.batch]} for i in range(0, len(calib), args.batch)]
+    config = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
+    sim = QuantizationSimModel(onnx.load(args.model), param_type=f"int{args.weight_bits}", activation_type="int8",
+                               quant_scheme="min_max", config_file=str(config),
+                               providers=["CPUExecutionProvider"],
+                               session_options_kwargs={"intra_op_num_threads": args.threads})
+    t = time.perf_counter()
+    if args.iterations:
+        apply_adaround(sim, batches, num_iterations=args.iterations)
+    adaround_s = time.perf_counter() - t
+    sim.compute_encodings(batches)
+    quantize_s = time.perf_counter() - t0
+    x, y = np.load(args.eval), np.load(args.labels)
+    logits = np.concatenate([sim.session.run(None, {args.input: x[i:i + 50]})[0] for i in range(0, len(x), 50)])
+    correct = int((logits.reshape(len(x), -1).argmax(1) == y).sum())
+    print(json.dumps({"tool": "aimet-onnx " + getattr(aimet_onnx, "__version__", "?"), "top1": correct,
+                      "of": len(y), "iterations": args.iterations, "adaround_s": round(adaround_s, 1),
+                      "quantize_s": round(quantize_s, 1),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "pid": os.getpid()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
