@@ -191,21 +191,28 @@ def test_aimet_quantizers_depthwise_clip_and_clip_constants():
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "qnn"])
-def test_depthwise_relu6_file_names_aimets_quantizers_with_encodings_that_change_nothing(tmp_path, target):
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
+def test_depthwise_relu6_file_names_aimets_quantizers_with_encodings_that_change_nothing(tmp_path, target, version):
     """Our plan fuses every Conv with its Relu/Clip; AIMET does not fuse a depthwise one. The 1.0.0 file names the
     depthwise outputs with the activation's encoding and Clip's bounds with encodings that hold them exactly, so a
     strict load finds exactly its quantizers, and the QDQ model an AIMET sim then amounts to (Q/DQ on those
-    tensors too) computes bit for bit what ours does; apply-encodings drops the additions again."""
+    tensors too) computes bit for bit what ours does; apply-encodings drops the additions again. 2.0.0 also names
+    the regular Conv's output before its Clip with the Clip's encoding, as AIMET's own 2.0.0 export derives it."""
     model = relu6_model()
     idx = GraphIndex.build(model)
-    res = quantize(model, calib_relu6(), QuantConfig(target=target), output_dir=tmp_path, name="m")
+    res = quantize(model, calib_relu6(), QuantConfig(target=target, encodings_version=version), output_dir=tmp_path,
+                   name="m")
     doc, named = names_in(res.encodings_path)
     acts, params = aimet_quantizers(idx)
-    assert named == acts | params
     enc = res.plan.encodings
     assert not {"a", "c", "e", "g", "lo", "hi"} & set(enc)  # fused in our plan, bounds never quantized
-    assert res.report["encodings_file"]["added_for_aimet"] == ["c", "g", "hi", "lo"]
-    file = read_encodings(res.encodings_path).activations
+    if version == "2.0.0":
+        assert named == acts | params | {"a", "B", "BD"}  # + int32 biases
+        assert res.report["encodings_file"]["added_for_aimet"] == ["a", "c", "g", "hi", "lo"]
+    else:
+        assert named == acts | params
+        assert res.report["encodings_file"]["added_for_aimet"] == ["c", "g", "hi", "lo"]
+    file = {**read_encodings(res.encodings_path).activations, **read_encodings(res.encodings_path).params}
     assert file["c"] == enc["d"] and file["g"] == enc["y"]
     assert file["lo"].fake_quantize(np.zeros(1, np.float32))[0] == 0
     assert abs(file["hi"].fake_quantize(np.full(1, 6, np.float32))[0] - 6) < 1e-6

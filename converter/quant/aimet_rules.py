@@ -142,7 +142,7 @@ def file_entries(idx: GraphIndex, encodings: dict[str, Encoding], version: str,
     """
     if all_tensors:
         return dict(encodings), set()
-    added = aimet_additions(idx, encodings)
+    added = aimet_additions(idx, encodings, export=DATA_MOVEMENT_IN_FILE[version])
     if drop_additions(idx, {**encodings, **added}) != encodings:
         added = {}
     biases = set() if BIASES_IN_FILE[version] else {n for n, e in encodings.items() if e.bitwidth == 32}
@@ -264,14 +264,16 @@ def represents(enc: Encoding, value: np.ndarray) -> bool:
     return bool(np.allclose(enc.fake_quantize(value), value, rtol=1e-6, atol=1e-7))
 
 
-def aimet_additions(idx: GraphIndex, encodings: dict[str, Encoding]) -> dict[str, Encoding]:
+def aimet_additions(idx: GraphIndex, encodings: dict[str, Encoding], export: bool = False) -> dict[str, Encoding]:
     """Entries an AIMET sim has quantizers for that the plan does not quantize, with encodings that change
     nothing, so a strict load accepts the file and the sim computes what the QDQ model computes:
 
     * the input of a Relu/Clip fused into the op before it where AIMET's supergroups do not fuse (a depthwise
       Conv -> Clip, EfficientNet's ReLU6): the activation's own encoding (:func:`passes_through`; for Relu
       this is AIMET's own tie of its input and output quantizers);
-    * Clip's constant min/max (activation quantizers in AIMET): an encoding representing the value exactly.
+    * Clip's constant min/max (activation quantizers in AIMET): an encoding representing the value exactly;
+    * ``export`` (2.0.0, as AIMET's own 2.0.0 export: ``_derive_data_movement_op_encodings`` gives a clipping
+      op's single-use input its output's encoding): every fused Clip's input, Conv+Clip supergroups too.
 
     :func:`drop_additions` removes them again on reading, so apply-encodings gives the same QDQ model.
     """
@@ -283,7 +285,9 @@ def aimet_additions(idx: GraphIndex, encodings: dict[str, Encoding]) -> dict[str
         if lims is None or y not in encodings or encodings[y].per_channel:
             continue
         x = node.input[0]
-        if x in acts and x not in encodings and not idx.is_constant(x) and passes_through(encodings[y], *lims):
+        derived = export and node.op_type == "Clip" and len(idx.uses(x)) == 1 and x not in idx.graph_outputs
+        if ((x in acts or derived) and x not in encodings and not idx.is_constant(x) and idx.is_float(x)
+                and passes_through(encodings[y], *lims)):
             out[x] = encodings[y]
         for c in node.input[1:]:
             if c and c in acts and c not in encodings and idx.is_constant(c):
