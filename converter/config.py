@@ -125,8 +125,9 @@ TARGETS: dict[str, TargetPreset] = {
         # attention scores (+ the additive mask, often float32's lowest value: quantizing it leaves the scores
         # no resolution) stay whole: QNN runs masked softmax in higher precision
         patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT, "attention": _ONE_UNIT},
-        # aimet_onnx op_types_to_tie_qtzrs (converter/quant/aimet_rules.py TIED_OP_TYPES); MaxPool, Concat and
-        # Resize are data movement and tied anyway
+        # aimet_onnx op_types_to_tie_qtzrs (converter/quant/aimet_rules.py TIED_OP_TYPES); Concat and Resize are
+        # data movement and tied anyway; a Relu's input has no encoding of its own here (fused into the op before
+        # it; where AIMET's supergroups do not fuse, the file gives the input the Relu's encoding: its tie)
         tied_op_types=frozenset({"AveragePool"}),
     ),
 }

@@ -501,8 +501,8 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
     written, floats = file_entries(idx, plan.encodings, config.encodings_version, config.encodings_all_tensors)
     acts: dict[str, Encoding | FloatEncoding] = {}
     params: dict[str, Encoding | FloatEncoding] = {}
-    for n, e in written.items():
-        (acts if plan.tensors[n].role == ACTIVATION else params)[n] = e
+    for n, e in written.items():  # what the plan does not hold (aimet_rules.aimet_additions) is an activation to AIMET
+        (acts if n not in plan.tensors or plan.tensors[n].role == ACTIVATION else params)[n] = e
     acts.update({n: FloatEncoding(32) for n in sorted(floats, key=lambda t: (idx.position(t), t))})
     args = {
         "activation_bitwidth": config.activation_bits,
@@ -529,6 +529,7 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
             "omitted_biases": sum(plan.tensors[n].role == BIAS for n in left_out),
             "omitted_data_movement_outputs": sum(plan.tensors[n].role != BIAS for n in left_out),
             "marked_float": sorted(floats),
+            "added_for_aimet": sorted(n for n in written if n not in plan.encodings),
             "aimet_tie_conflicts": [{"node": n, "input": i, "output": o} for n, i, o in conflicts]}
     return dumps_encodings(acts, params, args, config.encodings_version), info
 

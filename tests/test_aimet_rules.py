@@ -17,6 +17,8 @@ from converter import QuantConfig, apply_encodings, quantize
 from converter.graph.index import GraphIndex
 from converter.quant.aimet_rules import (BIASES_IN_FILE, DATA_MOVEMENT_IN_FILE, OUTPUT_NOT_QUANTIZED, TIED_OP_TYPES, aimet_quantizers,
                                          tie_conflicts)
+from converter.pipeline import prepare
+from converter.quant.control_flow import render_control_flow
 from converter.quant.encodings_io import FloatEncoding, read_encodings
 
 from .conftest import parse, run
@@ -149,25 +151,80 @@ def test_rules_table_matches_aimet_defaults():
         OUTPUT_NOT_QUANTIZED
     assert "MaxPool" not in OUTPUT_NOT_QUANTIZED and "Concat" not in OUTPUT_NOT_QUANTIZED
     assert BIASES_IN_FILE == DATA_MOVEMENT_IN_FILE == {"0.6.1": False, "1.0.0": False, "2.0.0": True}
-    # every tied op is tied on qnn: data movement always, compute ops through the preset
+    # every tied op is tied on qnn: data movement always, compute ops through the preset; a Relu's input has no
+    # encoding of its own on qnn (fused), and where AIMET does not fuse, the file writes the Relu's encoding for it
+    qnn = TARGETS["qnn"]
     for op in TIED_OP_TYPES:
-        assert RULES[op].kind == "shared" or op in TARGETS["qnn"].tied_op_types
+        assert op not in RULES or RULES[op].kind == "shared" or op in qnn.tied_op_types or op in qnn.fusable_activations
+    assert "MaxPool" not in TIED_OP_TYPES  # aimet-onnx 2.42 ties multi-input grid-equivariant ops only
+
+
+def relu6_model() -> onnx.ModelProto:
+    """EfficientNet's pattern in small: Conv -> Clip(0, 6), a depthwise Conv -> Clip, a grouped (2 channels a
+    group) Conv -> Relu, a depthwise Conv -> Relu; the Clips share their bound constants as in prepared models."""
+    rng = np.random.default_rng(0)
+    return onnx.shape_inference.infer_shapes(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,8,8] x) => (float[N,4,8,8] y) {
+      a = Conv <pads = [1, 1, 1, 1]> (x, W, B)
+      b = Clip(a, lo, hi)
+      c = Conv <pads = [1, 1, 1, 1], group = 4> (b, D, BD)
+      d = Clip(c, lo, hi)
+      e = Conv <pads = [1, 1, 1, 1], group = 2> (d, G)
+      f = Relu(e)
+      g = Conv <pads = [1, 1, 1, 1], group = 4> (f, D2)
+      y = Relu(g)
+    }
+    """, W=rng.normal(0, 0.6, (4, 4, 3, 3)).astype(np.float32), B=rng.normal(0, 0.2, 4).astype(np.float32),
+                 D=rng.normal(0, 0.6, (4, 1, 3, 3)).astype(np.float32), BD=rng.normal(0, 0.2, 4).astype(np.float32),
+                 G=rng.normal(0, 0.5, (4, 2, 3, 3)).astype(np.float32), D2=rng.normal(0, 0.6, (4, 1, 3, 3)).astype(np.float32),
+                 lo=np.array(0, np.float32), hi=np.array(6, np.float32)))
 
 
 def test_aimet_quantizers_depthwise_clip_and_clip_constants():
-    """aimet-onnx 2.42 on EfficientNet-Lite0: a depthwise Conv keeps its output quantizer before a Clip (no
-    supergroup), a regular one does not; Clip's min/max constants are params."""
-    rng = np.random.default_rng(0)
-    model = onnx.shape_inference.infer_shapes(parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
-      a = Conv <pads = [1, 1, 1, 1]> (x, W)
-      b = Clip(a, lo, hi)
-      c = Conv <pads = [1, 1, 1, 1], group = 4> (b, D)
-      y = Clip(c, lo, hi)
-    }
-    """, W=rng.normal(0, 1, (4, 4, 3, 3)).astype(np.float32), D=rng.normal(0, 1, (4, 1, 3, 3)).astype(np.float32),
-                 lo=np.array(0, np.float32), hi=np.array(6, np.float32)))
-    acts, params = aimet_quantizers(GraphIndex.build(model))
-    assert acts == {"x", "b", "c", "y"}
-    assert params == {"W", "D", "lo", "hi"}
+    """aimet-onnx 2.42 (its sim's quantizers, listed with enabled state): a depthwise Conv keeps its output quantizer
+    before a Clip or Relu (AIMET rejects supergroups starting at one), a regular or grouped (2 channels a group) Conv
+    does not; Clip's min/max constants get activation quantizers (asymmetric, like any non-param constant)."""
+    acts, params = aimet_quantizers(GraphIndex.build(relu6_model()))
+    assert acts == {"x", "b", "c", "d", "f", "g", "y", "lo", "hi"}
+    assert params == {"W", "D", "G", "D2"}
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "qnn"])
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
+def test_depthwise_relu6_file_names_aimets_quantizers_with_encodings_that_change_nothing(tmp_path, target, version):
+    """Our plan fuses every Conv with its Relu/Clip; AIMET does not fuse a depthwise one. The 1.0.0 file names the
+    depthwise outputs with the activation's encoding and Clip's bounds with encodings that hold them exactly, so a
+    strict load finds exactly its quantizers, and the QDQ model an AIMET sim then amounts to (Q/DQ on those
+    tensors too) computes bit for bit what ours does; apply-encodings drops the additions again. 2.0.0 also names
+    the regular Conv's output before its Clip with the Clip's encoding, as AIMET's own 2.0.0 export derives it."""
+    model = relu6_model()
+    idx = GraphIndex.build(model)
+    res = quantize(model, calib_relu6(), QuantConfig(target=target, encodings_version=version), output_dir=tmp_path,
+                   name="m")
+    doc, named = names_in(res.encodings_path)
+    acts, params = aimet_quantizers(idx)
+    enc = res.plan.encodings
+    assert not {"a", "c", "e", "g", "lo", "hi"} & set(enc)  # fused in our plan, bounds never quantized
+    if version == "2.0.0":
+        assert named == acts | params | {"a", "B", "BD"}  # + int32 biases
+        assert res.report["encodings_file"]["added_for_aimet"] == ["a", "c", "g", "hi", "lo"]
+    else:
+        assert named == acts | params
+        assert res.report["encodings_file"]["added_for_aimet"] == ["c", "g", "hi", "lo"]
+    file = {**read_encodings(res.encodings_path).activations, **read_encodings(res.encodings_path).params}
+    assert file["c"] == enc["d"] and file["g"] == enc["y"]
+    assert file["lo"].fake_quantize(np.zeros(1, np.float32))[0] == 0
+    assert abs(file["hi"].fake_quantize(np.full(1, 6, np.float32))[0] - 6) < 1e-6
+    # what an AIMET sim loaded with this file computes: Q/DQ on every named tensor
+    sim = render_control_flow(prepare(model).model, {**enc, **{n: file[n] for n in ("c", "g", "lo", "hi")}})
+    for b in calib_relu6(3, seed=5):
+        assert np.array_equal(run(sim, b)[0], run(res.model_path, b)[0])
+    out = tmp_path / "applied.onnx"
+    apply_encodings(model, res.encodings_path, out)
+    assert out.read_bytes() == res.model_path.read_bytes()
+
+
+def calib_relu6(n: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 2, (2, 4, 8, 8)).astype(np.float32)} for _ in range(n)]

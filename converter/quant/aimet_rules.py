@@ -16,7 +16,16 @@ constants; ``aimet_common/quantsim_config/default_config.json``), aimet-onnx 2.x
   AveragePool range 0..4.2 replaced the Relu range 0..24.3 before it, 19% of values clipped)
   -> :data:`TIED_OP_TYPES`. The ``qnn`` target ties them in the plan (``TargetPreset.tied_op_types``).
 * ``supergroups`` (Conv+Relu, Conv+Clip, Add+Relu, Gemm+Relu, ConvTranspose+Relu): no quantizer
-  between the members; our fused groups already leave those tensors out.
+  between the members; our fused groups already leave those tensors out. But AIMET rejects a
+  supergroup that starts at a depthwise or 3-D Conv (:func:`supergroup_rejected`): EfficientNet's
+  depthwise Conv -> Clip (ReLU6) has a quantizer on the Conv's output, where we fuse.
+* every float constant that is no Conv/Gemm/MatMul param gets an activation quantizer: Clip's min/max.
+
+Where AIMET has a quantizer and the plan does not, the file names the tensor with an encoding that
+changes nothing (:func:`aimet_additions`: a fused Relu/Clip's input gets the activation's own
+encoding, exact by :func:`passes_through`; a Clip bound an encoding that represents it), and reading
+drops those entries again (:func:`drop_additions`). Measured with aimet-onnx 2.42 on EfficientNet-Lite0:
+16 depthwise outputs and 2 Clip bounds, then a strict load accepts the file.
 
 We omit what AIMET does not quantize from 1.0.0/0.6.1 files and :func:`derive_omitted` puts it back
 (``apply-encodings``), so the QDQ model is the same byte for byte. ``encodings_all_tensors`` writes
@@ -26,11 +35,12 @@ and keeps a tensor in the file wherever it would not.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..graph.index import GraphIndex, attr
 from .encode import bias_encoding
-from .encoding import Encoding
+from .encoding import Encoding, encoding_from_range
 from .rules import RULES
 
 # aimet_onnx.quantsim.op_outputs_to_ignore + default_config.json "is_output_quantized": "False"
@@ -38,20 +48,30 @@ OUTPUT_NOT_QUANTIZED = frozenset({
     "Flatten", "Gather", "Reshape", "Shape", "Unsqueeze", "Squeeze", "Split", "Compress", "Tile", "Transpose",
     "Identity", "Cast", "Dropout", "Expand", "Pad", "Mean",
 })
-# aimet_onnx.quantsim.op_types_to_tie_qtzrs: input and output share one quantizer
-TIED_OP_TYPES = frozenset({"Concat", "MaxPool", "AveragePool", "Resize"})
+# aimet_onnx.quantsim.op_types_to_tie_qtzrs (Concat, AveragePool, Relu) + _is_htp_interpolation_op (Resize,
+# Upsample): input and output share one quantizer. MaxPool is not tied in 2.42 (unary grid-preserving ops are left
+# out: include_unary=False); Relu only where its input has a quantizer of its own (not after a supergroup's op)
+TIED_OP_TYPES = frozenset({"Concat", "AveragePool", "Relu", "Resize", "Upsample"})
 # default_config.json "params": {"bias": {"is_quantized": "False"}}; 2.0.0 mirrors the QDQ graph's int32 biases
 BIASES_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
 # AIMET's 2.0.0 export (aimet-onnx 2.42, measured on ResNet-8) also names the Transpose/Reshape outputs that carry
 # a Q/DQ in its QDQ graph (QuantizationSimModel._export_data_movement_op_output_quantizers); 1.0.0/0.6.1 do not
 DATA_MOVEMENT_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
 _BIAS_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # op type -> bias input slot
-# default_config.json "supergroups": no quantizer between the two ops
+# default_config.json "supergroups": no quantizer between the two ops (the htp_* configs add Conv+PRelu,
+# Conv+LeakyRelu, Conv+BatchNormalization+Relu...)
 SUPERGROUPS = (("Conv", "Relu"), ("ConvTranspose", "Relu"), ("Conv", "Clip"), ("Add", "Relu"), ("Gemm", "Relu"))
-# ops whose float constant inputs (past the data input) get param quantizers: Clip's min/max (measured, 2.42)
-CONSTANT_INPUTS_QUANTIZED = frozenset({"Clip"})
-# aimet_onnx param quantizers: the weight input of these ops (biases are off, see BIASES_IN_FILE)
+# ... except that a supergroup starting at a depthwise or 3-D Conv/ConvTranspose is rejected
+# (QuantSimConfigurator._set_supergroup_configs: exclude_from_supergroup -> _check_if_conv3d_or_depthwise_conv)
+SUPERGROUP_REJECTS = ("depthwise", "conv3d")
+# aimet_onnx param quantizers (meta/connectedgraph.py find_all_node_info): op type -> input slots that are
+# params when constant; weights are quantized (int8 symmetric), biases not (BIASES_IN_FILE). Every other float
+# constant an op reads (Clip's min/max, an Add's constant) gets an *activation* quantizer (asymmetric, activation
+# bits): measured with aimet-onnx 2.42
+_PARAM_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
 _PARAM_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# activations whose output range bounds their input's: (lower, upper) bound, None = from Clip's inputs
+_BOUNDED = {"Relu": (0.0, float("inf")), "Clip": None}
 
 
 def data_input(node: onnx.NodeProto) -> str | None:
@@ -85,15 +105,15 @@ def bias_tensors(idx: GraphIndex) -> dict[str, tuple[str, str]]:
 
 
 def derive_omitted(idx: GraphIndex, encodings: dict[str, Encoding], floats: set[str] = frozenset()) -> dict[str, Encoding]:
-    """``encodings`` (as read from a file) plus what the writer left out; ``floats``: tensors the
-    file marks as float (never derived).
+    """``encodings`` (as read from a file) less what the writer added for AIMET (:func:`drop_additions`) plus
+    what it left out; ``floats``: tensors the file marks as float (never derived).
 
     Data-movement outputs (only if the file names none): their data input's encoding, in graph
     order so chains propagate. Then biases (only if the file has no int32 entry: a file with any
     names all of them): scale = input scale x weight scale (:func:`.encode.bias_encoding`, as
     quantize computes it; a Gemm's input is often a Reshape's output, derived first).
     """
-    out = dict(encodings)
+    out = drop_additions(idx, encodings)
     movers = [n for n in idx.graph.node if n.op_type in OUTPUT_NOT_QUANTIZED and RULES.get(n.op_type)]
     if not any(o in encodings for n in movers for o in n.output):
         for node in movers:
@@ -117,13 +137,18 @@ def file_entries(idx: GraphIndex, encodings: dict[str, Encoding], version: str,
     where :func:`derive_omitted` gives back exactly ``encodings``, else that kind is written whole.
     A data-movement output the plan keeps float although its input is quantized (an excluded node,
     a target that runs it in float) is marked float, so the derivation does not quantize it.
+    Adds what AIMET quantizes and the plan leaves alone (:func:`aimet_additions`), in every version,
+    where reading drops exactly those again.
     """
     if all_tensors:
         return dict(encodings), set()
+    added = aimet_additions(idx, encodings, export=DATA_MOVEMENT_IN_FILE[version])
+    if drop_additions(idx, {**encodings, **added}) != encodings:
+        added = {}
     biases = set() if BIASES_IN_FILE[version] else {n for n, e in encodings.items() if e.bitwidth == 32}
     movers = set() if DATA_MOVEMENT_IN_FILE[version] else omitted_outputs(idx, encodings)
     for drop in (biases | movers, movers, biases, set()):
-        kept = {n: e for n, e in encodings.items() if n not in drop}
+        kept = {n: e for n, e in encodings.items() if n not in drop} | added
         floats = set(derive_omitted(idx, kept)) - set(encodings)
         if derive_omitted(idx, kept, floats) == encodings:
             return kept, floats
@@ -147,17 +172,38 @@ def tie_conflicts(idx: GraphIndex, encodings: dict[str, Encoding]) -> list[tuple
     return out
 
 
+def supergroup_rejected(node: onnx.NodeProto, idx: GraphIndex) -> bool:
+    """AIMET rejects a supergroup starting at ``node``: a depthwise Conv (group > 1, one input channel per group;
+    ConvTranspose: C_in == group) or a 3-D one (5-D input or weight). A grouped Conv with more input channels per
+    group still joins. aimet_onnx/common/graph_searcher.py ``_check_if_conv3d_or_depthwise_conv``."""
+    if node.op_type not in ("Conv", "ConvTranspose"):
+        return False
+    w_shape = idx.shape.get(node.input[1]) if len(node.input) > 1 else None
+    x_shape = idx.shape.get(node.input[0])
+    if (x_shape is not None and len(x_shape) == 5) or (w_shape is not None and len(w_shape) == 5):
+        return True  # "conv3d"
+    group = attr(node, "group", 1)
+    if group == 1 or not w_shape:  # AIMET: an unknown weight shape is not depthwise
+        return False
+    return w_shape[1] == 1 if node.op_type == "Conv" else w_shape[0] == group  # "depthwise"
+
+
+def _supergroup_first(node: onnx.NodeProto, out: str, idx: GraphIndex) -> bool:
+    """``out`` (of ``node``) has no AIMET quantizer: its only reader completes a supergroup pair with ``node``."""
+    users = idx.uses(out)
+    return (len(users) == 1 and (node.op_type, users[0].op_type) in SUPERGROUPS and out not in idx.graph_outputs
+            and not supergroup_rejected(node, idx))
+
+
 def aimet_quantizers(idx: GraphIndex) -> tuple[set[str], set[str]]:
     """(activation, param) tensors an aimet-onnx sim with the default config quantizes.
 
-    Model inputs, every float op output except those of :data:`OUTPUT_NOT_QUANTIZED` ops and the
-    first op of a :data:`SUPERGROUPS` pair (when it is the pair's only reader), constant weights, and
-    the float constant inputs of :data:`CONSTANT_INPUTS_QUANTIZED` ops. A file that a strict load
-    accepts names a subset of these (and, for a full match, all of them).
-
-    Measured with aimet-onnx 2.42 on EfficientNet-Lite0 (strict-load errors): a grouped (depthwise)
-    Conv does not join the Conv+Clip supergroup (its output has a quantizer), and Clip's min/max
-    constants get param quantizers.
+    Activations: model inputs, every float op output except those of :data:`OUTPUT_NOT_QUANTIZED` ops and the
+    first op of a :data:`SUPERGROUPS` pair (when the pair's second op is its only reader and the first is no
+    depthwise / 3-D Conv, :func:`supergroup_rejected`), and every float constant that is not a param (Clip's
+    min/max, an Add's constant: activation quantizers, measured with aimet-onnx 2.42). Params: the constant
+    weights of Conv/ConvTranspose/Gemm/MatMul. A file that a strict load accepts names a subset of these (and,
+    for a full match, all of them).
     """
     acts = {t for t in idx.graph_inputs if idx.is_float(t)}
     params = set()
@@ -165,15 +211,105 @@ def aimet_quantizers(idx: GraphIndex) -> tuple[set[str], set[str]]:
         slot = _PARAM_OPS.get(node.op_type)
         if slot is not None and len(node.input) > slot and idx.is_constant(node.input[slot]):
             params.add(node.input[slot])
-        if node.op_type in CONSTANT_INPUTS_QUANTIZED:
-            params.update(t for t in node.input[1:] if t and idx.is_constant(t) and idx.is_float(t))
+        param_slots = _PARAM_SLOTS.get(node.op_type, ())
+        data_only = node.op_type == "Resize"  # aimet_onnx op_params_to_ignore: only Resize's data input
+        acts.update(t for i, t in enumerate(node.input)
+                    if t and idx.is_constant(t) and idx.is_float(t) and i not in param_slots and not (data_only and i))
         if node.op_type in OUTPUT_NOT_QUANTIZED:
             continue
-        grouped = node.op_type == "Conv" and attr(node, "group", 1) != 1
-        for o in node.output:
-            users = idx.uses(o)
-            fused = (len(users) == 1 and (node.op_type, users[0].op_type) in SUPERGROUPS
-                     and o not in idx.graph_outputs and not grouped)
-            if o and idx.is_float(o) and not fused:
-                acts.add(o)
+        acts.update(o for o in node.output if o and idx.is_float(o) and not _supergroup_first(node, o, idx))
     return acts, params
+
+
+def bounds(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, float] | None:
+    """(lower, upper) a Relu/Clip clamps to; None for other ops or a Clip with a computed bound."""
+    if node.op_type not in _BOUNDED:
+        return None
+    if _BOUNDED[node.op_type] is not None:
+        return _BOUNDED[node.op_type]
+    lo, hi = attr(node, "min", float("-inf")), attr(node, "max", float("inf"))  # opset < 11: attributes
+    for i, default in ((1, lo), (2, hi)):
+        if i < len(node.input) and node.input[i]:
+            if not idx.is_constant(node.input[i]):
+                return None
+            value = float(idx.constant(node.input[i]).reshape(-1)[0])
+            lo, hi = (value, hi) if i == 1 else (lo, value)
+    return float(lo), float(hi)
+
+
+def passes_through(enc: Encoding, lo: float, hi: float) -> bool:
+    """Quantizing with ``enc`` before a clamp to [lo, hi] changes nothing after it: q(clamp(q(x))) == q(clamp(x))
+    for every x, when each finite bound lies outside ``enc``'s range or on its grid."""
+    if enc.per_channel:
+        return False
+    s, z = enc.scale[0], enc.zero_point[0]
+    e_min, e_max = (enc.qmin - z) * s, (enc.qmax - z) * s
+    for b in (lo, hi):
+        if np.isfinite(b) and e_min < b < e_max and abs(b / s - round(b / s)) > 1e-3:
+            return False
+    return True
+
+
+def exact_encoding(value: float, like: Encoding) -> Encoding:
+    """A per-tensor encoding of ``like``'s integer type that represents the constant ``value`` exactly (up to
+    float32 rounding of the scale): the range [min(value, 0), max(value, 0)]; 0: ``like`` (holds 0 exactly)."""
+    if value == 0 and not like.per_channel:
+        return like
+    return encoding_from_range(min(value, 0.0), max(value, 0.0), like.bitwidth, like.signed, like.symmetric)
+
+
+def represents(enc: Encoding, value: np.ndarray) -> bool:
+    """``enc`` quantizes ``value`` without loss (float32 rounding aside)."""
+    value = np.asarray(value, np.float32)
+    return bool(np.allclose(enc.fake_quantize(value), value, rtol=1e-6, atol=1e-7))
+
+
+def aimet_additions(idx: GraphIndex, encodings: dict[str, Encoding], export: bool = False) -> dict[str, Encoding]:
+    """Entries an AIMET sim has quantizers for that the plan does not quantize, with encodings that change
+    nothing, so a strict load accepts the file and the sim computes what the QDQ model computes:
+
+    * the input of a Relu/Clip fused into the op before it where AIMET's supergroups do not fuse (a depthwise
+      Conv -> Clip, EfficientNet's ReLU6): the activation's own encoding (:func:`passes_through`; for Relu
+      this is AIMET's own tie of its input and output quantizers);
+    * Clip's constant min/max (activation quantizers in AIMET): an encoding representing the value exactly;
+    * ``export`` (2.0.0, as AIMET's own 2.0.0 export: ``_derive_data_movement_op_encodings`` gives a clipping
+      op's single-use input its output's encoding): every fused Clip's input, Conv+Clip supergroups too.
+
+    :func:`drop_additions` removes them again on reading, so apply-encodings gives the same QDQ model.
+    """
+    acts, _ = aimet_quantizers(idx)
+    out: dict[str, Encoding] = {}
+    for node in idx.graph.node:
+        lims = bounds(node, idx)
+        y = node.output[0] if node.output else None
+        if lims is None or y not in encodings or encodings[y].per_channel:
+            continue
+        x = node.input[0]
+        derived = export and node.op_type == "Clip" and len(idx.uses(x)) == 1 and x not in idx.graph_outputs
+        if ((x in acts or derived) and x not in encodings and not idx.is_constant(x) and idx.is_float(x)
+                and passes_through(encodings[y], *lims)):
+            out[x] = encodings[y]
+        for c in node.input[1:]:
+            if c and c in acts and c not in encodings and idx.is_constant(c):
+                enc = exact_encoding(float(idx.constant(c).reshape(-1)[0]), encodings[y])
+                if represents(enc, idx.constant(c)):
+                    out[c] = enc
+    return out
+
+
+def drop_additions(idx: GraphIndex, encodings: dict[str, Encoding]) -> dict[str, Encoding]:
+    """``encodings`` without the entries :func:`aimet_additions` writes (a file of AIMET's own keeps what
+    changes numbers: a Relu/Clip input with another encoding, a Clip bound it does not represent exactly)."""
+    drop = set()
+    for node in idx.graph.node:
+        lims = bounds(node, idx)
+        y = node.output[0] if node.output else None
+        if lims is None or y not in encodings:
+            continue
+        x = node.input[0]
+        if (x in encodings and encodings[x] == encodings[y] and len(idx.uses(x)) == 1
+                and x not in idx.graph_outputs and passes_through(encodings[y], *lims)):
+            drop.add(x)
+        drop.update(c for c in node.input[1:] if c in encodings and idx.is_constant(c)
+                    and represents(encodings[c], idx.constant(c)))
+    return {n: e for n, e in encodings.items() if n not in drop}
