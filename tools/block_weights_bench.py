@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import converter  # noqa: E402
 from converter import QuantConfig  # noqa: E402
-from converter.ort_session import create_session  # noqa: E402
+from converter.ort_session import optimized_op_counts  # noqa: E402
+from search_bench import latency  # noqa: E402  (batch-1 median ms, rotated rounds)
 
 OURS = {
     "ours-w8": dict(weight_bits=8),
@@ -114,35 +114,11 @@ def make_row(key: str, model: Path, calib: list[dict], work: Path) -> tuple[Path
 
 
 def optimized_ops(path: Path) -> dict[str, int]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED  # portable: no NCHWc layouts
-    with tempfile.TemporaryDirectory() as d:
-        so.optimized_model_filepath = str(Path(d) / "opt.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        ops: dict[str, int] = {}
-        for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node:
-            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    """Node counts of the graph ORT CPU runs (extended level: portable, no NCHWc layouts), the kernels that matter."""
+    ops = optimized_op_counts(str(path), "extended")
     keep = ("MatMulNBits", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearConv", "QGemm",
             "DequantizeLinear", "QuantizeLinear", "MatMul", "Conv", "FusedConv", "FusedMatMul", "Gemm")
     return {k: v for k, v in ops.items() if k in keep}
-
-
-def latency(paths: dict[str, Path], feed: dict, threads: int, runs: int, warmup: int = 5) -> dict[str, float]:
-    sessions = {k: create_session(str(p), ["CPUExecutionProvider"], "all", threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    keys = list(sessions)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(runs):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t = time.perf_counter()
-            sessions[k].run(None, feed)
-            times[k].append(time.perf_counter() - t)
-    return {k: round(1000 * float(np.median(v)), 2) for k, v in times.items()}
 
 
 def minilm(assets: Path, onnx_path: Path, rows: list[str], work: Path, args) -> list[dict]:
