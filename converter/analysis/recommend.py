@@ -8,7 +8,7 @@ names techniques in the order to try them, each with the numbers behind it and t
     :data:`DEPTHWISE_SPREAD` x or more: **CLE** (``--cle``; ``--cle-relu6 min`` where the model has ReLU6,
     which keeps FP32 exact), or per-channel weights where the target has them;
   - otherwise (or next): **bias correction** (``--bias-correction``) for the mean shift rounding leaves,
-    AdaRound where this build has it (``--adaround``), MSE weight ranges (``--weight-calib mse``);
+    AdaRound (``--adaround``), MSE weight ranges (``--weight-calib mse``);
 * **activations dominate**:
   - a layer output whose min-max range is :data:`OUTLIER_RATIO` x its 99.9% range (a few outliers set the
     scale): a **range method** (``--calib-method percentile``, or ``mse`` / ``entropy``);
@@ -162,7 +162,7 @@ def recommend(report: dict[str, Any], model: onnx.ModelProto, idx: GraphIndex, o
     if weight_rows and weights_side:
         worst_w = min(weight_rows, key=lambda r: r["weight"].get("min_channel_sqnr_db", r["weight"]["sqnr_db"]))
         flags = [] if config.bias_correction else ["--bias-correction"]
-        if "adaround" in QuantConfig.__dataclass_fields__:
+        if not config.adaround:
             flags.append("--adaround")
         if config.weight_calib == "minmax":
             flags.append("--weight-calib mse")
