@@ -115,7 +115,7 @@ def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
         from .quant.bias_correction import equalized_statistics
 
         for p in result.pairs:
-            first = next(n for n in prepared.model.graph.node if n.name == p.first)
+            first = prepared.model.graph.node[prepared.idx.order[p.first]]
             equalized_statistics(prepared.bn_stats, first.output[0], p.scale, p.shift)
     prepared.passes["cle_pairs"] = len(result.pairs)
     return result.to_dict()
@@ -257,7 +257,6 @@ def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any
         return None
     from .quant.adaround import adaround
 
-    check_adaround_data(calib_data, config)
     t = time.perf_counter()
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
     layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
@@ -442,6 +441,9 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     _note_split_groups(plan)
     name = prepared.name
     paths = output_paths(out_dir, name)
+    if default_opset(qdq) > default_opset(prepared.model):  # renders upgrade quietly (once per trial/layer)
+        log.info("upgraded the model from opset %d to %d (16-bit, 4-bit or block-wise QuantizeLinear/"
+                 "DequantizeLinear)", default_opset(prepared.model), default_opset(qdq))
     changed = [k for k in ("smoothquant", "cle", "adaround", "bias_correction") if (extra_report or {}).get(k)]
     float_path = float_model_path(out_dir, name) if changed else None
     check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])

@@ -204,8 +204,8 @@ def fold_constants(model: onnx.ModelProto) -> int:
     return folded
 
 
-def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> int:
-    """Convert the model to ``target`` opset if it is older (QDQ per-channel needs 13)."""
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET, level: int = logging.INFO) -> int:
+    """Convert the model to ``target`` opset if it is older (QDQ per-channel needs 13); logged at ``level``."""
     current = default_opset(model)
     if current >= target:
         return 0
@@ -218,7 +218,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> int:
             f"re-export the model with opset_version={target} or newer",
         ) from None
     model.CopyFrom(converted)
-    log.info("upgraded the model from opset %d to %d (%s)", current, target,
+    log.log(level, "upgraded the model from opset %d to %d (%s)", current, target,
              "16-bit QuantizeLinear/DequantizeLinear" if target >= 21 else "per-channel QDQ")
     return 1
 

@@ -33,6 +33,8 @@ rounded up (ONNX Runtime runs a ragged last block). A Conv block spans the whole
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -63,10 +65,11 @@ class _Names:
 def ensure_opset(model: onnx.ModelProto, encodings: dict[str, Encoding]) -> None:
     """Convert ``model`` to the opset its Q/DQ need: 13 (per-channel), 21 for 4- and 16-bit. The graph is
     converted, not just relabelled: ops whose signature changed on the way (ReduceMean/Split/Squeeze axes
-    became inputs in 13/18) are rewritten."""
+    became inputs in 13/18) are rewritten. Logged at debug level: a render runs per search trial and per AdaRound
+    layer; ``quantize`` says once which opset the written model has."""
     needs_opset = 21 if any(e.bitwidth in (4, 16) or e.blocked for e in encodings.values()) else 13
     if default_opset(model) < needs_opset:
-        upgrade_opset(model, needs_opset)
+        upgrade_opset(model, needs_opset, logging.DEBUG)
         name_nodes(model)
 
 
