@@ -74,6 +74,9 @@ class Prepared:
     # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
     # correction; CLE updates it)
     bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # weight -> its float values before AdaRound wrote grid values over them: what bias correction measures the
+    # rounding against (against the grid values there would be no weight error left to see)
+    float_weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def inputs(self):
@@ -222,7 +225,8 @@ def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, co
     mode = config.bias_correction_mode
     layers = []
     if mode in ("analytical", "auto"):
-        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode)
+        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode,
+                                      prepared.float_weights)
         if not layers:
             log.log(logging.WARNING if mode == "analytical" else logging.DEBUG,
                     "analytical bias correction: no quantized layer reads a BatchNorm's output (through Relu/Clip) "
@@ -233,7 +237,7 @@ def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, co
         samples = BIAS_CORRECTION_SAMPLES
         data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
         layers += correct_biases(prepared.model, plan, prepared.idx, reencode, data, select_providers(config.providers),
-                                 skip={c.node for c in layers})
+                                 skip={c.node for c in layers}, float_weights=prepared.float_weights)
     return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
@@ -255,10 +259,12 @@ def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any
     off."""
     if not config.adaround:
         return None
-    from .quant.adaround import adaround
+    from .quant.adaround import adaround, adaround_layers
 
     t = time.perf_counter()
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
+    for layer in adaround_layers(prepared.model, plan, prepared.idx):
+        prepared.float_weights.setdefault(layer.weight, prepared.idx.constant(layer.weight).copy())
     layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
                       config.adaround_iterations, threads=config.threads)
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights

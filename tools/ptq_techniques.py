@@ -65,6 +65,10 @@ ROWS = {
     "w4-per-channel+bc": dict(weight_bits=4, bias_correction=True),
     "w4-per-channel+adaround": dict(weight_bits=4, adaround=True),
     "w4-per-channel+adaround+bc": dict(weight_bits=4, adaround=True, bias_correction=True),
+    "w4-mse": dict(weight_bits=4, weight_calib="mse"),
+    "w4-mse+bc": dict(weight_bits=4, weight_calib="mse", bias_correction=True),
+    "w4-mse+adaround": dict(weight_bits=4, weight_calib="mse", adaround=True),
+    "w4-mse+adaround+bc": dict(weight_bits=4, weight_calib="mse", adaround=True, bias_correction=True),
 }
 AIMET_CLE_ROWS = {"aimet-cle": [], "aimet-cle-nodes": ["--clip-bounds-as-nodes"], "aimet-per-tensor": ["--no-cle"]}
 AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True), "aimet-w4": (4, False), "aimet-w8-adaround": (8, True)}

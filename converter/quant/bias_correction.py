@@ -129,15 +129,17 @@ def _with_float_twins(qdq: onnx.ModelProto, layers: list[onnx.NodeProto], weight
 
 def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                    reencode: Callable[[], None], batches: Iterable[dict[str, np.ndarray]], providers: list[str],
-                   rounds: int = ROUNDS, skip: set[str] | frozenset[str] = frozenset()) -> list[Corrected]:
+                   rounds: int = ROUNDS, skip: set[str] | frozenset[str] = frozenset(),
+                   float_weights: dict[str, np.ndarray] | None = None) -> list[Corrected]:
     """Correct the biases of ``model`` in place (see the module doc); ``reencode()`` recomputes
     ``plan.encodings`` from the model's current constants. Returns what changed, per layer (not those in
-    ``skip``: corrected analytically)."""
+    ``skip``: corrected analytically). ``float_weights``: a weight's float values where the model now holds
+    others (AdaRound's grid values): the float twin reads them."""
     layers = [n for n in corrected_layers(model, plan, idx) if n.name not in skip]
     if not layers:
         return []
     batches = list(batches)
-    weights = {n.name: idx.constant(n.input[1]) for n in layers}
+    weights = {n.name: (float_weights or {}).get(n.input[1], idx.constant(n.input[1])) for n in layers}
     original = {n.name: idx.constant(n.input[2]) for n in layers}
     first: dict[str, np.ndarray] = {}
     last: dict[str, np.ndarray] = {}
@@ -286,17 +288,19 @@ def _weight_error_times(w: np.ndarray, wq: np.ndarray, node: onnx.NodeProto, ex:
 
 
 def correct_analytically(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, stats: Stats,
-                         reencode: Callable[[], None]) -> list[Corrected]:
+                         reencode: Callable[[], None],
+                         float_weights: dict[str, np.ndarray] | None = None) -> list[Corrected]:
     """Analytical bias correction (module doc) of the quantized layers whose input BatchNorm statistics reach;
-    no data. ``reencode()`` recomputes ``plan.encodings`` afterwards (the bias encodings follow the biases)."""
+    no data. ``reencode()`` recomputes ``plan.encodings`` afterwards (the bias encodings follow the biases).
+    ``float_weights``: as in :func:`correct_biases` (``W`` of ``W_q - W``)."""
     out = []
     for node in corrected_layers(model, plan, idx):
         ex = expected_input(idx, node.input[0], stats)
         w_name, b_name = node.input[1], node.input[2]
         if ex is None or w_name not in plan.encodings:
             continue
-        w = idx.constant(w_name)
-        wq = plan.encodings[w_name].fake_quantize(w)
+        wq = plan.encodings[w_name].fake_quantize(idx.constant(w_name))
+        w = (float_weights or {}).get(w_name, idx.constant(w_name))
         shift = _weight_error_times(w, wq, node, ex)
         b = numpy_helper.to_array(idx.initializers[b_name])
         if shift is None or shift.shape != b.shape:
