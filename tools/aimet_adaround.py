@@ -3,11 +3,15 @@ dependency), as a subprocess, and prints one JSON line.
 
     /tmp/aimet/bin/python tools/aimet_adaround.py --model float.onnx --calib calib.npy --eval eval.npy
         --labels labels.npy --input NAME [--weight-bits 4] [--iterations N] [--batch 16] [--threads 1]
+        [--weight-scheme min_max|tf_enhanced] [--first-last-bits 8]
 
 Flow (aimet-onnx 2.x docs): ``QuantizationSimModel`` (min_max, ``default_config_per_channel.json``: symmetric
 per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib batches, num_iterations)``
 (weights frozen), then ``sim.compute_encodings(calib batches)`` for the activations; top-1 of ``sim.session``
-on the evaluation images. With ``--iterations 0``: the sim without AdaRound (nearest rounding). Wall time and
+on the evaluation images. With ``--iterations 0``: the sim without AdaRound (nearest rounding).
+``--weight-scheme tf_enhanced``: the weight quantizers' ranges by AIMET's SQNR search (AIMET's AdaRound default;
+ours: ``weight_calib: mse``), activations stay min_max. ``--first-last-bits 8``: the first and the last layer's
+weight quantizer at 8 bits (ours: ``weight_bits_overrides: {first: 8, last: 8}``). Wall time and
 peak RSS (``ru_maxrss``) of this process are in the line.
 """
 
@@ -32,6 +36,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=1000, help="AdaRound steps per layer; 0: no AdaRound")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch and ORT threads")
+    ap.add_argument("--weight-scheme", default="min_max", choices=("min_max", "tf_enhanced"))
+    ap.add_argument("--first-last-bits", type=int, default=0, help="the first and last layer's weight bits (0: as all)")
     args = ap.parse_args()
 
     import numpy as np
@@ -51,6 +57,17 @@ def main() -> int:
                                quant_scheme="min_max", config_file=str(config),
                                providers=["CPUExecutionProvider"],
                                session_options_kwargs={"intra_op_num_threads": args.threads})
+    model = onnx.load(args.model)
+    layers = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1
+              and n.input[1] in sim.qc_quantize_op_dict]
+    if args.weight_scheme != "min_max":
+        from aimet_onnx.common.defs import QuantScheme
+
+        for w in layers:
+            sim.qc_quantize_op_dict[w].set_quant_scheme(QuantScheme.post_training_tf_enhanced)
+    if args.first_last_bits and layers:
+        for w in (layers[0], layers[-1]):
+            sim.qc_quantize_op_dict[w].set_bitwidth(args.first_last_bits)
     t = time.perf_counter()
     if args.iterations:
         apply_adaround(sim, batches, num_iterations=args.iterations)
@@ -61,7 +78,8 @@ def main() -> int:
     logits = np.concatenate([sim.session.run(None, {args.input: x[i:i + 50]})[0] for i in range(0, len(x), 50)])
     correct = int((logits.reshape(len(x), -1).argmax(1) == y).sum())
     print(json.dumps({"tool": "aimet-onnx " + getattr(aimet_onnx, "__version__", "?"), "top1": correct,
-                      "of": len(y), "iterations": args.iterations, "adaround_s": round(adaround_s, 1),
+                      "of": len(y), "iterations": args.iterations,
+                      "weight_scheme": args.weight_scheme, "first_last_bits": args.first_last_bits, "adaround_s": round(adaround_s, 1),
                       "quantize_s": round(quantize_s, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                       "pid": os.getpid()}), flush=True)

@@ -16,7 +16,9 @@ aimet-onnx pulls a CUDA torch of ~6 GB, so it is never a project dependency), on
   activations, min-max); again with the Clip bounds as Constant nodes, where aimet-onnx looks for a ReLU6 to replace
   by Relu (with initializers there it skips every ReLU6 pair); and the same sim without CLE;
 * ``aimet-w4-adaround`` / ``aimet-w4`` / ``aimet-w8-adaround`` (tools/aimet_adaround.py): ``apply_adaround`` (or
-  nearest rounding) on our preprocessed float model with the same iteration budget (``--adaround-iterations``).
+  nearest rounding) on our preprocessed float model with the same iteration budget (``--adaround-iterations``);
+  ``aimet-w4-tfe-fl8`` / ``aimet-w4-tfe-fl8-adaround``: the same with AIMET's SQNR weight ranges (tf_enhanced) and
+  the first/last layer's weights at 8 bits, beside our ``w4-mse-fl8*`` rows (MSE weight ranges, first/last 8).
 
     python tools/ptq_techniques.py --assets ../shared/assets [--model efficientnet_lite0|resnet8]
         [--rows fp32,per-tensor,...,aimet-cle] [--adaround-iterations N] [--aimet PYTHON|none] [--json FILE]
@@ -47,6 +49,7 @@ from converter import QuantConfig  # noqa: E402
 from converter.ort_session import optimized_op_counts  # noqa: E402
 from converter.pipeline import prepare  # noqa: E402
 
+FIRST_LAST_8 = {"first": 8, "last": 8}
 ROWS = {
     "per-tensor": dict(per_channel=False),
     "per-tensor+cle": dict(per_channel=False, cle=True, cle_relu6="min"),
@@ -69,9 +72,22 @@ ROWS = {
     "w4-mse+bc": dict(weight_bits=4, weight_calib="mse", bias_correction=True),
     "w4-mse+adaround": dict(weight_bits=4, weight_calib="mse", adaround=True),
     "w4-mse+adaround+bc": dict(weight_bits=4, weight_calib="mse", adaround=True, bias_correction=True),
+    # the common rule: first and last layer at 8 bits
+    "w4-mse-fl8": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8),
+    "w4-mse-fl8+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                          bias_correction=True),
+    "w4-mse-fl8+adaround": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                adaround=True),
+    "w4-mse-fl8+adaround+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                   adaround=True, bias_correction=True),
 }
 AIMET_CLE_ROWS = {"aimet-cle": [], "aimet-cle-nodes": ["--clip-bounds-as-nodes"], "aimet-per-tensor": ["--no-cle"]}
-AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True), "aimet-w4": (4, False), "aimet-w8-adaround": (8, True)}
+AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False, []),
+                       "aimet-w8-adaround": (8, True, []),
+                       # as the w4-mse-fl8 rows: AIMET's SQNR weight ranges (tf_enhanced), first/last layer 8 bits
+                       "aimet-w4-tfe-fl8": (4, False, ["--weight-scheme", "tf_enhanced", "--first-last-bits", "8"]),
+                       "aimet-w4-tfe-fl8-adaround": (4, True, ["--weight-scheme", "tf_enhanced",
+                                                               "--first-last-bits", "8"])}
 TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}
 DEFAULT_ROWS = ("fp32", "per-tensor", "per-tensor+cle(keep-relu6)+bc", "per-tensor+cle", "per-tensor+cle+bc",
                 "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel", "aimet-cle",
@@ -133,14 +149,14 @@ def aimet_row(python: str, task, key: str, args, work: Path) -> dict:
         cmd = [python, str(Path(__file__).with_name("aimet_cle_row.py")), str(task.model),
                *(str(files[k]) for k in ("calib", "eval", "labels")), str(out), *AIMET_CLE_ROWS[key]]
     else:
-        bits, on = AIMET_ADAROUND_ROWS[key]
+        bits, on, extra = AIMET_ADAROUND_ROWS[key]
         model = work / "float_prepared.onnx"
         if not model.exists():
             onnx.save(prepare(str(task.model)).model, model)
         cmd = [python, str(Path(__file__).with_name("aimet_adaround.py")), "--model", str(model),
                "--calib", str(files["calib"]), "--eval", str(files["eval"]), "--labels", str(files["labels"]),
                "--input", task.input_name, "--weight-bits", str(bits), "--iterations",
-               str(args.adaround_iterations if on else 0), "--threads", str(args.threads)]
+               str(args.adaround_iterations if on else 0), "--threads", str(args.threads), *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -6,6 +6,8 @@ Rows per model (same calibration and evaluation data):
 * ours all-INT8 without SmoothQuant (``QuantConfig(smoothquant=False)``);
 * ours all-INT8 with SmoothQuant alpha 0.5 (the default: 1/s folded into the producer where nothing else
   reads the tensor, else a float Mul) and with ``smoothquant_alpha="auto"``;
+* the same without SmoothQuant / with alpha 0.5 / with alpha 0.7, activation ranges by ``calib_method:
+  percentile`` (99.999) instead of min/max;
 * ONNX Runtime ``quantize_static`` (QDQ, per-channel, MinMax, QUInt8/QInt8, all ops).
 
 Columns: compute ops left in float / compute ops (Conv, Gemm, MatMul: a float operand), output cosine to FP32
@@ -52,7 +54,9 @@ from converter.ort_session import create_session  # noqa: E402
 from search_bench import _Reader, float_compute_ops, latency  # noqa: E402
 
 ROWS = {"fp32": "FP32", "int8": "ours all-INT8, no SmoothQuant", "sq": "ours all-INT8 + SmoothQuant 0.5",
-        "sq_auto": "ours all-INT8 + SmoothQuant auto", "ort": "ORT quantize_static, all ops"}
+        "sq_auto": "ours all-INT8 + SmoothQuant auto", "pct": "ours all-INT8, percentile, no SmoothQuant",
+        "pct_sq": "ours all-INT8 + SmoothQuant 0.5, percentile", "pct_sq07": "ours all-INT8 + SmoothQuant 0.7, percentile",
+        "ort": "ORT quantize_static, all ops"}
 
 
 def log(msg: str) -> None:
@@ -182,7 +186,11 @@ def run_task(t: Task, work: Path, args) -> dict:
     paths: dict[str, Path] = {"fp32": t.model}
     rows: dict[str, dict] = {k: {} for k in ROWS}
     for key, config in (("int8", QuantConfig(smoothquant=False)), ("sq", QuantConfig()),
-                        ("sq_auto", QuantConfig(smoothquant_alpha="auto"))):
+                        ("sq_auto", QuantConfig(smoothquant_alpha="auto")),
+                        # a range method beside SmoothQuant (analyze's advice when activations dominate)
+                        ("pct", QuantConfig(smoothquant=False, calib_method="percentile")),
+                        ("pct_sq", QuantConfig(calib_method="percentile")),
+                        ("pct_sq07", QuantConfig(calib_method="percentile", smoothquant_alpha=0.7))):
         log(f"  {ROWS[key]} ...")
         start = time.perf_counter()
         res = quantize(str(t.model), t.calib, config, output_dir=work / f"{key}_{t.key}", name=t.key)
