@@ -139,8 +139,9 @@ PROVIDERS = ("auto", "cpu", "cuda")
 CLE_RELU6_MODES = ("keep", "min", "replace")
 WEIGHT_BITS = (4, 8)
 WEIGHT_BLOCK_SIZES = (32, 64, 128)
-# weight_bits_overrides keys besides node names and "op:<OpType>": the first / last layer with a weight
-LAYER_POSITIONS = ("first", "last")
+# weight_bits_overrides keys besides node names and "op:<OpType>": the first / last layer with a weight, and every
+# depthwise Conv (one input channel per group: a few weights per channel, where 4 bits hurt most)
+LAYER_POSITIONS = ("first", "last", "depthwise")
 BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
@@ -302,7 +303,8 @@ def _check_weights(c: "QuantConfig") -> None:
                           "ONNX Runtime runs")
     for key, bits in dict(c.weight_bits_overrides).items():
         if not isinstance(key, str) or not key or key == "op:":
-            raise ConfigError(f"weight_bits_overrides keys must be node names, 'op:<OpType>', 'first' or 'last'; "
+            raise ConfigError(f"weight_bits_overrides keys must be node names, 'op:<OpType>', 'first', 'last' or "
+                              f"'depthwise'; "
                               f"got {key!r}", "e.g. weight_bits_overrides: {first: 8, last: 8, 'op:Gemm': 8}")
         if bits not in WEIGHT_BITS or isinstance(bits, bool):
             raise ConfigError(f"weight_bits_overrides[{key!r}] must be 4 or 8; got {bits!r}",

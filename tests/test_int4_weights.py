@@ -80,3 +80,19 @@ def test_weight_bits_3_is_one_clear_error(tmp_path, capsys):
                  "--weight-bits", "3"]) != 0
     err = capsys.readouterr().err
     assert "weight_bits must be 4 or 8" in err and "fix:" in err and err.count("error:") == 1
+
+
+def test_depthwise_layers_at_8_bits_by_one_override_key(tmp_path):
+    """``weight_bits_overrides: {depthwise: 8}`` keeps every depthwise Conv at 8 bits and nothing else; a node name
+    or first/last still wins over it."""
+    from .test_adaround import batches as patch_batches, layer_model  # Conv -> Relu -> depthwise Conv -> Gemm
+
+    cases = {"depthwise": ({"depthwise": 8}, {"W": 4, "D": 8, "F": 4}),
+             "name wins": ({"depthwise": 8, "Conv_2": 4, "first": 8}, {"W": 8, "D": 4, "F": 4})}
+    for label, (overrides, want) in cases.items():
+        r = quantize(layer_model(), patch_batches(1, 1), QuantConfig(weight_bits=4, weight_bits_overrides=overrides),
+                     output_dir=tmp_path / label.replace(" ", "_"), name="m")
+        assert {w["weight"]: w["bits"] for w in r.report["summary"]["weights"]} == want, label
+        dtypes = {t.name: t.data_type for t in onnx.load(str(r.model_path)).graph.initializer}
+        assert {n: dtypes[f"{n}_quantized"] for n in want} == {
+            n: onnx.TensorProto.INT4 if b == 4 else onnx.TensorProto.INT8 for n, b in want.items()}

@@ -253,7 +253,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     biases: dict[str, TensorQuant] = {}
     weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and node_rule(n, idx).kind != "shared"
                 and _weight_of(n, node_rule(n, idx), idx) is not None]
-    layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides)
+    layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides, idx)
     weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
                    and config.weight_block_size is not None and config.per_channel
                    and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
@@ -347,16 +347,31 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     return plan
 
 
-def weight_layer_bits(nodes: list[onnx.NodeProto], default: int, overrides: dict[str, int]) -> dict[str, int]:
+def weight_layer_bits(nodes: list[onnx.NodeProto], default: int, overrides: dict[str, int],
+                      idx: GraphIndex | None = None) -> dict[str, int]:
     """Weight width of each layer (``nodes``: the quantized layers with a weight, in graph order): ``overrides``
-    keyed by node name, then ``first``/``last`` (the first/last of ``nodes``), then ``op:<OpType>``, else
-    ``default``. Names of nodes not among ``nodes`` are checked by the pipeline (they may sit in another graph)."""
+    keyed by node name, then ``first``/``last`` (the first/last of ``nodes``), then ``depthwise`` (a Conv with one
+    input channel per group; needs ``idx``), then ``op:<OpType>``, else ``default``. Names of nodes not among
+    ``nodes`` are checked by the pipeline (they may sit in another graph)."""
     by_op = {k[3:]: v for k, v in overrides.items() if k.startswith("op:")}
     out = {n.name: overrides.get(n.name, by_op.get(n.op_type, default)) for n in nodes}
+    if "depthwise" in overrides and idx is not None:
+        for n in nodes:
+            if n.name not in overrides and is_depthwise(n, idx):
+                out[n.name] = overrides["depthwise"]
     for key, node in (("last", nodes[-1:]), ("first", nodes[:1])):
         if key in overrides and node and node[0].name not in overrides:
             out[node[0].name] = overrides[key]
     return out
+
+
+def is_depthwise(node: onnx.NodeProto, idx: GraphIndex) -> bool:
+    """A Conv whose groups each read one input channel (weight shape ``[C_out, 1, ...]``, ``group > 1``)."""
+    if node.op_type != "Conv" or int(attr(node, "group", 1)) <= 1 or len(node.input) < 2:
+        return False
+    w = idx.constant(node.input[1])
+    shape = list(w.shape) if w is not None else (idx.shape.get(node.input[1]) or [])
+    return len(shape) >= 2 and shape[1] == 1
 
 
 def _choose_blocks(t: TensorQuant, prev: TensorQuant | None, node: onnx.NodeProto, idx: GraphIndex,
