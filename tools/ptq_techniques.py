@@ -50,6 +50,7 @@ from converter.ort_session import optimized_op_counts  # noqa: E402
 from converter.pipeline import prepare  # noqa: E402
 
 FIRST_LAST_8 = {"first": 8, "last": 8}
+FIRST_LAST_DEPTHWISE_8 = {"first": 8, "last": 8, "depthwise": 8}
 ROWS = {
     "per-tensor": dict(per_channel=False),
     "per-tensor+cle": dict(per_channel=False, cle=True, cle_relu6="min"),
@@ -80,6 +81,12 @@ ROWS = {
                                 adaround=True),
     "w4-mse-fl8+adaround+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                    adaround=True, bias_correction=True),
+    # and every depthwise Conv at 8 bits (a few weights per channel: where 4 bits hurt most)
+    "w4-mse-fl8-dw8+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
+                              bias_correction=True),
+    "w4-mse-fl8-dw8+adaround+bc": dict(weight_bits=4, weight_calib="mse",
+                                       weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, adaround=True,
+                                       bias_correction=True),
 }
 AIMET_CLE_ROWS = {"aimet-cle": [], "aimet-cle-nodes": ["--clip-bounds-as-nodes"], "aimet-per-tensor": ["--no-cle"]}
 AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False, []),
