@@ -259,14 +259,12 @@ def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any
     off."""
     if not config.adaround:
         return None
-    from .quant.adaround import adaround, adaround_layers
+    from .quant.adaround import adaround
 
     t = time.perf_counter()
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
-    for layer in adaround_layers(prepared.model, plan, prepared.idx):
-        prepared.float_weights.setdefault(layer.weight, prepared.idx.constant(layer.weight).copy())
     layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
-                      config.adaround_iterations, threads=config.threads)
+                      config.adaround_iterations, threads=config.threads, float_weights=prepared.float_weights)
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights
     return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations,
             "seconds": round(time.perf_counter() - t, 3), "layers": [r.to_dict() for r in layers]}

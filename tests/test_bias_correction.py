@@ -89,13 +89,17 @@ def bn_model(tmp_path, x: np.ndarray):
     return model
 
 
-def test_analytical_bias_correction_from_batchnorm_statistics(tmp_path):
+def bn_case(tmp_path):
+    """The BatchNorm model, its calibration batches, held-out data and the float model's output on it."""
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
     model = bn_model(tmp_path, x)
-    calib = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
     held_out = {"x": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}
-    ref = run(model, held_out)[0]
+    return model, [{"x": x[i:i + 16]} for i in range(0, 64, 16)], held_out, run(model, held_out)[0]
+
+
+def test_analytical_bias_correction_from_batchnorm_statistics(tmp_path):
+    model, calib, held_out, ref = bn_case(tmp_path)
     shift, reports = {}, {}
     for mode in (None, "analytical", "auto"):
         config = QuantConfig(per_channel=False, bias_correction=mode is not None,
@@ -130,12 +134,7 @@ def test_clipped_normal_mean_matches_sampling():
 def test_analytical_statistics_follow_cle(tmp_path):
     """After CLE (channels scaled, high bias absorbed) the BatchNorm statistics are updated: the computed shift of
     the 1x1 Conv matches the one bias correction measures on data, and correcting it removes the output shift."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
-    model = bn_model(tmp_path, x)
-    calib = [{"x": x[i:i + 16]} for i in range(0, 64, 16)]
-    held_out = {"x": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}
-    ref = run(model, held_out)[0]
+    model, calib, held_out, ref = bn_case(tmp_path)
     shift, layers = {}, {}
     for mode in (None, "analytical", "empirical"):
         config = QuantConfig(per_channel=False, cle=True, bias_correction=mode is not None,

@@ -335,23 +335,26 @@ def _optimize(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, 
 
 
 def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
-             providers: list[str], iterations: int, seed: int = 0, threads: int = 0) -> list[Rounded]:
+             providers: list[str], iterations: int, seed: int = 0, threads: int = 0,
+             float_weights: dict[str, np.ndarray] | None = None) -> list[Rounded]:
     """AdaRound the planned layers of ``model`` in place (see the module doc): their weight initializers become
     the AdaRounded grid values and ``plan.frozen_weights`` keeps their encodings. ``threads``: torch's CPU
-    threads while optimizing (0: torch's default). Returns what changed."""
+    threads while optimizing (0: torch's default). ``float_weights`` receives each replaced weight's float
+    values (bias correction measures against them). Returns what changed."""
     import torch
 
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _adaround(model, plan, idx, batches, providers, iterations, seed)
+        return _adaround(model, plan, idx, batches, providers, iterations, seed,
+                         {} if float_weights is None else float_weights)
     finally:
         torch.set_num_threads(before)
 
 
 def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
-              providers: list[str], iterations: int, seed: int) -> list[Rounded]:
+              providers: list[str], iterations: int, seed: int, float_weights: dict[str, np.ndarray]) -> list[Rounded]:
     import torch
     from tqdm import tqdm
 
@@ -377,6 +380,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
         if not np.array_equal(layer.enc.quantize(values), q.astype(layer.enc.numpy_dtype)):
             raise RuntimeError(f"internal error: AdaRounded weight {layer.weight!r} does not round back to its "
                                "integers")
+        float_weights.setdefault(layer.weight, w)
         idx.initializers[layer.weight].CopyFrom(numpy_helper.from_array(values, layer.weight))
         plan.frozen_weights.add(layer.weight)
         out.append(Rounded(node.name, layer.weight, len(x), time.perf_counter() - t0, loss_nearest, loss_ada,
