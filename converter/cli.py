@@ -145,7 +145,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="AdaRound: round each Conv/Gemm/MatMul weight up or down to reconstruct the layer's float "
                         "output on calibration data, for 4-bit weights above all (default: off)")
     p.add_argument("--adaround-iterations", type=int, metavar="N",
-                   help=f"optimization steps per layer for --adaround (default: {d.adaround_iterations})")
+                   help=f"optimization steps per layer for --adaround; 0: none, the local search alone (fast) "
+                        f"(default: {d.adaround_iterations})")
+    p.add_argument("--adaround-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --adaround: a greedy local search on each layer's quadratic reconstruction loss after "
+                        "the Adam steps; the lowest loss of nearest, AdaRound and the search is kept (default: on)")
     s = p.add_argument_group("accuracy target (automatic fallback search; needs --target-metric or --evaluator)")
     s.add_argument("--target-metric", choices=["top1", "agreement", "cosine", "sqnr"],
                    help="built-in metric on --eval data; turns the fallback search on")
@@ -200,7 +204,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
                                                "cle_relu6", "bias_correction", "bias_correction_mode", "adaround",
-                                               "adaround_iterations")
+                                               "adaround_iterations", "adaround_search")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -202,9 +202,12 @@ class QuantConfig:
     bias_correction: bool = False
     bias_correction_mode: str = "empirical"
     # AdaRound: each Conv/Gemm/MatMul's weights rounded up or down to reconstruct its output on calibration data
-    # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000)
+    # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000; 0: none, the local
+    # search alone); adaround_search: then a greedy local search on the layer's quadratic loss from the better
+    # of nearest and AdaRound (the lowest loss of the three is kept)
     adaround: bool = False
     adaround_iterations: int = 1000
+    adaround_search: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -216,8 +219,9 @@ class QuantConfig:
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
-        if self.adaround_iterations < 1:
-            raise ConfigError(f"adaround_iterations must be >= 1, got {self.adaround_iterations}",
+        if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
+            raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "
+                              f"{self.adaround_iterations}{'' if self.adaround_search else ' with adaround_search off'}",
                               "use e.g. 1000 (AIMET's default is 10000; more is slower and rarely much better)")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}", "use e.g. 99.99")

@@ -264,9 +264,10 @@ def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any
     t = time.perf_counter()
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
     layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
-                      config.adaround_iterations, threads=config.threads, float_weights=prepared.float_weights)
+                      config.adaround_iterations, threads=config.threads, float_weights=prepared.float_weights,
+                      search=config.adaround_search, center=config.bias_correction)
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights
-    return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations,
+    return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations, "search": config.adaround_search,
             "seconds": round(time.perf_counter() - t, 3), "layers": [r.to_dict() for r in layers]}
 
 

@@ -91,7 +91,9 @@ def test_adaround_without_calibration_data_is_one_clear_error(tmp_path):
         quantize(layer_model(), None, QuantConfig(adaround=True), output_dir=tmp_path, name="m")
     assert "adaround needs calibration data" in exc.value.message and "--calib" in exc.value.fix
     with pytest.raises(ConfigError, match="adaround_iterations must be >= 1"):
-        QuantConfig(adaround=True, adaround_iterations=0)
+        QuantConfig(adaround=True, adaround_iterations=-1)
+    with pytest.raises(ConfigError, match="adaround_search off"):
+        QuantConfig(adaround=True, adaround_iterations=0, adaround_search=False)
 
 
 def test_cli_adaround(tmp_path, capsys):
@@ -145,3 +147,71 @@ def test_bias_correction_after_adaround_measures_against_the_float_weights(tmp_p
     for node, before in shifts[False].items():
         # AdaRound reduces a layer's mean shift, but it does not remove it (measured: same order of magnitude)
         assert shifts[True][node] > 0.05 * before > 0, shifts
+
+
+def _depthwise_layer(weights: np.ndarray):
+    """A depthwise Conv (one 2x2 kernel per channel) as AdaRound sees it, 4-bit per-channel weights."""
+    from onnx import helper
+
+    from converter.quant.adaround import _Layer
+    from converter.quant.encode import weight_encoding
+
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="dw", group=len(weights))
+    return _Layer(node, "W", weight_encoding(weights, 4, 0), groups=len(weights), weight_shape=weights.shape)
+
+
+def test_local_search_reaches_the_exhaustive_optimum_of_a_small_depthwise_layer():
+    """Four weights per channel: every rounding within one level of floor/ceil can be tried. The greedy search
+    lands on (or next to) the best of them, far below nearest rounding's loss."""
+    import itertools
+
+    from converter.quant.adaround import local_search
+
+    rng = np.random.default_rng(0)
+    channels, n = 12, 4000
+    w = rng.normal(0, 1, (channels, 1, 2, 2)).astype(np.float32)
+    layer = _depthwise_layer(w)
+    base = rng.normal(0, 1, (n, channels, 1))  # correlated taps, as neighbouring pixels are
+    x = (base + 0.3 * rng.normal(0, 1, (n, channels, 4))).astype(np.float32)
+    y = np.einsum("nck,ck->nc", x, w.reshape(channels, 4)).astype(np.float32)
+    s = layer.enc.scale_array().reshape(channels, 1)
+    wq = w.reshape(channels, 4)
+
+    def loss(q):  # per channel
+        return np.mean((np.einsum("nck,ck->nc", x, q * s) - y) ** 2, axis=0)
+
+    nearest = layer.enc.quantize(w).reshape(channels, 4).astype(np.float64)
+    found, _ = local_search(layer, w, x, y, nearest.reshape(w.shape), center=False)
+    found = found.reshape(channels, 4)
+    assert np.all(found >= layer.enc.qmin) and np.all(found <= layer.enc.qmax)
+    floor = np.floor(wq / s)
+    best = np.full(channels, np.inf)
+    for combo in itertools.product([-1, 0, 1, 2], repeat=4):
+        best = np.minimum(best, loss(np.clip(floor + np.array(combo), layer.enc.qmin, layer.enc.qmax)))
+    assert loss(found).sum() <= 1.05 * best.sum(), (loss(found).sum(), best.sum())
+    assert loss(found).sum() < 0.7 * loss(nearest).sum(), (loss(found).sum(), loss(nearest).sum())  # measured 0.53x
+
+
+def test_local_search_after_adaround_lowers_held_out_error(tmp_path):
+    """The search starts from AdaRound's rounding and keeps a result only where its loss is lower: on held-out
+    data the model's error falls well below AdaRound alone's (measured: 9.6 vs 27.5; nearest 39.9). With no Adam
+    steps at all (iterations 0) the search alone is still far better than nearest rounding."""
+    model = layer_model()
+    held_out = batches(7, 1)[0]
+    ref = run(model, held_out)[0]
+    err, reports = {}, {}
+    for name, cfg in (("adaround", config(300, adaround=True, adaround_search=False)),
+                      ("adaround+search", config(300, adaround=True)), ("search", config(0, adaround=True)),
+                      ("nearest", config())):
+        r = quantize(model, batches(1), cfg, output_dir=tmp_path / name.replace("+", "_"), name="m")
+        err[name] = float(np.mean((run(r.model_path, held_out)[0] - ref) ** 2))
+        reports[name] = r.report.get("adaround")
+    assert err["adaround+search"] < 0.6 * err["adaround"] < err["nearest"], err
+    assert err["search"] < 0.5 * err["nearest"], err
+    layers = reports["adaround+search"]["layers"]
+    assert reports["adaround+search"]["search"] is True
+    assert all("loss_search" not in x and x["chosen"] == "adaround" for x in reports["adaround"]["layers"])
+    for x in layers:  # the lowest of the three is kept
+        assert x["chosen"] == min(("nearest", "adaround", "search"), key=lambda c: x[f"loss_{c}"])
+        assert x["search_damp"] in (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    assert sum(x["chosen"] == "search" for x in layers) >= 2

@@ -81,6 +81,13 @@ ROWS = {
                                 adaround=True),
     "w4-mse-fl8+adaround+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                    adaround=True, bias_correction=True),
+    # AdaRound's Adam steps alone (no local search after them), and the local search alone (no Adam steps)
+    "w4-mse-fl8+adaround(adam)+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                         adaround=True, adaround_search=False, bias_correction=True),
+    "w4-mse-fl8+search+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                 adaround=True, adaround_iterations=0, bias_correction=True),
+    "w4-mse-fl8-dw8+search+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
+                                     adaround=True, adaround_iterations=0, bias_correction=True),
     # and every depthwise Conv at 8 bits (a few weights per channel: where 4 bits hurt most)
     "w4-mse-fl8-dw8+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
                               bias_correction=True),
@@ -112,8 +119,8 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
     if key == "fp32":
         path, report, seconds = task.model, {}, 0.0
     else:
-        config = QuantConfig(target="ort-cpu", calib_method="minmax", adaround_iterations=iterations,
-                             threads=threads, **ROWS[key])
+        config = QuantConfig(**{"target": "ort-cpu", "calib_method": "minmax", "adaround_iterations": iterations,
+                                "threads": threads, **ROWS[key]})
         t = time.perf_counter()
         result = converter.quantize(task.model, ArrayReader(task.input_name, task.calib), config,
                                     output_dir=out_dir, name=task.key)
@@ -131,11 +138,15 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
         row["bias_corrected"] = {k: kinds.count(k) for k in sorted(set(kinds))}
     if "adaround" in report:
         layers = report["adaround"]["layers"]
-        row.update(adaround_iterations=iterations, adaround_s=report["adaround"]["seconds"],
-                   adaround_layers=len(layers), adaround_kept=sum(r["kept"] for r in layers),
+        row.update(adaround_iterations=report["adaround"]["iterations"], adaround_s=report["adaround"]["seconds"],
+                   adaround_search=report["adaround"]["search"], adaround_layers=len(layers),
+                   adaround_kept=sum(r["kept"] for r in layers),
+                   chosen={c: sum(r["chosen"] == c for r in layers) for c in ("nearest", "adaround", "search")},
                    loss_nearest_sum=round(sum(r["loss_nearest"] for r in layers), 4),
                    loss_adaround_sum=round(sum(r["loss_adaround"] for r in layers), 4),
+                   loss_search_sum=round(sum(r.get("loss_search", r["loss_adaround"]) for r in layers), 4),
                    per_layer=[[r["node"], round(r["loss_nearest"], 5), round(r["loss_adaround"], 5),
+                               round(r["loss_search"], 5) if "loss_search" in r else None, r["chosen"],
                                round(r["seconds"], 1)] for r in layers])
     return row
 
