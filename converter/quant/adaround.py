@@ -180,14 +180,23 @@ def adaround_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) ->
 # --- the layer as a matrix product: out[n, g, o] = sum_k P[n, g, k] * W2[g, o, k] ------------------------------
 
 def _weight_matrix(layer: _Layer, w):
-    """The weight (torch, original layout) as [groups, out per group, k]."""
+    """The weight (torch or numpy, original layout) as [groups, out per group, k]."""
     op = layer.node.op_type
     if op == "Conv":
-        o = w.shape[0]
-        return w.reshape(layer.groups, o // layer.groups, -1)
+        return w.reshape(layer.groups, w.shape[0] // layer.groups, -1)
     if op == "Gemm" and attr(layer.node, "transB", 0):
-        return w.unsqueeze(0)
-    return w.t().unsqueeze(0)
+        return w[None]
+    return w.T[None]
+
+
+def _from_weight_matrix(layer: _Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """:func:`_weight_matrix` undone: the original layout."""
+    op = layer.node.op_type
+    if op == "Conv":
+        return m.reshape(shape)
+    if op == "Gemm" and attr(layer.node, "transB", 0):
+        return m[0].reshape(shape)
+    return m[0].T.reshape(shape)
 
 
 def _conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], kernel: tuple[int, ...]):
@@ -397,9 +406,9 @@ def local_search(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarra
     from where it started."""
     samples = samples or len(x)
     scale = np.broadcast_to(_scale(layer, w_float), w_float.shape)
-    s = np.ascontiguousarray(_weight_matrix_np(layer, scale), dtype=np.float64)  # [g, o, k]
-    w = _weight_matrix_np(layer, w_float).astype(np.float64)
-    start = _weight_matrix_np(layer, q).astype(np.float64)
+    s = np.ascontiguousarray(_weight_matrix(layer, scale), dtype=np.float64)  # [g, o, k]
+    w = _weight_matrix(layer, w_float).astype(np.float64)
+    start = _weight_matrix(layer, q).astype(np.float64)
     qmin, qmax = float(layer.enc.qmin), float(layer.enc.qmax)
     c = damps[0]
     if len(damps) > 1 and len(x) >= 2 * SEARCH_MIN_ROWS * x.shape[2]:
@@ -409,13 +418,13 @@ def local_search(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarra
         held_out = []
         for c in damps:
             hd, bd = _damped(h_fit, b_fit, w, c * h_fit.shape[1] / max(samples / 2, 1))
-            qq, _ = _descend(hd, bd, s, start.copy(), qmin, qmax, max_steps)
+            qq = _descend(hd, bd, s, start.copy(), qmin, qmax, max_steps)
             v = qq * s
             held_out.append(float((np.matmul(v, h_val) * v).sum() - 2 * (v * b_val).sum()))
         c = damps[int(np.argmin(held_out))]
     h, bvec = _moments(layer, x, y, center)
     h, bvec = _damped(h, bvec, w, c * h.shape[1] / samples)
-    qq, _ = _descend(h, bvec, s, start.copy(), qmin, qmax, max_steps)
+    qq = _descend(h, bvec, s, start.copy(), qmin, qmax, max_steps)
     return _from_weight_matrix(layer, qq, w_float.shape), c
 
 
@@ -437,9 +446,8 @@ def _damped(h: np.ndarray, bvec: np.ndarray, w: np.ndarray, rel: float) -> tuple
 
 
 def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmin: float, qmax: float,
-             max_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place); returns it and each output's
-    final ``L(q)`` without its constant."""
+             max_steps: int) -> np.ndarray:
+    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place and returned)."""
     hq = np.matmul(qq * s, h)  # (H (s q))_j per output (H symmetric)
     diag = np.einsum("gkk->gk", h)[:, None, :]
     quad = s * s * diag
@@ -460,26 +468,7 @@ def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmi
         ji, ei = j[gi, oi], step[gi, oi]
         qq[gi, oi, ji] += ei
         hq[gi, oi, :] += (ei * s[gi, oi, ji])[:, None] * h[gi, :, ji]
-    return qq, ((qq * s) * (hq - 2.0 * bvec)).sum(-1)
-
-
-def _weight_matrix_np(layer: _Layer, w: np.ndarray) -> np.ndarray:
-    """:func:`_weight_matrix` for numpy arrays: [groups, out per group, k]."""
-    op = layer.node.op_type
-    if op == "Conv":
-        return w.reshape(layer.groups, w.shape[0] // layer.groups, -1)
-    if op == "Gemm" and attr(layer.node, "transB", 0):
-        return w[None]
-    return w.T[None]
-
-
-def _from_weight_matrix(layer: _Layer, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    op = layer.node.op_type
-    if op == "Conv":
-        return m.reshape(shape)
-    if op == "Gemm" and attr(layer.node, "transB", 0):
-        return m[0].reshape(shape)
-    return m[0].T.reshape(shape)
+    return qq
 
 
 def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
