@@ -252,6 +252,15 @@ def check_adaround_data(calib_data: Any, config: QuantConfig) -> None:
                           "drop --adaround / adaround: true")
 
 
+def _bias_corrected(prepared: Prepared, plan: QuantPlan, config: QuantConfig) -> frozenset[str]:
+    """The layers bias correction will correct (none when it is off)."""
+    if not config.bias_correction:
+        return frozenset()
+    from .quant.bias_correction import corrected_layers
+
+    return frozenset(n.name for n in corrected_layers(prepared.model, plan, prepared.idx))
+
+
 def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
                      calib_spec: str | Path | None = None) -> dict[str, Any] | None:
     """AdaRound the planned layers' weights (:mod:`converter.quant.adaround`), weights rewritten onto their
@@ -265,7 +274,7 @@ def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any
     data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
     layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
                       config.adaround_iterations, threads=config.threads, float_weights=prepared.float_weights,
-                      search=config.adaround_search, center=config.bias_correction)
+                      search=config.adaround_search, center=_bias_corrected(prepared, plan, config))
     compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights
     return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations, "search": config.adaround_search,
             "seconds": round(time.perf_counter() - t, 3), "layers": [r.to_dict() for r in layers]}

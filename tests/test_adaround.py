@@ -84,6 +84,9 @@ def test_adarounded_weights_lie_on_the_encodings_grid(tmp_path):
     again = apply_encodings(float_path, r.encodings_path, tmp_path / "again.onnx")
     assert again.SerializeToString() == qdq.SerializeToString()
     assert "bias_correction" in r.report  # ran after AdaRound, on its weights
+    # the layers bias correction corrects afterwards were compared without their mean error
+    corrected = {c["node"] for c in r.report["bias_correction"]["layers"]}
+    assert corrected and all(x["centered"] == (x["node"] in corrected) for x in r.report["adaround"]["layers"])
 
 
 def test_adaround_without_calibration_data_is_one_clear_error(tmp_path):

@@ -114,13 +114,9 @@ class _Layer:
     weight_shape: tuple[int, ...] = ()  # the weight's shape
 
     @property
-    def output_axis(self) -> int:
-        """The weight axis of the outputs (Conv, Gemm with transB: 0; Gemm, MatMul: 1)."""
-        return 0 if self.node.op_type == "Conv" or attr(self.node, "transB", 0) else 1
-
-    @property
     def outputs(self) -> int:
-        return self.weight_shape[self.output_axis]
+        shape = self.weight_shape
+        return shape[0] if self.node.op_type == "Conv" or attr(self.node, "transB", 0) else shape[1]
 
 
 def _fused_activation(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, float] | None:
@@ -474,11 +470,13 @@ def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmi
 def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
              providers: list[str], iterations: int, seed: int = 0, threads: int = 0,
              float_weights: dict[str, np.ndarray] | None = None, search: bool = True,
-             center: bool = False) -> list[Rounded]:
+             center: frozenset[str] = frozenset()) -> list[Rounded]:
     """AdaRound the planned layers of ``model`` in place (see the module doc): their weight initializers become
     the AdaRounded grid values and ``plan.frozen_weights`` keeps their encodings. ``threads``: torch's CPU
     threads while optimizing (0: torch's default). ``float_weights`` receives each replaced weight's float
-    values (bias correction measures against them). Returns what changed."""
+    values (bias correction measures against them). ``search``: the local search after the Adam steps (module
+    doc); ``center``: the layers bias correction corrects afterwards (their losses are compared centered).
+    Returns what changed."""
     import torch
 
     before = torch.get_num_threads()
@@ -493,7 +491,7 @@ def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: 
 
 def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
               providers: list[str], iterations: int, seed: int, float_weights: dict[str, np.ndarray], search: bool,
-              center: bool) -> list[Rounded]:
+              center: frozenset[str]) -> list[Rounded]:
     import torch
     from tqdm import tqdm
 
@@ -511,15 +509,14 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
         yt = torch.from_numpy(y).to(device)
         bias = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
-        centered = center and layer.bias is not None and len(idx.uses(node.input[2])) == 1
+        centered = node.name in center
 
         scale = torch.tensor(_scale(layer, w), device=device)
 
         def loss(q: np.ndarray) -> float:
             return _loss(layer, torch.from_numpy(q.astype(np.float32)).to(device) * scale, xt, yt, bias, centered)
 
-        enc = layer.enc
-        nearest = enc.quantize(w).astype(np.float32)
+        nearest = layer.enc.quantize(w).astype(np.float32)
         q_ada = nearest
         if iterations:
             with tqdm(total=iterations, desc=f"adaround {i + 1}/{len(layers)} {node.name}", unit="it",
@@ -533,8 +530,8 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
             candidates["search"] = (q_search.astype(np.float32), loss(q_search))
         chosen = min(candidates, key=lambda c: (candidates[c][1], c != "nearest"))
         q = candidates[chosen][0]
-        values = enc.dequantize(q).astype(w.dtype)
-        if not np.array_equal(enc.quantize(values), q.astype(enc.numpy_dtype)):
+        values = layer.enc.dequantize(q).astype(w.dtype)
+        if not np.array_equal(layer.enc.quantize(values), q.astype(layer.enc.numpy_dtype)):
             raise RuntimeError(f"internal error: AdaRounded weight {layer.weight!r} does not round back to its "
                                "integers")
         float_weights.setdefault(layer.weight, w)
