@@ -87,6 +87,10 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
                    help=f"weight ranges per channel: max |w| or the clipping that minimises MSE "
                         f"(default: {d.weight_calib})")
+    p.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="weights symmetric (zero point 0) or, with --no-weight-symmetric, asymmetric per channel "
+                        "(unsigned, a zero point each: skewed channels, such as 4-bit depthwise kernels, use every "
+                        "level; ort-cpu only) (default: symmetric)")
     p.add_argument("--percentile", type=float, help=f"for --calib-method percentile (default: {d.percentile})")
     p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
                    help="image preprocessing spec (default: preprocess.yaml in the data folder)")
@@ -198,7 +202,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                         "add --target-metric top1|agreement|cosine|sqnr (with --eval DIR), or --evaluator "
                         f"file.py:fn; or drop {', '.join(stray)}")
     config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "percentile", "per_channel",
+    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "weight_symmetric", "percentile", "per_channel",
                                                "max_samples", "batch_size", "activation_bits", "weight_bits",
                                                "weight_block_size",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",

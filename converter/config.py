@@ -152,6 +152,9 @@ class QuantConfig:
     target: str = "ort-cpu"
     calib_method: str = "minmax"
     weight_calib: str = "minmax"  # weights: minmax (max |w| per channel) or mse (clipping that minimises MSE)
+    # weights symmetric (signed, zero point 0) or asymmetric (unsigned, a zero point per channel: skewed channels
+    # use every level; targets whose kernels need zero-point-free weights reject it)
+    weight_symmetric: bool = True
     percentile: float = 99.999
     per_channel: bool = True
     activation_bits: int = 8
@@ -314,6 +317,10 @@ def _check_weights(c: "QuantConfig") -> None:
             raise ConfigError(f"weight_bits_overrides[{key!r}] must be 4 or 8; got {bits!r}",
                               "use 8 (int8) or 4 (int4); other widths have no ONNX type ONNX Runtime runs")
     object.__setattr__(c, "weight_bits_overrides", dict(c.weight_bits_overrides))
+    if not c.weight_symmetric and c.target != "ort-cpu":
+        raise ConfigError(f"asymmetric weights (weight_symmetric: false) on target {c.target!r}: its integer "
+                          "kernels take weights with zero point 0 only", "use --target ort-cpu, or drop "
+                          "--no-weight-symmetric")
     if c.weight_block_size is None:
         return
     if c.weight_block_size not in WEIGHT_BLOCK_SIZES or isinstance(c.weight_block_size, bool):

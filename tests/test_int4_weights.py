@@ -96,3 +96,80 @@ def test_depthwise_layers_at_8_bits_by_one_override_key(tmp_path):
         dtypes = {t.name: t.data_type for t in onnx.load(str(r.model_path)).graph.initializer}
         assert {n: dtypes[f"{n}_quantized"] for n in want} == {
             n: onnx.TensorProto.INT4 if b == 4 else onnx.TensorProto.INT8 for n, b in want.items()}
+
+
+def skewed_depthwise():
+    """Depthwise 3x3 kernels as trained nets have them: one large centre tap, small taps around it (all of one
+    sign in many channels), so a symmetric grid leaves half its levels unused."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(0.0, 0.15, (16, 1, 3, 3)).astype(np.float32)
+    w[:, 0, 1, 1] = rng.uniform(1.0, 2.0, 16) * np.where(np.arange(16) % 2, 1.0, -1.0)
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,16,8,8] x) => (float[N,16,8,8] y) {
+      h = Conv <group: int = 16, pads: ints = [1, 1, 1, 1]> (x, W, B)
+      y = Relu(h)
+    }""", W=w, B=rng.normal(0, 0.1, 16).astype(np.float32))
+
+
+def test_asymmetric_weights_use_every_level_and_round_trip(tmp_path):
+    """``weight_symmetric: false``: uint4 weights with a zero point per channel; the skewed kernels lose less than
+    on the symmetric grid (minmax and mse), ONNX Runtime runs the model, the encodings file says is_sym false with
+    the offsets and reads back to the same bytes; AdaRound's search works on the shifted integers."""
+    model = skewed_depthwise()
+    rng = np.random.default_rng(7)
+
+    def smooth(n):  # neighbouring pixels alike, as in images: the rows a 3x3 kernel reads are correlated
+        coarse = rng.normal(0, 1, (n, 16, 4, 4))
+        return {"x": (np.kron(coarse, np.ones((1, 1, 2, 2))) + rng.normal(0, 0.3, (n, 16, 8, 8))).astype(np.float32)}
+
+    calib, x = [smooth(8) for _ in range(2)], smooth(8)
+    ref = run(model, x)[0]
+    errs = {}
+    for label, kw in (("sym", {}), ("asym", {"weight_symmetric": False}),
+                      ("sym_mse", {"weight_calib": "mse"}), ("asym_mse", {"weight_calib": "mse", "weight_symmetric": False}),
+                      ("asym_search", {"weight_symmetric": False, "adaround": True, "adaround_iterations": 0})):
+        r = quantize(model, calib, QuantConfig(weight_bits=4, **kw), output_dir=tmp_path / label, name="m")
+        q = onnx.load(str(r.model_path))
+        errs[label] = float(np.mean((run(q, x)[0] - ref) ** 2) / np.mean(ref ** 2))
+        inits = {t.name: t for t in q.graph.initializer}
+        asym = "weight_symmetric" in kw
+        assert inits["W_quantized"].data_type == (onnx.TensorProto.UINT4 if asym else onnx.TensorProto.INT4), label
+        zp = numpy_helper.to_array(inits["W_zero_point"]).astype(np.int64)
+        assert (len(set(zp.tolist())) > 2) == asym, (label, zp)  # one zero point per channel, where each one's data is
+        if label == "asym":
+            enc = json.loads(r.encodings_path.read_text())
+            [w_enc] = [e for e in enc["param_encodings"] if e["name"] == "W"]
+            assert w_enc["is_sym"] is False and w_enc["bw"] == 4 and len(set(w_enc["offset"])) > 2
+            apply_encodings(model, r.encodings_path, tmp_path / "again.onnx")
+            assert (tmp_path / "again.onnx").read_bytes() == r.model_path.read_bytes()
+        if label == "asym_search":
+            [layer] = r.report["adaround"]["layers"]
+            assert layer["chosen"] == "search" and layer["loss_search"] < 0.8 * layer["loss_nearest"], layer
+    assert errs["asym"] < 0.6 * errs["sym"] and errs["asym_mse"] < 0.6 * errs["sym_mse"], errs
+    assert errs["asym_search"] < errs["asym"], errs
+
+
+def test_asymmetric_block_weights_fuse_into_matmulnbits(tmp_path):
+    """Block-wise asymmetric int4 (a zero point per block): ONNX Runtime still fuses MatMulNBits, with less error."""
+    from converter.ort_session import optimized_op_counts
+
+    from .test_block_weights import outlier_matmul, rel_err, xs
+
+    model, x = outlier_matmul(), xs(9, 1)[0]
+    ref = run(model, x)[0]
+    errs = {}
+    for sym in (True, False):
+        r = quantize(model, xs(1), QuantConfig(weight_bits=4, weight_block_size=32, weight_symmetric=sym),
+                     output_dir=tmp_path / str(sym), name="m")
+        assert optimized_op_counts(str(r.model_path)) == {"MatMulNBits": 1}
+        errs[sym] = rel_err(run(onnx.load(str(r.model_path)), x)[0], ref)
+    assert errs[False] < 0.8 * errs[True], errs
+
+
+def test_asymmetric_weights_on_a_zero_point_free_target_is_one_clear_error():
+    with pytest.raises(ConfigError, match="asymmetric weights .* target 'tensorrt'"):
+        QuantConfig(target="tensorrt", weight_symmetric=False)
+    with pytest.raises(SystemExit) as exc:  # the flag exists; a bad value is argparse's
+        main(["quantize", "m.onnx", "--calib", "d", "--weight-symmetric", "no"])
+    assert exc.value.code == 2

@@ -3,7 +3,7 @@ dependency), as a subprocess, and prints one JSON line.
 
     /tmp/aimet/bin/python tools/aimet_adaround.py --model float.onnx --calib calib.npy --eval eval.npy
         --labels labels.npy --input NAME [--weight-bits 4] [--iterations N] [--batch 16] [--threads 1]
-        [--weight-scheme min_max|tf_enhanced] [--first-last-bits 8]
+        [--weight-scheme min_max|tf_enhanced] [--first-last-bits 8] [--asymmetric-weights]
 
 Flow (aimet-onnx 2.x docs): ``QuantizationSimModel`` (min_max, ``default_config_per_channel.json``: symmetric
 per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib batches, num_iterations)``
@@ -11,7 +11,8 @@ per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib 
 on the evaluation images. With ``--iterations 0``: the sim without AdaRound (nearest rounding).
 ``--weight-scheme tf_enhanced``: the weight quantizers' ranges by AIMET's SQNR search (AIMET's AdaRound default;
 ours: ``weight_calib: mse``), activations stay min_max. ``--first-last-bits 8``: the first and the last layer's
-weight quantizer at 8 bits (ours: ``weight_bits_overrides: {first: 8, last: 8}``). Wall time and
+weight quantizer at 8 bits (ours: ``weight_bits_overrides: {first: 8, last: 8}``). ``--asymmetric-weights``: the
+same config with ``params: is_symmetric: False`` (ours: ``weight_symmetric: false``). Wall time and
 peak RSS (``ru_maxrss``) of this process are in the line.
 """
 
@@ -38,6 +39,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and ORT threads")
     ap.add_argument("--weight-scheme", default="min_max", choices=("min_max", "tf_enhanced"))
     ap.add_argument("--first-last-bits", type=int, default=0, help="the first and last layer's weight bits (0: as all)")
+    ap.add_argument("--asymmetric-weights", action="store_true", help="param quantizers asymmetric (config file)")
     args = ap.parse_args()
 
     import numpy as np
@@ -53,6 +55,13 @@ def main() -> int:
     calib = np.load(args.calib)
     batches = [{args.input: calib[i:i + args.batch]} for i in range(0, len(calib), args.batch)]
     config = Path(aimet_onnx.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
+    if args.asymmetric_weights:
+        import tempfile
+
+        doc = json.loads(config.read_text())
+        doc["defaults"]["params"]["is_symmetric"] = "False"
+        config = Path(tempfile.mkdtemp()) / "asymmetric_params.json"
+        config.write_text(json.dumps(doc))
     sim = QuantizationSimModel(onnx.load(args.model), param_type=f"int{args.weight_bits}", activation_type="int8",
                                quant_scheme="min_max", config_file=str(config),
                                providers=["CPUExecutionProvider"],
@@ -79,7 +88,8 @@ def main() -> int:
     correct = int((logits.reshape(len(x), -1).argmax(1) == y).sum())
     print(json.dumps({"tool": "aimet-onnx " + getattr(aimet_onnx, "__version__", "?"), "top1": correct,
                       "of": len(y), "iterations": args.iterations,
-                      "weight_scheme": args.weight_scheme, "first_last_bits": args.first_last_bits, "adaround_s": round(adaround_s, 1),
+                      "weight_scheme": args.weight_scheme, "first_last_bits": args.first_last_bits,
+                      "asymmetric_weights": args.asymmetric_weights, "adaround_s": round(adaround_s, 1),
                       "quantize_s": round(quantize_s, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                       "pid": os.getpid()}), flush=True)

@@ -2,7 +2,8 @@
 
 Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization" (2020), as AIMET runs it. Per
 layer (Conv 1-D/2-D, Gemm, MatMul with a constant 2-D weight), in graph order, with the weight's encoding fixed
-(the plan's per-channel or per-tensor scale ``s``, symmetric, ``b`` bits)::
+(the plan's per-channel or per-tensor scale ``s``, ``b`` bits; asymmetric weights: every integer below is
+``q - zero point``, bounds shifted alike)::
 
     W~ = s * clip(floor(W / s) + h(V), qmin, qmax)
     h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)          ZETA = 1.1, GAMMA = -0.1
@@ -296,13 +297,23 @@ def learning_rate(iterations: int) -> float:
 
 def _scale(layer: _Layer, w_float: np.ndarray) -> np.ndarray:
     """The weight encoding's scales, broadcastable to the weight (original layout)."""
+    return _spread(layer, layer.enc.scale_array(), w_float.shape)
+
+
+def _zero(layer: _Layer, w_float: np.ndarray) -> np.ndarray:
+    """The weight encoding's zero points (0 for symmetric weights), broadcastable to the weight. The optimizers
+    work on ``q - zero``, the integers the dequantized weight is ``scale`` times."""
+    return _spread(layer, np.asarray(layer.enc.zero_point, dtype=np.float32), w_float.shape)
+
+
+def _spread(layer: _Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     enc = layer.enc
-    if enc.blocked:  # one scale per block: spread over the weight's shape
-        return np.ascontiguousarray(enc.expanded(enc.scale_array(), w_float.shape), dtype=np.float32)
-    shape = [1] * w_float.ndim
+    if enc.blocked:  # one value per block: spread over the weight's shape
+        return np.ascontiguousarray(enc.expanded(values, shape), dtype=np.float32)
+    out = [1] * len(shape)
     if enc.axis is not None:
-        shape[enc.axis] = -1
-    return enc.scale_array().astype(np.float32).reshape(shape)
+        out[enc.axis] = -1
+    return np.asarray(values, dtype=np.float32).reshape(out)
 
 
 def _product(layer: _Layer, wq, xb):
@@ -346,13 +357,14 @@ def _optimize(layer: _Layer, w_float: np.ndarray, xt, yt, iterations: int, seed:
     enc = layer.enc
     gen = torch.Generator().manual_seed(seed)
     s = torch.tensor(_scale(layer, w_float), device=device)
+    z = torch.tensor(_zero(layer, w_float), device=device)
     w = torch.tensor(w_float, dtype=torch.float32, device=device)
     n = yt.shape[0]
     b = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
     w_floor = torch.floor(w / s)
     rest = (w / s - w_floor).clamp(0.0, 1.0)
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).clone().requires_grad_(True)
-    qmin, qmax = float(enc.qmin), float(enc.qmax)
+    qmin, qmax = float(enc.qmin) - z, float(enc.qmax) - z  # bounds of q - zero
 
     def h(v):
         return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
@@ -364,7 +376,7 @@ def _optimize(layer: _Layer, w_float: np.ndarray, xt, yt, iterations: int, seed:
         if a + m > n:  # a new epoch: reshuffle
             perm = torch.randperm(n, generator=gen).to(device)
             xs, ys, a = xt[:, perm], yt[perm], 0
-        q = torch.clamp(w_floor + h(v), qmin, qmax)
+        q = torch.clamp(w_floor + h(v), min=qmin, max=qmax)
         loss = ((_activate(layer, _product(layer, q * s, xs[:, a:a + m]), b)
                  - _activate(layer, ys[a:a + m], b)) ** 2).sum(dim=1).mean()
         a += m
@@ -378,7 +390,7 @@ def _optimize(layer: _Layer, w_float: np.ndarray, xt, yt, iterations: int, seed:
         if bar is not None:
             bar.update(1)
     with torch.no_grad():
-        return torch.clamp(w_floor + (h(v) >= 0.5).float(), qmin, qmax).cpu().numpy()
+        return (torch.clamp(w_floor + (h(v) >= 0.5).float(), min=qmin, max=qmax) + z).cpu().numpy()
 
 
 def local_search(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarray, q: np.ndarray, center: bool,
@@ -404,8 +416,9 @@ def local_search(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarra
     scale = np.broadcast_to(_scale(layer, w_float), w_float.shape)
     s = np.ascontiguousarray(_weight_matrix(layer, scale), dtype=np.float64)  # [g, o, k]
     w = _weight_matrix(layer, w_float).astype(np.float64)
-    start = _weight_matrix(layer, q).astype(np.float64)
-    qmin, qmax = float(layer.enc.qmin), float(layer.enc.qmax)
+    zero = _weight_matrix(layer, np.broadcast_to(_zero(layer, w_float), w_float.shape)).astype(np.float64)
+    start = _weight_matrix(layer, q).astype(np.float64) - zero  # the search moves q - zero
+    qmin, qmax = float(layer.enc.qmin) - zero, float(layer.enc.qmax) - zero
     c = damps[0]
     if len(damps) > 1 and len(x) >= 2 * SEARCH_MIN_ROWS * x.shape[2]:
         half = len(x) // 2
@@ -421,7 +434,7 @@ def local_search(layer: _Layer, w_float: np.ndarray, x: np.ndarray, y: np.ndarra
     h, bvec = _moments(layer, x, y, center)
     h, bvec = _damped(h, bvec, w, c * h.shape[1] / samples)
     qq = _descend(h, bvec, s, start.copy(), qmin, qmax, max_steps)
-    return _from_weight_matrix(layer, qq, w_float.shape), c
+    return _from_weight_matrix(layer, qq + zero, w_float.shape), c
 
 
 def _moments(layer: _Layer, x: np.ndarray, y: np.ndarray, center: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -441,7 +454,7 @@ def _damped(h: np.ndarray, bvec: np.ndarray, w: np.ndarray, rel: float) -> tuple
     return h + d[:, None, None] * np.eye(k), bvec + d[:, None, None] * w
 
 
-def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmin: float, qmax: float,
+def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmin, qmax,
              max_steps: int) -> np.ndarray:
     """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place and returned)."""
     hq = np.matmul(qq * s, h)  # (H (s q))_j per output (H symmetric)
@@ -512,9 +525,11 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
         centered = node.name in center
 
         scale = torch.tensor(_scale(layer, w), device=device)
+        zero = torch.tensor(_zero(layer, w), device=device)
 
         def loss(q: np.ndarray) -> float:
-            return _loss(layer, torch.from_numpy(q.astype(np.float32)).to(device) * scale, xt, yt, bias, centered)
+            return _loss(layer, (torch.from_numpy(q.astype(np.float32)).to(device) - zero) * scale, xt, yt, bias,
+                         centered)
 
         nearest = layer.enc.quantize(w).astype(np.float32)
         q_ada = nearest

@@ -6,7 +6,10 @@
   Q saturating them first changes nothing on the calibration data (``min(min(x, M), B) = min(x, B)`` while
   ``min(x, B) <= M``), and a Relu output that a per-channel bound cuts does not widen the group's scale.
 * Weights: symmetric int8, per channel along the rule's axis (or per tensor), from max |w|
-  (``minmax``) or from the clipping bound that minimises each channel's quantization MSE (``mse``).
+  (``minmax``) or from the clipping bound that minimises each channel's quantization MSE (``mse``). With
+  ``weight_symmetric: false``, asymmetric (unsigned, a zero point per channel, AIMET's asymmetric params):
+  ``[min, max]`` of each channel, or its two ends clipped where that lowers the MSE. Every level is then used
+  on skewed channels: a 3x3 depthwise kernel (one large centre tap) at 4 bits loses half the squared error.
 * Biases: int32, zero point 0, ``scale = input_scale * weight_scale`` (per output channel), as
   ONNX Runtime's QLinearConv/QGemm expect. If a bias would not fit in int32 (a channel whose weights
   are almost zero but whose bias is not), that channel's weight scale is raised until it fits.
@@ -35,12 +38,17 @@ _MSE_CHUNK = 1 << 22  # weight values per vectorised step of the MSE search (bou
 
 
 def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "minmax",
-                    block_size: int | None = None, block_axis: int | None = None) -> Encoding:
-    """Symmetric encoding of a weight tensor: per channel along ``axis``, or per tensor; block-wise when
-    ``block_size`` is given (one scale per ``block_size`` elements of ``block_axis`` and channel of ``axis``)."""
+                    block_size: int | None = None, block_axis: int | None = None, symmetric: bool = True) -> Encoding:
+    """Encoding of a weight tensor (symmetric, or asymmetric unsigned): per channel along ``axis``, or per tensor;
+    block-wise when ``block_size`` is given (one scale per ``block_size`` elements of ``block_axis`` and channel of
+    ``axis``)."""
     if block_size is not None:
-        return blocked_weight_encoding(w, bits, axis, block_size, block_axis, method)
+        return blocked_weight_encoding(w, bits, axis, block_size, block_axis, method, symmetric)
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    if not symmetric:
+        lo, hi = weight_range(rows, bits, method)
+        return encoding_from_range(lo if axis is not None else lo[0], hi if axis is not None else hi[0], bits,
+                                   False, False, axis)
     amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))
     if method == "mse":
         amax = mse_weight_absmax(rows, amax, 2 ** (bits - 1) - 1)
@@ -50,7 +58,7 @@ def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "m
 
 
 def blocked_weight_encoding(w: np.ndarray, bits: int, axis: int, block_size: int, block_axis: int,
-                            method: str = "minmax") -> Encoding:
+                            method: str = "minmax", symmetric: bool = True) -> Encoding:
     """Block-wise symmetric encoding: the weight's ``block_axis`` cut into blocks of ``block_size`` (the last one
     ragged where the axis does not divide), each block of each channel (``axis``) its own max |w| (or MSE
     clipping); dims other than these two are covered whole (a Conv kernel's). Scale array shape: 1 on the other
@@ -62,16 +70,51 @@ def blocked_weight_encoding(w: np.ndarray, bits: int, axis: int, block_size: int
     x = np.pad(w.astype(np.float32), pad)
     x = np.moveaxis(x, (axis, block_axis), (0, 1))  # channels, K (padded), rest...
     x = x.reshape(x.shape[0], blocks, block_size, -1).reshape(x.shape[0] * blocks, -1)  # (channel, block) rows
-    amax = np.abs(x).max(axis=1)
-    if method == "mse":
-        amax = mse_weight_absmax(x, amax, 2 ** (bits - 1) - 1)
+    if symmetric:
+        hi = np.abs(x).max(axis=1)
+        if method == "mse":
+            hi = mse_weight_absmax(x, hi, 2 ** (bits - 1) - 1)
+        lo = -hi
+    else:  # the padding zeros are inside every range (which includes 0) and cost nothing
+        lo, hi = weight_range(x, bits, method)
     shape = [1] * w.ndim
     shape[axis], shape[block_axis] = w.shape[axis], blocks
-    amax = amax.reshape(w.shape[axis], blocks)
+    lo, hi = lo.reshape(w.shape[axis], blocks), hi.reshape(w.shape[axis], blocks)
     if axis > block_axis:
-        amax = amax.T
-    enc = encoding_from_range(-amax.reshape(-1), amax.reshape(-1), bits, True, True, block_axis)
-    return Encoding(bits, True, True, enc.scale, enc.zero_point, block_axis, block_size, tuple(shape))
+        lo, hi = lo.T, hi.T
+    enc = encoding_from_range(lo.reshape(-1), hi.reshape(-1), bits, symmetric, symmetric, block_axis)
+    return Encoding(bits, symmetric, symmetric, enc.scale, enc.zero_point, block_axis, block_size, tuple(shape))
+
+
+def weight_range(rows: np.ndarray, bits: int, method: str = "minmax") -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the asymmetric range ``(lo <= 0, hi >= 0)``: min and max (``minmax``), or each end pulled in by
+    a ratio in ``_MSE_RATIOS`` where that lowers the squared error of ``2**bits`` levels (``mse``: the two ends
+    chosen in turn, twice)."""
+    rows = rows.astype(np.float32, copy=False)
+    lo = np.minimum(rows.min(axis=1), 0.0) if rows.size else np.zeros(len(rows), np.float32)
+    hi = np.maximum(rows.max(axis=1), 0.0) if rows.size else np.zeros(len(rows), np.float32)
+    if method != "mse" or not rows.size:
+        return lo, hi
+    levels = 2**bits - 1
+    lo0, hi0 = lo.copy(), hi.copy()
+    per_chunk = max(1, _MSE_CHUNK // max(rows.shape[1] * len(_MSE_RATIOS), 1))
+    for _ in range(2):
+        for end in (0, 1):
+            for a in range(0, len(rows), per_chunk):
+                x = rows[a:a + per_chunk, None, :]
+                if end == 0:
+                    lo_c, hi_c = lo0[a:a + per_chunk, None] * _MSE_RATIOS[None, :], hi[a:a + per_chunk, None]
+                else:
+                    lo_c, hi_c = lo[a:a + per_chunk, None], hi0[a:a + per_chunk, None] * _MSE_RATIOS[None, :]
+                lo_c, hi_c = np.broadcast_arrays(lo_c, hi_c)
+                scale = np.where(hi_c > lo_c, (hi_c - lo_c) / levels, 1.0)[:, :, None]
+                zp = np.rint(-lo_c[:, :, None] / scale)
+                q = (np.clip(np.rint(x / scale) + zp, 0, levels) - zp) * scale
+                err = np.square(q - x).sum(axis=2)
+                pick = len(_MSE_RATIOS) - 1 - np.argmin(err[:, ::-1], axis=1)  # ties: the widest range
+                chosen = (lo_c if end == 0 else hi_c)[np.arange(len(x)), pick]
+                (lo if end == 0 else hi)[a:a + per_chunk] = chosen
+    return lo, hi
 
 
 def mse_weight_absmax(rows: np.ndarray, amax: np.ndarray, levels: int) -> np.ndarray:
@@ -102,8 +145,8 @@ def bias_encoding(b: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> t
     need = np.maximum(need, np.float32(2 * np.finfo(np.float32).tiny / float(s_in)))
     if np.any(need > s_w):
         s_w = np.maximum(s_w, need * np.float32(1.0001)).astype(np.float32)
-        weight_enc = Encoding(weight_enc.bitwidth, True, True, tuple(s_w.tolist()), weight_enc.zero_point,
-                              weight_enc.axis)
+        weight_enc = Encoding(weight_enc.bitwidth, weight_enc.signed, weight_enc.symmetric, tuple(s_w.tolist()),
+                              weight_enc.zero_point, weight_enc.axis)
     scale = (s_in * s_w).astype(np.float32)
     if weight_enc.axis is None:
         scale = scale[:1]
@@ -124,7 +167,8 @@ def _blocked_bias_encoding(b: np.ndarray, s_in: np.float32, weight_enc: Encoding
             [n for i, n in enumerate(weight_enc.block_shape) if i != weight_enc.axis]), weight_enc.axis)
         blocks = np.where(np.expand_dims(need > chan, weight_enc.axis).reshape(floor.shape),
                           np.maximum(blocks, floor), blocks).astype(np.float32)
-        weight_enc = Encoding(weight_enc.bitwidth, True, True, tuple(blocks.reshape(-1).tolist()),
+        weight_enc = Encoding(weight_enc.bitwidth, weight_enc.signed, weight_enc.symmetric,
+                              tuple(blocks.reshape(-1).tolist()),
                               weight_enc.zero_point, weight_enc.axis, weight_enc.block_size, weight_enc.block_shape)
         chan = weight_enc.channel_scales()
     scale = (s_in * chan).astype(np.float32)
@@ -156,7 +200,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         if t.name in plan.frozen_weights and t.name in plan.encodings:
             continue
         plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method,
-                                                 t.block_size, t.block_axis)
+                                                 t.block_size, t.block_axis, t.symmetric)
     for t in plan.by_role(BIAS):
         act, w = t.bias_of
         if act not in plan.encodings or w not in plan.encodings:

@@ -282,7 +282,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             bits = max(layer_bits[node.name], prev.bitwidth if prev is not None else 0)  # shared: the wider
             if prev is not None and prev.axis != axis:
                 axis = None  # shared by nodes that disagree on the channel axis: per-tensor
-            weights[w] = TensorQuant(w, WEIGHT, bits, True, True, axis,
+            weights[w] = TensorQuant(w, WEIGHT, bits, config.weight_symmetric, config.weight_symmetric, axis,
                                      layers=(prev.layers if prev is not None else ()) + (node.name,))
             if config.weight_block_size is not None:
                 _choose_blocks(weights[w], prev, node, idx, config.weight_block_size)
