@@ -304,6 +304,12 @@ def test_recommendations_differ_by_cause(rng, tmp_path):
     assert first["technique"] == "cle" and first["flag"] == "--cle --cle-relu6 min", a["recommendations"]
     assert first["evidence"]["worst_spread"] >= 20 and first["evidence"]["wide_depthwise_layers"] == 1
     assert first["evidence"]["weights_only_drop"] > first["evidence"]["activations_only_drop"]
+    # per-channel 4-bit weights: no CLE case; better rounding and ranges, asymmetric weights among them
+    a4 = analyze(dw, [{dw.graph.input[0].name: x[i:i + 8]} for i in range(0, 32, 8)], QuantConfig(weight_bits=4),
+                 tmp_path / "dw4", analysis=steps).report
+    [rounding] = [r for r in a4["recommendations"] if r["technique"] in ("bias_correction", "weight_rounding")]
+    assert "--no-weight-symmetric" in rounding["flag"] and "--adaround" in rounding["flag"], a4["recommendations"]
+    assert all(r["technique"] != "cle" for r in a4["recommendations"])
 
     w = gaussian_weights(rng, 2)
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),

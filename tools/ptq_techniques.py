@@ -105,6 +105,9 @@ ROWS = {
                                       bias_correction=True),
     "w4-mse-fl8-asym+adaround+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                         weight_symmetric=False, adaround=True, bias_correction=True),
+    "w4-mse-fl8-dw8-asym+search+bc": dict(weight_bits=4, weight_calib="mse",
+                                          weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, weight_symmetric=False,
+                                          adaround=True, adaround_iterations=0, bias_correction=True),
     # and every depthwise Conv at 8 bits (a few weights per channel: where 4 bits hurt most)
     "w4-mse-fl8-dw8+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
                               bias_correction=True),

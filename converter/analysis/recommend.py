@@ -8,7 +8,8 @@ names techniques in the order to try them, each with the numbers behind it and t
     :data:`DEPTHWISE_SPREAD` x or more: **CLE** (``--cle``; ``--cle-relu6 min`` where the model has ReLU6,
     which keeps FP32 exact), or per-channel weights where the target has them;
   - otherwise (or next): **bias correction** (``--bias-correction``) for the mean shift rounding leaves,
-    AdaRound (``--adaround``), MSE weight ranges (``--weight-calib mse``);
+    AdaRound (``--adaround``), MSE weight ranges (``--weight-calib mse``), and with 4-bit weights on ort-cpu
+    asymmetric ones (``--no-weight-symmetric``: skewed channels use every one of the 16 levels);
 * **activations dominate**:
   - a layer output whose min-max range is :data:`OUTLIER_RATIO` x its 99.9% range (a few outliers set the
     scale): a **range method** (``--calib-method percentile``, or ``mse`` / ``entropy``);
@@ -166,12 +167,17 @@ def recommend(report: dict[str, Any], model: onnx.ModelProto, idx: GraphIndex, o
             flags.append("--adaround")
         if config.weight_calib == "minmax":
             flags.append("--weight-calib mse")
+        four_bit = config.weight_bits == 4 or 4 in config.weight_bits_overrides.values()
+        if four_bit and config.weight_symmetric and config.target == "ort-cpu":
+            flags.append("--no-weight-symmetric")
         if flags:
             weight_recs.append(_rec(
                 "bias_correction" if "--bias-correction" in flags else "weight_rounding", " | ".join(flags),
                 "weight quantization moves the layers' outputs: bias correction removes the mean shift rounding "
                 "leaves (empirical on calibration data; --bias-correction-mode analytical|auto from BatchNorm "
-                "statistics), better rounding / ranges lower the error itself",
+                "statistics), better rounding / ranges lower the error itself"
+                + (" (asymmetric 4-bit weights: a zero point per channel, every level used)" if
+                   "--no-weight-symmetric" in flags else ""),
                 worst_weight_layer=worst_w["name"], worst_weight_sqnr_db=round(worst_w["weight"]["sqnr_db"], 2),
                 worst_channel_sqnr_db=worst_w["weight"].get("min_channel_sqnr_db"), **split_ev))
 
