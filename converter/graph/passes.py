@@ -219,7 +219,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET, level: int = 
         ) from None
     model.CopyFrom(converted)
     log.log(level, "upgraded the model from opset %d to %d (%s)", current, target,
-             "16-bit QuantizeLinear/DequantizeLinear" if target >= 21 else "per-channel QDQ")
+             "4-bit, 16-bit or block-wise QuantizeLinear/DequantizeLinear" if target >= 21 else "per-channel QDQ")
     return 1
 
 
