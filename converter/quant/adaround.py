@@ -349,15 +349,14 @@ def _loss(layer: _Layer, wq, xt, yt, b, center: bool, chunk: int = 4096) -> floa
         return total / n
 
 
-def _optimize(layer: _Layer, w_float: np.ndarray, xt, yt, iterations: int, seed: int, device: str,
+def _optimize(layer: _Layer, w_float: np.ndarray, xt, yt, s, z, iterations: int, seed: int, device: str,
               bar: Any = None) -> np.ndarray:
-    """The AdaRounded integer weights (original layout); ``xt`` [g, n, k], ``yt`` [n, outputs] (torch)."""
+    """The AdaRounded integer weights (original layout); ``xt`` [g, n, k], ``yt`` [n, outputs], the weight's scales
+    ``s`` and zero points ``z`` broadcastable to it (torch)."""
     import torch
 
     enc = layer.enc
     gen = torch.Generator().manual_seed(seed)
-    s = torch.tensor(_scale(layer, w_float), device=device)
-    z = torch.tensor(_zero(layer, w_float), device=device)
     w = torch.tensor(w_float, dtype=torch.float32, device=device)
     n = yt.shape[0]
     b = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
@@ -536,7 +535,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
         if iterations:
             with tqdm(total=iterations, desc=f"adaround {i + 1}/{len(layers)} {node.name}", unit="it",
                       disable=None, leave=False) as bar:
-                q_ada = _optimize(layer, w, xt, yt, iterations, seed + i, device, bar)
+                q_ada = _optimize(layer, w, xt, yt, scale, zero, iterations, seed + i, device, bar)
         candidates = {"nearest": (nearest, loss(nearest)), "adaround": (q_ada, loss(q_ada))}
         start = min(candidates.values(), key=lambda c: c[1])[0]
         damp = None

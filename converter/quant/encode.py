@@ -45,21 +45,26 @@ def weight_encoding(w: np.ndarray, bits: int, axis: int | None, method: str = "m
     if block_size is not None:
         return blocked_weight_encoding(w, bits, axis, block_size, block_axis, method, symmetric)
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
+    lo, hi = _row_ranges(rows, bits, method, symmetric)
+    if axis is None:
+        return encoding_from_range(float(lo[0]), float(hi[0]), bits, symmetric, symmetric)
+    return encoding_from_range(lo, hi, bits, symmetric, symmetric, axis)
+
+
+def _row_ranges(rows: np.ndarray, bits: int, method: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (channel, or channel and block), the range its encoding covers: ``+-max|w|`` (or the MSE clipping
+    bound) when symmetric, else :func:`weight_range`."""
     if not symmetric:
-        lo, hi = weight_range(rows, bits, method)
-        return encoding_from_range(lo if axis is not None else lo[0], hi if axis is not None else hi[0], bits,
-                                   False, False, axis)
+        return weight_range(rows, bits, method)
     amax = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows))
     if method == "mse":
         amax = mse_weight_absmax(rows, amax, 2 ** (bits - 1) - 1)
-    if axis is None:
-        return encoding_from_range(-float(amax[0]), float(amax[0]), bits, True, True)
-    return encoding_from_range(-amax, amax, bits, True, True, axis)
+    return -amax, amax
 
 
 def blocked_weight_encoding(w: np.ndarray, bits: int, axis: int, block_size: int, block_axis: int,
                             method: str = "minmax", symmetric: bool = True) -> Encoding:
-    """Block-wise symmetric encoding: the weight's ``block_axis`` cut into blocks of ``block_size`` (the last one
+    """Block-wise encoding (symmetric, or asymmetric unsigned): the weight's ``block_axis`` cut into blocks of ``block_size`` (the last one
     ragged where the axis does not divide), each block of each channel (``axis``) its own max |w| (or MSE
     clipping); dims other than these two are covered whole (a Conv kernel's). Scale array shape: 1 on the other
     dims, ceil(D / block_size) on ``block_axis``, the channel count on ``axis``."""
@@ -70,13 +75,7 @@ def blocked_weight_encoding(w: np.ndarray, bits: int, axis: int, block_size: int
     x = np.pad(w.astype(np.float32), pad)
     x = np.moveaxis(x, (axis, block_axis), (0, 1))  # channels, K (padded), rest...
     x = x.reshape(x.shape[0], blocks, block_size, -1).reshape(x.shape[0] * blocks, -1)  # (channel, block) rows
-    if symmetric:
-        hi = np.abs(x).max(axis=1)
-        if method == "mse":
-            hi = mse_weight_absmax(x, hi, 2 ** (bits - 1) - 1)
-        lo = -hi
-    else:  # the padding zeros are inside every range (which includes 0) and cost nothing
-        lo, hi = weight_range(x, bits, method)
+    lo, hi = _row_ranges(x, bits, method, symmetric)  # padding zeros: inside every range (which includes 0)
     shape = [1] * w.ndim
     shape[axis], shape[block_axis] = w.shape[axis], blocks
     lo, hi = lo.reshape(w.shape[axis], blocks), hi.reshape(w.shape[axis], blocks)
