@@ -78,11 +78,16 @@ def test_digits_split(digits):
 
 
 def test_digits_train_deterministic_and_accurate(digits):
-    """Training is deterministic: one run here reproduces the bundled weights (models/digits_cnn.npz, written by
-    another process with `python models/digits_cnn.py --write-weights`), which build() loads without training."""
+    """Training is deterministic (two runs: bit-identical weights) and reproduces the bundled model
+    (models/digits_cnn.npz, written by another process with `python models/digits_cnn.py --write-weights`), which
+    build() loads without training. Bit for bit only on a CPU whose float kernels match the one that wrote it:
+    elsewhere the last bits differ and 30 epochs of SGD carry that to ~1e-3 in the weights (measured on a second
+    Xeon), so the retrained model must make the bundled one's predictions, not hold its exact weights."""
     a = digits.train(seed=0)
     sa = a.state_dict()
     assert not a.training
+    sb = digits.train(seed=0).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
     n_params = sum(p.numel() for p in a.parameters())
     assert 10_000 <= n_params <= 30_000
     _, _, x_te, y_te = digits.load_split()
@@ -92,10 +97,13 @@ def test_digits_train_deterministic_and_accurate(digits):
     assert not c.training
     sc = c.state_dict()
     assert sc.keys() == sa.keys()
-    for k, v in sc.items():  # bit-identical on this machine; the tolerance covers other CPUs' kernels
-        assert torch.allclose(v.to(sa[k].dtype), sa[k], atol=1e-5), f"{k}: regenerate models/digits_cnn.npz"
-    assert digits.accuracy(c, x_te, y_te) == acc
+    assert all(v.shape == sa[k].shape for k, v in sc.items())
+    bundled = digits.accuracy(c, x_te, y_te)
+    assert abs(bundled - acc) <= 0.01, (bundled, acc)  # measured: equal on the writing CPU, 97.15 vs 97.32 elsewhere
     with torch.no_grad():
+        x = torch.from_numpy(x_te)
+        agree = float((a(x).argmax(1) == c(x).argmax(1)).float().mean())
+        assert agree >= 0.98, agree  # measured 0.998 on a CPU other than the writing one
         assert c(torch.zeros(digits.INPUT_SHAPE)).shape == (1, 10)
 
 
