@@ -146,8 +146,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
                         f"(default: {d.bias_correction_mode})")
     p.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
-                   help="AdaRound: round each Conv/Gemm/MatMul weight up or down to reconstruct the layer's float "
-                        "output on calibration data, for 4-bit weights above all (default: off)")
+                   help="AdaRound: round each Conv/ConvTranspose/Gemm/MatMul weight up or down to reconstruct the "
+                        "layer's float output on calibration data, for 4-bit weights above all (default: off)")
     p.add_argument("--adaround-iterations", type=int, metavar="N",
                    help=f"optimization steps per layer for --adaround; 0: none, the local search alone (fast) "
                         f"(default: {d.adaround_iterations})")

@@ -204,10 +204,10 @@ class QuantConfig:
     # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
     bias_correction: bool = False
     bias_correction_mode: str = "empirical"
-    # AdaRound: each Conv/Gemm/MatMul's weights rounded up or down to reconstruct its output on calibration data
-    # (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000; 0: none, the local
-    # search alone); adaround_search: then a greedy local search on the layer's quadratic loss from the better
-    # of nearest and AdaRound (the lowest loss of the three is kept)
+    # AdaRound: each Conv/ConvTranspose/Gemm/MatMul's weights rounded up or down to reconstruct its output on
+    # calibration data (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000; 0: none,
+    # the local search alone); adaround_search: then a greedy local search on the layer's quadratic loss from the
+    # better of nearest and AdaRound (the lowest loss of the three is kept)
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_search: bool = True

@@ -1,9 +1,9 @@
 """AdaRound: each layer's weights rounded up or down by what reconstructs its output, not to the nearest level.
 
 Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization" (2020), as AIMET runs it. Per
-layer (Conv 1-D/2-D, Gemm, MatMul with a constant 2-D weight), in graph order, with the weight's encoding fixed
-(the plan's per-channel or per-tensor scale ``s``, ``b`` bits; asymmetric weights: every integer below is
-``q - zero point``, bounds shifted alike)::
+layer (Conv and ConvTranspose 1-D/2-D, Gemm, MatMul with a constant 2-D weight), in graph order, with the
+weight's encoding fixed (the plan's per-channel or per-tensor scale ``s``, ``b`` bits; asymmetric weights: every
+integer below is ``q - zero point``, bounds shifted alike)::
 
     W~ = s * clip(floor(W / s) + h(V), qmin, qmax)
     h(V) = clip(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)          ZETA = 1.1, GAMMA = -0.1
@@ -68,7 +68,7 @@ REFERENCE_ITERATIONS = 10000  # fewer iterations get a proportionally larger rat
 MAX_ROWS = 16384  # cached rows (output positions) per layer
 CACHE_MB = 64  # bound on a layer's cached inputs + targets
 MINIBATCH = 1024  # rows per iteration
-LAYER_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SEARCH_DAMPS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the local search's pull towards the float weights, chosen
 # by cross-validation (x mean input power x weights per output / samples)
 SEARCH_MIN_ROWS = 4  # the local search runs where the cached rows are at least this many times the weights per output
@@ -117,6 +117,8 @@ class _Layer:
     @property
     def outputs(self) -> int:
         shape = self.weight_shape
+        if self.node.op_type == "ConvTranspose":  # weight (C_in, C_out / group, k...)
+            return shape[1] * self.groups
         return shape[0] if self.node.op_type == "Conv" or attr(self.node, "transB", 0) else shape[1]
 
 
@@ -143,7 +145,8 @@ def _fused_activation(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, flo
 
 def adaround_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -> list[_Layer]:
     """The layers AdaRound optimizes: a quantized constant weight read by this node alone, of a supported form
-    (Conv 1-D/2-D with explicit pads, Gemm without transA/alpha/beta, MatMul with a 2-D weight)."""
+    (Conv / ConvTranspose 1-D/2-D with explicit pads (ConvTranspose: and no output_shape), Gemm without
+    transA/alpha/beta, MatMul with a 2-D weight)."""
     out = []
     for node in model.graph.node:
         if node.op_type not in LAYER_OPS or len(node.input) < 2:
@@ -155,15 +158,18 @@ def adaround_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) ->
         if len(idx.uses(w)) != 1 or not idx.is_constant(w):
             continue
         shape = idx.constant(w).shape
-        if node.op_type == "Conv":
+        if node.op_type in ("Conv", "ConvTranspose"):
             if len(shape) not in (3, 4) or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                continue
+            if node.op_type == "ConvTranspose" and attr(node, "output_shape", None) is not None:
                 continue
         elif node.op_type == "Gemm":
             if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
                 continue
         elif len(shape) != 2:
             continue
-        layer = _Layer(node, w, plan.encodings[w], int(attr(node, "group", 1)) if node.op_type == "Conv" else 1,
+        groups = int(attr(node, "group", 1)) if node.op_type in ("Conv", "ConvTranspose") else 1
+        layer = _Layer(node, w, plan.encodings[w], groups,
                        _fused_activation(node, idx), weight_shape=tuple(shape))
         if len(node.input) > 2 and node.input[2]:
             b = idx.constant(node.input[2])
@@ -175,12 +181,22 @@ def adaround_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) ->
 
 
 # --- the layer as a matrix product: out[n, g, o] = sum_k P[n, g, k] * W2[g, o, k] ------------------------------
+# A ConvTranspose is the Conv of its input with zeros inserted between the pixels (stride - 1 of them) and padded
+# by dilation * (kernel - 1) - pad on each side (+ output_padding at the end), stride 1, with the kernel flipped
+# in space and its input/output axes swapped: the rows are that Conv's patches, the weight matrix that kernel.
 
 def _weight_matrix(layer: _Layer, w):
     """The weight (torch or numpy, original layout) as [groups, out per group, k]."""
     op = layer.node.op_type
     if op == "Conv":
         return w.reshape(layer.groups, w.shape[0] // layer.groups, -1)
+    if op == "ConvTranspose":  # (C_in, C_out/g, *kernel) -> (g, C_out/g, C_in/g * kernel), flipped in space
+        g, nd = layer.groups, len(w.shape) - 2
+        m = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+        space = tuple(range(3, 3 + nd))
+        m = np.flip(m, space) if isinstance(m, np.ndarray) else m.flip(space)
+        m = m.transpose(0, 2, 1, *space) if isinstance(m, np.ndarray) else m.permute(0, 2, 1, *space)
+        return m.reshape(g, w.shape[1], -1)
     if op == "Gemm" and attr(layer.node, "transB", 0):
         return w[None]
     return w.T[None]
@@ -191,6 +207,10 @@ def _from_weight_matrix(layer: _Layer, m: np.ndarray, shape: tuple[int, ...]) ->
     op = layer.node.op_type
     if op == "Conv":
         return m.reshape(shape)
+    if op == "ConvTranspose":
+        g, space = layer.groups, tuple(range(3, len(shape) + 1))
+        m = m.reshape(g, shape[1], shape[0] // g, *shape[2:]).transpose(0, 2, 1, *space)
+        return np.ascontiguousarray(np.flip(m, space)).reshape(shape)
     if op == "Gemm" and attr(layer.node, "transB", 0):
         return m[0].reshape(shape)
     return m[0].T.reshape(shape)
@@ -206,17 +226,40 @@ def _conv_geometry(node: onnx.NodeProto, x_shape: tuple[int, ...], kernel: tuple
     return strides, dil, pads, out
 
 
+def _transposed_as_conv(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, ...]):
+    """A ConvTranspose's input as the equivalent Conv's (see above): zeros inserted, padded (cropped where the
+    pad is negative); that Conv's strides (1), dilations and pads (0: applied here)."""
+    nd = len(kernel)
+    strides = list(attr(node, "strides", [1] * nd))
+    dil = list(attr(node, "dilations", [1] * nd))
+    pads = list(attr(node, "pads", [0] * 2 * nd))
+    extra = list(attr(node, "output_padding", [0] * nd))
+    up = np.zeros(x.shape[:2] + tuple((x.shape[2 + i] - 1) * strides[i] + 1 for i in range(nd)), dtype=x.dtype)
+    up[(slice(None), slice(None), *(slice(None, None, st) for st in strides))] = x
+    cut = []
+    for i in range(nd):
+        lo, hi = dil[i] * (kernel[i] - 1) - pads[i], dil[i] * (kernel[i] - 1) - pads[i + nd] + extra[i]
+        up = np.pad(up, [(0, 0)] * (2 + i) + [(max(lo, 0), max(hi, 0))] + [(0, 0)] * (nd - 1 - i))
+        cut.append(slice(max(-lo, 0), up.shape[2 + i] - max(-hi, 0)))
+    return up[(slice(None), slice(None), *cut)], [1] * nd, dil, [0] * 2 * nd
+
+
 def _sample_rows(layer: _Layer, x: np.ndarray, y: np.ndarray, m: int, rng: np.random.Generator,
                  kernel: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """``m`` random output positions of one batch: the inputs they read ([m, groups, k]) and the float outputs
     there ([m, out])."""
     op = layer.node.op_type
-    if op != "Conv":
+    if op not in ("Conv", "ConvTranspose"):
         xr = x.reshape(-1, x.shape[-1])
         yr = y.reshape(-1, y.shape[-1])
         pick = np.sort(rng.choice(len(xr), size=min(m, len(xr)), replace=False))
         return xr[pick][:, None, :].astype(np.float32), yr[pick].astype(np.float32)
-    if x.ndim == 3:  # Conv1d as a 2-D one of height 1
+    if op == "ConvTranspose":
+        x, strides, dil, pads = _transposed_as_conv(layer.node, x, kernel)
+        if x.ndim == 3:
+            x, y, kernel = x[:, :, None, :], y[:, :, None, :], (1, *kernel)
+            strides, dil, pads = [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
+    elif x.ndim == 3:  # Conv1d as a 2-D one of height 1
         x, y, kernel = x[:, :, None, :], y[:, :, None, :], (1, *kernel)
         strides, dil, pads, _ = _conv_geometry(layer.node, x.shape[:2] + x.shape[3:], kernel[1:])
         strides, dil, pads = [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
@@ -270,7 +313,7 @@ def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, batches:
     q_node = next(n for n in qdq.graph.node if n.name == node.name)
     q_in, f_out = q_node.input[0], node.output[0]
     shape = layer.weight_shape
-    kernel = tuple(shape[2:]) if node.op_type == "Conv" else ()
+    kernel = tuple(shape[2:]) if node.op_type in ("Conv", "ConvTranspose") else ()
     row_bytes = 4 * (int(np.prod(shape)) * layer.groups // layer.outputs + layer.outputs)
     rows = max(256, min(MAX_ROWS, (CACHE_MB << 20) // row_bytes))
     per_batch = max(1, -(-rows // max(len(batches), 1)))
