@@ -3,7 +3,7 @@ dependency), as a subprocess, and prints one JSON line.
 
     /tmp/aimet/bin/python tools/aimet_adaround.py --model float.onnx --calib calib.npy --eval eval.npy
         --labels labels.npy --input NAME [--weight-bits 4] [--iterations N] [--batch 16] [--threads 1]
-        [--weight-scheme min_max|tf_enhanced] [--first-last-bits 8] [--asymmetric-weights]
+        [--weight-scheme min_max|tf_enhanced] [--first-last-bits 8] [--depthwise-bits 8] [--asymmetric-weights]
 
 Flow (aimet-onnx 2.x docs): ``QuantizationSimModel`` (min_max, ``default_config_per_channel.json``: symmetric
 per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib batches, num_iterations)``
@@ -11,7 +11,8 @@ per-channel weights, asymmetric 8-bit activations), ``apply_adaround(sim, calib 
 on the evaluation images. With ``--iterations 0``: the sim without AdaRound (nearest rounding).
 ``--weight-scheme tf_enhanced``: the weight quantizers' ranges by AIMET's SQNR search (AIMET's AdaRound default;
 ours: ``weight_calib: mse``), activations stay min_max. ``--first-last-bits 8``: the first and the last layer's
-weight quantizer at 8 bits (ours: ``weight_bits_overrides: {first: 8, last: 8}``). ``--asymmetric-weights``: the
+weight quantizer at 8 bits (ours: ``weight_bits_overrides: {first: 8, last: 8}``); ``--depthwise-bits 8``: every
+depthwise Conv's (ours: ``depthwise: 8`` there). ``--asymmetric-weights``: the
 same config with ``params: is_symmetric: False`` (ours: ``weight_symmetric: false``). Wall time and
 peak RSS (``ru_maxrss``) of this process are in the line.
 """
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and ORT threads")
     ap.add_argument("--weight-scheme", default="min_max", choices=("min_max", "tf_enhanced"))
     ap.add_argument("--first-last-bits", type=int, default=0, help="the first and last layer's weight bits (0: as all)")
+    ap.add_argument("--depthwise-bits", type=int, default=0, help="every depthwise Conv's weight bits (0: as all)")
     ap.add_argument("--asymmetric-weights", action="store_true", help="param quantizers asymmetric (config file)")
     args = ap.parse_args()
 
@@ -77,6 +79,12 @@ def main() -> int:
     if args.first_last_bits and layers:
         for w in (layers[0], layers[-1]):
             sim.qc_quantize_op_dict[w].set_bitwidth(args.first_last_bits)
+    if args.depthwise_bits:  # group == input channels (weight (C, 1, kh, kw)), as our weight_bits_overrides depthwise
+        inits = {t.name: t for t in model.graph.initializer}
+        for n in model.graph.node:
+            group = next((a.i for a in n.attribute if a.name == "group"), 1)
+            if n.op_type == "Conv" and group > 1 and n.input[1] in layers and inits[n.input[1]].dims[1] == 1:
+                sim.qc_quantize_op_dict[n.input[1]].set_bitwidth(args.depthwise_bits)
     t = time.perf_counter()
     if args.iterations:
         apply_adaround(sim, batches, num_iterations=args.iterations)
@@ -89,6 +97,7 @@ def main() -> int:
     print(json.dumps({"tool": "aimet-onnx " + getattr(aimet_onnx, "__version__", "?"), "top1": correct,
                       "of": len(y), "iterations": args.iterations,
                       "weight_scheme": args.weight_scheme, "first_last_bits": args.first_last_bits,
+                      "depthwise_bits": args.depthwise_bits,
                       "asymmetric_weights": args.asymmetric_weights, "adaround_s": round(adaround_s, 1),
                       "quantize_s": round(quantize_s, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

@@ -19,7 +19,8 @@ aimet-onnx pulls a CUDA torch of ~6 GB, so it is never a project dependency), on
   nearest rounding) on our preprocessed float model with the same iteration budget (``--adaround-iterations``);
   ``aimet-w4-tfe-fl8`` / ``aimet-w4-tfe-fl8-adaround``: the same with AIMET's SQNR weight ranges (tf_enhanced) and
   the first/last layer's weights at 8 bits, beside our ``w4-mse-fl8*`` rows (MSE weight ranges, first/last 8);
-  ``aimet-w4-tfe-fl8-asym[-adaround]``: and asymmetric param quantizers, beside ``w4-mse-fl8-asym*``.
+  ``aimet-w4-tfe-fl8-asym[-adaround]``: and asymmetric param quantizers, beside ``w4-mse-fl8-asym*``;
+  ``aimet-w4-tfe-fl8-dw8[-adaround]``: every depthwise Conv's weights at 8 bits too, beside ``w4-mse-fl8-dw8*``.
 
     python tools/ptq_techniques.py --assets ../shared/assets [--model efficientnet_lite0|resnet8]
         [--rows fp32,per-tensor,...,aimet-cle] [--adaround-iterations N] [--aimet PYTHON|none] [--json FILE]
@@ -109,6 +110,7 @@ ROWS = {
                                           weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, weight_symmetric=False,
                                           adaround=True, adaround_iterations=0, bias_correction=True),
     # and every depthwise Conv at 8 bits (a few weights per channel: where 4 bits hurt most)
+    "w4-mse-fl8-dw8": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8),
     "w4-mse-fl8-dw8+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
                               bias_correction=True),
     "w4-mse-fl8-dw8+adaround+bc": dict(weight_bits=4, weight_calib="mse",
@@ -126,7 +128,12 @@ AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False
                        "aimet-w4-tfe-fl8-asym": (4, False, ["--weight-scheme", "tf_enhanced", "--first-last-bits", "8",
                                                             "--asymmetric-weights"]),
                        "aimet-w4-tfe-fl8-asym-adaround": (4, True, ["--weight-scheme", "tf_enhanced",
-                                                                    "--first-last-bits", "8", "--asymmetric-weights"])}
+                                                                    "--first-last-bits", "8", "--asymmetric-weights"]),
+                       # as the w4-mse-fl8-dw8 rows: every depthwise Conv's weights at 8 bits too
+                       "aimet-w4-tfe-fl8-dw8": (4, False, ["--weight-scheme", "tf_enhanced", "--first-last-bits", "8",
+                                                           "--depthwise-bits", "8"]),
+                       "aimet-w4-tfe-fl8-dw8-adaround": (4, True, ["--weight-scheme", "tf_enhanced",
+                                                                   "--first-last-bits", "8", "--depthwise-bits", "8"])}
 TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}
 DEFAULT_ROWS = ("fp32", "per-tensor", "per-tensor+cle(keep-relu6)+bc", "per-tensor+cle", "per-tensor+cle+bc",
                 "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel", "aimet-cle",
