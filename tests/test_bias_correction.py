@@ -146,3 +146,44 @@ def test_analytical_statistics_follow_cle(tmp_path):
     computed, measured = layers["analytical"]["/pw/Conv"], layers["empirical"]["/pw/Conv"]
     assert computed["mean_shift_before"] == pytest.approx(measured["mean_shift_before"], rel=0.2)
     assert shift["analytical"] < shift[None] / 10, shift
+
+
+@pytest.mark.parametrize("opset", [11, 17])  # ReduceSum's axes: an attribute before opset 13, an input from it
+def test_channel_means_are_summed_inside_the_model(opset, monkeypatch):
+    """Bias correction's per-channel means come from sums the model computes (the run fetches [C] vectors, not
+    every layer's output): they match numpy's over the whole tensors, for 4-D and 2-D outputs and ragged batches."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    import converter.quant.bias_correction as bc
+
+    fetched = []
+
+    def recording(model, tensors, batches, providers):  # what the run hands back, per batch
+        for values in real(model, tensors, batches, providers):
+            fetched.extend(np.shape(values[t]) for t in tensors)
+            yield values
+
+    real = bc.iter_capture
+    monkeypatch.setattr(bc, "iter_capture", recording)
+    rng = np.random.default_rng(0)
+    model = parse(f"""
+    <ir_version: 7, opset_import: ["" : {opset}]>
+    g (float[N,3,6,6] x) => (float[N,7] y) {{
+      c = Conv <pads: ints = [1, 1, 1, 1]> (x, W)
+      r = Relu(c)
+      p = GlobalAveragePool(r)
+      f = Flatten(p)
+      y = Gemm <transB: int = 1> (f, G)
+    }}""", W=rng.normal(size=(5, 3, 3, 3)).astype(np.float32), G=rng.normal(size=(7, 5)).astype(np.float32))
+    data = [{"x": rng.normal(size=(n, 3, 6, 6)).astype(np.float32)} for n in (4, 3)]
+    got = bc._means(model, ["c", "y"], data, ["CPUExecutionProvider"])
+    assert sorted(set(fetched)) == [(), (5,), (7,)], fetched  # channel sums and counts, never a whole tensor
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = [dict(zip(["y", "c"], sess.run(["y", "c"], b))) for b in data]
+    for t in ("c", "y"):
+        values = np.concatenate([np.moveaxis(o[t], 1, 0).reshape(o[t].shape[1], -1) for o in outs], axis=1)
+        np.testing.assert_allclose(got[t], values.astype(np.float64).mean(axis=1), rtol=1e-5, atol=1e-6)
