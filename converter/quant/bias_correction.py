@@ -92,9 +92,10 @@ def corrected_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -
 def _means(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
            providers: list[str]) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) means of ``tensors`` over ``batches``. The model itself sums each tensor per channel
-    and the run fetches only those sums and the element counts: fetching the tensors whole would
-    keep every layer's output of a batch alive at once (EfficientNet-Lite0, 100 outputs of 16 images: 3 GB)."""
-    summed, fetch = _with_channel_sums(model, tensors)
+    and the run fetches only those sums and the element counts: fetching the tensors whole would keep every
+    layer's output of a batch alive at once (EfficientNet-Lite0, 100 outputs of 16 images: 3 GB). ``model`` (a
+    render made for this measurement) gets the summing nodes: no second copy of a large model."""
+    summed, fetch = _add_channel_sums(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for values in iter_capture(summed, [n for pair in fetch.values() for n in pair], batches, providers):
@@ -105,13 +106,11 @@ def _means(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, n
     return {t: sums[t] / counts[t] for t in sums}
 
 
-def _with_channel_sums(model: onnx.ModelProto,
-                       tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """A copy of ``model`` that also computes, per tensor (rank >= 2, channels on axis 1), its sum per channel and
-    its element count; {tensor: (sum, count)}. Reshaped to [N, C, rest], summed over ``rest`` in float32, then over
-    N in float64 (a float64 copy of the whole tensor would double what the run holds)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def _add_channel_sums(out: onnx.ModelProto,
+                      tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """``out`` (changed in place) also computing, per tensor (rank >= 2, channels on axis 1), its sum per channel
+    and its element count; {tensor: (sum, count)}. Reshaped to [N, C, rest], summed over ``rest`` in float32, then
+    over N in float64 (a float64 copy of the whole tensor would double what the run holds)."""
     opset = default_opset(out)
     shape = "bias_correction/shape_n_c_rest"
     out.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1], dtype=np.int64), shape))
