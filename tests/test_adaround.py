@@ -232,11 +232,12 @@ def test_conv_transpose_rows_reproduce_onnx_runtime(attrs, groups, dims):
     samples, multiplied by the weight matrix, give ONNX Runtime's ConvTranspose output at those positions."""
     from onnx import helper
 
+    import torch
+
     from converter.quant.adaround import _Layer, _product, _sample_rows
 
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    c_in, c_out, kernel = 4, 6, (3, 2)[:dims] if dims == 2 else (3,)
+    c_in, c_out, kernel = 4, 6, (3, 2)[:dims]
     w = rng.normal(0, 1, (c_in, c_out // groups, *kernel)).astype(np.float32)
     x = rng.normal(0, 1, (2, c_in, *(5, 4)[:dims])).astype(np.float32)
     node = helper.make_node("ConvTranspose", ["x", "W"], ["y"], name="ct", group=groups, **attrs)

@@ -194,8 +194,10 @@ def _weight_matrix(layer: _Layer, w):
         g, nd = layer.groups, len(w.shape) - 2
         m = w.reshape(g, w.shape[0] // g, *w.shape[1:])
         space = tuple(range(3, 3 + nd))
-        m = np.flip(m, space) if isinstance(m, np.ndarray) else m.flip(space)
-        m = m.transpose(0, 2, 1, *space) if isinstance(m, np.ndarray) else m.permute(0, 2, 1, *space)
+        if isinstance(m, np.ndarray):
+            m = np.flip(m, space).transpose(0, 2, 1, *space)
+        else:  # torch
+            m = m.flip(space).permute(0, 2, 1, *space)
         return m.reshape(g, w.shape[1], -1)
     if op == "Gemm" and attr(layer.node, "transB", 0):
         return w[None]
@@ -256,15 +258,11 @@ def _sample_rows(layer: _Layer, x: np.ndarray, y: np.ndarray, m: int, rng: np.ra
         return xr[pick][:, None, :].astype(np.float32), yr[pick].astype(np.float32)
     if op == "ConvTranspose":
         x, strides, dil, pads = _transposed_as_conv(layer.node, x, kernel)
-        if x.ndim == 3:
-            x, y, kernel = x[:, :, None, :], y[:, :, None, :], (1, *kernel)
-            strides, dil, pads = [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
-    elif x.ndim == 3:  # Conv1d as a 2-D one of height 1
-        x, y, kernel = x[:, :, None, :], y[:, :, None, :], (1, *kernel)
-        strides, dil, pads, _ = _conv_geometry(layer.node, x.shape[:2] + x.shape[3:], kernel[1:])
-        strides, dil, pads = [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
     else:
         strides, dil, pads, _ = _conv_geometry(layer.node, x.shape, kernel)
+    if x.ndim == 3:  # 1-D as 2-D of height 1
+        x, y, kernel = x[:, :, None, :], y[:, :, None, :], (1, *kernel)
+        strides, dil, pads = [1, *strides], [1, *dil], [0, pads[0], 0, pads[1]]
     b, c = x.shape[:2]
     ho, wo = y.shape[2], y.shape[3]
     total = b * ho * wo
