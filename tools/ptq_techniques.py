@@ -99,6 +99,8 @@ ROWS = {
     "w4-mse-fl8-dw8+search+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
                                      adaround=True, adaround_iterations=0, bias_correction=True),
     # asymmetric weights (a zero point per channel: skewed depthwise kernels use every level)
+    "w4-mse-fl8-asym": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                            weight_symmetric=False),
     "w4-mse-fl8-asym+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                weight_symmetric=False, bias_correction=True),
     "w4-mse-fl8-asym+search+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
