@@ -229,6 +229,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
         folded = sum(1 for e in smoothed if e["folded_into"])
         print(f"  SmoothQuant: {_plural(len(smoothed), 'input')} smoothed, {folded} folded into their producer, "
               f"{_plural(len(smoothed) - folded, 'Mul')} inserted (report: smoothquant)")
+    kernels = s.get("ort_cpu_kernels")
+    if kernels:
+        quantized = ", ".join(f"{v} {k}" for k, v in kernels["quantized_kernels"].items()) or "none"
+        floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items()) or "none"
+        print(f"  ONNX Runtime CPU runs: quantized {quantized}; layers in float: {floats} "
+              "(report: summary.ort_cpu_kernels)")
     for key in ("model", "encodings", "report"):
         print(f"  {key:9s} {result.report['outputs'][key]}")
     return 0

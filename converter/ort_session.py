@@ -152,6 +152,22 @@ def check_optimizations(model: onnx.ModelProto | bytes | str, feeds: Mapping[str
     return check
 
 
+# what ONNX Runtime CPU's optimized graph runs on integers / with quantized weights, and the layer ops it runs in float
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
+                             "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits", "QAttention",
+                             "QEmbedLayerNormalization"})
+FLOAT_LAYER_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
+
+
+def kernel_summary(counts: dict[str, int]) -> dict[str, Any]:
+    """``optimized_op_counts`` split into the layer kernels that run quantized (integer or low-bit weights, and
+    every ``QLinear*`` op) and the layer ops that run in float (Conv, Gemm, MatMul and their fused forms)."""
+    integer = {k: v for k, v in sorted(counts.items()) if k in INTEGER_KERNELS or k.startswith("QLinear")}
+    floats = {k: v for k, v in sorted(counts.items()) if k in FLOAT_LAYER_OPS}
+    return {"quantized_kernels": integer, "float_layer_ops": floats,
+            "float_layers": sum(floats.values())}
+
+
 def optimized_op_counts(model: onnx.ModelProto | bytes | str, optimization: str = "all") -> dict[str, int]:
     """Op type -> node count of the graph ONNX Runtime CPU runs after its optimizations (the QDQ fusions:
     ``QLinearConv`` where a Conv runs on integers, ``Conv``/``FusedConv`` where it runs in float), from the

@@ -173,3 +173,30 @@ def test_asymmetric_weights_on_a_zero_point_free_target_is_one_clear_error():
     with pytest.raises(SystemExit) as exc:  # the flag exists; a bad value is argparse's
         main(["quantize", "m.onnx", "--calib", "d", "--weight-symmetric", "no"])
     assert exc.value.code == 2
+
+
+def test_report_says_what_ort_cpu_runs_quantized_and_warns_on_4bit_conv_weights(tmp_path, caplog):
+    """ONNX Runtime CPU has no int4 Conv kernel: the report counts what its optimized graph runs quantized and which
+    layers it runs in float, and 4-bit Conv weights get one warning that names the fix; 8-bit weights and
+    block-wise 4-bit MatMul weights (MatMulNBits) get none."""
+    from .test_block_weights import outlier_matmul, xs
+
+    cases = {"w8": (conv_model(), batches(1), QuantConfig()),
+             "w4": (conv_model(), batches(1), QuantConfig(weight_bits=4)),
+             "w4-first8": (conv_model(), batches(1), QuantConfig(weight_bits=4, weight_bits_overrides={"first": 8})),
+             "w4-blocks": (outlier_matmul(), xs(1), QuantConfig(weight_bits=4, weight_block_size=32)),
+             "w4-tensorrt": (conv_model(), batches(1), QuantConfig(weight_bits=4, target="tensorrt"))}
+    kernels, warned = {}, {}
+    for key, (model, data, config) in cases.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="converter"):
+            r = quantize(model, data, config, output_dir=tmp_path / key, name="m")
+        kernels[key] = r.report["summary"].get("ort_cpu_kernels")
+        warned[key] = [m for m in caplog.messages if "no integer kernel in ONNX Runtime CPU" in m]
+    assert kernels["w8"] == {"quantized_kernels": {"QLinearConv": 1}, "float_layer_ops": {}, "float_layers": 0}
+    assert kernels["w4-first8"] == kernels["w8"]  # the one Conv is the first layer: 8 bits
+    assert kernels["w4"]["quantized_kernels"] == {} and kernels["w4"]["float_layers"] == 1, kernels["w4"]
+    assert kernels["w4-blocks"] == {"quantized_kernels": {"MatMulNBits": 1}, "float_layer_ops": {}, "float_layers": 0}
+    assert kernels["w4-tensorrt"] is None  # not an ORT CPU deployment: not measured there
+    assert len(warned["w4"]) == 1 and "'W'" in warned["w4"][0] and '"op:Conv": 8' in warned["w4"][0], warned
+    assert not warned["w8"] and not warned["w4-first8"] and not warned["w4-blocks"] and not warned["w4-tensorrt"]
