@@ -567,7 +567,7 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) ->
                                                      for n in w["layers"]))]
     if low and kernels["float_layers"]:
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items())
-        log.warning("%d weight(s) below 8 bits (first: %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
+        log.warning("%d weight(s) below 8 bits (e.g. %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
                     "them and runs their layers in float (its optimized graph: %s), so the model is smaller, not "
                     "faster; for speed there keep these layers at 8 bits (weight_bits_overrides, e.g. "
                     "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); 4-bit Conv weights pay "
