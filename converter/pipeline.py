@@ -561,7 +561,12 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) ->
     7.3 ms FP32). None for other targets and for models over the protobuf limit (``data`` None)."""
     if config.target != "ort-cpu" or data is None:
         return None
-    kernels = kernel_summary(optimized_op_counts(data))
+    try:
+        kernels = kernel_summary(optimized_op_counts(data))
+    except Exception as exc:  # noqa: BLE001 - a report detail: an optimizer failure must not lose the model
+        log.warning("could not count what ONNX Runtime CPU's optimized graph runs quantized (%s: %s); the report "
+                    "has no summary.ort_cpu_kernels", type(exc).__name__, exc)
+        return None
     low = [w for w in plan.weight_layers() if w["bits"] < 8 and not (
         w["granularity"].startswith("block") and all(getattr(plan.nodes.get(n), "op_type", "") == "MatMul"
                                                      for n in w["layers"]))]
