@@ -37,16 +37,16 @@ log = logging.getLogger("converter")
 
 _MSE_RATIOS = np.linspace(0.3, 1.0, 71, dtype=np.float32)  # clipping bounds tried, as fractions of max |w|
 # A Conv output channel's error is sum_k e_k x_k over its input window. Its inputs are strongly correlated
-# (neighbouring pixels, and post-Relu/Clip means well above zero), so for inputs of mean mu, spread sigma and
-# correlation rho its expected square is about sigma^2 (1 - rho) ||e||^2 + (rho sigma^2 + mu^2) (sum e)^2: clipping one
-# tail (every clipped error of one sign) costs far more than its squared error says. ``mse`` on a Conv weight then
-# minimises ||e||^2 + COHERENT_ERROR_WEIGHT (sum e)^2 per channel (rho 0.9, mu = sigma: about 19). Not with bias
-# correction, which removes each channel's mean error itself: there the plain MSE is kept. Measured, nearest
-# rounding, top-1 (tools/ptq_techniques.py rows; weight 0 -> 10): EfficientNet-Lite0 /900 W4 first/last 8
-# symmetric 219 -> 316, asymmetric 70 -> 502 (1: 411, 30: 551, 100: 523, 1000: 360); W8 per-tensor 717 -> 743,
-# per-channel 793 -> 788; ResNet-8 /2000 W4 symmetric 1203 -> 1450, asymmetric 596 -> 1415. With the local search +
-# bias correction it would cost EfficientNet 754 -> 742 (ResNet-8 1528 -> 1532). MatMul/Gemm weights (token
-# features, no window) keep the plain MSE: unmeasured there.
+# (neighbouring pixels, and post-Relu/Clip means well above zero): for inputs of mean mu, spread sigma and
+# correlation rho its expected square is about sigma^2 (1 - rho) ||e||^2 + (rho sigma^2 + mu^2) (sum e)^2, so
+# clipping one tail (every clipped error of one sign) costs far more than its squared error says. ``mse`` on a
+# Conv weight then minimises ||e||^2 + COHERENT_ERROR_WEIGHT (sum e)^2 per channel (rho 0.9 and mu = sigma would
+# give 19). Not with bias correction, which removes each channel's mean error itself: there the plain MSE stays.
+# Measured, nearest rounding, top-1 (tools/ptq_techniques.py data; weight 0 -> 10): EfficientNet-Lite0 /900 W4
+# first/last 8 symmetric 219 -> 316, asymmetric 70 -> 503 (weight 1: 411, 3: 417, 30: 551, 100: 523, 1000: 360);
+# W8 per-tensor 717 -> 743, per-channel 793 -> 788; ResNet-8 /2000 W4 symmetric 1203 -> 1423, asymmetric 596 ->
+# 1413. With the local search + bias correction it would cost EfficientNet 754 -> 742 (ResNet-8 1528 -> 1532).
+# MatMul/Gemm weights (token features, no window) keep the plain MSE: unmeasured there.
 COHERENT_ERROR_WEIGHT = 10.0
 COHERENT_OPS = frozenset({"Conv", "ConvTranspose"})
 _MSE_CHUNK = 1 << 22  # weight values per vectorised step of the MSE search (bounds its temporaries)
