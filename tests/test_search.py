@@ -305,3 +305,24 @@ def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
     assert report["search"]["met"] and report["search"]["float_fraction"] == pytest.approx(0.1)
     assert (tmp_path / "out" / "m.qdq.onnx").exists()
     assert main(args + ["--max-float-fraction", "0.1"]) == 0
+
+
+def test_search_runs_and_reports_no_bias_correction_and_encodes_weights_as_without_it(tmp_path, caplog):
+    """The search re-encodes layers trial by trial and does not apply bias correction or AdaRound: it says so once,
+    its report's config says what ran, and weight ranges are chosen as for a run without bias correction (a Conv
+    weight's MSE range counts each channel's coherent error only where no bias correction removes it)."""
+    from .test_int4_weights import smooth_conv_model, smooth_inputs
+
+    model = smooth_conv_model()
+    evaluate = BuiltinEvaluator("cosine", model, smooth_inputs(2))
+    tensors = {}
+    for bc in (False, True):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="converter"):
+            res = auto_quantize(model, smooth_inputs(1), evaluate, AccuracyTarget(min_value=0.5),
+                                QuantConfig(weight_bits=4, weight_calib="mse", bias_correction=bc),
+                                output_dir=tmp_path / str(bc), latency=False)
+        assert res.report["config"]["bias_correction"] is False
+        assert any("bias_correction is not applied by the accuracy-target search" in m for m in caplog.messages) == bc
+        tensors[bc] = res.report["tensors"]["W"]
+    assert tensors[True] == tensors[False]

@@ -288,6 +288,9 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             log.warning("%s is not applied by the accuracy-target search (its layers are re-encoded trial by trial%s); "
                         "quantize without --target-metric/--evaluator to use it", key,
                         ", and a layer it keeps in float must keep its float weights" if key == "adaround" else "")
+    # what the search runs, and so what its report says; weight ranges choose by it too (quant.encode: without bias
+    # correction a Conv weight's MSE range counts each channel's coherent error)
+    config = config.replace(bias_correction=False, adaround=False)
     config, calib_data, changed = transform(prepared, calib_data, config, calib_spec, max(64, sensitivity_samples))
     full, subs = plan_model(prepared, config)
     calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
