@@ -32,6 +32,7 @@ import onnx
 import onnxruntime as ort
 
 from .graph.model_io import external_copy, small_bytes
+from .graph.validate import QUANTIZED_OPS
 
 log = logging.getLogger("converter")
 
@@ -153,9 +154,10 @@ def check_optimizations(model: onnx.ModelProto | bytes | str, feeds: Mapping[str
 
 
 # what ONNX Runtime CPU's optimized graph runs on integers / with quantized weights, and the layer ops it runs in float
-INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "MatMulIntegerToFloat",
-                             "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits", "QAttention",
-                             "QEmbedLayerNormalization"})
+# (graph.validate's QUANTIZED_OPS, the quantized ops an input model must not have, less the Q/DQ ops themselves,
+# plus the fused forms only ORT's optimizer makes)
+INTEGER_KERNELS = (QUANTIZED_OPS - {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}) | {
+    "MatMulNBits", "QAttention", "QEmbedLayerNormalization"}
 FLOAT_LAYER_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
 
 

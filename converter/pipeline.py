@@ -36,7 +36,7 @@ from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
 from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
-from .quant.plan import ACTIVATION, BIAS, QuantPlan, build_plan
+from .quant.plan import ACTIVATION, BIAS, WEIGHT, QuantPlan, build_plan
 from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
@@ -567,16 +567,15 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) ->
         log.warning("could not count what ONNX Runtime CPU's optimized graph runs quantized (%s: %s); the report "
                     "has no summary.ort_cpu_kernels", type(exc).__name__, exc)
         return None
-    low = [w for w in plan.weight_layers() if w["bits"] < 8 and not (
-        w["granularity"].startswith("block") and all(getattr(plan.nodes.get(n), "op_type", "") == "MatMul"
-                                                     for n in w["layers"]))]
+    low = [t.name for t in plan.by_role(WEIGHT)
+           if t.bitwidth < 8 and not (t.block_size and plan.layer_ops(t) == {"MatMul"})]  # MatMulNBits takes those
     if low and kernels["float_layers"]:
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items())
         log.warning("%d weight(s) below 8 bits (e.g. %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
                     "them and runs their layers in float (its optimized graph: %s), so the model is smaller, not "
                     "faster; for speed there keep these layers at 8 bits (weight_bits_overrides, e.g. "
                     "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); 4-bit Conv weights pay "
-                    "off on a runtime with int4 kernels", len(low), low[0]["weight"], floats)
+                    "off on a runtime with int4 kernels", len(low), low[0], floats)
     return kernels
 
 

@@ -95,10 +95,10 @@ def _means(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, n
     and the run fetches only those sums and the element counts: fetching the tensors whole would keep every
     layer's output of a batch alive at once (EfficientNet-Lite0, 100 outputs of 16 images: 3 GB). ``model`` (a
     render made for this measurement) gets the summing nodes: no second copy of a large model."""
-    summed, fetch = _add_channel_sums(model, tensors)
+    fetch = _add_channel_sums(model, tensors)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for values in iter_capture(summed, [n for pair in fetch.values() for n in pair], batches, providers):
+    for values in iter_capture(model, [n for pair in fetch.values() for n in pair], batches, providers):
         for t, (total, size) in fetch.items():
             v = np.asarray(values[total], dtype=np.float64)
             sums[t] = sums.get(t, 0.0) + v
@@ -106,9 +106,8 @@ def _means(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, n
     return {t: sums[t] / counts[t] for t in sums}
 
 
-def _add_channel_sums(out: onnx.ModelProto,
-                      tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """``out`` (changed in place) also computing, per tensor (rank >= 2, channels on axis 1), its sum per channel
+def _add_channel_sums(out: onnx.ModelProto, tensors: list[str]) -> dict[str, tuple[str, str]]:
+    """Makes ``out`` (in place) also compute, per tensor (rank >= 2, channels on axis 1), its sum per channel
     and its element count; {tensor: (sum, count)}. Reshaped to [N, C, rest], summed over ``rest`` in float32, then
     over N in float64 (a float64 copy of the whole tensor would double what the run holds)."""
     opset = default_opset(out)
@@ -133,7 +132,7 @@ def _add_channel_sums(out: onnx.ModelProto,
             reduce_sum(f"{base}/n_c_double", base, 0),
             helper.make_node("Size", [t], [f"{base}/size"])])
         fetch[t] = (base, f"{base}/size")
-    return out, fetch
+    return fetch
 
 
 def _with_float_twins(qdq: onnx.ModelProto, layers: list[onnx.NodeProto], weights: dict[str, np.ndarray],

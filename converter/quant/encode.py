@@ -228,7 +228,8 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
     for t in plan.by_role(WEIGHT):
         if t.name in plan.frozen_weights and t.name in plan.encodings:
             continue
-        conv = bool(t.layers) and all(getattr(plan.nodes.get(n), "op_type", "") in COHERENT_OPS for n in t.layers)
+        ops = plan.layer_ops(t)
+        conv = bool(ops) and ops <= COHERENT_OPS
         plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method,
                                                  t.block_size, t.block_axis, t.symmetric,
                                                  COHERENT_ERROR_WEIGHT if conv and not centered else 0.0)

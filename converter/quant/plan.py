@@ -114,6 +114,10 @@ class QuantPlan:
             groups.setdefault(t.group, []).append(t.name)
         return groups
 
+    def layer_ops(self, t: TensorQuant) -> set[str]:
+        """The op types of the layers reading weight ``t`` (empty when none is known to the plan)."""
+        return {self.nodes[n].op_type for n in t.layers if n in self.nodes}
+
     def weight_layers(self) -> list[dict[str, Any]]:
         """Per weight, in graph order: the layers reading it, bits and granularity (per-tensor, per-channel,
         block-<size>), for the report."""
