@@ -39,13 +39,14 @@ import numpy as np
 import onnx
 
 from .index import GraphIndex, attr, bodies, graph_attrs
+from .math_blocks import ELEMENTWISE_KINDS, MathMatch, match_at, seeds_after
 
 # Single-node activations. Their kind is their op type; composites below have their own kind.
 ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh",
                             "Elu", "Selu", "Softplus", "Gelu"})
 ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # Kinds of activation units (blocks of these kinds can also be fused into the op before them)
-ACTIVATION_KINDS = ACTIVATION_OPS | {"SiLU", "GELU", "HardSwish", "residual_add"}
+ACTIVATION_KINDS = ACTIVATION_OPS | ELEMENTWISE_KINDS | {"residual_add"}
 
 
 @dataclass(frozen=True)
@@ -134,79 +135,20 @@ def _users(idx: GraphIndex, tensor: str) -> list[onnx.NodeProto]:
 
 # --- activation units --------------------------------------------------------------------------------
 
-def _silu_like(gate_op: str, kind: str):
-    def match(idx: GraphIndex, x: str) -> Match | None:
-        users = _users(idx, x)
-        gate = next((u for u in users if u.op_type == gate_op and u.input[0] == x), None)
-        if gate is None:
-            return None
-        mul = _only_user(idx, gate.output[0], "Mul")
-        if mul is None or sorted(mul.input) != sorted([x, gate.output[0]]):
-            return None
-        b = _Builder(idx)
-        b.add(gate, mul)
-        return b.build(kind, (x,), mul.output[0])
-    return match
+def _math_activation(idx: GraphIndex, x: str) -> Match | None:
+    """A composite activation reading ``x`` (GELU, SiLU/Swish, HardSwish, Mish), recognised by its math
+    (:mod:`.math_blocks`): whatever ops an exporter spelled it with."""
+    for seed in seeds_after(idx, x):
+        mm = match_at(idx, seed, ELEMENTWISE_KINDS, x=x)
+        if mm is not None:
+            return _from_math(idx, mm)
+    return None
 
 
-def _hardswish_clip(idx: GraphIndex, x: str) -> Match | None:
-    """x * Clip(x + 3, 0, 6) / 6 (Paddle's hard_swish), with the division before or after the Mul."""
-    add = next((u for u in _users(idx, x) if _const_operand(idx, u, x, "Add", 3.0)), None)
-    clip = _only_user(idx, add.output[0], "Clip") if add is not None else None
-    if clip is None or _clip_range(idx, clip) != (0.0, 6.0):
-        return None
+def _from_math(idx: GraphIndex, mm: MathMatch) -> Match | None:
     b = _Builder(idx)
-    b.add(add, clip)
-    nxt = idx.single_consumer(clip.output[0])
-    if nxt is not None and _const_operand(idx, nxt, clip.output[0], "Div", 6.0):
-        b.add(nxt)
-        mul = _only_user(idx, nxt.output[0], "Mul")
-        if mul is None or sorted(mul.input) != sorted([x, nxt.output[0]]):
-            return None
-        b.add(mul)
-        return b.build("HardSwish", (x,), mul.output[0])
-    if nxt is None or nxt.op_type != "Mul" or sorted(nxt.input) != sorted([x, clip.output[0]]):
-        return None
-    div = _only_user(idx, nxt.output[0], "Div")
-    if div is None or not _const_operand(idx, div, nxt.output[0], "Div", 6.0):
-        return None
-    b.add(nxt, div)
-    return b.build("HardSwish", (x,), div.output[0])
-
-
-def _clip_range(idx: GraphIndex, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
-    if len(clip.input) > 1:  # opset >= 11: min/max inputs
-        lo = _scalar(idx, clip.input[1]) if len(clip.input) > 1 and clip.input[1] else None
-        hi = _scalar(idx, clip.input[2]) if len(clip.input) > 2 and clip.input[2] else None
-        return lo, hi
-    return attr(clip, "min"), attr(clip, "max")
-
-
-def _gelu_erf(idx: GraphIndex, x: str) -> Match | None:
-    users = _users(idx, x)
-    scale = next((u for u in users if (_const_operand(idx, u, x, "Div", 2 ** 0.5)
-                                       or _const_operand(idx, u, x, "Mul", 2 ** -0.5))), None)
-    erf = _only_user(idx, scale.output[0], "Erf") if scale is not None else None
-    add = _only_user(idx, erf.output[0], "Add") if erf is not None else None
-    if add is None or not _const_operand(idx, add, erf.output[0], "Add", 1.0):
-        return None
-    b = _Builder(idx)
-    b.add(scale, erf, add)
-    mul = _only_user(idx, add.output[0], "Mul")
-    if mul is None:
-        return None
-    other = _other(mul, add.output[0])
-    if other == x:  # (x * (1 + erf)) * 0.5
-        half = _only_user(idx, mul.output[0], "Mul")
-        if half is None or not _const_operand(idx, half, mul.output[0], "Mul", 0.5):
-            return None
-        b.add(mul, half)
-        return b.build("GELU", (x,), half.output[0])
-    pre = idx.producer.get(other or "")
-    if pre is None or not _const_operand(idx, pre, x, "Mul", 0.5):  # (x * 0.5) * (1 + erf)
-        return None
-    b.add(pre, mul)
-    return b.build("GELU", (x,), mul.output[0])
+    b.add(*mm.nodes)
+    return b.build(mm.kind, (mm.input,), mm.output)
 
 
 def _single_op(idx: GraphIndex, x: str) -> Match | None:
@@ -217,9 +159,7 @@ def _single_op(idx: GraphIndex, x: str) -> Match | None:
 
 
 # Composite forms first: a Sigmoid that is half of a SiLU is not a plain Sigmoid.
-ACTIVATION_MATCHERS: tuple[Callable[[GraphIndex, str], Match | None], ...] = (
-    _gelu_erf, _silu_like("Sigmoid", "SiLU"), _silu_like("HardSigmoid", "HardSwish"), _hardswish_clip, _single_op,
-)
+ACTIVATION_MATCHERS: tuple[Callable[[GraphIndex, str], Match | None], ...] = (_math_activation, _single_op)
 
 
 def activation_at(idx: GraphIndex, x: str) -> Match | None:
@@ -236,41 +176,31 @@ def activation_at(idx: GraphIndex, x: str) -> Match | None:
 def _layernorm(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
     if root.op_type == "LayerNormalization":
         return Match("LayerNorm", (root.name,), (root.input[0],), root.output[0])
-    if root.op_type != "ReduceMean":
-        return None
-    x = root.input[0]
-    sub = _only_user(idx, root.output[0], "Sub")
-    if sub is None or list(sub.input) != [x, root.output[0]]:
-        return None
-    d = sub.output[0]
-    users = _users(idx, d)
-    square = next((u for u in users if _const_operand(idx, u, d, "Pow", 2.0) or
-                   (u.op_type == "Mul" and list(u.input) == [d, d])), None)
-    if square is None or len(users) != 2:
-        return None
-    var = _only_user(idx, square.output[0], "ReduceMean")
-    eps = _only_user(idx, var.output[0], "Add") if var is not None else None
-    if eps is None or not _const_operand(idx, eps, var.output[0], "Add"):
-        return None
-    sqrt = _only_user(idx, eps.output[0], "Sqrt")
-    if sqrt is None:
-        return None
-    b = _Builder(idx)
-    b.add(root, sub, square, var, eps, sqrt)
-    norm = _only_user(idx, sqrt.output[0], ("Div", "Reciprocal"))
-    if norm is not None and norm.op_type == "Reciprocal":
-        b.add(norm)
-        norm = _only_user(idx, norm.output[0], "Mul")
-    if norm is None or d not in norm.input or next(u for u in users if u is not square) is not norm:
-        return None
-    b.add(norm)
-    out = norm.output[0]
-    for op in ("Mul", "Add"):  # gamma, beta
-        nxt = idx.single_consumer(out)
-        if nxt is not None and _const_operand(idx, nxt, out, op):
-            b.add(nxt)
-            out = nxt.output[0]
-    return b.build("LayerNorm", (x,), out)
+    return None
+
+
+def _math_block(kinds: frozenset[str]):
+    """Blocks rooted at a seed node (a reduction, Exp, Erf, Sigmoid...) and recognised by their math."""
+    def match(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
+        mm = match_at(idx, root, kinds)
+        return None if mm is None else _from_math(idx, mm)
+    match.__name__ = f"_math_block({'/'.join(sorted(kinds))})"
+    return match
+
+
+def _norm_at(idx: GraphIndex, x: str) -> Match | None:
+    """The LayerNorm (one node or decomposed) whose input is ``x``."""
+    for u in _users(idx, x):
+        if u.op_type == "LayerNormalization" and u.input[0] == x:
+            return _layernorm(idx, u)
+    for seed in seeds_after(idx, x, depth=2):
+        mm = match_at(idx, seed, frozenset({"LayerNorm"}), x=x)
+        if mm is not None:
+            return _from_math(idx, mm)
+    return None
+
+
+NORM_KINDS = frozenset({"LayerNorm", "RMSNorm", "L2Norm", "DecomposedSoftmax"})
 
 
 _RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -321,14 +251,7 @@ def _softmax(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
     return Match("Softmax", (root.name,), (root.input[0],), root.output[0])
 
 
-def _activation_block(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
-    """Composite activations standing alone (SiLU, GELU, HardSwish), rooted at their input's producer."""
-    for out in root.output:
-        for matcher in ACTIVATION_MATCHERS[:-1]:
-            m = matcher(idx, out)
-            if m is not None:
-                return m
-    return None
+_activation_block = _math_block(ELEMENTWISE_KINDS)  # composite activations standing alone (not fused into a group)
 
 
 def _residual_add(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
@@ -347,8 +270,7 @@ def _skip_layernorm(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
                                                             for t in root.input):
         return None
     x = root.output[0]
-    starts = [u for u in _users(idx, x) if u.op_type in ("ReduceMean", "LayerNormalization")]
-    ln = _layernorm(idx, starts[0]) if len(starts) == 1 else None
+    ln = _norm_at(idx, x)
     if ln is None or ln.inputs != (x,) or not all(u.name in ln.nodes for u in _users(idx, x)):
         return None
     b = _Builder(idx, [root] + [n for n in idx.graph.node if n.name in ln.nodes])
@@ -361,8 +283,9 @@ def _skip_layernorm(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
 BLOCK_MATCHERS: tuple[tuple[frozenset[str], Callable[[GraphIndex, onnx.NodeProto], Match | None]], ...] = (
     (frozenset({"SkipLayerNorm"}), _skip_layernorm),
     (frozenset({"LayerNorm"}), _layernorm),
+    (NORM_KINDS, _math_block(NORM_KINDS)),
     (frozenset({"attention"}), _attention),
-    (frozenset({"SiLU", "GELU", "HardSwish"}), _activation_block),
+    (ELEMENTWISE_KINDS, _activation_block),
     (frozenset({"Softmax"}), _softmax),
     (frozenset({"residual_add"}), _residual_add),
 )
@@ -381,6 +304,8 @@ def find_blocks(idx: GraphIndex, blocked: set[str] = frozenset(), compound: set[
         if kinds & COMPOUND_KINDS and not kinds & set(compound):
             continue
         for node in roots:
+            if node.name in claimed:  # every matcher's root is a member (attention's MatMul is never claimed)
+                continue
             m = matcher(idx, node)
             if m is not None and not (set(m.nodes) & claimed):
                 claimed.update(m.nodes)
