@@ -46,6 +46,8 @@ class PatternPolicy:
 
 _ONE_UNIT = PatternPolicy(qdq_inside=False)
 _EVERY_INPUT = PatternPolicy(qdq_inside=False, inputs="all")
+# one unit whose input is quantized where a Conv/Gemm/MatMul group makes it (so that op still runs on integers)
+_AFTER_ANCHOR = PatternPolicy(qdq_inside=False, inputs="after-anchor")
 
 # Op types ONNX Runtime runs on integers (QLinear*/QGemm/MatMulIntegerToFloat) or moves as integers;
 # anything else runs in float between a DQ and a Q, so quantizing it only costs accuracy.
@@ -75,6 +77,9 @@ class TargetPreset:
     # DequantizeLinear -> MatMul into MatMulNBits (which quantizes its input per block itself) only when the MatMul's
     # other input is not dequantized and no QuantizeLinear follows it
     block_weight_only_ops: frozenset[str] = frozenset()
+    # element-wise tails after the last compute layer on the way to a graph output run in float (plan.float_tail):
+    # the target has no integer kernel that would read their Q/DQ, so quantizing them costs accuracy, buys nothing
+    float_tail: bool = False
 
 
 TARGETS: dict[str, TargetPreset] = {
@@ -89,10 +94,15 @@ TARGETS: dict[str, TargetPreset] = {
         quantize_outputs=True,
         fusable_activations=frozenset({"Relu", "Clip"}),  # ORT drops Relu/Clip before a Q (Relu/ClipQuantFusion)
         op_types=_ORT_CPU_OPS,
-        # HardSwish: its input is quantized so the Conv before it still becomes a QLinearConv
+        # every block recognised by its math is one unit (ORT fuses LayerNorm/GELU/SkipLayerNorm at load time; the
+        # others run as float ops between one DQ and one Q: an 8-bit tensor inside x*sigmoid(x) or a normalisation
+        # only costs accuracy). Activations and norms after a Conv/Gemm/MatMul keep a Q on their input so that op
+        # still becomes a QLinearConv/QGemm
         patterns={"LayerNorm": _ONE_UNIT, "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "attention": _ONE_UNIT,
-                  "HardSwish": PatternPolicy(qdq_inside=False, inputs="after-anchor")},
+                  "HardSwish": _AFTER_ANCHOR, "SiLU": _AFTER_ANCHOR, "Mish": _AFTER_ANCHOR,
+                  "RMSNorm": _AFTER_ANCHOR, "L2Norm": _AFTER_ANCHOR, "DecomposedSoftmax": _AFTER_ANCHOR},
         block_weight_only_ops=frozenset({"MatMul"}),
+        float_tail=True,
     ),
     "tensorrt": TargetPreset(
         name="tensorrt",
@@ -104,13 +114,16 @@ TARGETS: dict[str, TargetPreset] = {
         quantize_outputs=False,
         fusable_activations=frozenset(
             {"Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "PRelu", "SiLU", "GELU",
-             "Elu", "Selu", "Softplus"}
+             "Elu", "Selu", "Softplus", "Mish"}
         ),
         op_types=frozenset(
             {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "AveragePool", "GlobalAveragePool", "MaxPool"}
         ),
+        # TensorRT's Myelin fuses normalisations and pointwise chains whole (its Q/DQ placement guide: quantize
+        # the inputs of the compute ops only)
         patterns={"residual_add": PatternPolicy(join_anchor=True), "LayerNorm": _ONE_UNIT,
                   "SkipLayerNorm": _ONE_UNIT, "GELU": _ONE_UNIT, "SiLU": _ONE_UNIT, "HardSwish": _ONE_UNIT,
+                  "Mish": _ONE_UNIT, "RMSNorm": _ONE_UNIT, "L2Norm": _ONE_UNIT, "DecomposedSoftmax": _ONE_UNIT,
                   "attention": _ONE_UNIT},
     ),
     "qnn": TargetPreset(
@@ -124,7 +137,10 @@ TARGETS: dict[str, TargetPreset] = {
         fusable_activations=frozenset({"Relu", "Clip", "PRelu"}),
         # attention scores (+ the additive mask, often float32's lowest value: quantizing it leaves the scores
         # no resolution) stay whole: QNN runs masked softmax in higher precision
-        patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT, "attention": _ONE_UNIT},
+        # QNN has LayerNorm, RmsNorm, L2Norm, Gelu, HardSwish and Softmax ops: their decomposed forms map to one op
+        # that reads quantized inputs; SiLU and Mish stay op by op (QNN runs Sigmoid/Tanh/Mul on integers)
+        patterns={"LayerNorm": _EVERY_INPUT, "GELU": _EVERY_INPUT, "RMSNorm": _EVERY_INPUT, "L2Norm": _EVERY_INPUT,
+                  "DecomposedSoftmax": _EVERY_INPUT, "attention": _ONE_UNIT},
         # aimet_onnx op_types_to_tie_qtzrs (converter/quant/aimet_rules.py TIED_OP_TYPES); Concat and Resize are
         # data movement and tied anyway; a Relu's input has no encoding of its own here (fused into the op before
         # it; where AIMET's supergroups do not fuse, the file gives the input the Relu's encoding: its tie)

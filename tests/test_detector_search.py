@@ -70,7 +70,35 @@ def test_detector_float_model_is_a_detector(detector):
     assert len(np.unique(ref[..., 4:])) > 1000
 
 
-def test_search_meets_target_int8_with_split_concat(detector, tmp_path):
+@pytest.fixture()
+def quantized_tail(monkeypatch):
+    """ort-cpu with its float-tail rule off: the head's Sigmoid and Concat quantized (the mechanism a target that
+    quantizes its tail relies on, and what ort-cpu did before the rule)."""
+    import dataclasses
+
+    from converter.config import TARGETS
+    monkeypatch.setitem(TARGETS, "ort-cpu", dataclasses.replace(TARGETS["ort-cpu"], float_tail=False))
+
+
+def test_default_leaves_the_head_in_float_and_every_conv_int8(detector, tmp_path):
+    """ort-cpu's float-tail rule: the Sigmoid/Concat after the last Convs run in float (no integer kernel reads
+    them), every Conv stays a QLinearConv, and the scores keep float resolution without any split."""
+    report, out, model_path = _search(detector, tmp_path, QuantConfig())
+    s = report["search"]
+    res = detector["mod"].score_resolution(out, detector["evaluate"].reference)
+    n_float, n_compute = _float_compute_ops(model_path)
+    tail = report["plan"]["float_tail"]
+    print(f"\nfloat tail: met {s['met']} final {s['final_metric']:.4f} float {n_float}/{n_compute} compute layers, "
+          f"evaluations {s['full_evaluations']}, {res}, tail {[t['op_type'] for t in tail]}")
+    assert s["met"] and n_compute == 11 and n_float == 0
+    assert {"Sigmoid", "Concat"} <= {t["op_type"] for t in tail}
+    assert not report["summary"].get("split_scale_groups")  # nothing left to split: the Concat is float
+    # measured: 187 distinct scores, max error 0.068, mean 0.006 (split Concat, tail quantized: 61, 0.069, 0.006)
+    assert res["distinct_scores"] > 100
+    assert res["max_abs_err"] < 0.1 and res["mean_abs_err"] < 0.02
+
+
+def test_search_meets_target_int8_with_split_concat(detector, tmp_path, quantized_tail):
     report, out, model_path = _search(detector, tmp_path, QuantConfig())
     s = report["search"]
     ref = detector["evaluate"].reference
@@ -95,7 +123,7 @@ def test_search_meets_target_int8_with_split_concat(detector, tmp_path):
     assert res["mean_abs_err"] < 0.02
 
 
-def test_no_split_collapses_class_scores(detector, tmp_path):
+def test_no_split_collapses_class_scores(detector, tmp_path, quantized_tail):
     report, out, _ = _search(detector, tmp_path, QuantConfig(max_shared_scale_loss_bits=None))
     s = report["search"]
     res = detector["mod"].score_resolution(out, detector["evaluate"].reference)

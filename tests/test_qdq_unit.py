@@ -173,15 +173,17 @@ def test_constant_node_weights_are_quantized(tmp_path, rng):
 def test_concat_inputs_share_one_encoding(tmp_path, rng):
     model = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
-    cc (float[N,2,4,4] x) => (float[N,6,4,4] y) {
+    cc (float[N,2,4,4] x) => (float[N,2,4,4] y) {
       a = Conv(x, Wa)
       b = Conv(x, Wb)
-      y = Concat <axis=1> (a, b)
+      c = Concat <axis=1> (a, b)
+      y = Conv(c, Wc)
     }""", Wa=rng.normal(0, 0.1, (3, 2, 1, 1)).astype(np.float32),
-        Wb=rng.normal(0, 0.2, (3, 2, 1, 1)).astype(np.float32))  # ranges alike (test_scale_groups.py: unalike)
+        Wb=rng.normal(0, 0.2, (3, 2, 1, 1)).astype(np.float32),  # ranges alike (test_scale_groups.py: unalike)
+        Wc=rng.normal(0, 0.3, (2, 6, 1, 1)).astype(np.float32))  # a Conv reads the Concat (else: a float tail)
     res = quantize(model, calib(rng, (1, 2, 4, 4)), QuantConfig(), output_dir=tmp_path)
     enc = res.plan.encodings
-    assert enc["a"] == enc["b"] == enc["y"] and res.plan.split_groups == []
+    assert enc["a"] == enc["b"] == enc["c"] and res.plan.split_groups == []
     # the shared range covers the wider branch
     x = rng.normal(0, 1, (4, 2, 4, 4)).astype(np.float32)
     assert cosine(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 0.99

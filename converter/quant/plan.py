@@ -85,7 +85,7 @@ class TensorQuant:
 @dataclass
 class NodeStatus:
     op_type: str
-    status: str  # quantized | fused | float-excluded | float-no-rule | float-op-type | not-float
+    status: str  # quantized | fused | float-excluded | float-no-rule | float-op-type | float-tail | not-float
     group: str | None = None  # anchor of the fused group (or first node of the block) it belongs to
     pattern: str | None = None  # kind of the block or group follower (LayerNorm, GELU, residual_add, Relu...)
 
@@ -101,6 +101,8 @@ class QuantPlan:
     subgraphs: list[dict[str, Any]] = field(default_factory=list)  # bodies planned (converter.quant.control_flow)
     split_groups: list[dict[str, Any]] = field(default_factory=list)  # scale groups split for their ranges
     mixed_operands: list[dict[str, Any]] = field(default_factory=list)  # Add/Mul operands of very different range
+    # nodes the float-tail rule left in float (preset.float_tail): node, op_type, reason
+    float_tail: list[dict[str, Any]] = field(default_factory=list)
     # weights whose encoding a pass fixed (AdaRound rounded their values onto its grid): compute_encodings keeps
     # plan.encodings for them instead of deriving it from the values again
     frozen_weights: set[str] = field(default_factory=set)
@@ -147,6 +149,7 @@ class QuantPlan:
             "subgraphs": self.subgraphs,
             "split_groups": self.split_groups,
             "mixed_operands": self.mixed_operands,
+            "float_tail": self.float_tail,
             "tensors": {n: t.to_dict() for n, t in self.tensors.items()},
         }
 
@@ -239,7 +242,11 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     apply_groups(anchors=True)
     apply_blocks([m for m in blocks if m.kind in ACTIVATION_KINDS])
     apply_groups(anchors=False)
-    is_quantized = {n.name for n in quantized if n.name not in taken}
+    tail_inputs: set[str] = set()
+    if preset.float_tail:
+        tail_inputs = float_tail(idx, plan)
+        unit_blocks = [m for m in unit_blocks if plan.nodes[m.nodes[0]].status != "float-tail"]
+    is_quantized = {n.name for n in quantized if n.name not in taken and plan.nodes[n.name].status == "quantized"}
 
     # 4. tensor roles
     act_bits, act_signed, act_sym = config.activation_bits, preset.activation_signed, preset.activation_symmetric
@@ -300,6 +307,10 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         for t in group_inputs.get(node.name, ()):
             want_activation(t)
         want_output(group_output.get(node.name, node.output[0]))
+    for t in tail_inputs:  # the last compute layers keep their output Q: ORT fuses DQ -> Conv -> Q only
+        p = idx.producer[t]
+        if (plan.nodes[p.name].group or p.name) not in weight_only:
+            want_activation(t)
     for m in unit_blocks:
         which = preset.patterns[m.kind].inputs
         for t in m.inputs:
@@ -349,6 +360,53 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     for t in plan.by_role(ACTIVATION):
         t.group = first[t.group]
     return plan
+
+
+TAIL_REASON = ("after the last compute layer on the way to a graph output: no integer kernel reads its Q/DQ "
+               "(quantizing it costs accuracy, buys no speed)")
+
+
+def float_tail(idx: GraphIndex, plan: QuantPlan) -> set[str]:
+    """The float-tail rule (``TargetPreset.float_tail``): quantized nodes that come after a quantized compute
+    layer (Conv/ConvTranspose/Gemm/MatMul, the rule table's anchors) and reach a graph output without passing
+    another one -- a detector's decode, DFL Softmax, score Sigmoids and Concats, an embedding's normalisation --
+    run in float: status ``float-tail``, listed in ``plan.float_tail`` with the reason. A fused group headed by a
+    compute layer stays whole, and its output keeps its Q (ONNX Runtime fuses ``DQ -> Conv -> Q`` into a
+    QLinearConv only when the Conv's output is quantized): those tensors are returned."""
+    def is_anchor(name: str) -> bool:
+        st = plan.nodes.get(name)
+        rule = RULES.get(st.op_type) if st is not None else None
+        return rule is not None and rule.anchor and st.status == "quantized"
+
+    def head(name: str) -> str:
+        st = plan.nodes[name]
+        return st.group if st.status == "fused" and st.group else name
+
+    nodes = list(idx.graph.node)
+    after: set[str] = set()  # nodes with a quantized compute layer before them
+    made_after: set[str] = set()
+    for n in nodes:
+        if any(t in made_after for t in n.input):
+            after.add(n.name)
+        if n.name in after or is_anchor(n.name):
+            made_after.update(o for o in n.output if o)
+    before: set[str] = set()  # nodes with a quantized compute layer after them
+    for n in reversed(nodes):
+        if any(is_anchor(u.name) or u.name in before for t in n.output if t for u in idx.uses(t)):
+            before.add(n.name)
+    tail = [n for n in nodes if n.name in after and n.name not in before
+            and plan.nodes[n.name].status in ("quantized", "fused") and not is_anchor(head(n.name))]
+    inputs: set[str] = set()
+    for n in tail:
+        st = plan.nodes[n.name]
+        plan.nodes[n.name] = NodeStatus(st.op_type, "float-tail", st.group, st.pattern)
+        plan.float_tail.append({"node": n.name, "op_type": n.op_type, **({"pattern": st.pattern} if st.pattern else {}),
+                                "reason": TAIL_REASON})
+        for t in n.input:
+            p = idx.producer.get(t)
+            if p is not None and is_anchor(head(p.name)) and idx.is_float(t):
+                inputs.add(t)
+    return inputs
 
 
 def weight_layer_bits(nodes: list[onnx.NodeProto], default: int, overrides: dict[str, int],
