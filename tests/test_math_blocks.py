@@ -1,0 +1,330 @@
+"""Blocks recognised by their math, in the forms real exporters write them (converter/graph/math_blocks.py).
+
+Each form sits between two MatMuls (``h = MatMul(x, W1)`` -> block -> ``z`` -> ``y = MatMul(z, W2)``), so it is
+neither a head nor a tail. The forms follow what the exporters emit: TorchScript (opset <= 16: axes attributes,
+``Pow(d, 2)``, ``Div``), torch.export/dynamo (opset 18: axes inputs, constants as the first operand, ``Sqrt`` +
+``Reciprocal`` for rsqrt), tf2onnx from Keras (``moments`` + ``batch_normalization``: ``x * r + (beta - mean * r)``
+with ``r = rsqrt(var + eps) * gamma``), tf2onnx from jax2tf (flax: ``ReduceSum * 1/N``, ``E[x^2] - E[x]^2``,
+``Max(var, 0)``, ``x * x * x`` for ``x**3``), paddle2onnx (``[1]``-shaped constants, ``Mul(x, 1/sqrt 2)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from converter import QuantConfig, quantize
+from converter.config import TARGETS
+from converter.graph.index import GraphIndex
+from converter.graph.passes import name_nodes
+from converter.graph.patterns import find_blocks
+
+from .conftest import parse as parse_unnamed
+from .conftest import run
+
+F32 = np.float32
+D = 16  # features (the normalised axis)
+C = {  # constants the forms read, by name
+    "eps": np.array(1e-5, F32), "eps1": np.array([1e-5], F32), "zero": np.array(0.0, F32),
+    "two": np.array(2.0, F32), "two1": np.array([2.0], F32), "three": np.array(3.0, F32),
+    "six": np.array(6.0, F32), "one": np.array(1.0, F32), "one1": np.array([1.0], F32), "half": np.array(0.5, F32),
+    "half1": np.array([0.5], F32), "inv_n": np.array(1.0 / D, F32), "n": np.array(float(D), F32),
+    "sqrt2": np.array(math.sqrt(2.0), F32), "rsqrt2": np.array(1 / math.sqrt(2.0), F32),
+    "rsqrt2_1": np.array([1 / math.sqrt(2.0)], F32), "c0": np.array(math.sqrt(2 / math.pi), F32),
+    "c1": np.array(0.044715, F32), "k1702": np.array(1.702, F32), "beta15": np.array(1.5, F32),
+    "mhalf": np.array(-0.5, F32), "axes": np.array([-1], np.int64),
+}
+
+FORMS = {
+    # --- LayerNorm ---------------------------------------------------------------------------------
+    ("LayerNorm", "torchscript"): (16, """
+        m = ReduceMean <axes=[-1]> (h)
+        d = Sub(h, m)
+        p = Pow(d, two)
+        v = ReduceMean <axes=[-1]> (p)
+        ve = Add(v, eps)
+        s = Sqrt(ve)
+        n0 = Div(d, s)
+        g = Mul(n0, gamma)
+        z = Add(g, beta)"""),
+    ("LayerNorm", "dynamo"): (18, """
+        m = ReduceMean(h, axes)
+        d = Sub(h, m)
+        p = Mul(d, d)
+        v = ReduceMean(p, axes)
+        ve = Add(v, eps)
+        s = Sqrt(ve)
+        r = Reciprocal(s)
+        n0 = Mul(d, r)
+        g = Mul(gamma, n0)
+        z = Add(beta, g)"""),
+    ("LayerNorm", "tf2onnx-keras"): (13, """
+        m = ReduceMean <axes=[-1]> (h)
+        d = Sub(h, m)
+        p = Mul(d, d)
+        v = ReduceMean <axes=[-1]> (p)
+        ve = Add(v, eps)
+        s = Sqrt(ve)
+        r = Reciprocal(s)
+        rg = Mul(r, gamma)
+        a = Mul(h, rg)
+        mr = Mul(m, rg)
+        bm = Sub(beta, mr)
+        z = Add(a, bm)"""),
+    ("LayerNorm", "jax2tf"): (13, """
+        s1 = ReduceSum(h, axes)
+        m = Mul(s1, inv_n)
+        h2 = Mul(h, h)
+        s2 = ReduceSum(h2, axes)
+        m2 = Mul(s2, inv_n)
+        mm = Mul(m, m)
+        v0 = Sub(m2, mm)
+        v = Max(v0, zero)
+        ve = Add(v, eps)
+        sq = Sqrt(ve)
+        r = Reciprocal(sq)
+        rg = Mul(r, gamma)
+        d = Sub(h, m)
+        n0 = Mul(d, rg)
+        z = Add(n0, beta)"""),
+    ("LayerNorm", "jax2tf-centered"): (13, """
+        s1 = ReduceSum(h, axes)
+        m = Div(s1, n)
+        d = Sub(h, m)
+        p = Mul(d, d)
+        s2 = ReduceSum(p, axes)
+        v = Div(s2, n)
+        ve = Max(v, eps)
+        r = Pow(ve, mhalf)
+        n0 = Mul(d, r)
+        g = Mul(n0, gamma)
+        z = Add(g, beta)"""),
+    ("LayerNorm", "paddle2onnx"): (11, """
+        m = ReduceMean <axes=[2]> (h)
+        d = Sub(h, m)
+        p = Pow(d, two1)
+        v = ReduceMean <axes=[2]> (p)
+        ve = Add(v, eps1)
+        s = Sqrt(ve)
+        n0 = Div(d, s)
+        g = Mul(n0, gamma)
+        z = Add(g, beta)"""),
+    # --- GELU ----------------------------------------------------------------------------------------
+    ("GELU", "torchscript-erf"): (13, """
+        a = Div(h, sqrt2)
+        e = Erf(a)
+        p = Add(e, one)
+        q = Mul(h, p)
+        z = Mul(q, half)"""),
+    ("GELU", "torchscript-tanh"): (13, """
+        hh = Mul(h, half)
+        c = Pow(h, three)
+        c2 = Mul(c, c1)
+        a = Add(h, c2)
+        b = Mul(a, c0)
+        t = Tanh(b)
+        p = Add(t, one)
+        z = Mul(hh, p)"""),
+    ("GELU", "dynamo-tanh"): (18, """
+        c = Pow(h, three)
+        c2 = Mul(c1, c)
+        a = Add(h, c2)
+        b = Mul(c0, a)
+        t = Tanh(b)
+        p = Add(t, one)
+        q = Mul(h, p)
+        z = Mul(half, q)"""),
+    ("GELU", "dynamo-erf"): (18, """
+        a = Mul(h, rsqrt2)
+        e = Erf(a)
+        p = Add(one, e)
+        q = Mul(h, p)
+        z = Mul(half, q)"""),
+    ("GELU", "tf2onnx-keras-tanh"): (13, """
+        c = Pow(h, three)
+        c2 = Mul(c1, c)
+        a = Add(h, c2)
+        b = Mul(c0, a)
+        t = Tanh(b)
+        p = Add(one, t)
+        hh = Mul(half, h)
+        z = Mul(hh, p)"""),
+    ("GELU", "jax2tf-tanh"): (13, """
+        sq = Mul(h, h)
+        cu = Mul(h, sq)
+        c2 = Mul(cu, c1)
+        a = Add(h, c2)
+        b = Mul(a, c0)
+        t = Tanh(b)
+        p = Add(t, one)
+        cdf = Mul(p, half)
+        z = Mul(h, cdf)"""),
+    ("GELU", "paddle2onnx-erf"): (11, """
+        a = Mul(h, rsqrt2_1)
+        e = Erf(a)
+        p = Add(e, one1)
+        q = Mul(h, p)
+        z = Mul(q, half1)"""),
+    ("GELU", "sigmoid-1.702"): (13, """
+        a = Mul(k1702, h)
+        s = Sigmoid(a)
+        z = Mul(h, s)"""),
+    # --- others --------------------------------------------------------------------------------------
+    ("SiLU", "torch"): (13, """
+        s = Sigmoid(h)
+        z = Mul(h, s)"""),
+    ("SiLU", "swish-beta"): (13, """
+        a = Mul(h, beta15)
+        s = Sigmoid(a)
+        z = Mul(s, h)"""),
+    ("HardSwish", "hardsigmoid"): (13, """
+        s = HardSigmoid <alpha=0.16666667, beta=0.5> (h)
+        z = Mul(h, s)"""),
+    ("HardSwish", "paddle-add3-clip-div6"): (13, """
+        a = Add(h, three)
+        c = Clip(a, zero, six)
+        q = Mul(h, c)
+        z = Div(q, six)"""),
+    ("HardSwish", "relu6"): (13, """
+        a = Add(three, h)
+        r = Relu(a)
+        c = Min(r, six)
+        k = Div(c, six)
+        z = Mul(k, h)"""),
+    ("Mish", "softplus"): (13, """
+        sp = Softplus(h)
+        t = Tanh(sp)
+        z = Mul(h, t)"""),
+    ("Mish", "log1p-exp"): (13, """
+        e = Exp(h)
+        a = Add(e, one)
+        sp = Log(a)
+        t = Tanh(sp)
+        z = Mul(t, h)"""),
+    ("DecomposedSoftmax", "reducemax"): (18, """
+        mx = ReduceMax(h, axes)
+        d = Sub(h, mx)
+        e = Exp(d)
+        s = ReduceSum(e, axes)
+        z = Div(e, s)"""),
+    ("DecomposedSoftmax", "no-max"): (13, """
+        e = Exp(h)
+        s = ReduceSum(e, axes)
+        z = Div(e, s)"""),
+    ("RMSNorm", "llama"): (18, """
+        p = Pow(h, two)
+        v = ReduceMean(p, axes)
+        ve = Add(v, eps)
+        s = Sqrt(ve)
+        r = Reciprocal(s)
+        n0 = Mul(h, r)
+        z = Mul(gamma, n0)"""),
+    ("L2Norm", "max-eps"): (13, """
+        p = Mul(h, h)
+        s = ReduceSum(p, axes)
+        q = Sqrt(s)
+        c = Max(q, eps)
+        z = Div(h, c)"""),
+    ("L2Norm", "lpnormalization"): (13, """
+        z = LpNormalization <axis=-1, p=2> (h)"""),
+}
+
+
+def form_model(kind: str, form: str, seed: int = 0) -> onnx.ModelProto:
+    opset, body = FORMS[(kind, form)]
+    rng = np.random.default_rng(seed)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N,4,{D}] x) => (float[N,4,8] y) {{
+        h = MatMul(x, W1)
+        {body}
+        y = MatMul(z, W2)
+    }}"""
+    consts = {**C, "W1": rng.normal(0, 0.5, (D, D)).astype(F32), "W2": rng.normal(0, 0.3, (D, 8)).astype(F32),
+              "gamma": rng.uniform(0.5, 1.5, D).astype(F32), "beta": rng.normal(0, 0.3, D).astype(F32)}
+    words = set(text.replace("(", " ").replace(",", " ").replace(")", " ").split())
+    model = parse_unnamed(text, **{k: v for k, v in consts.items() if k in words})
+    name_nodes(model)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def block_nodes(model: onnx.ModelProto) -> set[str]:
+    return {n.name for n in model.graph.node if n.op_type != "MatMul"}
+
+
+def internal_tensors(model: onnx.ModelProto) -> set[str]:
+    return {o for n in model.graph.node if n.op_type != "MatMul" for o in n.output} - {"z"}
+
+
+def qdq_tensors(model) -> set[str]:
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def calib(rng, n=8):
+    return [{"x": rng.normal(0, 1, (4, 4, D)).astype(F32)} for _ in range(n)]
+
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("kind,form", list(FORMS))
+def test_form_is_one_block(kind, form):
+    model = form_model(kind, form)
+    blocks = find_blocks(GraphIndex.build(model))
+    assert [(b.kind, set(b.nodes), b.inputs, b.output) for b in blocks] == [(kind, block_nodes(model), ("h",), "z")]
+    assert blocks[0].internal == internal_tensors(model)
+
+
+@pytest.mark.parametrize("kind,form", list(FORMS))
+def test_ort_cpu_quantizes_the_form_at_its_boundary_only(kind, form, tmp_path):
+    rng = np.random.default_rng(1)
+    model = form_model(kind, form)
+    res = quantize(model, calib(rng), QuantConfig(target="ort-cpu"), output_dir=tmp_path)
+    q = qdq_tensors(res.model)
+    assert not q & internal_tensors(model), sorted(q & internal_tensors(model))  # nothing inside the block
+    assert "z" in q  # the block's output, read by the second MatMul
+    assert {res.plan.nodes[n].status for n in block_nodes(model)} == {"fused"}
+    assert {res.plan.nodes[n].pattern for n in block_nodes(model)} == {kind}
+    x = rng.normal(0, 1, (16, 4, D)).astype(F32)
+    assert cosine(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 0.995
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "qnn"])
+@pytest.mark.parametrize("kind,form", [("LayerNorm", "jax2tf"), ("GELU", "jax2tf-tanh"), ("RMSNorm", "llama"),
+                                       ("DecomposedSoftmax", "reducemax"), ("Mish", "softplus")])
+def test_other_targets_follow_their_preset(kind, form, target, tmp_path):
+    """TensorRT keeps every recognised block whole; QNN maps the normalisations/GELU/Softmax to one op reading
+    quantized inputs and runs Mish op by op (Tanh/Softplus/Mul on integers)."""
+    rng = np.random.default_rng(2)
+    model = form_model(kind, form)
+    res = quantize(model, calib(rng), QuantConfig(target=target), output_dir=tmp_path)
+    q = qdq_tensors(res.model)
+    policy = TARGETS[target].patterns.get(kind)
+    if policy is not None and not policy.qdq_inside:
+        assert not q & internal_tensors(model)
+        assert ("h" in q) == (policy.inputs == "all")
+    else:
+        assert q & internal_tensors(model)
+
+
+def test_a_form_with_the_wrong_constant_is_not_a_block():
+    """Math, not shape: 0.5 * x * (1 + tanh(0.8 * (x + 0.3 x^3))) is not GELU (nor any other block)."""
+    model = form_model("GELU", "jax2tf-tanh")
+    for t in model.graph.initializer:
+        if t.name == "c1":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array(0.3, F32), "c1"))
+    assert [b.kind for b in find_blocks(GraphIndex.build(model))] == ["residual_add"]  # h + 0.3 h^3: an Add
+
+
+def test_the_same_math_before_the_change_quantized_inside(tmp_path, monkeypatch):
+    """What the planner did with the jax2tf LayerNorm before: Q/DQ inside (the pattern table emptied shows it)."""
+    monkeypatch.setitem(TARGETS, "ort-cpu", dataclasses.replace(TARGETS["ort-cpu"], patterns={}))
+    model = form_model("LayerNorm", "jax2tf")
+    res = quantize(model, calib(np.random.default_rng(1)), QuantConfig(target="ort-cpu"), output_dir=tmp_path)
+    assert len(qdq_tensors(res.model) & internal_tensors(model)) >= 5
