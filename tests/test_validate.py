@@ -381,3 +381,47 @@ def test_cli_validates_a_module_spec(tmp_path, capsys):
     assert main(["validate", f"{src}:fixed", "--input-shape", "1,3,8,8"]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert main(["validate", f"{src}:fixed"]) == 2  # a module needs --input-shape
+
+
+def test_validate_lists_blocks_and_a_decomposed_chain_no_matcher_took(rng):
+    """A jax2tf-style LayerNorm is listed as a block; a GELU-looking chain with the wrong constant (0.3 for
+    0.044715) is named as an unrecognised chain, with its ops, and flagged (it gets Q/DQ op by op)."""
+    import math
+
+    consts = dict(W1=rng.normal(0, 0.5, (16, 16)).astype(np.float32), W2=rng.normal(0, 0.5, (16, 8)).astype(np.float32),
+                  axes=np.array([-1], np.int64), inv_n=np.array(1 / 16, np.float32), eps=np.array(1e-6, np.float32),
+                  zero=np.array(0, np.float32), c0=np.array(math.sqrt(2 / math.pi), np.float32),
+                  c1=np.array(0.3, np.float32), one=np.array(1, np.float32), half=np.array(0.5, np.float32),
+                  gamma=np.ones(16, np.float32), beta=np.zeros(16, np.float32))
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    m (float[N,16] x) => (float[N,8] y) {
+      h = MatMul(x, W1)
+      s1 = ReduceSum(h, axes)
+      m = Mul(s1, inv_n)
+      d = Sub(h, m)
+      p = Mul(d, d)
+      s2 = ReduceSum(p, axes)
+      v = Mul(s2, inv_n)
+      ve = Max(v, eps)
+      sq = Sqrt(ve)
+      r = Reciprocal(sq)
+      n0 = Mul(d, r)
+      g = Mul(n0, gamma)
+      z = Add(g, beta)
+      cu = Pow(z, c3)
+      c2 = Mul(cu, c1)
+      a = Add(z, c2)
+      b = Mul(a, c0)
+      t = Tanh(b)
+      pp = Add(t, one)
+      q = Mul(pp, half)
+      u = Mul(z, q)
+      y = MatMul(u, W2)
+    }""", c3=np.array(3, np.float32), **consts)
+    findings = validate_onnx(model)
+    block = find(findings, "pattern")
+    assert "1 LayerNorm block(s)" in block.message and "h -> z (12 nodes)" in block.message
+    chain = find(findings, "unrecognised-chain")
+    assert chain.severity == "warning" and "Tanh" in chain.message and "Mul" in chain.message
+    assert "activation" in chain.message and "get Q/DQ op by op" in chain.message

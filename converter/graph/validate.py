@@ -226,14 +226,65 @@ def _check_rules(ctx: _Context) -> Iterator[Finding]:
 
 
 def _check_patterns(ctx: _Context) -> Iterator[Finding]:
+    """One finding per block kind recognised (graph.patterns / graph.math_blocks), naming where they are."""
     if ctx.plan is None:
         return
     kinds = Counter((p["kind"], p["qdq_inside"]) for p in ctx.plan.patterns)
     for (kind, inside), count in sorted(kinds.items()):
-        first = next(p for p in ctx.plan.patterns if p["kind"] == kind)
+        found = [p for p in ctx.plan.patterns if p["kind"] == kind and p["qdq_inside"] == inside]
+        first = found[0]
         how = "Q/DQ as for any op" if inside else "kept whole: no Q/DQ inside"
+        where = "; ".join(f"{', '.join(p['inputs'])} -> {p['output']} ({len(p['nodes'])} nodes)" for p in found[:3])
+        more = f"; +{len(found) - 3} more" if len(found) > 3 else ""
         yield Finding(INFO, "pattern", first["nodes"][0] if first["nodes"] else first["output"],
-                      f"{count} {kind} block(s) recognised ({how} for target {ctx.target})", "nothing to do")
+                      f"{count} {kind} block(s) recognised ({how} for target {ctx.target}): {where}{more}",
+                      "nothing to do")
+
+
+# Chains that look like a decomposed block (a start op, then one of the follow ops within a few steps): when no
+# block matcher took them, the planner treats their ops one by one. (start ops, follow ops, what it looks like)
+CHAIN_HINTS: tuple[tuple[frozenset[str], frozenset[str], str], ...] = (
+    (frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"}),
+     frozenset({"Sub", "Div", "Sqrt", "Reciprocal", "Pow"}), "a normalisation (LayerNorm/RMSNorm/L2)"),
+    (frozenset({"Exp"}), frozenset({"ReduceSum", "Div"}), "a softmax"),
+    (frozenset({"Erf", "Tanh", "Sigmoid", "Softplus", "HardSigmoid"}), frozenset({"Mul"}),
+     "an activation (GELU/SiLU/Mish/HardSwish)"),
+)
+_CHAIN_STEPS = 3
+
+
+def _check_unrecognised_chains(ctx: _Context) -> Iterator[Finding]:
+    if ctx.plan is None or ctx.idx is None:
+        return
+    idx, plan = ctx.idx, ctx.plan
+    claimed = {n for p in plan.patterns for n in p["nodes"]} | {n for n, s in plan.nodes.items() if s.pattern}
+    for start_ops, follow_ops, looks in CHAIN_HINTS:
+        chains = []
+        for node in idx.graph.node:
+            if node.op_type not in start_ops or node.name in claimed:
+                continue
+            chain, frontier = [node], [node]
+            for _ in range(_CHAIN_STEPS):
+                frontier = [u for n in frontier for t in n.output if t for u in idx.uses(t) if u.name not in claimed]
+                hit = next((u for u in frontier if u.op_type in follow_ops), None)
+                if hit is not None:
+                    chain.append(hit)
+                    break
+            else:
+                continue
+            chains.append(chain)
+        if not chains:
+            continue
+        quantized = [c for c in chains if any(plan.nodes.get(n.name) is not None and
+                                              plan.nodes[n.name].status in ("quantized", "fused") for n in c)]
+        shown = "; ".join(" -> ".join(f"{n.op_type} {n.name}" for n in c) for c in chains[:3])
+        more = f"; +{len(chains) - 3} more" if len(chains) > 3 else ""
+        yield Finding(WARNING if quantized else INFO, "unrecognised-chain", chains[0][0].name,
+                      f"{len(chains)} chain(s) look like {looks} but match no block ({shown}{more}); "
+                      + (f"{len(quantized)} get Q/DQ op by op" if quantized else "they run in float"),
+                      "if it is one of the blocks converter/graph/math_blocks.py knows, its math differs (constants, "
+                      "axes); else keep its ops in float with --exclude-nodes if accuracy drops" if quantized
+                      else "nothing to do")
 
 
 BOUNDED_OPS = frozenset({"Sigmoid", "Softmax", "Tanh", "HardSigmoid", "LogSoftmax"})  # outputs in a fixed small range
@@ -345,7 +396,7 @@ def _check_runs(ctx: _Context) -> Iterator[Finding]:
 ONNX_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (
     _check_opset, _check_already_quantized, _check_runs, _check_node_names, _check_constant_weights,
     _check_shared_weights, _check_dynamic_dims, _check_control_flow, _check_domains, _check_rules,
-    _check_huge_constants, _check_mixed_concat, _check_size, _check_patterns,
+    _check_huge_constants, _check_mixed_concat, _check_size, _check_patterns, _check_unrecognised_chains,
 )
 
 
