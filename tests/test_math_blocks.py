@@ -353,3 +353,87 @@ def test_trained_jax2tf_classifier_keeps_its_predictions(tmp_path):
     print(f"\njax2tf digits MLP: all-INT8 top-1 agreement {agreement:.4f}, "
           f"{sum(n.op_type == 'QuantizeLinear' for n in res.model.graph.node)} QuantizeLinear")
     assert agreement >= 0.98
+
+
+def test_yolo_silu_is_one_unit_and_both_convs_stay_integer(tmp_path):
+    """A YOLO SiLU after a Conv: before, its Mul joined x (wide range) and its Sigmoid (0..1) as two operands of a
+    QLinearMul. Now x * sigmoid(x) is one unit between a DQ and a Q: ORT runs both Convs as QLinearConv, no
+    QLinearMul/QLinearSigmoid, and nothing is quantized inside."""
+    import onnxruntime as ort
+
+    from .conftest import op_counts
+
+    rng = np.random.default_rng(3)
+    model = parse_unnamed("""
+    <ir_version: 8, opset_import: ["" : 13]>
+    m (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, W, B)
+      s = Sigmoid(c)
+      a = Mul(c, s)
+      y = Conv <pads=[1,1,1,1]> (a, W2)
+    }""", W=rng.normal(0, 2.0, (8, 3, 3, 3)).astype(F32), B=rng.normal(0, 1, 8).astype(F32),
+        W2=rng.normal(0, 0.3, (4, 8, 3, 3)).astype(F32))
+    name_nodes(model)
+    res = quantize(model, [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(F32)} for _ in range(8)], QuantConfig(),
+                   output_dir=tmp_path)
+    assert "s" not in qdq_tensors(res.model) and {"c", "a"} <= qdq_tensors(res.model)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(res.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = op_counts(onnx.load(str(tmp_path / "opt.onnx")))
+    assert ops.get("QLinearConv") == 2 and not ops.get("QLinearMul") and not ops.get("QLinearSigmoid")
+    x = rng.normal(0, 1, (8, 3, 8, 8)).astype(F32)
+    assert cosine(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 0.995
+
+
+def test_tail_after_the_last_conv_runs_in_float_and_the_conv_stays_integer(tmp_path):
+    """A detector-like head: Conv -> Sigmoid (scores) and Conv -> Sigmoid/Mul/Add decode, Concat to the output. The
+    float-tail rule leaves Sigmoid, decode and Concat float (plan.float_tail, with the reason), the Convs' outputs
+    keep their Q so ORT still runs QLinearConv, and the output is closer to float than with the tail quantized."""
+    import onnxruntime as ort
+
+    from .conftest import op_counts
+
+    rng = np.random.default_rng(4)
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    m (float[N,3,8,8] x) => (float[N,6,8,8] y) {
+      h = Conv <pads=[1,1,1,1]> (x, W)
+      r = Relu(h)
+      b = Conv (r, Wb)
+      s = Conv (r, Ws)
+      p = Sigmoid(s)
+      bs = Sigmoid(b)
+      b2 = Mul(bs, k)
+      b3 = Add(b2, off)
+      y = Concat <axis=1> (b3, p)
+    }"""
+    consts = dict(W=rng.normal(0, 0.5, (8, 3, 3, 3)).astype(F32), Wb=rng.normal(0, 0.5, (2, 8, 1, 1)).astype(F32),
+                  Ws=rng.normal(0, 0.5, (4, 8, 1, 1)).astype(F32), k=np.array(40.0, F32), off=np.array(100.0, F32))
+    model = parse_unnamed(text, **consts)
+    name_nodes(model)
+    calib_data = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(F32)} for _ in range(8)]
+    res = quantize(model, calib_data, QuantConfig(), output_dir=tmp_path)
+    tail = {t["op_type"] for t in res.plan.float_tail}
+    assert tail == {"Sigmoid", "Mul", "Add", "Concat"} and all("last compute layer" in t["reason"]
+                                                               for t in res.plan.float_tail)
+    assert {res.plan.nodes[t["node"]].status for t in res.plan.float_tail} == {"float-tail"}
+    q = qdq_tensors(res.model)
+    assert {"b", "s"} <= q and not q & {"p", "bs", "b2", "b3", "y"}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(res.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert op_counts(onnx.load(str(tmp_path / "opt.onnx"))).get("QLinearConv") == 3
+    # the same model with the rule off (the tail quantized, the Concat's 0..1 scores sharing the boxes' range)
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(F32)
+    ref = run(model, {"x": x})[0]
+    err_tail = np.abs(run(res.model, {"x": x})[0] - ref)[:, 2:].max()
+    import pytest as _pytest
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TARGETS, "ort-cpu", dataclasses.replace(TARGETS["ort-cpu"], float_tail=False))
+        whole = quantize(model, calib_data, QuantConfig(max_shared_scale_loss_bits=None), output_dir=tmp_path / "w")
+    err_whole = np.abs(run(whole.model, {"x": x})[0] - ref)[:, 2:].max()
+    print(f"\nscore max error: float tail {err_tail:.4f}, tail quantized {err_whole:.4f}")
+    assert err_tail < 0.1 < err_whole  # scores: float tail vs quantized in the boxes' shared range

@@ -1,0 +1,134 @@
+"""All-INT8 (default config) accuracy and latency on the asset models: what the math-recognised blocks and the
+float-tail rule change. Run it once on each code version (PYTHONPATH picks the converter) and compare::
+
+    PYTHONPATH=/path/to/main   python tools/blocks_bench.py --json before.json
+    PYTHONPATH=$PWD            python tools/blocks_bench.py --json after.json
+
+Per model: the asset's accuracy metric vs FP32 (tools/assets_smoke.py: EfficientNet-Lite0 top-1 on 900 held-out
+images, ResNet-8 top-1, MiniLM embedding cosine / Spearman), the bundled digits detector's class-score agreement
+and score error, then the QDQ model's QuantizeLinear count, the Conv/MatMul/Gemm ORT runs on integers
+(QLinearConv/QLinearMatMul/QGemm/MatMulIntegerToFloat in its optimised graph), the blocks the plan kept whole, the
+nodes the float-tail rule left float, and batch-1 latency (1 thread, ORT_ENABLE_ALL, median of interleaved runs)
+as a ratio to FP32 measured in the same loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+
+import assets_smoke as smoke  # noqa: E402
+
+from converter import QuantConfig, quantize  # noqa: E402
+
+INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")
+FLOAT_COMPUTE = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
+
+
+def session(path, threads: int = 1, optimized: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized:
+        so.optimized_model_filepath = optimized
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latency(fp32: ort.InferenceSession, q: ort.InferenceSession, feed: dict, runs: int) -> dict:
+    tf, tq = [], []
+    for s in (fp32, q):
+        for _ in range(5):
+            s.run(None, feed)
+    for _ in range(runs):  # interleaved: both see the same machine load
+        for s, acc in ((fp32, tf), (q, tq)):
+            t = time.perf_counter()
+            s.run(None, feed)
+            acc.append(time.perf_counter() - t)
+    f, qq = float(np.median(tf)) * 1e3, float(np.median(tq)) * 1e3
+    return {"fp32_ms": round(f, 3), "int8_ms": round(qq, 3), "ratio": round(qq / f, 3)}
+
+
+def detector(n_eval: int):
+    sys.path.insert(0, str(ROOT / "models"))
+    import torch
+
+    import digits_detector as mod
+    from converter import export_torch
+
+    path = Path(tempfile.mkdtemp()) / "detector.onnx"
+    export_torch(mod.build(), torch.zeros(mod.INPUT_SHAPE), path)
+    x_cal, _ = mod.make_data(64, seed=10)
+    x_eval, _ = mod.make_data(n_eval, seed=11)
+    calib = [{mod.INPUT_NAME: x_cal[i:i + 16]} for i in range(0, len(x_cal), 16)]
+    agreement = mod.ScoreAgreement(str(path), x_eval)
+
+    def evaluate(fp32, q_path):
+        out = agreement.outputs(str(q_path))
+        return {"class_agreement": round(agreement.score(out), 4),
+                **{k: (round(v, 4) if isinstance(v, float) else v)
+                   for k, v in mod.score_resolution(out, agreement.reference).items()}}
+    return path, calib, evaluate, {"by_path": True}
+
+
+MODELS = {
+    "efficientnet-lite0": lambda assets, n: smoke.effnet(assets, n or 900),
+    "resnet8": lambda assets, n: smoke.ASSETS["resnet8"](assets, n or 500),
+    "minilm": lambda assets, n: smoke.minilm(assets, n or 300),
+    "digits-detector": lambda assets, n: detector(n or 200),
+}
+
+
+def run_model(name: str, assets: Path, n_eval: int, runs: int, work: Path) -> dict:
+    path, calib, evaluate, opts = MODELS[name](assets, n_eval)
+    res = quantize(str(path), calib, QuantConfig(), output_dir=work, name="q")
+    qpath = work / "q.qdq.onnx"
+    fp32, q = session(path), session(qpath, optimized=str(work / "opt.onnx"))
+    ops = Counter(n.op_type for n in onnx.load(str(work / "opt.onnx")).graph.node)
+    acc = evaluate(fp32, qpath) if opts.get("by_path") else evaluate(fp32, q)
+    feed = {k: v[:1] for k, v in calib[0].items()}
+    plan = res.plan
+    return {
+        "model": name, "accuracy": acc,
+        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in res.model.graph.node),
+        "int_kernels": sum(ops[k] for k in INT_KERNELS), "float_compute": sum(ops[k] for k in FLOAT_COMPUTE),
+        "blocks": dict(Counter(p["kind"] for p in plan.patterns if not p["qdq_inside"])),
+        "float_tail": len(getattr(plan, "float_tail", [])),
+        "latency": latency(fp32, q, feed, runs),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--n-eval", type=int, default=0, help="held-out items (default: 900/500x4/300/200 per model)")
+    ap.add_argument("--runs", type=int, default=100, help="interleaved latency rounds (default 100)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as d:
+            row = run_model(name, args.assets, args.n_eval, args.runs, Path(d))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
