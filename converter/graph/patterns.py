@@ -2,26 +2,24 @@
 
 The planner (:func:`converter.quant.plan.build_plan`) asks this module two questions:
 
-* which *blocks* the graph holds: decomposed LayerNorm, Erf-GELU, SiLU, HardSwish, attention
-  scores, Softmax, residual Adds. The target preset then says, per block kind, what Q/DQ the block
-  gets (``TargetPreset.patterns``); e.g. ORT CPU fuses a decomposed LayerNorm/GELU back into one
-  kernel at load time, so nothing may sit inside it;
+* which *blocks* the graph holds: LayerNorm, RMSNorm, L2 normalisation, decomposed Softmax, GELU (erf, tanh and
+  sigmoid forms), SiLU/Swish, HardSwish, Mish, attention scores, Softmax, residual Adds. The target preset then
+  says, per block kind, what Q/DQ the block gets (``TargetPreset.patterns``); e.g. ORT CPU fuses a decomposed
+  LayerNorm/GELU back into one kernel at load time, so nothing may sit inside it;
 * which nodes form a *fused group* behind an anchor (Conv/ConvTranspose/Gemm/MatMul, or any other
   compute op such as a residual Add): ``anchor -> [BatchNormalization] -> [bias Add] -> [residual
   Add] -> [activation]`` (the middle steps for weighted anchors only), each step allowed by the preset.
 
-Matchers never branch on a target name: they read the preset's data. The shapes they accept::
+Matchers never branch on a target name: they read the preset's data. Decomposed element-wise blocks are
+recognised by their math (:mod:`.math_blocks`: the region around a Reduce*/Exp/Erf/Tanh/Sigmoid/... seed is
+evaluated on a synthetic input and compared with a table of reference forms), whatever ops an exporter used
+(TorchScript, torch.export, tf2onnx from Keras or jax2tf, paddle2onnx). The structural matchers here::
 
-    LayerNorm   x -> ReduceMean -> Sub(x, mean) -> Pow(d, 2) | Mul(d, d) -> ReduceMean -> Add(eps)
-                  -> Sqrt -> Div(d, .) | Reciprocal -> Mul(d, .)  -> [Mul(gamma)] -> [Add(beta)]
-                (or one LayerNormalization node)
+    LayerNorm      one LayerNormalization node (decomposed ones: math_blocks)
     SkipLayerNorm  Add(a, b) read only by a LayerNorm (a post-LN transformer's residual stream)
-    GELU        x -> Div(sqrt 2) | Mul(1/sqrt 2) -> Erf -> Add(1) -> Mul(x, .) -> Mul(0.5)
-                                                              (or Mul(Mul(x, 0.5), .))
-    SiLU        x -> Sigmoid -> Mul(x, .)
-    HardSwish   x -> HardSigmoid -> Mul(x, .)       x -> Add(3) -> Clip(0, 6) -> Mul(x, .) -> Div(6)
-                (or one HardSwish node)                          (or Div(6) before the Mul)
-    attention   MatMul(q, k) -> [Mul | Div by a constant] -> [Add(mask)] -> Softmax -> MatMul(., v)
+    attention      MatMul(q, k) -> [Mul | Div by a constant] -> [Add(mask)] -> Softmax -> MatMul(., v)
+    Softmax        one Softmax node
+    residual_add   Add of two activations of one shape, one made by a Conv/Gemm/MatMul
 
 A match lists its member nodes, the activations that enter it, the tensor that leaves it and its
 *internal* tensors (produced and read only by members: no Q/DQ goes there when the policy says the

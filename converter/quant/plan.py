@@ -30,6 +30,9 @@ Planning runs in five small steps over a :class:`GraphIndex`:
 
        LayerNorm -> x (float) -> MatMul(x, DQ(W int4, axis 0, block_size)) -> Add(bias) -> ...
 
+4a. the float-tail rule (targets with ``float_tail``, ort-cpu: :func:`float_tail`): nodes after the last compute
+   layer on the way to a graph output run in float (status ``float-tail``, listed in ``plan.float_tail``); the
+   compute layer's own output keeps its Q, so ONNX Runtime still fuses it into an integer kernel;
 5. propagate through data-movement ops (``shared`` rules) to a fixed point, so Reshape/MaxPool/
    Concat outputs reuse their input's encoding (one *scale group*, a union-find over tensors); the
    target's ``tied_op_types`` (AveragePool on ``qnn``, as AIMET and QNN tie it) join their groups too.

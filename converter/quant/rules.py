@@ -15,6 +15,15 @@ or the bound's, so it is data movement too and shares its input's encoding (as `
 ``Clip`` for a target's op types). CLE writes one for a ReLU6 whose channels it scaled (``Relu`` then ``Min``
 by the per-channel bound ``6 / s``): as a shared op the ``Relu`` output gets its Q/DQ, so ORT fuses
 ``DQ -> Conv -> Relu -> Q`` into a QLinearConv instead of running the Conv in float.
+
+Where a quantizer pays (the rules that decide, in order): a Q/DQ is placed on the inputs and output of an op the
+target runs as an integer kernel (the rows below, filtered by the preset's ``op_types``: on ort-cpu the ops with a
+QLinear*/QGemm/MatMulInteger kernel or that move integers); element-wise chains between quantized layers are
+quantized inside only where every op has such a kernel (an op outside ``op_types`` runs in float between a DQ and
+a Q); a recognised block (:mod:`converter.graph.patterns`) follows its ``PatternPolicy`` (one unit: Q/DQ at its
+boundary only, because the target fuses it or runs it in float); and the ops after the last compute layer
+(``anchor`` rows) on the way to a graph output stay float where the preset sets ``float_tail``
+(:func:`converter.quant.plan.float_tail`).
 """
 
 from __future__ import annotations
