@@ -1,8 +1,8 @@
 """All-INT8 (default config) accuracy and latency on the asset models: what the math-recognised blocks and the
 float-tail rule change. Run it once on each code version (PYTHONPATH picks the converter) and compare::
 
-    PYTHONPATH=/path/to/main   python tools/blocks_bench.py --json before.json
-    PYTHONPATH=$PWD            python tools/blocks_bench.py --json after.json
+    BLOCKS_BENCH_CODE=/path/to/main python tools/blocks_bench.py --json before.json
+    python tools/blocks_bench.py --json after.json
 
 Per model: the asset's accuracy metric vs FP32 (tools/assets_smoke.py: EfficientNet-Lite0 top-1 on 900 held-out
 images, ResNet-8 top-1, MiniLM embedding cosine / Spearman), the bundled digits detector's class-score agreement
@@ -32,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 import assets_smoke as smoke  # noqa: E402
+
+if os.environ.get("BLOCKS_BENCH_CODE"):  # measure another checkout's converter (assets_smoke put this one first)
+    sys.path.insert(0, os.environ["BLOCKS_BENCH_CODE"])
+    for mod in [m for m in sys.modules if m == "converter" or m.startswith("converter.")]:
+        del sys.modules[mod]
 
 from converter import QuantConfig, quantize  # noqa: E402
 
@@ -119,6 +124,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100, help="interleaved latency rounds (default 100)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    import converter
+
+    print(f"converter from {Path(converter.__file__).parent}", flush=True)
     rows = []
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory() as d:

@@ -46,8 +46,9 @@ from typing import Any
 import onnx
 
 from ..config import QuantConfig
-from ..graph.index import GraphIndex, attr
-from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, find_blocks, float_subgraphs, fused_group
+from ..graph.index import GraphIndex, attr, bodies, graph_attrs
+from ..graph.patterns import (ACTIVATION_KINDS, COMPOUND_KINDS, Match, all_nodes, find_blocks, float_subgraphs,
+                              fused_group)
 from .encoding import Encoding
 from .rules import RULES, OpRule, block_axis, node_rule, rule_op_type, weight_axis
 
@@ -365,6 +366,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     return plan
 
 
+_BODY_ATTRS = ("then_branch", "else_branch", "body")
 TAIL_REASON = ("after the last compute layer on the way to a graph output: no integer kernel reads its Q/DQ "
                "(quantizing it costs accuracy, buys no speed)")
 
@@ -376,10 +378,16 @@ def float_tail(idx: GraphIndex, plan: QuantPlan) -> set[str]:
     run in float: status ``float-tail``, listed in ``plan.float_tail`` with the reason. A fused group headed by a
     compute layer stays whole, and its output keeps its Q (ONNX Runtime fuses ``DQ -> Conv -> Q`` into a
     QLinearConv only when the Conv's output is quantized): those tensors are returned."""
+    if idx.graph.name.rsplit("/", 1)[-1] in _BODY_ATTRS:
+        return set()  # a control-flow body planned on its own (graph.scopes.wrapper): its outputs are not the model's
+
     def is_anchor(name: str) -> bool:
         st = plan.nodes.get(name)
         rule = RULES.get(st.op_type) if st is not None else None
         return rule is not None and rule.anchor and st.status == "quantized"
+
+    def computes_later(node: onnx.NodeProto) -> bool:  # a quantized compute layer, or a body that may hold one
+        return is_anchor(node.name) or any(True for _ in graph_attrs(node))
 
     def head(name: str) -> str:
         st = plan.nodes[name]
@@ -393,9 +401,11 @@ def float_tail(idx: GraphIndex, plan: QuantPlan) -> set[str]:
             after.add(n.name)
         if n.name in after or is_anchor(n.name):
             made_after.update(o for o in n.output if o)
+    captured = {t for n in nodes for body in bodies(n) for m in all_nodes(body) for t in m.input}  # read in a body
     before: set[str] = set()  # nodes with a quantized compute layer after them
     for n in reversed(nodes):
-        if any(is_anchor(u.name) or u.name in before for t in n.output if t for u in idx.uses(t)):
+        if any(t in captured for t in n.output) or \
+                any(computes_later(u) or u.name in before for t in n.output if t for u in idx.uses(t)):
             before.add(n.name)
     tail = [n for n in nodes if n.name in after and n.name not in before
             and plan.nodes[n.name].status in ("quantized", "fused") and not is_anchor(head(n.name))]
