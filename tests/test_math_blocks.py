@@ -437,3 +437,26 @@ def test_tail_after_the_last_conv_runs_in_float_and_the_conv_stays_integer(tmp_p
     err_whole = np.abs(run(whole.model, {"x": x})[0] - ref)[:, 2:].max()
     print(f"\nscore max error: float tail {err_tail:.4f}, tail quantized {err_whole:.4f}")
     assert err_tail < 0.1 < err_whole  # scores: float tail vs quantized in the boxes' shared range
+
+
+def test_torch_normalize_with_expand_is_an_l2norm():
+    """torch.nn.functional.normalize as TorchScript exports it (sentence-transformers' last step):
+    ReduceL2 -> Clip(min=eps) -> Expand(Shape(x)) -> Div(x, .). The Expand's shape is structure, not data."""
+    rng = np.random.default_rng(5)
+    model = parse_unnamed(f"""
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[N,{D}] x) => (float[N,8] y) {{
+        h = MatMul(x, W1)
+        n = ReduceL2 <axes=[1], keepdims=1> (h)
+        c = Clip(n, eps)
+        s = Shape(h)
+        e = Expand(c, s)
+        z = Div(h, e)
+        y = MatMul(z, W2)
+    }}""", W1=rng.normal(0, 0.5, (D, D)).astype(F32), W2=rng.normal(0, 0.3, (D, 8)).astype(F32), eps=C["eps"])
+    name_nodes(model)
+    model = onnx.shape_inference.infer_shapes(model)
+    [b] = find_blocks(GraphIndex.build(model))
+    assert (b.kind, b.inputs, b.output) == ("L2Norm", ("h",), "z")
+    assert {n for n in b.nodes} == {n.name for n in model.graph.node if n.op_type in ("ReduceL2", "Clip", "Expand",
+                                                                                      "Div")}

@@ -38,8 +38,10 @@ from .index import GraphIndex, attr
 BLOCK_OPS = frozenset({
     "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
     "HardSigmoid", "HardSwish", "Softplus", "Relu", "Clip", "Min", "Max", "ReduceMean", "ReduceSum", "ReduceMax",
-    "ReduceL2", "ReduceSumSquare", "LpNormalization", "Identity", "Cast",
+    "ReduceL2", "ReduceSumSquare", "LpNormalization", "Identity", "Cast", "Expand",
 })
+# inputs that carry structure, not data (Expand's target shape, often Shape(x) made outside the block)
+_SHAPE_INPUTS = {"Expand": (1,)}
 # Ops that start a search (the nonlinear or reducing heart of a block).
 SEED_OPS = frozenset({
     "Erf", "Tanh", "Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Relu", "Clip", "ReduceMean", "ReduceSum",
@@ -228,6 +230,7 @@ _EVAL: dict[str, Callable] = {
     "ReduceL2": _reduce(lambda x, axis, keepdims: np.sqrt((x * x).sum(axis=axis, keepdims=keepdims))),
     "ReduceSumSquare": _reduce(lambda x, axis, keepdims: (x * x).sum(axis=axis, keepdims=keepdims)),
     "LpNormalization": _lpnorm, "Identity": lambda n, i: i[0], "Cast": lambda n, i: i[0],
+    "Expand": lambda n, i: i[0],  # the broadcast the next element-wise op does anyway
 }
 
 
@@ -236,8 +239,8 @@ def _evaluate(idx: GraphIndex, x: str, nodes: list[onnx.NodeProto], out: str, xv
     with np.errstate(all="ignore"):
         for n in nodes:
             ins = []
-            for t in n.input:
-                if not t:
+            for k, t in enumerate(n.input):
+                if not t or k in _SHAPE_INPUTS.get(n.op_type, ()):
                     ins.append(None)
                 elif t in vals:
                     ins.append(vals[t])
@@ -265,8 +268,9 @@ def _block_op(idx: GraphIndex, node: onnx.NodeProto | None) -> bool:
 
 
 def _dynamic_inputs(idx: GraphIndex, node: onnx.NodeProto) -> list[str]:
-    """Inputs carrying data (not constants; a reduction's axes input is a constant)."""
-    return [t for t in node.input if t and not idx.is_constant(t)]
+    """Inputs carrying data (not constants -- a reduction's axes input is one -- nor a target shape)."""
+    skip = _SHAPE_INPUTS.get(node.op_type, ())
+    return [t for i, t in enumerate(node.input) if t and not idx.is_constant(t) and i not in skip]
 
 
 def _candidate_inputs(idx: GraphIndex, seed: onnx.NodeProto) -> list[str]:
