@@ -248,7 +248,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     apply_groups(anchors=False)
     tail_inputs: set[str] = set()
     if preset.float_tail:
-        tail_inputs = float_tail(idx, plan)
+        tail_inputs = float_tail(idx, plan, preset.patterns)
         unit_blocks = [m for m in unit_blocks if plan.nodes[m.nodes[0]].status != "float-tail"]
     is_quantized = {n.name for n in quantized if n.name not in taken and plan.nodes[n.name].status == "quantized"}
 
@@ -371,13 +371,15 @@ TAIL_REASON = ("after the last compute layer on the way to a graph output: no in
                "(quantizing it costs accuracy, buys no speed)")
 
 
-def float_tail(idx: GraphIndex, plan: QuantPlan) -> set[str]:
+def float_tail(idx: GraphIndex, plan: QuantPlan, patterns: dict | None = None) -> set[str]:
     """The float-tail rule (``TargetPreset.float_tail``): quantized nodes that come after a quantized compute
     layer (Conv/ConvTranspose/Gemm/MatMul, the rule table's anchors) and reach a graph output without passing
     another one -- a detector's decode, DFL Softmax, score Sigmoids and Concats, an embedding's normalisation --
     run in float: status ``float-tail``, listed in ``plan.float_tail`` with the reason. A fused group headed by a
     compute layer stays whole, and its output keeps its Q (ONNX Runtime fuses ``DQ -> Conv -> Q`` into a
-    QLinearConv only when the Conv's output is quantized): those tensors are returned."""
+    QLinearConv only when the Conv's output is quantized): those tensors are returned, except where the tail node
+    is a block whose policy (``patterns``) never quantized its inputs (a LayerNorm reading a MatMul's output)."""
+    patterns = patterns or {}
     if idx.graph.name.rsplit("/", 1)[-1] in _BODY_ATTRS:
         return set()  # a control-flow body planned on its own (graph.scopes.wrapper): its outputs are not the model's
 
@@ -415,6 +417,9 @@ def float_tail(idx: GraphIndex, plan: QuantPlan) -> set[str]:
         plan.nodes[n.name] = NodeStatus(st.op_type, "float-tail", st.group, st.pattern)
         plan.float_tail.append({"node": n.name, "op_type": n.op_type, **({"pattern": st.pattern} if st.pattern else {}),
                                 "reason": TAIL_REASON})
+        policy = patterns.get(st.pattern) if st.status == "fused" and st.pattern else None
+        if policy is not None and not policy.qdq_inside and policy.inputs == "none":
+            continue  # a block that never had its inputs quantized (LayerNorm): nothing to keep
         for t in n.input:
             p = idx.producer.get(t)
             if p is not None and is_anchor(head(p.name)) and idx.is_float(t):
