@@ -283,14 +283,21 @@ def test_form_is_one_block(kind, form):
 
 @pytest.mark.parametrize("kind,form", list(FORMS))
 def test_ort_cpu_quantizes_the_form_at_its_boundary_only(kind, form, tmp_path):
+    """One unit (the ort-cpu preset's policy for every kind but SiLU): no Q/DQ inside, the output quantized for the
+    next MatMul. SiLU stays op by op (QLinearSigmoid + QLinearMul: an integer chain ORT runs)."""
     rng = np.random.default_rng(1)
     model = form_model(kind, form)
     res = quantize(model, calib(rng), QuantConfig(target="ort-cpu"), output_dir=tmp_path)
     q = qdq_tensors(res.model)
-    assert not q & internal_tensors(model), sorted(q & internal_tensors(model))  # nothing inside the block
     assert "z" in q  # the block's output, read by the second MatMul
-    assert {res.plan.nodes[n].status for n in block_nodes(model)} == {"fused"}
-    assert {res.plan.nodes[n].pattern for n in block_nodes(model)} == {kind}
+    assert [p["kind"] for p in res.plan.patterns] == [kind]
+    policy = TARGETS["ort-cpu"].patterns.get(kind)
+    if policy is not None and not policy.qdq_inside:
+        assert not q & internal_tensors(model), sorted(q & internal_tensors(model))  # nothing inside the block
+        assert {res.plan.nodes[n].status for n in block_nodes(model)} == {"fused"}
+        assert {res.plan.nodes[n].pattern for n in block_nodes(model)} == {kind}
+    else:
+        assert kind == "SiLU" and internal_tensors(model) <= q
     x = rng.normal(0, 1, (16, 4, D)).astype(F32)
     assert cosine(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 0.995
 
@@ -355,10 +362,10 @@ def test_trained_jax2tf_classifier_keeps_its_predictions(tmp_path):
     assert agreement >= 0.98
 
 
-def test_yolo_silu_is_one_unit_and_both_convs_stay_integer(tmp_path):
-    """A YOLO SiLU after a Conv: before, its Mul joined x (wide range) and its Sigmoid (0..1) as two operands of a
-    QLinearMul. Now x * sigmoid(x) is one unit between a DQ and a Q: ORT runs both Convs as QLinearConv, no
-    QLinearMul/QLinearSigmoid, and nothing is quantized inside."""
+def test_yolo_silu_is_recognised_and_stays_an_integer_chain(tmp_path):
+    """A YOLO SiLU after a Conv is recognised (listed as a SiLU block) but kept op by op on ort-cpu: ORT runs
+    QLinearConv -> QLinearSigmoid -> QLinearMul -> QLinearConv, the Mul's operands (x, sigmoid) each with its own
+    scale. TensorRT fuses the whole SiLU into the Conv."""
     import onnxruntime as ort
 
     from .conftest import op_counts
@@ -374,17 +381,21 @@ def test_yolo_silu_is_one_unit_and_both_convs_stay_integer(tmp_path):
     }""", W=rng.normal(0, 2.0, (8, 3, 3, 3)).astype(F32), B=rng.normal(0, 1, 8).astype(F32),
         W2=rng.normal(0, 0.3, (4, 8, 3, 3)).astype(F32))
     name_nodes(model)
-    res = quantize(model, [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(F32)} for _ in range(8)], QuantConfig(),
-                   output_dir=tmp_path)
-    assert "s" not in qdq_tensors(res.model) and {"c", "a"} <= qdq_tensors(res.model)
+    data = [{"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(F32)} for _ in range(8)]
+    res = quantize(model, data, QuantConfig(), output_dir=tmp_path)
+    assert [(p["kind"], p["qdq_inside"]) for p in res.plan.patterns] == [("SiLU", True)]
+    assert {"c", "s", "a"} <= qdq_tensors(res.model)
+    assert res.plan.encodings["c"] != res.plan.encodings["s"]  # the Mul's operands keep their own scales
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(res.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     ops = op_counts(onnx.load(str(tmp_path / "opt.onnx")))
-    assert ops.get("QLinearConv") == 2 and not ops.get("QLinearMul") and not ops.get("QLinearSigmoid")
+    assert ops.get("QLinearConv") == 2 and ops.get("QLinearMul") == 1 and ops.get("QLinearSigmoid") == 1
     x = rng.normal(0, 1, (8, 3, 8, 8)).astype(F32)
     assert cosine(run(model, {"x": x})[0], run(res.model, {"x": x})[0]) > 0.995
+    trt = quantize(model, data, QuantConfig(target="tensorrt"), output_dir=tmp_path / "trt")
+    assert not {"c", "s"} & qdq_tensors(trt.model) and "a" in qdq_tensors(trt.model)
 
 
 def test_tail_after_the_last_conv_runs_in_float_and_the_conv_stays_integer(tmp_path):

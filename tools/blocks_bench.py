@@ -74,8 +74,10 @@ def detector(n_eval: int):
     import digits_detector as mod
     from converter import export_torch
 
-    path = Path(tempfile.mkdtemp()) / "detector.onnx"
-    export_torch(mod.build(), torch.zeros(mod.INPUT_SHAPE), path)
+    path = Path(os.environ["DETECTOR_ONNX"]) if os.environ.get("DETECTOR_ONNX") else \
+        Path(tempfile.mkdtemp()) / "detector.onnx"
+    if not os.environ.get("DETECTOR_ONNX"):  # else: another detector with the same input/output (a SiLU/DFL variant)
+        export_torch(mod.build(), torch.zeros(mod.INPUT_SHAPE), path)
     x_cal, _ = mod.make_data(64, seed=10)
     x_eval, _ = mod.make_data(n_eval, seed=11)
     calib = [{mod.INPUT_NAME: x_cal[i:i + 16]} for i in range(0, len(x_cal), 16)]
