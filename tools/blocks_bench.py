@@ -69,9 +69,9 @@ def latency(fp32: ort.InferenceSession, q: ort.InferenceSession, feed: dict, run
 
 def detector(n_eval: int):
     sys.path.insert(0, str(ROOT / "models"))
+    import digits_detector as mod
     import torch
 
-    import digits_detector as mod
     from converter import export_torch
 
     path = Path(os.environ["DETECTOR_ONNX"]) if os.environ.get("DETECTOR_ONNX") else \

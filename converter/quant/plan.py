@@ -47,8 +47,8 @@ import onnx
 
 from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr, bodies, graph_attrs
-from ..graph.patterns import (ACTIVATION_KINDS, COMPOUND_KINDS, Match, all_nodes, find_blocks, float_subgraphs,
-                              fused_group)
+from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, all_nodes, find_blocks, float_subgraphs
+from ..graph.patterns import fused_group
 from .encoding import Encoding
 from .rules import RULES, OpRule, block_axis, node_rule, rule_op_type, weight_axis
 
