@@ -471,3 +471,17 @@ def test_torch_normalize_with_expand_is_an_l2norm():
     assert (b.kind, b.inputs, b.output) == ("L2Norm", ("h",), "z")
     assert {n for n in b.nodes} == {n.name for n in model.graph.node if n.op_type in ("ReduceL2", "Clip", "Expand",
                                                                                       "Div")}
+
+
+@pytest.mark.parametrize("kind,form", [("LayerNorm", "paddle2onnx"), ("LayerNorm", "jax2tf"), ("GELU", "jax2tf-tanh"),
+                                       ("RMSNorm", "llama"), ("DecomposedSoftmax", "reducemax"),
+                                       ("L2Norm", "max-eps")])
+def test_forms_are_recognised_without_shapes(kind, form):
+    """Shape inference often stops at a dynamic Reshape (PP-OCRv4's SVTR LayerNorms, paddle2onnx): the math is
+    checked on a shape guessed from the reduction axes and the constants (gamma's length, a mean's 1/N)."""
+    model = form_model(kind, form)
+    del model.graph.value_info[:]
+    idx = GraphIndex.build(model)
+    assert idx.shape.get("h") is None
+    [b] = [b for b in find_blocks(idx) if b.kind != "residual_add"]
+    assert (b.kind, set(b.nodes), b.inputs, b.output) == (kind, block_nodes(model), ("h",), "z")

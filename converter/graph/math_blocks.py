@@ -372,23 +372,57 @@ def _closures(idx: GraphIndex, x: str, region: list[onnx.NodeProto], blocked: se
         nodes.sort(key=lambda n: idx.order[n.name])
 
 
+def _guess_shape(idx: GraphIndex, nodes: list[onnx.NodeProto]) -> list[int | None]:
+    """A shape for an input shape inference could not type (a dynamic Reshape before it): the rank the reduction
+    axes and constants need, plus a leading axis for rows; sizes unknown (filled by :func:`_eval_shape`)."""
+    rank = 2
+    for n in nodes:
+        raw = attr(n, "axes") if n.op_type in REDUCE_OPS else None
+        if raw is None and n.op_type in REDUCE_OPS and len(n.input) > 1 and idx.is_constant(n.input[1]):
+            raw = idx.constant(n.input[1]).ravel().tolist()
+        for a in raw or ():
+            rank = max(rank, a + 1 if a >= 0 else -a + 1)
+        for t in n.input:
+            if t and idx.is_constant(t) and n.op_type not in REDUCE_OPS:
+                rank = max(rank, idx.constant(t).ndim + 1)
+    return [None] * rank
+
+
+def _mean_size(idx: GraphIndex, nodes: list[onnx.NodeProto]) -> int | None:
+    """N of a mean written as ReduceSum(.) * 1/N or / N, from its constant (an unknown reduced size)."""
+    for n in nodes:
+        if n.op_type not in ("Mul", "Div") or not any(idx.producer.get(t) is not None and
+                                                      idx.producer[t].op_type == "ReduceSum" for t in n.input):
+            continue
+        for t in n.input:
+            c = idx.constant(t) if t and idx.is_constant(t) else None
+            if c is not None and c.size == 1 and float(c.ravel()[0]) != 0:
+                v = float(c.ravel()[0])
+                size = 1 / v if n.op_type == "Mul" else v
+                if size > 1.5 and abs(size - round(size)) < 1e-3 * size:
+                    return int(round(size))
+    return None
+
+
 def _eval_shape(idx: GraphIndex, x: str, nodes: list[onnx.NodeProto], axes: tuple[int, ...]) -> list[int] | None:
     shape = idx.shape.get(x)
     if shape is None:
-        return None if axes else [64]
+        shape = _guess_shape(idx, nodes) if axes else [None]
     rank = len(shape)
-    fixed = set(axes)  # reduced axes keep their size; so do axes a constant broadcasts along
+    fixed = {a: None for a in axes}  # reduced axes keep their size; so do axes a constant broadcasts along
     for n in nodes:
         for t in n.input:
             c = idx.constant(t) if t and idx.is_constant(t) and n.op_type not in REDUCE_OPS else None
             if c is not None and c.ndim <= rank:
-                fixed.update(rank - c.ndim + i for i, d in enumerate(c.shape) if d > 1)
+                for i, d in enumerate(c.shape):
+                    if d > 1:
+                        fixed[rank - c.ndim + i] = d
     dims: list[int] = []
     rows = 16 if axes else 64
     for a, d in enumerate(shape):
         if a in fixed:
-            if not isinstance(d, int) or d <= 0:
-                return None
+            if not isinstance(d, int) or d <= 0:  # unknown: the size a constant gives it, or N of a 1/N mean
+                d = fixed[a] or _mean_size(idx, nodes) or 8
             dims.append(d)
         else:
             dims.append(rows)
@@ -413,7 +447,7 @@ def _identify(idx: GraphIndex, x: str, nodes: list[onnx.NodeProto], out: str, ki
     forms = [f for f in MATH_FORMS if f.kind in kinds and ops & f.any_of]
     if not forms or len(nodes) < 2 and not ops & {"LpNormalization"}:
         return None
-    rank = len(idx.shape[x]) if idx.shape.get(x) is not None else 1
+    rank = len(idx.shape[x]) if idx.shape.get(x) is not None else len(_guess_shape(idx, nodes))
     axes = _region_axes(idx, nodes, rank)
     shape = _eval_shape(idx, x, nodes, axes)
     if shape is None:
