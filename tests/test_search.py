@@ -10,7 +10,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from converter.errors import ConfigError
+from converter.errors import ConfigError, UserError
 
 from converter import QuantConfig
 from converter.cli import main
@@ -203,15 +203,15 @@ def test_capture_keeps_integer_tensors_integer():
     assert got["c"].shape == (2, 4, 8, 16)
 
 
-def planted_model(n: int = 20, culprits: tuple[int, ...] = (6, 15), d: int = 24):
+def planted_model(n: int = 20, culprits: tuple[int, ...] = (6, 15), d: int = 24, outliers: tuple[float, ...] = ()):
     """A chain of ``n`` MatMuls; before each planted culprit ``j`` the previous MatMul writes one huge outlier
     channel that MatMul ``j`` ignores (tiny weights on it). Quantizing that tensor (which MatMul ``j`` reads,
     so keeping MatMul ``j`` in float removes its quantizer) wipes out the other channels."""
     rng = np.random.default_rng(3)
     ws = [rng.normal(0, 1 / np.sqrt(d), (d, d)).astype(np.float32) for _ in range(n)]
-    for j in culprits:
+    for j, big in zip(culprits, outliers or (3000.0,) * len(culprits)):
         ws[j - 1][:, 0] = 0.0
-        ws[j - 1][0, 0] = 3000.0
+        ws[j - 1][0, 0] = big
         ws[j][0, :] = 1e-6
     lines = [f"h{i + 1} = MatMul(h{i}, W{i})" for i in range(n)]
     text = f"""
@@ -327,3 +327,113 @@ def test_search_runs_and_reports_no_bias_correction_and_encodes_weights_as_witho
         assert any("bias_correction is not applied by the accuracy-target search" in m for m in caplog.messages) == bc
         tensors[bc] = res.report["tensors"]["W"]
     assert tensors[True] == tensors[False]
+
+
+def _planted_search(tmp_path, **kw):
+    model = planted_model(**kw.pop("model", {}))
+    evaluate = BuiltinEvaluator(kw.pop("metric", "cosine"), model, planted_data(2, kw.pop("eval_n", 4)))
+    return auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=kw.pop("drop", 0.005)), NO_SMOOTH,
+                         output_dir=tmp_path, **kw)
+
+
+def test_every_model_run_is_counted_and_the_default_budget_is_stated(tmp_path):
+    s = _planted_search(tmp_path, latency=False).report["search"]
+    c = s["evaluation_counts"]
+    assert s["max_evaluations"] == 2 + 4 * math.ceil(math.log2(20)) and not s["budget_exhausted"]
+    assert c["full"] == s["full_evaluations"] == len(s["evaluations"]) <= s["max_evaluations"]
+    assert c["ranking_runs"] == 20 + 1 and c["subset"] == 0  # propagated: one run per layer, and FP32's
+    assert c["total"] == c["full"] + c["subset"] + c["ranking_runs"]
+    # end-to-end: its 20 full evaluations (one per layer) are counted, beside the search's own
+    e = _planted_search(tmp_path / "e2e", latency=False, ranking="end-to-end").report["search"]
+    assert e["evaluation_counts"]["ranking_full"] == 20 and e["evaluation_counts"]["ranking_runs"] == 0
+    assert e["full_evaluations"] == 20 + len(e["evaluations"])
+
+
+def test_budget_ends_the_search_and_says_so(tmp_path, capsys):
+    with pytest.raises(TargetNotMetError) as err:
+        _planted_search(tmp_path, latency=False, max_evaluations=3, name="b")
+    assert "budget (3 full evaluations, --max-evaluations) ended the search" in err.value.message
+    assert "--max-evaluations" in err.value.fix and err.value.exit_code == 1
+    s = json.loads((tmp_path / "b.report.json").read_text())["search"]
+    assert s["budget_exhausted"] and s["stop_reason"] == "budget" and not s["met"]
+    assert s["full_evaluations"] == 3 and (tmp_path / "b.qdq.onnx").is_file()
+    with pytest.raises(UserError, match="at least 2"):
+        _planted_search(tmp_path / "x", latency=False, max_evaluations=1)
+
+
+def test_a_model_slower_than_allowed_is_no_success(tmp_path, capsys):
+    """The target is met, but no quantized model runs within 1e-6 x FP32: exit 1 with the trade-off table, the
+    model and the report still written and marked not met."""
+    res = _planted_search(tmp_path / "ok", latency_runs=3, max_latency_ratio=1e6)
+    s = res.report["search"]
+    assert s["met"] and s["stop_reason"] == "" and s["pareto"][0]["label"] == "fp32"
+    front = s["pareto"][1:]
+    assert front and all(r["latency_ms"] > 0 and r["vs_fp32"] > 0 for r in front)
+    for a in front:  # no point of the front is beaten on both axes by another evaluated model
+        assert not any(b["metric"] >= a["metric"] and b["latency_ms"] < a["latency_ms"] for b in front if b is not a)
+    assert sorted(r["latency_ms"] for r in front) == [r["latency_ms"] for r in front]
+    with pytest.raises(TargetNotMetError) as err:
+        _planted_search(tmp_path / "slow", latency_runs=3, max_latency_ratio=1e-6, name="slow")
+    msg = err.value.message
+    assert "met only by a model slower than allowed" in msg and "limit 1e-06x" in msg and "x FP32" in msg
+    assert "FP32 model" in msg and "--max-latency-ratio" in err.value.fix
+    report = json.loads((tmp_path / "slow" / "slow.report.json").read_text())
+    assert report["search"]["met"] is False and report["search"]["stop_reason"] == "latency"
+    assert report["search"]["final_metric"] >= report["search"]["threshold"]  # accuracy was met
+    assert (tmp_path / "slow" / "slow.qdq.onnx").is_file()
+    # the CLI: exit 1, the table on the terminal
+    onnx.save(planted_model(), tmp_path / "m.onnx")
+    for d, seed in (("calib", 1), ("eval", 2)):
+        (tmp_path / d).mkdir()
+        for i, batch in enumerate(planted_data(seed)):
+            np.save(tmp_path / d / f"{i}.npy", batch["h0"])
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--eval",
+                 str(tmp_path / "eval"), "--target-metric", "cosine", "--max-drop", "0.005", "-o",
+                 str(tmp_path / "cli"), "--no-smoothquant", "--max-latency-ratio", "0.000001"])
+    err = capsys.readouterr().err
+    assert code == 1 and "kept out of INT8" in err and "FP32 model" in err and "Traceback" not in err
+
+
+def test_int16_or_float_per_layer(tmp_path):
+    """Two culprits: one outlier 16 bits hold (3,000x the other channels), one they do not (1e9x). With
+    --fallback int16 the search keeps the first at 16 bits and only the second in float."""
+    res = _planted_search(tmp_path, latency=False, fallback="int16", drop=0.05,
+                          model={"outliers": (1e9, 3000.0)})
+    s = res.report["search"]
+    assert s["met"] and s["fallback"] == "mixed", s["evaluations"]
+    assert [x["name"] for x in s["fallback_layers"]] and s["int16_layers"] == ["MatMul_15"]
+    assert sorted(x["name"] for x in s["fallback_layers"]) == ["MatMul_15", "MatMul_6"]
+    assert res.plan.nodes["MatMul_6"].status == "float-excluded" and res.plan.nodes["MatMul_15"].status == "quantized"
+    assert res.plan.tensors["h15"].bitwidth == 16
+
+
+def test_subset_ranking_scores_the_items_that_dropped(tmp_path):
+    """--ranking subset: the user's metric (agreement) on the items all-INT8 changed most, each layer alone in
+    float; the culprit ranks first, the subset runs are counted. (With two culprits that each wipe the output
+    out, no single float layer recovers anything: the subset ranking, like NNCF's, then ranks on ties.)"""
+    res = _planted_search(tmp_path, latency=False, ranking="subset", metric="agreement", drop=0.1, eval_n=16,
+                          model={"culprits": (6,)})
+    s = res.report["search"]
+    assert s["ranking_kind"] == "subset"
+    assert s["evaluation_counts"]["subset"] == 20 + 1 and s["evaluation_counts"]["ranking_runs"] == 0
+    assert s["ranking"][0]["name"] == "MatMul_6" and s["ranking"][0]["recovery"] > 0.5
+    assert all(x["recovery"] is not None for x in s["ranking"])
+    assert s["met"] and [x["name"] for x in s["fallback_layers"]] == ["MatMul_6"]
+    assert s["full_evaluations"] <= 3  # FP32, all-INT8, the culprit in float
+
+
+def test_worst_items_and_subset_evaluator():
+    model = planted_model()
+    ev = BuiltinEvaluator("agreement", model, planted_data(2, 16))
+    ref = ev.reference
+    flipped = [[-r[0]] for r in ref]  # every item's argmax moves
+    half = [[np.where(np.arange(len(r[0]))[:, None] % 2 == 0, r[0], -r[0])] for r in ref]  # the odd items move
+    drops, cos = ev.item_drops(half)
+    assert drops.tolist() == [0.0, 1.0] * 64 and cos[1] == pytest.approx(-1.0)
+    items = ev.worst_items(half, size=64)
+    assert (items % 2 == 1).all() and len(items) == 64
+    assert len(ev.worst_items(flipped)) == min(128, 300)
+    sub = ev.subset(items)
+    assert sub.reference[0][0].shape[0] == 8  # the odd items of each batch of 8
+    assert sub.score(ev.reference[:0] or [[r[0][1::2]] for r in ref]) == 1.0
+    assert sub.score_and_cosine(model)[0] == pytest.approx(1.0)
