@@ -75,7 +75,7 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
 
 
 def first_sample(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[:1] if np.ndim(v) else np.asarray(v) for k, v in batch.items()}  # a scalar input stays
+    return {k: np.asarray(v)[:1] for k, v in batch.items()}
 
 
 def measure_latency(model: onnx.ModelProto | str, feed: Mapping[str, np.ndarray], runs: int = 20,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -42,7 +43,7 @@ from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
                           subset_sensitivity)
 from .sensitivity import rank as rank_scores
-from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency
+from .cost import COMPUTE_OPS, layer_macs, measure_latency
 from .giveback import give_back
 from .strategies import STRATEGIES
 
@@ -306,6 +307,13 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
                          stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy")
 
 
+def _one_sample(batch: dict, specs: list) -> dict:
+    """One sample of a batch for the latency runs: an input with a dynamic first dimension sliced to one item,
+    the others as they are (a recurrent state whose batch axis is not the first, a scalar)."""
+    dynamic = {s.name for s in specs if s.dynamic_batch}
+    return {k: np.asarray(v)[:1] if k in dynamic and np.ndim(v) else np.asarray(v) for k, v in batch.items()}
+
+
 def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict, lat: dict,
                runs: int) -> list[dict[str, Any]]:
     """Every evaluated model (FP32 included) with its metric and batch-1 latency: the final and all-INT8
@@ -515,7 +523,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                      **outcome.to_dict()}
     if latency and batches:
         t = time.perf_counter()
-        feed = first_sample(batches[0])
+        feed = _one_sample(batches[0], prepared.inputs)
         lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
                "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
                if outcome.all_quantized is not None else None,
