@@ -450,3 +450,28 @@ def test_latency_sample_keeps_inputs_whose_first_axis_is_not_the_batch():
     batch = {"x": np.zeros((3, 4), np.float32), "state": np.zeros((2, 3, 4), np.float32), "sr": np.array(16000)}
     one = _one_sample(batch, specs)
     assert one["x"].shape == (1, 4) and one["state"].shape == (2, 3, 4) and one["sr"].shape == ()
+
+
+def test_a_met_model_within_the_latency_limit_is_kept_when_the_cheapest_is_too_slow(tmp_path, monkeypatch):
+    """The cost order (MACs) picks the fewest float layers; when that model measures slower than the limit and
+    another model that met the target measures within it, that one is written (the cheapest of them)."""
+    import converter.search.fallback as fb
+
+    def fake_latency(model, feed, runs=20, **kw):  # a runtime on which every float MatMul saves 1 ms
+        g = model.graph
+        dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        if not dq:
+            return 9.0
+        return 10.0 - sum(1 for n in g.node if n.op_type == "MatMul" and n.input[0] not in dq)
+
+    monkeypatch.setattr(fb, "measure_latency", fake_latency)
+    res = _planted_search(tmp_path, strategy="bisect", max_latency_ratio=0.7)
+    s = res.report["search"]
+    passed = [e for e in s["evaluations"] if e["passed"] and e["label"] != "fp32"]
+    assert min(len(e["float_layers"]) for e in passed) == 2 and len(passed) >= 2  # bisect: 10, 5, 2 layers passed
+    assert s["met"] and s["latency"]["chosen_by"] == "measured latency"
+    kept = {x["name"] for x in s["fallback_layers"]}
+    assert {"MatMul_6", "MatMul_15"} <= kept and s["latency"]["final_vs_fp32"] <= 0.7
+    ok = [e for e in passed if (10.0 - len(e["float_layers"])) / 9.0 <= 0.7]
+    assert len(kept) == min(len(e["float_layers"]) for e in ok)  # the cheapest of those within the limit
+    assert res.plan.nodes["MatMul_6"].status == "float-excluded"

@@ -158,7 +158,7 @@ class SearchOutcome:
     max_evaluations: int | None = None
     budget_exhausted: bool = False  # the evaluation budget ended the search
     counts: dict[str, int] = field(default_factory=dict)  # Searcher.counts()
-    candidates: list[tuple[Trial, onnx.ModelProto]] = field(default_factory=list)  # every model evaluated
+    candidates: list[tuple[Trial, QuantPlan, onnx.ModelProto]] = field(default_factory=list)  # every model evaluated
     stop_reason: str = ""  # why the result is not met: "accuracy", "budget", "latency"
 
     def float_fraction(self) -> float:
@@ -303,7 +303,7 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
                          list(searcher.trials), strategy, time.perf_counter() - t0, kind, prefix, dict(costs),
                          none[2] if none else None, int16_layers=[s.name for s in layers if s.name in key[1]],
                          max_evaluations=budget["max"], budget_exhausted=budget["exhausted"],
-                         counts=searcher.counts(), candidates=[(r[0], r[2]) for r in results.values()],
+                         counts=searcher.counts(), candidates=[(r[0], r[1], r[2]) for r in results.values()],
                          stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy")
 
 
@@ -320,7 +320,7 @@ def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict,
     models' from ``lat``, the others measured here with ``runs`` runs."""
     rows = [{"label": "fp32", "float_layers": 0, "int16_layers": 0, "metric": outcome.baseline,
              "latency_ms": lat["fp32_ms"], "passed": True}]
-    for trial, model in outcome.candidates:
+    for trial, _, model in outcome.candidates:
         ms = lat["final_ms"] if model is outcome.qdq else lat["all_int8_ms"] if model is outcome.all_quantized \
             else None
         rows.append({"label": trial.label, "float_layers": len(trial.float_layers),
@@ -535,10 +535,28 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         search_report["latency"] = lat
         limit = max_latency_ratio if max_latency_ratio is not None else 1.0 if config.target == "ort-cpu" else None
         rows = _tradeoffs(outcome, prepared.model, feed, lat, min(latency_runs, 10))
-        search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
         if outcome.met and limit is not None and lat["final_vs_fp32"] > limit:
-            outcome.met, outcome.stop_reason = False, "latency"
-            search_report.update(met=False, stop_reason="latency")
+            # the cheapest set by cost is too slow as measured: another model that met the target may not be
+            faster = [(r, c) for r, c in zip(rows[1:], outcome.candidates) if r["passed"] and r["vs_fp32"] <= limit]
+            if faster:
+                row, (trial, plan, qdq) = min(faster, key=lambda rc: (  # the cheapest of them, as _best orders
+                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].float_layers),
+                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].int16_layers),
+                    len(rc[1][0].float_layers) + len(rc[1][0].int16_layers), -rc[1][0].metric, rc[0]["latency_ms"]))
+                log.info("the cheapest model that met the target runs %.2fx FP32 (limit %gx); keeping one measured "
+                         "at %.2fx: %s", lat["final_vs_fp32"], limit, row["vs_fp32"], trial.label)
+                by_name = {x.name: x for x in outcome.ranking}
+                outcome.plan, outcome.qdq = plan, qdq
+                outcome.fallback_layers = [by_name[n] for n in trial.float_layers + trial.int16_layers]
+                outcome.int16_layers = list(trial.int16_layers)
+                outcome.fallback = "mixed" if trial.float_layers and trial.int16_layers else \
+                    "int16" if trial.int16_layers else "float"
+                lat.update(final_ms=row["latency_ms"], final_vs_fp32=row["vs_fp32"], chosen_by="measured latency")
+                search_report.update(outcome.to_dict())
+            else:
+                outcome.met, outcome.stop_reason = False, "latency"
+                search_report.update(met=False, stop_reason="latency")
+        search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
         timings["latency_s"] = time.perf_counter() - t
     fraction = outcome.float_fraction()
     if outcome.met and fraction > FLOAT_FRACTION_WARNING:
