@@ -12,6 +12,22 @@
    :func:`~converter.quant.control_flow.render_control_flow`).
 4. Write the model that met the target, or, if none did, the best one found, with every evaluation
    in the report; an unmet target raises :class:`TargetNotMetError` *after* writing.
+
+The search knows when to stop:
+
+* **budget**: at most ``max_evaluations`` full evaluations (FP32 and all-INT8 included; default
+  ``2 + 4 ceil(log2 L)`` for ``L`` ranked layers); when it ends the search, the best model so far is kept
+  and the report (``budget_exhausted``, ``stop_reason: budget``) and the error say so.
+* **counted**: every model run, by kind: full evaluations (the end-to-end ranking's too), evaluations on
+  an item subset (the subset ranking) and the ranking's runs on the sensitivity samples
+  (``evaluation_counts``).
+* **latency**: a model that meets the target but runs slower than ``max_latency_ratio`` x FP32 (ONNX
+  Runtime CPU, batch 1; default 1.0 on ort-cpu) is no success: another model that met the target within
+  the limit is kept if one was evaluated, else the run ends not met (exit 1) with the accuracy/latency
+  trade-offs found (``pareto``: FP32, then every evaluated model no other beats on both metric and latency).
+* **16 bits or float per layer** (``fallback="int16"``, the default on a target that runs 16 bits): the
+  layers that had to go to float are tried at 16 bits again, group by group, so only those 16 bits cannot
+  hold stay float.
 """
 
 from __future__ import annotations
