@@ -186,7 +186,8 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "model so far is kept and the report says so (default: 2 + 4 x ceil(log2 ranked layers))")
     s.add_argument("--max-latency-ratio", type=float, metavar="R",
                    help="a model meeting the target but slower than R x FP32 (ORT CPU, batch 1) exits 1 with the "
-                        "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu, none elsewhere)")
+                        "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu for a model whose "
+                        "FP32 run takes >= 1 ms, none elsewhere)")
     p.set_defaults(_search_group=s)
 
 

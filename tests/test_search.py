@@ -475,3 +475,22 @@ def test_a_met_model_within_the_latency_limit_is_kept_when_the_cheapest_is_too_s
     ok = [e for e in passed if (10.0 - len(e["float_layers"])) / 9.0 <= 0.7]
     assert len(kept) == min(len(e["float_layers"]) for e in ok)  # the cheapest of those within the limit
     assert res.plan.nodes["MatMul_6"].status == "float-excluded"
+
+
+def test_default_latency_gate_needs_a_model_whose_float_run_takes_a_millisecond(tmp_path, monkeypatch):
+    """Default on ort-cpu: 1.0x FP32, for a model whose FP32 run takes >= 1 ms (below, ORT's per-call overhead
+    sets the time); the planted chain runs in microseconds, so only a measured-slow runtime trips the gate."""
+    import converter.search.fallback as fb
+
+    s = _planted_search(tmp_path / "tiny", latency_runs=3).report["search"]
+    assert s["met"] and s["max_latency_ratio"] is None and s["latency"]["fp32_ms"] < fb.LATENCY_GATE_MIN_MS
+
+    def slow(model, feed, runs=20, **kw):  # FP32 2 ms, every quantized model 3 ms
+        return 3.0 if any(n.op_type == "DequantizeLinear" for n in model.graph.node) else 2.0
+
+    monkeypatch.setattr(fb, "measure_latency", slow)
+    with pytest.raises(TargetNotMetError, match=r"1.50x FP32 latency .* limit 1x"):
+        _planted_search(tmp_path / "slow", name="s")
+    s = json.loads((tmp_path / "slow" / "s.report.json").read_text())["search"]
+    assert s["max_latency_ratio"] == 1.0 and s["stop_reason"] == "latency"
+    assert [p["label"] for p in s["pareto"]][0] == "fp32" and all(p["vs_fp32"] == 1.5 for p in s["pareto"][1:])
