@@ -169,7 +169,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                                           "output's score, for cosine/sqnr)")
     s.add_argument("--strategy", choices=["gallop", "bisect", "sequential"], default="gallop",
                    help="how many of the ranked layers to keep in float (default: gallop, 1, 2, 4... then bisect)")
-    s.add_argument("--ranking", choices=["propagated", "single-op", "end-to-end"], default="propagated",
+    s.add_argument("--ranking", choices=["propagated", "single-op", "end-to-end", "subset"], default="propagated",
                    help="how layers are ranked (default: propagated, each layer alone quantized, model outputs "
                         "compared)")
     s.add_argument("--sensitivity-samples", type=int, default=8, help="calibration samples the ranking runs on (default: 8)")
@@ -181,6 +181,13 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-float-fraction", type=float,
                    help="exit 1 when more than this share of the compute layers ends in float (the model and "
                         "report are still written) (default: none)")
+    s.add_argument("--max-evaluations", type=int, metavar="N",
+                   help="budget of full evaluations, FP32 and all-INT8 included; when it ends the search the best "
+                        "model so far is kept and the report says so (default: 2 + 4 x ceil(log2 ranked layers))")
+    s.add_argument("--max-latency-ratio", type=float, metavar="R",
+                   help="a model meeting the target but slower than R x FP32 (ORT CPU, batch 1) exits 1 with the "
+                        "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu for a model whose "
+                        "FP32 run takes >= 1 ms, none elsewhere)")
     p.set_defaults(_search_group=s)
 
 
@@ -270,13 +277,19 @@ def _auto_quantize(args: argparse.Namespace, config):
     result = auto_quantize(args.model, args.calib, evaluate, target, config, output_dir=args.output_dir,
                            name=args.name, strategy=args.strategy, sensitivity_samples=args.sensitivity_samples,
                            ranking=args.ranking, fallback=args.fallback, calib_spec=args.calib_spec,
-                           give_back_layers=args.give_back, max_float_fraction=args.max_float_fraction)
+                           give_back_layers=args.give_back, max_float_fraction=args.max_float_fraction,
+                           max_evaluations=args.max_evaluations, max_latency_ratio=args.max_latency_ratio)
     search = result.report["search"]
     print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
           f"(threshold {search['threshold']:.4f}) with {len(search['fallback_layers'])} layer(s) in "
           f"{search['fallback'] if search['fallback_layers'] else 'float'} after "
           f"{search['full_evaluations']} full evaluations")
     print(f"  {search['float_fraction']:.0%} of the compute layers in float; ranking: {search['ranking_kind']}")
+    c = search.get("evaluation_counts") or {}
+    if c:
+        print(f"  model runs: {c['full']} full evaluations, {c['subset']} on an item subset, {c['ranking_runs']} "
+              f"ranking runs on the sensitivity samples ({c['total']} in all); budget {search['max_evaluations']} "
+              "full evaluations (--max-evaluations)")
     for layer in search["fallback_layers"]:
         print(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, {search['ranking_kind']} cosine "
               f"{layer['cosine']:.4f})")

@@ -356,7 +356,7 @@ def test_search_keeps_the_sensitive_layer_inside_an_if_body_in_float(tmp_path, c
     evaluate = BuiltinEvaluator("cosine", model, _matmul_data(2))
     with caplog.at_level(logging.WARNING, logger="converter"):
         res = auto_quantize(model, _matmul_data(1), evaluate, AccuracyTarget(max_drop=0.001),
-                            QuantConfig(smoothquant=False), output_dir=tmp_path, latency_runs=3)
+                            QuantConfig(smoothquant=False), output_dir=tmp_path, latency_runs=3, max_latency_ratio=1e6)
     assert "plans the main graph only" not in caplog.text
     s = res.report["search"]
     body = "branch/then_branch"

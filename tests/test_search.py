@@ -10,7 +10,7 @@ import onnx
 import onnx.numpy_helper
 import pytest
 
-from converter.errors import ConfigError
+from converter.errors import ConfigError, UserError
 
 from converter import QuantConfig
 from converter.cli import main
@@ -59,7 +59,7 @@ def test_search_finds_exactly_the_sensitive_layer(tmp_path, strategy):
     model = sensitive_model()
     evaluate = BuiltinEvaluator("cosine", model, data(2))
     res = auto_quantize(model, data(1), evaluate, AccuracyTarget(max_drop=0.001), NO_SMOOTH,
-                        output_dir=tmp_path, strategy=strategy)
+                        output_dir=tmp_path, strategy=strategy, latency=False)
     search = res.report["search"]
     assert search["met"] and [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
     assert search["ranking"][0]["name"] == "MatMul_3"
@@ -76,7 +76,7 @@ def test_unmet_target_still_writes_best_model(tmp_path):
     model = sensitive_model()
     with pytest.raises(TargetNotMetError) as err:
         auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(min_value=1.5),
-                      NO_SMOOTH, output_dir=tmp_path, name="best")
+                      NO_SMOOTH, output_dir=tmp_path, name="best", latency=False)
     assert err.value.exit_code == 1 and "not met" in err.value.message
     report = json.loads((tmp_path / "best.report.json").read_text())
     assert report["search"]["met"] is False
@@ -129,7 +129,7 @@ def test_cli_search_on_digits(digits, tmp_path, capsys):
     np.save(tmp_path / "labels.npy", digits["y_test"][:200])
     code = main(["quantize", str(digits["path"]), "--calib", str(ROOT / "calib_data" / "digits"), "-o",
                  str(tmp_path / "out"), "--target-metric", "top1", "--eval", str(eval_dir), "--labels",
-                 str(tmp_path / "labels.npy"), "--max-drop", "0.005"])
+                 str(tmp_path / "labels.npy"), "--max-drop", "0.005", "--max-latency-ratio", "1000"])
     out = capsys.readouterr()
     assert code == 0, out.err
     report = json.loads((tmp_path / "out" / "digits.report.json").read_text())
@@ -148,7 +148,7 @@ def test_int16_fallback_before_float(tmp_path):
     """With --fallback int16 the sensitive layer is kept at 16 bits (opset 21 QDQ) instead of float."""
     model = sensitive_model()
     res = auto_quantize(model, data(1), BuiltinEvaluator("cosine", model, data(2)), AccuracyTarget(max_drop=0.005),
-                        NO_SMOOTH, output_dir=tmp_path, fallback="int16")
+                        NO_SMOOTH, output_dir=tmp_path, fallback="int16", latency=False)
     search = res.report["search"]
     assert search["met"] and search["fallback"] == "int16"
     assert [s["name"] for s in search["fallback_layers"]] == ["MatMul_3"]
@@ -203,15 +203,15 @@ def test_capture_keeps_integer_tensors_integer():
     assert got["c"].shape == (2, 4, 8, 16)
 
 
-def planted_model(n: int = 20, culprits: tuple[int, ...] = (6, 15), d: int = 24):
+def planted_model(n: int = 20, culprits: tuple[int, ...] = (6, 15), d: int = 24, outliers: tuple[float, ...] = ()):
     """A chain of ``n`` MatMuls; before each planted culprit ``j`` the previous MatMul writes one huge outlier
     channel that MatMul ``j`` ignores (tiny weights on it). Quantizing that tensor (which MatMul ``j`` reads,
     so keeping MatMul ``j`` in float removes its quantizer) wipes out the other channels."""
     rng = np.random.default_rng(3)
     ws = [rng.normal(0, 1 / np.sqrt(d), (d, d)).astype(np.float32) for _ in range(n)]
-    for j in culprits:
+    for j, big in zip(culprits, outliers or (3000.0,) * len(culprits)):
         ws[j - 1][:, 0] = 0.0
-        ws[j - 1][0, 0] = 3000.0
+        ws[j - 1][0, 0] = big
         ws[j][0, :] = 1e-6
     lines = [f"h{i + 1} = MatMul(h{i}, W{i})" for i in range(n)]
     text = f"""
@@ -231,7 +231,7 @@ def test_search_keeps_exactly_the_two_planted_culprits_in_float(tmp_path):
     model = planted_model()
     evaluate = BuiltinEvaluator("cosine", model, planted_data(2))
     res = auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=0.005), NO_SMOOTH,
-                        output_dir=tmp_path, latency_runs=3)
+                        output_dir=tmp_path, latency_runs=3, max_latency_ratio=1e6)
     s = res.report["search"]
     assert s["ranking_kind"] == "propagated" and len(s["ranking"]) == 20
     assert s["met"] and sorted(x["name"] for x in s["fallback_layers"]) == ["MatMul_15", "MatMul_6"]
@@ -297,7 +297,8 @@ def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
     for i, batch in enumerate(planted_data(2)):
         np.save(tmp_path / "eval" / f"e{i}.npy", batch["h0"])
     args = ["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--eval", str(tmp_path / "eval"),
-            "--target-metric", "cosine", "--max-drop", "0.005", "-o", str(tmp_path / "out"), "--no-smoothquant"]
+            "--target-metric", "cosine", "--max-drop", "0.005", "-o", str(tmp_path / "out"), "--no-smoothquant",
+            "--max-latency-ratio", "1000"]  # a 24-wide MatMul chain runs faster in float: no latency gate here
     assert main(args + ["--max-float-fraction", "0.05"]) == 1
     err = capsys.readouterr().err
     assert "10% of the compute layers" in err and "--max-float-fraction" in err
@@ -326,3 +327,170 @@ def test_search_runs_and_reports_no_bias_correction_and_encodes_weights_as_witho
         assert any("bias_correction is not applied by the accuracy-target search" in m for m in caplog.messages) == bc
         tensors[bc] = res.report["tensors"]["W"]
     assert tensors[True] == tensors[False]
+
+
+def _planted_search(tmp_path, **kw):
+    model = planted_model(**kw.pop("model", {}))
+    evaluate = BuiltinEvaluator(kw.pop("metric", "cosine"), model, planted_data(2, kw.pop("eval_n", 4)))
+    return auto_quantize(model, planted_data(1), evaluate, AccuracyTarget(max_drop=kw.pop("drop", 0.005)), NO_SMOOTH,
+                         output_dir=tmp_path, **kw)
+
+
+def test_every_model_run_is_counted_and_the_default_budget_is_stated(tmp_path):
+    s = _planted_search(tmp_path, latency=False).report["search"]
+    c = s["evaluation_counts"]
+    assert s["max_evaluations"] == 2 + 4 * math.ceil(math.log2(20)) and not s["budget_exhausted"]
+    assert c["full"] == s["full_evaluations"] == len(s["evaluations"]) <= s["max_evaluations"]
+    assert c["ranking_runs"] == 20 + 1 and c["subset"] == 0  # propagated: one run per layer, and FP32's
+    assert c["total"] == c["full"] + c["subset"] + c["ranking_runs"]
+    # end-to-end: its 20 full evaluations (one per layer) are counted, beside the search's own
+    e = _planted_search(tmp_path / "e2e", latency=False, ranking="end-to-end").report["search"]
+    assert e["evaluation_counts"]["ranking_full"] == 20 and e["evaluation_counts"]["ranking_runs"] == 0
+    assert e["full_evaluations"] == 20 + len(e["evaluations"])
+
+
+def test_budget_ends_the_search_and_says_so(tmp_path, capsys):
+    with pytest.raises(TargetNotMetError) as err:
+        _planted_search(tmp_path, latency=False, max_evaluations=3, name="b")
+    assert "budget (3 full evaluations, --max-evaluations) ended the search" in err.value.message
+    assert "--max-evaluations" in err.value.fix and err.value.exit_code == 1
+    s = json.loads((tmp_path / "b.report.json").read_text())["search"]
+    assert s["budget_exhausted"] and s["stop_reason"] == "budget" and not s["met"]
+    assert s["full_evaluations"] == 3 and (tmp_path / "b.qdq.onnx").is_file()
+    with pytest.raises(UserError, match="at least 2"):
+        _planted_search(tmp_path / "x", latency=False, max_evaluations=1)
+
+
+def test_a_model_slower_than_allowed_is_no_success(tmp_path, capsys):
+    """The target is met, but no quantized model runs within 1e-6 x FP32: exit 1 with the trade-off table, the
+    model and the report still written and marked not met."""
+    res = _planted_search(tmp_path / "ok", latency_runs=3, max_latency_ratio=1e6)
+    s = res.report["search"]
+    assert s["met"] and s["stop_reason"] == "" and s["pareto"][0]["label"] == "fp32"
+    front = s["pareto"][1:]
+    assert front and all(r["latency_ms"] > 0 and r["vs_fp32"] > 0 for r in front)
+    for a in front:  # no point of the front is beaten on both axes by another evaluated model
+        assert not any(b["metric"] >= a["metric"] and b["latency_ms"] < a["latency_ms"] for b in front if b is not a)
+    assert sorted(r["latency_ms"] for r in front) == [r["latency_ms"] for r in front]
+    with pytest.raises(TargetNotMetError) as err:
+        _planted_search(tmp_path / "slow", latency_runs=3, max_latency_ratio=1e-6, name="slow")
+    msg = err.value.message
+    assert "met only by a model slower than allowed" in msg and "limit 1e-06x" in msg and "x FP32" in msg
+    assert "FP32 model" in msg and "--max-latency-ratio" in err.value.fix
+    report = json.loads((tmp_path / "slow" / "slow.report.json").read_text())
+    assert report["search"]["met"] is False and report["search"]["stop_reason"] == "latency"
+    assert report["search"]["final_metric"] >= report["search"]["threshold"]  # accuracy was met
+    assert (tmp_path / "slow" / "slow.qdq.onnx").is_file()
+    # the CLI: exit 1, the table on the terminal
+    onnx.save(planted_model(), tmp_path / "m.onnx")
+    for d, seed in (("calib", 1), ("eval", 2)):
+        (tmp_path / d).mkdir()
+        for i, batch in enumerate(planted_data(seed)):
+            np.save(tmp_path / d / f"{i}.npy", batch["h0"])
+    code = main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--eval",
+                 str(tmp_path / "eval"), "--target-metric", "cosine", "--max-drop", "0.005", "-o",
+                 str(tmp_path / "cli"), "--no-smoothquant", "--max-latency-ratio", "0.000001"])
+    err = capsys.readouterr().err
+    assert code == 1 and "kept out of INT8" in err and "FP32 model" in err and "Traceback" not in err
+
+
+def test_int16_or_float_per_layer(tmp_path):
+    """Two culprits: one outlier 16 bits hold (3,000x the other channels), one they do not (1e9x). With
+    --fallback int16 the search keeps the first at 16 bits and only the second in float."""
+    res = _planted_search(tmp_path, latency=False, fallback="int16", drop=0.05,
+                          model={"outliers": (1e9, 3000.0)})
+    s = res.report["search"]
+    assert s["met"] and s["fallback"] == "mixed", s["evaluations"]
+    assert [x["name"] for x in s["fallback_layers"]] and s["int16_layers"] == ["MatMul_15"]
+    assert sorted(x["name"] for x in s["fallback_layers"]) == ["MatMul_15", "MatMul_6"]
+    assert res.plan.nodes["MatMul_6"].status == "float-excluded" and res.plan.nodes["MatMul_15"].status == "quantized"
+    assert res.plan.tensors["h15"].bitwidth == 16
+
+
+def test_subset_ranking_scores_the_items_that_dropped(tmp_path):
+    """--ranking subset: the user's metric (agreement) on the items all-INT8 changed most, each layer alone in
+    float; the culprit ranks first, the subset runs are counted. (With two culprits that each wipe the output
+    out, no single float layer recovers anything: the subset ranking, like NNCF's, then ranks on ties.)"""
+    res = _planted_search(tmp_path, latency=False, ranking="subset", metric="agreement", drop=0.1, eval_n=16,
+                          model={"culprits": (6,)})
+    s = res.report["search"]
+    assert s["ranking_kind"] == "subset"
+    assert s["evaluation_counts"]["subset"] == 20 + 1 and s["evaluation_counts"]["ranking_runs"] == 0
+    assert s["ranking"][0]["name"] == "MatMul_6" and s["ranking"][0]["recovery"] > 0.5
+    assert all(x["recovery"] is not None for x in s["ranking"])
+    assert s["met"] and [x["name"] for x in s["fallback_layers"]] == ["MatMul_6"]
+    assert s["full_evaluations"] <= 3  # FP32, all-INT8, the culprit in float
+
+
+def test_worst_items_and_subset_evaluator():
+    model = planted_model()
+    ev = BuiltinEvaluator("agreement", model, planted_data(2, 16))
+    ref = ev.reference
+    flipped = [[-r[0]] for r in ref]  # every item's argmax moves
+    half = [[np.where(np.arange(len(r[0]))[:, None] % 2 == 0, r[0], -r[0])] for r in ref]  # the odd items move
+    drops, cos = ev.item_drops(half)
+    assert drops.tolist() == [0.0, 1.0] * 64 and cos[1] == pytest.approx(-1.0)
+    items = ev.worst_items(half, size=64)
+    assert (items % 2 == 1).all() and len(items) == 64
+    assert len(ev.worst_items(flipped)) == min(128, 300)
+    sub = ev.subset(items)
+    assert sub.reference[0][0].shape[0] == 8  # the odd items of each batch of 8
+    assert sub.score(ev.reference[:0] or [[r[0][1::2]] for r in ref]) == 1.0
+    assert sub.score_and_cosine(model)[0] == pytest.approx(1.0)
+
+
+def test_latency_sample_keeps_inputs_whose_first_axis_is_not_the_batch():
+    """Silero VAD's state is [2, N, 128] and its sample rate a scalar: the latency run slices only inputs with a
+    dynamic first axis."""
+    from converter.calib.readers import InputSpec
+    from converter.search.fallback import _one_sample
+
+    specs = [InputSpec("x", np.dtype(np.float32), (None, 4)), InputSpec("state", np.dtype(np.float32), (2, None, 4)),
+             InputSpec("sr", np.dtype(np.int64), ())]
+    batch = {"x": np.zeros((3, 4), np.float32), "state": np.zeros((2, 3, 4), np.float32), "sr": np.array(16000)}
+    one = _one_sample(batch, specs)
+    assert one["x"].shape == (1, 4) and one["state"].shape == (2, 3, 4) and one["sr"].shape == ()
+
+
+def test_a_met_model_within_the_latency_limit_is_kept_when_the_cheapest_is_too_slow(tmp_path, monkeypatch):
+    """The cost order (MACs) picks the fewest float layers; when that model measures slower than the limit and
+    another model that met the target measures within it, that one is written (the cheapest of them)."""
+    import converter.search.fallback as fb
+
+    def fake_latency(model, feed, runs=20, **kw):  # a runtime on which every float MatMul saves 1 ms
+        g = model.graph
+        dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        if not dq:
+            return 9.0
+        return 10.0 - sum(1 for n in g.node if n.op_type == "MatMul" and n.input[0] not in dq)
+
+    monkeypatch.setattr(fb, "measure_latency", fake_latency)
+    res = _planted_search(tmp_path, strategy="bisect", max_latency_ratio=0.7)
+    s = res.report["search"]
+    passed = [e for e in s["evaluations"] if e["passed"] and e["label"] != "fp32"]
+    assert min(len(e["float_layers"]) for e in passed) == 2 and len(passed) >= 2  # bisect: 10, 5, 2 layers passed
+    assert s["met"] and s["latency"]["chosen_by"] == "measured latency"
+    kept = {x["name"] for x in s["fallback_layers"]}
+    assert {"MatMul_6", "MatMul_15"} <= kept and s["latency"]["final_vs_fp32"] <= 0.7
+    ok = [e for e in passed if (10.0 - len(e["float_layers"])) / 9.0 <= 0.7]
+    assert len(kept) == min(len(e["float_layers"]) for e in ok)  # the cheapest of those within the limit
+    assert res.plan.nodes["MatMul_6"].status == "float-excluded"
+
+
+def test_default_latency_gate_needs_a_model_whose_float_run_takes_a_millisecond(tmp_path, monkeypatch):
+    """Default on ort-cpu: 1.0x FP32, for a model whose FP32 run takes >= 1 ms (below, ORT's per-call overhead
+    sets the time); the planted chain runs in microseconds, so only a measured-slow runtime trips the gate."""
+    import converter.search.fallback as fb
+
+    s = _planted_search(tmp_path / "tiny", latency_runs=3).report["search"]
+    assert s["met"] and s["max_latency_ratio"] is None and s["latency"]["fp32_ms"] < fb.LATENCY_GATE_MIN_MS
+
+    def slow(model, feed, runs=20, **kw):  # FP32 2 ms, every quantized model 3 ms
+        return 3.0 if any(n.op_type == "DequantizeLinear" for n in model.graph.node) else 2.0
+
+    monkeypatch.setattr(fb, "measure_latency", slow)
+    with pytest.raises(TargetNotMetError, match=r"1.50x FP32 latency .* limit 1x"):
+        _planted_search(tmp_path / "slow", name="s")
+    s = json.loads((tmp_path / "slow" / "s.report.json").read_text())["search"]
+    assert s["max_latency_ratio"] == 1.0 and s["stop_reason"] == "latency"
+    assert [p["label"] for p in s["pareto"]][0] == "fp32" and all(p["vs_fp32"] == 1.5 for p in s["pareto"][1:])

@@ -5,12 +5,16 @@ a top-level If on the sample rate (and nested Ifs below it). The tool
 
 1. builds calibration samples by streaming the FP32 model over the first ``--calib-seconds`` of each WAV
    (512-sample chunks with 64 samples of context, the recurrent state fed back: the states the model really
-   sees), batch size 1;
+   sees), batch size 1; the frames after the first ``--calib-seconds`` of each file are held out from both
+   calibration and the search's evaluator (5,000 chunks of real speech and silence);
 2. quantizes with ``converter.quantize`` twice: all int8 (default config), and with the STFT magnitude kept
    in float and the first encoder Conv at 16 bits (hand-picked, see CONFIGS for why);
-3. runs the accuracy-target search (``converter.search.auto_quantize``, default ranking and fallback, no
-   hand-picked node) with a streaming evaluator: min(speech-probability cosine, frame agreement at p > 0.5)
-   against FP32 over the first ``--eval-seconds`` of each WAV, target ``--target`` (0.99);
+3. runs the accuracy-target search (``converter.search.auto_quantize``, default ranking, strategy and
+   budget, no hand-picked node) once per ``--search-targets`` preset (default ``ort-cpu,qnn``; the fallback
+   is the target's default: float on ort-cpu, float or 16 bits per layer on qnn, which runs 16 bits) with a
+   streaming evaluator: min(speech-probability cosine, frame agreement at p > 0.5) against FP32 over the
+   first ``--eval-seconds`` of each WAV (``--search-metric cosine``: the cosine alone), target ``--target``
+   (0.99); the latency gate on (a model slower than FP32 on ORT CPU exits 1: reported, with its trade-offs);
 4. quantizes with ONNX Runtime's ``quantize_static`` (QDQ, same calibration samples): the peer, which
    skips subgraphs;
 5. streams every bundled WAV through the FP32 and each QDQ model (each with its own state) and prints, per
@@ -115,6 +119,34 @@ CONFIGS = {
 }
 
 
+COMPUTE = ("Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU")
+
+
+def compute_share(model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(compute ops with 8-bit data and weight, with a 16-bit one, all compute ops) over the main graph and every
+    body: an operand is n-bit when a DequantizeLinear of an n-bit tensor produces it."""
+    graphs = [model.graph] + [sc.graph for sc in scopes(model)]
+    bits: dict[str, int] = {}
+    inits = {t.name: t for g in graphs for t in g.initializer}
+    for g in graphs:
+        for n in g.node:
+            if n.op_type == "DequantizeLinear":
+                zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+                src = inits.get(n.input[0])
+                dtype = (zp or src).data_type if (zp or src) is not None else onnx.TensorProto.UINT8
+                bits[n.output[0]] = 16 if dtype in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16) else 8
+    n8 = n16 = total = 0
+    for g in graphs:
+        for n in g.node:
+            if n.op_type in COMPUTE:
+                total += 1
+                b = [bits.get(t) for t in n.input[:2]]
+                if None not in b:
+                    n8 += max(b) == 8
+                    n16 += max(b) == 16
+    return n8, n16, total
+
+
 def dq_readers(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for scope in scopes(model):
@@ -129,14 +161,16 @@ class StreamingEvaluator:
     """``evaluate(model_path) -> float`` for the search: min(cosine, frame agreement at p > 0.5) of the
     streamed speech probabilities against FP32 over the first ``seconds`` of each WAV."""
 
-    def __init__(self, fp32: ort.InferenceSession, wavs: list[str], seconds: float) -> None:
+    def __init__(self, fp32: ort.InferenceSession, wavs: list[str], seconds: float, cosine_only: bool = False) -> None:
+        self.cosine_only = cosine_only
         self.clips = [read_wav(w)[: int(seconds * 16000)] for w in wavs]
         self.ref = np.concatenate([stream(fp32, x) for x in self.clips])
 
     def __call__(self, model_path: str) -> float:
         sess = session(model_path)
         got = np.concatenate([stream(sess, x) for x in self.clips])
-        return min(cosine(self.ref, got), float(np.mean((self.ref > 0.5) == (got > 0.5))))
+        cos = cosine(self.ref, got)
+        return cos if self.cosine_only else min(cos, float(np.mean((self.ref > 0.5) == (got > 0.5))))
 
 
 def compare(path: Path, fp32: ort.InferenceSession, wavs: list[str], calib_seconds: float) -> dict:
@@ -158,7 +192,10 @@ def compare(path: Path, fp32: ort.InferenceSession, wavs: list[str], calib_secon
         all_got.append(got)
         print(f"{os.path.basename(w):14s} {len(ref):6d} {cosine(ref, got):8.4f} "
               f"{np.mean((ref > 0.5) == (got > 0.5)):9.4f} {np.abs(ref - got).max():8.4f}")
-    row = {"quantized_body_nodes": q_nodes, "session": qdq}
+    n8, n16, total = compute_share(model)
+    print(f"compute ops (Conv, MatMul, Gemm, LSTM; main graph and bodies): {n8}/{total} INT8, {n16} at 16 bits, "
+          f"{total - n8 - n16} float")
+    row = {"quantized_body_nodes": q_nodes, "session": qdq, "compute": f"{n8}+{n16}/{total}"}
     for label, start in (("ALL", 0), ("held-out", int(calib_seconds * 16000) // CHUNK)):
         ref, got = np.concatenate([r[start:] for r in all_ref]), np.concatenate([g[start:] for g in all_got])
         cos, agree = cosine(ref, got), float(np.mean((ref > 0.5) == (got > 0.5)))
@@ -195,6 +232,10 @@ def main() -> None:
                          "the held-out rows are the rest)")
     ap.add_argument("--target", type=float, default=0.99,
                     help="the search's target: cosine and frame agreement both >= this (default: 0.99)")
+    ap.add_argument("--search-targets", default="ort-cpu,qnn",
+                    help="target presets the search runs for, one row each (default: ort-cpu,qnn)")
+    ap.add_argument("--search-metric", choices=["min", "cosine"], default="min",
+                    help="the search's metric: min(cosine, frame agreement) (default) or the cosine alone")
     ap.add_argument("--sensitivity-samples", type=int, default=64,
                     help="calibration samples the search's ranking runs on (default: 64)")
     ap.add_argument("--latency-rounds", type=int, default=10, help="latency rounds, best kept (default: 10)")
@@ -229,34 +270,48 @@ def main() -> None:
         rows[f"quantize {label}"] = {**compare(res.model_path, fp32, wavs, args.calib_seconds),
                                      "kept": "-" if label == "int8" else kept}
 
-    if "search" not in skip:
-        print(f"\n== auto_quantize: target min(cosine, agreement) >= {args.target:g} on the first "
-              f"{args.eval_seconds:g} s of each WAV (default ranking, fallback, strategy)")
-        evaluator = StreamingEvaluator(fp32, wavs, args.eval_seconds)
+    evaluator = StreamingEvaluator(fp32, wavs, args.eval_seconds, args.search_metric == "cosine") \
+        if "search" not in skip else None
+    for tgt in [t.strip() for t in args.search_targets.split(",") if t.strip()] if evaluator else []:
+        what = "cosine" if args.search_metric == "cosine" else "min(cosine, agreement)"
+        print(f"\n== auto_quantize --target {tgt}: {what} >= {args.target:g} on the first "
+              f"{args.eval_seconds:g} s of each WAV (default ranking, fallback, strategy, budget)")
         t = time.perf_counter()
+        name = f"silero_vad_16k_search_{tgt}"
         try:
             res = auto_quantize(str(model_path), calib, evaluator, AccuracyTarget(max_drop=None, min_value=args.target),
-                                QuantConfig(batch_size=1), out_dir, "silero_vad_16k_search",
-                                sensitivity_samples=args.sensitivity_samples, latency=False)
+                                QuantConfig(batch_size=1, target=tgt), out_dir, name,
+                                sensitivity_samples=args.sensitivity_samples)
             path, report = res.model_path, res.report
         except TargetNotMetError as exc:
-            print(f"target NOT met: {exc}")
-            path = out_dir / "silero_vad_16k_search.qdq.onnx"
-            report = json.loads((out_dir / "silero_vad_16k_search.report.json").read_text())
+            print(f"exit 1: {exc.message}")
+            path = out_dir / f"{name}.qdq.onnx"
+            report = json.loads((out_dir / f"{name}.report.json").read_text())
         s = report["search"]
-        print(f"searched in {time.perf_counter() - t:.1f} s ({s['full_evaluations']} full evaluations, "
-              f"sensitivity {report['timings'].get('sensitivity_s', 0):.1f} s) -> {path}")
+        c = s["evaluation_counts"]
+        print(f"searched in {time.perf_counter() - t:.1f} s: {c['full']} full evaluations (budget "
+              f"{s['max_evaluations']}{', spent' if s['budget_exhausted'] else ''}), {c['subset']} subset, "
+              f"{c['ranking_runs']} ranking runs; sensitivity {report['timings'].get('sensitivity_s', 0):.1f} s "
+              f"-> {path}")
         print(f"body layers searched: {sum(len(v) for v in s['subgraph_layers'].values())} in "
               f"{len(s['subgraph_layers'])} bodies; ranking (worst first): "
-              + ", ".join(f"{r['name']} {r['cosine']:.4f}" for r in s["ranking"][:6]))
+              + ", ".join(f"{r['name'].replace(_P, '')} {r['cosine']:.4f}" for r in s["ranking"][:6]))
         for e in s["evaluations"]:
-            print(f"  {e['label']:32s} metric {e['metric']:.4f} {'pass' if e['passed'] else 'fail'}")
+            print(f"  {e['label']:40s} metric {e['metric']:.4f} {'pass' if e['passed'] else 'fail'}")
         kept = s["fallback_layers"]
-        print(f"kept in {s['fallback']}: {len(kept)} layer(s), {s['float_mac_fraction']:.1%} of the (estimated) MACs:")
+        wide = set(s.get("int16_layers") or [])
+        lat = s.get("latency") or {}
+        print(f"met {s['met']} ({s.get('stop_reason') or 'ok'}); kept out of INT8 ({s['fallback']}): {len(kept)} "
+              f"layer(s), {s['float_mac_fraction']:.1%} of the (estimated) MACs; the search's latency (ORT CPU, "
+              f"batch 1): {lat.get('final_vs_fp32')}x FP32, all-INT8 {lat.get('all_int8_vs_fp32')}x")
         for k in kept:
-            print(f"  {k['name']} ({k['op_type']}) in {k['subgraph'] or 'the main graph'}")
-        rows["auto_quantize"] = {**compare(path, fp32, wavs, args.calib_seconds),
-                                 "kept": f"{len(kept)} {s['fallback']} (searched)"}
+            print(f"  {'int16' if k['name'] in wide else 'float'}: {k['name']} ({k['op_type']}) in "
+                  f"{k['subgraph'] or 'the main graph'}")
+        for p in s.get("pareto", []):
+            print(f"  trade-off: {p['label']:40s} metric {p['metric']:.4f} latency {p['vs_fp32']:.2f}x FP32")
+        rows[f"search {tgt}"] = {**compare(path, fp32, wavs, args.calib_seconds),
+                                 "kept": f"{len(kept) - len(wide)} float {len(wide)} int16" +
+                                         ("" if s["met"] else f" ({s.get('stop_reason')})")}
 
     if "ort" not in skip:
         print("\n== onnxruntime.quantization.quantize_static (QDQ, per-channel, MinMax)")
@@ -275,14 +330,14 @@ def main() -> None:
     print(f"\n== summary (held-out = frames after the first {args.calib_seconds:g} s; latency per 32 ms chunk, "
           f"1 thread, best of {args.latency_rounds} rounds over 10 s, the models taking turns: thread CPU time, "
           "then wall time)")
-    print(f"{'row':36s} {'kept':>34s} {'q-nodes':>7s} {'cos ALL':>8s} {'agr ALL':>8s} {'cos held':>8s} "
+    print(f"{'row':36s} {'kept':>34s} {'compute':>8s} {'q-nodes':>7s} {'cos ALL':>8s} {'agr ALL':>8s} {'cos held':>8s} "
           f"{'agr held':>8s} {'cpu ms':>7s} {'x FP32':>6s} {'wall ms':>7s} {'x FP32':>6s}")
     f_wall, f_cpu = lat["FP32"]
-    print(f"{'FP32':36s} {'':>34s} {0:7d} {1:8.4f} {1:8.4f} {1:8.4f} {1:8.4f} {f_cpu:7.3f} {1:6.2f} {f_wall:7.3f} "
+    print(f"{'FP32':36s} {'':>34s} {'':>8s} {0:7d} {1:8.4f} {1:8.4f} {1:8.4f} {1:8.4f} {f_cpu:7.3f} {1:6.2f} {f_wall:7.3f} "
           f"{1:6.2f}")
     for label, r in rows.items():
         wall, cpu = lat[label]
-        print(f"{label:36s} {r['kept']:>34s} {r['quantized_body_nodes']:7d} {r['ALL'][0]:8.4f} {r['ALL'][1]:8.4f} "
+        print(f"{label:36s} {r['kept']:>34s} {r['compute']:>8s} {r['quantized_body_nodes']:7d} {r['ALL'][0]:8.4f} {r['ALL'][1]:8.4f} "
               f"{r['held-out'][0]:8.4f} {r['held-out'][1]:8.4f} {cpu:7.3f} {cpu / f_cpu:6.2f} {wall:7.3f} "
               f"{wall / f_wall:6.2f}")
 

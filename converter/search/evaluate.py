@@ -34,6 +34,7 @@ METRICS = ("top1", "agreement", "cosine", "sqnr")
 Evaluator = Callable[[str], float]
 
 _CACHE_BYTES = 1 << 30  # evaluation inputs kept in memory up to this size, else re-read each time
+SUBSET_MIN, SUBSET_MAX = 50, 300  # the subset ranking's item count bounds (NNCF: ranking_subset_size 300)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class BuiltinEvaluator:
         outputs = []
         for b in self._batches():
             outputs.append(sess.run(self.output_names, b))
-            if len(outputs) == 1:  # the guard: first batch only, against the unoptimized graph
+            if len(outputs) == 1 and getattr(self, "_check", True):  # the guard: first batch only, against the unoptimized graph
                 self._check_optimizations(source, b, self.output_names, outputs[0], what or self._describe(model))
         return outputs
 
@@ -180,7 +181,79 @@ class BuiltinEvaluator:
         return worst
 
     def __call__(self, model_path: str | onnx.ModelProto) -> float:
-        return self.score(self._outputs(model_path))
+        outputs = self._outputs(model_path)
+        self.last_outputs = outputs  # what the subset ranking picks its items from (the all-INT8 model's)
+        return self.score(outputs)
+
+    # --- the subset ranking (NNCF's): the metric on the items a quantized model changes most ----------------
+
+    def item_drops(self, outputs: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per evaluation item: how much ``outputs`` lose of the metric against FP32 (top1: the FP32 item's
+        score minus this one; agreement, cosine: 1 minus it; sqnr: minus it), and the cosine of the item's
+        output to FP32's (the worst output's for both)."""
+        drops, cosines = [], []
+        for k in range(len(self.output_names)):
+            d, c, offset = [], [], 0
+            for ref, out in zip(self.reference, outputs):
+                out_k = out if isinstance(out, np.ndarray) else out[k]
+                labels = None if self.labels is None else self.labels[offset:offset + len(ref[k])]
+                got = self._sample_scores(ref[k], out_k, labels)
+                base = self._sample_scores(ref[k], ref[k], labels) if self.metric == "top1" else \
+                    np.zeros_like(got) if self.metric == "sqnr" else np.ones_like(got)
+                d.append(base - got)
+                c.append(_item_cosines(ref[k], out_k))
+                offset += len(ref[k])
+            drops.append(np.concatenate(d))
+            cosines.append(np.concatenate(c))
+        return np.max(drops, axis=0), np.min(cosines, axis=0)
+
+    def worst_items(self, outputs: list[list[np.ndarray]], size: int | None = None) -> np.ndarray:
+        """Indices (ascending) of the items ``outputs`` changed most: largest metric drop first, then lowest
+        output cosine. Default size: twice the items whose metric dropped (top1, agreement; a quarter of the
+        items for cosine/sqnr), at least 50 and at most 300 (NNCF's ranking subset size)."""
+        drops, cosines = self.item_drops(outputs)
+        n = len(drops)
+        if size is None:
+            changed = int((drops > 1e-12).sum()) if self.metric in ("top1", "agreement") else n // 4
+            size = min(n, SUBSET_MAX, max(SUBSET_MIN, 2 * changed))
+        order = np.lexsort((np.arange(n), cosines, -drops))
+        return np.sort(order[:min(size, n)])
+
+    def subset(self, items: np.ndarray) -> "BuiltinEvaluator":
+        """This evaluator restricted to ``items`` (indices over the evaluation set, in its order): calling it
+        scores a model on those items only. Raises :class:`ConfigError` when an input has no batch axis."""
+        wanted = set(int(i) for i in items)
+        batches, refs, labels, offset = [], [], [], 0
+        for b, ref in zip(self._batches(), self.reference):
+            n = len(ref[0])
+            local = [j for j in range(n) if offset + j in wanted]
+            if local:
+                if any(np.ndim(v) == 0 or len(v) != n for v in b.values()):
+                    raise ConfigError("the subset ranking needs evaluation inputs with a batch axis",
+                                      "use --ranking propagated")
+                batches.append({k: np.asarray(v)[local] for k, v in b.items()})
+                refs.append([r[local] for r in ref])
+                if self.labels is not None:
+                    labels.append(self.labels[offset:offset + n][local])
+            offset += n
+        view = object.__new__(BuiltinEvaluator)
+        view.__dict__.update(self.__dict__)
+        view._cached, view.reference = batches, refs
+        view.labels = np.concatenate(labels) if labels else None
+        view.optimization_warned = True  # the full evaluations check optimizations; the subset runs do not
+        view._check = False
+        return view
+
+    def score_and_cosine(self, model_path: str | onnx.ModelProto) -> tuple[float, float]:
+        """The metric and the mean item cosine to FP32 (the subset ranking's tie-break) of one model."""
+        outputs = self._outputs(model_path)
+        return self.score(outputs), float(np.mean(self.item_drops(outputs)[1]))
+
+
+def _item_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    r = ref.reshape(len(ref), -1).astype(np.float64)
+    o = out.reshape(len(out), -1).astype(np.float64)
+    return (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
 
 
 def _pick_outputs(model: onnx.ModelProto, metric: str, output: str | None) -> list[str]:

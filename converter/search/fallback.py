@@ -12,17 +12,36 @@
    :func:`~converter.quant.control_flow.render_control_flow`).
 4. Write the model that met the target, or, if none did, the best one found, with every evaluation
    in the report; an unmet target raises :class:`TargetNotMetError` *after* writing.
+
+The search knows when to stop:
+
+* **budget**: at most ``max_evaluations`` full evaluations (FP32 and all-INT8 included; default
+  ``2 + 4 ceil(log2 L)`` for ``L`` ranked layers); when it ends the search, the best model so far is kept
+  and the report (``budget_exhausted``, ``stop_reason: budget``) and the error say so.
+* **counted**: every model run, by kind: full evaluations (the end-to-end ranking's too), evaluations on
+  an item subset (the subset ranking) and the ranking's runs on the sensitivity samples
+  (``evaluation_counts``).
+* **latency**: a model that meets the target but runs slower than ``max_latency_ratio`` x FP32 (ONNX
+  Runtime CPU, batch 1; default 1.0 on ort-cpu for a model whose FP32 run takes at least
+  :data:`LATENCY_GATE_MIN_MS`) is no success: another model that met the target within
+  the limit is kept if one was evaluated, else the run ends not met (exit 1) with the accuracy/latency
+  trade-offs found (``pareto``: FP32, then every evaluated model no other beats on both metric and latency).
+* **16 bits or float per layer** (``fallback="int16"``, the default on a target that runs 16 bits): the
+  layers that had to go to float are tried at 16 bits again, group by group, so only those 16 bits cannot
+  hold stay float.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 from tqdm import tqdm
 
@@ -38,9 +57,10 @@ from ..quant.encode import activation_tensors
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan
 from .evaluate import AccuracyTarget, Evaluator
-from .sensitivity import LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity
+from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
+                          subset_sensitivity)
 from .sensitivity import rank as rank_scores
-from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency
+from .cost import COMPUTE_OPS, layer_macs, measure_latency
 from .giveback import give_back
 from .strategies import STRATEGIES
 
@@ -60,10 +80,14 @@ class Trial:
     metric: float
     passed: bool
     seconds: float
+    int16_layers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "float_layers": self.float_layers, "metric": self.metric,
-                "passed": self.passed, "seconds": round(self.seconds, 3)}
+        d = {"label": self.label, "float_layers": self.float_layers, "metric": self.metric,
+             "passed": self.passed, "seconds": round(self.seconds, 3)}
+        if self.int16_layers:
+            d["int16_layers"] = self.int16_layers
+        return d
 
 
 @dataclass
@@ -79,29 +103,56 @@ class Searcher:
     uncalibrated: list[str] = field(default_factory=list)  # body tensors calibration got no values for
     trials: list[Trial] = field(default_factory=list)
     baseline: float = float("nan")
+    # every model run the search makes, beside the full evaluations in ``trials``: the ranking's own full
+    # evaluations (end-to-end), evaluations on a subset of the evaluation items (subset ranking) and the
+    # ranking's runs on the sensitivity samples (one per model: propagated, single-op)
+    ranking_trials: list[Trial] = field(default_factory=list)
+    subset_evaluations: int = 0
+    ranking_runs: int = 0
     _tmp: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
 
-    def build(self, layers: list[LayerScore] | list[Layer], mode: str = "float") -> tuple[QuantPlan, onnx.ModelProto]:
-        """The plan and QDQ model with ``layers`` kept in float (``mode="float"``) or at 16 bits."""
-        names = tuple(n for layer in layers for n in layer.nodes)
+    def build(self, layers: list[LayerScore] | list[Layer], mode: str = "float",
+              int16: list[LayerScore] | list[Layer] = ()) -> tuple[QuantPlan, onnx.ModelProto]:
+        """The plan and QDQ model with ``layers`` kept in float (``mode="float"``) or at 16 bits; ``int16``:
+        more layers at 16 bits beside float ``layers`` (a per-layer choice of float or 16 bits)."""
         if mode == "int16":
-            config = self.config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in layers))
-        else:
-            config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
+            layers, int16 = [], list(layers) + list(int16)
+        names = tuple(n for layer in layers for n in layer.nodes)
+        config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
+        if int16:
+            config = config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in int16))
         plan, subs = plan_model(self.prepared, config, self.uncalibrated)
         encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method, self.config)
         return plan, render_control_flow(self.prepared.model, plan.encodings)
 
-    def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str]) -> Trial:
-        path = Path(self._tmp.name) / "candidate.onnx"
-        save_model(model, path)
+    def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str],
+                int16_layers: list[str] | None = None) -> Trial:
+        path = self.save(model)
         t = time.perf_counter()
         metric = float(self.evaluate(str(path)))
         trial = Trial(label, float_layers, metric, self.target.met(metric, self.baseline) if label != "fp32" else True,
-                      time.perf_counter() - t)
+                      time.perf_counter() - t, list(int16_layers or []))
         self.trials.append(trial)
         log.debug("%s: metric %.6f (%s)", label, metric, "pass" if trial.passed else "fail")
         return trial
+
+    def save(self, model: onnx.ModelProto) -> Path:
+        path = Path(self._tmp.name) / "candidate.onnx"
+        save_model(model, path)
+        return path
+
+    def counts(self) -> dict[str, int]:
+        """Every model run of the search, by kind: full evaluations (the ranking's own included), evaluations
+        on a subset of the evaluation items, and the ranking's runs on the sensitivity samples."""
+        full = len(self.trials) + len(self.ranking_trials)
+        return {"full": full, "ranking_full": len(self.ranking_trials), "subset": self.subset_evaluations,
+                "ranking_runs": self.ranking_runs, "total": full + self.subset_evaluations + self.ranking_runs}
+
+
+def default_max_evaluations(layers: int) -> int:
+    """The default budget of full evaluations (FP32 and all-INT8 included): ``2 + 4 ceil(log2 L)`` for ``L``
+    ranked layers: room for gallop's ``2 ceil(log2 L) + 1`` and as many again for give-back."""
+    return 2 + 4 * math.ceil(math.log2(max(layers, 2)))
 
 
 @dataclass
@@ -120,6 +171,12 @@ class SearchOutcome:
     prefix: int = 0  # layers the strategy kept (the smallest passing prefix of the ranking)
     costs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample
     all_quantized: onnx.ModelProto | None = None
+    int16_layers: list[str] = field(default_factory=list)  # of fallback_layers, those at 16 bits (the rest float)
+    max_evaluations: int | None = None
+    budget_exhausted: bool = False  # the evaluation budget ended the search
+    counts: dict[str, int] = field(default_factory=dict)  # Searcher.counts()
+    candidates: list[tuple[Trial, QuantPlan, onnx.ModelProto]] = field(default_factory=list)  # every model evaluated
+    stop_reason: str = ""  # why the result is not met: "accuracy", "budget", "latency"
 
     def float_fraction(self) -> float:
         """Share of the compute layers (Conv, Gemm, MatMul) left in float (or 16 bits)."""
@@ -129,8 +186,8 @@ class SearchOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         names = [s.name for s in self.fallback_layers]
-        final = next((t for t in reversed(self.trials) if set(t.float_layers) == set(names) and t.label != "fp32"),
-                     None)
+        final = next((t for t in reversed(self.trials) if set(t.float_layers) | set(t.int16_layers) == set(names)
+                      and t.label != "fp32"), None)
         total = sum(self.costs.values())
         return {
             "met": self.met,
@@ -139,7 +196,12 @@ class SearchOutcome:
             "baseline_metric": self.baseline,
             "threshold": self.threshold,
             "final_metric": final.metric if final else None,
-            "full_evaluations": len(self.trials),
+            "full_evaluations": self.counts.get("full", len(self.trials)),
+            "evaluation_counts": self.counts,
+            "max_evaluations": self.max_evaluations,
+            "budget_exhausted": self.budget_exhausted,
+            "stop_reason": self.stop_reason,
+            "int16_layers": self.int16_layers,
             "strategy_prefix": self.prefix,
             "given_back": max(self.prefix - len(names), 0),
             "float_fraction": round(self.float_fraction(), 4),
@@ -154,7 +216,8 @@ class SearchOutcome:
 def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[LayerScore]:
     """Cheapest to quantize back first: least damage (1 - cosine) per MAC gained."""
     def key(s: LayerScore) -> tuple:
-        damage = 1.0 - s.cosine if s.cosine == s.cosine else 1.0 - (s.metric or 0.0)
+        damage = s.recovery if s.recovery is not None else \
+            1.0 - s.cosine if s.cosine == s.cosine else 1.0 - (s.metric or 0.0)
         return (max(damage, 0.0) / max(costs.get(s.name, 0.0), 1.0), -costs.get(s.name, 0.0), s.name)
     return sorted(layers, key=key)
 
@@ -162,72 +225,158 @@ def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[L
 def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[], list[LayerScore]],
                     strategy: str = "gallop",
                     fallback: str = "float", costs: dict[str, float] | None = None,
-                    give_back_layers: bool = True) -> SearchOutcome:
+                    give_back_layers: bool = True, max_evaluations: int | None = None) -> SearchOutcome:
     """Find the fewest, cheapest layers to keep in float (``fallback="int16"``: at 16 bits) for the target.
 
     1. the strategy finds the smallest prefix of ``ranking`` that meets it;
     2. give-back re-quantizes the layers of that prefix the target does not need (:mod:`.giveback`);
-    3. of every model that met the target, the one with the fewest MACs left in float is kept.
+    3. with ``fallback="int16"``, when the layers had to go to float, each float layer is tried at 16 bits
+       instead (group testing, as give-back): a per-layer choice of float or 16 bits;
+    4. of every model that met the target, the one with the fewest MACs left in float is kept.
 
     ``ranking`` may be a function computing it: it is then called only when the fully quantized model
     misses the target. ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them
-    at 16 bits miss the target, the search keeps layers in float instead.
+    at 16 bits miss the target, the search keeps layers in float instead. ``max_evaluations`` bounds the
+    full evaluations, FP32 and all-INT8 included (default :func:`default_max_evaluations` of the ranked
+    layers); when it ends the search, the best model so far is kept and ``budget_exhausted`` says so.
     """
     t0 = time.perf_counter()
     costs = costs or {}
     searcher.baseline = searcher.measure(searcher.prepared.model, "fp32", []).metric
     threshold = searcher.target.threshold(searcher.baseline)
-    results: dict[tuple[str, frozenset], tuple[Trial, QuantPlan, onnx.ModelProto, list[LayerScore]]] = {}
+    # (float layers, 16-bit layers) -> (trial, plan, model, float LayerScores, 16-bit LayerScores)
+    results: dict[tuple[frozenset, frozenset], tuple[Trial, QuantPlan, onnx.ModelProto, list, list]] = {}
     mode = "float"
+    budget = {"max": max_evaluations, "exhausted": False}
 
-    def attempt(layers: list[LayerScore], label: str | None = None) -> bool:
-        key = (mode if layers else "none", frozenset(s.name for s in layers))
+    def attempt(layers: list[LayerScore], label: str | None = None,
+                int16: list[LayerScore] | tuple = ()) -> bool | None:
+        """Whether the model with ``layers`` kept out of INT8 (in ``mode``; ``int16``: more at 16 bits) met the
+        target; None when the budget is spent (nothing evaluated)."""
+        floats, wide = (list(layers), list(int16)) if mode == "float" else ([], list(layers) + list(int16))
+        key = (frozenset(s.name for s in floats), frozenset(s.name for s in wide))
         if key not in results:
-            plan, qdq = searcher.build(layers, mode)
-            trial = searcher.measure(qdq, label or f"{len(layers)} layers in {mode}", [s.name for s in layers])
-            results[key] = (trial, plan, qdq, list(layers))
+            if budget["max"] is not None and len(searcher.trials) >= budget["max"]:
+                budget["exhausted"] = True
+                return None
+            plan, qdq = searcher.build(floats, "float", wide)
+            what = f"{len(layers)} layers in {mode}" + (f", {len(int16)} at 16 bits" if int16 else "")
+            trial = searcher.measure(qdq, label or what, [s.name for s in floats], [s.name for s in wide])
+            results[key] = (trial, plan, qdq, floats, wide)
         return results[key][0].passed
+
+    def passes(layers: list[LayerScore]) -> bool:
+        return bool(attempt(layers, f"give back: {len(layers)} layers in {mode}"))
 
     with tqdm(total=None, desc=f"fallback search ({strategy})", unit="eval", disable=None, leave=False) as bar:
         ok = attempt([])
         bar.update(1)
         if callable(ranking):
             ranking = [] if ok else ranking()
+        if budget["max"] is None:
+            budget["max"] = default_max_evaluations(len(ranking))
         chooser = STRATEGIES[strategy](len(ranking))
         if not ok and fallback == "int16" and ranking:
             mode = "int16"
-            if not attempt(ranking):  # even every layer at 16 bits misses the target: use float
+            if attempt(ranking) is False:  # even every layer at 16 bits misses the target: use float
                 mode = "float"
             bar.update(1)
         while not ok and not chooser.done:
-            chooser.step(attempt(ranking[:chooser.current]))
+            passed = attempt(ranking[:chooser.current])
+            if passed is None:
+                break
+            chooser.step(passed)
             bar.update(1)
             bar.set_postfix(layers=chooser.current, best=max(r[0].metric for r in results.values()))
-        k = 0 if ok else chooser.result
+        k = 0 if ok or budget["exhausted"] else chooser.result
         if k:
             attempt(ranking[:k])  # cached unless k is all n (assumed to pass); if it fails, the best seen is kept
         prefix = k
-        if k > 1 and give_back_layers and results[(mode, frozenset(s.name for s in ranking[:k]))][0].passed:
+        key_k = (frozenset(s.name for s in ranking[:k]), frozenset()) if mode == "float" else \
+            (frozenset(), frozenset(s.name for s in ranking[:k]))
+        if k > 1 and give_back_layers and key_k in results and results[key_k][0].passed:
             bar.set_description("give back")
-
-            def passes(layers: list[LayerScore]) -> bool:
-                ok_ = attempt(layers, f"give back: {len(layers)} layers in {mode}")
-                bar.update(1)
-                return ok_
-
             give_back(give_back_order(ranking[:k], costs), passes)
-    passed = [key for key, r in results.items() if r[0].passed and key[0] in (mode, "none")]
-    if passed:  # the fewest MACs left in float, then the fewest layers, then the best metric
-        key = min(passed, key=lambda kk: (sum(costs.get(n, 0.0) for n in kk[1]), len(kk[1]), -results[kk][0].metric))
-    else:  # nothing met it: keep the best model seen (fewest layers on a tie)
-        key = max(results, key=lambda kk: (results[kk][0].metric, -len(kk[1])))
-    trial, plan, qdq, layers = results[key]
+        best_float = _best(results, costs)
+        if fallback == "int16" and mode == "float" and best_float is not None and results[best_float][3]:
+            # the target runs 16 bits: of the float layers, those 16 bits are enough for go to 16 bits
+            bar.set_description("16 bits per layer")
+            kept = results[best_float][3]
+
+            def float_enough(keep: list[LayerScore]) -> bool:
+                wide = [s for s in kept if s not in keep]
+                return bool(attempt(keep, f"{len(keep)} layers in float, {len(wide)} at 16 bits", wide))
+
+            give_back(give_back_order(kept, costs), float_enough)
+    key = _best(results, costs)
+    if key is None:  # nothing met it: keep the best model seen (fewest layers on a tie)
+        key = max(results, key=lambda kk: (results[kk][0].metric, -len(kk[0]) - len(kk[1])))
+    trial, plan, qdq, floats, wide = results[key]
     order = {s.name: i for i, s in enumerate(ranking)}
-    layers = sorted(layers, key=lambda s: order[s.name])
-    none = results.get(("none", frozenset()))
+    layers = sorted(floats + wide, key=lambda s: order[s.name])
+    none = results.get((frozenset(), frozenset()))
+    kind = "mixed" if floats and wide else "int16" if wide else "float"
     return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, layers, ranking,
-                         list(searcher.trials), strategy, time.perf_counter() - t0, key[0], prefix, dict(costs),
-                         none[2] if none else None)
+                         list(searcher.trials), strategy, time.perf_counter() - t0, kind, prefix, dict(costs),
+                         none[2] if none else None, int16_layers=[s.name for s in layers if s.name in key[1]],
+                         max_evaluations=budget["max"], budget_exhausted=budget["exhausted"],
+                         counts=searcher.counts(), candidates=[(r[0], r[1], r[2]) for r in results.values()],
+                         stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy")
+
+
+def _one_sample(batch: dict, specs: list) -> dict:
+    """One sample of a batch for the latency runs: an input with a dynamic first dimension sliced to one item,
+    the others as they are (a recurrent state whose batch axis is not the first, a scalar)."""
+    dynamic = {s.name for s in specs if s.dynamic_batch}
+    return {k: np.asarray(v)[:1] if k in dynamic and np.ndim(v) else np.asarray(v) for k, v in batch.items()}
+
+
+def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict, lat: dict,
+               runs: int) -> list[dict[str, Any]]:
+    """Every evaluated model (FP32 included) with its metric and batch-1 latency: the final and all-INT8
+    models' from ``lat``, the others measured here with ``runs`` runs."""
+    rows = [{"label": "fp32", "float_layers": 0, "int16_layers": 0, "metric": outcome.baseline,
+             "latency_ms": lat["fp32_ms"], "passed": True}]
+    for trial, _, model in outcome.candidates:
+        ms = lat["final_ms"] if model is outcome.qdq else lat["all_int8_ms"] if model is outcome.all_quantized \
+            else None
+        rows.append({"label": trial.label, "float_layers": len(trial.float_layers),
+                     "int16_layers": len(trial.int16_layers), "metric": trial.metric,
+                     "latency_ms": ms if ms is not None else measure_latency(model, feed, runs),
+                     "passed": trial.passed, "names": trial.float_layers + trial.int16_layers})
+    for r in rows:
+        r["latency_ms"] = round(r["latency_ms"], 4)
+        r["vs_fp32"] = round(r["latency_ms"] / lat["fp32_ms"], 3)
+    return rows
+
+
+def _best(results: dict, costs: dict[str, float]) -> tuple | None:
+    """Of the models that met the target: the fewest MACs left in float, then at 16 bits, then the fewest
+    layers, then the best metric. None if none met it."""
+    passed = [key for key, r in results.items() if r[0].passed]
+    if not passed:
+        return None
+    return min(passed, key=lambda kk: (sum(costs.get(n, 0.0) for n in kk[0]), sum(costs.get(n, 0.0) for n in kk[1]),
+                                       len(kk[0]) + len(kk[1]), -results[kk][0].metric, sorted(kk[0]), sorted(kk[1])))
+
+
+def pareto(points: list[dict[str, Any]], cost: str = "latency_ms") -> list[dict[str, Any]]:
+    """The points no other point beats on both ``metric`` (higher is better) and ``cost`` (lower is better),
+    cheapest first: the accuracy/latency trade-offs found."""
+    front = [p for p in points if not any(q is not p and q["metric"] >= p["metric"] and q[cost] <= p[cost]
+                                          and (q["metric"] > p["metric"] or q[cost] < p[cost]) for q in points)]
+    return sorted(front, key=lambda p: (p[cost], -p["metric"], p["label"]))
+
+
+def pareto_table(rows: list[dict[str, Any]], threshold: float) -> str:
+    """The trade-off table as printed on the terminal (and in the unmet-target message)."""
+    lines = [f"  {'kept out of INT8':>16s} {'metric':>9s} {'target':>6s} {'latency':>9s} {'x FP32':>6s}"]
+    for r in rows:
+        kept = "FP32 model" if r["label"] == "fp32" else f"{r['float_layers']} float" + (
+            f" {r['int16_layers']} int16" if r.get("int16_layers") else "")
+        lines.append(f"  {kept:>16s} {r['metric']:9.4f} {'met' if r['metric'] >= threshold - 1e-12 else 'no':>6s} "
+                     f"{r['latency_ms']:7.2f}ms {r['vs_fp32']:6.2f}")
+    return "\n".join(lines)
 
 
 RANKINGS = {
@@ -237,8 +386,14 @@ RANKINGS = {
                  "propagation, cheapest, misses layers whose error later layers amplify",
     "end-to-end": "each layer alone quantized, the user's metric on the whole evaluation set (AIMET): one full "
                   "evaluation per layer",
+    "subset": "each layer alone in float, the user's metric on the evaluation items the all-INT8 model changed "
+              "most (NNCF): one run on a few hundred items per layer; needs a built-in --target-metric",
 }
 FALLBACKS = ("auto", "float", "int16")
+# the default latency gate (1.0x FP32 on ort-cpu) needs an FP32 run of at least this long: below it ONNX Runtime's
+# per-call overhead, not the arithmetic, sets the time (a 20 us model is "slower" quantized by a few us of Q/DQ
+# dispatch); an explicit max_latency_ratio gates any model
+LATENCY_GATE_MIN_MS = 1.0
 FLOAT_FRACTION_WARNING = 0.25  # more than this share of the compute layers in float: the result is barely INT8
 
 
@@ -251,7 +406,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                   strategy: str = "gallop", sensitivity_samples: int = 8, ranking: str = "propagated",
                   fallback: str = "auto", calib_spec: str | Path | None = None, example_inputs: Any = None,
                   give_back_layers: bool = True, max_float_fraction: float | None = None,
-                  latency: bool = True, latency_runs: int = 20) -> QuantResult:
+                  latency: bool = True, latency_runs: int = 20, max_evaluations: int | None = None,
+                  max_latency_ratio: float | None = None) -> QuantResult:
     """Quantize, then keep the fewest, cheapest layers in float until ``target`` holds.
 
     ``evaluate(model_path) -> float`` scores a model (higher is better), e.g. a
@@ -261,6 +417,13 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     Raises :class:`TargetNotMetError` when no tried model meets the target, and :class:`TooMuchFloatError`
     when it is met with more than ``max_float_fraction`` of the compute layers in float; the best model
     found and the report are written first.
+
+    ``max_evaluations``: the budget of full evaluations (FP32 and all-INT8 included; default
+    :func:`default_max_evaluations`); the end-to-end ranking's evaluations come on top and are counted.
+    A model that meets the target but runs slower than ``max_latency_ratio`` x FP32 (measured on ONNX
+    Runtime CPU, batch 1; default 1.0 on target ort-cpu when the FP32 run takes >= 1 ms, none on targets this
+    machine does not run) is not
+    a success either: the report (``search.pareto``) and the error list the accuracy/latency trade-offs found.
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
@@ -268,6 +431,14 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         raise UserError(f"unknown ranking {ranking!r}", f"use one of {', '.join(RANKINGS)}")
     if fallback not in FALLBACKS:
         raise UserError(f"unknown fallback {fallback!r}", f"use one of {', '.join(FALLBACKS)}")
+    if max_evaluations is not None and max_evaluations < 2:
+        raise UserError(f"max_evaluations must be at least 2 (FP32 and all-INT8), got {max_evaluations}",
+                        "use e.g. --max-evaluations 20, or leave it out for the default (2 + 4 log2 layers)")
+    if max_latency_ratio is not None and not max_latency_ratio > 0:
+        raise UserError(f"max_latency_ratio must be > 0, got {max_latency_ratio}",
+                        "use e.g. --max-latency-ratio 0.8 (at most 0.8x the FP32 latency)")
+    if max_latency_ratio is not None and not latency:
+        raise UserError("max_latency_ratio needs the latency measured", "drop latency=False, or max_latency_ratio")
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
         raise UserError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}",
                         "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
@@ -316,9 +487,27 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     for s in subs:  # no captured values inside bodies: MACs estimated from static shapes
         costs.update(layer_macs(s.idx, body_layers[s.scope.path], {}))
 
+    if ranking == "subset" and not hasattr(evaluate, "worst_items"):
+        log.warning("--ranking subset needs a built-in --target-metric (it scores single evaluation items); "
+                    "the custom evaluator scores whole sets, so the ranking is propagated")
+        ranking = "propagated"
+
     def rank() -> list[LayerScore]:
         t = time.perf_counter()
         scores = []
+        if ranking == "subset":  # the user's metric on the items the all-INT8 model (just evaluated) changed most
+            sub = evaluate.subset(evaluate.worst_items(evaluate.last_outputs))
+            everything = layers + [x for s in subs for x in body_layers[s.scope.path]]
+
+            def float_only(layer: Layer) -> tuple[float, float]:
+                searcher.subset_evaluations += 1
+                return sub.score_and_cosine(str(searcher.save(searcher.build([layer])[1])))
+
+            searcher.subset_evaluations += 1
+            base = sub.score_and_cosine(str(searcher.save(searcher.build([])[1])))
+            scores = subset_sensitivity(everything, float_only, base)
+            timings["sensitivity_s"] = time.perf_counter() - t
+            return scores
         if ranking == "single-op":
             scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
         # propagated; also for body layers under single-op: their float inputs cannot be captured
@@ -326,6 +515,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         for s in subs:
             owned.update(owned_quantizers(s.model, s.idx, config, s.plan, body_layers[s.scope.path]))
         scored = (layers if ranking != "single-op" else []) + [x for s in subs for x in body_layers[s.scope.path]]
+        searcher.ranking_runs += 2 * len(layers) if ranking == "single-op" else 0
+        searcher.ranking_runs += len(scored) + 1 if scored else 0  # one per layer, and FP32's reference
         if scored:
             scores += propagated_sensitivity(prepared.model, full, scored, batches, providers,
                                              getattr(evaluate, "output_names", None), owned)
@@ -342,10 +533,10 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             return searcher.measure(qdq, f"only {layer.name} quantized", []).metric
 
         scores = end_to_end_sensitivity(list(all_layers.values()), only)
-        searcher.trials.clear()
+        searcher.ranking_trials, searcher.trials = searcher.trials, []  # counted apart from the search's
         timings["sensitivity_s"] = time.perf_counter() - t
 
-    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers)
+    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
     captured.clear()  # the float values of the sensitivity samples: memory back before writing
     timings["search_s"] = outcome.seconds - (timings.get("sensitivity_s", 0.0) if ranking != "end-to-end" else 0.0)
     search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
@@ -354,7 +545,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                      **outcome.to_dict()}
     if latency and batches:
         t = time.perf_counter()
-        feed = first_sample(batches[0])
+        feed = _one_sample(batches[0], prepared.inputs)
         lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
                "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
                if outcome.all_quantized is not None else None,
@@ -364,6 +555,31 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             lat["all_int8_vs_fp32"] = round(lat["all_int8_ms"] / lat["fp32_ms"], 3)
         lat.update({"batch": 1, "runs": latency_runs, "runtime": "onnxruntime CPU, all graph optimizations"})
         search_report["latency"] = lat
+        limit = max_latency_ratio if max_latency_ratio is not None else 1.0 \
+            if config.target == "ort-cpu" and lat["fp32_ms"] >= LATENCY_GATE_MIN_MS else None
+        rows = _tradeoffs(outcome, prepared.model, feed, lat, min(latency_runs, 10))
+        if outcome.met and limit is not None and lat["final_vs_fp32"] > limit:
+            # the cheapest set by cost is too slow as measured: another model that met the target may not be
+            faster = [(r, c) for r, c in zip(rows[1:], outcome.candidates) if r["passed"] and r["vs_fp32"] <= limit]
+            if faster:
+                row, (trial, plan, qdq) = min(faster, key=lambda rc: (  # the cheapest of them, as _best orders
+                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].float_layers),
+                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].int16_layers),
+                    len(rc[1][0].float_layers) + len(rc[1][0].int16_layers), -rc[1][0].metric, rc[0]["latency_ms"]))
+                log.info("the cheapest model that met the target runs %.2fx FP32 (limit %gx); keeping one measured "
+                         "at %.2fx: %s", lat["final_vs_fp32"], limit, row["vs_fp32"], trial.label)
+                by_name = {x.name: x for x in outcome.ranking}
+                outcome.plan, outcome.qdq = plan, qdq
+                outcome.fallback_layers = [by_name[n] for n in trial.float_layers + trial.int16_layers]
+                outcome.int16_layers = list(trial.int16_layers)
+                outcome.fallback = "mixed" if trial.float_layers and trial.int16_layers else \
+                    "int16" if trial.int16_layers else "float"
+                lat.update(final_ms=row["latency_ms"], final_vs_fp32=row["vs_fp32"], chosen_by="measured latency")
+                search_report.update(outcome.to_dict())
+            else:
+                outcome.met, outcome.stop_reason = False, "latency"
+                search_report.update(met=False, stop_reason="latency")
+        search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
         timings["latency_s"] = time.perf_counter() - t
     fraction = outcome.float_fraction()
     if outcome.met and fraction > FLOAT_FRACTION_WARNING:
@@ -374,11 +590,25 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                     extra_report={"search": search_report, **changed})
     names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
+    table = pareto_table(search_report["pareto"], outcome.threshold) if "pareto" in search_report else ""
+    if outcome.stop_reason == "latency":
+        raise TargetNotMetError(
+            f"the accuracy target ({target.describe()}) is met only by a model slower than allowed: "
+            f"{search_report['latency']['final_vs_fp32']:.2f}x FP32 latency with {len(names)} layer(s) in "
+            f"{outcome.fallback} ({kept}), limit {search_report['max_latency_ratio']:g}x (--max-latency-ratio); "
+            f"the accuracy/latency trade-offs found (report: search.pareto):\n{table}\n"
+            f"the model that met the accuracy target was written to {result.model_path}, marked not met",
+            "relax the target, raise --max-latency-ratio, or quantize with the trade-off you prefer "
+            "(--exclude-nodes with its float layers)")
     if not outcome.met:
+        budget = (f"; the evaluation budget ({outcome.max_evaluations} full evaluations, --max-evaluations) ended "
+                  "the search" if outcome.budget_exhausted else "")
         raise TargetNotMetError(
             f"accuracy target not met ({target.describe()}): FP32 {outcome.baseline:.4f}, best quantized "
             f"{max(t.metric for t in outcome.trials if t.label != 'fp32'):.4f}, threshold {outcome.threshold:.4f}; "
-            f"the best model found was written to {result.model_path}",
+            f"the best model found was written to {result.model_path}{budget}"
+            + (f"; the trade-offs found (report: search.pareto):\n{table}" if table else ""),
+            "raise --max-evaluations" if outcome.budget_exhausted else
             "relax the target, add calibration data, try --calib-method percentile, or --fallback to more layers")
     if max_float_fraction is not None and fraction > max_float_fraction + 1e-12:
         raise TooMuchFloatError(
@@ -387,4 +617,6 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             "relax the target, try --calib-method percentile or mse, or allow more float with --max-float-fraction")
     log.info("target met with %d layer(s) in %s (%s) after %d full evaluations", len(outcome.fallback_layers),
              outcome.fallback, kept, len(outcome.trials))
+    if table:
+        log.info("accuracy/latency trade-offs found (report: search.pareto):\n%s", table)
     return result

@@ -15,6 +15,11 @@ amplify (MiniLM's first FFN output, whose outlier channels set a range that wipe
 before a LayerNorm) ranks where it belongs. One render and one short run per layer, no full
 evaluation.
 
+Subset (NNCF 3.4's accuracy-aware ranking): the user's metric, on the evaluation items the fully
+quantized model changed most, with only that layer kept in float: the layers whose float copy recovers
+most come first. One render and one run on a few hundred items per layer, and an argmax metric ranks
+by what it measures (a layer that flips the decisive items) rather than by output cosine.
+
 End-to-end (AIMET's per-layer analysis): quantize only that layer and evaluate the whole model with
 the user's metric. N full evaluations: for when the user can afford it.
 """
@@ -50,6 +55,7 @@ class LayerScore:
     nodes: tuple[str, ...] = ()
     metric: float | None = None  # end-to-end: the model metric with only this layer quantized
     subgraph: str = ""  # the If/Loop/Scan body the layer is in (its path); "" = the main graph
+    recovery: float | None = None  # subset ranking: the metric gained on the subset with only this layer in float
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,6 +141,20 @@ def end_to_end_sensitivity(layers: list[Layer], evaluate_only: Callable[[Layer],
         scores.append(LayerScore(layer.name, layer.label, math.nan, math.nan, math.nan, layer.nodes, metric=m,
                                   subgraph=layer.scope))
     return sorted(scores, key=lambda s: (s.metric, s.name))
+
+
+def subset_sensitivity(layers: list[Layer], evaluate_float: Callable[[Layer], tuple[float, float]],
+                       all_quantized: tuple[float, float]) -> list[LayerScore]:
+    """NNCF's ranking: the user's metric on the evaluation items the fully quantized model changed most, with
+    only one layer at a time kept in float (``evaluate_float(layer) -> (metric, mean item cosine)`` on that
+    subset). Most recovered first; ties (an argmax metric moves in steps of one item) by the higher output
+    cosine, then the name. ``all_quantized``: the same pair for the fully quantized model."""
+    scores = []
+    for layer in tqdm(layers, desc="sensitivity (subset)", unit="layer", disable=None, leave=False):
+        m, cos = evaluate_float(layer)
+        scores.append(LayerScore(layer.name, layer.label, cos, math.nan, math.nan, layer.nodes, metric=m,
+                                 subgraph=layer.scope, recovery=m - all_quantized[0]))
+    return sorted(scores, key=lambda s: (-s.metric, -s.cosine, s.name))
 
 
 def spearman(a: list[str], b: list[str]) -> float:
