@@ -374,11 +374,15 @@ def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto
         raise ModelError(f"the models look swapped: the float model {_describe(float_model)} has {fq} "
                          f"quantize/dequantize node(s), the quantized model {_describe(quant_model)} has none",
                          "pass the float model first: qconvert verify FLOAT_MODEL QUANT_MODEL --data DIR")
-    same = (isinstance(float_model, (str, Path)) and isinstance(quant_model, (str, Path))
-            and Path(float_model).resolve() == Path(quant_model).resolve())
-    if same or float_proto.SerializeToString(deterministic=True) == quant_proto.SerializeToString(deterministic=True):
-        log.warning("the float and the quantized model are the same %s (%s): every metric will be perfect; pass the "
-                    "quantized model (<name>.qdq.onnx) second", "file" if same else "model", _describe(quant_model))
+    paths = isinstance(float_model, (str, Path)) and isinstance(quant_model, (str, Path))
+    same = paths and Path(float_model).resolve() == Path(quant_model).resolve()
+    if not same and paths and Path(float_model).stat().st_size == Path(quant_model).stat().st_size:
+        from .binding import sha256_file
+
+        same = sha256_file(float_model) == sha256_file(quant_model)  # two copies of one file
+    if same:
+        log.warning("the float and the quantized model are the same file (%s): every metric will be perfect; pass "
+                    "the quantized model (<name>.qdq.onnx) second", _describe(quant_model))
         return
     if not qq:
         log.warning("the quantized model %s has no QuantizeLinear/DequantizeLinear node: is it quantized?",

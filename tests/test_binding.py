@@ -61,9 +61,15 @@ def test_report_binds_every_file_by_sha256(model, tmp_path):
     assert b["prepared_model"]["sha256"] == sha(res.prepared_path)
     assert b["encodings"]["sha256"] == sha(res.encodings_path)
     assert b["qdq_model"]["sha256"] == sha(res.model_path)
-    # the encodings file itself is untouched AIMET 1.0.0: no key of ours in it
-    assert set(json.loads(res.encodings_path.read_text())) == {"version", "activation_encodings", "param_encodings",
-                                                                 "quantizer_args"}
+    # the encodings files carry no key of ours, in any of the three AIMET versions: the report is the binding
+    sections = {"1.0.0": {"version", "activation_encodings", "param_encodings", "quantizer_args"},
+                "0.6.1": {"version", "activation_encodings", "param_encodings", "quantizer_args"},
+                "2.0.0": {"version", "encodings"}}
+    assert set(json.loads(res.encodings_path.read_text())) == sections["1.0.0"]
+    for version in ("0.6.1", "2.0.0"):
+        r = quantize(model, CALIB, QuantConfig(encodings_version=version), tmp_path / version, name="d")
+        assert set(json.loads(r.encodings_path.read_text())) == sections[version]
+        assert json.loads(r.report_path.read_text())["binding"]["encodings"]["sha256"] == sha(r.encodings_path)
 
 
 def test_stale_prepared_model_is_removed_and_refused(tmp_path, capsys):
