@@ -461,7 +461,8 @@ def measure_quality(prepared: Prepared, qdq: onnx.ModelProto | bytes, calib_data
     t = time.perf_counter()
     try:
         source = prepared.source_path
-        reference = source if source and Path(source).is_file() and not is_large(prepared.model) else prepared.model
+        as_given = bool(source and Path(source).is_file() and not is_large(prepared.model))
+        reference = load_model(source) if as_given else prepared.model
         providers = ["CPUExecutionProvider"]
         ref = make_session(reference, providers, config.threads, full_optimization=True)
         got = make_session(qdq, providers, config.threads, full_optimization=True)
@@ -488,7 +489,7 @@ def measure_quality(prepared: Prepared, qdq: onnx.ModelProto | bytes, calib_data
                          "sqnr_db": st.sqnr_db if np.isfinite(st.sqnr_db) else None,
                          "identical": st.whole.sse == 0.0} for name, st in stats.items()}
     worst = min(per_output, key=lambda k: per_output[k]["cosine_mean"])
-    return {"samples": samples, "reference": str(reference) if isinstance(reference, str) else "prepared model",
+    return {"samples": samples, "reference": str(source) if as_given else "the prepared float model",
             "outputs": per_output, "worst_output": worst,
             "latency_batch1": {**lat.to_dict(), "providers": providers},
             "seconds": round(time.perf_counter() - t, 3)}

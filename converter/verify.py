@@ -39,7 +39,7 @@ float model, the calibration folder (from the quantize report beside the QDQ mod
 the labels filled in.
 
 Latency (:mod:`converter.timing`): after the metrics, both models run the first batch again,
-interleaved, until at least 20 runs each and 0.5 s of timing; reported are the medians with their
+interleaved, until at least 30 runs each and 1 s of timing; reported are the medians with their
 p10-p90 spread, and the ratio of the medians, or "too fast to time" when the float model runs in
 under 1 ms.
 
@@ -106,6 +106,7 @@ class Thresholds:
 
 
 AGREEMENT_WITHOUT_LABELS = 0.99  # the default agreement gate when no labels give the accuracy drop
+VERIFY_RUNS, VERIFY_SECONDS = 30, 1.0  # latency: at least this many interleaved runs of each model, and this long
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     log.info("verified on %d samples in %d batches", samples, batches)
     latency = None
     if first is not None:
-        timed = paired_latency(lambda: sessions[0].run(outputs, first), lambda: sessions[1].run(outputs, first))
+        timed = paired_latency(lambda: sessions[0].run(outputs, first), lambda: sessions[1].run(outputs, first),
+                               min_runs=VERIFY_RUNS, min_seconds=VERIFY_SECONDS)
         latency = {**timed.to_dict(), "batch_size": next(iter(first.values())).shape[0]}
 
     accuracy = (_accuracy(stats, label_array, samples, labels, max_samples is not None)
