@@ -803,6 +803,7 @@ def _verify(v: dict[str, Any], float_model: str, quant_model: Path, name: str,
     print(format_report(res), flush=True)
     outs = res.metrics["outputs"].values()
     agreements = [c.measured for c in res.checks if c.name.startswith("top1_agreement[")]  # checked outputs only
+    agreements = agreements or [o["top1_agreement"] for o in outs if o["top1_agreement"] is not None]  # labels: not gated
     acc = res.metrics["accuracy"] or {}
     brief = {"passed": res.passed, "summary": res.summary, "samples": res.metrics["samples"],
              "min_cosine": min(o["cosine_mean"] for o in outs),

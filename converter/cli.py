@@ -242,9 +242,36 @@ def _run_quantize(args: argparse.Namespace) -> int:
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items()) or "none"
         print(f"  ONNX Runtime CPU runs: quantized {quantized}; layers in float: {floats} "
               "(report: summary.ort_cpu_kernels)")
-    for key in ("model", "encodings", "report"):
-        print(f"  {key:9s} {result.report['outputs'][key]}")
+    for line in quality_lines(result.report.get("quality")):
+        print(f"  {line}")
+    outputs = result.report["outputs"]
+    for key, label in (("model", "model"), ("encodings", "encodings"), ("float_model", "prepared"),
+                       ("report", "report")):
+        if key in outputs:
+            print(f"  {label:9s} {outputs[key]}" + ("  (the float model the encodings apply to)"
+                                                    if key == "float_model" else ""))
     return 0
+
+
+def quality_lines(quality: dict | None) -> list[str]:
+    """quantize's quality and speed summary (report: quality)."""
+    if not quality:
+        return []
+    outs = quality["outputs"]
+    worst = outs[quality["worst_output"]]
+    sqnr = "inf" if worst["identical"] else f"{worst['sqnr_db']:.1f}" if worst["sqnr_db"] is not None else "-inf"
+    which = f" (worst of {len(outs)} outputs: {quality['worst_output']})" if len(outs) > 1 else ""
+    lines = [f"vs FP32 on {_plural(quality['samples'], 'calibration sample')}: output cosine "
+             f"{worst['cosine_mean']:.5f} (min {worst['cosine_min']:.5f}), SQNR {sqnr} dB{which} "
+             "(report: quality; held-out data: qconvert verify)"]
+    lat = quality["latency_batch1"]
+    f, q = lat["float"], lat["quant"]
+    ratio = (f"x{lat['ratio']:.2f}" if lat["ratio"] is not None else
+             f"too fast to time (under {lat['too_fast_ms']:g} ms)")
+    lines.append(f"latency (ORT CPU, batch 1, median of {lat['runs']}): FP32 {f['median_ms']:.2f} ms "
+                 f"(p10-p90 {f['p10_ms']:.2f}-{f['p90_ms']:.2f}), quantized {q['median_ms']:.2f} ms "
+                 f"({q['p10_ms']:.2f}-{q['p90_ms']:.2f}): {ratio}")
+    return lines
 
 
 def _plural(n: int, word: str) -> str:

@@ -60,6 +60,7 @@ class QuantResult:
     plan: QuantPlan
     report: dict[str, Any] = field(default_factory=dict)
     model: onnx.ModelProto | None = None
+    prepared_path: Path | None = None  # <name>.prepared.onnx, when a pass changed the float model (else None)
 
 
 @dataclass
@@ -439,12 +440,80 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     timings["render_s"] = time.perf_counter() - t
     extra = {**changed, **({"adaround": rounded} if rounded else {}),
              **({"bias_correction": corrected} if corrected else {})}
-    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None)
+    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None,
+                  calib_data=calib_data, calib_spec=calib_spec)
+
+
+QUALITY_SAMPLES = 32  # calibration samples quantize compares the QDQ model with FP32 on (output cosine, SQNR)
+
+
+def measure_quality(prepared: Prepared, qdq: onnx.ModelProto | bytes, calib_data: Any, config: QuantConfig,
+                    calib_spec: str | Path | None = None) -> dict[str, Any] | None:
+    """What a plain quantize says about the model it wrote: per output, the mean per-sample cosine and the SQNR
+    of the QDQ model against FP32 on the first :data:`QUALITY_SAMPLES` calibration samples (the definitions of
+    ``verify``'s table), and the batch-1 latency of both on ONNX Runtime CPU, all optimizations, interleaved
+    (:func:`converter.timing.paired_latency`: medians and p10-p90). FP32 is the float model as given (its file),
+    else the prepared one. None, with a warning, when either model cannot run (the files are still written)."""
+    from .calib.runner import make_session
+    from .timing import paired_latency
+    from .verify import OutputStats
+
+    t = time.perf_counter()
+    try:
+        source = prepared.source_path
+        as_given = bool(source and Path(source).is_file() and not is_large(prepared.model))
+        reference = load_model(source) if as_given else prepared.model
+        providers = ["CPUExecutionProvider"]
+        ref = make_session(reference, providers, config.threads, full_optimization=True)
+        got = make_session(qdq, providers, config.threads, full_optimization=True)
+        outputs = [o.name for o in ref.get_outputs()]
+        stats = {name: OutputStats(name) for name in outputs}
+        data = open_calibration(calib_data, prepared.inputs, config.batch_size, QUALITY_SAMPLES, calib_spec)
+        samples, first = 0, None
+        for batch in data:
+            names = {i.name for i in ref.get_inputs()}
+            batch = {k: v for k, v in batch.items() if k in names}
+            n = next(iter(batch.values())).shape[0]
+            first = first or {k: np.asarray(v)[:1] for k, v in batch.items()}
+            for name, f, q in zip(outputs, ref.run(outputs, batch), got.run(outputs, batch)):
+                stats[name].update(np.asarray(f), np.asarray(q), n)
+            samples += n
+        if first is None:
+            return None
+        lat = paired_latency(lambda: ref.run(outputs, first), lambda: got.run(outputs, first))
+    except Exception as exc:  # noqa: BLE001 - a report detail: it must not lose the written model
+        log.warning("could not measure the quantized model against FP32 (%s: %s); the report has no quality",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
+    per_output = {name: {"cosine_mean": st.cosine_mean, "cosine_min": st.cosine_min,
+                         "sqnr_db": st.sqnr_db if np.isfinite(st.sqnr_db) else None,
+                         "identical": st.whole.sse == 0.0} for name, st in stats.items()}
+    worst = min(per_output, key=lambda k: per_output[k]["cosine_mean"])
+    return {"samples": samples, "reference": str(source) if as_given else "the prepared float model",
+            "outputs": per_output, "worst_output": worst,
+            "latency_batch1": {**lat.to_dict(), "providers": providers},
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
+def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | None:
+    """A ``<name>.prepared.onnx`` that this run will not write: an earlier run's, to be removed after the writes
+    so no float model is left beside encodings it does not fit. Checked before anything is written: a file of
+    that name no earlier report lists is refused (:func:`check_earlier_outputs`), never deleted."""
+    stale = float_model_path(out_dir, name)
+    if written is not None or not stale.is_file():
+        return None
+    check_earlier_outputs((stale, output_paths(out_dir, name)[2]))
+    return stale
 
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
-           timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None) -> QuantResult:
-    """Check the QDQ model, then write it, the encodings file and the report (each atomically)."""
+           timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None,
+           calib_data: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
+    """Check the QDQ model, then write it, the encodings file and the report (each atomically).
+
+    With ``calib_data`` the report gets ``quality`` (:func:`measure_quality`); the report's ``binding`` records
+    the SHA-256 of the float model, the prepared model, the encodings and the QDQ model (:mod:`.binding`)."""
+    from .binding import file_entry, sha256_bytes
     # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
     # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
     external = is_large(prepared.model)
@@ -464,6 +533,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     float_path = float_model_path(out_dir, name) if changed else None
     check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])
     check_earlier_outputs((paths[0], paths[1], float_path, paths[2]) if float_path else paths)  # the report last
+    stale = stale_prepared(out_dir, name, float_path)
     report = {
         "converter_version": __version__,
         "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,
@@ -482,6 +552,11 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
         "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2]),
                     **({"float_model": str(float_path)} if float_path else {})},
     }
+    if calib_data is not None:
+        quality = measure_quality(prepared, data if data is not None else qdq, calib_data, config, calib_spec)
+        if quality:
+            report["quality"] = quality
+            timings["quality_s"] = quality["seconds"]
     t = time.perf_counter()
     if data is not None:
         atomic_write_bytes(paths[0], data)
@@ -492,18 +567,37 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
         save_model(prepared.model, float_path, external=external)
         log.info("%s changed the float model: %s is the float model the encodings apply to (apply-encodings, "
                  "verify against FP32 use it or the original: their outputs agree)", ", ".join(changed), float_path)
+    if stale:
+        stale.unlink(missing_ok=True)
+        log.info("removed %s: an earlier quantize run wrote it; this run changed no float model, so its encodings "
+                 "apply to the float model it was given", stale)
+    report["binding"] = {
+        "float_model": file_entry(prepared.source_path),
+        "prepared_model": file_entry(float_path) if float_path else None,
+        "encodings": {"path": str(paths[1]), "sha256": sha256_bytes(encodings_text.encode("utf-8"))},
+        "qdq_model": ({"path": str(paths[0]), "sha256": sha256_bytes(data)} if data is not None else
+                      file_entry(paths[0])),
+        **({"removed_stale_prepared_model": str(stale)} if stale else {}),
+    }
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     _write_json(paths[2], report)
-    log.info("wrote %s, %s, %s", *paths)
-    return QuantResult(*paths, plan=plan, report=report, model=qdq)
+    log.info("wrote %s, %s, %s%s", *paths, f" and {float_path}" if float_path else "")
+    return QuantResult(*paths, plan=plan, report=report, model=qdq, prepared_path=float_path)
 
 
 def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> onnx.ModelProto:
-    """Float model + encodings file -> the QDQ model (the same bytes ``quantize`` wrote)."""
+    """Float model + encodings file -> the QDQ model (the same bytes ``quantize`` wrote).
+
+    When the quantize report beside the encodings records them, ``model`` must be the file they were made for
+    (:func:`converter.binding.check_encodings_model`): the ``<name>.prepared.onnx`` quantize wrote, else the
+    float model it was given."""
+    from .binding import check_encodings_model
+
     output = Path(output)
     ensure_writable_dir(output.parent if str(output.parent) else ".")
+    check_encodings_model(model, encodings)
     float_model = load_model(model)
     preprocess(float_model)
     enc_file = read_encodings(encodings)

@@ -63,7 +63,7 @@ from ..quant.rules import weight_axis
 from ..stats import TensorStats, sqnr_db
 from .compare import dequantized_name_map, with_outputs
 from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
-from .recommend import channel_outlier_ratios, recommend, recommendation_lines
+from .recommend import assess, channel_outlier_ratios, recommend, recommendation_lines
 
 log = logging.getLogger("converter")
 
@@ -84,6 +84,7 @@ class AnalysisConfig:
     steps: tuple[str, ...] = STEPS
     worst: int = 10  # layers listed as the worst in the summary
     sanity_cosine: float = 0.9999  # the FP32 check passes at or above this output cosine
+    tolerance: float | None = None  # metric drop with nothing to fix (None: recommend.NOTHING_TO_FIX per metric)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
@@ -98,6 +99,9 @@ class AnalysisConfig:
         if self.eval_samples < 0:
             raise ConfigError(f"eval_samples must be >= 0 (0: all), got {self.eval_samples}",
                               "set eval_samples to 0 (all) or a positive number")
+        if self.tolerance is not None and not self.tolerance >= 0:
+            raise ConfigError(f"tolerance must be >= 0 (a metric drop), got {self.tolerance}",
+                              "pass --tolerance 0.005 (half a point of top-1) or leave it out")
         for key in ("layer_samples", "batch_size", "histogram_bins", "worst"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}", f"set {key} to a positive number")
@@ -448,8 +452,11 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     replaces the built-in metric by ``evaluate(model_path) -> float`` (higher is better). A
     ``torch.nn.Module`` is exported first (``example_inputs`` required), as in ``quantize``.
     """
+    from ..binding import check_prepared_current, file_entry
+
     config = config or QuantConfig()
     cfg = analysis or AnalysisConfig()
+    check_prepared_current(model)  # a <name>.prepared.onnx left from an earlier quantize run: refused
     out_dir = ensure_writable_dir(output_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -477,6 +484,7 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     report: dict[str, Any] = {
         "converter_version": __version__,
         "model": {"source": str(model) if isinstance(model, (str, Path)) else None,
+                  "sha256": (file_entry(model) or {}).get("sha256") if isinstance(model, (str, Path)) else None,
                   "nodes": len(prep.model.graph.node), "layers": len(prep.layers)},
         "config": config.to_dict(),
         "analysis_config": {**asdict(cfg), "steps": list(cfg.steps)},
@@ -515,7 +523,9 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     report["layers"] = list(rows.values())
     report["worst_layers"] = [r["name"] for r in ranked[:cfg.worst]]
     ratios = channel_outlier_ratios(prep.model, prep.idx, layer_batches, prep.calibration["providers"])
-    report["recommendations"] = recommend(report, prep.model, prep.idx, prep.observers, config, ratios)
+    report["assessment"] = assess(report, cfg.tolerance)
+    report["recommendations"] = recommend(report, prep.model, prep.idx, prep.observers, config, ratios,
+                                          cfg.tolerance)
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return write_report(report, out_dir)
@@ -564,6 +574,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-samples", type=int, default=d.layer_samples,
                    help="evaluation samples for each per-layer measurement")
     p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
+    p.add_argument("--tolerance", type=float,
+                   help="metric drop from FP32 with nothing to fix: no recommendation (default: 0.005 for top1 and "
+                        "top1-agreement, 0.001 for cosine, 0.5%% of FP32 for --evaluator)")
     p.add_argument("--providers", choices=list(PROVIDERS),
                    help=f"execution provider; auto: CUDA if present, else CPU (default: {q.providers})")
 
@@ -574,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     config = config.replace(**overrides)
     cfg = AnalysisConfig(metric=args.metric, layer_metric=args.layer_metric, eval_samples=args.eval_samples,
-                         layer_samples=args.layer_samples,
+                         layer_samples=args.layer_samples, tolerance=args.tolerance,
                          steps=tuple(s for s in args.steps.split(",") if s) if args.steps else STEPS)
     evaluate = None
     if args.evaluate:
@@ -614,5 +627,5 @@ def summary_text(report: dict[str, Any]) -> str:
                  f"shadow SQNR {shadow:.1f} dB" if isinstance(shadow, float) else ""]
         lines.append(f"  {name} ({r['label']}): " + ", ".join(p for p in parts if p))
     if "recommendations" in report:
-        lines += recommendation_lines(report["recommendations"])
+        lines += recommendation_lines(report["recommendations"], report.get("assessment"))
     return "\n".join(lines)

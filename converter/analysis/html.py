@@ -275,7 +275,11 @@ def _summary(r: dict[str, Any]) -> str:
             ev_text = ", ".join(f"{k} {v}" for k, v in rec["evidence"].items() if v is not None)
             items.append(f'<li><b>{esc(rec["technique"])}</b>: <code>{esc(rec["flag"])}</code><br>'
                          f'{esc(rec["reason"])}<br><small>evidence: {esc(ev_text)}</small></li>')
-        body = f'<ol>{"".join(items)}</ol>' if items else "<p>none: no evidence for a technique</p>"
+        a = r.get("assessment") or {}
+        none = (f"none, nothing to fix: INT8 {a['metric']} {fmt(a['int8'], 6)} vs FP32 {fmt(a['fp32'], 6)}, drop "
+                f"{fmt(a['drop'], 6)} within the tolerance {fmt(a['tolerance'], 6)} ({a['tolerance_from']})"
+                if a.get("nothing_to_fix") else "none: no evidence for a technique")
+        body = f'<ol>{"".join(items)}</ol>' if items else f"<p>{esc(none)}</p>"
         cards.append(f'<div class="card" id="recommendations"><h3>What to try (in order)</h3>{body}</div>')
     return f'<section><h2>Summary</h2><div class="cards">{"".join(cards)}</div></section>'
 

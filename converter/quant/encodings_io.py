@@ -42,6 +42,13 @@ symmetric encodings read back as signed with zero point 0 (AIMET's restricted-ra
 asymmetric ones as unsigned, as :meth:`Encoding.from_aimet` does. An encoding of another kind
 (asymmetric int8, symmetric uint8) is written correctly and reads back as the equivalent one of
 that natural type.
+
+The files carry nothing but the format: no hash of the model they belong to. AIMET's loaders read the sections
+they know and pass over other keys (``excluded_layers``, ``quantizer_args``), but QNN's converters and other
+readers of 2.0.0 are stricter, and a file that must stay loadable everywhere is no place for our metadata.
+``quantize`` binds the file to its model in the report beside it instead (``binding``: SHA-256 of the float
+model, the prepared model, this file and the QDQ model), and ``apply-encodings`` checks it from there
+(:mod:`converter.binding`).
 """
 
 from __future__ import annotations
