@@ -159,6 +159,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, dict], threads: int, runs: int) -> None:
+    nan = float("nan")
     print(f"\nbatch-1 latency: median of {runs} runs, {threads} thread(s), models taking turns; INT8 share: layer "
           "kernels ORT runs on integers / all layer kernels of its optimized graph")
     head = (f"{'model':20s} {'row':24s} {'metric':>9s} {'other':>22s} {'INT8':>9s} {'share':>6s} {'ms':>8s} "
@@ -184,8 +185,8 @@ def print_table(results: dict[str, dict], threads: int, runs: int) -> None:
             met = ("yes" if s.get("met") else "NO") if s else ""
             n_float = str(len(s.get("float_layers", []))) if s else ""
             print(f"{key:20s} {label:24s} {m[name]:9.4f} {other:>22s} {i8['int8']:>4d}/{i8['int8'] + i8['float']:<4d} "
-                  f"{i8['share']:6.1%} {row.get('latency_ms', float('nan')):8.3f} {row.get('x_fp32', float('nan')):6.2f} "
-                  f"{row.get('x_int8', float('nan')):6.2f} {n_float:>5s} {evals:>9s} {met:>4s}")
+                  f"{i8['share']:6.1%} {row.get('latency_ms', nan):8.3f} {row.get('x_fp32', nan):6.2f} "
+                  f"{row.get('x_int8', nan):6.2f} {n_float:>5s} {evals:>9s} {met:>4s}")
         print(f"{'':20s} target: {r['target']}")
 
 
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [k for k in keys if k not in MODELS]
     try:
         if unknown:
-            raise UserError(f"unknown model(s) {', '.join(unknown)}", f"use --models with names from {', '.join(MODELS)}")
+            raise UserError(f"unknown model(s) {', '.join(unknown)}",
+                            f"use --models with names from {', '.join(MODELS)}")
         if any(k in ASSET_MODELS for k in keys):
             bench_assets.assets_root(args.assets)  # before any work
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="any_model_bench_"))

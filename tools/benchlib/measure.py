@@ -1,13 +1,14 @@
-"""Latency and the compute INT8 share, both as ONNX Runtime CPU runs a model (all graph optimizations).
+"""Latency and the compute INT8 share, both as ONNX Runtime CPU runs a model.
 
 :func:`compare_latency`: batch-1 latency of several models on one feed, median of ``runs`` runs after a warm-up,
-``threads`` intra-op threads (stated in every table), the models taking turns run by run so that load on a shared
-machine lands on all of them alike.
+``threads`` intra-op threads (stated in every table), all graph optimizations, the models taking turns run by run
+so that load on a shared machine lands on all of them alike.
 
 :func:`compute_int8_share`: the layer ops of ORT's optimized graph (``optimized_model_filepath``; If/Loop/Scan
-bodies included) split into integer kernels (``QLinearConv``, ``QLinearMatMul``, ``MatMulInteger``, ``QGemm``, ...)
-and float ones (``Conv``, ``FusedConv``, ``Gemm``, ``MatMul``, ``LSTM``, ...), counted and named. This is what runs,
-not what the quantizer planned: a layer whose input Q/DQ pair ORT cannot fuse runs in float.
+bodies included; level ``extended``, where the QDQ fusions run) split into integer kernels (``QLinearConv``,
+``QLinearMatMul``, ``MatMulInteger``, ``QGemm``, ...) and float ones (``Conv``, ``FusedConv``, ``Gemm``,
+``MatMul``, ``LSTM``, ...), counted and named. This is what runs, not what the quantizer planned: a layer whose
+input Q/DQ pair ORT cannot fuse runs in float.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def optimized_graph(model: str | Path | onnx.ModelProto, optimization: str = "al
 
 def compute_int8_share(model: str | Path | onnx.ModelProto) -> dict[str, Any]:
     """``{"int8": n, "float": m, "share": n / (n + m), "int8_ops": {op: count}, "float_ops": {op: count},
-    "float_layers": [names]}`` of ORT's optimized graph, control-flow bodies included."""
-    opt = optimized_graph(model)
+    "float_layers": [names]}`` of ORT's optimized graph, control-flow bodies included. The graph of level
+    ``extended``: the QDQ -> QLinear* and activation fusions run there; ``all`` only adds the NCHWc layout
+    rewrite, which renames the float Convs (``y_nchwc``) but runs the same layers in float."""
+    opt = optimized_graph(model, "extended")
     int_ops: dict[str, int] = {}
     float_ops: dict[str, int] = {}
     float_names: list[str] = []
