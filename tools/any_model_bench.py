@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ import onnxruntime as ort
 import converter
 from converter import QuantConfig
 from converter.errors import UserError
-from converter.search import TargetNotMetError, auto_quantize
+from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
 
 from .benchlib import assets as bench_assets
 from .benchlib.measure import compare_latency, compute_int8_share
@@ -120,19 +121,33 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
     evaluator = CountingEvaluator(task.evaluate)
     t = time.perf_counter()
     search_dir = out / "search"
-    try:
-        res = auto_quantize(str(task.model), task.calib, evaluator, task.target, config, output_dir=search_dir,
-                            name=task.key, **task.search_options)
-        report, paths[SEARCH], ended = res.report, Path(res.model_path), None
-    except TargetNotMetError as exc:  # the best model and the report are written first
-        ended = f"{type(exc).__name__}: {exc}"
-        report_file = search_dir / f"{task.key}.report.json"
-        report = json.loads(report_file.read_text()) if report_file.exists() else {}
-        written = [p for p in (search_dir / f"{task.key}.qdq.onnx", search_dir / f"{task.key}.onnx") if p.exists()]
-        if written:
-            paths[SEARCH] = written[0]
+    options, crashed = dict(task.search_options), None
+    while True:
+        try:
+            res = auto_quantize(str(task.model), task.calib, evaluator, task.target, config, output_dir=search_dir,
+                                name=task.key, **options)
+            report, paths[SEARCH], ended = res.report, Path(res.model_path), None
+        except TargetNotMetError as exc:  # the best model and the report are written first
+            ended = f"{type(exc).__name__}: {exc}"
+            report_file = search_dir / f"{task.key}.report.json"
+            report = json.loads(report_file.read_text()) if report_file.exists() else {}
+            written = [p for p in (search_dir / f"{task.key}.qdq.onnx", search_dir / f"{task.key}.onnx")
+                       if p.exists()]
+            if written:
+                paths[SEARCH] = written[0]
+        except Exception as exc:  # a crash is a result; once more without the search's own latency measurement
+            if crashed is not None or options.get("latency") is False:
+                raise
+            crashed = f"{type(exc).__name__}: {exc}"
+            print(f"  ours search CRASHED ({crashed}); again with latency=False", flush=True)
+            options["latency"] = False
+            evaluator.calls = 0
+            if search_dir.exists():
+                shutil.rmtree(search_dir)
+            continue
+        break
     rows[SEARCH] = {"seconds": round(time.perf_counter() - t, 1), "search": _search_summary(report, evaluator.calls),
-                    "ended": ended}
+                    "ended": ended, "crashed_first": crashed}
     print(f"  ours search: {rows[SEARCH]['seconds']} s, {evaluator.calls} evaluator calls"
           + (f", {ended.splitlines()[0]}" if ended else ""), flush=True)
 
@@ -178,7 +193,7 @@ def print_table(results: dict[str, dict], threads: int, runs: int) -> None:
                 print(f"{key:20s} {label:24s} {err}")
                 continue
             m = row["metrics"]
-            other = ", ".join(f"{k[:8]} {v:.4f}" for k, v in m.items() if k != name)[:22]
+            other = " ".join(f"{v:.4f}" for k, v in m.items() if k != name)
             i8 = row["int8"]
             s = row.get("search", {})
             evals = f"{s.get('full_evaluations', '')}/{s.get('evaluator_calls', '')}" if s else ""
@@ -187,7 +202,8 @@ def print_table(results: dict[str, dict], threads: int, runs: int) -> None:
             print(f"{key:20s} {label:24s} {m[name]:9.4f} {other:>22s} {i8['int8']:>4d}/{i8['int8'] + i8['float']:<4d} "
                   f"{i8['share']:6.1%} {row.get('latency_ms', nan):8.3f} {row.get('x_fp32', nan):6.2f} "
                   f"{row.get('x_int8', nan):6.2f} {n_float:>5s} {evals:>9s} {met:>4s}")
-        print(f"{'':20s} target: {r['target']}")
+        others = [k for k in r["rows"][FP32]["metrics"] if k != name]
+        print(f"{'':20s} metric: {name}; other: {', '.join(others)}; search target: {r['target']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="folder for the quantized models (default: a new temporary folder)")
     ap.add_argument("--runs", type=int, default=50, help="latency runs per model (default: 50)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency (default: 1)")
+    ap.add_argument("--max-drop", action="append", default=[], metavar="MODEL=DROP",
+                    help="replace a model's search target by 'metric drop <= DROP' (absolute; repeatable), e.g. "
+                         "digits_yolo=0 for the strictest target")
     ap.add_argument("--minilm-onnx", help="exported all-MiniLM-L6-v2 (default: the assets' export.py, which needs "
                                           "transformers)")
     args = ap.parse_args(argv)
@@ -210,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"unknown model(s) {', '.join(unknown)}",
                             f"use --models with names from {', '.join(MODELS)}")
+        drops = {}
+        for item in args.max_drop:
+            model, _, value = item.partition("=")
+            try:
+                drops[model] = float(value)
+            except ValueError:
+                raise UserError(f"--max-drop {item!r} is not MODEL=DROP", "e.g. --max-drop digits_yolo=0.005") from None
+            if model not in MODELS or drops[model] < 0:
+                raise UserError(f"--max-drop {item!r}: unknown model or negative drop",
+                                f"use MODEL=DROP with MODEL from {', '.join(MODELS)} and DROP >= 0")
         if any(k in ASSET_MODELS for k in keys):
             bench_assets.assets_root(args.assets)  # before any work
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="any_model_bench_"))
@@ -228,10 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         try:
             task = load_task(key, args, work)
+            if key in drops:
+                task.target = AccuracyTarget(max_drop=drops[key])
+                task.target_text = f"drop <= {drops[key]:g} (--max-drop)"
             results[key] = run_model(task, work, args)
         except UserError as exc:
             results[key] = {"error": str(exc)}
             print(f"  error: {exc}", flush=True)
+        except Exception as exc:  # one model's crash does not end the others' rows
+            results[key] = {"error": f"crashed: {type(exc).__name__}: {exc}"}
+            logging.getLogger("any_model_bench").exception("%s crashed", key)
         results[key]["wall_s"] = round(time.perf_counter() - t, 1)
         if args.json:  # after every model: a long run keeps what it measured
             Path(args.json).write_text(json.dumps({"meta": meta, "models": results}, indent=2, default=str))
