@@ -78,10 +78,13 @@ def test_ort_baseline_and_int8_share(tmp_path):
             [c.input[1] for c in qdq.graph.node if c.op_type == "Conv"]]
     assert len(dq_w) == 1 and helper.get_attribute_value(dq_w[0].attribute[0]) == 0  # per-channel, axis 0
 
-    assert compute_int8_share(float_path) == {"int8": 0, "float": 1, "share": 0.0, "int8_ops": {},
-                                              "float_ops": {"FusedConv": 1}, "float_layers": ["conv"]}  # Conv + Relu
-    share = compute_int8_share(tmp_path / "conv.ort.onnx")
-    assert (share["int8"], share["float"], share["int8_ops"]) == (1, 0, {"QLinearConv": 1})
+    expected = {"int8": 0, "float": 1, "share": 0.0, "int8_ops": {}, "float_ops": {"FusedConv": 1},  # Conv + Relu
+                "float_layers": ["conv"]}
+    assert compute_int8_share(float_path) == {**expected, "counted": "optimized graph"}
+    feed = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    assert compute_int8_share(float_path, feed) == {**expected, "counted": "profiled run"}
+    for share in (compute_int8_share(tmp_path / "conv.ort.onnx"), compute_int8_share(tmp_path / "conv.ort.onnx", feed)):
+        assert (share["int8"], share["float"], share["int8_ops"], share["share"]) == (1, 0, {"QLinearConv": 1}, 1.0)
 
 
 def test_int8_share_counts_inside_if_bodies():
@@ -96,8 +99,12 @@ def test_int8_share_counts_inside_if_bodies():
                                             helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    share = compute_int8_share(model)
+    share = compute_int8_share(model)  # the graph: both branches
     assert share["float"] == 2 and share["int8"] == 0 and sorted(share["float_layers"]) == ["else_mm", "then_mm"]
+    x = np.ones((1, 4), np.float32)
+    for cond, taken in ((True, "then_mm"), (False, "else_mm")):  # a run: the branch it took
+        share = compute_int8_share(model, {"c": np.array(cond), "x": x})
+        assert (share["float"], share["float_layers"]) == (1, [taken])
 
 
 def test_compare_latency_times_every_model(tmp_path):

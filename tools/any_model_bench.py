@@ -7,9 +7,9 @@ config (default ranking, strategy and fallback); ``onnxruntime.quantization.quan
 weights, uint8 activations, MinMax) on the same calibration batches. Every row gets
 
 * the model's metrics on its held-out data (see tools/benchlib/assets.py and tasks.py for each model's data);
-* the compute INT8 share as ONNX Runtime runs it: layer kernels of ORT's optimized graph (If/Loop bodies included)
-  that run on integers (QLinearConv, QLinearMatMul, MatMulInteger, QGemm, ...) over those plus the layer ops that
-  run in float (Conv, FusedConv, Gemm, MatMul, LSTM, ...), and the float ones by name in the JSON;
+* the compute INT8 share as ONNX Runtime runs it: the layer kernels one profiled batch-1 run executes (inside
+  If/Loop bodies too, only the branch taken) that run on integers (QLinearConv, QLinearMatMul, MatMulInteger,
+  QGemm, ...) over those plus the layer ops that run in float (Conv, FusedConv, Gemm, MatMul, LSTM, ...), and the float ones by name in the JSON;
 * batch-1 latency: median of ``--runs`` runs after a warm-up, ``--threads`` intra-op threads, the four models
   taking turns run by run (a load spike on a shared machine hits them alike), as a ratio to FP32 and to all-INT8;
 * for the search: layers it kept in float (its report), met or not, the evaluations it made (its report's
@@ -109,7 +109,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
     paths: dict[str, Path] = {FP32: task.model}
     t = time.perf_counter()
     rows[FP32] = {"metrics": task.metrics(str(task.model))}
-    rows[FP32]["int8"] = compute_int8_share(task.model)
+    rows[FP32]["int8"] = compute_int8_share(task.model, task.feed)
     print(f"  FP32 {rows[FP32]['metrics']}", flush=True)
 
     t = time.perf_counter()
@@ -162,7 +162,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
     for key in (DEFAULT, SEARCH, ORT):
         if key in paths:
             rows[key]["metrics"] = task.metrics(str(paths[key]))
-            rows[key]["int8"] = compute_int8_share(paths[key])
+            rows[key]["int8"] = compute_int8_share(paths[key], task.feed)
     lat = compare_latency({k: p for k, p in paths.items()}, task.feed, args.runs, threads=args.threads)
     for key, ms in lat.items():
         rows[key]["latency_ms"] = round(ms, 4)

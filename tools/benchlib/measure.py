@@ -4,10 +4,10 @@
 ``threads`` intra-op threads (stated in every table), all graph optimizations, the models taking turns run by run
 so that load on a shared machine lands on all of them alike.
 
-:func:`compute_int8_share`: the layer ops of ORT's optimized graph (``optimized_model_filepath``; If/Loop/Scan
-bodies included; level ``extended``, where the QDQ fusions run) split into integer kernels (``QLinearConv``,
-``QLinearMatMul``, ``MatMulInteger``, ``QGemm``, ...) and float ones (``Conv``, ``FusedConv``, ``Gemm``,
-``MatMul``, ``LSTM``, ...), counted and named. This is what runs, not what the quantizer planned: a layer whose
+:func:`compute_int8_share`: the layer kernels one profiled ORT run executes (or, without an input, every layer op
+of ORT's optimized graph, If/Loop/Scan bodies included; level ``extended``, where the QDQ fusions run) split into
+integer kernels (``QLinearConv``, ``QLinearMatMul``, ``MatMulInteger``, ``QGemm``, ...) and float ones (``Conv``,
+``FusedConv``, ``Gemm``, ``MatMul``, ``LSTM``, ...), counted and named. This is what runs, not what the quantizer planned: a layer whose
 input Q/DQ pair ORT cannot fuse runs in float.
 """
 
@@ -53,25 +53,53 @@ def optimized_graph(model: str | Path | onnx.ModelProto, optimization: str = "al
         return onnx.load(options.optimized_model_filepath, load_external_data=False)
 
 
-def compute_int8_share(model: str | Path | onnx.ModelProto) -> dict[str, Any]:
+def _ran(model: str | Path | onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> set[tuple[str, str]]:
+    """(node name, op type) of every kernel one profiled run of ``model`` on ``feed`` executed (level extended,
+    control-flow bodies included: ORT profiles the nodes of the branch it took)."""
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="bench_prof_") as d:
+        options = session_options("extended", threads=1)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(d) / "profile")
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        sess.run(None, _feed_for(sess, feed))
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    suffix = "_kernel_time"
+    return {(e["name"][:-len(suffix)], e.get("args", {}).get("op_name", "")) for e in events
+            if e.get("cat") == "Node" and e.get("name", "").endswith(suffix)}
+
+
+def compute_int8_share(model: str | Path | onnx.ModelProto,
+                       feed: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """``{"int8": n, "float": m, "share": n / (n + m), "int8_ops": {op: count}, "float_ops": {op: count},
-    "float_layers": [names]}`` of ORT's optimized graph, control-flow bodies included. The graph of level
-    ``extended``: the QDQ -> QLinear* and activation fusions run there; ``all`` only adds the NCHWc layout
-    rewrite, which renames the float Convs (``y_nchwc``) but runs the same layers in float."""
-    opt = optimized_graph(model, "extended")
+    "float_layers": [names], "counted": how}`` of what ORT runs.
+
+    With ``feed``: the layer kernels one profiled run executed (``counted: "profiled run"``), so an If branch the
+    input does not take (Silero VAD's 8 kHz branch) is not counted. Without: every node of the optimized graph,
+    bodies of both branches included (``counted: "optimized graph"``). Both at level ``extended``: the QDQ ->
+    QLinear* and activation fusions run there; ``all`` only adds the NCHWc layout rewrite, which renames the
+    float Convs (``..._nchwc``) but runs the same layers in float."""
+    if feed is not None:
+        nodes = sorted(_ran(model, feed))
+        counted = "profiled run"
+    else:
+        opt = optimized_graph(model, "extended")
+        nodes = [(n.name or f"<{n.op_type}>", n.op_type) for g in _graphs(opt.graph) for n in g.node]
+        counted = "optimized graph"
     int_ops: dict[str, int] = {}
     float_ops: dict[str, int] = {}
     float_names: list[str] = []
-    for g in _graphs(opt.graph):
-        for n in g.node:
-            if n.op_type in INTEGER_COMPUTE:
-                int_ops[n.op_type] = int_ops.get(n.op_type, 0) + 1
-            elif n.op_type in FLOAT_COMPUTE:
-                float_ops[n.op_type] = float_ops.get(n.op_type, 0) + 1
-                float_names.append(n.name or f"<{n.op_type}>")
+    for name, op in nodes:
+        if op in INTEGER_COMPUTE:
+            int_ops[op] = int_ops.get(op, 0) + 1
+        elif op in FLOAT_COMPUTE:
+            float_ops[op] = float_ops.get(op, 0) + 1
+            float_names.append(name)
     i, f = sum(int_ops.values()), sum(float_ops.values())
     return {"int8": i, "float": f, "share": i / (i + f) if i + f else 0.0, "int8_ops": dict(sorted(int_ops.items())),
-            "float_ops": dict(sorted(float_ops.items())), "float_layers": float_names}
+            "float_ops": dict(sorted(float_ops.items())), "float_layers": float_names, "counted": counted}
 
 
 def _feed_for(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
