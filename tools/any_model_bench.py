@@ -9,7 +9,8 @@ weights, uint8 activations, MinMax) on the same calibration batches. Every row g
 * the model's metrics on its held-out data (see tools/benchlib/assets.py and tasks.py for each model's data);
 * the compute INT8 share as ONNX Runtime runs it: the layer kernels one profiled batch-1 run executes (inside
   If/Loop bodies too, only the branch taken) that run on integers (QLinearConv, QLinearMatMul, MatMulInteger,
-  QGemm, ...) over those plus the layer ops that run in float (Conv, FusedConv, Gemm, MatMul, LSTM, ...), and the float ones by name in the JSON;
+  QGemm, ...) over those plus the layer ops that run in float (Conv, FusedConv, Gemm, MatMul, LSTM, ...), and the
+  float ones by name in the JSON;
 * batch-1 latency: median of ``--runs`` runs after a warm-up, ``--threads`` intra-op threads, the four models
   taking turns run by run (a load spike on a shared machine hits them alike), as a ratio to FP32 and to all-INT8;
 * for the search: layers it kept in float (its report), met or not, the evaluations it made (its report's

@@ -7,8 +7,8 @@ so that load on a shared machine lands on all of them alike.
 :func:`compute_int8_share`: the layer kernels one profiled ORT run executes (or, without an input, every layer op
 of ORT's optimized graph, If/Loop/Scan bodies included; level ``extended``, where the QDQ fusions run) split into
 integer kernels (``QLinearConv``, ``QLinearMatMul``, ``MatMulInteger``, ``QGemm``, ...) and float ones (``Conv``,
-``FusedConv``, ``Gemm``, ``MatMul``, ``LSTM``, ...), counted and named. This is what runs, not what the quantizer planned: a layer whose
-input Q/DQ pair ORT cannot fuse runs in float.
+``FusedConv``, ``Gemm``, ``MatMul``, ``LSTM``, ...), counted and named. This is what runs, not what the quantizer
+planned: a layer whose input Q/DQ pair ORT cannot fuse runs in float.
 """
 
 from __future__ import annotations
