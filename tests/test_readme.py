@@ -15,7 +15,8 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+
+import yaml
 
 from converter import config as config_module
 from converter.cli import build_parser
@@ -117,11 +118,24 @@ def test_readme_config_keys_are_quantconfig_fields():
     assert len(keys) >= 30
     unknown = sorted(set(keys) - config_keys())
     assert not unknown, f"README's config table names keys QuantConfig does not take: {unknown}"
-    # and each key really loads from a config file the way the README says (the key and its documented default)
-    defaults = {f.name: f for f in dataclasses.fields(QuantConfig)}
-    for key in keys:
-        if key in defaults and defaults[key].default is not dataclasses.MISSING:
-            assert QuantConfig.from_dict({key: defaults[key].default}) == QuantConfig()
+    # the default column is QuantConfig's default, key by key ("none", "all" and "the target's": unset)
+    fields = {f.name: f for f in dataclasses.fields(QuantConfig)}
+    wrong = []
+    for row in rows:
+        row_keys = re.findall(r"`([a-z0-9_]+)`", row[0])
+        cells = [c.strip() for c in row[2].split(",")] if len(row_keys) > 1 else [row[2].strip()]
+        assert len(cells) == len(row_keys), row
+        for key, cell in zip(row_keys, cells):
+            if key not in fields:
+                continue  # an alias: its field's row documents the default
+            f = fields[key]
+            actual = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            documented = None if cell in ("none", "all", "the target's") else yaml.safe_load(cell.strip("`"))
+            if isinstance(actual, tuple):
+                actual = list(actual)
+            if documented != actual:
+                wrong.append(f"{key}: README {cell}, QuantConfig {actual!r}")
+    assert not wrong, wrong
 
 
 def test_every_flag_the_readme_names_exists_somewhere():
