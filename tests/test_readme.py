@@ -205,4 +205,5 @@ def test_python_examples_run(tmp_path):
                           timeout=600)
     assert proc.returncode == 0 and "examples ran" in proc.stdout, proc.stderr[-3000:]
     assert (tmp_path / "out" / "py" / "digits.qdq.onnx").is_file()
+    assert (tmp_path / "out" / "py-iter" / "digits.qdq.onnx").is_file()  # quantized from Python data
 
