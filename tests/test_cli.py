@@ -229,10 +229,10 @@ def test_readme_usage_commands_run_as_written(tmp_path):
     assert fp32 > 0.95 and int8 >= fp32 - 0.01
     summary = json.loads((tmp_path / "out" / "batch" / "summary.json").read_text())
     assert [j["status"] for j in summary["jobs"]] == ["ok", "ok"]
-    assert (tmp_path / "digits.qdq.onnx").is_file()
-    html = (tmp_path / "analysis" / "report.html").read_text()
+    assert (tmp_path / "out" / "digits.again.qdq.onnx").is_file()  # apply-encodings
+    html = (tmp_path / "out" / "analysis" / "report.html").read_text()
     assert html.count('class="xlabel"') >= 2  # the line charts' x axes are labelled
-    analysis = json.loads((tmp_path / "analysis" / "report.json").read_text())
+    analysis = json.loads((tmp_path / "out" / "analysis" / "report.json").read_text())
     assert analysis["evaluation"]["samples"] == 597  # --eval-samples 0: all of them
 
 
