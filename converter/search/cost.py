@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 
 from ..calib.runner import make_session
-from ..graph.index import GraphIndex, attr
+from ..graph.index import GraphIndex
+from ..graph.macs import node_macs
 from ..quant.layers import Layer
 from ..quant.rules import RULES
 
@@ -34,44 +35,7 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
     """Per-sample MACs of each layer, from ``values`` (one batch of its tensors' real values, by name); a layer
     whose output is not in ``values`` (inside a body) is estimated from static shapes (see the module doc)."""
     by_name = {n.name: n for n in idx.graph.node}
-    out = {}
-    for layer in layers:
-        node = by_name[layer.nodes[0]]
-        y = values.get(node.output[0])
-        if y is not None:
-            batch = max(int(y.shape[0]), 1) if y.ndim else 1
-            elems = float(y.size) / batch
-        else:
-            static = idx.shape.get(node.output[0])
-            if static is None:
-                out[layer.name] = 0.0
-                continue
-            dims = [d if isinstance(d, int) and d > 0 else 1 for d in static]
-            elems = float(np.prod(dims[1:])) if len(dims) > 1 else 1.0
-
-        def shape(t: str) -> tuple:
-            if t in values:
-                return values[t].shape
-            if t in idx.initializers:
-                return tuple(idx.initializers[t].dims)
-            return tuple(d if isinstance(d, int) and d > 0 else 1 for d in idx.shape.get(t) or ())
-        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            w = shape(node.input[1])
-            k = float(np.prod(w[1:])) if len(w) > 1 else 1.0
-            if node.op_type == "ConvTranspose":  # weight (C_in, C_out/g, k...): MACs = input elements * C_out/g * k
-                x = shape(node.input[0])
-                elems = float(np.prod(x[1:])) if len(x) > 1 else elems
-            out[layer.name] = elems * k
-        elif node.op_type == "MatMul":
-            a = shape(node.input[0])
-            out[layer.name] = elems * float(a[-1] if len(a) else 1)
-        elif node.op_type == "Gemm":
-            a = shape(node.input[0])
-            k = a[0] if attr(node, "transA", 0) else a[-1] if len(a) else 1
-            out[layer.name] = elems * float(k)
-        else:
-            out[layer.name] = elems
-    return out
+    return {layer.name: node_macs(idx, by_name[layer.nodes[0]], values) for layer in layers}
 
 
 def first_sample(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
