@@ -203,6 +203,11 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
+# what ONNX Runtime fuses into the layer before it (FusedConv's activation, a bias or residual Add, BatchNorm)
+FUSED_FOLLOWERS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "BatchNormalization",
+                             "Add"})
+
+
 class LayerNames:
     """Maps a node of ONNX Runtime's optimized graph back to the layer (Conv, ConvTranspose, Gemm, MatMul node) of
     the model it came from. ORT names what it makes after the node it rewrites (``QLinearConv``, ``QGemm``,
@@ -224,7 +229,7 @@ class LayerNames:
                 owner.update({o: n.name for o in n.output if o})
                 continue
             chains = {owner[t] for t in n.input if t in owner and readers.get(t) == 1}
-            if len(chains) == 1 and len(n.output) == 1:
+            if len(chains) == 1 and len(n.output) == 1 and n.op_type in FUSED_FOLLOWERS:
                 owner[n.output[0]] = chains.pop()
         self._owner = {**owner, **{x: x for x in self.layers}}  # a layer's name wins over a tensor of that name
         self._by_length = sorted(self._owner, key=len, reverse=True)
@@ -272,3 +277,50 @@ def runtime_layers(model: onnx.ModelProto, data: bytes | str | None = None,
                 floats.add(layer)
     return RuntimeLayers(_op_counts(optimized), tuple(names.layers),
                          tuple(x for x in names.layers if x in floats), unnamed)
+
+
+def profile_layer_times(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 3,
+                        threads: int = 0, optimization: str = "all",
+                        statistic: str = "min") -> tuple[dict[str, float], float]:
+    """Per layer of ``model`` (Conv, ConvTranspose, Gemm, MatMul node names), the milliseconds ONNX Runtime
+    CPU spends in the kernels of its optimized graph that belong to that layer (:class:`LayerNames`: the fused
+    integer kernel, the float Conv with its fused activation, a NCHWc Conv), from a profiled session
+    (``SessionOptions.enable_profiling``) over ``runs`` runs after ``warmup``; and the same for the rest (Q/DQ,
+    layout changes, element-wise ops no layer owns). A layer with no kernel of its own (fused away) is absent.
+    ``statistic``: ``min`` (default), each kernel's fastest run summed -- on a busy machine preemption only ever adds
+    time, so this is the steadiest estimate of an idle machine's time -- or ``median`` of the per-run sums."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        options = session_options(optimization, threads)
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(d) / "profile")
+        data = small_bytes(model) or model.SerializeToString()
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        feed = {k: v for k, v in feeds.items() if k in names}
+        for _ in range(warmup + runs):  # the warm-up runs' events are dropped below
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        optimized = onnx.load(str(Path(d) / "optimized.onnx"), load_external_data=False)
+    layer_of = LayerNames(model)
+    by_name = {n.name: n for n in optimized.graph.node}
+    node_runs: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            node_runs.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]) / 1000.0)
+    per_run: dict[str, list[np.ndarray]] = {}  # layer -> [runs] times of each of its kernels
+    rest: list[np.ndarray] = [np.zeros(runs)]
+    for name, times in node_runs.items():
+        t = np.asarray(times[-runs:]) if len(times) >= runs else np.full(runs, np.median(times))
+        node = by_name.get(name)
+        layer = layer_of(node) if node is not None else None
+        (rest if layer is None else per_run.setdefault(layer, [])).append(t)
+    if statistic == "min":  # per node, its fastest run: preemption on a busy machine only ever adds time
+        return ({k: float(np.min(v, axis=1).sum()) for k, v in per_run.items()},
+                float(np.min(rest, axis=1).sum()))
+    return ({k: float(np.median(np.sum(v, axis=0))) for k, v in per_run.items()},
+            float(np.median(np.sum(rest, axis=0))))
