@@ -132,3 +132,70 @@ def test_layer_names_map_ort_nodes_back_to_the_model():
     assert names(node("Conv", [], ["q"], name="r0_nchwc", domain="com.microsoft.nchwc")) == "conv0"  # Relu's output
     assert names(node("FusedConv", [], ["r1"], name="Fused_1", domain="com.microsoft")) == "conv"  # by its output
     assert names(node("Conv", [], ["q"], name="other")) is None
+
+
+def three_convs() -> onnx.ModelProto:
+    """A wide 3x3 Conv on 64x64 (38 M MACs), a 1x1 Conv (17 M) and a 3x3 Conv back to 16 channels (38 M)."""
+    rng = np.random.default_rng(3)
+    shapes = {"big": (64, 16, 3, 3), "mid": (64, 64, 1, 1), "last": (16, 64, 3, 3)}
+    nodes, inits, t = [], [], "x"
+    for i, (name, shape) in enumerate(shapes.items()):
+        out = "y" if name == "last" else f"r{i}"
+        nodes += [helper.make_node("Conv", [t, f"w{i}", f"b{i}"], [f"c{i}"], name=name,
+                                   pads=[shape[2] // 2] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [out], name=f"relu{i}")]
+        inits += [numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape).astype(np.float32),
+                                          f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, shape[0]).astype(np.float32), f"b{i}")]
+        t = out
+    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                             ["N", 16, 64, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16, 64, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_runtime_costs_measure_what_a_float_layer_adds_on_ort(tmp_path):
+    """Profiled on ONNX Runtime CPU (each kernel's fastest of 10 runs): each Conv alone in float against all-INT8.
+    Every Conv costs time in float, not in proportion to its MACs (the 1x1 Conv, 0.45x the MACs of a 3x3 one, costs
+    about as much: a float layer also pays the DQ of its input and the Q of its output; the first one saves the
+    graph input's Q), and two profiles agree within 30%; the prediction for the two non-adjacent 3x3 Convs in float
+    is within 35% of their profile (loose bounds: this runs on shared machines)."""
+    from converter.search.cost import profiled_ms, runtime_costs
+
+    model = three_convs()
+    calib = data((2, 16, 64, 64), n=2)
+    group = {"big": ("big", "relu0"), "mid": ("mid", "relu1"), "last": ("last", "relu2")}
+    built = {}
+
+    def build(names) -> onnx.ModelProto:
+        key = tuple(sorted(names))
+        if key not in built:
+            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
+                         output_dir=tmp_path / ("_".join(key) or "int8"), name="m")
+            built[key] = onnx.load(str(r.model_path))
+        return built[key]
+    feed = {"x": calib[0]["x"][:1]}
+    runs = [runtime_costs(build([]), feed, list(group), build, runs=10, threads=1) for _ in range(2)]
+    for n in group:  # every Conv costs time in float, and two profiles agree on how much
+        a, b = runs[0].cost(n), runs[1].cost(n)
+        assert a > 0.0 and b > 0.0 and abs(a - b) < 0.3 * max(a, b), (n, runs)
+    measured = profiled_ms(build(["big", "last"]), feed, 10, threads=1)
+    predicted = runs[0].predict(runs[0].int8_ms, ["big", "last"])
+    assert abs(predicted / measured - 1) < 0.35, (predicted, measured, runs[0])
+
+
+def test_give_back_order_follows_the_measured_cost():
+    """Equal damage: the layer whose float costs most milliseconds comes back to INT8 first; a layer that costs
+    nothing in float is tried last (quantizing it back gains nothing)."""
+    from converter.search.fallback import give_back_order
+    from converter.search.sensitivity import LayerScore
+
+    scores = [LayerScore(n, "Conv", 0.99, 0.0, 0.0, (n,)) for n in ("free", "cheap", "dear")]
+    order = give_back_order(scores, {"free": 0.0, "cheap": 0.12, "dear": 2.5})
+    assert [s.name for s in order] == ["dear", "cheap", "free"]
+    # more damage per millisecond comes back later
+    scores = [LayerScore("hurts", "Conv", 0.5, 0.0, 0.0, ("hurts",)), LayerScore("mild", "Conv", 0.99, 0.0, 0.0,
+                                                                                 ("mild",))]
+    assert [s.name for s in give_back_order(scores, {"hurts": 1.0, "mild": 0.5})] == ["mild", "hurts"]

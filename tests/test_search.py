@@ -244,6 +244,9 @@ def test_search_keeps_exactly_the_two_planted_culprits_in_float(tmp_path):
     assert s["float_layers_runtime"] == ["MatMul_5", "MatMul_6", "MatMul_14", "MatMul_15"]
     assert s["evaluations"][1]["metric"] < s["threshold"]  # all INT8 misses the target
     assert s["float_fraction"] == pytest.approx(0.2)
+    # costs measured on ONNX Runtime CPU: each of the 20 MatMuls profiled alone in float against all-INT8
+    assert s["cost_kind"] == "ort-cpu-ms" and s["runtime_costs"]["layers"] == 20
+    assert all(x["cost_ms"] is not None and x["macs"] == 24 * 24 for x in s["ranking"])
     # no single layer owns a planted tensor's quantizer, so the ranking cannot single the pairs out (issue 28 seam)
     assert s["full_evaluations"] <= 2 * 20
     assert s["latency"]["fp32_ms"] > 0 and s["latency"]["final_ms"] > 0 and s["latency"]["all_int8_ms"] > 0
