@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--profile-runs", type=int, default=10)
+    ap.add_argument("--profile-runs", type=int, default=20)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     task = efficientnet_task(args.assets)

@@ -106,7 +106,7 @@ def profiled_ms(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: in
 
 
 def runtime_costs(int8: onnx.ModelProto, feed: Mapping[str, np.ndarray], layers: list[str],
-                  build: Callable[[list[str]], onnx.ModelProto], runs: int = 10, threads: int = 0) -> RuntimeCosts:
+                  build: Callable[[list[str]], onnx.ModelProto], runs: int = 20, threads: int = 0) -> RuntimeCosts:
     """Profile the all-INT8 model and, per layer, the model with only that layer in float (``build([name])``
     renders it) on ``feed`` (batch 1: :func:`first_sample`); see :class:`RuntimeCosts`. Each kernel's fastest of
     ``runs`` profiled runs (:func:`profiled_ms`), so that two searches on the same machine rank alike."""
