@@ -240,6 +240,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if kernels:
         quantized = ", ".join(f"{v} {k}" for k, v in kernels["quantized_kernels"].items()) or "none"
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items()) or "none"
+        names = kernels.get("float_layer_names") or []
+        if names:  # the model's layers it runs in float, by name (a short list)
+            floats += ": " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         print(f"  ONNX Runtime CPU runs: quantized {quantized}; layers in float: {floats} "
               "(report: summary.ort_cpu_kernels)")
     for line in quality_lines(result.report.get("quality")):

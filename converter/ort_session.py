@@ -170,10 +170,9 @@ def kernel_summary(counts: dict[str, int]) -> dict[str, Any]:
             "float_layers": sum(floats.values())}
 
 
-def optimized_op_counts(model: onnx.ModelProto | bytes | str, optimization: str = "all") -> dict[str, int]:
-    """Op type -> node count of the graph ONNX Runtime CPU runs after its optimizations (the QDQ fusions:
-    ``QLinearConv`` where a Conv runs on integers, ``Conv``/``FusedConv`` where it runs in float), from the
-    session's ``optimized_model_filepath``."""
+def optimized_model(model: onnx.ModelProto | bytes | str, optimization: str = "all") -> onnx.ModelProto:
+    """The graph ONNX Runtime CPU runs after its optimizations, from the session's ``optimized_model_filepath``
+    (weights not loaded)."""
     import tempfile
     from pathlib import Path
 
@@ -183,8 +182,145 @@ def optimized_op_counts(model: onnx.ModelProto | bytes | str, optimization: str 
         if isinstance(model, onnx.ModelProto):
             model = small_bytes(model) or model.SerializeToString()
         ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        return onnx.load(options.optimized_model_filepath, load_external_data=False)
+
+
+def optimized_op_counts(model: onnx.ModelProto | bytes | str, optimization: str = "all") -> dict[str, int]:
+    """Op type -> node count of the graph ONNX Runtime CPU runs after its optimizations (the QDQ fusions:
+    ``QLinearConv`` where a Conv runs on integers, ``Conv``/``FusedConv`` where it runs in float)."""
+    return _op_counts(optimized_model(model, optimization))
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for n in optimized.graph.node:
+    for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+# the layer ops of the model a user brings (what the float fraction counts): ONNX Runtime's float and integer forms
+# of each are in FLOAT_LAYER_OPS / INTEGER_KERNELS
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+# what ONNX Runtime fuses into the layer before it (FusedConv's activation, a bias or residual Add, BatchNorm)
+FUSED_FOLLOWERS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "BatchNormalization",
+                             "Add"})
+
+
+class LayerNames:
+    """Maps a node of ONNX Runtime's optimized graph back to the layer (Conv, ConvTranspose, Gemm, MatMul node) of
+    the model it came from. ORT names what it makes after the node it rewrites (``QLinearConv``, ``QGemm``,
+    ``FusedConv`` carry the anchor's name, sometimes with a suffix: ``_token_12``, ``/MatMulAddFusion``) or after the
+    output of the group it fused (the NCHWc ``Conv`` of a Conv -> Clip: ``<Clip output>_nchwc``); failing both, the
+    layer that produced one of the node's outputs. A tensor belongs to a layer when it is the layer's output or
+    the output of a node whose only data input from a layer chain is read by nothing else (Conv -> BN -> Clip)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.layers = [n.name for n in model.graph.node if n.op_type in LAYER_OPS and n.name]
+        layer_set = set(self.layers)
+        readers: dict[str, int] = {}
+        for n in model.graph.node:
+            for t in n.input:
+                readers[t] = readers.get(t, 0) + 1
+        owner: dict[str, str] = {}  # tensor -> layer
+        for n in model.graph.node:
+            if n.name in layer_set:
+                owner.update({o: n.name for o in n.output if o})
+                continue
+            chains = {owner[t] for t in n.input if t in owner and readers.get(t) == 1}
+            if len(chains) == 1 and len(n.output) == 1 and n.op_type in FUSED_FOLLOWERS:
+                owner[n.output[0]] = chains.pop()
+        self._owner = {**owner, **{x: x for x in self.layers}}  # a layer's name wins over a tensor of that name
+        self._by_length = sorted(self._owner, key=len, reverse=True)
+
+    def __call__(self, node: onnx.NodeProto) -> str | None:
+        if node.name in self._owner:
+            return self._owner[node.name]
+        for key in self._by_length:  # longest first: "conv1_token_3" is conv1's, not conv's
+            if node.name.startswith(key) and node.name[len(key)] in "_/":
+                return self._owner[key]
+        return next((self._owner[o] for o in node.output if o in self._owner), None)
+
+
+@dataclass(frozen=True)
+class RuntimeLayers:
+    """What ONNX Runtime CPU's optimized graph (main graph) runs: op counts, and the model's layers it runs in float
+    (named as in the model, in its graph order). ``unnamed``: float layer ops that map to no layer of the model."""
+
+    counts: dict[str, int]
+    layers: tuple[str, ...]  # every layer of the model (Conv, ConvTranspose, Gemm, MatMul), graph order
+    float_layers: tuple[str, ...]
+    unnamed: int = 0
+
+    @property
+    def float_fraction(self) -> float:
+        return len(self.float_layers) / len(self.layers) if self.layers else 0.0
+
+
+def runtime_layers(model: onnx.ModelProto, data: bytes | str | None = None,
+                   optimization: str = "all") -> RuntimeLayers:
+    """The layers of ``model`` that ONNX Runtime CPU runs in float after its optimizations, by name.
+
+    A Q/DQ pair ORT cannot fuse leaves its layer in float (an excluded layer, a producer whose output lost its Q,
+    a 4-bit Conv weight); so does a DQ -> Conv whose weight ORT dequantizes (``FusedConv``). ``data``: the model
+    serialized (saves serializing it again)."""
+    optimized = optimized_model(data if data is not None else model, optimization)
+    names = LayerNames(model)
+    floats, unnamed = set(), 0
+    for n in optimized.graph.node:
+        if n.op_type in FLOAT_LAYER_OPS:
+            layer = names(n)
+            if layer is None:
+                unnamed += 1
+            else:
+                floats.add(layer)
+    return RuntimeLayers(_op_counts(optimized), tuple(names.layers),
+                         tuple(x for x in names.layers if x in floats), unnamed)
+
+
+def profile_layer_times(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 3,
+                        threads: int = 0, optimization: str = "all",
+                        statistic: str = "min") -> tuple[dict[str, float], float]:
+    """Per layer of ``model`` (Conv, ConvTranspose, Gemm, MatMul node names), the milliseconds ONNX Runtime
+    CPU spends in the kernels of its optimized graph that belong to that layer (:class:`LayerNames`: the fused
+    integer kernel, the float Conv with its fused activation, a NCHWc Conv), from a profiled session
+    (``SessionOptions.enable_profiling``) over ``runs`` runs after ``warmup``; and the same for the rest (Q/DQ,
+    layout changes, element-wise ops no layer owns). A layer with no kernel of its own (fused away) is absent.
+    ``statistic``: ``min`` (default), each kernel's fastest run summed -- on a busy machine preemption only ever adds
+    time, so this is the steadiest estimate of an idle machine's time -- or ``median`` of the per-run sums."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        options = session_options(optimization, threads)
+        options.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(d) / "profile")
+        data = small_bytes(model) or model.SerializeToString()
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        feed = {k: v for k, v in feeds.items() if k in names}
+        for _ in range(warmup + runs):  # the warm-up runs' events are dropped below
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        optimized = onnx.load(str(Path(d) / "optimized.onnx"), load_external_data=False)
+    layer_of = LayerNames(model)
+    by_name = {n.name: n for n in optimized.graph.node}
+    node_runs: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            node_runs.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]) / 1000.0)
+    per_run: dict[str, list[np.ndarray]] = {}  # layer -> [runs] times of each of its kernels
+    rest: list[np.ndarray] = [np.zeros(runs)]
+    for name, times in node_runs.items():
+        t = np.asarray(times[-runs:]) if len(times) >= runs else np.full(runs, np.median(times))
+        node = by_name.get(name)
+        layer = layer_of(node) if node is not None else None
+        (rest if layer is None else per_run.setdefault(layer, [])).append(t)
+    if statistic == "min":  # per node, its fastest run: preemption on a busy machine only ever adds time
+        return ({k: float(np.min(v, axis=1).sum()) for k, v in per_run.items()},
+                float(np.min(rest, axis=1).sum()))
+    return ({k: float(np.median(np.sum(v, axis=0))) for k, v in per_run.items()},
+            float(np.median(np.sum(rest, axis=0))))

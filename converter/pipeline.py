@@ -24,6 +24,7 @@ from .calib.subgraphs import collect_subgraph_ranges
 from .config import LAYER_POSITIONS, QuantConfig
 from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
+from .graph.macs import node_macs
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
                              load_model, save_model, small_bytes)
 from .graph.passes import default_opset, preprocess
@@ -40,7 +41,7 @@ from .quant.plan import ACTIVATION, BIAS, WEIGHT, QuantPlan, build_plan
 from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
-from .ort_session import kernel_summary, optimized_op_counts
+from .ort_session import kernel_summary, optimized_op_counts, runtime_layers
 from .quant.qdq import quantized_node_counts
 from .quant.rules import block_axis, weight_axis
 
@@ -519,7 +520,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     external = is_large(prepared.model)
     data = None if external else small_bytes(qdq, deterministic=True)  # serialized once: checked, then written
     check_model(qdq, data)
-    kernels = ort_cpu_kernels(plan, config, data)
+    kernels = ort_cpu_kernels(plan, config, data, qdq, prepared.idx)
     encodings_text, aimet = encodings_json(plan, config, prepared.idx)
     tensors = _tensor_report(plan, calib.observers, calib.methods)
     _warn_clipping(tensors)
@@ -646,9 +647,11 @@ def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tup
     return dumps_encodings(acts, params, args, config.encodings_version), info
 
 
-def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) -> dict[str, Any] | None:
+def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qdq: onnx.ModelProto | None = None,
+                    idx: GraphIndex | None = None) -> dict[str, Any] | None:
     """Target ``ort-cpu``: what ONNX Runtime CPU's optimized graph of the QDQ model runs quantized (QLinearConv,
-    QGemm, MatMulNBits, ...) and which layer ops it runs in float (:func:`kernel_summary`). Warns when weights
+    QGemm, MatMulNBits, ...) and which layer ops it runs in float (:func:`kernel_summary`), with ``qdq`` the layers
+    it runs in float by name (:func:`runtime_accounting`). Warns when weights
     below 8 bits leave layers in float there: ONNX Runtime CPU has integer kernels for 8-bit weights, and for 4-bit
     ones only MatMulNBits (a block-wise MatMul weight read in float); any other 4-bit weight is dequantized and
     its layer runs in float, so the model is smaller but not faster (EfficientNet-Lite0 W4A8: 13.6 ms batch-1 vs
@@ -656,7 +659,7 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) ->
     if config.target != "ort-cpu" or data is None:
         return None
     try:
-        kernels = kernel_summary(optimized_op_counts(data))
+        kernels = runtime_accounting(qdq, data, idx) if qdq is not None else kernel_summary(optimized_op_counts(data))
     except Exception as exc:  # noqa: BLE001 - a report detail: an optimizer failure must not lose the model
         log.warning("could not count what ONNX Runtime CPU's optimized graph runs quantized (%s: %s); the report "
                     "has no summary.ort_cpu_kernels", type(exc).__name__, exc)
@@ -670,6 +673,29 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None) ->
                     "faster; for speed there keep these layers at 8 bits (weight_bits_overrides, e.g. "
                     "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); 4-bit Conv weights pay "
                     "off on a runtime with int4 kernels", len(low), low[0], floats)
+    return kernels
+
+
+def runtime_accounting(qdq: onnx.ModelProto, data: bytes | None = None, idx: GraphIndex | None = None) -> dict[str, Any]:
+    """:func:`kernel_summary` of ONNX Runtime CPU's optimized graph of ``qdq``, plus the layers (Conv, ConvTranspose,
+    Gemm, MatMul nodes of the main graph) it runs in float, by name, their share of the layers (``float_fraction``)
+    and of the layers' MACs (``float_mac_fraction``, from ``idx``'s static shapes: the float model's index, whose
+    node names the QDQ model keeps). What the report and the search count as float: what the runtime runs in float,
+    not what the plan excluded (a layer whose producer lost its output Q runs in float too)."""
+    run = runtime_layers(qdq, data)
+    kernels = kernel_summary(run.counts)
+    macs: dict[str, float] = {}
+    if idx is not None:
+        by_name = {n.name: n for n in idx.graph.node}
+        macs = {x: node_macs(idx, by_name[x]) for x in run.layers if x in by_name}
+    total = sum(macs.values())
+    kernels.update({
+        "compute_layers": len(run.layers),
+        "float_layer_names": list(run.float_layers),
+        "float_fraction": round(run.float_fraction, 4),
+        "float_mac_fraction": round(sum(macs.get(x, 0.0) for x in run.float_layers) / total, 4) if total else None,
+        **({"float_layer_ops_unnamed": run.unnamed} if run.unnamed else {}),
+    })
     return kernels
 
 

@@ -193,10 +193,15 @@ def test_report_says_what_ort_cpu_runs_quantized_and_warns_on_4bit_conv_weights(
             r = quantize(model, data, config, output_dir=tmp_path / key, name="m")
         kernels[key] = r.report["summary"].get("ort_cpu_kernels")
         warned[key] = [m for m in caplog.messages if "no integer kernel in ONNX Runtime CPU" in m]
-    assert kernels["w8"] == {"quantized_kernels": {"QLinearConv": 1}, "float_layer_ops": {}, "float_layers": 0}
+    assert kernels["w8"] == {"quantized_kernels": {"QLinearConv": 1}, "float_layer_ops": {}, "float_layers": 0,
+                             "compute_layers": 1, "float_layer_names": [], "float_fraction": 0.0,
+                             "float_mac_fraction": 0.0}
     assert kernels["w4-first8"] == kernels["w8"]  # the one Conv is the first layer: 8 bits
     assert kernels["w4"]["quantized_kernels"] == {} and kernels["w4"]["float_layers"] == 1, kernels["w4"]
-    assert kernels["w4-blocks"] == {"quantized_kernels": {"MatMulNBits": 1}, "float_layer_ops": {}, "float_layers": 0}
+    assert kernels["w4"]["float_layer_names"] == ["Conv_0"] and kernels["w4"]["float_fraction"] == 1.0
+    assert kernels["w4-blocks"] == {"quantized_kernels": {"MatMulNBits": 1}, "float_layer_ops": {}, "float_layers": 0,
+                                    "compute_layers": 1, "float_layer_names": [], "float_fraction": 0.0,
+                                    "float_mac_fraction": 0.0}
     assert kernels["w4-tensorrt"] is None  # not an ORT CPU deployment: not measured there
     assert len(warned["w4"]) == 1 and "'W'" in warned["w4"][0] and '"op:Conv": 8' in warned["w4"][0], warned
     assert not warned["w8"] and not warned["w4-first8"] and not warned["w4-blocks"] and not warned["w4-tensorrt"]

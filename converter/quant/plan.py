@@ -274,11 +274,18 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                    and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
     reads_quantized = is_quantized - weight_only
 
-    def want_output(out: str) -> None:
-        # An output is quantized for someone: a quantized consumer or the graph's user. A node kept in
-        # float therefore reads float inputs unless another quantized consumer shares the tensor.
-        if preset.quantize_outputs and (out in idx.graph_outputs
-                                        or any(c.name in reads_quantized for c in idx.uses(out))):
+    # An excluded layer reads a quantized compute layer's (Conv, Gemm, MatMul group's) output through a Q/DQ pair:
+    # without that Q, ONNX Runtime could not run the producer as an integer kernel either, and excluding one layer
+    # would run two in float (EfficientNet-Lite0, one depthwise Conv excluded: 47 of 49 QLinearConv, 7.05 -> 12.55
+    # ms at batch 1). Other producers (element-wise ops, blocks) run in float on ORT CPU anyway: their output keeps
+    # no Q for a float reader. The renderer keeps ORT from quantizing the excluded layer's weight
+    # (converter.quant.qdq._float_layer_reads).
+    reads_anchor_output = reads_quantized | {n for n, s in plan.nodes.items() if s.status == "float-excluded"}
+
+    def want_output(out: str, anchor: bool = False) -> None:
+        # An output is quantized for someone: a quantized consumer, an excluded layer (above) or the graph's user.
+        readers = reads_anchor_output if anchor else reads_quantized
+        if preset.quantize_outputs and (out in idx.graph_outputs or any(c.name in readers for c in idx.uses(out))):
             want_activation(out)
 
     for node in quantized:
@@ -310,7 +317,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             continue
         for t in group_inputs.get(node.name, ()):
             want_activation(t)
-        want_output(group_output.get(node.name, node.output[0]))
+        want_output(group_output.get(node.name, node.output[0]), rule.anchor)
     for t in tail_inputs:  # the last compute layers keep their output Q: ORT fuses DQ -> Conv -> Q only
         p = idx.producer[t]
         if (plan.nodes[p.name].group or p.name) not in weight_only:

@@ -161,10 +161,74 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
     inits = [t for t in g.initializer if t.name not in drop_inits or t.name in keep_float]
     del g.initializer[:]
     g.initializer.extend(inits + new_inits)
+    _float_layer_reads(g, names)
     _integer_clamps(g)
     # stale shape information of renamed tensors would mislead the checker; let ORT infer it
     del g.value_info[:]
     return model
+
+
+def _float_weight_channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
+    """(axis, size) of the reduced channel axis of a Conv/ConvTranspose/Gemm's input 0 whose weight is a float
+    initializer (the layer is kept in float); None for any other node."""
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or node.domain not in ("", "ai.onnx") \
+            or len(node.input) < 2 or node.input[1] not in inits \
+            or inits[node.input[1]].data_type != onnx.TensorProto.FLOAT or len(inits[node.input[1]].dims) < 2:
+        return None
+    dims = list(inits[node.input[1]].dims)
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "Conv":
+        return 1, dims[1] * attrs.get("group", 1)
+    if node.op_type == "ConvTranspose":
+        return 1, dims[0]
+    return (0 if attrs.get("transA", 0) else 1), (dims[1] if attrs.get("transB", 0) else dims[0])
+
+
+def _float_layer_reads(g: onnx.GraphProto, names: _Names) -> None:
+    """A Conv/ConvTranspose/Gemm kept in float (excluded: its weight stays a float initializer) that reads a
+    quantized activation reads it through a DequantizeLinear of its own, the per-tensor scale repeated along the
+    channel axis (the same values)::
+
+        producer -> Q -> DQ -> (quantized consumers)
+                       `-> DQ(axis=1, scale repeated C times) -> Conv (float weight)
+
+    Why: ONNX Runtime's ``WeightBiasQuantization`` (1.2x+, every optimization level from basic up) quantizes the
+    float weight of such a layer *per tensor* to int8 when its input comes from a per-tensor DQ, so an excluded
+    layer would run as a QLinearConv with a per-tensor weight (the opposite of what excluding it asked for);
+    it does not touch a layer whose input DQ is per channel. A reduced axis of one channel cannot be told apart
+    from per tensor and is left as it is."""
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    nodes: list[onnx.NodeProto] = []
+    producer_params: set[str] = set()  # scales and zero points of the DQs that may now be unread
+    for node in g.node:
+        spec = _float_weight_channels(node, inits)
+        dq = producer.get(node.input[0]) if spec is not None and node.input[0] else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and spec[1] > 1 \
+                and not any(a.name in ("axis", "block_size") for a in dq.attribute) \
+                and all(t in inits for t in dq.input[1:]) and len(dq.input) == 3 \
+                and all(int(np.prod(inits[t].dims)) == 1 for t in dq.input[1:]):
+            axis, channels = spec
+            producer_params.update(dq.input[1:])
+            params = []
+            for t in dq.input[1:]:
+                value = numpy_helper.to_array(inits[t]).reshape(())
+                params.append(names(f"{t}_per_channel"))
+                g.initializer.append(numpy_helper.from_array(np.full(channels, value, value.dtype), params[-1]))
+            out = names(f"{node.input[0]}_per_channel")
+            nodes.append(helper.make_node("DequantizeLinear", [dq.input[0], *params], [out], axis=axis,
+                                          name=names(f"{node.name}_input_DequantizeLinear")))
+            node.input[0] = out
+        nodes.append(node)
+    if len(nodes) != len(g.node):
+        read = {t for n in nodes for t in n.input} | {o.name for o in g.output} | _subgraph_inputs(g)
+        nodes = [n for n in nodes if n.op_type != "DequantizeLinear" or n.output[0] in read]  # now unread
+        del g.node[:]
+        g.node.extend(nodes)
+        read = {t for n in nodes for t in n.input}
+        kept = [t for t in g.initializer if t.name in read or t.name not in producer_params]
+        del g.initializer[:]
+        g.initializer.extend(kept)
 
 
 def _integer_clamps(g: onnx.GraphProto) -> None:

@@ -49,7 +49,8 @@ from ..calib.readers import open_calibration
 from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
-from ..graph.model_io import save_model
+from ..graph.model_io import save_model, small_bytes
+from ..ort_session import runtime_layers
 from ..pipeline import (Prepared, QuantResult, calibrate, calibrate_subgraphs, check_node_names, encode_model, finish,
                         plan_model, prepare, prepare_output_dir, transform, warn_float_subgraphs)
 from ..quant.control_flow import render_control_flow
@@ -60,7 +61,7 @@ from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
                           subset_sensitivity)
 from .sensitivity import rank as rank_scores
-from .cost import COMPUTE_OPS, layer_macs, measure_latency
+from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency, runtime_costs
 from .giveback import give_back
 from .strategies import STRATEGIES
 
@@ -169,7 +170,7 @@ class SearchOutcome:
     seconds: float
     fallback: str = "float"  # what the kept layers fell back to: float | int16 | none
     prefix: int = 0  # layers the strategy kept (the smallest passing prefix of the ranking)
-    costs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample
+    costs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample, or ms (cost_kind)
     all_quantized: onnx.ModelProto | None = None
     int16_layers: list[str] = field(default_factory=list)  # of fallback_layers, those at 16 bits (the rest float)
     max_evaluations: int | None = None
@@ -177,9 +178,31 @@ class SearchOutcome:
     counts: dict[str, int] = field(default_factory=dict)  # Searcher.counts()
     candidates: list[tuple[Trial, QuantPlan, onnx.ModelProto]] = field(default_factory=list)  # every model evaluated
     stop_reason: str = ""  # why the result is not met: "accuracy", "budget", "latency"
+    macs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample, when costs are not MACs
+    cost_kind: str = "macs"  # macs | ort-cpu-ms (converter.search.cost.runtime_costs)
+    _runtime: Any = field(default=None, repr=False)
+
+    def runtime(self) -> Any:
+        """What ONNX Runtime CPU runs in float in the chosen model (:func:`converter.ort_session.runtime_layers`):
+        target ort-cpu, main graph with no If/Loop/Scan bodies, under the protobuf limit; else None."""
+        if self._runtime is None:
+            self._runtime = False
+            if self.plan.target == "ort-cpu" and self.fallback == "float" and not self.plan.float_subgraphs \
+                    and not any(a.type == onnx.AttributeProto.GRAPH for n in self.qdq.graph.node for a in n.attribute):
+                data = small_bytes(self.qdq)
+                if data is not None:
+                    try:
+                        self._runtime = runtime_layers(self.qdq, data)
+                    except Exception as exc:  # noqa: BLE001 - a report detail
+                        log.debug("no runtime accounting of the search's model: %s", exc)
+        return self._runtime or None
 
     def float_fraction(self) -> float:
-        """Share of the compute layers (Conv, Gemm, MatMul) left in float (or 16 bits)."""
+        """Share of the compute layers (Conv, Gemm, MatMul) left in float (or 16 bits): as ONNX Runtime CPU's
+        optimized graph runs them where it can tell (:meth:`runtime`), else as the search kept them."""
+        run = self.runtime()
+        if run is not None:
+            return run.float_fraction
         compute = [s for s in self.ranking if s.op_type.split("+")[0] in COMPUTE_OPS]
         kept = {s.name for s in self.fallback_layers}
         return sum(s.name in kept for s in compute) / len(compute) if compute else 0.0
@@ -188,7 +211,13 @@ class SearchOutcome:
         names = [s.name for s in self.fallback_layers]
         final = next((t for t in reversed(self.trials) if set(t.float_layers) | set(t.int16_layers) == set(names)
                       and t.label != "fp32"), None)
-        total = sum(self.costs.values())
+        macs = self.macs or (self.costs if self.cost_kind == "macs" else {})
+        total = sum(macs.values())
+        run = self.runtime()
+        floats = list(run.float_layers) if run is not None else names
+        cost = {} if self.cost_kind == "macs" else {"cost_kind": self.cost_kind,
+                                                    "float_cost_ms": round(sum(self.costs.get(n, 0.0) for n in floats),
+                                                                           3)}
         return {
             "met": self.met,
             "strategy": self.strategy,
@@ -205,20 +234,30 @@ class SearchOutcome:
             "strategy_prefix": self.prefix,
             "given_back": max(self.prefix - len(names), 0),
             "float_fraction": round(self.float_fraction(), 4),
-            "float_mac_fraction": round(sum(self.costs.get(n, 0.0) for n in names) / total, 4) if total else 0.0,
-            "fallback_layers": [{**s.to_dict(), "macs": self.costs.get(s.name)} for s in self.fallback_layers],
+            "float_mac_fraction": round(sum(macs.get(n, 0.0) for n in floats) / total, 4) if total else 0.0,
+            "float_layers_runtime": floats if run is not None else None,  # what ORT CPU runs in float, by name
+            **cost,
+            "fallback_layers": [self._layer(s, macs) for s in self.fallback_layers],
             "evaluations": [t.to_dict() for t in self.trials],
-            "ranking": [{**s.to_dict(), "macs": self.costs.get(s.name)} for s in self.ranking],
+            "ranking": [self._layer(s, macs) for s in self.ranking],
             "seconds": round(self.seconds, 3),
         }
 
 
+    def _layer(self, s: LayerScore, macs: dict[str, float]) -> dict[str, Any]:
+        return {**s.to_dict(), "macs": macs.get(s.name),
+                **({"cost_ms": self.costs.get(s.name)} if self.cost_kind != "macs" else {})}
+
+
 def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[LayerScore]:
-    """Cheapest to quantize back first: least damage (1 - cosine) per MAC gained."""
+    """Cheapest to quantize back first: least damage (1 - cosine) per unit of cost gained (measured ms on ONNX
+    Runtime CPU, :func:`converter.search.cost.runtime_costs`, or MACs), then the costliest first."""
+    floor = max(costs.values(), default=0.0) * 1e-6 or 1e-12  # a layer that costs nothing: any damage ranks it last
+
     def key(s: LayerScore) -> tuple:
         damage = s.recovery if s.recovery is not None else \
             1.0 - s.cosine if s.cosine == s.cosine else 1.0 - (s.metric or 0.0)
-        return (max(damage, 0.0) / max(costs.get(s.name, 0.0), 1.0), -costs.get(s.name, 0.0), s.name)
+        return (max(damage, 0.0) / max(costs.get(s.name, 0.0), floor), -costs.get(s.name, 0.0), s.name)
     return sorted(layers, key=key)
 
 
@@ -379,6 +418,34 @@ def pareto_table(rows: list[dict[str, Any]], threshold: float) -> str:
     return "\n".join(lines)
 
 
+def search_costs(searcher: Searcher, layers: list[Layer], subs: list, batches: list, macs: dict[str, float],
+                 latency: bool, fallback: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The search's cost per layer: on target ort-cpu (float fallback, a main graph without bodies, ``latency`` on),
+    the milliseconds ONNX Runtime CPU measurably spends more with the layer in float (:func:`runtime_costs`: each
+    compute layer alone in float, profiled against the all-INT8 model; other layers cost nothing there); else MACs.
+    Returns the costs and what the report says about them ({} for MACs)."""
+    if searcher.config.target != "ort-cpu" or fallback != "float" or subs or not latency or not batches:
+        return macs, {}
+    t = time.perf_counter()
+    compute = [x for x in layers if x.op_type in COMPUTE_OPS]
+    by_name = {x.name: x for x in compute}
+    try:
+        _, int8 = searcher.build([])
+        measured = runtime_costs(int8, first_sample(batches[0]), [x.name for x in compute],
+                                 lambda names: searcher.build([by_name[n] for n in names])[1],
+                                 threads=searcher.config.threads)
+    except Exception as exc:  # noqa: BLE001 - profiling is an optimisation of the search, never its failure
+        log.warning("could not profile the layers on ONNX Runtime CPU (%s: %s); the search costs layers by MACs",
+                    type(exc).__name__, exc)
+        return macs, {}
+    costs = {x.name: 0.0 for x in layers}
+    costs.update(measured.costs())
+    log.info("costed %d compute layers on ONNX Runtime CPU in %.1f s (all-INT8 %.2f ms profiled; costliest in "
+             "float: %s)", len(compute), time.perf_counter() - t, measured.int8_ms,
+             ", ".join(f"{n} +{c:.2f} ms" for n, c in sorted(costs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]))
+    return costs, {**measured.to_dict(), "layers": len(compute), "seconds": time.perf_counter() - t}
+
+
 RANKINGS = {
     "propagated": "each layer alone quantized, the whole model run on the sensitivity samples and its outputs "
                   "compared with FP32: the error a layer causes after every layer behind it (default)",
@@ -536,10 +603,15 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         searcher.ranking_trials, searcher.trials = searcher.trials, []  # counted apart from the search's
         timings["sensitivity_s"] = time.perf_counter() - t
 
+    macs, costs, cost_info = costs, *search_costs(searcher, layers, subs, batches, costs, latency, fallback)
+    if cost_info:
+        timings["runtime_costs_s"] = cost_info.pop("seconds")
     outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
+    outcome.macs, outcome.cost_kind = macs, cost_info.get("kind", "macs")
     captured.clear()  # the float values of the sensitivity samples: memory back before writing
     timings["search_s"] = outcome.seconds - (timings.get("sensitivity_s", 0.0) if ranking != "end-to-end" else 0.0)
     search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
+                     **({"runtime_costs": cost_info} if cost_info else {}),
                      "subgraph_layers": {path: [x.name for x in ls] for path, ls in body_layers.items() if ls},
                      "sensitivity_samples": sum(len(next(iter(b.values()))) for b in batches),
                      **outcome.to_dict()}

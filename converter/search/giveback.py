@@ -7,10 +7,12 @@ whole half is quantized again; if not, split it and try each part, down to singl
 ``c`` layers that really need float among ``m``, that costs about ``2 c log2(m / c)`` evaluations,
 and nothing when the prefix was exact (each single layer is tried once at most).
 
-Order: the layers that are cheapest to quantize back, i.e. the least damage per MAC gained, are
-tried first, so the halves tried together are the likeliest to pass and the expensive layers
-(big MatMuls, Convs) come back to INT8 before the cheap ones (a LayerNorm or GELU block costs
-almost nothing in float on ONNX Runtime CPU).
+Order (:func:`converter.search.fallback.give_back_order`): the layers that are cheapest to quantize back, i.e.
+the least damage per unit of cost gained, are tried first, so the halves tried together are the likeliest to pass
+and the expensive layers come back to INT8 before the cheap ones. The cost is what the search minimises: on target
+ort-cpu the milliseconds ONNX Runtime CPU measurably spends more with the layer in float
+(:func:`converter.search.cost.runtime_costs`; an early high-resolution Conv costs far more than its MACs say, a
+LayerNorm or GELU block nothing), elsewhere MACs.
 """
 
 from __future__ import annotations
