@@ -101,9 +101,6 @@ class QuantPlan:
     subgraphs: list[dict[str, Any]] = field(default_factory=list)  # bodies planned (converter.quant.control_flow)
     split_groups: list[dict[str, Any]] = field(default_factory=list)  # scale groups split for their ranges
     mixed_operands: list[dict[str, Any]] = field(default_factory=list)  # Add/Mul operands of very different range
-    # weights whose encoding a pass fixed (AdaRound rounded their values onto its grid): compute_encodings keeps
-    # plan.encodings for them instead of deriving it from the values again
-    frozen_weights: set[str] = field(default_factory=set)
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]
