@@ -55,7 +55,7 @@ from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from .encoding import Encoding
 from .plan import WEIGHT, QuantPlan
-from .qdq import render_qdq
+from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
@@ -558,7 +558,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         node = layer.node
-        x, y, samples = _cache(layer, render_qdq(model, plan.encodings), model, batches, providers, seed + i)
+        x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, batches, providers, seed + i)
         w = idx.constant(layer.weight)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
         yt = torch.from_numpy(y).to(device)

@@ -50,7 +50,7 @@ from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import default_opset
 from .plan import QuantPlan
-from .qdq import render_qdq
+from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
@@ -177,7 +177,7 @@ def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
     first: dict[str, np.ndarray] = {}
     last: dict[str, np.ndarray] = {}
     for r in range(rounds + 1):
-        measured, twins = _with_float_twins(render_qdq(model, plan.encodings), layers, weights, original)
+        measured, twins = _with_float_twins(render_control_flow(model, plan.encodings), layers, weights, original)
         got = _means(measured, [n.output[0] for n in layers] + list(twins.values()), batches, providers)
         last = {n.name: got[n.output[0]] - got[twins[n.name]] for n in layers}
         if r == 0:
