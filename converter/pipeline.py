@@ -158,7 +158,8 @@ def run_stage(state: Prepared, stage: str, techniques: list[Technique]) -> None:
         except Exception as exc:  # noqa: BLE001 - re-raised, naming the technique
             raise technique_failed(t, state.ran, exc) from exc
         state.ran.append(t.name)
-        log.debug("technique %s: %.2f s%s", t.name, time.perf_counter() - started, "" if entry else ", no change")
+        state.timings[f"{t.name}_s"] = time.perf_counter() - started
+        log.debug("technique %s: %.2f s%s", t.name, state.timings[f"{t.name}_s"], "" if entry else ", no change")
         if entry:
             state.entries[t.name] = entry
 
@@ -343,7 +344,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     t = time.perf_counter()
     qdq = render_control_flow(state.model, state.plan.encodings)
     timings = {"load_and_plan_s": state.timings["load_and_plan_s"], "calibration_s": state.timings["calibration_s"],
-               "render_s": state.timings["encode_s"] + time.perf_counter() - t}
+               "render_s": state.timings["encode_s"] + time.perf_counter() - t,
+               **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time
     return finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
                   extra_report=dict(state.entries) or None)
 

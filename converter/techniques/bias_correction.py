@@ -12,7 +12,11 @@ from .state import FlowState
 
 log = logging.getLogger("converter")
 
-SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
+SAMPLES = 64  # calibration samples bias correction measures the mean outputs on (empirical, auto)
+# mode fast (the default): one measurement on FAST_SAMPLES samples, each layer's shift subtracted once, not measured
+# again. EfficientNet-Lite0 (tools/bias_correction_cost.py, 100 calibration / 900 held-out images): 789 -> 798
+# top-1 with 16 samples and one round, as with 32 samples (798) or 64 samples in two rounds (797, 3x the time)
+FAST_SAMPLES = 16
 
 
 def run(state: FlowState) -> dict[str, Any]:
@@ -34,6 +38,10 @@ def run(state: FlowState) -> dict[str, Any]:
         samples = SAMPLES
         layers += correct_biases(state.model, state.plan, state.idx, state.reencode, state.data(SAMPLES),
                                  state.providers, skip={c.node for c in layers}, float_weights=float_weights)
+    elif mode == "fast":
+        samples = FAST_SAMPLES
+        layers = correct_biases(state.model, state.plan, state.idx, state.reencode, state.data(FAST_SAMPLES),
+                                state.providers, rounds=1, float_weights=float_weights, measure_after=False)
     return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
@@ -43,4 +51,5 @@ TECHNIQUE = Technique(
     flag="--bias-correction / bias_correction: true", changes_float_model=True, searchable=True,
     promises=("mean_error_removed",), needs=("bn_stats", "float_weights"),
     config_fields=("bias_correction", "bias_correction_mode"),
-    summary="shifts each quantized Conv/Gemm bias so its mean output matches the float model's")
+    summary="shifts each quantized Conv/Gemm bias so its mean output matches the float model's (on by default, "
+            "mode fast)")
