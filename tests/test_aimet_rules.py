@@ -217,7 +217,7 @@ def test_depthwise_relu6_file_names_aimets_quantizers_with_encodings_that_change
     assert file["lo"].fake_quantize(np.zeros(1, np.float32))[0] == 0
     assert abs(file["hi"].fake_quantize(np.full(1, 6, np.float32))[0] - 6) < 1e-6
     # what an AIMET sim loaded with this file computes: Q/DQ on every named tensor
-    sim = render_control_flow(prepare(model).model, {**enc, **{n: file[n] for n in ("c", "g", "lo", "hi")}})
+    sim = render_control_flow(prepare(float_of(res, model)).model, {**enc, **{n: file[n] for n in ("c", "g", "lo", "hi")}})
     for b in calib_relu6(3, seed=5):
         assert np.array_equal(run(sim, b)[0], run(res.model_path, b)[0])
     out = tmp_path / "applied.onnx"
