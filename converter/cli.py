@@ -138,10 +138,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
                         f"AIMET's way) (default: {d.cle_relu6})")
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
-                        "(default: off)")
+                   help="shift each quantized Conv/Gemm's bias so its mean output on calibration data matches "
+                        "FP32 (default: on, mode fast)")
     p.add_argument("--bias-correction-mode", choices=list(BIAS_CORRECTION_MODES),
-                   help="with --bias-correction: empirical (measured on calibration data), analytical (from the "
+                   help="with --bias-correction: fast (one measurement on 16 samples), empirical (measured on 64 "
+                        "samples, two rounds), analytical (from the "
                         "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
                         f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
                         f"(default: {d.bias_correction_mode})")

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .calib.readers import model_inputs, open_calibration
+from .calib.readers import open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .calib.subgraphs import collect_subgraph_ranges
@@ -44,6 +44,9 @@ from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, 
 from .ort_session import kernel_summary, optimized_op_counts, runtime_layers
 from .quant.qdq import quantized_node_counts
 from .quant.rules import block_axis, weight_axis
+from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, changes_float_model
+from .techniques import enabled as enabled_techniques
+from .techniques import failed as technique_failed
 
 log = logging.getLogger("converter")
 
@@ -64,26 +67,9 @@ class QuantResult:
     prepared_path: Path | None = None  # <name>.prepared.onnx, when a pass changed the float model (else None)
 
 
-@dataclass
-class Prepared:
-    """A float model ready for planning: loaded, preprocessed and indexed."""
-
-    source_path: str | None
-    name: str
-    original_opset: int
-    model: onnx.ModelProto  # preprocessed float model
-    idx: GraphIndex
-    passes: dict[str, int]
-    # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
-    # correction; CLE updates it)
-    bn_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    # weight -> its float values before AdaRound wrote grid values over them: what bias correction measures the
-    # rounding against (against the grid values there would be no weight error left to see)
-    float_weights: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def inputs(self):
-        return model_inputs(self.model)
+# the flow's state (converter.techniques.state): the prepared float model, its index, and what the techniques
+# provide each other; ``Prepared`` is its name in the flow's functions
+Prepared = FlowState
 
 
 def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> Prepared:
@@ -95,59 +81,13 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     opset = default_opset(proto)
     from .quant.bias_correction import batchnorm_statistics
 
+    # BatchNorm output -> per-channel (mean, std), read before preprocessing folds the BatchNorms (analytical bias
+    # correction reads them, CLE updates them)
     bn_stats = batchnorm_statistics(proto)
     passes = preprocess(proto)
     log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
               ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
-    return Prepared(source_path, name, opset, proto, GraphIndex.build(proto), passes, bn_stats)
-
-
-SMOOTH_SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
-CLE_SAMPLES = 32  # calibration samples high-bias absorption reads
-
-
-def equalize_layers(prepared: Prepared, calib_data: Any, config: QuantConfig,
-                    calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """Cross-layer equalization + high-bias absorption of the prepared model in place
-    (:mod:`converter.quant.cle`); returns the report entry, or None when ``config.cle`` is off."""
-    if not config.cle:
-        return None
-    from .quant.cle import equalize
-
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, CLE_SAMPLES, calib_spec)
-    result = equalize(prepared.model, data, select_providers(config.providers), config.cle_relu6)
-    prepared.idx = GraphIndex.build(prepared.model)
-    if prepared.bn_stats:
-        from .quant.bias_correction import equalized_statistics
-
-        for p in result.pairs:
-            first = prepared.model.graph.node[prepared.idx.order[p.first]]
-            equalized_statistics(prepared.bn_stats, first.output[0], p.scale, p.shift)
-    prepared.passes["cle_pairs"] = len(result.pairs)
-    return result.to_dict()
-
-
-def smooth(prepared: Prepared, calib_data: Any, config: QuantConfig,
-           calib_spec: str | Path | None = None) -> tuple[QuantConfig, list[dict[str, Any]]]:
-    """SmoothQuant the prepared model in place where it helps (:mod:`converter.quant.smoothquant`).
-
-    Returns the config with the inserted float ``Mul`` nodes (where ``1 / s`` could not be folded) excluded, and
-    what was changed.
-    """
-    if not config.smoothquant:
-        return config, []
-    from .quant.smoothquant import smoothquant
-
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, SMOOTH_SAMPLES, calib_spec)
-    changes = smoothquant(prepared.model, data, select_providers(config.providers), config.smoothquant_alpha,
-                          activation_bits=config.activation_bits, symmetric=config.preset.activation_symmetric,
-                          per_channel=config.per_channel)
-    if not changes:
-        return config, []
-    prepared.idx = GraphIndex.build(prepared.model)
-    prepared.passes["smoothquant"] = len(changes)
-    return config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(c.mul_node for c in changes if c.mul_node)), \
-        [c.to_dict() for c in changes]
+    return Prepared(source_path, name, opset, proto, passes, provided={"bn_stats": bn_stats})
 
 
 class Replayable:
@@ -197,91 +137,72 @@ def replayable(calib_data: Any, keep: int = 64) -> Any:
     return calib_data
 
 
-def transform(prepared: Prepared, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None,
-              keep: int = 64) -> tuple[QuantConfig, Any, dict[str, Any]]:
-    """The passes that change the float model before planning (CLE, SmoothQuant), for quantize, the search
-    and the analyzer alike. Returns the config (SmoothQuant's Muls excluded), the calibration data made
-    :func:`replayable` (``keep`` items), and the report entries of what changed."""
-    calib_data = replayable(calib_data, keep)
-    equalized = equalize_layers(prepared, calib_data, config, calib_spec)
-    config, smoothed = smooth(prepared, calib_data, config, calib_spec)
-    return config, calib_data, {**({"cle": equalized} if equalized else {}),
-                                **({"smoothquant": smoothed} if smoothed else {})}
+def check_technique_data(calib_data: Any, config: QuantConfig, techniques: list[Technique] | None = None) -> None:
+    """Every enabled technique that reads calibration data gets some: else one error naming it (one the user
+    switched on first, then those on by default), before any work."""
+    if calib_data is not None:
+        return
+    default = QuantConfig()
+    wanting = [t for t in (enabled_techniques(config) if techniques is None else techniques) if t.samples]
+    for t in sorted(wanting, key=lambda t: bool(t.enabled(default))):
+        raise t.missing_data()
 
 
-BIAS_CORRECTION_SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
+def run_stage(state: Prepared, stage: str, techniques: list[Technique]) -> None:
+    """Run the ``stage`` techniques of ``techniques`` in order; their report entries go to ``state.entries``. An
+    error inside one names it and the techniques before it (:func:`converter.techniques.failed`)."""
+    for t in techniques:
+        if t.stage != stage:
+            continue
+        started = time.perf_counter()
+        try:
+            entry = t.run(state)
+        except Exception as exc:  # noqa: BLE001 - re-raised, naming the technique
+            raise technique_failed(t, state.ran, exc) from exc
+        state.ran.append(t.name)
+        state.timings[f"{t.name}_s"] = time.perf_counter() - started
+        log.debug("technique %s: %.2f s%s", t.name, state.timings[f"{t.name}_s"], "" if entry else ", no change")
+        if entry:
+            state.entries[t.name] = entry
 
 
-def correct_bias(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
-                 calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """Bias correction of the planned layers (:mod:`converter.quant.bias_correction`): analytical from BatchNorm
-    statistics (``analytical``, and ``auto`` where they reach), empirical on calibration data (``empirical``, and
-    ``auto`` elsewhere), encodings recomputed; returns the report entry (each layer's kind), or None when
-    ``config.bias_correction`` is off."""
-    if not config.bias_correction:
-        return None
-    from .quant.bias_correction import correct_analytically, correct_biases
+def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: str | Path | None = None, *,
+             keep: int = 64, searchable_only: bool = False, encoded_stage: bool = True,
+             t0: float | None = None) -> Prepared:
+    """The one flow every entry point runs: the float-stage techniques -> plan (main graph and If/Loop/Scan
+    bodies) -> calibrate -> encodings -> the encoded-stage techniques (unless ``encoded_stage`` is False).
 
-    def reencode() -> None:
-        compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)
-
-    mode = config.bias_correction_mode
-    layers = []
-    if mode in ("analytical", "auto"):
-        layers = correct_analytically(prepared.model, plan, prepared.idx, prepared.bn_stats, reencode,
-                                      prepared.float_weights)
-        if not layers:
-            log.log(logging.WARNING if mode == "analytical" else logging.DEBUG,
-                    "analytical bias correction: no quantized layer reads a BatchNorm's output (through Relu/Clip) "
-                    "whose statistics are known (the exporter folded them?)%s",
-                    "; use --bias-correction-mode empirical|auto" if mode == "analytical" else "")
-    samples = 0
-    if mode in ("empirical", "auto"):
-        samples = BIAS_CORRECTION_SAMPLES
-        data = open_calibration(calib_data, prepared.inputs, config.batch_size, BIAS_CORRECTION_SAMPLES, calib_spec)
-        layers += correct_biases(prepared.model, plan, prepared.idx, reencode, data, select_providers(config.providers),
-                                 skip={c.node for c in layers}, float_weights=prepared.float_weights)
-    return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
-
-
-ADAROUND_SAMPLES = 128  # calibration samples AdaRound caches layer inputs from (subsampled rows, see the module)
-
-
-def check_adaround_data(calib_data: Any, config: QuantConfig) -> None:
-    """AdaRound learns from data: without calibration data there is nothing to optimize on."""
-    if config.adaround and calib_data is None:
-        raise ConfigError("adaround needs calibration data: it optimizes each layer's weight rounding on the "
-                          "layer's inputs", "pass calibration data (--calib DIR, or calib_data= in Python), or "
-                          "drop --adaround / adaround: true")
-
-
-def _bias_corrected(prepared: Prepared, plan: QuantPlan, config: QuantConfig) -> frozenset[str]:
-    """The layers bias correction will correct (none when it is off)."""
-    if not config.bias_correction:
-        return frozenset()
-    from .quant.bias_correction import corrected_layers
-
-    return frozenset(n.name for n in corrected_layers(prepared.model, plan, prepared.idx))
-
-
-def adaround_weights(prepared: Prepared, plan: QuantPlan, calib, calib_data: Any, config: QuantConfig,
-                     calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """AdaRound the planned layers' weights (:mod:`converter.quant.adaround`), weights rewritten onto their
-    (frozen) grids and bias encodings recomputed; returns the report entry, or None when ``config.adaround`` is
-    off."""
-    if not config.adaround:
-        return None
-    from .quant.adaround import adaround
-
+    ``quantize`` renders and writes what it leaves in ``state`` (plan, calibration, techniques' entries), the
+    search (``searchable_only``: the techniques whose contract lets the search use them) re-plans from it trial by
+    trial, and ``analyze`` measures it. ``calib_data`` is made :func:`replayable` with ``keep`` items (at least
+    what the enabled techniques read)."""
+    techniques = enabled_techniques(config, searchable_only=searchable_only)
+    check_technique_data(calib_data, config, techniques)
+    state.config, state.calib_spec = config, calib_spec
+    state.calib_data = replayable(calib_data, max([keep] + [t.samples for t in techniques]))
+    for t in techniques:
+        for fact in t.promises:
+            state.provided[fact] = True
+    run_stage(state, FLOAT_STAGE, techniques)
+    state.plan, state.subs = plan_model(state, state.config)
+    config = state.config
+    log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
+              ", ".join(f"{len(state.plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
+              len(state.plan.float_nodes()))
+    if t0 is not None:
+        state.timings["load_and_plan_s"] = time.perf_counter() - t0
+    state.calib = calibrate(state, activation_tensors(state.plan), state.calib_data, config, calib_spec)
+    state.timings["calibration_s"] = state.calib.seconds
+    state.provided["uncalibrated"] = (calibrate_subgraphs(state, state.subs, state.calib, state.calib_data, config,
+                                                          calib_spec) if state.subs else [])
     t = time.perf_counter()
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, ADAROUND_SAMPLES, calib_spec)
-    layers = adaround(prepared.model, plan, prepared.idx, data, select_providers(config.providers),
-                      config.adaround_iterations, threads=config.threads, float_weights=prepared.float_weights,
-                      search=config.adaround_search, center=_bias_corrected(prepared, plan, config))
-    compute_encodings(plan, prepared.idx, calib.observers, calib.methods, config)  # biases of the new weights
-    return {"samples": ADAROUND_SAMPLES, "iterations": config.adaround_iterations, "search": config.adaround_search,
-            "seconds": round(time.perf_counter() - t, 3), "layers": [r.to_dict() for r in layers]}
-
+    encode_model(state, state.plan, state.subs, state.calib.observers, state.calib.methods, config)
+    warn_float_subgraphs(state.plan, config)
+    if encoded_stage:
+        state.snapshot_params()
+        run_stage(state, ENCODED_STAGE, techniques)
+    state.timings["encode_s"] = time.perf_counter() - t
+    return state
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
     """Check ``name`` and the output folder before any work: writable, and no output over an input."""
@@ -390,8 +311,9 @@ def encode_model(prepared: Prepared, plan: QuantPlan, subs: list, observers: dic
                  config: QuantConfig) -> None:
     """Encodings of the main plan and of every body plan (merged into ``plan``), and the plan's account of
     which bodies are quantized (``plan.subgraphs``) and which stay in float (``plan.float_subgraphs``)."""
-    compute_encodings(plan, prepared.idx, observers, methods, config)
-    compute_subgraph_encodings(plan, subs, observers, methods, config)
+    compute_encodings(plan, prepared.idx, observers, methods, config, frozen=prepared.frozen,
+                      centered=prepared.centered)
+    compute_subgraph_encodings(plan, subs, observers, methods, config, centered=prepared.centered)
     plan.subgraphs = subgraph_summary(subs)
     quantized_bodies = {s["subgraph"] for s in plan.subgraphs if s["quantized_tensors"]}
     plan.float_subgraphs = [f for f in plan.float_subgraphs if not any(
@@ -416,33 +338,19 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     """
     config = config or QuantConfig()
     t0 = time.perf_counter()
-    check_adaround_data(calib_data, config)
+    check_technique_data(calib_data, config)
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
-    prepared = prepare(model, name, example_inputs)
-    check_node_names(prepared.model, config)
-    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec,
-                                            max(64, ADAROUND_SAMPLES) if config.adaround else 64)
-    plan, subs = plan_model(prepared, config)
-    log.debug("plan: target %s, quantized tensors: %s; %d node(s) in float", config.target,
-              ", ".join(f"{len(plan.by_role(r))} {r}" for r in ("activation", "weight", "bias")),
-              len(plan.float_nodes()))
-    timings = {"load_and_plan_s": time.perf_counter() - t0}
-
-    calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
-    timings["calibration_s"] = calib.seconds
-    if subs:
-        calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec)
+    state = prepare(model, name, example_inputs)
+    check_node_names(state.model, config)
+    run_flow(state, calib_data, config, calib_spec, t0=t0)
     t = time.perf_counter()
-    encode_model(prepared, plan, subs, calib.observers, calib.methods, config)
-    warn_float_subgraphs(plan, config)
-    rounded = adaround_weights(prepared, plan, calib, calib_data, config, calib_spec)
-    corrected = correct_bias(prepared, plan, calib, calib_data, config, calib_spec)  # after AdaRound: its weights
-    qdq = render_control_flow(prepared.model, plan.encodings)
-    timings["render_s"] = time.perf_counter() - t
-    extra = {**changed, **({"adaround": rounded} if rounded else {}),
-             **({"bias_correction": corrected} if corrected else {})}
-    return finish(prepared, plan, qdq, config, calib, out_dir, timings, t0, extra_report=extra or None,
-                  calib_data=calib_data, calib_spec=calib_spec)
+    qdq = render_control_flow(state.model, state.plan.encodings)
+    timings = {"load_and_plan_s": state.timings["load_and_plan_s"], "calibration_s": state.timings["calibration_s"],
+               "render_s": state.timings["encode_s"] + time.perf_counter() - t,
+               **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time
+    return finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
+                  extra_report=dict(state.entries) or None,
+                  calib_data=state.calib_data, calib_spec=calib_spec)
 
 
 QUALITY_SAMPLES = 32  # calibration samples quantize compares the QDQ model with FP32 on (output cosine, SQNR)
@@ -530,7 +438,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     if default_opset(qdq) > default_opset(prepared.model):  # renders upgrade quietly (once per trial/layer)
         log.info("upgraded the model from opset %d to %d (16-bit, 4-bit or block-wise QuantizeLinear/"
                  "DequantizeLinear)", default_opset(prepared.model), default_opset(qdq))
-    changed = [k for k in ("smoothquant", "cle", "adaround", "bias_correction") if (extra_report or {}).get(k)]
+    changed = changes_float_model(extra_report or {})  # declared by each technique (converter.techniques)
     float_path = float_model_path(out_dir, name) if changed else None
     check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])
     check_earlier_outputs((paths[0], paths[1], float_path, paths[2]) if float_path else paths)  # the report last

@@ -66,3 +66,9 @@ def digits(tmp_path_factory):
 @pytest.fixture()
 def rng():
     return np.random.default_rng(0)
+
+
+def float_of(result, model):
+    """The float model ``result``'s encodings apply to: the ``<name>.prepared.onnx`` quantize wrote where a technique
+    changed the float model (bias correction, on by default, corrects biases), else ``model``."""
+    return result.report["outputs"].get("float_model") or model

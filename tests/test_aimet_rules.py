@@ -21,7 +21,7 @@ from converter.pipeline import prepare
 from converter.quant.control_flow import render_control_flow
 from converter.quant.encodings_io import FloatEncoding, read_encodings
 
-from .conftest import parse, run
+from .conftest import parse, run, float_of
 
 
 def tail_model() -> onnx.ModelProto:
@@ -79,7 +79,7 @@ def test_file_names_what_aimet_quantizes_and_applies_byte_identical(tmp_path, ta
         assert res.report["encodings_file"]["omitted_biases"] == 2
         assert res.report["encodings_file"]["omitted_data_movement_outputs"] == 2
     out = tmp_path / "applied.onnx"
-    apply_encodings(model, res.encodings_path, out)
+    apply_encodings(float_of(res, model), res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
 
 
@@ -124,7 +124,7 @@ def test_all_tensors_option_writes_biases_and_data_movement_outputs(tmp_path):
     _, named = names_in(res.encodings_path)
     assert named == set(res.plan.encodings) and {"B", "B2", "t", "f"} <= named
     out = tmp_path / "applied.onnx"
-    apply_encodings(model, res.encodings_path, out)
+    apply_encodings(float_of(res, model), res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
 
 
@@ -138,7 +138,7 @@ def test_tensorrt_keeps_unquantized_data_movement_float_in_the_file(tmp_path):
     assert floats == set(res.report["encodings_file"]["marked_float"])
     assert not floats & set(res.plan.encodings)
     out = tmp_path / "applied.onnx"
-    apply_encodings(model, res.encodings_path, out)
+    apply_encodings(float_of(res, model), res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
 
 
@@ -217,11 +217,11 @@ def test_depthwise_relu6_file_names_aimets_quantizers_with_encodings_that_change
     assert file["lo"].fake_quantize(np.zeros(1, np.float32))[0] == 0
     assert abs(file["hi"].fake_quantize(np.full(1, 6, np.float32))[0] - 6) < 1e-6
     # what an AIMET sim loaded with this file computes: Q/DQ on every named tensor
-    sim = render_control_flow(prepare(model).model, {**enc, **{n: file[n] for n in ("c", "g", "lo", "hi")}})
+    sim = render_control_flow(prepare(float_of(res, model)).model, {**enc, **{n: file[n] for n in ("c", "g", "lo", "hi")}})
     for b in calib_relu6(3, seed=5):
         assert np.array_equal(run(sim, b)[0], run(res.model_path, b)[0])
     out = tmp_path / "applied.onnx"
-    apply_encodings(model, res.encodings_path, out)
+    apply_encodings(float_of(res, model), res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
 
 

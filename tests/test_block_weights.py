@@ -17,7 +17,7 @@ from converter.pipeline import apply_encodings
 from converter.quant.encode import weight_encoding
 from converter.quant.encodings_io import dumps_encodings, loads_encodings
 
-from .conftest import op_counts, parse, run
+from .conftest import op_counts, parse, run, float_of
 
 K, N = 200, 48  # K is not a multiple of 32: the last block is ragged (8 of 32)
 
@@ -127,7 +127,7 @@ def test_conv_gemm_blocks_run_in_ort_and_round_trip_the_encodings(tmp_path, vers
             q = onnx.load(str(r.model_path))
             errs[block] = rel_err(run(q, x)[0], ref)
             again = tmp_path / f"{label}{block}.again.onnx"
-            apply_encodings(model, r.encodings_path, again)
+            apply_encodings(float_of(r, model), r.encodings_path, again)
             assert again.read_bytes() == r.model_path.read_bytes(), (label, block)
             if block is None:
                 continue
@@ -206,7 +206,7 @@ def test_per_layer_widths_from_the_plan_to_the_model_and_encodings(tmp_path):
         enc = json.loads(r.encodings_path.read_text())
         assert {e["name"]: e["bw"] for e in enc["param_encodings"] if e["name"] in want} == want
         again = tmp_path / "again.onnx"
-        apply_encodings(model, r.encodings_path, again)
+        apply_encodings(float_of(r, model), r.encodings_path, again)
         assert again.read_bytes() == r.model_path.read_bytes()
     with pytest.raises(ConfigError, match="no node named 'MatMul_9'"):
         quantize(model, data, QuantConfig(weight_bits_overrides={"MatMul_9": 8}), output_dir=tmp_path / "x", name="m")

@@ -19,6 +19,8 @@ from converter.graph.scopes import scopes
 from converter.pipeline import apply_encodings, quantize
 from converter.quant.control_flow import quantized_nodes_in_bodies
 
+from .conftest import float_of
+
 F = TensorProto.FLOAT
 
 
@@ -172,7 +174,7 @@ def test_if_and_loop_bodies_are_quantized_and_close_to_fp32(tmp_path):
     names = [e["name"] for e in enc["activation_encodings"]] + [e["name"] for e in enc["param_encodings"]]
     assert len(names) == len(set(names))
     assert {"y__1", "ny", "ny__1", "r", "r__1", "s_in", "Wl", "Wa", "Wb", "Mc"} <= set(names), names
-    again = apply_encodings(model, res.encodings_path, tmp_path / "again.onnx")
+    again = apply_encodings(float_of(res, model), res.encodings_path, tmp_path / "again.onnx")
     assert again.SerializeToString() == qdq.SerializeToString()
 
 
@@ -277,7 +279,7 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     model = control_flow_model()
     calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(24, 4, 0.42)
     res = quantize(model, calib, QuantConfig(batch_size=8, encodings_version="0.6.1"), tmp_path / "a", "cf")
-    again = apply_encodings(model, res.encodings_path, tmp_path / "a" / "again.onnx")
+    again = apply_encodings(float_of(res, model), res.encodings_path, tmp_path / "a" / "again.onnx")
     assert again.SerializeToString() == onnx.load(res.model_path).SerializeToString()
     res16 = quantize(model, calib, QuantConfig(batch_size=8, activation_bits=16), tmp_path / "b", "cf")
     q16 = onnx.load(res16.model_path)
@@ -291,7 +293,7 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     assert q4.opset_import[0].version == 21
     assert any(t.data_type == onnx.TensorProto.INT4 for s in scopes(q4) for t in s.graph.initializer) or \
         any(t.data_type == onnx.TensorProto.INT4 for t in q4.graph.initializer)
-    again4 = apply_encodings(model, res4.encodings_path, tmp_path / "c" / "again.onnx")
+    again4 = apply_encodings(float_of(res4, model), res4.encodings_path, tmp_path / "c" / "again.onnx")
     assert again4.SerializeToString() == q4.SerializeToString()
     assert _cos(_run(model, x), _run(q4, x)) > 0.95
 

@@ -14,7 +14,7 @@ from converter import QuantConfig, apply_encodings, quantize
 from converter.cli import main
 from converter.quant.encodings_io import read_encodings
 
-from .conftest import ROOT, op_counts, run
+from .conftest import ROOT, op_counts, run, float_of
 
 
 def top1(model, x):
@@ -51,7 +51,7 @@ def test_encodings_round_trip_is_byte_identical(digits, tmp_path, version):
                    output_dir=tmp_path / "q")
     assert json.loads(res.encodings_path.read_text())["version"] == version
     out = tmp_path / "applied.onnx"
-    apply_encodings(digits["path"], res.encodings_path, out)
+    apply_encodings(float_of(res, digits["path"]), res.encodings_path, out)
     assert out.read_bytes() == res.model_path.read_bytes()
     # reading back gives the encodings of the plan, value for value
     enc = read_encodings(res.encodings_path)
@@ -112,7 +112,10 @@ def test_cli_export_quantize_apply_on_pypi_efficientnet(tmp_path, capsys):
     assert confident.sum() >= 10 and (f.argmax(1) == q.argmax(1))[confident].mean() >= 0.9
     assert (np.argsort(-f, 1)[:, :5] == q.argmax(1)[:, None]).any(1).mean() >= 0.97
     applied = tmp_path / "applied.onnx"
-    assert main(["apply-encodings", str(model), str(out / "effnet.encodings"), "-o", str(applied)]) == 0
+    # the float model the encodings apply to: bias correction (on by default) corrected its biases
+    prepared = out / "effnet.prepared.onnx"
+    assert prepared.exists()
+    assert main(["apply-encodings", str(prepared), str(out / "effnet.encodings"), "-o", str(applied)]) == 0
     assert applied.read_bytes() == qdq_path.read_bytes()
 
 

@@ -16,7 +16,7 @@ from converter.pipeline import apply_encodings
 from converter.quant.encoding import encoding_from_range
 from converter.quant.qdq import int_tensor
 
-from .conftest import parse, run
+from .conftest import parse, run, float_of
 
 
 def conv_model():
@@ -59,14 +59,14 @@ def test_int4_weights_run_in_ort_and_round_trip_the_encodings(tmp_path):
     enc = json.loads(r.encodings_path.read_text())
     [w_enc] = [e for e in enc["param_encodings"] if e["name"] == "W"]
     assert w_enc["bw"] == 4 and len(w_enc["scale"]) == 16
-    again = apply_encodings(model, r.encodings_path, tmp_path / "again.onnx")
+    again = apply_encodings(float_of(r, model), r.encodings_path, tmp_path / "again.onnx")
     np.testing.assert_array_equal(run(again, x)[0], run(q, x)[0])
     # 2.0.0 writes the 4-bit weight as int4 and reads it back to the same model
     r2 = quantize(model, batches(1), QuantConfig(weight_bits=4, encodings_version="2.0.0"), output_dir=tmp_path / "v2",
                   name="m")
     doc = json.loads(r2.encodings_path.read_text())
     assert [e["output_dtype"] for e in doc["encodings"] if e["name"] == "W"] == ["int4"]
-    apply_encodings(model, r2.encodings_path, tmp_path / "again2.onnx")
+    apply_encodings(float_of(r2, model), r2.encodings_path, tmp_path / "again2.onnx")
     assert (tmp_path / "again2.onnx").read_bytes() == r2.model_path.read_bytes()
 
 
@@ -141,7 +141,7 @@ def test_asymmetric_weights_use_every_level_and_round_trip(tmp_path):
             enc = json.loads(r.encodings_path.read_text())
             [w_enc] = [e for e in enc["param_encodings"] if e["name"] == "W"]
             assert w_enc["is_sym"] is False and w_enc["bw"] == 4 and len(set(w_enc["offset"])) > 2
-            apply_encodings(model, r.encodings_path, tmp_path / "again.onnx")
+            apply_encodings(float_of(r, model), r.encodings_path, tmp_path / "again.onnx")
             assert (tmp_path / "again.onnx").read_bytes() == r.model_path.read_bytes()
         if label == "asym_search":
             [layer] = r.report["adaround"]["layers"]

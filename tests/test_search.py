@@ -319,25 +319,23 @@ def test_max_float_fraction_exits_1_and_still_writes(tmp_path, capsys):
     assert main(args + ["--max-float-fraction", "0.2"]) == 0
 
 
-def test_search_runs_and_reports_no_bias_correction_and_encodes_weights_as_without_it(tmp_path, caplog):
-    """The search re-encodes layers trial by trial and does not apply bias correction or AdaRound: it says so once,
-    its report's config says what ran, and weight ranges are chosen as for a run without bias correction (a Conv
-    weight's MSE range counts each channel's coherent error only where no bias correction removes it)."""
+def test_search_runs_bias_correction_as_quantize_does(tmp_path):
+    """The search runs bias correction (a technique whose contract lets it) on the fully quantized model: with no
+    layer in float it writes the very model and encodings ``quantize`` writes with the same config, and weight ranges
+    are chosen as with bias correction (a Conv weight's MSE range leaves each channel's mean error to it)."""
+    from converter import quantize
+
     from .test_int4_weights import smooth_conv_model, smooth_inputs
 
     model = smooth_conv_model()
-    evaluate = BuiltinEvaluator("cosine", model, smooth_inputs(2))
-    tensors = {}
-    for bc in (False, True):
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="converter"):
-            res = auto_quantize(model, smooth_inputs(1), evaluate, AccuracyTarget(min_value=0.5),
-                                QuantConfig(weight_bits=4, weight_calib="mse", bias_correction=bc),
-                                output_dir=tmp_path / str(bc), latency=False)
-        assert res.report["config"]["bias_correction"] is False
-        assert any("bias_correction is not applied by the accuracy-target search" in m for m in caplog.messages) == bc
-        tensors[bc] = res.report["tensors"]["W"]
-    assert tensors[True] == tensors[False]
+    config = QuantConfig(weight_bits=4, weight_calib="mse", bias_correction=True)
+    res = auto_quantize(model, smooth_inputs(1), BuiltinEvaluator("cosine", model, smooth_inputs(2)),
+                        AccuracyTarget(min_value=0.5), config, output_dir=tmp_path / "search", latency=False)
+    plain = quantize(model, smooth_inputs(1), config, output_dir=tmp_path / "plain", name="model")
+    assert res.report["search"]["fallback_layers"] == [] and res.report["bias_correction"]["layers"]
+    assert res.model_path.read_bytes() == plain.model_path.read_bytes()
+    assert res.encodings_path.read_bytes() == plain.encodings_path.read_bytes()
+    assert res.report["tensors"]["W"] == plain.report["tensors"]["W"]
 
 
 def _planted_search(tmp_path, **kw):
@@ -505,3 +503,45 @@ def test_default_latency_gate_needs_a_model_whose_float_run_takes_a_millisecond(
     s = json.loads((tmp_path / "slow" / "s.report.json").read_text())["search"]
     assert s["max_latency_ratio"] == 1.0 and s["stop_reason"] == "latency"
     assert [p["label"] for p in s["pareto"]][0] == "fp32" and all(p["vs_fp32"] == 1.5 for p in s["pareto"][1:])
+
+
+def _two_convs():
+    rng = np.random.default_rng(3)
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,4,8,8] x) => (float[N,8,8,8] y) {
+      h = Conv <pads: ints = [1, 1, 1, 1]> (x, W1, B1)
+      r = Relu(h)
+      y = Conv <pads: ints = [1, 1, 1, 1]> (r, W2, B2)
+    }""", W1=rng.laplace(0, 0.2, (8, 4, 3, 3)).astype(np.float32), B1=rng.normal(0, 0.1, 8).astype(np.float32),
+        W2=rng.laplace(0, 0.2, (8, 8, 3, 3)).astype(np.float32), B2=rng.normal(0, 0.1, 8).astype(np.float32))
+
+
+def test_a_layer_the_search_keeps_in_float_drops_its_bias_correction(tmp_path):
+    """Bias correction's edits belong to quantized layers: the layer the search keeps in float (here the evaluator
+    passes only models whose second Conv reads a float weight) reads its float bias again, in the QDQ model and in
+    the float model written beside it, while the quantized Conv keeps its corrected bias."""
+    model = _two_convs()
+    floats = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+
+    def evaluate(path):  # fails any model whose second Conv reads a quantized weight
+        return 0.0 if any(n.op_type == "DequantizeLinear" and n.input[0].startswith("W2")
+                          for n in onnx.load(path).graph.node) else 1.0
+
+    rng = np.random.default_rng(0)
+    calib = [{"x": np.abs(rng.normal(0, 1, (8, 4, 8, 8))).astype(np.float32)} for _ in range(2)]
+    res = auto_quantize(model, calib, evaluate, AccuracyTarget(min_value=0.5),
+                        QuantConfig(weight_bits=4, bias_correction=True, smoothquant=False),
+                        output_dir=tmp_path, latency=False)
+    search = res.report["search"]
+    assert search["met"] and len(search["fallback_layers"]) == 1
+    assert search["technique_edits"]["dropped"] == ["B2"]
+    qdq = onnx.load(res.model_path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert np.array_equal(inits["B2"], floats["B2"])  # float layer: float bias, exactly
+    prepared = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(res.report["outputs"]["float_model"]).graph.initializer}
+    assert np.array_equal(prepared["B2"], floats["B2"])
+    corrected = prepared["B1"]  # the quantized Conv's bias: corrected (its 4-bit weights shift its mean output)
+    assert np.abs(corrected - floats["B1"]).max() > 1e-3
+    assert [c["node"] for c in res.report["bias_correction"]["layers"]] == ["Conv_0", "Conv_2"]  # measured on both
+

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 from converter import QuantConfig, quantize
-from converter.pipeline import prepare, smooth
+from converter.pipeline import prepare
+from converter.techniques import get as technique
 from converter.quant.smoothquant import smoothquant
 
 from .conftest import op_counts, parse, run
@@ -88,9 +89,10 @@ def test_no_outliers_nothing_changes():
       h = MatMul(x, W0)
       y = MatMul(h, W1)
     }""", W0=rng.normal(0, 0.4, (16, 32)).astype(np.float32), W1=rng.normal(0, 0.2, (32, 8)).astype(np.float32))
-    prepared = prepare(model)
-    config, changes = smooth(prepared, batches(1), QuantConfig())
-    assert changes == [] and config == QuantConfig()
+    state = prepare(model)
+    state.config, state.calib_data = QuantConfig(), batches(1)
+    changes = technique("smoothquant").run(state)
+    assert changes == [] and state.config == QuantConfig()
 
 
 def test_one_shot_reader_is_read_once_and_kept_only_in_part(tmp_path):

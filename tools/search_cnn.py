@@ -42,17 +42,23 @@ def batches(name: str, x, size: int):
     return [{name: x[i:i + size]} for i in range(0, len(x), size)]
 
 
-def search(task, drop: float, work: Path) -> dict:
+BIAS_CORRECTION = {"default": {}, "off": dict(bias_correction=False),
+                   "fast": dict(bias_correction=True, bias_correction_mode="fast"),
+                   "empirical": dict(bias_correction=True, bias_correction_mode="empirical")}
+
+
+def search(task, drop: float, work: Path, bias_correction: str = "default") -> dict:
     evaluate = BuiltinEvaluator("top1", _float(task), batches(task.input_name, task.eval_x, task.eval_batch),
                                 task.eval_y)
     t = time.perf_counter()
     try:
         res = auto_quantize(task.model, batches(task.input_name, task.calib, 16), evaluate,
-                            AccuracyTarget(max_drop=drop), QuantConfig(), output_dir=work / task.key, name=task.key)
+                            AccuracyTarget(max_drop=drop), QuantConfig(**BIAS_CORRECTION[bias_correction]),
+                            output_dir=work / f"{task.key}-{bias_correction}", name=task.key)
         report = res.report
     except TargetNotMetError as exc:
         print(f"TARGET NOT MET: {exc}")
-        report = json.loads((work / task.key / f"{task.key}.report.json").read_text())
+        report = json.loads((work / f"{task.key}-{bias_correction}" / f"{task.key}.report.json").read_text())
     s = report["search"]
     n = len(s["ranking"])
     return {"model": task.title, "max_drop": drop, "met": s["met"], "fp32_top1": s["baseline_metric"],
@@ -60,7 +66,9 @@ def search(task, drop: float, work: Path) -> dict:
             "fallback_layers": [(k["name"], k["op_type"], round(k["cosine"], 4)) for k in s["fallback_layers"]],
             "full_evaluations": s["full_evaluations"], "bound": math.ceil(math.log2(max(n, 2))) + 3,
             "evaluations": [(e["label"], round(e["metric"], 4)) for e in s["evaluations"]],
-            "wall_s": round(time.perf_counter() - t, 1)}
+            "bias_correction": bias_correction, "latency": s.get("latency"),
+            "ort_float_layers": (report["summary"].get("ort_cpu_kernels") or {}).get("float_layers"),
+            "technique_edits": s.get("technique_edits"), "wall_s": round(time.perf_counter() - t, 1)}
 
 
 def _float(task):
@@ -109,6 +117,8 @@ def main() -> int:
     ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
     ap.add_argument("--models", default="efficientnet_lite0,resnet8")
     ap.add_argument("--json")
+    ap.add_argument("--bias-correction", default="default",
+                    help="comma-separated runs of the search: default, off, fast, empirical (default: default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="converter: %(message)s")
     assets = Path(args.assets)
@@ -117,13 +127,10 @@ def main() -> int:
     out: dict = {"search": [], "ranking": None}
     for key in args.models.split(","):
         task = tasks[key](assets)
-        r = search(task, TARGETS[key], work)
-        out["search"].append(r)
-        print(f"\n{r['model']}: target top-1 drop <= {r['max_drop'] * 100:.1f} point")
-        print(f"  FP32 {r['fp32_top1']:.4f}  final {r['final_top1']:.4f}  threshold {r['threshold']:.4f}  met {r['met']}")
-        print(f"  kept in float {len(r['fallback_layers'])} of {r['layers']} layers: {r['fallback_layers']}")
-        print(f"  full evaluations {r['full_evaluations']} (bound {r['bound']}): {r['evaluations']}")
-        print(f"  wall {r['wall_s']} s")
+        for bc in args.bias_correction.split(","):
+            r = search(task, TARGETS[key], work, bc)
+            out["search"].append(r)
+            _print(r)
         if key == "resnet8":
             rk = rankings(task)
             out["ranking"] = rk
@@ -133,6 +140,16 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0 if all(r["met"] for r in out["search"]) else 1
+
+
+def _print(r: dict) -> None:
+    print(f"\n{r['model']}: target top-1 drop <= {r['max_drop'] * 100:.1f} point, bias correction "
+          f"{r['bias_correction']}")
+    print(f"  FP32 {r['fp32_top1']:.4f}  final {r['final_top1']:.4f}  threshold {r['threshold']:.4f}  met {r['met']}")
+    print(f"  kept in float {len(r['fallback_layers'])} of {r['layers']} layers: {r['fallback_layers']}")
+    print(f"  full evaluations {r['full_evaluations']} (bound {r['bound']}): {r['evaluations']}")
+    print(f"  ORT float layers {r['ort_float_layers']}; latency {r['latency']}")
+    print(f"  wall {r['wall_s']} s")
 
 
 if __name__ == "__main__":

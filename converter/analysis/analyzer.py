@@ -54,11 +54,12 @@ from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, Qu
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
-from ..quant.encode import activation_tensors, compute_encodings
 from ..quant.encoding import Encoding
 from ..quant.layers import Layer, layer_model, plan_layers, unassigned_quantizers
-from ..quant.plan import ACTIVATION, QuantPlan, build_plan
+from ..quant.plan import ACTIVATION, QuantPlan
+from ..quant.control_flow import render_control_flow
 from ..quant.qdq import render_qdq
+from ..techniques import applied_params
 from ..quant.rules import weight_axis
 from ..stats import TensorStats, sqnr_db
 from .compare import dequantized_name_map, with_outputs
@@ -119,12 +120,17 @@ class Prepared:
     layers: list[Layer]
     calibration: dict[str, Any]
     preprocess: dict[str, Any]
+    # weight/bias values the encoded-stage techniques (bias correction, AdaRound) wrote: ``model`` keeps its float
+    # values (the FP32 rows), a render uses these for the tensors it quantizes (as the search does)
+    edits: dict[str, np.ndarray] = field(default_factory=dict)
 
     def encodings(self, keep: Callable[[str], bool] = lambda t: True) -> dict[str, Encoding]:
         return {t: e for t, e in self.plan.encodings.items() if keep(t)}
 
     def render(self, keep: Callable[[str], bool] = lambda t: True) -> onnx.ModelProto:
-        return render_qdq(self.model, self.encodings(keep))
+        encodings = self.encodings(keep)
+        with applied_params(self.idx, {n: v for n, v in self.edits.items() if n in encodings}):
+            return render_control_flow(self.model, encodings)
 
 
 @dataclass
@@ -142,18 +148,17 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
     encodings are exactly ``quantize``'s. Where the calibration method keeps no histogram (min/max),
     a second pass over the calibration data records histograms of the layer outputs for the report.
     """
-    from ..pipeline import calibrate, transform
     from ..pipeline import prepare as prepare_model
+    from ..pipeline import run_flow
 
     t0 = time.perf_counter()
-    prepared = prepare_model(model, example_inputs=example_inputs)
+    state = prepare_model(model, example_inputs=example_inputs)
     # the FP32 reference: the model as given (a torch module: its export, already preprocessed)
-    original = load_model(model if isinstance(model, (str, Path, onnx.ModelProto)) else prepared.model)
-    config, calib_data, _ = transform(prepared, calib_data, config, calib_spec)  # as quantize does
-    pre, idx = prepared.model, prepared.idx
-    plan = build_plan(pre, config, idx)
-    calib = calibrate(prepared, activation_tensors(plan), calib_data, config, calib_spec)
-    compute_encodings(plan, idx, calib.observers, calib.methods, config)
+    original = load_model(model if isinstance(model, (str, Path, onnx.ModelProto)) else state.model)
+    run_flow(state, calib_data, config, calib_spec)  # quantize's flow: its techniques, If/Loop/Scan bodies planned
+    edits = state.take_edits()  # the model is the float one again; renders put the edits back (Prepared.render)
+    config, calib_data, calib = state.config, state.calib_data, state.calib
+    pre, idx, plan = state.model, state.idx, state.plan
     layers = plan_layers(plan, idx)
     observers = dict(calib.observers)
     missing = [lay.output for lay in layers if lay.output in observers and getattr(observers[lay.output], "counts",
@@ -163,8 +168,9 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
         hist = collect(pre, missing, data, "percentile", calib.providers, config.threads)
         observers.update(hist.observers)
     info = {"method": config.calib_method, "samples": calib.samples, "seconds": round(time.perf_counter() - t0, 3),
-            "providers": calib.providers, "source": getattr(calib, "source", None)}
-    return Prepared(original, pre, idx, plan, observers, layers, info, prepared.passes)
+            "providers": calib.providers, "source": getattr(calib, "source", None), "techniques": list(state.entries),
+            "subgraphs": plan.subgraphs}
+    return Prepared(original, pre, idx, plan, observers, layers, info, state.passes, edits)
 
 
 # --- evaluation --------------------------------------------------------------------------------------

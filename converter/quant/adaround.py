@@ -34,7 +34,7 @@ at a time. Each iteration takes the next :data:`MINIBATCH` of them, in an order 
 
 The rounding reaches the QDQ model and the encodings file through the float model: each weight initializer is
 replaced by its dequantized grid values ``s * q`` (``q`` the AdaRounded integers), and the plan freezes the
-weight's encoding (:attr:`QuantPlan.frozen_weights`), so the usual nearest rounding of those values gives ``q``
+weight's encoding (frozen by :mod:`converter.techniques.adaround`), so the usual nearest rounding of those values gives ``q``
 back exactly (``rint((s * q) / s) = q`` in float32 for ``|q| <= 2**15``; checked). The changed float model is
 written beside the QDQ model, as CLE and bias correction do; the encodings apply to it.
 """
@@ -55,7 +55,7 @@ from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from .encoding import Encoding
 from .plan import WEIGHT, QuantPlan
-from .qdq import render_qdq
+from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
@@ -525,7 +525,8 @@ def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: 
              float_weights: dict[str, np.ndarray] | None = None, search: bool = True,
              center: frozenset[str] = frozenset()) -> list[Rounded]:
     """AdaRound the planned layers of ``model`` in place (see the module doc): their weight initializers become
-    the AdaRounded grid values and ``plan.frozen_weights`` keeps their encodings. ``threads``: torch's CPU
+    the AdaRounded grid values (their encodings must then be kept: the caller freezes them, e.g.
+    :mod:`converter.techniques.adaround`). ``threads``: torch's CPU
     threads while optimizing (0: torch's default). ``float_weights`` receives each replaced weight's float
     values (bias correction measures against them). ``search``: the local search after the Adam steps (module
     doc); ``center``: the layers bias correction corrects afterwards (their losses are compared centered).
@@ -557,7 +558,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         node = layer.node
-        x, y, samples = _cache(layer, render_qdq(model, plan.encodings), model, batches, providers, seed + i)
+        x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, batches, providers, seed + i)
         w = idx.constant(layer.weight)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
         yt = torch.from_numpy(y).to(device)
@@ -591,7 +592,6 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
                                "integers")
         float_weights.setdefault(layer.weight, w)
         idx.initializers[layer.weight].CopyFrom(numpy_helper.from_array(values, layer.weight))
-        plan.frozen_weights.add(layer.weight)
         out.append(Rounded(node.name, layer.weight, len(x), time.perf_counter() - t0, candidates["nearest"][1],
                            candidates["adaround"][1], float(np.mean(q != nearest)),
                            candidates["adaround"][1] < candidates["nearest"][1],

@@ -50,13 +50,14 @@ from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import default_opset
 from .plan import QuantPlan
-from .qdq import render_qdq
+from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
 ROUNDS = 2
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
-MODES = ("empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else empirical
+MODES = ("fast", "empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else
+# empirical; fast: empirical, one measurement on few samples
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Corrected:
     node: str
     channels: int
     shift_before: float  # mean |E[y_q] - E[y]| over channels, before any correction
-    shift_after: float  # the same, measured after the last round
+    shift_after: float | None  # the same, measured after the last round (None: not measured again, mode fast)
     max_correction: float
     kind: str = "empirical"  # or "analytical" (then the shifts are the computed E[(W_q - W) x], after: 0)
 
@@ -163,11 +164,13 @@ def _with_float_twins(qdq: onnx.ModelProto, layers: list[onnx.NodeProto], weight
 def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                    reencode: Callable[[], None], batches: Iterable[dict[str, np.ndarray]], providers: list[str],
                    rounds: int = ROUNDS, skip: set[str] | frozenset[str] = frozenset(),
-                   float_weights: dict[str, np.ndarray] | None = None) -> list[Corrected]:
+                   float_weights: dict[str, np.ndarray] | None = None, measure_after: bool = True) -> list[Corrected]:
     """Correct the biases of ``model`` in place (see the module doc); ``reencode()`` recomputes
     ``plan.encodings`` from the model's current constants. Returns what changed, per layer (not those in
     ``skip``: corrected analytically). ``float_weights``: a weight's float values where the model now holds
-    others (AdaRound's grid values): the float twin reads them."""
+    others (AdaRound's grid values): the float twin reads them. ``measure_after``: measure the shift left after
+    the last round (for the report only: ``mean_shift_after`` is None without it, and the run costs one
+    measurement less)."""
     layers = [n for n in corrected_layers(model, plan, idx) if n.name not in skip]
     if not layers:
         return []
@@ -177,7 +180,9 @@ def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
     first: dict[str, np.ndarray] = {}
     last: dict[str, np.ndarray] = {}
     for r in range(rounds + 1):
-        measured, twins = _with_float_twins(render_qdq(model, plan.encodings), layers, weights, original)
+        if r == rounds and not measure_after:
+            break
+        measured, twins = _with_float_twins(render_control_flow(model, plan.encodings), layers, weights, original)
         got = _means(measured, [n.output[0] for n in layers] + list(twins.values()), batches, providers)
         last = {n.name: got[n.output[0]] - got[twins[n.name]] for n in layers}
         if r == 0:
@@ -191,10 +196,11 @@ def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                     numpy_helper.from_array((b - last[n.name]).astype(b.dtype), n.input[2]))
         reencode()
     out = [Corrected(n.name, len(first[n.name]), float(np.abs(first[n.name]).mean()),
-                     float(np.abs(last[n.name]).mean()),
+                     float(np.abs(last[n.name]).mean()) if measure_after else None,
                      float(np.abs(idx.constant(n.input[2]) - original[n.name]).max())) for n in layers]
-    log.info("bias correction: %d layer(s); mean |output shift| %.3g -> %.3g", len(out),
-             np.mean([c.shift_before for c in out]), np.mean([c.shift_after for c in out]))
+    log.info("bias correction: %d layer(s); mean |output shift| %.3g -> %s", len(out),
+             np.mean([c.shift_before for c in out]),
+             f"{np.mean([c.shift_after for c in out]):.3g}" if measure_after else "(not measured again)")
     return out
 
 

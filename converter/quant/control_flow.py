@@ -100,10 +100,11 @@ def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], warn: bool = Tr
 
 
 def compute_subgraph_encodings(main: QuantPlan, subs: list[SubPlan], observers: Mapping, methods: Mapping[str, str],
-                               config) -> None:
-    """Encodings of each body plan, then merged into ``main`` (tensors and encodings)."""
+                               config, centered: bool = False) -> None:
+    """Encodings of each body plan, then merged into ``main`` (tensors and encodings); ``centered``: as in
+    :func:`~converter.quant.encode.compute_encodings`."""
     for s in subs:
-        compute_encodings(s.plan, s.idx, observers, methods, config)
+        compute_encodings(s.plan, s.idx, observers, methods, config, centered=centered)
         _adopt_outer_encodings(s, main)
         for name, t in s.plan.tensors.items():
             if name in main.encodings or name not in s.plan.encodings:

@@ -204,9 +204,13 @@ def _blocked_bias_encoding(b: np.ndarray, s_in: np.float32, weight_enc: Encoding
 
 
 def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method: str | Mapping[str, str],
-                      config: Any) -> None:
+                      config: Any, frozen: Mapping[str, Encoding] | None = None, centered: bool = False) -> None:
     """``method``: one calibration method for every activation, or a mapping tensor -> method (the
-    calibration's ``methods``); ``config`` (a QuantConfig) gives ``percentile`` and ``weight_calib``."""
+    calibration's ``methods``); ``config`` (a QuantConfig) gives ``percentile`` and ``weight_calib``.
+    ``frozen``: weight -> the encoding its values were rounded onto (AdaRound), kept instead of derived from the
+    values; ``centered``: each channel's mean error is removed later (bias correction's promise), so a Conv weight's
+    ``mse`` range does not count it (:data:`COHERENT_ERROR_WEIGHT`)."""
+    frozen = frozen or {}
     percentile, weight_method = config.percentile, config.weight_calib
     ranges = {t.name: observer_range(observers[t.name], method.get(t.name, "minmax") if isinstance(method, Mapping)
                                      else method, percentile, t.symmetric, t.bitwidth)
@@ -224,9 +228,9 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         enc = encoding_from_range(lo, hi, t.bitwidth, t.signed, t.symmetric)
         for m in members:
             plan.encodings[m] = enc
-    centered = getattr(config, "bias_correction", False)  # each channel's mean error is bias correction's
     for t in plan.by_role(WEIGHT):
-        if t.name in plan.frozen_weights and t.name in plan.encodings:
+        if t.name in frozen:
+            plan.encodings[t.name] = plan.encodings.get(t.name, frozen[t.name])  # raised for its bias: kept so
             continue
         ops = plan.layer_ops(t)
         conv = bool(ops) and ops <= COHERENT_OPS
@@ -238,7 +242,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
         if act not in plan.encodings or w not in plan.encodings:
             continue
         plan.encodings[t.name], raised = bias_encoding(idx.constant(t.name), plan.encodings[act], plan.encodings[w])
-        if raised != plan.encodings[w] and w in plan.frozen_weights:
+        if raised != plan.encodings[w] and w in frozen:
             log.warning("weight %r: its bias needs a larger weight scale to fit int32, which moves the grid its "
                         "values were AdaRounded on (they are rounded to the nearest level of the new one)", w)
         plan.encodings[w] = raised

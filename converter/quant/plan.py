@@ -107,9 +107,6 @@ class QuantPlan:
     mixed_operands: list[dict[str, Any]] = field(default_factory=list)  # Add/Mul operands of very different range
     # nodes the float-tail rule left in float (preset.float_tail): node, op_type, reason
     float_tail: list[dict[str, Any]] = field(default_factory=list)
-    # weights whose encoding a pass fixed (AdaRound rounded their values onto its grid): compute_encodings keeps
-    # plan.encodings for them instead of deriving it from the values again
-    frozen_weights: set[str] = field(default_factory=set)
 
     def by_role(self, role: str) -> list[TensorQuant]:
         return [t for t in self.tensors.values() if t.role == role]

@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from tqdm import tqdm
 
 from ..calib.readers import open_calibration
@@ -51,10 +52,10 @@ from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import save_model, small_bytes
 from ..ort_session import runtime_layers
-from ..pipeline import (Prepared, QuantResult, calibrate, calibrate_subgraphs, check_node_names, encode_model, finish,
-                        plan_model, prepare, prepare_output_dir, transform, warn_float_subgraphs)
+from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, plan_model, prepare,
+                        prepare_output_dir, run_flow)
 from ..quant.control_flow import render_control_flow
-from ..quant.encode import activation_tensors
+from ..techniques import applied_params
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan
 from .evaluate import AccuracyTarget, Evaluator
@@ -102,6 +103,9 @@ class Searcher:
     target: AccuracyTarget
     methods: dict[str, str] | None = None  # tensor -> calibration method (calib_overrides applied)
     uncalibrated: list[str] = field(default_factory=list)  # body tensors calibration got no values for
+    # weight/bias values the techniques wrote (bias correction, AdaRound) on the fully quantized model: a try keeps
+    # those of the layers it quantizes, a layer kept in float reads its float values
+    edits: dict[str, Any] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
     baseline: float = float("nan")
     # every model run the search makes, beside the full evaluations in ``trials``: the ranking's own full
@@ -123,8 +127,14 @@ class Searcher:
         if int16:
             config = config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in int16))
         plan, subs = plan_model(self.prepared, config, self.uncalibrated)
-        encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method, self.config)
-        return plan, render_control_flow(self.prepared.model, plan.encodings)
+        with applied_params(self.prepared.idx, self.kept_edits(plan)):
+            encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
+                         self.config)
+            return plan, render_control_flow(self.prepared.model, plan.encodings)
+
+    def kept_edits(self, plan: QuantPlan) -> dict[str, Any]:
+        """The techniques' edits of the tensors ``plan`` quantizes (weights and biases of its quantized layers)."""
+        return {n: v for n, v in self.edits.items() if n in plan.tensors}
 
     def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str],
                 int16_layers: list[str] | None = None) -> Trial:
@@ -521,25 +531,19 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    for key in ("bias_correction", "adaround"):
-        if getattr(config, key):
-            log.warning("%s is not applied by the accuracy-target search (its layers are re-encoded trial by trial%s); "
-                        "quantize without --target-metric/--evaluator to use it", key,
-                        ", and a layer it keeps in float must keep its float weights" if key == "adaround" else "")
-    # what the search runs, and so what its report says; weight ranges choose by it too (quant.encode: without bias
-    # correction a Conv weight's MSE range counts each channel's coherent error)
-    config = config.replace(bias_correction=False, adaround=False)
-    config, calib_data, changed = transform(prepared, calib_data, config, calib_spec, max(64, sensitivity_samples))
-    full, subs = plan_model(prepared, config)
-    calib = calibrate(prepared, activation_tensors(full), calib_data, config, calib_spec)
-    uncalibrated = calibrate_subgraphs(prepared, subs, calib, calib_data, config, calib_spec) if subs else []
-    encode_model(prepared, full, subs, calib.observers, calib.methods, config)
-    warn_float_subgraphs(full, config)
+    # the one flow (converter.pipeline.run_flow), with the techniques the search may use: the float-stage ones, and
+    # bias correction / AdaRound run once on the fully quantized model; each trial keeps their weight/bias edits for
+    # the layers it quantizes and drops them for the layers it keeps in float (Searcher.build)
+    run_flow(prepared, calib_data, config, calib_spec, keep=max(64, sensitivity_samples), searchable_only=True)
+    config, calib_data, changed = prepared.config, prepared.calib_data, dict(prepared.entries)
+    full, subs, calib = prepared.plan, prepared.subs, prepared.calib
+    uncalibrated = prepared.provided["uncalibrated"]
+    edits = prepared.take_edits()  # the model is the float model again (the FP32 baseline, the ranking)
     layers = plan_layers(full, prepared.idx)
     # a body's layers whose tensors all went uncalibrated (a branch the data never takes) are in float already
     body_layers = {s.scope.path: [x for x in plan_layers(s.plan, s.idx, s.scope.path) if x.quantizers] for s in subs}
     searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods,
-                        uncalibrated=uncalibrated)
+                        uncalibrated=uncalibrated, edits=edits)
     timings = {"calibration_s": calib.seconds}
 
     providers = select_providers(config.providers)
@@ -658,6 +662,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         log.warning("the target holds with %.0f%% of the compute layers in %s: the model is barely quantized; try "
                     "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
                     outcome.fallback)
+    kept_edits = searcher.kept_edits(outcome.plan)
+    for n, v in kept_edits.items():  # the written float model holds the edits of the layers the final model quantizes
+        prepared.idx.initializers[n].CopyFrom(numpy_helper.from_array(v, n))
+    if edits:
+        search_report["technique_edits"] = {"kept": len(kept_edits), "dropped": sorted(set(edits) - set(kept_edits))}
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
                     extra_report={"search": search_report, **changed})
     names = [s.name for s in outcome.fallback_layers]

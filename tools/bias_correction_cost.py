@@ -1,0 +1,87 @@
+"""What the default bias correction buys and costs: top-1 and the technique's own seconds (the report's
+``timings.bias_correction_s``) for EfficientNet-Lite0 (100 calibration / 900 held-out ImageNet samples), ResNet-8
+(200 / 2,000 CIFAR-10 images) and the digits CNN (models/digits_cnn.py, 64 / 597), with bias correction off, in
+mode ``fast`` (the default) and ``empirical`` (64 samples, two rounds); every other setting the default.
+
+    python tools/bias_correction_cost.py --assets /work/shared/assets [--models efficientnet,resnet8,digits]
+        [--rows off,fast,empirical,fast:32]   (fast:N: mode fast on N samples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_e2e import ArrayReader, accuracy, efficientnet_task, resnet8_task  # noqa: E402
+
+import converter  # noqa: E402
+from converter import QuantConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {"off": dict(bias_correction=False), "fast": dict(bias_correction=True, bias_correction_mode="fast"),
+        "empirical": dict(bias_correction=True, bias_correction_mode="empirical")}
+
+
+def digits_task():
+    spec = importlib.util.spec_from_file_location("_bc_digits", ROOT / "models" / "digits_cnn.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    x_tr, _, x_te, y_te = digits.load_split()
+    d = Path(tempfile.mkdtemp())
+    import torch
+
+    torch.onnx.export(digits.build(), torch.from_numpy(x_tr[:1]), str(d / "digits.onnx"), input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
+                      dynamo=False)
+    from bench_e2e import Task
+
+    return Task("digits", "digits CNN (calib 64, eval 597)", d / "digits.onnx", "x", x_tr[:64], x_te,
+                y_te.astype(np.int64), (1,), 128, "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "../shared/assets")))
+    p.add_argument("--models", default="efficientnet,resnet8,digits")
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    makers = {"efficientnet": lambda: efficientnet_task(args.assets), "resnet8": lambda: resnet8_task(args.assets),
+              "digits": digits_task}
+    out = {}
+    for m in args.models.split(","):
+        task = makers[m]()
+        for row in args.rows.split(","):
+            name, _, samples = row.partition(":")  # fast:32 = mode fast on 32 samples
+            import converter.techniques.bias_correction as bc_technique
+
+            bc_technique.FAST_SAMPLES = int(samples) if samples else 16
+            with tempfile.TemporaryDirectory() as d:
+                t = time.perf_counter()
+                r = converter.quantize(str(task.model), ArrayReader(task.input_name, task.calib),
+                                       QuantConfig(**ROWS[name]), d, name="m")
+                total = time.perf_counter() - t
+                acc = accuracy(r.model_path, task)
+            bc = r.report.get("bias_correction") or {}
+            out[f"{m}/{row}"] = {"top1": int(acc["top1"]), "of": len(task.eval_y), "layers": len(bc.get("layers", [])),
+                                 "bias_correction_s": r.report["timings"].get("bias_correction_s"),
+                                 "total_s": round(total, 1)}
+            print(f"{m}/{row}: {out[f'{m}/{row}']}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
