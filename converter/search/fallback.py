@@ -30,9 +30,10 @@ from ..calib.readers import open_calibration
 from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
-from ..graph.model_io import save_model
+from ..graph.model_io import removes_created_dirs, save_model
 from ..pipeline import (Prepared, QuantResult, calibrate, calibrate_subgraphs, check_node_names, encode_model, finish,
                         plan_model, prepare, prepare_output_dir, transform, warn_float_subgraphs)
+from ..pipeline import float_model_of
 from ..quant.control_flow import render_control_flow
 from ..quant.encode import activation_tensors
 from ..quant.layers import Layer, owned_quantizers, plan_layers
@@ -246,8 +247,9 @@ class TooMuchFloatError(TargetNotMetError):
     """The target was met, but with more of the model in float than ``max_float_fraction`` allows."""
 
 
+@removes_created_dirs
 def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: AccuracyTarget | None = None,
-                  config: QuantConfig | None = None, output_dir: str | Path = "out", name: str | None = None,
+                  config: QuantConfig | None = None, output_dir: str | Path | None = None, name: str | None = None,
                   strategy: str = "gallop", sensitivity_samples: int = 8, ranking: str = "propagated",
                   fallback: str = "auto", calib_spec: str | Path | None = None, example_inputs: Any = None,
                   give_back_layers: bool = True, max_float_fraction: float | None = None,
@@ -281,6 +283,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     target = target or AccuracyTarget()
     t0 = time.perf_counter()
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
+    model = float_model_of(model, example_inputs, out_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     for key in ("bias_correction", "adaround"):
