@@ -55,9 +55,41 @@ MIN_COSINE = 0.995
 MAX_RELATIVE_ERROR = 0.1  # max |optimized - reference| / max |reference|
 
 
+# Custom-op libraries (shared objects with ONNX Runtime custom kernels) every session registers: set by
+# --custom-op-library, the config key custom_op_libraries or converter.use_custom_op_libraries().
+CUSTOM_OP_LIBRARIES: list[str] = []
+
+
+def use_custom_op_libraries(paths) -> list[str]:
+    """Register these custom-op libraries in every session from now on (added to those already set; each
+    checked to exist and to load in ONNX Runtime, so a wrong path fails here and not in the middle of a run)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    for p in [paths] if isinstance(paths, (str, Path)) else list(paths or ()):
+        path = str(Path(p).resolve())
+        if path in CUSTOM_OP_LIBRARIES:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"custom-op library not found: {p}",
+                              "give the path of the shared library (.so/.dll/.dylib) that implements the ops")
+        try:
+            ort.SessionOptions().register_custom_ops_library(path)
+        except Exception as exc:
+            raise ConfigError(f"ONNX Runtime cannot load the custom-op library {p}: {str(exc).splitlines()[0]}",
+                              "give a library built for this ONNX Runtime version and platform") from None
+        CUSTOM_OP_LIBRARIES.append(path)
+        log.debug("custom-op library registered in every session: %s", path)
+    return list(CUSTOM_OP_LIBRARIES)
+
+
 def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.SessionOptions:
-    """SessionOptions with :data:`SESSION_CONFIG`; ``optimization`` is off | basic | extended | all."""
+    """SessionOptions with :data:`SESSION_CONFIG` and :data:`CUSTOM_OP_LIBRARIES`; ``optimization`` is
+    off | basic | extended | all."""
     so = ort.SessionOptions()
+    for lib in CUSTOM_OP_LIBRARIES:
+        so.register_custom_ops_library(lib)
     so.log_severity_level = 3
     so.enable_mem_pattern = mem_pattern
     if threads:

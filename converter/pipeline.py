@@ -40,7 +40,7 @@ from .quant.plan import ACTIVATION, BIAS, WEIGHT, QuantPlan, build_plan
 from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
-from .ort_session import kernel_summary, optimized_op_counts
+from .ort_session import kernel_summary, optimized_op_counts, use_custom_op_libraries
 from .export import export_for_quantize, is_torch_module
 from .quant.qdq import quantized_node_counts
 from .quant.rules import block_axis, weight_axis
@@ -425,6 +425,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     folder it created.
     """
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
     calib_spec = image_spec or calib_spec
     t0 = time.perf_counter()
     check_adaround_data(calib_data, config)

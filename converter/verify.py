@@ -481,7 +481,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     p.add_argument("--image-spec", dest="data_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--data-spec", dest="data_spec", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--labels", help=".npy of integers or a text file with one integer per line, in the data's "
                                     "sorted file order")

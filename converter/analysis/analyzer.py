@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration
+from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
 from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
@@ -449,6 +450,7 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     ``torch.nn.Module`` is exported first (``example_inputs`` required), as in ``quantize``.
     """
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
     cfg = analysis or AnalysisConfig()
     out_dir = ensure_writable_dir(output_dir)
     timings: dict[str, float] = {}

@@ -131,7 +131,7 @@ class ImageSpec:
 
     @classmethod
     def load(cls, path: Path) -> "ImageSpec":
-        data, lines = load_mapping(path)
+        data, lines = load_mapping(path, "image preprocessing spec", "--image-spec (or preprocess.yaml in the data folder)")
         known = set(cls.__dataclass_fields__)
         for key in data:
             if key not in known:

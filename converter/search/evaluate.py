@@ -85,6 +85,7 @@ class BuiltinEvaluator:
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
                  image_spec: str | Path | None = None, output: str | None = None) -> None:
+        metric = {"top1-agreement": "agreement"}.get(metric, metric)  # the spelling verify and analyze use
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
         if metric == "top1" and labels is None:

@@ -33,6 +33,7 @@ from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model
 from ..pipeline import (Prepared, QuantResult, calibrate, calibrate_subgraphs, check_node_names, encode_model, finish,
                         plan_model, prepare, prepare_output_dir, transform, warn_float_subgraphs)
+from ..ort_session import use_custom_op_libraries
 from ..pipeline import float_model_of
 from ..quant.control_flow import render_control_flow
 from ..quant.encode import activation_tensors
@@ -274,6 +275,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         raise UserError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}",
                         "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
     if fallback == "auto":
         fallback = "int16" if config.target == "qnn" else "float"
     elif fallback == "int16" and config.target != "qnn":
