@@ -236,12 +236,14 @@ class _Latency:
 def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | onnx.ModelProto, data: Any,
            labels: str | Path | np.ndarray | None = None, thresholds: Thresholds | None = None,
            providers: str | list[str] = "auto", batch_size: int = 16, max_samples: int | None = None,
-           data_spec: str | Path | None = None, threads: int = 0) -> VerifyResult:
+           data_spec: str | Path | None = None, threads: int = 0, *, image_spec: str | Path | None = None
+           ) -> VerifyResult:
     """Run both models on ``data`` and compare them; see the module docstring for what is measured.
 
-    ``data``: a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``, or ``data_spec``) or a
-    Python iterable of ``{input name: array}`` dicts. ``labels``: integers, one per sample.
+    ``data``: a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``, or ``image_spec``; ``data_spec``
+    is its old name) or a Python iterable of ``{input name: array}`` dicts. ``labels``: integers, one per sample.
     """
+    data_spec = image_spec or data_spec
     thresholds = thresholds or Thresholds()
     float_proto, quant_proto = load_model(float_model), load_model(quant_model)
     inputs = model_inputs(float_proto)

@@ -254,7 +254,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                   strategy: str = "gallop", sensitivity_samples: int = 8, ranking: str = "propagated",
                   fallback: str = "auto", calib_spec: str | Path | None = None, example_inputs: Any = None,
                   give_back_layers: bool = True, max_float_fraction: float | None = None,
-                  latency: bool = True, latency_runs: int = 20) -> QuantResult:
+                  latency: bool = True, latency_runs: int = 20, *, image_spec: str | Path | None = None
+                  ) -> QuantResult:
     """Quantize, then keep the fewest, cheapest layers in float until ``target`` holds.
 
     ``evaluate(model_path) -> float`` scores a model (higher is better), e.g. a
@@ -276,6 +277,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                         "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
     config = config or QuantConfig()
     use_custom_op_libraries(config.custom_op_libraries)
+    calib_spec = image_spec or calib_spec  # one spelling with quantize and verify; calib_spec: the old one
     if fallback == "auto":
         fallback = "int16" if config.target == "qnn" else "float"
     elif fallback == "int16" and config.target != "qnn":
