@@ -569,7 +569,7 @@ class _Scheduler:
         self.done_already = done_already
 
     def run(self) -> list[JobResult]:
-        from tqdm import tqdm
+        from .progress import tqdm
 
         finished: list[JobResult] = []
         running: list[_Running] = []

@@ -286,7 +286,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     q = s["quantized_tensors"]
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
           f"{q['bias']} biases on {_plural(result.report['calibration']['samples'], 'calibration sample')} "
-          f"({result.report['calibration']['seconds']:.1f} s); {len(s['float_nodes'])} nodes left in float")
+          f"({result.report['calibration']['seconds']:.1f} s); {_plural(len(s['float_nodes']), 'node')} left in float")
     smoothed = result.report.get("smoothquant") or []
     if smoothed:
         folded = sum(1 for e in smoothed if e["folded_into"])
@@ -336,9 +336,10 @@ def _auto_quantize(args: argparse.Namespace, config):
                            give_back_layers=args.give_back, max_float_fraction=args.max_float_fraction)
     search = result.report["search"]
     print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
-          f"(threshold {search['threshold']:.4f}) with {len(search['fallback_layers'])} layer(s) in "
-          f"{search['fallback'] if search['fallback_layers'] else 'float'} after "
-          f"{search['full_evaluations']} full evaluations")
+          f"(threshold {search['threshold']:.4f}) "
+          + (f"with {_plural(len(search['fallback_layers']), 'layer')} in {search['fallback']}"
+             if search['fallback_layers'] else "with every layer quantized")
+          + f" after {_plural(search['full_evaluations'], 'full evaluation')}")
     print(f"  {search['float_fraction']:.0%} of the compute layers in float; ranking: {search['ranking_kind']}")
     for layer in search["fallback_layers"]:
         print(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, {search['ranking_kind']} cosine "
@@ -364,7 +365,7 @@ def _run_apply(args: argparse.Namespace) -> int:
 
     out = check_output_file(args.output, "-o/--output", [args.model, args.encodings])
     model = apply_encodings(args.model, args.encodings, out)
-    print(f"applied {args.encodings} -> {out} ({len(model.graph.node)} nodes)")
+    print(f"applied {args.encodings} -> {out} ({_plural(len(model.graph.node), 'node')})")
     return 0
 
 

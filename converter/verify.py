@@ -49,7 +49,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calib.readers import model_inputs, open_calibration
+from .calib.readers import check_label_count, model_inputs, open_calibration
+from .progress import tqdm
 from .config import PROVIDERS
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
@@ -250,11 +251,7 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     _check_same_io(float_proto, quant_proto)
     label_array = load_labels(labels) if labels is not None else None
     source = open_calibration(data, inputs, batch_size, max_samples, data_spec)
-    if label_array is not None and source.num_samples is not None and max_samples is None \
-            and len(label_array) != source.num_samples:
-        raise CalibrationDataError(f"{len(label_array)} labels for the {source.num_samples} samples in "
-                                   f"{source.description}", "give exactly one label per sample, in the data's "
-                                   "sorted file order")
+    check_label_count(source, label_array, max_samples)  # before either model runs
     provider_list = resolve_providers(providers)
     targets = _target(float_model, float_proto), _target(quant_model, quant_proto)
     sessions = tuple(_session(t, m, provider_list, threads) for t, m in zip(targets, (float_model, quant_model)))
@@ -264,8 +261,12 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     latency = _Latency(), _Latency()
     samples = batches = 0
     optimization: dict[str, dict | None] = {}
+    total = source.num_samples if max_samples is None or source.num_samples is None else min(source.num_samples,
+                                                                                                max_samples)
+    bar = tqdm(total=total, desc="verifying (float + quantized)", unit="sample", leave=False)
     for batch in source:
         n = next(iter(batch.values())).shape[0]
+        bar.update(n)
         if batches == 0:  # warm-up, untimed; and the guard: the same batch without graph optimizations
             for which, s, target, model in zip(("float", "quant"), sessions, targets, (float_model, quant_model)):
                 check = check_optimizations(target, batch, outputs, _run(s, outputs, batch, 0), _describe(model),
@@ -280,6 +281,7 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
             stats[name].update(np.asarray(ref), np.asarray(got), n)
         samples += n
         batches += 1
+    bar.close()
     log.info("verified on %d samples in %d batches", samples, batches)
 
     accuracy = (_accuracy(stats, label_array, samples, labels, max_samples is not None)

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers

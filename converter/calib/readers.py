@@ -338,7 +338,8 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
     arrays = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if arrays:
-        n = None if any(p.suffix == ".npz" for p in arrays) else sum(_npy_len(p, inputs) for p in arrays)
+        counts = [_npy_len(p, inputs) for p in arrays]
+        n = None if -1 in counts else sum(counts)
         return CalibrationSource(items=arrays, kind="arrays", description=str(path), num_samples=n, **common)
     if images:
         spec_path = Path(image_spec) if image_spec else next((path / s for s in SPEC_NAMES if (path / s).is_file()), None)
@@ -380,11 +381,35 @@ def _castable(got: np.dtype, want: np.dtype) -> bool:
 
 
 def _npy_len(p: Path, inputs: list[InputSpec]) -> int:
+    """Samples in one .npy/.npz file from its array header (no data read): a batch along axis 0, or one sample;
+    -1 where it cannot be told (the count is then unknown)."""
+    if not inputs:
+        return -1
     try:
-        arr = np.load(p, mmap_mode="r")
+        if p.suffix == ".npz":
+            import zipfile
+
+            with zipfile.ZipFile(p) as z, z.open(f"{inputs[0].name}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                shape = np.lib.format._read_array_header(f, version)[0]
+        else:
+            shape = np.load(p, mmap_mode="r").shape
     except Exception:
-        return 0
-    return arr.shape[0] if inputs and inputs[0].shape and arr.ndim == len(inputs[0].shape) else 1
+        return -1 if p.suffix == ".npz" else 0
+    return shape[0] if inputs[0].shape and len(shape) == len(inputs[0].shape) else 1
+
+
+def check_label_count(source: "CalibrationSource", labels: Any, max_samples: int | None = None) -> None:
+    """Before any model runs: the labels must number the samples that will be read (the first ``max_samples``
+    when given; at least that many then)."""
+    if labels is None or source.num_samples is None:
+        return
+    n = len(labels)
+    want = source.num_samples if max_samples is None else min(source.num_samples, max_samples)
+    if n != want and not (max_samples is not None and n >= want):
+        raise CalibrationDataError(f"{n} labels for the {want} samples"
+                                   f"{'' if max_samples is None else ' used'} in {source.description}",
+                                   "give exactly one label per sample, in the data's sorted file order")
 
 
 def _load_array_file(p: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import CalibrationDataError, UserError
 from ..ort_session import create_session

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..calib.readers import open_calibration
 from ..calib.runner import capture, select_providers
@@ -392,6 +392,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             f"the accuracy target holds only with {fraction:.0%} of the compute layers in {outcome.fallback} "
             f"(--max-float-fraction {max_float_fraction:g}): {kept}; the model was written to {result.model_path}",
             "relax the target, try --calib-method percentile or mse, or allow more float with --max-float-fraction")
-    log.info("target met with %d layer(s) in %s (%s) after %d full evaluations", len(outcome.fallback_layers),
-             outcome.fallback, kept, len(outcome.trials))
+    n = len(outcome.fallback_layers)
+    log.info("target met %s after %d full evaluation%s",
+             f"with {n} layer{'' if n == 1 else 's'} in {outcome.fallback} ({kept})" if n else "with every layer quantized",
+             len(outcome.trials), "" if len(outcome.trials) == 1 else "s")
     return result
