@@ -84,6 +84,17 @@ def use_custom_op_libraries(paths) -> list[str]:
     return list(CUSTOM_OP_LIBRARIES)
 
 
+def custom_op_fix(error: str) -> str | None:
+    """The fix for an ONNX Runtime load error naming an op it has no kernel for (a custom-domain op whose library
+    was not registered); None for any other error."""
+    if "is not a registered function/op" not in error:
+        return None
+    loaded = f" (loaded now: {', '.join(CUSTOM_OP_LIBRARIES)})" if CUSTOM_OP_LIBRARIES else ""
+    return ("register the shared library that implements the op with --custom-op-library PATH (config key "
+            f"custom_op_libraries; Python: converter.use_custom_op_libraries(PATH)){loaded}, or export the model "
+            "with standard ONNX ops")
+
+
 def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.SessionOptions:
     """SessionOptions with :data:`SESSION_CONFIG` and :data:`CUSTOM_OP_LIBRARIES`; ``optimization`` is
     off | basic | extended | all."""

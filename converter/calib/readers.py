@@ -96,20 +96,30 @@ def sample_bytes(model: onnx.ModelProto) -> int | None:
     return total or None
 
 
-def bounded_batch_size(inputs: list[InputSpec], batch_size: int, budget: int = BATCH_MEMORY_BUDGET) -> int:
-    """``batch_size``, capped where its run would hold more than ``budget`` bytes of model tensors (never below
-    :data:`DEFAULT_BATCH`): the rule of the module docstring."""
+_SAMPLE_BYTES: dict[tuple, int | None] = {}  # the last model's sample_bytes
+_WARNED: set[tuple] = set()  # (model key, batch size, cap) already warned about
+
+
+def bounded_batch_size(inputs: list[InputSpec], batch_size: int, budget: int | None = None) -> int:
+    """``batch_size``, capped where its run would hold more than ``budget`` bytes (default
+    :data:`BATCH_MEMORY_BUDGET`) of model tensors, never below :data:`DEFAULT_BATCH`: the module docstring's rule."""
+    budget = BATCH_MEMORY_BUDGET if budget is None else budget
     model = getattr(inputs, "model", None)
     if batch_size <= DEFAULT_BATCH or model is None:
         return batch_size
-    per_sample = sample_bytes(model)
+    key = (id(model), len(model.graph.node), len(model.graph.value_info))
+    if key not in _SAMPLE_BYTES:  # one shape inference per model: a run opens its data several times
+        _SAMPLE_BYTES.clear()
+        _SAMPLE_BYTES[key] = sample_bytes(model)
+    per_sample = _SAMPLE_BYTES[key]
     if not per_sample or per_sample * batch_size <= budget:
         return batch_size
     cap = max(DEFAULT_BATCH, budget // per_sample)
-    if cap < batch_size:
+    if cap < batch_size and (key, batch_size, cap) not in _WARNED:
+        _WARNED.add((key, batch_size, cap))
         log.warning("batch size %d capped to %d: the model's tensors take up to %.1f MiB per sample, and one ONNX "
-                    "Runtime run of %d samples could hold %.1f GiB (bound: %.0f GiB per run)", batch_size, cap,
-                    per_sample / 2**20, batch_size, per_sample * batch_size / 2**30, budget / 2**30)
+                    "Runtime run of %d samples could hold %.1f GiB (bound: %.0f MiB per run)", batch_size, cap,
+                    per_sample / 2**20, batch_size, per_sample * batch_size / 2**30, budget / 2**20)
     return min(cap, batch_size)
 
 
@@ -390,8 +400,9 @@ def _npy_len(p: Path, inputs: list[InputSpec]) -> int:
             import zipfile
 
             with zipfile.ZipFile(p) as z, z.open(f"{inputs[0].name}.npy") as f:
-                version = np.lib.format.read_magic(f)
-                shape = np.lib.format._read_array_header(f, version)[0]
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
         else:
             shape = np.load(p, mmap_mode="r").shape
     except Exception:
