@@ -295,6 +295,8 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
     lines.update({k: where.lines.get(kp + ("config", k)) for k in overrides})
     config = QuantConfig.from_dict({**defaults, **overrides}, f"{where.source} (job {name!r})",
                                    {k: v for k, v in lines.items() if v})
+    if config.custom_op_libraries:  # relative to the job file, like every other path in it
+        config = config.replace(custom_op_libraries=tuple(_abs(p, base) for p in config.custom_op_libraries))
     timeout = _positive(item.get("timeout"), kp + ("timeout",), where)
     job = Job(name=name, model=model, calib=_abs(item["calib"], base), config=config, input_shape=shape,
               calib_spec=_abs(item["calib_spec"], base) if item.get("calib_spec") else None,

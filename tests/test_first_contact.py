@@ -382,3 +382,48 @@ def test_every_progress_bar_goes_through_the_one_rule():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "converter").rglob("*.py")
                  if p.name != "progress.py" and "from tqdm import" in p.read_text(encoding="utf-8")]
     assert offenders == []
+
+
+def test_job_file_spellings_and_library_paths(tmp_path):
+    """Job files take the command line's spellings (image_spec, verify.eval), the old ones still, and a
+    custom_op_libraries path relative to the job file (workers run in their own folder)."""
+    from converter.batch import load_job_file
+
+    (tmp_path / "m.onnx").write_bytes(conv_model().SerializeToString())
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "spec.yaml").write_text("resize: 8\n")
+    new = tmp_path / "new.yaml"
+    new.write_text("defaults: {custom_op_libraries: [libs/ops.so]}\njobs:\n  - model: m.onnx\n    calib: calib\n"
+                   "    image_spec: spec.yaml\n    verify: {eval: calib, image_spec: spec.yaml}\n")
+    old = tmp_path / "old.yaml"
+    old.write_text("jobs:\n  - model: m.onnx\n    calib: calib\n    calib_spec: spec.yaml\n"
+                   "    verify: {data: calib, data_spec: spec.yaml}\n")
+    a, b = load_job_file(new).jobs[0], load_job_file(old).jobs[0]
+    assert a.calib_spec == b.calib_spec == str(tmp_path / "spec.yaml")
+    assert a.verify.data == b.verify.data and a.verify.data_spec == b.verify.data_spec == str(tmp_path / "spec.yaml")
+    assert a.config.custom_op_libraries == (str(tmp_path / "libs" / "ops.so"),)
+    both = tmp_path / "both.yaml"
+    both.write_text("jobs:\n  - model: m.onnx\n    calib: calib\n    calib_spec: spec.yaml\n    image_spec: spec.yaml\n")
+    with pytest.raises(ConfigError, match="same setting"):
+        load_job_file(both)
+    with pytest.raises(ConfigError, match="job file not found") as exc:
+        load_job_file(tmp_path / "nope.yaml")
+    assert "--config" not in exc.value.fix
+
+
+def test_error_hints_name_the_option_the_user_gave(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(conv_model().SerializeToString())
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(ROOT / "calib_data" / "photos" / "coffee.jpg", d)
+    assert main(["quantize", str(model), "--calib", str(d), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--image-spec FILE" in err and "--calib-spec" not in err
+    assert main(["quantize", str(model), "--calib", str(d), "-o", str(tmp_path / "out"), "--image-spec",
+                 str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "image preprocessing spec not found" in err and "--image-spec" in err and "--config" not in err
+    assert main(["batch", str(tmp_path / "jobs.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "job file not found" in err and "--config" not in err
