@@ -10,12 +10,12 @@ directory; ``examples/jobs.yaml`` is one that runs as written)::
       - name: digits                                    # default: the model file's stem
         model: out/digits.onnx                          # an ONNX file ...
         calib: calib_data/digits/
-        verify: {data: eval_data/digits/, labels: eval_data/digits_labels.txt, min_agreement: 0.98}
+        verify: {eval: eval_data/digits/, labels: eval_data/digits_labels.txt, min_agreement: 0.98}
       - name: effnet
         model: "models/efficientnet_lite0.py:build"     # ... or a PyTorch factory, exported first
         input_shape: [1, 3, 224, 224]
         calib: calib_data/photos/
-        calib_spec: calib_data/photos/preprocess.yaml   # optional
+        image_spec: calib_data/photos/preprocess.yaml   # optional (old name: calib_spec)
         config: {per_channel: false}                    # overrides defaults
         timeout: 120
         num_cpus: 2                                     # also memory: 4GiB, num_gpus: 1 (here or in defaults)
@@ -173,7 +173,7 @@ class JobFile:
 def load_job_file(path: str | Path) -> JobFile:
     """Read and validate a job file; raises :class:`ConfigError` naming the key, file and line."""
     path = Path(path)
-    data, _ = load_mapping(path)
+    data, _ = load_mapping(path, "job file", "qconvert batch JOB_FILE")
     lines = _yaml_lines(path)
     where = _Where(str(path), lines)
     _check_keys(data, TOP_KEYS, (), where)
@@ -234,6 +234,26 @@ def _dotted(key_path: tuple) -> str:
     return "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else k) for i, k in enumerate(key_path))
 
 
+# One spelling per concept (as on the command line): the job-file key a user writes -> the key read here. The
+# internal names are the old spellings, which keep working.
+KEY_ALIASES = {"image_spec": "calib_spec"}
+VERIFY_KEY_ALIASES = {"eval": "data", "image_spec": "data_spec"}
+
+
+def _canonical_keys(data: dict, aliases: dict[str, str], key_path: tuple, where: _Where) -> dict:
+    """``data`` with each alias renamed to the key read here (its line kept); both spellings at once is an error."""
+    out = dict(data)
+    for new, old in aliases.items():
+        if new in out:
+            if old in out:
+                raise ConfigError(f"{_dotted(key_path + (new,))!r} and {old!r} in {where.at(key_path + (new,))} are "
+                                  "the same setting", f"keep only {new}")
+            out[old] = out.pop(new)
+            if key_path + (new,) in where.lines:
+                where.lines[key_path + (old,)] = where.lines[key_path + (new,)]
+    return out
+
+
 def _check_keys(data: dict, schema: dict[str, tuple[tuple[type, ...], str]], key_path: tuple, where: _Where) -> None:
     for key, value in data.items():
         kp = key_path + (key,)
@@ -251,6 +271,7 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
     if not isinstance(item, dict):
         raise ConfigError(f"jobs[{i}] in {where.at(kp)} must be a mapping (name, model, calib, ...), got {item!r}",
                           "write each job as '- name: ...' with its keys indented below")
+    item = _canonical_keys(item, KEY_ALIASES, kp, where)
     _check_keys(item, JOB_KEYS, kp, where)
     for key in REQUIRED_JOB_KEYS:
         if key not in item:
@@ -274,6 +295,8 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
     lines.update({k: where.lines.get(kp + ("config", k)) for k in overrides})
     config = QuantConfig.from_dict({**defaults, **overrides}, f"{where.source} (job {name!r})",
                                    {k: v for k, v in lines.items() if v})
+    if config.custom_op_libraries:  # relative to the job file, like every other path in it
+        config = config.replace(custom_op_libraries=tuple(_abs(p, base) for p in config.custom_op_libraries))
     timeout = _positive(item.get("timeout"), kp + ("timeout",), where)
     job = Job(name=name, model=model, calib=_abs(item["calib"], base), config=config, input_shape=shape,
               calib_spec=_abs(item["calib_spec"], base) if item.get("calib_spec") else None,
@@ -289,7 +312,7 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
 def _parse_verify(raw: Any, job: dict, kp: tuple, base: Path, where: _Where) -> VerifySpec | None:
     if raw is None or raw is False:
         return None
-    raw = {} if raw is True else raw
+    raw = {} if raw is True else _canonical_keys(raw, VERIFY_KEY_ALIASES, kp, where)
     _check_keys(raw, VERIFY_KEYS, kp, where)
     limits = {k: raw[k] for k in ("min_cosine", "min_agreement", "max_top1_drop", "min_sqnr") if k in raw}
     if limits.get("max_top1_drop") is not None and "labels" not in raw:
@@ -548,7 +571,7 @@ class _Scheduler:
         self.done_already = done_already
 
     def run(self) -> list[JobResult]:
-        from tqdm import tqdm
+        from .progress import tqdm
 
         finished: list[JobResult] = []
         running: list[_Running] = []
@@ -843,7 +866,7 @@ def _json_default(o: Any) -> Any:
 # --- CLI -----------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job_file", help="YAML/JSON job file (see `python -m pydoc converter.batch`)")
+    p.add_argument("job_file", help="YAML/JSON job file (its keys: below)")
     p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once")
     p.add_argument("--resume", action="store_true",
                    help="skip jobs whose inputs, config and converter version are unchanged since a successful run")

@@ -233,6 +233,9 @@ class QuantConfig:
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_search: bool = True
+    # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
+    # converter.ort_session.use_custom_op_libraries)
+    custom_op_libraries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -259,6 +262,8 @@ class QuantConfig:
             object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
         object.__setattr__(self, "int16_nodes", tuple(self.int16_nodes))
+        libs = self.custom_op_libraries
+        object.__setattr__(self, "custom_op_libraries", (libs,) if isinstance(libs, (str, Path)) else tuple(libs))
 
     @property
     def preset(self) -> TargetPreset:
@@ -275,6 +280,7 @@ class QuantConfig:
         d["op_types"] = list(self.op_types) if self.op_types is not None else None
         d["exclude_nodes"] = list(self.exclude_nodes)
         d["int16_nodes"] = list(self.int16_nodes)
+        d["custom_op_libraries"] = [str(p) for p in self.custom_op_libraries]
         return d
 
     @classmethod
@@ -300,11 +306,13 @@ class QuantConfig:
         return cls.from_dict(data, str(path), lines)
 
 
-def load_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML or JSON mapping; returns (data, {top-level key: line number})."""
+def load_mapping(path: str | Path, what: str = "config file", option: str = "--config"
+                 ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML or JSON mapping; returns (data, {top-level key: line number}). ``what`` and ``option`` name the
+    file and the option (or argument) that gave it, in the error of a missing file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}", "check the path given to --config")
+        raise ConfigError(f"{what} not found: {path}", f"check the path given to {option}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":

@@ -119,17 +119,21 @@ def build_module(spec: str):
 
 EXPORTERS = ("dynamo", "torchscript")
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset (onnxscript's torchlib is written for 18)
+DEFAULT_OPSETS = {"dynamo": DYNAMO_MIN_OPSET, "torchscript": 17}  # what export_torch writes when opset is None
+EXPORTED_MARK = "converter.exported_from"  # metadata_props key of a float model quantize exported from a module
 
 
 def export_torch(module: Any, example_inputs: Any, path: str | Path, input_names: list[str] | None = None,
-                 output_names: list[str] | None = None, opset: int = 17, dynamic_batch: bool = True,
+                 output_names: list[str] | None = None, opset: int | None = None, dynamic_batch: bool = True,
                  simplify: bool = True, exporter: str = "dynamo") -> onnx.ModelProto:
     """Export ``module`` to ONNX at ``path`` (atomically) and return the model.
 
-    ``exporter``: ``"dynamo"`` (``torch.export``, default) or ``"torchscript"``. The dynamo exporter
-    writes at least opset 18 (:data:`DYNAMO_MIN_OPSET`)."""
+    ``exporter``: ``"dynamo"`` (``torch.export``, default) or ``"torchscript"``. ``opset``: default
+    :data:`DEFAULT_OPSETS` (18 for dynamo, 17 for torchscript); the dynamo exporter writes at least opset 18
+    (:data:`DYNAMO_MIN_OPSET`)."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}", f"use one of: {', '.join(EXPORTERS)}")
+    opset = DEFAULT_OPSETS[exporter] if opset is None else opset
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     input_names = input_names or (["input"] if len(args) == 1 else [f"input_{i}" for i in range(len(args))])
     output_names = output_names or ["output"]
@@ -146,6 +150,40 @@ def export_torch(module: Any, example_inputs: Any, path: str | Path, input_names
     log.info("exported %s to %s with the %s exporter (%d nodes, opset %d)", type(module).__name__, path, exporter,
              len(model.graph.node), opset)
     return model
+
+
+def export_for_quantize(module: Any, example_inputs: Any, out_dir: Path, name: str | None) -> Path:
+    """The float ONNX of a torch module given to ``quantize``, kept beside its outputs as ``<name>.onnx`` (the model
+    the encodings and the QDQ model belong to; ``name`` defaults to the module's class name).
+
+    A file already there is replaced only when an earlier export of this tool wrote it (:data:`EXPORTED_MARK` in
+    its metadata); any other file of that name is never overwritten."""
+    from .errors import OutputError
+    from .options import check_name
+
+    if example_inputs is None:
+        raise UserError("quantizing a torch.nn.Module needs example_inputs",
+                        "pass example_inputs=torch.randn(1, 3, 224, 224) (the model's input shape)")
+    path = Path(out_dir) / f"{check_name(name or type(module).__name__)}.onnx"
+    if path.exists():
+        try:
+            ours = any(p.key == EXPORTED_MARK for p in onnx.load(path, load_external_data=False).metadata_props)
+        except Exception:
+            ours = False
+        if not ours:
+            raise OutputError(f"{path} already exists and is no float model this tool exported (the float ONNX of "
+                              "the module is written there)", "choose another output_dir or name, or move the file")
+    model = export_torch(module, example_inputs, path)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        EXPORTED_MARK: type(module).__name__})
+    save_model(model, path)
+    log.info("float model of the %s module: %s", type(module).__name__, path)
+    return path
+
+
+def is_torch_module(model: Any) -> bool:
+    torch = sys.modules.get("torch")  # a module can only exist where torch was imported
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _export_torchscript(module: Any, args: tuple, input_names: list[str], output_names: list[str], opset: int,

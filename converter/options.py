@@ -79,6 +79,17 @@ def check_outputs_free(paths: tuple[Path, ...] | list[Path], inputs: list[str | 
                                   f"choose another {option}; the quantized model is written as <name>{QDQ_SUFFIX}")
 
 
+def check_outside_data(out_dir: str | os.PathLike, data: object, option: str = "-o/--output-dir",
+                       data_option: str = "--calib") -> None:
+    """Refuse an output folder that is the data folder itself: the outputs would sit among the samples. (A
+    subfolder is allowed: what quantize writes is never read as a sample, .onnx/.encodings/.json.)"""
+    if not isinstance(data, (str, os.PathLike)) or not Path(data).is_dir():
+        return
+    if Path(out_dir).resolve() == Path(data).resolve():
+        raise OutputError(f"{option} {out_dir} is the data folder {data_option} {data}: the outputs would be "
+                          "written among the samples", f"choose another {option}, e.g. {Path(data).parent / 'quantized'}")
+
+
 def check_earlier_outputs(paths: tuple[Path, ...] | list[Path], option: str = "-o/--output-dir or --name") -> None:
     """Existing files at (QDQ model, encodings, report) are replaced only when the report there says an earlier
     ``quantize`` run wrote them: a file of the same name that this tool did not make is never overwritten."""

@@ -55,9 +55,52 @@ MIN_COSINE = 0.995
 MAX_RELATIVE_ERROR = 0.1  # max |optimized - reference| / max |reference|
 
 
+# Custom-op libraries (shared objects with ONNX Runtime custom kernels) every session registers: set by
+# --custom-op-library, the config key custom_op_libraries or converter.use_custom_op_libraries().
+CUSTOM_OP_LIBRARIES: list[str] = []
+
+
+def use_custom_op_libraries(paths) -> list[str]:
+    """Register these custom-op libraries in every session from now on (added to those already set; each
+    checked to exist and to load in ONNX Runtime, so a wrong path fails here and not in the middle of a run)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    for p in [paths] if isinstance(paths, (str, Path)) else list(paths or ()):
+        path = str(Path(p).resolve())
+        if path in CUSTOM_OP_LIBRARIES:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"custom-op library not found: {p}",
+                              "give the path of the shared library (.so/.dll/.dylib) that implements the ops")
+        try:
+            ort.SessionOptions().register_custom_ops_library(path)
+        except Exception as exc:
+            raise ConfigError(f"ONNX Runtime cannot load the custom-op library {p}: {str(exc).splitlines()[0]}",
+                              "give a library built for this ONNX Runtime version and platform") from None
+        CUSTOM_OP_LIBRARIES.append(path)
+        log.debug("custom-op library registered in every session: %s", path)
+    return list(CUSTOM_OP_LIBRARIES)
+
+
+def custom_op_fix(error: str) -> str | None:
+    """The fix for an ONNX Runtime load error naming an op it has no kernel for (a custom-domain op whose library
+    was not registered); None for any other error."""
+    if "is not a registered function/op" not in error:
+        return None
+    loaded = f" (loaded now: {', '.join(CUSTOM_OP_LIBRARIES)})" if CUSTOM_OP_LIBRARIES else ""
+    return ("register the shared library that implements the op with --custom-op-library PATH (config key "
+            f"custom_op_libraries; Python: converter.use_custom_op_libraries(PATH)){loaded}, or export the model "
+            "with standard ONNX ops")
+
+
 def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.SessionOptions:
-    """SessionOptions with :data:`SESSION_CONFIG`; ``optimization`` is off | basic | extended | all."""
+    """SessionOptions with :data:`SESSION_CONFIG` and :data:`CUSTOM_OP_LIBRARIES`; ``optimization`` is
+    off | basic | extended | all."""
     so = ort.SessionOptions()
+    for lib in CUSTOM_OP_LIBRARIES:
+        so.register_custom_ops_library(lib)
     so.log_severity_level = 3
     so.enable_mem_pattern = mem_pattern
     if threads:

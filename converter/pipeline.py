@@ -26,13 +26,13 @@ from .errors import ConfigError, EncodingsError, ModelError, UserError
 from .graph.index import GraphIndex
 from .graph.macs import node_macs
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
-                             load_model, save_model, small_bytes)
+                             load_model, removes_created_dirs, save_model, small_bytes)
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
 from .graph.validate import ensure_float_model
-from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, float_model_path,
-                      output_paths)
+from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, check_outside_data,
+                      float_model_path, output_paths)
 from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.encoding import Encoding
@@ -41,7 +41,8 @@ from .quant.plan import ACTIVATION, BIAS, WEIGHT, QuantPlan, build_plan
 from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
                                  quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
                                  subgraph_qdq_counts, subgraph_summary)
-from .ort_session import kernel_summary, optimized_op_counts, runtime_layers
+from .ort_session import kernel_summary, optimized_op_counts, runtime_layers, use_custom_op_libraries
+from .export import export_for_quantize, is_torch_module
 from .quant.qdq import quantized_node_counts
 from .quant.rules import block_axis, weight_axis
 from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, changes_float_model
@@ -204,10 +205,16 @@ def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: 
     state.timings["encode_s"] = time.perf_counter() - t
     return state
 
-def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path, name: str | None) -> Path:
+def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path | None, name: str | None) -> Path:
     """Check ``name`` and the output folder before any work: writable, and no output over an input."""
+    if output_dir is None:
+        raise ConfigError("no output folder: output_dir is required",
+                          "pass output_dir='quantized' (created if missing; the CLI's -o/--output-dir)")
     if name is not None:
         check_name(name)
+    if is_torch_module(model):
+        name = name or type(model).__name__
+    check_outside_data(output_dir, calib_data)  # before the folder is created
     out_dir = ensure_writable_dir(output_dir)
     stem = name or (Path(model).stem if isinstance(model, (str, Path)) else None)
     if stem:
@@ -327,19 +334,27 @@ def warn_float_subgraphs(plan: QuantPlan, config: QuantConfig) -> None:
                     else "quantize_subgraphs is off")
 
 
-def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "out",
-             name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
+@removes_created_dirs
+def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path | None = None,
+             name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None,
+             *, image_spec: str | Path | None = None) -> QuantResult:
     """Quantize ``model`` (ONNX path, ModelProto or torch.nn.Module) with ``calib_data``.
 
-    ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``) or a Python
-    iterable / ``get_next()`` reader of ``{input name: array}`` dicts. Writes
-    ``<output_dir>/<name>.qdq.onnx``, ``<name>.encodings`` and ``<name>.report.json``; never over the
-    input model or the calibration data (checked before any work).
+    ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``; ``image_spec``: another
+    preprocessing spec, ``calib_spec`` its old name), a Python iterable / ``get_next()`` reader of
+    ``{input name: array}`` dicts, or for a single-input model an array (a batch along axis 0). Writes
+    ``<output_dir>/<name>.qdq.onnx``, ``<name>.encodings`` and ``<name>.report.json`` (``output_dir`` is
+    required, like ``quantize_static``'s output path); for a torch module also its float export ``<name>.onnx``.
+    Never over the input model or the calibration data (checked before any work); a failed run leaves no
+    folder it created.
     """
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
+    calib_spec = image_spec or calib_spec
     t0 = time.perf_counter()
     check_technique_data(calib_data, config)
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
+    model = float_model_of(model, example_inputs, out_dir, name)
     state = prepare(model, name, example_inputs)
     check_node_names(state.model, config)
     run_flow(state, calib_data, config, calib_spec, t0=t0)
@@ -619,6 +634,11 @@ def check_model(model: onnx.ModelProto, data: bytes | str | None = None) -> None
     except Exception as exc:
         raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
     make_session(data if data is not None else model, ["CPUExecutionProvider"], optimize=False)
+
+
+def float_model_of(model: Any, example_inputs: Any, out_dir: Path, name: str | None) -> Any:
+    """``model``, or for a torch module the path of its float ONNX export written into ``out_dir``."""
+    return export_for_quantize(model, example_inputs, out_dir, name) if is_torch_module(model) else model
 
 
 def _resolve_model(model: Any, example_inputs: Any) -> tuple[str | None, Any]:

@@ -65,7 +65,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calib.readers import model_inputs, open_calibration
+from .calib.readers import check_label_count, model_inputs, open_calibration
+from .progress import tqdm
 from .config import PROVIDERS
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
@@ -256,12 +257,14 @@ def _cosine_rows(f: np.ndarray, q: np.ndarray) -> np.ndarray:
 def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | onnx.ModelProto, data: Any,
            labels: str | Path | np.ndarray | None = None, thresholds: Thresholds | None = None,
            providers: str | list[str] = "auto", batch_size: int = 16, max_samples: int | None = None,
-           data_spec: str | Path | None = None, threads: int = 0) -> VerifyResult:
+           data_spec: str | Path | None = None, threads: int = 0, *, image_spec: str | Path | None = None
+           ) -> VerifyResult:
     """Run both models on ``data`` and compare them; see the module docstring for what is measured.
 
-    ``data``: a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``, or ``data_spec``) or a
-    Python iterable of ``{input name: array}`` dicts. ``labels``: integers, one per sample.
+    ``data``: a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``, or ``image_spec``; ``data_spec``
+    is its old name) or a Python iterable of ``{input name: array}`` dicts. ``labels``: integers, one per sample.
     """
+    data_spec = image_spec or data_spec
     float_proto, quant_proto = load_model(float_model), load_model(quant_model)
     _check_pair(float_model, quant_model, float_proto, quant_proto)
     inputs = model_inputs(float_proto)
@@ -269,11 +272,7 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     label_array = load_labels(labels) if labels is not None else None
     thresholds = (thresholds or Thresholds()).resolved(label_array is not None)
     source = open_calibration(data, inputs, batch_size, max_samples, data_spec)
-    if label_array is not None and source.num_samples is not None and max_samples is None \
-            and len(label_array) != source.num_samples:
-        raise CalibrationDataError(f"{len(label_array)} labels for the {source.num_samples} samples in "
-                                   f"{source.description}", "give exactly one label per sample, in the data's "
-                                   "sorted file order")
+    check_label_count(source, label_array, max_samples)  # before either model runs
     provider_list = resolve_providers(providers)
     targets = _target(float_model, float_proto), _target(quant_model, quant_proto)
     sessions = tuple(_session(t, m, provider_list, threads) for t, m in zip(targets, (float_model, quant_model)))
@@ -283,8 +282,12 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     first: dict[str, np.ndarray] | None = None
     samples = batches = 0
     optimization: dict[str, dict | None] = {}
+    total = source.num_samples if max_samples is None or source.num_samples is None else min(source.num_samples,
+                                                                                                max_samples)
+    bar = tqdm(total=total, desc="verifying (float + quantized)", unit="sample", leave=False)
     for batch in source:
         n = next(iter(batch.values())).shape[0]
+        bar.update(n)
         if batches == 0:  # warm-up, untimed; and the guard: the same batch without graph optimizations
             for which, s, target, model in zip(("float", "quant"), sessions, targets, (float_model, quant_model)):
                 check = check_optimizations(target, batch, outputs, _run(s, outputs, batch, 0), _describe(model),
@@ -296,6 +299,7 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
             stats[name].update(np.asarray(ref), np.asarray(got), n)
         samples += n
         batches += 1
+    bar.close()
     log.info("verified on %d samples in %d batches", samples, batches)
     latency = None
     if first is not None:
@@ -586,7 +590,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     p.add_argument("--image-spec", dest="data_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--data-spec", dest="data_spec", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--labels", help=".npy of integers or a text file with one integer per line, in the data's "
                                     "sorted file order")

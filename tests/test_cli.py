@@ -32,7 +32,15 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
-    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"qconvert {__version__}"
+    import numpy
+    import onnx
+    import onnxruntime
+
+    out = capsys.readouterr().out.strip()
+    assert exc.value.code == 0 and out.startswith(f"qconvert {__version__} (") and "\n" not in out
+    for name, module in (("onnxruntime", onnxruntime), ("onnx", onnx), ("numpy", numpy)):
+        assert f"{name} {module.__version__}" in out, out
+    assert "torch " in out and "python " in out
 
 
 def test_every_option_has_help_and_shows_its_default():
@@ -57,6 +65,86 @@ def test_old_option_spellings_still_work_but_are_hidden():
     assert args.data_spec == "s.yaml"
     args = build_parser().parse_args(["quantize", "m", "--calib", "c", "-o", "o", "--calib-spec", "s.yaml"])
     assert args.calib_spec == "s.yaml"
+
+
+def test_one_spelling_per_concept_old_spellings_are_hidden_aliases():
+    """--eval is the evaluation data on every command (verify/compare's --data parses, unseen); top1-agreement is
+    the metric's name (agreement parses); --image-spec the spec (--calib-spec/--data-spec parse)."""
+    parsers = _subparsers(build_parser())
+    for command in ("verify", "compare"):
+        text = parsers[command].format_help()
+        assert "--eval DIR" in text and "--data" not in text, command
+        for option in ("--eval", "--data"):
+            old_spec = "--data-spec" if command == "verify" else "--calib-spec"
+            argv = [command, "a", "b", option, "d", "--image-spec" if option == "--eval" else old_spec, "s"]
+            args = build_parser().parse_args(argv)
+            assert args.data == "d" and (args.data_spec if command == "verify" else args.calib_spec) == "s"
+    assert "--eval" in parsers["analyze"].format_help() and "--eval" in parsers["quantize"].format_help()
+    for spelling in ("agreement", "top1-agreement"):
+        args = build_parser().parse_args(["quantize", "m", "--calib", "c", "-o", "o", "--target-metric", spelling])
+        assert args.target_metric == "top1-agreement"
+        args = build_parser().parse_args(["analyze", "m", "--calib", "c", "-o", "o", "--metric", spelling])
+        assert args.metric == "top1-agreement"
+    assert "{top1,top1-agreement,cosine,sqnr}" in parsers["quantize"].format_help()
+
+
+def test_quantize_help_is_grouped_by_concern():
+    text = _subparsers(build_parser())["quantize"].format_help()
+    titles = ["model:", "data:", "calibration:", "weights:", "techniques:", "search:", "output:", "runtime:"]
+    at = [text.index(f"\n{t}\n") for t in titles]
+    assert at == sorted(at), "groups out of order"
+    section = lambda t: text[text.index(f"\n{t}\n"):]  # noqa: E731
+    assert section("data:").index("--calib ") < section("data:").index("calibration:")
+    assert section("weights:").index("--weight-bits") < section("weights:").index("techniques:")
+    assert section("techniques:").index("--adaround,") < section("techniques:").index("search:")
+    assert section("runtime:").index("--custom-op-library") > 0
+    assert len(text.split("\n\n")[0].splitlines()) == 1  # usage is one line, not 35
+
+
+def test_usage_errors_are_one_short_message(capsys):
+    for argv, needle in ((["quantize", "m", "--calib", "c", "-o", "o", "--target", "foo"], "invalid choice: 'foo'"),
+                         (["verify", "a", "b"], "the following arguments are required: --eval"),
+                         (["nope"], "invalid choice: 'nope'")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and needle in err, err
+        assert err.startswith("error: ") and "fix: see 'qconvert" in err and "usage:" not in err
+        assert len(err.strip().splitlines()) == 2, err
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["verify", "a", "b", "--eval", "d", "--min-cosine", "2"], "--min-cosine 2"),
+    (["verify", "a", "b", "--eval", "d", "--min-agreement", "1.5"], "--min-agreement 1.5"),
+    (["verify", "a", "b", "--eval", "d", "--max-top1-drop", "-0.1"], "--max-top1-drop -0.1"),
+    (["quantize", "m", "--calib", "c", "-o", "o", "--target-metric", "cosine", "--max-float-fraction", "3"],
+     "--max-float-fraction 3"),
+    (["quantize", "m", "--calib", "c", "-o", "o", "--percentile", "120"], "--percentile 120"),
+])
+def test_thresholds_out_of_range_are_rejected(capsys, argv, option):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: {option} is out of range" in err and "fix:" in err
+    main_ok = build_parser().parse_args(["verify", "a", "b", "--eval", "d", "--min-cosine", "0.99",
+                                         "--min-agreement", "none"])
+    assert main_ok.min_cosine == 0.99 and main_ok.min_agreement == "none"
+
+
+def test_batch_help_documents_the_job_file():
+    text = _subparsers(build_parser())["batch"].format_help()
+    for key in ("defaults:", "output_dir:", "jobs:", "model:", "calib:", "image_spec:", "verify:", "eval:",
+                "min_agreement", "num_cpus", "--resume"):
+        assert key in text, key
+    assert "pydoc" not in text
+
+
+def test_export_opset_help_names_the_real_default():
+    from converter.export import DEFAULT_OPSETS
+
+    text = " ".join(_subparsers(build_parser())["export"].format_help().split())
+    assert f"default: {DEFAULT_OPSETS['dynamo']} with the dynamo exporter" in text
+    assert f"{DEFAULT_OPSETS['torchscript']} with --exporter torchscript" in text
 
 
 def _cli(*argv, cwd=ROOT):

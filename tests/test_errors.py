@@ -71,7 +71,7 @@ def test_corrupt_onnx(tmp_path, capsys):
     ({"a": {"wrong_name": GOOD}}, ".npz", "the model expects ['x']"),
     ({"a": np.zeros((3, 5, 4), np.float32)}, ".npy", "axis 2: 5 != 4"),
     ({"a": np.zeros((4, 4), np.float32)}, ".npy", "has shape [4, 4]"),
-    ({"a": GOOD.astype(np.float64)}, ".npy", "dtype float64, the model expects float32"),
+    ({"a": GOOD.astype(np.int32)}, ".npy", "dtype int32, the model expects float32"),
     ({"a": np.full((3, 4, 4), np.nan, np.float32)}, ".npy", "NaN/Inf"),
 ])
 def test_bad_calibration_arrays(model_path, tmp_path, capsys, arrays, suffix, message):
@@ -105,7 +105,11 @@ def test_unwritable_output_dir(model_path, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code, err = quantize_cli(capsys, model_path, calib_dir(tmp_path, {"a": GOOD}), blocker / "out")
-    assert code == 2 and "cannot write to output directory" in err and "fix:" in err
+    assert code == 2 and f"below {blocker}, which is an existing file" in err and "fix:" in err
+    assert "permissions" not in err
+    code, err = quantize_cli(capsys, model_path, calib_dir(tmp_path, {"a": GOOD}), blocker)  # -o is the file itself
+    assert code == 2 and f"{blocker} is an existing file, not a folder" in err and "permissions" not in err
+    assert blocker.read_text() == "not a directory"
 
 
 def test_bad_config_names_key_and_line(model_path, tmp_path, capsys):

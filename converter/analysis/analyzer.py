@@ -45,10 +45,11 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from .. import __version__
 from ..calib.readers import model_inputs, open_calibration
+from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
 from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
@@ -461,6 +462,7 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     from ..binding import check_prepared_current, file_entry
 
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
     cfg = analysis or AnalysisConfig()
     check_prepared_current(model)  # a <name>.prepared.onnx left from an earlier quantize run: refused
     out_dir = ensure_writable_dir(output_dir)

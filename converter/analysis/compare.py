@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers
@@ -208,7 +208,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("quant_model", help="quantized (QDQ) ONNX model sharing the float model's tensor names")
     p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in --data)")
+                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
     p.add_argument("--json", help="also write the full table as JSON to this file (default: none)")
     p.add_argument("--max-samples", type=int, default=32, help="samples to run")

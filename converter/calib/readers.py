@@ -3,11 +3,22 @@
 Sources a user can give:
 
 * a directory of ``.npy`` files (single-input models) or ``.npz`` files (keys = input names), each
-  one sample (no batch axis) or a batch along axis 0;
+  one sample (no batch axis) or a batch along axis 0; a ``.npz`` key that is no model input (a stored
+  label) is skipped with a warning naming it;
 * a directory of images with a ``preprocess.yaml`` spec (or a spec passed explicitly), see
-  :class:`ImageSpec`;
+  :class:`ImageSpec`; images in class subfolders (torchvision's ImageFolder layout) count too;
 * from Python: any iterable of ``{input name: array}`` dicts, or an object with ``get_next()``
-  returning such dicts and then ``None`` (ONNX Runtime's ``CalibrationDataReader`` protocol).
+  returning such dicts and then ``None`` (ONNX Runtime's ``CalibrationDataReader`` protocol); for a
+  single-input model also a plain array (a batch along axis 0) or an iterable of arrays.
+
+Folders are read recursively, files in sorted order of their path below the folder (deterministic).
+Floating data of another precision than the model input (numpy's default float64) is cast to the
+input's dtype, and integer data to the input's integer dtype (logged at debug level).
+
+Batch size bound: a batch is one ONNX Runtime run, whose activations grow with it. Where the model's
+shapes are known, a requested batch above :data:`DEFAULT_BATCH` is capped so that the per-sample sizes of
+every tensor of the model, times the batch, stay within :data:`BATCH_MEMORY_BUDGET` (an upper bound of what
+ONNX Runtime holds for a run); the cap never goes below :data:`DEFAULT_BATCH` and is logged as a warning.
 
 Every sample is checked against the model's inputs (names, dtype, shape, finite values) and the
 error names the file, the input and the fix. Samples are re-batched to ``batch_size`` where the
@@ -16,6 +27,7 @@ model's batch dimension is dynamic. Nothing is kept beyond the batch being assem
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -28,6 +40,10 @@ from ..errors import CalibrationDataError, ConfigError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPEC_NAMES = ("preprocess.yaml", "preprocess.yml", "preprocess.json")
+DEFAULT_BATCH = 16  # QuantConfig.batch_size's default: never capped below this
+BATCH_MEMORY_BUDGET = 1 << 30  # bytes of model tensors one run may hold (see the module docstring)
+
+log = logging.getLogger("converter")
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,14 @@ class InputSpec:
         return bool(self.shape) and self.shape[0] is None
 
 
+class ModelInputs(list):
+    """The model's :class:`InputSpec` list, holding the model for :func:`bounded_batch_size`."""
+
+    def __init__(self, specs: Iterable[InputSpec], model: onnx.ModelProto | None = None):
+        super().__init__(specs)
+        self.model = model
+
+
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     inits = {t.name for t in model.graph.initializer}
     specs = []
@@ -51,7 +75,52 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype(np.float32)
         shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, dtype, shape))
-    return specs
+    return ModelInputs(specs, model)
+
+
+def sample_bytes(model: onnx.ModelProto) -> int | None:
+    """Bytes per sample of every tensor of ``model`` whose shape (less the batch axis) shape inference knows:
+    an upper bound of the activations ONNX Runtime holds per sample of a run. None where inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # a model over 2 GB, an unknown domain: no bound, the batch stays as asked
+        log.debug("batch size bound skipped: shape inference failed (%s)", exc)
+        return None
+    total = 0
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim][1:]
+        if not tt.elem_type or not all(d > 0 for d in dims):
+            continue
+        total += int(np.prod(dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+    return total or None
+
+
+_SAMPLE_BYTES: dict[tuple, int | None] = {}  # the last model's sample_bytes
+_WARNED: set[tuple] = set()  # (model key, batch size, cap) already warned about
+
+
+def bounded_batch_size(inputs: list[InputSpec], batch_size: int, budget: int | None = None) -> int:
+    """``batch_size``, capped where its run would hold more than ``budget`` bytes (default
+    :data:`BATCH_MEMORY_BUDGET`) of model tensors, never below :data:`DEFAULT_BATCH`: the module docstring's rule."""
+    budget = BATCH_MEMORY_BUDGET if budget is None else budget
+    model = getattr(inputs, "model", None)
+    if batch_size <= DEFAULT_BATCH or model is None:
+        return batch_size
+    key = (id(model), len(model.graph.node), len(model.graph.value_info))
+    if key not in _SAMPLE_BYTES:  # one shape inference per model: a run opens its data several times
+        _SAMPLE_BYTES.clear()
+        _SAMPLE_BYTES[key] = sample_bytes(model)
+    per_sample = _SAMPLE_BYTES[key]
+    if not per_sample or per_sample * batch_size <= budget:
+        return batch_size
+    cap = max(DEFAULT_BATCH, budget // per_sample)
+    if cap < batch_size and (key, batch_size, cap) not in _WARNED:
+        _WARNED.add((key, batch_size, cap))
+        log.warning("batch size %d capped to %d: the model's tensors take up to %.1f MiB per sample, and one ONNX "
+                    "Runtime run of %d samples could hold %.1f GiB (bound: %.0f MiB per run)", batch_size, cap,
+                    per_sample / 2**20, batch_size, per_sample * batch_size / 2**30, budget / 2**20)
+    return min(cap, batch_size)
 
 
 # --- image preprocessing --------------------------------------------------------------------------
@@ -72,7 +141,7 @@ class ImageSpec:
 
     @classmethod
     def load(cls, path: Path) -> "ImageSpec":
-        data, lines = load_mapping(path)
+        data, lines = load_mapping(path, "image preprocessing spec", "--image-spec (or preprocess.yaml in the data folder)")
         known = set(cls.__dataclass_fields__)
         for key in data:
             if key not in known:
@@ -140,11 +209,12 @@ class CalibrationSource:
     image_spec: ImageSpec | None = None
     description: str = ""
     num_samples: int | None = field(default=None)
+    _cast_logged: set = field(default_factory=set, repr=False)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Yield batches ``{input name: array}`` of at most ``batch_size`` samples."""
         batchable = all(s.dynamic_batch for s in self.inputs)
-        target = self.batch_size if batchable else 1
+        target = bounded_batch_size(self.inputs, self.batch_size) if batchable else 1
         pending: list[dict[str, np.ndarray]] = []
         seen = 0
         for origin, sample in self._samples():
@@ -181,14 +251,30 @@ class CalibrationSource:
             for p in self.items:
                 yield str(p), {name: self.image_spec.apply(p)}
         elif self.kind == "arrays":
+            names = {s.name for s in self.inputs}
+            warned: set[str] = set()
             for p in self.items:
-                yield str(p), _load_array_file(p, self.inputs)
+                sample = _load_array_file(p, self.inputs)
+                extra = sorted(k for k in sample if k not in names)
+                if extra and p.suffix == ".npz" and len(extra) < len(sample):  # a stored label beside the inputs
+                    new = [k for k in extra if k not in warned]
+                    if new:
+                        warned.update(new)
+                        log.warning("%s: key%s %s %s no input of the model: ignored (model inputs: %s)", p,
+                                    "" if len(new) == 1 else "s", ", ".join(repr(k) for k in new),
+                                    "is" if len(new) == 1 else "are", ", ".join(sorted(names)))
+                    sample = {k: v for k, v in sample.items() if k in names}
+                yield str(p), sample
         else:
+            single = self.inputs[0].name if len(self.inputs) == 1 else None
             for i, sample in enumerate(_iterate_python(self.items)):
+                if single is not None and not isinstance(sample, dict) and _array_like(sample):
+                    sample = {single: sample}  # a single-input model: a plain array is that input
                 if not isinstance(sample, dict):
                     raise CalibrationDataError(
                         f"calibration sample {i} is a {type(sample).__name__}, not a dict of input name -> array",
-                        "yield {input_name: numpy_array} dicts")
+                        "yield {input_name: numpy_array} dicts" + (
+                            "" if single else " (a plain array is enough only for a single-input model)"))
                 yield f"sample {i}", sample
 
     def _check(self, origin: str, sample: dict[str, Any], batchable: bool = True) -> dict[str, np.ndarray]:
@@ -204,6 +290,11 @@ class CalibrationSource:
         n_batch = None
         for spec in self.inputs:
             x = np.asarray(sample[spec.name])
+            if x.dtype != spec.dtype and _castable(x.dtype, spec.dtype):
+                if (spec.name, x.dtype) not in self._cast_logged:
+                    self._cast_logged.add((spec.name, x.dtype))
+                    log.debug("%s: input %r is %s, cast to the model's %s", origin, spec.name, x.dtype, spec.dtype)
+                x = x.astype(spec.dtype)
             if x.dtype != spec.dtype:
                 raise CalibrationDataError(
                     f"{origin}: input {spec.name!r} has dtype {x.dtype}, the model expects {spec.dtype}",
@@ -239,6 +330,13 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
     common = dict(inputs=inputs, batch_size=batch_size, max_samples=max_samples)
     if isinstance(source, CalibrationSource):
         return source
+    if _array_like(source) and not isinstance(source, (str, Path)):
+        if len(inputs) != 1:
+            raise CalibrationDataError(
+                f"calibration data is one array but the model has {len(inputs)} inputs "
+                f"({', '.join(s.name for s in inputs)})",
+                "pass {input_name: array} dicts (or a list of them), one key per model input")
+        source = [{inputs[0].name: source}]
     if not isinstance(source, (str, Path)):
         if isinstance(source, dict):
             source = [source]
@@ -246,11 +344,12 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
     path = Path(source)
     if not path.exists():
         raise CalibrationDataError(f"calibration data not found: {path}", "pass a directory of .npy/.npz files or images")
-    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    files = _data_files(path) if path.is_dir() else [path]
     arrays = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if arrays:
-        n = None if any(p.suffix == ".npz" for p in arrays) else sum(_npy_len(p, inputs) for p in arrays)
+        counts = [_npy_len(p, inputs) for p in arrays]
+        n = None if -1 in counts else sum(counts)
         return CalibrationSource(items=arrays, kind="arrays", description=str(path), num_samples=n, **common)
     if images:
         spec_path = Path(image_spec) if image_spec else next((path / s for s in SPEC_NAMES if (path / s).is_file()), None)
@@ -258,7 +357,7 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
             raise CalibrationDataError(
                 f"{path} holds images but no preprocessing spec (preprocess.yaml)",
                 "add preprocess.yaml (resize, center_crop, color, layout, scale, mean, std) to the folder "
-                "or pass --calib-spec FILE")
+                "or pass --image-spec FILE (Python: image_spec=)")
         if len(inputs) != 1 and ImageSpec.load(spec_path).input is None:
             raise CalibrationDataError("the model has several inputs; image calibration needs 'input:' in the spec",
                                        "add 'input: NAME' to the preprocessing spec")
@@ -268,12 +367,60 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
                                "put .npy/.npz files or images (with preprocess.yaml) in the directory")
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (class subfolders, torchvision's ImageFolder layout, included), sorted by its
+    path relative to ``folder``; hidden files and folders (``.git``, ``.DS_Store``) are skipped."""
+    found = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        found.append((rel.as_posix(), p))
+    return [p for _, p in sorted(found)]
+
+
+def _array_like(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or (hasattr(x, "__array__") and not isinstance(x, (dict, str, bytes)))
+
+
+def _castable(got: np.dtype, want: np.dtype) -> bool:
+    """float64 -> float32/float16 and int64 -> int32 & co.: the same kind of number, another precision."""
+    return ((np.issubdtype(got, np.floating) and np.issubdtype(want, np.floating))
+            or (np.issubdtype(got, np.signedinteger) and np.issubdtype(want, np.signedinteger))
+            or (np.issubdtype(got, np.unsignedinteger) and np.issubdtype(want, np.unsignedinteger)))
+
+
 def _npy_len(p: Path, inputs: list[InputSpec]) -> int:
+    """Samples in one .npy/.npz file from its array header (no data read): a batch along axis 0, or one sample;
+    -1 where it cannot be told (the count is then unknown)."""
+    if not inputs:
+        return -1
     try:
-        arr = np.load(p, mmap_mode="r")
+        if p.suffix == ".npz":
+            import zipfile
+
+            with zipfile.ZipFile(p) as z, z.open(f"{inputs[0].name}.npy") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(f)[0]
+        else:
+            shape = np.load(p, mmap_mode="r").shape
     except Exception:
-        return 0
-    return arr.shape[0] if inputs and inputs[0].shape and arr.ndim == len(inputs[0].shape) else 1
+        return -1 if p.suffix == ".npz" else 0
+    return shape[0] if inputs[0].shape and len(shape) == len(inputs[0].shape) else 1
+
+
+def check_label_count(source: "CalibrationSource", labels: Any, max_samples: int | None = None) -> None:
+    """Before any model runs: the labels must number the samples that will be read (the first ``max_samples``
+    when given; at least that many then)."""
+    if labels is None or source.num_samples is None:
+        return
+    n = len(labels)
+    want = source.num_samples if max_samples is None else min(source.num_samples, max_samples)
+    if n != want and not (max_samples is not None and n >= want):
+        raise CalibrationDataError(f"{n} labels for the {want} samples"
+                                   f"{'' if max_samples is None else ' used'} in {source.description}",
+                                   "give exactly one label per sample, in the data's sorted file order")
 
 
 def _load_array_file(p: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:

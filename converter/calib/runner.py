@@ -46,10 +46,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..errors import CalibrationDataError, UserError
-from ..ort_session import create_session
+from ..ort_session import create_session, custom_op_fix
 from .observers import MinMaxObserver, ObserverSettings, make_observer
 from .readers import CalibrationSource
 
@@ -87,7 +87,8 @@ def make_session(model: onnx.ModelProto | bytes | str, providers: list[str], thr
     try:
         return create_session(model, providers, level, threads, mem_pattern)
     except Exception as exc:
-        raise UserError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0]}",
+        first = str(exc).splitlines()[0]
+        raise UserError(f"ONNX Runtime cannot load the model: {first}", custom_op_fix(first) or
                         "check the model with `qconvert validate`; it must run in ONNX Runtime as float first") from None
 
 

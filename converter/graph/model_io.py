@@ -185,6 +185,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external: bool |
 _created_dirs: list[Path] = []  # folders ensure_writable_dir made, so a failed run can remove them again
 
 
+def removes_created_dirs(fn):
+    """Decorator for the Python API's entry points: when ``fn`` raises, the empty folders it created go again
+    (the CLI does the same for a whole command), so a data error leaves no empty output folder."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mark = len(_created_dirs)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            remove_created_dirs(mark)
+            raise
+    return wrapper
+
+
 def ensure_writable_dir(path: str | os.PathLike, option: str = "-o/--output-dir") -> Path:
     """Create ``path`` if needed and check a file can be written there, before any long work.
 
@@ -195,6 +211,10 @@ def ensure_writable_dir(path: str | os.PathLike, option: str = "-o/--output-dir"
     while not p.exists() and p != p.parent:
         missing.append(p)
         p = p.parent
+    if p.exists() and not p.is_dir():  # -o names a file (or a folder below one): no permission would help
+        where = "is" if p == path else f"would be a folder below {p}, which is"
+        raise OutputError(f"{option} {path} {where} an existing file, not a folder",
+                          f"give {option} a folder (it is created if missing), not a file")
     try:
         path.mkdir(parents=True, exist_ok=True)
         _created_dirs.extend(reversed(missing))
@@ -209,9 +229,10 @@ def ensure_writable_dir(path: str | os.PathLike, option: str = "-o/--output-dir"
     return path
 
 
-def remove_created_dirs() -> None:
-    """Remove the folders :func:`ensure_writable_dir` created that are still empty (innermost first)."""
-    while _created_dirs:
+def remove_created_dirs(keep: int = 0) -> None:
+    """Remove the folders :func:`ensure_writable_dir` created that are still empty (innermost first); ``keep``:
+    how many of the first remembered ones stay remembered (those of an enclosing call)."""
+    while len(_created_dirs) > keep:
         p = _created_dirs.pop()
         try:
             p.rmdir()  # only an empty folder goes

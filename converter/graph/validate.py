@@ -79,6 +79,7 @@ class _Context:
     idx: GraphIndex | None = None
     plan: Any = None
     preprocess_error: str = ""
+    missing_kernels: bool = False  # ONNX Runtime has no kernel for a custom-domain op (no library registered)
 
 
 # --- checks ------------------------------------------------------------------------------------------
@@ -197,12 +198,15 @@ def _check_control_flow(ctx: _Context) -> Iterator[Finding]:
 
 def _check_domains(ctx: _Context) -> Iterator[Finding]:
     custom = Counter((n.domain, n.op_type) for n in _all_nodes(ctx.original.graph) if n.domain not in STANDARD_DOMAINS)
+    if ctx.missing_kernels:  # ONNX Runtime cannot run them at all: the ort-load error says so, and how to fix it
+        return
     for (domain, op), count in sorted(custom.items()):
         first = next(n for n in _all_nodes(ctx.original.graph) if n.domain == domain and n.op_type == op)
         yield Finding(WARNING, "custom-domain", first.name,
                       f"{count} {domain}::{op} node(s): custom-domain ops have no quantization rule and stay in "
                       "float; the runtime must implement them",
-                      "export with standard ONNX ops (or keep them; the rest of the graph is quantized)")
+                      "deploy with the same custom-op library, or export with standard ONNX ops (the rest of the "
+                      "graph is quantized either way)")
 
 
 def _check_rules(ctx: _Context) -> Iterator[Finding]:
@@ -386,11 +390,16 @@ def _external_tensors(path: Path) -> int:
 def _check_runs(ctx: _Context) -> Iterator[Finding]:
     from ..ort_session import create_session  # a model over the protobuf limit: from a copy with external data
 
+    from ..ort_session import custom_op_fix
+
     try:
         create_session(ctx.original, ["CPUExecutionProvider"], "off")
     except Exception as exc:
-        yield Finding(ERROR, "ort-load", "", f"ONNX Runtime cannot load the float model: {str(exc).splitlines()[0]}",
-                      "calibration runs the float model in ONNX Runtime: fix or re-export the model first")
+        first = str(exc).splitlines()[0]
+        fix = custom_op_fix(first)
+        ctx.missing_kernels = fix is not None
+        yield Finding(ERROR, "ort-load", "", f"ONNX Runtime cannot load the float model: {first}",
+                      fix or "calibration runs the float model in ONNX Runtime: fix or re-export the model first")
 
 
 ONNX_CHECKS: tuple[Callable[[_Context], Iterator[Finding]], ...] = (

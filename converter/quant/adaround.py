@@ -547,7 +547,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
               providers: list[str], iterations: int, seed: int, float_weights: dict[str, np.ndarray], search: bool,
               center: frozenset[str]) -> list[Rounded]:
     import torch
-    from tqdm import tqdm
+    from ..progress import tqdm
 
     layers = adaround_layers(model, plan, idx)
     if not layers:

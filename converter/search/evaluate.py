@@ -86,16 +86,18 @@ class BuiltinEvaluator:
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
                  image_spec: str | Path | None = None, output: str | None = None) -> None:
+        metric = {"top1-agreement": "agreement"}.get(metric, metric)  # the spelling verify and analyze use
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
         if metric == "top1" and labels is None:
             raise ConfigError("metric top1 needs labels", "pass --labels FILE (or use --target-metric agreement)")
-        from ..calib.readers import model_inputs
+        from ..calib.readers import check_label_count, model_inputs
 
         self.metric = metric
         self.providers = providers or ["CPUExecutionProvider"]
         self.output_names = _pick_outputs(float_model, metric, output)
         self._source = open_calibration(eval_data, model_inputs(float_model), batch_size, max_samples, image_spec)
+        check_label_count(self._source, labels, max_samples)  # before the float model runs over the data
         self._cached: list[dict[str, np.ndarray]] | None = None
         # the worst disagreement of optimized and unoptimized outputs seen (warned about once)
         self.optimization_check: OptimizationCheck | None = None

@@ -44,16 +44,17 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from tqdm import tqdm
+
+from ..progress import tqdm
 
 from ..calib.readers import open_calibration
 from ..calib.runner import capture, select_providers
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
-from ..graph.model_io import save_model, small_bytes
-from ..ort_session import runtime_layers
-from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, plan_model, prepare,
-                        prepare_output_dir, run_flow)
+from ..graph.model_io import removes_created_dirs, save_model, small_bytes
+from ..ort_session import runtime_layers, use_custom_op_libraries
+from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
+                        prepare, prepare_output_dir, run_flow)
 from ..quant.control_flow import render_control_flow
 from ..techniques import applied_params
 from ..quant.layers import Layer, owned_quantizers, plan_layers
@@ -478,13 +479,14 @@ class TooMuchFloatError(TargetNotMetError):
     """The target was met, but with more of the model in float than ``max_float_fraction`` allows."""
 
 
+@removes_created_dirs
 def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: AccuracyTarget | None = None,
-                  config: QuantConfig | None = None, output_dir: str | Path = "out", name: str | None = None,
+                  config: QuantConfig | None = None, output_dir: str | Path | None = None, name: str | None = None,
                   strategy: str = "gallop", sensitivity_samples: int = 8, ranking: str = "propagated",
                   fallback: str = "auto", calib_spec: str | Path | None = None, example_inputs: Any = None,
                   give_back_layers: bool = True, max_float_fraction: float | None = None,
                   latency: bool = True, latency_runs: int = 20, max_evaluations: int | None = None,
-                  max_latency_ratio: float | None = None) -> QuantResult:
+                  max_latency_ratio: float | None = None, *, image_spec: str | Path | None = None) -> QuantResult:
     """Quantize, then keep the fewest, cheapest layers in float until ``target`` holds.
 
     ``evaluate(model_path) -> float`` scores a model (higher is better), e.g. a
@@ -520,6 +522,8 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         raise UserError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}",
                         "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
     config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
+    calib_spec = image_spec or calib_spec  # one spelling with quantize and verify; calib_spec: the old one
     if fallback == "auto":
         fallback = "int16" if config.target == "qnn" else "float"
     elif fallback == "int16" and config.target != "qnn":
@@ -529,6 +533,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     target = target or AccuracyTarget()
     t0 = time.perf_counter()
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
+    model = float_model_of(model, example_inputs, out_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
     # the one flow (converter.pipeline.run_flow), with the techniques the search may use: the float-stage ones, and
@@ -696,8 +701,10 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
             f"the accuracy target holds only with {fraction:.0%} of the compute layers in {outcome.fallback} "
             f"(--max-float-fraction {max_float_fraction:g}): {kept}; the model was written to {result.model_path}",
             "relax the target, try --calib-method percentile or mse, or allow more float with --max-float-fraction")
-    log.info("target met with %d layer(s) in %s (%s) after %d full evaluations", len(outcome.fallback_layers),
-             outcome.fallback, kept, len(outcome.trials))
+    n = len(outcome.fallback_layers)
+    log.info("target met %s after %d full evaluation%s",
+             f"with {n} layer{'' if n == 1 else 's'} in {outcome.fallback} ({kept})" if n else "with every layer quantized",
+             len(outcome.trials), "" if len(outcome.trials) == 1 else "s")
     if table:
         log.info("accuracy/latency trade-offs found (report: search.pareto):\n%s", table)
     return result

@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..calib.runner import make_session
 from ..graph.index import GraphIndex
