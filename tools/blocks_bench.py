@@ -5,7 +5,8 @@ float-tail rule change. Run it once on each code version (PYTHONPATH picks the c
     python tools/blocks_bench.py --json after.json
 
 Per model: the asset's accuracy metric vs FP32 (tools/assets_smoke.py: EfficientNet-Lite0 top-1 on 900 held-out
-images, ResNet-8 top-1, MiniLM embedding cosine / Spearman), the bundled digits detector's class-score agreement
+images, ResNet-8 top-1, MiniLM embedding cosine / Spearman, PP-OCRv4 exact lines / CER), the bundled digits
+detector's class-score agreement
 and score error, then the QDQ model's QuantizeLinear count, the Conv/MatMul/Gemm ORT runs on integers
 (QLinearConv/QLinearMatMul/QGemm/MatMulIntegerToFloat in its optimised graph), the blocks the plan kept whole, the
 nodes the float-tail rule left float, and batch-1 latency (1 thread, ORT_ENABLE_ALL, median of interleaved runs)
@@ -96,6 +97,7 @@ MODELS = {
     "resnet8": lambda assets, n: smoke.ASSETS["resnet8"](assets, n or 500),
     "minilm": lambda assets, n: smoke.minilm(assets, n or 300),
     "digits-detector": lambda assets, n: detector(n or 200),
+    "ppocr-rec": lambda assets, n: smoke.ppocr_rec(assets, n or 100),
 }
 
 
