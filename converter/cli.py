@@ -181,14 +181,17 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         "unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
                         f"AIMET's way) (default: {d.cle_relu6})")
     t.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="shift each quantized Conv/Gemm's bias so its mean output on calibration data matches "
-                        "FP32 (default: on, mode fast)")
+                   help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
+                        "(default: off; the cheap --fast-bias-correction is on)")
     t.add_argument("--bias-correction-mode", choices=list(BIAS_CORRECTION_MODES),
-                   help="with --bias-correction: fast (one measurement on 16 samples), empirical (measured on 64 "
-                        "samples, two rounds), analytical (from the "
+                   help="with --bias-correction: empirical (measured on calibration data), analytical (from the "
                         "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
                         f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
                         f"(default: {d.bias_correction_mode})")
+    t.add_argument("--fast-bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="the cheap bias correction of the default: each depthwise Conv's bias shifted by its mean "
+                        "output error, measured once on 16 calibration samples; --bias-correction replaces it "
+                        f"(default: {'on' if d.fast_bias_correction else 'off'})")
     t.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
                    help="AdaRound: round each Conv/ConvTranspose/Gemm/MatMul weight up or down to reconstruct the "
                         "layer's float output on calibration data, for 4-bit weights above all (default: off)")
@@ -276,7 +279,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "weight_block_size",
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
-                                               "cle_relu6", "bias_correction", "bias_correction_mode", "adaround",
+                                               "cle_relu6", "bias_correction", "bias_correction_mode", "fast_bias_correction", "adaround",
                                                "adaround_iterations", "adaround_search")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:

@@ -162,7 +162,7 @@ WEIGHT_BLOCK_SIZES = (32, 64, 128)
 # weight_bits_overrides keys besides node names and "op:<OpType>": the first / last layer with a weight, and every
 # depthwise Conv (one input channel per group: a few weights per channel, where 4 bits hurt most)
 LAYER_POSITIONS = ("first", "last", "depthwise")
-BIAS_CORRECTION_MODES = ("fast", "empirical", "analytical", "auto")
+BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
 @dataclass(frozen=True)
@@ -221,11 +221,12 @@ class QuantConfig:
     # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
     # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
     # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
-    # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split); "fast" (the
-    # default) is empirical in one measurement on 16 samples (converter.techniques.bias_correction.FAST_SAMPLES):
-    # EfficientNet-Lite0 789 -> 798/900 top-1, as the 64-sample two-round empirical mode does, at a third of its cost
-    bias_correction: bool = True
-    bias_correction_mode: str = "fast"
+    # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
+    bias_correction: bool = False
+    bias_correction_mode: str = "empirical"
+    # the default's cheap bias correction (converter.techniques.fast_bias_correction): depthwise Convs only, one
+    # measurement on 16 calibration samples; off where bias_correction (the full one) runs
+    fast_bias_correction: bool = True
     # AdaRound: each Conv/ConvTranspose/Gemm/MatMul's weights rounded up or down to reconstruct its output on
     # calibration data (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000; 0: none,
     # the local search alone); adaround_search: then a greedy local search on the layer's quadratic loss from the

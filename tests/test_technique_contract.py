@@ -19,13 +19,15 @@ from converter.techniques import (ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, REG
 
 from .conftest import parse
 
-ALL_OFF = QuantConfig(cle=False, smoothquant=False, bias_correction=False, adaround=False, adaround_iterations=20)
+ALL_OFF = QuantConfig(cle=False, smoothquant=False, bias_correction=False, fast_bias_correction=False, adaround=False,
+                      adaround_iterations=20)
 NAMES = [t.name for t in REGISTRY]
 
 
 def _conv_model() -> onnx.ModelProto:
-    """Conv -> Relu -> Conv -> Relu -> MatMul: CLE finds the Conv pair (unequal channel ranges), bias correction and
-    AdaRound the Convs, SmoothQuant the MatMul's input (one outlier channel)."""
+    """Conv -> Relu -> depthwise Conv -> Relu -> MatMul: CLE finds the Conv pair (unequal channel ranges), bias
+    correction and AdaRound the Convs (fast bias correction the depthwise one), SmoothQuant the MatMul's input (one
+    outlier channel)."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
     w1 *= np.geomspace(0.05, 5.0, 8, dtype=np.float32)[:, None, None, None]  # channel ranges 100x apart
@@ -34,14 +36,14 @@ def _conv_model() -> onnx.ModelProto:
     g (float[N,4,8,8] x) => (float[N,8] y) {
       h1 = Conv <pads: ints = [1, 1, 1, 1]> (x, W1, B1)
       r1 = Relu(h1)
-      h2 = Conv <pads: ints = [1, 1, 1, 1]> (r1, W2, B2)
+      h2 = Conv <pads: ints = [1, 1, 1, 1], group: int = 8> (r1, W2, B2)
       r2 = Relu(h2)
       p = GlobalAveragePool(r2)
       f = Flatten(p)
       m = Mul(f, S)
       y = MatMul(m, W3)
     }""", W1=w1, B1=rng.normal(0, 0.1, 8).astype(np.float32),
-        W2=rng.laplace(0, 0.1, (8, 8, 3, 3)).astype(np.float32), B2=rng.normal(0, 0.1, 8).astype(np.float32),
+        W2=rng.laplace(0, 0.3, (8, 1, 3, 3)).astype(np.float32), B2=rng.normal(0, 0.1, 8).astype(np.float32),
         S=np.array([40.0] + [1.0] * 7, np.float32).reshape(1, 8), W3=rng.normal(0, 0.3, (8, 8)).astype(np.float32))
 
 

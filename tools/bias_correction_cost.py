@@ -1,10 +1,10 @@
 """What the default bias correction buys and costs: top-1 and the technique's own seconds (the report's
 ``timings.bias_correction_s``) for EfficientNet-Lite0 (100 calibration / 900 held-out ImageNet samples), ResNet-8
-(200 / 2,000 CIFAR-10 images) and the digits CNN (models/digits_cnn.py, 64 / 597), with bias correction off, in
-mode ``fast`` (the default) and ``empirical`` (64 samples, two rounds); every other setting the default.
+(200 / 2,000 CIFAR-10 images) and the digits CNN (models/digits_cnn.py, 64 / 597), with bias correction off, the
+default's ``fast_bias_correction`` and ``--bias-correction`` (empirical: 64 samples, two rounds); every other setting the default.
 
     python tools/bias_correction_cost.py --assets /work/shared/assets [--models efficientnet,resnet8,digits]
-        [--rows off,fast,empirical,fast:32]   (fast:N: mode fast on N samples)
+        [--rows off,fast,empirical,fast:32]   (fast:N: mode fast on N samples; fast:all: on every layer, not only depthwise Convs)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import converter  # noqa: E402
 from converter import QuantConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = {"off": dict(bias_correction=False), "fast": dict(bias_correction=True, bias_correction_mode="fast"),
+ROWS = {"off": dict(bias_correction=False, fast_bias_correction=False), "fast": dict(fast_bias_correction=True),
         "empirical": dict(bias_correction=True, bias_correction_mode="empirical")}
 
 
@@ -63,19 +63,21 @@ def main(argv=None) -> int:
     for m in args.models.split(","):
         task = makers[m]()
         for row in args.rows.split(","):
-            name, _, samples = row.partition(":")  # fast:32 = mode fast on 32 samples
-            import converter.techniques.bias_correction as bc_technique
+            name, _, variant = row.partition(":")  # fast:32 = mode fast on 32 samples, fast:all = on every layer
+            import converter.techniques.fast_bias_correction as fast
 
-            bc_technique.FAST_SAMPLES = int(samples) if samples else 16
+            fast.SAMPLES = int(variant) if variant.isdigit() else 16
+            fast.LAYERS = "all" if variant == "all" else "depthwise"
             with tempfile.TemporaryDirectory() as d:
                 t = time.perf_counter()
                 r = converter.quantize(str(task.model), ArrayReader(task.input_name, task.calib),
                                        QuantConfig(**ROWS[name]), d, name="m")
                 total = time.perf_counter() - t
                 acc = accuracy(r.model_path, task)
-            bc = r.report.get("bias_correction") or {}
+            bc = r.report.get("bias_correction") or r.report.get("fast_bias_correction") or {}
             out[f"{m}/{row}"] = {"top1": int(acc["top1"]), "of": len(task.eval_y), "layers": len(bc.get("layers", [])),
-                                 "bias_correction_s": r.report["timings"].get("bias_correction_s"),
+                                 "bias_correction_s": r.report["timings"].get("bias_correction_s",
+                                                                              r.report["timings"].get("fast_bias_correction_s")),
                                  "total_s": round(total, 1)}
             print(f"{m}/{row}: {out[f'{m}/{row}']}", flush=True)
     if args.json:

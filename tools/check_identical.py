@@ -3,7 +3,7 @@
 For the digits CNN (models/digits_cnn.py, exported once), MLPerf Tiny ResNet-8 and EfficientNet-Lite0 (shared
 assets), runs ``python -m converter quantize`` of the checkout this script lives in with every technique off, each
 technique alone, and CLE + bias correction, each setting spelled out on the command line (so a changed default
-does not change the row), and records the SHA-256 of the written ``.qdq.onnx`` and ``.encodings``. With
+does not change the row; the default's ``fast_bias_correction`` is switched off where the checkout has it), and records the SHA-256 of the written ``.qdq.onnx`` and ``.encodings``. With
 ``--reference DIR`` (the ``--out`` of a run of this script from another checkout, e.g. main in a temporary
 ``git worktree``), it compares row by row and exits 1 on any difference.
 
@@ -92,14 +92,22 @@ def sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
+def off_flags(env: dict) -> list[str]:
+    """:data:`OFF`, plus ``--no-fast-bias-correction`` where this checkout has the default's cheap bias correction."""
+    help_text = subprocess.run([sys.executable, "-m", "converter", "quantize", "--help"], cwd=ROOT, env=env,
+                               capture_output=True, text=True).stdout
+    return OFF + (["--no-fast-bias-correction"] if "--fast-bias-correction" in help_text else [])
+
+
 def run(models: dict[str, tuple[Path, Path]], rows: list[str], out: Path) -> dict[str, dict]:
     results = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    off = off_flags(env)
     for model, (path, calib) in models.items():
         for row in rows:
             folder = out / f"{model}-{row}"
             cmd = [sys.executable, "-m", "converter", "quantize", str(path), "--calib", str(calib), "-o", str(folder),
-                   "--name", model, *OFF, *ROWS[row]]
+                   "--name", model, *off, *ROWS[row]]
             t = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             entry = {"rc": proc.returncode, "seconds": round(time.perf_counter() - t, 1),
@@ -137,7 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", type=Path, help="another run's --out to compare against")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--compare-only", action="store_true", help="compare --out's hashes.json with --reference's")
     args = p.parse_args(argv)
+    if args.compare_only:
+        same = compare(json.loads((args.out / "hashes.json").read_text()),
+                       json.loads((args.reference / "hashes.json").read_text()))
+        print("byte-identical" if same else "DIFFERENT")
+        return 0 if same else 1
     models = make_inputs(args.assets, args.inputs, args.models.split(","))
     results = run(models, args.rows.split(","), args.out)
     args.out.mkdir(parents=True, exist_ok=True)

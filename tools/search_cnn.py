@@ -42,8 +42,8 @@ def batches(name: str, x, size: int):
     return [{name: x[i:i + size]} for i in range(0, len(x), size)]
 
 
-BIAS_CORRECTION = {"default": {}, "off": dict(bias_correction=False),
-                   "fast": dict(bias_correction=True, bias_correction_mode="fast"),
+BIAS_CORRECTION = {"default": {}, "off": dict(bias_correction=False, fast_bias_correction=False),
+                   "fast": dict(fast_bias_correction=True),
                    "empirical": dict(bias_correction=True, bias_correction_mode="empirical")}
 
 

@@ -56,8 +56,7 @@ log = logging.getLogger("converter")
 
 ROUNDS = 2
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
-MODES = ("fast", "empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else
-# empirical; fast: empirical, one measurement on few samples
+MODES = ("empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else empirical
 
 
 @dataclass
@@ -65,7 +64,7 @@ class Corrected:
     node: str
     channels: int
     shift_before: float  # mean |E[y_q] - E[y]| over channels, before any correction
-    shift_after: float | None  # the same, measured after the last round (None: not measured again, mode fast)
+    shift_after: float | None  # the same, measured after the last round (None: not measured again: fast bias correction)
     max_correction: float
     kind: str = "empirical"  # or "analytical" (then the shifts are the computed E[(W_q - W) x], after: 0)
 
@@ -164,14 +163,15 @@ def _with_float_twins(qdq: onnx.ModelProto, layers: list[onnx.NodeProto], weight
 def correct_biases(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex,
                    reencode: Callable[[], None], batches: Iterable[dict[str, np.ndarray]], providers: list[str],
                    rounds: int = ROUNDS, skip: set[str] | frozenset[str] = frozenset(),
-                   float_weights: dict[str, np.ndarray] | None = None, measure_after: bool = True) -> list[Corrected]:
+                   float_weights: dict[str, np.ndarray] | None = None, measure_after: bool = True,
+                   select: Callable[[onnx.NodeProto], bool] | None = None) -> list[Corrected]:
     """Correct the biases of ``model`` in place (see the module doc); ``reencode()`` recomputes
     ``plan.encodings`` from the model's current constants. Returns what changed, per layer (not those in
     ``skip``: corrected analytically). ``float_weights``: a weight's float values where the model now holds
     others (AdaRound's grid values): the float twin reads them. ``measure_after``: measure the shift left after
     the last round (for the report only: ``mean_shift_after`` is None without it, and the run costs one
-    measurement less)."""
-    layers = [n for n in corrected_layers(model, plan, idx) if n.name not in skip]
+    measurement less). ``select``: which of the correctable layers to correct (default: all)."""
+    layers = [n for n in corrected_layers(model, plan, idx) if n.name not in skip and (select is None or select(n))]
     if not layers:
         return []
     batches = list(batches)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import adaround, bias_correction, cle, smoothquant
+from . import adaround, bias_correction, cle, fast_bias_correction, smoothquant
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
@@ -18,6 +18,7 @@ REGISTRY: list[Technique] = [  # order = run order within a stage
     smoothquant.TECHNIQUE,
     adaround.TECHNIQUE,  # before bias correction: it measures the rounding AdaRound chose
     bias_correction.TECHNIQUE,
+    fast_bias_correction.TECHNIQUE,  # the default's; off where bias_correction runs
 ]
 
 

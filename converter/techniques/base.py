@@ -66,7 +66,7 @@ class Technique:
             raise ValueError(f"technique {self.name!r}: samples must be >= 0")
 
     def contract(self) -> dict[str, Any]:
-        """The declaration, JSON-able (the report's ``techniques`` entry; `qconvert` docs)."""
+        """The declaration, JSON-able."""
         return {"stage": self.stage, "samples": self.samples, "changes_float_model": self.changes_float_model,
                 "keeps_float_outputs": self.keeps_float_outputs, "searchable": self.searchable,
                 "provides": list(self.provides), "promises": list(self.promises), "needs": list(self.needs), "config_fields": list(self.config_fields)}

@@ -13,10 +13,6 @@ from .state import FlowState
 log = logging.getLogger("converter")
 
 SAMPLES = 64  # calibration samples bias correction measures the mean outputs on (empirical, auto)
-# mode fast (the default): one measurement on FAST_SAMPLES samples, each layer's shift subtracted once, not measured
-# again. EfficientNet-Lite0 (tools/bias_correction_cost.py, 100 calibration / 900 held-out images): 789 -> 798
-# top-1 with 16 samples and one round, as with 32 samples (798) or 64 samples in two rounds (797, 3x the time)
-FAST_SAMPLES = 16
 
 
 def run(state: FlowState) -> dict[str, Any]:
@@ -38,10 +34,6 @@ def run(state: FlowState) -> dict[str, Any]:
         samples = SAMPLES
         layers += correct_biases(state.model, state.plan, state.idx, state.reencode, state.data(SAMPLES),
                                  state.providers, skip={c.node for c in layers}, float_weights=float_weights)
-    elif mode == "fast":
-        samples = FAST_SAMPLES
-        layers = correct_biases(state.model, state.plan, state.idx, state.reencode, state.data(FAST_SAMPLES),
-                                state.providers, rounds=1, float_weights=float_weights, measure_after=False)
     return {"mode": mode, "samples": samples, "layers": [c.to_dict() for c in layers]}
 
 
@@ -51,5 +43,4 @@ TECHNIQUE = Technique(
     flag="--bias-correction / bias_correction: true", changes_float_model=True, searchable=True,
     promises=("mean_error_removed",), needs=("bn_stats", "float_weights"),
     config_fields=("bias_correction", "bias_correction_mode"),
-    summary="shifts each quantized Conv/Gemm bias so its mean output matches the float model's (on by default, "
-            "mode fast)")
+    summary="shifts each quantized Conv/Gemm bias so its mean output matches the float model's")
