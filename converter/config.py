@@ -190,6 +190,10 @@ class QuantConfig:
     op_types: tuple[str, ...] | None = None  # overrides the target's op types
     exclude_nodes: tuple[str, ...] = ()  # node names kept in float
     int16_nodes: tuple[str, ...] = ()  # node names whose activations (inputs, output) use 16 bits
+    # nodes kept in float that also read their inputs in float where no quantized op reads them (the accuracy
+    # search's float layers: its ranking measures exactly that); unlike exclude_nodes, a Conv/Gemm/MatMul producer
+    # of such an input then loses its output Q and runs in float too, and the report counts it (ort_cpu_kernels)
+    exclude_with_inputs: tuple[str, ...] = ()
     providers: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads; 0 lets ORT decide
     encodings_version: str = "1.0.0"
@@ -263,6 +267,7 @@ class QuantConfig:
             object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
         object.__setattr__(self, "int16_nodes", tuple(self.int16_nodes))
+        object.__setattr__(self, "exclude_with_inputs", tuple(self.exclude_with_inputs))
         libs = self.custom_op_libraries
         object.__setattr__(self, "custom_op_libraries", (libs,) if isinstance(libs, (str, Path)) else tuple(libs))
 
@@ -281,6 +286,7 @@ class QuantConfig:
         d["op_types"] = list(self.op_types) if self.op_types is not None else None
         d["exclude_nodes"] = list(self.exclude_nodes)
         d["int16_nodes"] = list(self.int16_nodes)
+        d["exclude_with_inputs"] = list(self.exclude_with_inputs)
         d["custom_op_libraries"] = [str(p) for p in self.custom_op_libraries]
         return d
 

@@ -365,11 +365,10 @@ def test_search_keeps_the_sensitive_layer_inside_an_if_body_in_float(tmp_path, c
     # mm5's output is never calibrated (its branch is never taken), its input x and weight are
     assert s["subgraph_layers"] == {body: ["mm1", "mm2", "mm3", "mm4"], "branch/else_branch": ["mm5"]}
     assert s["evaluations"][1]["metric"] < s["threshold"]  # all INT8 misses the target
-    # h2 sits between mm2 and mm3: a float mm3 alone still reads it quantized (mm2 keeps its output Q, so ONNX
-    # Runtime can run it on integers), so h2 goes float with both -- no single layer owns h2's quantizer, the
-    # ranking cannot single it out (issue 28 seam), the prefix and give-back find the pair
-    assert s["met"] and sorted((x["name"], x["subgraph"]) for x in s["fallback_layers"]) == [("mm2", body),
-                                                                                           ("mm3", body)]
+    assert s["ranking"][0]["name"] == "mm3" and s["ranking"][0]["subgraph"] == body
+    assert s["ranking"][0]["cosine"] < 0.5 < s["ranking"][1]["cosine"]  # propagated through the If
+    # the search's float mm3 reads h2 in float (exclude_with_inputs), as its ranking measured
+    assert s["met"] and [(x["name"], x["subgraph"]) for x in s["fallback_layers"]] == [("mm3", body)]
     assert all(x["macs"] > 0 for x in s["ranking"])  # estimated from static shapes inside the body
     assert s["float_layers_runtime"] is None  # bodies: not counted on ORT's optimized graph (main graph only)
     # the written model: measured again in ONNX Runtime, it meets the target, with the body quantized but mm2, mm3

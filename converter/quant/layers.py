@@ -57,7 +57,7 @@ def plan_layers(plan: QuantPlan, idx: GraphIndex, scope: str = "") -> list[Layer
 
     A body's layers come from its own plan over its wrapper model (:mod:`converter.quant.control_flow`), with
     ``scope`` the body's path; node names are unique in the whole model, so layers of every scope can be
-    kept in float together through ``exclude_nodes``."""
+    kept in float together through ``exclude_with_inputs``."""
     graph = idx.graph
     members: dict[str, list[onnx.NodeProto]] = {}
     by_name = {n.name: n for n in graph.node}
@@ -137,6 +137,7 @@ def owned_quantizers(model: onnx.ModelProto, idx: GraphIndex, config, plan: Quan
     here = build_plan(model, config, idx).tensors
     out = {}
     for layer in layers:
-        without = build_plan(model, config.replace(exclude_nodes=tuple(config.exclude_nodes) + tuple(layer.nodes)), idx)
+        without = build_plan(model, config.replace(exclude_with_inputs=tuple(config.exclude_with_inputs) + tuple(layer.nodes)),
+                             idx)
         out[layer.name] = [t for t in plan.encodings if t in here and t not in without.tensors]
     return out

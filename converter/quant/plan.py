@@ -177,7 +177,7 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     preset = config.preset
     plan = QuantPlan(target=config.target, float_subgraphs=float_subgraphs(model))
     op_types = config.quantized_op_types()
-    excluded = set(config.exclude_nodes)
+    excluded = set(config.exclude_nodes) | set(config.exclude_with_inputs)
 
     # 1. which nodes are quantized
     quantized: list[onnx.NodeProto] = []
@@ -277,7 +277,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     # ms at batch 1). Other producers (element-wise ops, blocks) run in float on ORT CPU anyway: their output keeps
     # no Q for a float reader. The renderer keeps ORT from quantizing the excluded layer's weight
     # (converter.quant.qdq._float_layer_reads).
-    reads_anchor_output = reads_quantized | {n for n, s in plan.nodes.items() if s.status == "float-excluded"}
+    reads_anchor_output = reads_quantized | {n for n, s in plan.nodes.items() if s.status == "float-excluded"
+                                             and n not in config.exclude_with_inputs}
 
     def want_output(out: str, anchor: bool = False) -> None:
         # An output is quantized for someone: a quantized consumer, an excluded layer (above) or the graph's user.

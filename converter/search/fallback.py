@@ -4,7 +4,7 @@
    the observers are kept).
 2. Evaluate the float model (the baseline) and the fully quantized one. Done if the target holds.
 3. Rank layers by single-op sensitivity (worst first), then let a strategy choose how many of the
-   worst to keep in float; each try edits the QuantPlan (``exclude_nodes``), never the graph, and
+   worst to keep in float; each try edits the QuantPlan (``exclude_with_inputs``), never the graph, and
    re-renders from the same observers, so a try costs one render and one evaluation, no calibration.
    Layers inside If/Loop/Scan bodies are layers like the others (node names are unique model-wide): a
    try plans, encodes and renders the main graph and every body the way ``quantize`` does
@@ -124,7 +124,7 @@ class Searcher:
         if mode == "int16":
             layers, int16 = [], list(layers) + list(int16)
         names = tuple(n for layer in layers for n in layer.nodes)
-        config = self.config.replace(exclude_nodes=tuple(self.config.exclude_nodes) + names)
+        config = self.config.replace(exclude_with_inputs=tuple(self.config.exclude_with_inputs) + names)
         if int16:
             config = config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in int16))
         plan, subs = plan_model(self.prepared, config, self.uncalibrated)
