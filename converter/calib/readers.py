@@ -44,6 +44,7 @@ DEFAULT_BATCH = 16  # QuantConfig.batch_size's default: never capped below this
 BATCH_MEMORY_BUDGET = 1 << 30  # bytes of model tensors one run may hold (see the module docstring)
 
 log = logging.getLogger("converter")
+_WARNED_EXTRA_KEYS: set[tuple[str, str]] = set()  # (folder, .npz key) already warned about
 
 
 @dataclass(frozen=True)
@@ -252,14 +253,15 @@ class CalibrationSource:
                 yield str(p), {name: self.image_spec.apply(p)}
         elif self.kind == "arrays":
             names = {s.name for s in self.inputs}
-            warned: set[str] = set()
             for p in self.items:
                 sample = _load_array_file(p, self.inputs)
                 extra = sorted(k for k in sample if k not in names)
                 if extra and p.suffix == ".npz" and len(extra) < len(sample):  # a stored label beside the inputs
-                    new = [k for k in extra if k not in warned]
+                    # once per folder and key in a process: a run reads its data several times (calibration, the
+                    # techniques, the quality check)
+                    new = [k for k in extra if (str(p.parent), k) not in _WARNED_EXTRA_KEYS]
                     if new:
-                        warned.update(new)
+                        _WARNED_EXTRA_KEYS.update((str(p.parent), k) for k in new)
                         log.warning("%s: key%s %s %s no input of the model: ignored (model inputs: %s)", p,
                                     "" if len(new) == 1 else "s", ", ".join(repr(k) for k in new),
                                     "is" if len(new) == 1 else "are", ", ".join(sorted(names)))
