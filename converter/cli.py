@@ -336,7 +336,7 @@ def quality_lines(quality: dict | None) -> list[str]:
              "(report: quality; held-out data: qconvert verify)"]
     lat = quality["latency_batch1"]
     f, q = lat["float"], lat["quant"]
-    ratio = (f"x{lat['ratio']:.2f}" if lat["ratio"] is not None else
+    ratio = (f"x{lat['ratio']:.2f} (median of paired runs)" if lat["ratio"] is not None else
              f"too fast to time (under {lat['too_fast_ms']:g} ms)")
     lines.append(f"latency (ORT CPU, batch 1, median of {lat['runs']}): FP32 {f['median_ms']:.2f} ms "
                  f"(p10-p90 {f['p10_ms']:.2f}-{f['p90_ms']:.2f}), quantized {q['median_ms']:.2f} ms "

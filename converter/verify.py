@@ -40,7 +40,7 @@ the labels filled in.
 
 Latency (:mod:`converter.timing`): after the metrics, both models run the first batch again,
 interleaved, until at least 30 runs each and 1 s of timing; reported are the medians with their
-p10-p90 spread, and the ratio of the medians, or "too fast to time" when the float model runs in
+p10-p90 spread, and the median of the paired runs' ratios, or "too fast to time" when the float model runs in
 under 1 ms.
 
 Before anything runs, the pair is checked: a float model that holds QuantizeLinear/DequantizeLinear
