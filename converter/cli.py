@@ -237,7 +237,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-latency-ratio", type=float, metavar="R",
                    help="a model meeting the target but slower than R x FP32 (ORT CPU, batch 1) exits 1 with the "
                         "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu for a model whose "
-                        "FP32 run takes >= 1 ms, none elsewhere)")
+                        "FP32 run takes >= 0.05 ms, none elsewhere)")
     o = p.add_argument_group("output", "what is written where")
     o.add_argument("-o", "--output-dir", required=True,
                    help=f"folder for <name>{QDQ_SUFFIX}, <name>.encodings and <name>.report.json (created if missing)")

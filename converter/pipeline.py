@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .calib.readers import open_calibration
+from .calib.readers import batch_length, one_sample, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
 from .calib.subgraphs import collect_subgraph_ranges
@@ -397,8 +397,8 @@ def measure_quality(prepared: Prepared, qdq: onnx.ModelProto | bytes, calib_data
         for batch in data:
             names = {i.name for i in ref.get_inputs()}
             batch = {k: v for k, v in batch.items() if k in names}
-            n = next(iter(batch.values())).shape[0]
-            first = first or {k: np.asarray(v)[:1] for k, v in batch.items()}
+            n = batch_length(batch, prepared.inputs)
+            first = first or one_sample(batch, prepared.inputs)  # a scalar or a state input stays whole
             for name, f, q in zip(outputs, ref.run(outputs, batch), got.run(outputs, batch)):
                 stats[name].update(np.asarray(f), np.asarray(q), n)
             samples += n

@@ -66,6 +66,19 @@ class ModelInputs(list):
         self.model = model
 
 
+def one_sample(batch: dict, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """One sample of a batch (the batch-1 latency runs): an input with a dynamic first dimension sliced to one item,
+    the others as they are (a recurrent state whose batch axis is not the first, a scalar such as a sample rate)."""
+    dynamic = {s.name for s in specs if s.dynamic_batch}
+    return {k: np.asarray(v)[:1] if k in dynamic and np.ndim(v) else np.asarray(v) for k, v in batch.items()}
+
+
+def batch_length(batch: dict, specs: list[InputSpec]) -> int:
+    """How many samples ``batch`` holds: the first axis of an input whose first dimension is dynamic (1 if none)."""
+    dynamic = [k for k in (s.name for s in specs if s.dynamic_batch) if k in batch and np.ndim(batch[k])]
+    return int(np.shape(batch[dynamic[0]])[0]) if dynamic else 1
+
+
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     inits = {t.name for t in model.graph.initializer}
     specs = []

@@ -432,6 +432,18 @@ def float_tail(idx: GraphIndex, plan: QuantPlan, patterns: dict | None = None) -
     return inputs
 
 
+def drop_activations(plan: QuantPlan, names: set[str]) -> list[str]:
+    """Leave the activations ``names`` in float: with their scale groups and the biases built on them (an int32 bias
+    needs its input's scale). Returns every tensor dropped. For a plan made again after calibration (the accuracy
+    search's tries): a tensor calibration never saw gets no encoding instead of a made-up one."""
+    groups = {t.group for t in plan.by_role(ACTIVATION) if t.name in names}
+    gone = {t.name for t in plan.by_role(ACTIVATION) if t.group in groups}
+    gone |= {t.name for t in plan.by_role(BIAS) if t.bias_of[0] in gone}
+    for n in gone:
+        del plan.tensors[n]
+    return sorted(gone)
+
+
 def weight_layer_bits(nodes: list[onnx.NodeProto], default: int, overrides: dict[str, int],
                       idx: GraphIndex | None = None) -> dict[str, int]:
     """Weight width of each layer (``nodes``: the quantized layers with a weight, in graph order): ``overrides``
