@@ -543,3 +543,18 @@ def test_a_layer_the_search_keeps_in_float_drops_its_bias_correction(tmp_path):
     assert np.abs(corrected - floats["B1"]).max() > 1e-3
     assert [c["node"] for c in res.report["bias_correction"]["layers"]] == ["Conv_0", "Conv_2"]  # measured on both
 
+
+
+def test_a_try_leaves_a_tensor_calibration_never_observed_in_float(tmp_path):
+    """A try's plan can want a tensor the all-INT8 plan did not (the strictest digits-YOLO target once crashed with
+    KeyError on a Reshape output ahead of a float layer): it stays float, with its scale group and the bias built on
+    it, instead of a KeyError."""
+    from converter.pipeline import prepare
+    from converter.quant.plan import build_plan, drop_activations
+
+    state = prepare(_two_convs())
+    plan = build_plan(state.model, QuantConfig(smoothquant=False), state.idx)
+    assert {"r", "B2"} <= set(plan.tensors)  # the second Conv's input and its int32 bias
+    gone = drop_activations(plan, {"r"})
+    assert "r" in gone and "B2" in gone and "r" not in plan.tensors and "B2" not in plan.tensors
+    assert "W2" in plan.tensors and "B1" in plan.tensors  # the weight keeps its encoding, the first Conv is intact
