@@ -370,3 +370,23 @@ def test_digits_cnn_nothing_to_fix(digits, tmp_path, capsys):
     strict = analyze(digits["path"], calib, QuantConfig(), tmp_path / "c",
                      analysis=AnalysisConfig(tolerance=0.0)).report
     assert not strict["assessment"]["nothing_to_fix"] and strict["recommendations"]
+
+
+def test_label_count_is_checked_before_calibration(digits, tmp_path, monkeypatch):
+    """Labels that cannot number the evaluation samples end the run before the calibration step, not after both
+    models ran (issue 25's "label-count mismatch found only after both models ran")."""
+    import converter.analysis.analyzer as an
+    from converter.errors import CalibrationDataError
+
+    root = Path(__file__).resolve().parents[1]
+    labels = (root / "eval_data" / "digits_labels.txt").read_text().split()
+    (tmp_path / "short.txt").write_text("\n".join(labels[:100]))
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the label check")
+
+    monkeypatch.setattr(an, "prepare", no_calibration)
+    with pytest.raises(CalibrationDataError, match="100 labels for the 597 samples"):
+        an.analyze(digits["path"], root / "calib_data" / "digits", QuantConfig(), tmp_path / "a",
+                   eval_data=root / "eval_data" / "digits", labels=tmp_path / "short.txt",
+                   analysis=an.AnalysisConfig(eval_samples=0))

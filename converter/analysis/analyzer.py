@@ -48,7 +48,7 @@ import onnx
 from ..progress import tqdm
 
 from .. import __version__
-from ..calib.readers import model_inputs, open_calibration
+from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
 from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
@@ -448,6 +448,18 @@ def _layer_row(layer: Layer) -> dict[str, Any]:
             "position": layer.position, "output": layer.output, "quantizers": layer.quantizers}
 
 
+def _check_labels_first(model: Any, data: Any, labels: Any, cfg: "AnalysisConfig",
+                        calib_spec: str | Path | None) -> None:
+    """Before calibration (the long step): labels that cannot number the evaluation samples are an error now, not
+    after the model ran. Checked where both the model and the data are files (a Python iterable is read once)."""
+    if labels is None or not isinstance(model, (str, Path)) or not isinstance(data, (str, Path)):
+        return
+    label_arr = load_labels(labels)
+    source = open_calibration(data, model_inputs(load_model(model)), cfg.batch_size, cfg.eval_samples or None,
+                              calib_spec)
+    check_label_count(source, label_arr, cfg.eval_samples or None)
+
+
 def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path = "analysis",
             eval_data: Any = None, labels: Any = None, evaluate: Evaluate | None = None,
             analysis: AnalysisConfig | None = None, calib_spec: str | Path | None = None,
@@ -466,6 +478,7 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     cfg = analysis or AnalysisConfig()
     check_prepared_current(model)  # a <name>.prepared.onnx left from an earlier quantize run: refused
     out_dir = ensure_writable_dir(output_dir)
+    _check_labels_first(model, eval_data if eval_data is not None else calib_data, labels, cfg, calib_spec)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prep = prepare(model, calib_data, config, calib_spec, example_inputs)
