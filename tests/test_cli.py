@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 
 from converter import __version__

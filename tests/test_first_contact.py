@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -51,7 +51,16 @@ def feeds(tok, sentences):
 
 def calibration_sentences(n: int = 200) -> list[str]:
     """Real English sentences from standard-library docstrings."""
-    import argparse as a, collections, csv, email, http.client, json as j, logging as lg, socket, threading, zipfile
+    import argparse as a
+    import collections
+    import csv
+    import email
+    import http.client
+    import json as j
+    import logging as lg
+    import socket
+    import threading
+    import zipfile
 
     out = []
     for mod in (j, collections, email, http.client, lg, a, csv, zipfile, socket, threading, os, re, time):
