@@ -89,6 +89,19 @@ def _short(sha: str) -> str:
     return f"sha256 {sha[:SHORT]}"
 
 
+def recording_report(path: str | os.PathLike, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The quantize report beside ``path`` (:func:`sibling_report`) when its ``binding[key]`` records this very file
+    (same SHA-256); else None, with a debug log when a report is there but records another file."""
+    found = sibling_report(path)
+    if found is None:
+        return None
+    report, doc = found
+    if (doc["binding"].get(key) or {}).get("sha256") != sha256_file(path):
+        log.debug("%s does not record %s (its hash differs): no model check", report, path)
+        return None
+    return found
+
+
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()
@@ -123,16 +136,13 @@ def check_prepared_current(path: Any, what: str = "model") -> None:
 def check_encodings_model(model: Any, encodings: str | os.PathLike) -> None:
     """``apply-encodings``: ``model`` must be the float model the encodings were computed for (the prepared
     model when quantize wrote one), as the report beside the encodings records it."""
-    found = sibling_report(encodings)
+    found = recording_report(encodings, "encodings")
     if found is None:
-        log.debug("no quantize report beside %s: the encodings are applied without a model check", encodings)
+        log.debug("no quantize report beside %s records it: the encodings are applied without a model check",
+                  encodings)
         return
     report, doc = found
     binding = doc["binding"]
-    enc = binding.get("encodings") or {}
-    if enc.get("sha256") != sha256_file(encodings):
-        log.debug("%s does not record %s (its hash differs): applied without a model check", report, encodings)
-        return
     if not isinstance(model, (str, os.PathLike)):
         log.debug("the model is not a file: no check against %s", report)
         return
@@ -161,15 +171,11 @@ def check_float_for_qdq(float_model: Any, quant_model: Any) -> None:
     if not isinstance(float_model, (str, os.PathLike)) or not isinstance(quant_model, (str, os.PathLike)):
         return
     check_prepared_current(float_model, "float model")
-    found = sibling_report(quant_model)
+    found = recording_report(quant_model, "qdq_model")
     if found is None:
         return
     report, doc = found
     binding = doc["binding"]
-    qdq = binding.get("qdq_model") or {}
-    if qdq.get("sha256") != sha256_file(quant_model):
-        log.debug("%s does not record %s (its hash differs): no float model check", report, quant_model)
-        return
     accepted = [e for e in (binding.get("float_model"), binding.get("prepared_model")) if e and e.get("sha256")]
     if not accepted:
         return

@@ -344,7 +344,7 @@ def next_steps(float_model: Any, quant_model: Any, data: Any, labels: Any, data_
     then the accuracy-target search (layers back to float until the target holds)."""
     if not isinstance(float_model, (str, Path)) or not isinstance(data, (str, Path)):
         return ["qconvert analyze FLOAT_MODEL --calib CALIB_DIR --eval EVAL_DIR [--labels LABELS] -o analysis",
-                "qconvert quantize FLOAT_MODEL --calib CALIB_DIR --target-metric top1|agreement --eval EVAL_DIR "
+                "qconvert quantize FLOAT_MODEL --calib CALIB_DIR --target-metric top1|top1-agreement --eval EVAL_DIR "
                 "-o OUT_DIR"]
     from .binding import sibling_report
 

@@ -450,12 +450,12 @@ def test_latency_sample_keeps_inputs_whose_first_axis_is_not_the_batch():
     """Silero VAD's state is [2, N, 128] and its sample rate a scalar: the latency run slices only inputs with a
     dynamic first axis."""
     from converter.calib.readers import InputSpec
-    from converter.search.fallback import _one_sample
+    from converter.calib.readers import one_sample
 
     specs = [InputSpec("x", np.dtype(np.float32), (None, 4)), InputSpec("state", np.dtype(np.float32), (2, None, 4)),
              InputSpec("sr", np.dtype(np.int64), ())]
     batch = {"x": np.zeros((3, 4), np.float32), "state": np.zeros((2, 3, 4), np.float32), "sr": np.array(16000)}
-    one = _one_sample(batch, specs)
+    one = one_sample(batch, specs)
     assert one["x"].shape == (1, 4) and one["state"].shape == (2, 3, 4) and one["sr"].shape == ()
 
 

@@ -33,7 +33,7 @@ from ..graph.passes import _drop_unused_initializers
 from ..graph.scopes import Scope, all_graph_names, scopes, unknown_captures, wrapper, write_back
 from .encode import bias_encoding, compute_encodings
 from .encoding import Encoding
-from .plan import ACTIVATION, BIAS, QuantPlan, build_plan
+from .plan import ACTIVATION, BIAS, QuantPlan, build_plan, drop_activations
 from .qdq import ensure_opset, render_qdq
 
 log = logging.getLogger("converter")
@@ -79,13 +79,12 @@ def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], warn: bool = Tr
     dropped: list[str] = []
     for s in subs:
         plan = s.plan
-        groups = {t.group for t in plan.by_role(ACTIVATION) if t.name in missing}
-        gone = {t.name for t in plan.by_role(ACTIVATION) if t.group in groups}
-        gone |= {t.name for t in plan.by_role(BIAS) if t.bias_of[0] in gone}
-        if not gone:
-            continue
         names = [n for n in plan.tensors if n in missing and plan.tensors[n].role == ACTIVATION]
-        mates = len([n for n in gone if n not in missing and plan.tensors[n].role == ACTIVATION])
+        if not names:
+            continue
+        roles = {n: t.role for n, t in plan.tensors.items()}
+        gone = drop_activations(plan, set(names))
+        mates = len([n for n in gone if n not in missing and roles[n] == ACTIVATION])
         captured = [n for n in names if n in set(s.scope.captures())]
         if warn:
             log.warning("%s: %d tensor(s) got no calibration values (a branch the data never takes, or a loop that "
@@ -93,8 +92,6 @@ def drop_uncalibrated(subs: list[SubPlan], unreached: list[str], warn: bool = Tr
                         ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else ""),
                         f" (captured from the enclosing graph: {', '.join(repr(n) for n in captured[:3])})"
                         if captured else "", f" with {mates} tensor(s) sharing their encodings" if mates else "")
-        for n in gone:
-            del plan.tensors[n]
         dropped += names
     return dropped
 

@@ -378,9 +378,6 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
                          stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy")
 
 
-_one_sample = one_sample  # the batch-1 latency sample (converter.calib.readers.one_sample)
-
-
 def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict, lat: dict,
                runs: int) -> list[dict[str, Any]]:
     """Every evaluated model (FP32 included) with its metric and batch-1 latency: the final and all-INT8
@@ -627,7 +624,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
                      **outcome.to_dict()}
     if latency and batches:
         t = time.perf_counter()
-        feed = _one_sample(batches[0], prepared.inputs)
+        feed = one_sample(batches[0], prepared.inputs)
         lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
                "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
                if outcome.all_quantized is not None else None,
