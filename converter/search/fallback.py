@@ -671,7 +671,7 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     if edits:
         search_report["technique_edits"] = {"kept": len(kept_edits), "dropped": sorted(set(edits) - set(kept_edits))}
     result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
-                    extra_report={"search": search_report, **changed})
+                    extra_report={"search": search_report, **changed}, calib_data=calib_data, calib_spec=calib_spec)
     names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     table = pareto_table(search_report["pareto"], outcome.threshold) if "pareto" in search_report else ""
