@@ -45,10 +45,6 @@ def layer_macs(idx: GraphIndex, layers: list[Layer], values: Mapping[str, np.nda
     return {layer.name: node_macs(idx, by_name[layer.nodes[0]], values) for layer in layers}
 
 
-def first_sample(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[:1] for k, v in batch.items()}
-
-
 def measure_latency(model: onnx.ModelProto | str, feed: Mapping[str, np.ndarray], runs: int = 20,
                     warmup: int = 3, threads: int = 0) -> float:
     """Median milliseconds of one run of ``model`` on ``feed`` (ONNX Runtime CPU, all optimizations)."""
@@ -108,7 +104,7 @@ def profiled_ms(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: in
 def runtime_costs(int8: onnx.ModelProto, feed: Mapping[str, np.ndarray], layers: list[str],
                   build: Callable[[list[str]], onnx.ModelProto], runs: int = 20, threads: int = 0) -> RuntimeCosts:
     """Profile the all-INT8 model and, per layer, the model with only that layer in float (``build([name])``
-    renders it) on ``feed`` (batch 1: :func:`first_sample`); see :class:`RuntimeCosts`. Each kernel's fastest of
+    renders it) on ``feed`` (batch 1: :func:`converter.calib.readers.one_sample`); see :class:`RuntimeCosts`. Each kernel's fastest of
     ``runs`` profiled runs (:func:`profiled_ms`), so that two searches on the same machine rank alike."""
     base = profiled_ms(int8, feed, runs, threads)
     return RuntimeCosts(base, {x: profiled_ms(build([x]), feed, runs, threads) for x in layers}, runs)

@@ -62,7 +62,7 @@ from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
                           subset_sensitivity)
 from .sensitivity import rank as rank_scores
-from .cost import COMPUTE_OPS, first_sample, layer_macs, measure_latency, runtime_costs
+from .cost import COMPUTE_OPS, layer_macs, measure_latency, runtime_costs
 from .giveback import give_back
 from .strategies import STRATEGIES
 
@@ -439,7 +439,7 @@ def search_costs(searcher: Searcher, layers: list[Layer], subs: list, batches: l
     by_name = {x.name: x for x in compute}
     try:
         _, int8 = searcher.build([])
-        measured = runtime_costs(int8, first_sample(batches[0]), [x.name for x in compute],
+        measured = runtime_costs(int8, one_sample(batches[0], searcher.prepared.inputs), [x.name for x in compute],
                                  lambda names: searcher.build([by_name[n] for n in names])[1],
                                  threads=searcher.config.threads)
     except Exception as exc:  # noqa: BLE001 - profiling is an optimisation of the search, never its failure
