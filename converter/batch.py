@@ -66,7 +66,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from ._version import __version__
 from . import resources as job_resources
 from .config import QuantConfig, load_mapping
 from .errors import EXIT_CHECK_FAILED, ConfigError, UserError

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Callable
 
-from . import __version__
+from ._version import __version__
 from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
                      WEIGHT_CALIB_METHODS, QuantConfig)
 from .errors import UserError

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .calib.readers import batch_length, one_sample, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers

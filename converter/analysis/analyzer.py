@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from ..progress import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
