@@ -66,6 +66,7 @@ import onnx
 import onnxruntime as ort
 
 from .calib.readers import check_label_count, model_inputs, open_calibration
+from .ops import QUANTIZED_MARKERS
 from .progress import tqdm
 from .config import PROVIDERS
 from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
@@ -371,8 +372,7 @@ def _quote(x: Any) -> str:
 
 
 def _qdq_nodes(model: onnx.ModelProto) -> int:
-    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                             "MatMulNBits") for n in model.graph.node)
+    return sum(n.op_type in QUANTIZED_MARKERS for n in model.graph.node)
 
 
 def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto,
