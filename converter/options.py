@@ -1,13 +1,12 @@
 """Option values and output locations shared by the CLI and the library.
 
-The CLI (``converter.cli``) is the top layer: modules below it (``graph.validate``, ``verify``,
-``analysis``, ``batch``) take their argument types and output checks from here, never from the CLI.
+The CLI (``converter.cli`` and ``converter.commands``) is the top layer: modules below it (``validation``,
+``verify``, ``analysis``, ``batch``) take their output checks from here, never from the CLI.
 Every check here runs before any long work, so a bad output location fails in the first second.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -25,17 +24,6 @@ FLOAT_SUFFIX = ".prepared.onnx"
 
 def float_model_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}{FLOAT_SUFFIX}"
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1,3,224,224`` -> (1, 3, 224, 224); an argparse ``type=``."""
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,3,224,224)")
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
-    return dims
 
 
 def check_name(name: str, option: str = "--name") -> str:

@@ -30,7 +30,7 @@ from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writa
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
-from .graph.validate import ensure_float_model
+from .validation import ensure_float_model
 from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, check_outside_data,
                       float_model_path, output_paths)
 from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts
