@@ -424,13 +424,13 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "validate": ("check an ONNX model or PyTorch module before quantizing: findings with fixes; exit 1 on errors",
                  lambda p: _lazy("commands.validate").add_args(p), lambda a: _lazy("commands.validate").run(a)),
     "verify": ("run float and quantized models on real data; exit 1 when a threshold fails",
-               lambda p: _lazy("verify").add_arguments(p), lambda a: _lazy("verify").run(a)),
+               lambda p: _lazy("commands.verify").add_arguments(p), lambda a: _lazy("commands.verify").run(a)),
     "batch": ("convert (and verify) many models from a job file, each in its own process",
-              lambda p: _lazy("batch").add_arguments(p), lambda a: _lazy("batch").run(a)),
+              lambda p: _lazy("commands.batch").add_arguments(p), lambda a: _lazy("commands.batch").run(a)),
     "analyze": ("where quantization hurts: per-layer sensitivity, errors, histograms -> report.json/.html",
-                lambda p: _lazy("analysis.analyzer").add_args(p), lambda a: _lazy("analysis.analyzer").run(a)),
+                lambda p: _lazy("commands.analyze").add_args(p), lambda a: _lazy("commands.analyze").run(a)),
     "compare": ("layer-by-layer MSE/SQNR/cosine of two models sharing tensor names",
-                lambda p: _lazy("analysis.compare").add_args(p), lambda a: _lazy("analysis.compare").run(a)),
+                lambda p: _lazy("commands.compare").add_args(p), lambda a: _lazy("commands.compare").run(a)),
 }
 
 

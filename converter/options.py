@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import OutputError
+from .graph.model_io import ensure_writable_dir
 
 # What ``quantize`` writes for a model named NAME (the stem of the input file unless --name says otherwise).
 QDQ_SUFFIX = ".qdq.onnx"
@@ -102,8 +103,6 @@ def check_earlier_outputs(paths: tuple[Path, ...] | list[Path], option: str = "-
 def check_output_file(path: str | os.PathLike, option: str, inputs: list[str | os.PathLike | None] = ()) -> Path:
     """Before any work: the folder of ``path`` can be written (created if missing), ``path`` is not a folder
     and not one of ``inputs``."""
-    from .graph.model_io import ensure_writable_dir
-
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder", f"give {option} a file name, e.g. {path / 'out.json'}")

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import ConfigError
 from .graph.model_io import external_copy, small_bytes
 from .ops import FLOAT_LAYER_OPS, FUSED_FOLLOWERS, INTEGER_KERNELS, WEIGHTED_LAYER_OPS
 
@@ -64,8 +65,6 @@ def use_custom_op_libraries(paths) -> list[str]:
     """Register these custom-op libraries in every session from now on (added to those already set; each
     checked to exist and to load in ONNX Runtime, so a wrong path fails here and not in the middle of a run)."""
     from pathlib import Path
-
-    from .errors import ConfigError
 
     for p in [paths] if isinstance(paths, (str, Path)) else list(paths or ()):
         path = str(Path(p).resolve())
