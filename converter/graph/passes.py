@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from ..errors import ModelError
-from ..ops import FOLDABLE_OPS
+from ..ops import CONV_OPS, FOLDABLE_OPS
 from .index import GraphIndex, attr, bodies, graph_attrs
 from .model_io import is_large, skeleton
 
@@ -253,7 +253,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
         conv = idx.producer.get(bn.input[0])
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
+        if conv is None or conv.op_type not in CONV_OPS:
             continue
         if idx.single_consumer(conv.output[0]) is not bn or not idx.is_constant(conv.input[1]):
             continue

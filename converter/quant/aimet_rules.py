@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from ..graph.index import GraphIndex, attr
-from ..ops import TIED_OP_TYPES
+from ..ops import CONV_OPS, TIED_OP_TYPES
 from .encode import bias_encoding
 from .encoding import Encoding, encoding_from_range
 from .rules import RULES
@@ -173,7 +173,7 @@ def supergroup_rejected(node: onnx.NodeProto, idx: GraphIndex) -> bool:
     """AIMET rejects a supergroup starting at ``node``: a depthwise Conv (group > 1, one input channel per group;
     ConvTranspose: C_in == group) or a 3-D one (5-D input or weight). A grouped Conv with more input channels per
     group still joins. aimet_onnx/common/graph_searcher.py ``_check_if_conv3d_or_depthwise_conv``."""
-    if node.op_type not in ("Conv", "ConvTranspose"):
+    if node.op_type not in CONV_OPS:
         return False
     w_shape = idx.shape.get(node.input[1]) if len(node.input) > 1 else None
     x_shape = idx.shape.get(node.input[0])
