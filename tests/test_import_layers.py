@@ -243,6 +243,20 @@ def test_only_cli_layer_prints_or_parses_arguments():
     assert not bad, "CLI code in library modules (move it to converter/commands/):\n" + "\n".join(bad)
 
 
+def test_each_command_module_is_a_dispatched_subcommand():
+    """converter/commands/<name>.py defines add_args and run, and cli.COMMANDS dispatches a subcommand to it."""
+    from converter.cli import COMMANDS
+
+    cli_text = (ROOT / "converter" / "cli.py").read_text(encoding="utf-8")
+    for path in sorted((ROOT / "converter" / "commands").glob("*.py")):
+        if path.stem in ("__init__", "argtypes"):
+            continue
+        defined = {n.name for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, ast.FunctionDef)}
+        assert {"add_args", "run"} <= defined, path
+        assert f'_lazy("commands.{path.stem}")' in cli_text, f"{path.stem} is not dispatched by converter/cli.py"
+    assert {"validate", "verify", "batch", "analyze", "compare"} <= set(COMMANDS)
+
+
 # --- the checker itself, on a package built to break each rule -----------------------------------------------------
 
 def _write(root: Path, files: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ from ..batch import format_summary, run_batch
 from ..errors import ConfigError
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_file", help="YAML/JSON job file (its keys: below)")
     p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes at once")
     p.add_argument("--resume", action="store_true",

@@ -10,7 +10,7 @@ from ..options import check_output_file
 from ..verify import AGREEMENT_WITHOUT_LABELS, Thresholds, format_report, verify
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     d = Thresholds()
     p.add_argument("float_model", help="the float ONNX model")
     p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
