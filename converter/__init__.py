@@ -18,7 +18,7 @@ import logging
 import sys
 import types
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 logging.getLogger("converter").addHandler(logging.NullHandler())
 

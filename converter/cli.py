@@ -10,11 +10,12 @@ import logging
 import sys
 from typing import Callable
 
-from . import __version__
+from ._version import __version__
 from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
                      WEIGHT_CALIB_METHODS, QuantConfig)
 from .errors import UserError
-from .options import QDQ_SUFFIX, check_output_file, parse_shape
+from .commands.argtypes import parse_shape
+from .options import QDQ_SUFFIX, check_output_file
 
 log = logging.getLogger("converter")
 _DEFAULTS = QuantConfig()
@@ -421,15 +422,15 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "quantize": ("calibrate and write the QDQ model, encodings and report", _add_quantize, _run_quantize),
     "apply-encodings": ("float model + encodings file -> QDQ model", _add_apply, _run_apply),
     "validate": ("check an ONNX model or PyTorch module before quantizing: findings with fixes; exit 1 on errors",
-                 lambda p: _lazy("graph.validate").add_args(p), lambda a: _lazy("graph.validate").run(a)),
+                 lambda p: _lazy("commands.validate").add_args(p), lambda a: _lazy("commands.validate").run(a)),
     "verify": ("run float and quantized models on real data; exit 1 when a threshold fails",
-               lambda p: _lazy("verify").add_arguments(p), lambda a: _lazy("verify").run(a)),
+               lambda p: _lazy("commands.verify").add_args(p), lambda a: _lazy("commands.verify").run(a)),
     "batch": ("convert (and verify) many models from a job file, each in its own process",
-              lambda p: _lazy("batch").add_arguments(p), lambda a: _lazy("batch").run(a)),
+              lambda p: _lazy("commands.batch").add_args(p), lambda a: _lazy("commands.batch").run(a)),
     "analyze": ("where quantization hurts: per-layer sensitivity, errors, histograms -> report.json/.html",
-                lambda p: _lazy("analysis.analyzer").add_args(p), lambda a: _lazy("analysis.analyzer").run(a)),
+                lambda p: _lazy("commands.analyze").add_args(p), lambda a: _lazy("commands.analyze").run(a)),
     "compare": ("layer-by-layer MSE/SQNR/cosine of two models sharing tensor names",
-                lambda p: _lazy("analysis.compare").add_args(p), lambda a: _lazy("analysis.compare").run(a)),
+                lambda p: _lazy("commands.compare").add_args(p), lambda a: _lazy("commands.compare").run(a)),
 }
 
 

@@ -34,9 +34,10 @@ from typing import Any, Callable
 
 import onnx
 
-from .errors import ModelError, UserError
+from .errors import ModelError, OutputError, UserError
 from .graph.model_io import save_model
 from .graph.passes import name_nodes
+from .options import check_name
 
 log = logging.getLogger("converter")
 
@@ -158,9 +159,6 @@ def export_for_quantize(module: Any, example_inputs: Any, out_dir: Path, name: s
 
     A file already there is replaced only when an earlier export of this tool wrote it (:data:`EXPORTED_MARK` in
     its metadata); any other file of that name is never overwritten."""
-    from .errors import OutputError
-    from .options import check_name
-
     if example_inputs is None:
         raise UserError("quantizing a torch.nn.Module needs example_inputs",
                         "pass example_inputs=torch.randn(1, 3, 224, 224) (the model's input shape)")

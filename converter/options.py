@@ -1,17 +1,17 @@
 """Option values and output locations shared by the CLI and the library.
 
-The CLI (``converter.cli``) is the top layer: modules below it (``graph.validate``, ``verify``,
-``analysis``, ``batch``) take their argument types and output checks from here, never from the CLI.
+The CLI (``converter.cli`` and ``converter.commands``) is the top layer: modules below it (``validation``,
+``verify``, ``analysis``, ``batch``) take their output checks from here, never from the CLI.
 Every check here runs before any long work, so a bad output location fails in the first second.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 from .errors import OutputError
+from .graph.model_io import ensure_writable_dir
 
 # What ``quantize`` writes for a model named NAME (the stem of the input file unless --name says otherwise).
 QDQ_SUFFIX = ".qdq.onnx"
@@ -25,17 +25,6 @@ FLOAT_SUFFIX = ".prepared.onnx"
 
 def float_model_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}{FLOAT_SUFFIX}"
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1,3,224,224`` -> (1, 3, 224, 224); an argparse ``type=``."""
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,3,224,224)")
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer")
-    return dims
 
 
 def check_name(name: str, option: str = "--name") -> str:
@@ -114,8 +103,6 @@ def check_earlier_outputs(paths: tuple[Path, ...] | list[Path], option: str = "-
 def check_output_file(path: str | os.PathLike, option: str, inputs: list[str | os.PathLike | None] = ()) -> Path:
     """Before any work: the folder of ``path`` can be written (created if missing), ``path`` is not a folder
     and not one of ``inputs``."""
-    from .graph.model_io import ensure_writable_dir
-
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder", f"give {option} a file name, e.g. {path / 'out.json'}")

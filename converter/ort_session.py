@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import ConfigError
 from .graph.model_io import external_copy, small_bytes
-from .graph.validate import QUANTIZED_OPS
+from .ops import FLOAT_LAYER_OPS, FUSED_FOLLOWERS, INTEGER_KERNELS, WEIGHTED_LAYER_OPS
 
 log = logging.getLogger("converter")
 
@@ -64,8 +65,6 @@ def use_custom_op_libraries(paths) -> list[str]:
     """Register these custom-op libraries in every session from now on (added to those already set; each
     checked to exist and to load in ONNX Runtime, so a wrong path fails here and not in the middle of a run)."""
     from pathlib import Path
-
-    from .errors import ConfigError
 
     for p in [paths] if isinstance(paths, (str, Path)) else list(paths or ()):
         path = str(Path(p).resolve())
@@ -196,14 +195,6 @@ def check_optimizations(model: onnx.ModelProto | bytes | str, feeds: Mapping[str
     return check
 
 
-# what ONNX Runtime CPU's optimized graph runs on integers / with quantized weights, and the layer ops it runs in float
-# (graph.validate's QUANTIZED_OPS, the quantized ops an input model must not have, less the Q/DQ ops themselves,
-# plus the fused forms only ORT's optimizer makes)
-INTEGER_KERNELS = (QUANTIZED_OPS - {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}) | {
-    "MatMulNBits", "QAttention", "QEmbedLayerNormalization"}
-FLOAT_LAYER_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
-
-
 def kernel_summary(counts: dict[str, int]) -> dict[str, Any]:
     """``optimized_op_counts`` split into the layer kernels that run quantized (integer or low-bit weights, and
     every ``QLinear*`` op) and the layer ops that run in float (Conv, Gemm, MatMul and their fused forms)."""
@@ -241,16 +232,6 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-# the layer ops of the model a user brings (what the float fraction counts): ONNX Runtime's float and integer forms
-# of each are in FLOAT_LAYER_OPS / INTEGER_KERNELS
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-
-# what ONNX Runtime fuses into the layer before it (FusedConv's activation, a bias or residual Add, BatchNorm)
-FUSED_FOLLOWERS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "BatchNormalization",
-                             "Add"})
-
-
 class LayerNames:
     """Maps a node of ONNX Runtime's optimized graph back to the layer (Conv, ConvTranspose, Gemm, MatMul node) of
     the model it came from. ORT names what it makes after the node it rewrites (``QLinearConv``, ``QGemm``,
@@ -260,7 +241,7 @@ class LayerNames:
     the output of a node whose only data input from a layer chain is read by nothing else (Conv -> BN -> Clip)."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.layers = [n.name for n in model.graph.node if n.op_type in LAYER_OPS and n.name]
+        self.layers = [n.name for n in model.graph.node if n.op_type in WEIGHTED_LAYER_OPS and n.name]
         layer_set = set(self.layers)
         readers: dict[str, int] = {}
         for n in model.graph.node:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .calib.readers import batch_length, one_sample, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.runner import CalibrationResult, collect, make_session, select_providers
@@ -30,7 +30,7 @@ from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writa
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
 from .graph.scopes import scopes, wrapper
-from .graph.validate import ensure_float_model
+from .validation import ensure_float_model
 from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, check_outside_data,
                       float_model_path, output_paths)
 from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts

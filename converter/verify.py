@@ -52,7 +52,6 @@ float model is refused.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -65,10 +64,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .binding import check_float_for_qdq, sha256_file, sibling_report
 from .calib.readers import check_label_count, model_inputs, open_calibration
+from .ops import QUANTIZED_MARKERS
 from .progress import tqdm
-from .config import PROVIDERS
-from .errors import EXIT_CHECK_FAILED, CalibrationDataError, ConfigError, ModelError, UserError
+from .errors import CalibrationDataError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
 from .ort_session import check_optimizations, create_session
 from .stats import TensorStats
@@ -346,7 +346,6 @@ def next_steps(float_model: Any, quant_model: Any, data: Any, labels: Any, data_
         return ["qconvert analyze FLOAT_MODEL --calib CALIB_DIR --eval EVAL_DIR [--labels LABELS] -o analysis",
                 "qconvert quantize FLOAT_MODEL --calib CALIB_DIR --target-metric top1|top1-agreement --eval EVAL_DIR "
                 "-o OUT_DIR"]
-    from .binding import sibling_report
 
     found = sibling_report(quant_model)
     doc = found[1] if found else {}
@@ -371,8 +370,7 @@ def _quote(x: Any) -> str:
 
 
 def _qdq_nodes(model: onnx.ModelProto) -> int:
-    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                             "MatMulNBits") for n in model.graph.node)
+    return sum(n.op_type in QUANTIZED_MARKERS for n in model.graph.node)
 
 
 def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto,
@@ -387,8 +385,6 @@ def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto
     paths = isinstance(float_model, (str, Path)) and isinstance(quant_model, (str, Path))
     same = paths and Path(float_model).resolve() == Path(quant_model).resolve()
     if not same and paths and Path(float_model).stat().st_size == Path(quant_model).stat().st_size:
-        from .binding import sha256_file
-
         same = sha256_file(float_model) == sha256_file(quant_model)  # two copies of one file
     if same:
         log.warning("the float and the quantized model are the same file (%s): every metric will be perfect; pass "
@@ -397,7 +393,6 @@ def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto
     if not qq:
         log.warning("the quantized model %s has no QuantizeLinear/DequantizeLinear node: is it quantized?",
                     _describe(quant_model))
-    from .binding import check_float_for_qdq
 
     check_float_for_qdq(float_model, quant_model)
 
@@ -580,68 +575,3 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()
     return [fmt(header), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)]
-
-
-# --- CLI ----------------------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = Thresholds()
-    p.add_argument("float_model", help="the float ONNX model")
-    p.add_argument("quant_model", help="the quantized (QDQ) ONNX model")
-    p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--image-spec", dest="data_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
-    p.add_argument("--data-spec", dest="data_spec", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("--labels", help=".npy of integers or a text file with one integer per line, in the data's "
-                                    "sorted file order")
-    p.add_argument("--min-agreement", type=_limit, help=f"min top-1 agreement of [N, C] outputs (default: "
-                                                        f"{AGREEMENT_WITHOUT_LABELS} without --labels; with --labels "
-                                                        "reported, not gated: the accuracy drop gates; 'none' "
-                                                        "disables)")
-    p.add_argument("--min-cosine", type=_limit, help=f"min mean cosine of every output (default {d.min_cosine})")
-    p.add_argument("--max-top1-drop", type=_limit, help=f"max accuracy drop, needs --labels (default "
-                                                        f"{d.max_top1_drop} = 1 point)")
-    p.add_argument("--min-sqnr", type=_limit, help="min SQNR in dB of every output (default: not checked)")
-    p.add_argument("--providers", choices=list(PROVIDERS), default="auto",
-                   help="execution provider; auto: CUDA if present, else CPU")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per ONNX Runtime run")
-    p.add_argument("--max-samples", type=int, help="use only the first N samples (default: all)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: ORT decides)")
-    p.add_argument("--json", help="also write the metrics and checks to this JSON file (default: none)")
-
-
-def _limit(text: str) -> float | str:
-    if text.lower() in ("none", "off"):
-        return "none"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'none')") from None
-
-
-def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
-    given = {k: getattr(args, k) for k in ("min_agreement", "min_cosine", "max_top1_drop", "min_sqnr")
-             if getattr(args, k) is not None}
-    if isinstance(given.get("max_top1_drop"), float) and not args.labels:
-        raise ConfigError("--max-top1-drop needs --labels (accuracy cannot be measured without them)",
-                          "pass --labels FILE, or drop --max-top1-drop")
-    return Thresholds(**{k: None if v == "none" else v for k, v in given.items()})
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
-        raise ConfigError("--batch-size and --max-samples must be >= 1", "pass a positive number")
-    if args.json:  # before the models run: a bad path fails now, not after the check
-        from .options import check_output_file
-
-        check_output_file(args.json, "--json", [args.float_model, args.quant_model])
-    result = verify(args.float_model, args.quant_model, args.data, labels=args.labels,
-                    thresholds=thresholds_from_args(args), providers=args.providers, batch_size=args.batch_size,
-                    max_samples=args.max_samples, data_spec=args.data_spec, threads=args.threads)
-    report = format_report(result)
-    if args.json:
-        result.write_json(args.json)
-        head, _, verdict = report.rpartition("\n")
-        report = f"{head}\nwrote {args.json}\n{verdict}"
-    print(report)
-    return 0 if result.passed else EXIT_CHECK_FAILED

@@ -347,7 +347,7 @@ def test_digits_cnn_nothing_to_fix(digits, tmp_path, capsys):
     The analyzer recommended 3 of its 7 layers for float (any drop > 0); now it says there is nothing to fix and
     names the tolerance, with labels (top1) and without (cosine). A tolerance of 0 on the cosine still finds the
     1e-5 drop and gives recommendations again: the verdict follows the numbers, not a constant."""
-    from converter.analysis.analyzer import run as _unused  # noqa: F401 - the CLI entry point exists
+    from converter.commands.analyze import run as _unused  # noqa: F401 - the CLI entry point exists
     from converter.cli import main
 
     root = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from torch import nn
 from converter import QuantConfig, export_torch, quantize
 from converter.cli import main
 from converter.errors import ModelError
-from converter.validate_torch import onnx_module_map
+from converter.validation import onnx_module_map
 
 from .conftest import op_counts, run
 

@@ -118,7 +118,7 @@ def test_groups_of_one_tensor_moved_around_are_never_split(quantized_tail):
 
 
 def test_validate_names_a_concat_of_probabilities_and_boxes(tmp_path, quantized_tail):
-    from converter.graph.validate import validate_onnx
+    from converter.validation import validate_onnx
 
     findings = [f for f in validate_onnx(head_model()) if f.code == "mixed-range-concat"]
     assert len(findings) == 1 and findings[0].severity == "warning" and findings[0].node.startswith("Concat")

@@ -16,8 +16,8 @@ from onnx import helper, numpy_helper
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import EXIT_CHECK_FAILED
-from converter.graph.validate import Finding, format_table, validate_onnx
-from converter.validate_torch import onnx_module_map, validate_torch
+from converter.validation import Finding, format_table, validate_onnx
+from converter.validation import onnx_module_map, validate_torch
 
 from .conftest import parse, run
 

@@ -34,7 +34,6 @@ shadow SQNR (the layer's own error); see :func:`rank_layers`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -47,11 +46,12 @@ import numpy as np
 import onnx
 from ..progress import tqdm
 
-from .. import __version__
+from .._version import __version__
+from ..binding import check_prepared_current, file_entry
 from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
-from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
+from ..config import QuantConfig
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
@@ -60,10 +60,13 @@ from ..quant.layers import Layer, layer_model, plan_layers, unassigned_quantizer
 from ..quant.plan import ACTIVATION, QuantPlan
 from ..quant.control_flow import render_control_flow
 from ..quant.qdq import render_qdq
+from ..pipeline import prepare as prepare_model
+from ..pipeline import run_flow
 from ..techniques import applied_params
 from ..quant.rules import weight_axis
 from ..stats import TensorStats, sqnr_db
 from .compare import dequantized_name_map, with_outputs
+from .html import render_html
 from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
 from .recommend import assess, channel_outlier_ratios, recommend, recommendation_lines
 
@@ -149,9 +152,6 @@ def prepare(model: Any, calib_data: Any, config: QuantConfig, calib_spec: str | 
     encodings are exactly ``quantize``'s. Where the calibration method keeps no histogram (min/max),
     a second pass over the calibration data records histograms of the layer outputs for the report.
     """
-    from ..pipeline import prepare as prepare_model
-    from ..pipeline import run_flow
-
     t0 = time.perf_counter()
     state = prepare_model(model, example_inputs=example_inputs)
     # the FP32 reference: the model as given (a torch module: its export, already preprocessed)
@@ -471,8 +471,6 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
     replaces the built-in metric by ``evaluate(model_path) -> float`` (higher is better). A
     ``torch.nn.Module`` is exported first (``example_inputs`` required), as in ``quantize``.
     """
-    from ..binding import check_prepared_current, file_entry
-
     config = config or QuantConfig()
     use_custom_op_libraries(config.custom_op_libraries)
     cfg = analysis or AnalysisConfig()
@@ -553,73 +551,12 @@ def analyze(model: Any, calib_data: Any, config: QuantConfig | None = None, outp
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> AnalysisResult:
-    from .html import render_html
-
     clean = finite_or_str(report)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     atomic_write_text(json_path, json.dumps(clean, indent=1) + "\n")
     atomic_write_text(html_path, render_html(clean))
     log.info("wrote %s and %s", json_path, html_path)
     return AnalysisResult(json_path, html_path, clean)
-
-
-# --- CLI ---------------------------------------------------------------------------------------------
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    d, q = AnalysisConfig(), QuantConfig()
-    p.add_argument("model", help="float ONNX model")
-    p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--eval", help="evaluation data (same formats; default: the calibration data)")
-    p.add_argument("--labels", help="class indices of the evaluation samples (.npy or text, one per line)")
-    p.add_argument("--evaluator", dest="evaluate",
-                   help="MODULE:FUNCTION or file.py:FUNCTION, evaluate(model_path) -> float, "
-                        "higher is better (replaces the built-in metric)")
-    p.add_argument("--evaluate", dest="evaluate", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("-o", "--output-dir", required=True, help="folder for report.json and report.html")
-    p.add_argument("--config", help="YAML/JSON file with QuantConfig keys")
-    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
-    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("--target", choices=list(TARGETS), help=f"(default: {q.target})")
-    p.add_argument("--calib-method", choices=list(CALIB_METHODS),
-                   help=f"activation ranges (default: {q.calib_method})")
-    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
-                   help=f"weight ranges (default: {q.weight_calib})")
-    p.add_argument("--max-samples", type=int, help="calibration samples (default: all)")
-    p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto",
-                   help="model metric; auto: top1 with --labels, else agreement for classifiers, else cosine")
-    p.add_argument("--layer-metric", choices=["same", *MODEL_METRICS], default="cosine",
-                   help="metric of the per-layer sensitivity (cosine: informative on a few samples)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
-                   help="evaluation samples for the model metric (0: all)")
-    p.add_argument("--layer-samples", type=int, default=d.layer_samples,
-                   help="evaluation samples for each per-layer measurement")
-    p.add_argument("--steps", help=f"comma-separated subset of: {','.join(STEPS)} (default: all)")
-    p.add_argument("--tolerance", type=float,
-                   help="metric drop from FP32 with nothing to fix: no recommendation (default: 0.005 for top1 and "
-                        "top1-agreement, 0.001 for cosine, 0.5%% of FP32 for --evaluator)")
-    p.add_argument("--providers", choices=list(PROVIDERS),
-                   help=f"execution provider; auto: CUDA if present, else CPU (default: {q.providers})")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "max_samples", "providers")
-                 if getattr(args, k) is not None}
-    config = config.replace(**overrides)
-    cfg = AnalysisConfig(metric=args.metric, layer_metric=args.layer_metric, eval_samples=args.eval_samples,
-                         layer_samples=args.layer_samples, tolerance=args.tolerance,
-                         steps=tuple(s for s in args.steps.split(",") if s) if args.steps else STEPS)
-    evaluate = None
-    if args.evaluate:
-        from ..export import load_module_spec
-
-        evaluate = load_module_spec(args.evaluate)
-    result = analyze(args.model, args.calib, config, args.output_dir, eval_data=args.eval, labels=args.labels,
-                     evaluate=evaluate, analysis=cfg, calib_spec=args.calib_spec)
-    print(summary_text(result.report))
-    print(f"  report.json {result.report_path}\n  report.html {result.html_path}")
-    return 0
 
 
 def summary_text(report: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@ accumulated batch by batch (:class:`~converter.analysis.metrics.TensorStats`), n
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -29,9 +28,8 @@ from ..progress import tqdm
 
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import make_session, select_providers
-from ..config import PROVIDERS
-from ..errors import ModelError, UserError
-from ..graph.model_io import atomic_write_text, is_large, load_model, skeleton
+from ..errors import ModelError
+from ..graph.model_io import is_large, load_model, skeleton
 from ..stats import TensorStats
 from .metrics import finite_or_str
 
@@ -201,39 +199,8 @@ def comparison_json(rows: list[TensorComparison], float_path: str, quant_path: s
     return json.dumps(finite_or_str(doc), indent=2) + "\n"
 
 
-# --- CLI -------------------------------------------------------------------------------------------
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("float_model", help="float ONNX model")
-    p.add_argument("quant_model", help="quantized (QDQ) ONNX model sharing the float model's tensor names")
-    p.add_argument("--data", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
-    p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
-    p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("--json", help="also write the full table as JSON to this file (default: none)")
-    p.add_argument("--max-samples", type=int, default=32, help="samples to run")
-    p.add_argument("--batch-size", type=int, default=4, help="samples per ONNX Runtime run")
-    p.add_argument("--sort", choices=["order", "sqnr"], default="order", help="graph order or worst SQNR first")
-    p.add_argument("--top", type=int, default=None, help="print only this many rows (default: all)")
-    p.add_argument("--providers", choices=list(PROVIDERS), default="auto",
-                   help="execution provider; auto: CUDA if present, else CPU")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.max_samples is not None and args.max_samples < 1:
-        raise UserError(f"--max-samples must be >= 1, got {args.max_samples}", "use e.g. --max-samples 32")
-    if args.json:  # before the models run
-        from ..options import check_output_file
-
-        check_output_file(args.json, "--json", [args.float_model, args.quant_model])
-    rows = compare_models(args.float_model, args.quant_model, args.data, args.max_samples, args.batch_size,
-                          select_providers(args.providers), args.calib_spec)
-    print(format_table(rows, args.top, args.sort))
-    if args.json:
-        out = Path(args.json)
-        atomic_write_text(out, comparison_json(rows, args.float_model, args.quant_model))
-        print(f"wrote {out}")
+def summary_line(rows: list[TensorComparison]) -> str:
+    """``N tensors compared; worst SQNR X dB at TENSOR (OP)``."""
     worst = min(rows, key=lambda r: r.stats.sqnr_db)
-    print(f"{len(rows)} tensors compared; worst SQNR {_fmt(worst.stats.sqnr_db, 'sqnr')} dB at {worst.tensor} "
-          f"({worst.op_type})")
-    return 0
+    return (f"{len(rows)} tensors compared; worst SQNR {_fmt(worst.stats.sqnr_db, 'sqnr')} dB at {worst.tensor} "
+            f"({worst.op_type})")

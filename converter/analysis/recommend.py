@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ..calib.runner import iter_capture
 from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr
 
@@ -139,8 +140,6 @@ def smoothable_inputs(model: onnx.ModelProto, idx: GraphIndex) -> dict[str, str]
 def channel_outlier_ratios(model: onnx.ModelProto, idx: GraphIndex, batches: list[dict[str, np.ndarray]],
                            providers: list[str]) -> dict[str, float]:
     """MatMul/Gemm node -> max / median of its input's per-channel (last axis) max |x| on ``batches``."""
-    from ..calib.runner import iter_capture
-
     inputs = smoothable_inputs(model, idx)
     if not inputs or not batches:
         return {}

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..errors import ConfigError
 from . import ranges
 
 log = logging.getLogger("converter")
@@ -260,8 +261,6 @@ def resolve_methods(tensors: list[str], producer_op: Mapping[str, str], default:
     by_name = {k: v for k, v in overrides.items() if not k.startswith("op:")}
     unknown = sorted(set(by_name) - set(tensors))
     if unknown:
-        from ..errors import ConfigError
-
         raise ConfigError(f"calib_overrides names {', '.join(map(repr, unknown[:5]))}, which "
                           f"{'is' if len(unknown) == 1 else 'are'} not a quantized activation of this model",
                           "use activation tensor names from the report's 'tensors' section, or 'op:<OpType>' keys")

@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from ..ops import NONNEGATIVE_OPS
 from ..progress import tqdm
 
 from ..errors import CalibrationDataError, UserError
@@ -128,15 +129,12 @@ class _Tap:
         return (values[2] if self.values else None), float(values[0]), float(values[1])
 
 
-_NONNEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Sqrt", "HardSigmoid", "Softplus"}
-
-
 def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors that cannot be negative, from their producer (their encodings start at 0 anyway)."""
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     out = set()
     for node in model.graph.node:
-        ok = node.op_type in _NONNEGATIVE_OPS
+        ok = node.op_type in NONNEGATIVE_OPS
         if node.op_type == "Clip":
             lo = next((a.f for a in node.attribute if a.name == "min"), None)
             if len(node.input) > 1 and node.input[1] in consts:

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from ..ops import CONV_OPS
 from .index import GraphIndex, attr
 
 
@@ -36,7 +37,7 @@ def node_macs(idx: GraphIndex, node: onnx.NodeProto, values: Mapping[str, np.nda
         if t in idx.initializers:
             return tuple(idx.initializers[t].dims)
         return tuple(d if isinstance(d, int) and d > 0 else 1 for d in idx.shape.get(t) or ())
-    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+    if node.op_type in CONV_OPS and len(node.input) > 1:
         w = shape(node.input[1])
         k = float(np.prod(w[1:])) if len(w) > 1 else 1.0
         if node.op_type == "ConvTranspose":  # weight (C_in, C_out/g, k...): MACs = input elements * C_out/g * k

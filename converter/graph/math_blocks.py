@@ -32,22 +32,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..ops import MATH_BLOCK_OPS, MATH_BLOCK_SEEDS, NORM_REDUCE_OPS, REDUCE_OPS
 from .index import GraphIndex, attr
 
-# Element-wise and reduction ops a decomposed block may hold.
-BLOCK_OPS = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Abs", "Exp", "Log", "Erf", "Tanh", "Sigmoid",
-    "HardSigmoid", "HardSwish", "Softplus", "Relu", "Clip", "Min", "Max", "ReduceMean", "ReduceSum", "ReduceMax",
-    "ReduceL2", "ReduceSumSquare", "LpNormalization", "Identity", "Cast", "Expand",
-})
 # inputs that carry structure, not data (Expand's target shape, often Shape(x) made outside the block)
 _SHAPE_INPUTS = {"Expand": (1,)}
-# Ops that start a search (the nonlinear or reducing heart of a block).
-SEED_OPS = frozenset({
-    "Erf", "Tanh", "Sigmoid", "HardSigmoid", "Softplus", "Exp", "Log", "Relu", "Clip", "ReduceMean", "ReduceSum",
-    "ReduceMax", "ReduceL2", "ReduceSumSquare", "LpNormalization",
-})
-REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceL2", "ReduceSumSquare"})
 _FLOAT_TO = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 _MAX_BACK = 6  # element-wise steps from the seed back to the block's input
 _MAX_NODES = 24  # nodes in one region
@@ -154,12 +143,11 @@ class MathForm:
     tol: float = 2e-3  # max |y - prediction| / max |y|
 
 
-_NORM_REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"})
 # Order matters where two forms could both fit (a region is the first form it matches).
 MATH_FORMS: tuple[MathForm, ...] = (
-    MathForm("LayerNorm", _NORM_REDUCE, _layernorm),
-    MathForm("L2Norm", _NORM_REDUCE | {"LpNormalization"}, _l2norm),  # before RMSNorm: x/|x| is an RMSNorm too
-    MathForm("RMSNorm", _NORM_REDUCE, _rmsnorm),
+    MathForm("LayerNorm", NORM_REDUCE_OPS, _layernorm),
+    MathForm("L2Norm", NORM_REDUCE_OPS | {"LpNormalization"}, _l2norm),  # before RMSNorm: x/|x| is an RMSNorm too
+    MathForm("RMSNorm", NORM_REDUCE_OPS, _rmsnorm),
     MathForm("DecomposedSoftmax", frozenset({"Exp"}), _softmax),
     MathForm("GELU", frozenset({"Erf"}), _gelu_erf),
     MathForm("GELU", frozenset({"Tanh"}), _gelu_tanh),
@@ -260,7 +248,7 @@ def _evaluate(idx: GraphIndex, x: str, nodes: list[onnx.NodeProto], out: str, xv
 # --- regions ------------------------------------------------------------------------------------------
 
 def _block_op(idx: GraphIndex, node: onnx.NodeProto | None) -> bool:
-    if node is None or node.op_type not in BLOCK_OPS or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+    if node is None or node.op_type not in MATH_BLOCK_OPS or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return False
     if node.op_type == "Cast" and attr(node, "to") not in _FLOAT_TO:
         return False
@@ -480,7 +468,7 @@ class MathMatch:
 def match_at(idx: GraphIndex, seed: onnx.NodeProto, kinds: frozenset[str] = MATH_KINDS, x: str | None = None,
              blocked: frozenset[str] = frozenset()) -> MathMatch | None:
     """The largest closed region around ``seed`` computing one of ``kinds`` (read from ``x`` when given)."""
-    if seed.op_type not in SEED_OPS or not _block_op(idx, seed) or seed.name in blocked:
+    if seed.op_type not in MATH_BLOCK_SEEDS or not _block_op(idx, seed) or seed.name in blocked:
         return None
     cache = idx.__dict__.setdefault("_math_blocks", {})
     key = (seed.name, kinds, x, blocked)
@@ -514,4 +502,4 @@ def seeds_after(idx: GraphIndex, x: str, depth: int = 4) -> list[onnx.NodeProto]
                     seen[u.name] = u
                     nxt.extend(o for o in u.output if o)
         frontier = nxt
-    return sorted((n for n in seen.values() if n.op_type in SEED_OPS), key=lambda n: idx.order[n.name])
+    return sorted((n for n in seen.values() if n.op_type in MATH_BLOCK_SEEDS), key=lambda n: idx.order[n.name])

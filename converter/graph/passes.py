@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper, version_converter
 
 from ..errors import ModelError
+from ..ops import CONV_OPS, FOLDABLE_OPS
 from .index import GraphIndex, attr, bodies, graph_attrs
 from .model_io import is_large, skeleton
 
@@ -168,20 +169,18 @@ def _constants_to_initializers(g: onnx.GraphProto, top: bool) -> int:
 
 # Cheap, deterministic ops worth evaluating when every input is a constant (Paddle exports reshape
 # each bias at run time: Reshape(Constant, Constant) -> Add).
-FOLDABLE = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Transpose", "Cast", "Identity", "Flatten", "Concat",
-                      "Mul", "Add", "Sub", "Div", "Neg", "Sqrt", "Reciprocal"})
 _FOLD_LIMIT = 1 << 24  # elements
 
 
 def fold_constants(model: onnx.ModelProto) -> int:
-    """Replace top-level FOLDABLE nodes whose inputs are all initializers by initializers."""
+    """Replace top-level FOLDABLE_OPS nodes whose inputs are all initializers by initializers."""
     from onnx.reference import ReferenceEvaluator
 
     g = model.graph
     values = {t.name: t for t in g.initializer}
     keep, folded = [], 0
     for node in g.node:
-        if (node.op_type in FOLDABLE and node.domain in ("", "ai.onnx") and len(node.output) == 1
+        if (node.op_type in FOLDABLE_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1
                 and node.input and all(i in values for i in node.input)
                 and sum(int(np.prod(values[i].dims)) for i in node.input) <= _FOLD_LIMIT):
             sub = onnx.helper.make_graph([node], "fold", [], [onnx.helper.make_value_info(node.output[0], onnx.TypeProto())],
@@ -254,7 +253,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
         conv = idx.producer.get(bn.input[0])
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
+        if conv is None or conv.op_type not in CONV_OPS:
             continue
         if idx.single_consumer(conv.output[0]) is not bn or not idx.is_constant(conv.input[1]):
             continue

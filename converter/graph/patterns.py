@@ -38,11 +38,9 @@ import onnx
 
 from .index import GraphIndex, attr, bodies, graph_attrs
 from .math_blocks import ELEMENTWISE_KINDS, MathMatch, match_at, seeds_after
+from ..ops import ACTIVATION_OPS, RESHAPE_OPS, WEIGHTED_LAYER_OPS
 
-# Single-node activations. Their kind is their op type; composites below have their own kind.
-ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh",
-                            "Elu", "Selu", "Softplus", "Gelu"})
-ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Single-node activations (ops.ACTIVATION_OPS): their kind is their op type; composites below have their own kind.
 # Kinds of activation units (blocks of these kinds can also be fused into the op before them)
 ACTIVATION_KINDS = ACTIVATION_OPS | ELEMENTWISE_KINDS | {"residual_add"}
 
@@ -201,9 +199,6 @@ def _norm_at(idx: GraphIndex, x: str) -> Match | None:
 NORM_KINDS = frozenset({"LayerNorm", "RMSNorm", "L2Norm", "DecomposedSoftmax"})
 
 
-_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-
-
 def _data_user(idx: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     """The one node reading ``tensor``'s values (Shape nodes read only its shape)."""
     users = [u for u in _users(idx, tensor) if u.op_type != "Shape"]
@@ -224,7 +219,7 @@ def _attention(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
         side = (_other(nxt, t),)
         b.add(nxt)
         t, nxt = nxt.output[0], _data_user(idx, nxt.output[0])
-    if nxt is not None and nxt.op_type in _RESHAPES:  # opset-13 Softmax converted from 11: Flatten/Softmax/Reshape
+    if nxt is not None and nxt.op_type in RESHAPE_OPS:  # opset-13 Softmax converted from 11: Flatten/Softmax/Reshape
         b.add(nxt)
         nxt = _data_user(idx, nxt.output[0])
     if nxt is None or nxt.op_type != "Softmax":
@@ -232,7 +227,7 @@ def _attention(idx: GraphIndex, root: onnx.NodeProto) -> Match | None:
     b.add(nxt)
     probs = nxt.output[0]
     after = _data_user(idx, probs)
-    if after is not None and after.op_type in _RESHAPES:
+    if after is not None and after.op_type in RESHAPE_OPS:
         b.add(after)
         probs = after.output[0]
     second = _only_user(idx, probs, "MatMul")
@@ -411,7 +406,7 @@ def anchor_of(idx: GraphIndex, tensor: str) -> onnx.NodeProto | None:
         node = idx.producer.get(tensor)
         if node is None:
             return None
-        if node.op_type in ANCHOR_OPS:
+        if node.op_type in WEIGHTED_LAYER_OPS:
             return node
         if node.op_type in ACTIVATION_OPS or node.op_type == "BatchNormalization" or \
                 (node.op_type == "Add" and any(idx.is_constant(t) for t in node.input)):

@@ -53,6 +53,7 @@ from onnx import numpy_helper
 
 from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
+from ..ops import WEIGHTED_LAYER_OPS
 from .encoding import Encoding
 from .plan import WEIGHT, QuantPlan
 from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
@@ -68,7 +69,6 @@ REFERENCE_ITERATIONS = 10000  # fewer iterations get a proportionally larger rat
 MAX_ROWS = 16384  # cached rows (output positions) per layer
 CACHE_MB = 64  # bound on a layer's cached inputs + targets
 MINIBATCH = 1024  # rows per iteration
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SEARCH_DAMPS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)  # the local search's pull towards the float weights, chosen
 # by cross-validation (x mean input power x weights per output / samples)
 SEARCH_MIN_ROWS = 4  # the local search runs where the cached rows are at least this many times the weights per output
@@ -149,7 +149,7 @@ def adaround_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) ->
     transA/alpha/beta, MatMul with a 2-D weight)."""
     out = []
     for node in model.graph.node:
-        if node.op_type not in LAYER_OPS or len(node.input) < 2:
+        if node.op_type not in WEIGHTED_LAYER_OPS or len(node.input) < 2:
             continue
         w = node.input[1]
         t = plan.tensors.get(w)

@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from ..graph.index import GraphIndex, attr
+from ..ops import CONV_OPS, TIED_OP_TYPES
 from .encode import bias_encoding
 from .encoding import Encoding, encoding_from_range
 from .rules import RULES
@@ -48,10 +49,6 @@ OUTPUT_NOT_QUANTIZED = frozenset({
     "Flatten", "Gather", "Reshape", "Shape", "Unsqueeze", "Squeeze", "Split", "Compress", "Tile", "Transpose",
     "Identity", "Cast", "Dropout", "Expand", "Pad", "Mean",
 })
-# aimet_onnx.quantsim.op_types_to_tie_qtzrs (Concat, AveragePool, Relu) + _is_htp_interpolation_op (Resize,
-# Upsample): input and output share one quantizer. MaxPool is not tied in 2.42 (unary grid-preserving ops are left
-# out: include_unary=False); Relu only where its input has a quantizer of its own (not after a supergroup's op)
-TIED_OP_TYPES = frozenset({"Concat", "AveragePool", "Relu", "Resize", "Upsample"})
 # default_config.json "params": {"bias": {"is_quantized": "False"}}; 2.0.0 mirrors the QDQ graph's int32 biases
 BIASES_IN_FILE = {"0.6.1": False, "1.0.0": False, "2.0.0": True}
 # AIMET's 2.0.0 export (aimet-onnx 2.42, measured on ResNet-8) also names the Transpose/Reshape outputs that carry
@@ -176,7 +173,7 @@ def supergroup_rejected(node: onnx.NodeProto, idx: GraphIndex) -> bool:
     """AIMET rejects a supergroup starting at ``node``: a depthwise Conv (group > 1, one input channel per group;
     ConvTranspose: C_in == group) or a 3-D one (5-D input or weight). A grouped Conv with more input channels per
     group still joins. aimet_onnx/common/graph_searcher.py ``_check_if_conv3d_or_depthwise_conv``."""
-    if node.op_type not in ("Conv", "ConvTranspose"):
+    if node.op_type not in CONV_OPS:
         return False
     w_shape = idx.shape.get(node.input[1]) if len(node.input) > 1 else None
     x_shape = idx.shape.get(node.input[0])

@@ -49,13 +49,13 @@ from onnx import helper, numpy_helper
 from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import default_opset
+from ..ops import BIASED_LAYER_OPS
 from .plan import QuantPlan
 from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
 ROUNDS = 2
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 MODES = ("empirical", "analytical", "auto")  # auto: analytical where BatchNorm statistics reach, else empirical
 
 
@@ -78,7 +78,7 @@ def corrected_layers(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -
     """Quantized layers (weight in the plan) with a constant float bias used by them alone."""
     out = []
     for node in model.graph.node:
-        if node.op_type not in LAYER_OPS or len(node.input) < 3 or not node.input[2]:
+        if node.op_type not in BIASED_LAYER_OPS or len(node.input) < 3 or not node.input[2]:
             continue
         w, b = node.input[1], node.input[2]
         if w not in plan.encodings or not idx.is_constant(b) or len(idx.uses(b)) != 1:

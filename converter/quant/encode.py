@@ -26,6 +26,7 @@ import numpy as np
 
 from ..calib.observers import observer_range
 from ..graph.index import GraphIndex
+from ..ops import CONV_OPS
 from .encoding import RANGE_LIMIT, Encoding, encoding_from_range
 from .plan import ACTIVATION, BIAS, WEIGHT, QuantPlan
 from .rules import clamp_input
@@ -49,7 +50,6 @@ _MSE_RATIOS = np.linspace(0.3, 1.0, 71, dtype=np.float32)  # clipping bounds tri
 # MatMul/Gemm weights (token features, no window) keep the plain MSE: unmeasured there. Unseen model (PP-OCR
 # direction classifier, /198, FP32 193): symmetric 162 -> 185, asymmetric 186 -> 175: not a gain everywhere.
 COHERENT_ERROR_WEIGHT = 10.0
-COHERENT_OPS = frozenset({"Conv", "ConvTranspose"})
 _MSE_CHUNK = 1 << 22  # weight values per vectorised step of the MSE search (bounds its temporaries)
 
 
@@ -233,7 +233,7 @@ def compute_encodings(plan: QuantPlan, idx: GraphIndex, observers: dict, method:
             plan.encodings[t.name] = plan.encodings.get(t.name, frozen[t.name])  # raised for its bias: kept so
             continue
         ops = plan.layer_ops(t)
-        conv = bool(ops) and ops <= COHERENT_OPS
+        conv = bool(ops) and ops <= CONV_OPS
         plan.encodings[t.name] = weight_encoding(idx.constant(t.name), t.bitwidth, t.axis, weight_method,
                                                  t.block_size, t.block_axis, t.symmetric,
                                                  COHERENT_ERROR_WEIGHT if conv and not centered else 0.0)

@@ -34,6 +34,7 @@ from typing import Callable
 import onnx
 
 from ..graph.index import GraphIndex, attr
+from ..ops import CLAMP_OPS
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,6 @@ RULES: dict[str, OpRule] = {
     "Expand": _SHARED,
     "Tile": _SHARED,
 }
-
-
-CLAMP_OPS = ("Min", "Max")
 
 
 def clamp_input(node: onnx.NodeProto, idx: GraphIndex) -> int | None:

@@ -32,10 +32,9 @@ import math
 from typing import Any
 
 from ..graph.index import GraphIndex
+from ..ops import MIXED_OPERAND_OPS, MULTI_INPUT_SHARED_OPS
 from .plan import QuantPlan
 from .rules import RULES
-
-MULTI_INPUT_SHARED = frozenset({"Concat"})  # shared ops joining different tensors: where a split can help
 
 
 def loss_bits(group_range: tuple[float, float], member_range: tuple[float, float]) -> float:
@@ -105,7 +104,7 @@ def _regroup(members: list[str], idx: GraphIndex) -> dict[str, str]:
 
     for m in members:
         node = idx.producer.get(m)
-        if node is None or node.op_type in MULTI_INPUT_SHARED or RULES.get(node.op_type) is None:
+        if node is None or node.op_type in MULTI_INPUT_SHARED_OPS or RULES.get(node.op_type) is None:
             continue
         if RULES[node.op_type].kind != "shared":
             continue
@@ -123,7 +122,7 @@ def _float_parts(plan: QuantPlan, idx: GraphIndex, parts: dict[str, str]) -> set
     out = set()
     for p, tensors in by_part.items():
         head = idx.producer.get(p)
-        if head is None or head.op_type not in MULTI_INPUT_SHARED:
+        if head is None or head.op_type not in MULTI_INPUT_SHARED_OPS:
             continue
         inside = set(tensors)
         needed = False
@@ -139,9 +138,6 @@ def _float_parts(plan: QuantPlan, idx: GraphIndex, parts: dict[str, str]) -> set
         if not needed:
             out.add(p)
     return out
-
-
-MIXED_OPERAND_OPS = frozenset({"Add", "Mul", "Sub", "Div"})
 
 
 def mixed_operands(plan: QuantPlan, idx: GraphIndex, ranges: dict[str, tuple[float, float]],

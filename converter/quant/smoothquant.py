@@ -61,6 +61,7 @@ from onnx import helper, numpy_helper
 
 from ..calib.runner import capture
 from ..graph.index import GraphIndex
+from ..ops import SHAPE_READER_OPS
 
 log = logging.getLogger("converter")
 
@@ -175,11 +176,10 @@ def find_fold(tensor: str, readers: list[Reader], idx: GraphIndex, channels: int
     return fold, ""
 
 
-SHAPE_READERS = {"Shape", "Size"}  # read only the shape, which 1 / s does not change
 
 
 def _value_readers(idx: GraphIndex, name: str) -> list[onnx.NodeProto]:
-    return [n for n in idx.uses(name) if n.op_type not in SHAPE_READERS]
+    return [n for n in idx.uses(name) if n.op_type not in SHAPE_READER_OPS]  # 1 / s does not change a shape
 
 
 def _only_reader(idx: GraphIndex, name: str, node: onnx.NodeProto) -> bool:

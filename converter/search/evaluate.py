@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from ..calib.readers import open_calibration
+from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..calib.runner import make_session
 from ..errors import CalibrationDataError, ConfigError
 from ..graph.model_io import small_bytes
@@ -91,7 +91,6 @@ class BuiltinEvaluator:
             raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
         if metric == "top1" and labels is None:
             raise ConfigError("metric top1 needs labels", "pass --labels FILE (or use --target-metric agreement)")
-        from ..calib.readers import check_label_count, model_inputs
 
         self.metric = metric
         self.providers = providers or ["CPUExecutionProvider"]

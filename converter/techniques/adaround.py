@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..quant.adaround import adaround
+from ..quant.bias_correction import corrected_layers
 from .base import ENCODED_STAGE, Technique
 from .state import FlowState
 
@@ -15,14 +17,11 @@ def _centered_layers(state: FlowState) -> frozenset[str]:
     """The layers whose mean error a later technique removes (bias correction's promise): compared centered."""
     if not state.centered:
         return frozenset()
-    from ..quant.bias_correction import corrected_layers
 
     return frozenset(n.name for n in corrected_layers(state.model, state.plan, state.idx))
 
 
 def run(state: FlowState) -> dict[str, Any]:
-    from ..quant.adaround import adaround
-
     config = state.config
     t = time.perf_counter()
     float_weights = state.provided.setdefault("float_weights", {})

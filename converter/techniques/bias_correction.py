@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..quant.bias_correction import correct_analytically, correct_biases
 from .base import ENCODED_STAGE, Technique
 from .state import FlowState
 
@@ -16,8 +17,6 @@ SAMPLES = 64  # calibration samples bias correction measures the mean outputs on
 
 
 def run(state: FlowState) -> dict[str, Any]:
-    from ..quant.bias_correction import correct_analytically, correct_biases
-
     mode = state.config.bias_correction_mode
     float_weights = state.provided.get("float_weights")
     layers = []

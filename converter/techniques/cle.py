@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quant.bias_correction import equalized_statistics
+from ..quant.cle import equalize
 from .base import FLOAT_STAGE, Technique
 from .state import FlowState
 
@@ -11,9 +13,6 @@ SAMPLES = 32  # calibration samples high-bias absorption reads
 
 
 def run(state: FlowState) -> dict[str, Any]:
-    from ..quant.bias_correction import equalized_statistics
-    from ..quant.cle import equalize
-
     result = equalize(state.model, state.data(SAMPLES), state.providers, state.config.cle_relu6)
     state.edited()
     stats = state.provided.get("bn_stats")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quant.bias_correction import correct_biases
+from ..quant.plan import is_depthwise
 from .base import ENCODED_STAGE, Technique
 from .state import FlowState
 
@@ -25,16 +27,12 @@ LAYERS = "depthwise"  # "all": every correctable layer (tools/bias_correction_co
 
 
 def _selected(state: FlowState):
-    from ..quant.plan import is_depthwise
-
     if LAYERS == "all":
         return None
     return lambda n: n.op_type == "Conv" and is_depthwise(n, state.idx)
 
 
 def run(state: FlowState) -> dict[str, Any]:
-    from ..quant.bias_correction import correct_biases
-
     layers = correct_biases(state.model, state.plan, state.idx, state.reencode, state.data(SAMPLES), state.providers,
                             rounds=1, float_weights=state.provided.get("float_weights"), measure_after=False,
                             select=_selected(state))

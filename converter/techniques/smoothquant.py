@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..quant.smoothquant import smoothquant
 from .base import FLOAT_STAGE, Technique
 from .state import FlowState
 
@@ -11,8 +12,6 @@ SAMPLES = 32  # calibration samples SmoothQuant reads to pick its scales
 
 
 def run(state: FlowState) -> list[dict[str, Any]]:
-    from ..quant.smoothquant import smoothquant
-
     config = state.config
     changes = smoothquant(state.model, state.data(SAMPLES), state.providers, config.smoothquant_alpha,
                           activation_bits=config.activation_bits, symmetric=config.preset.activation_symmetric,

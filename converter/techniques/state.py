@@ -21,6 +21,8 @@ from onnx import numpy_helper
 from ..calib.readers import model_inputs, open_calibration
 from ..calib.runner import select_providers
 from ..graph.index import GraphIndex
+from ..quant.control_flow import compute_subgraph_encodings
+from ..quant.encode import compute_encodings
 
 
 @dataclass
@@ -85,9 +87,6 @@ class FlowState:
 
     def reencode(self) -> None:
         """The plan's encodings (main graph and bodies) recomputed from the model's current values."""
-        from ..quant.control_flow import compute_subgraph_encodings
-        from ..quant.encode import compute_encodings
-
         compute_encodings(self.plan, self.idx, self.calib.observers, self.calib.methods, self.config,
                           frozen=self.frozen, centered=self.centered)
         if self.subs:

@@ -32,7 +32,10 @@ from typing import Any
 
 import onnx
 
-from .graph.validate import ERROR, INFO, SEVERITIES, WARNING, Finding, validate_onnx
+from ..errors import UserError
+from ..export import export_torch
+from ..ops import WEIGHTED_LAYER_OPS
+from .onnx_checks import ERROR, INFO, SEVERITIES, WARNING, Finding, validate_onnx
 
 log = logging.getLogger("converter")
 
@@ -46,8 +49,6 @@ _ACTIVATIONS = {"relu": "nn.ReLU", "relu_": "nn.ReLU", "relu6": "nn.ReLU6", "gel
                 "sigmoid": "nn.Sigmoid", "tanh": "nn.Tanh", "hardswish": "nn.Hardswish",
                 "hardsigmoid": "nn.Hardsigmoid", "leaky_relu": "nn.LeakyReLU", "elu": "nn.ELU", "softmax": "nn.Softmax",
                 "log_softmax": "nn.LogSoftmax", "mish": "nn.Mish", "softplus": "nn.Softplus"}
-# ONNX op types that carry weights, for the export-scope fallback
-_WEIGHTED_ONNX = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 TOP = "<top level>"  # the module passed in, as a finding's node
 
 
@@ -169,9 +170,6 @@ def _flat_args(node) -> list:
 # --- ONNX export and module mapping ------------------------------------------------------------------
 
 def _export(module: Any, args: tuple) -> onnx.ModelProto | None:
-    from .errors import UserError
-    from .export import export_torch
-
     with tempfile.TemporaryDirectory() as tmp:
         # raw export (no onnxsim): every node keeps the scope of the module that produced it. torch.export
         # first (the default exporter); a model it cannot trace (data-dependent control flow) goes
@@ -231,7 +229,7 @@ def _functional_from_scopes(model: onnx.ModelProto, module: Any, mapping: dict[s
     out = []
     for node in model.graph.node:
         path = mapping.get(node.name)
-        if path is None or path in leaves or node.op_type not in _WEIGHTED_ONNX:
+        if path is None or path in leaves or node.op_type not in WEIGHTED_LAYER_OPS:
             continue
         if any(i in inits for i in node.input):
             where = path or TOP

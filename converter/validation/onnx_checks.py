@@ -1,8 +1,8 @@
 """Model validation: what in a model stops or weakens quantization, each finding with a fix.
 
-:func:`validate_onnx` checks an ONNX model; :func:`converter.validate_torch.validate_torch` checks
+:func:`validate_onnx` checks an ONNX model; :func:`converter.validation.torch_checks.validate_torch` checks
 a PyTorch module (reused modules, functional ops) and then its ONNX export. ``qconvert validate``
-prints the findings as a table (or JSON) and exits 1 when one is an error.
+(converter/commands/validate.py) prints the findings as a table (or JSON) and exits 1 when one is an error.
 
 A finding reads like a rewrite rule's failed check (onnxscript's rewriter): *what* (``code``),
 *where* (a node name, or a module path for PyTorch findings), *why* (``message``) and *how to fix
@@ -22,8 +22,6 @@ Checks are table rows (:data:`ONNX_CHECKS`): each takes a :class:`_Context` and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -33,13 +31,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from ..errors import EXIT_CHECK_FAILED, ModelError, UserError
-from ..options import parse_shape
-from .index import GraphIndex
-from .model_io import atomic_write_text, is_large, load_model, proto_size, save_model
-from .passes import MIN_OPSET, default_opset, preprocess, upgrade_opset
-from .patterns import all_nodes as _all_nodes
-from .patterns import subgraphs as _subgraphs
+from ..config import QuantConfig
+from ..errors import ModelError
+from ..graph.index import GraphIndex
+from ..graph.model_io import is_large, load_model, proto_size
+from ..graph.passes import MIN_OPSET, default_opset, preprocess
+from ..graph.patterns import all_nodes as _all_nodes
+from ..graph.patterns import subgraphs as _subgraphs
+from ..ops import BOUNDED_OPS, HEAVY_OPS, QUANTIZED_OPS, STANDARD_DOMAINS, VALUE_CARRYING_OPS, WEIGHTED_LAYER_OPS
+from ..ort_session import create_session, custom_op_fix  # a model over the protobuf limit: from a copy with external data
+from ..quant.plan import build_plan
+from ..quant.rules import RULES
 
 log = logging.getLogger("converter")
 
@@ -47,12 +49,6 @@ ERROR, WARNING, INFO = "error", "warning", "info"
 SEVERITIES = (ERROR, WARNING, INFO)
 
 QDQ_MIN_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
-CONTROL_FLOW = ("If", "Loop", "Scan")
-STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                           "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeLinear",
-                           "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
-HEAVY_OPS = frozenset({"LSTM", "GRU", "RNN", "Einsum", "Attention", "MultiHeadAttention"})  # weights, no rule
 HUGE_CONSTANT = 1e9  # |value| beyond this in the data path swamps an 8/16-bit range (attention masks: -3.4e38)
 
 
@@ -152,8 +148,6 @@ def _constant_size(node: onnx.NodeProto) -> int:
 def _check_shared_weights(ctx: _Context) -> Iterator[Finding]:
     if ctx.idx is None:
         return
-    from ..quant.rules import RULES
-
     for name in ctx.idx.initializers:
         users = [u for u in ctx.idx.uses(name) if (r := RULES.get(u.op_type)) is not None and r.weight is not None
                  and r.weight < len(u.input) and u.input[r.weight] == name]
@@ -187,7 +181,7 @@ def _check_dynamic_dims(ctx: _Context) -> Iterator[Finding]:
 def _check_control_flow(ctx: _Context) -> Iterator[Finding]:
     for node, attr_name, sub in _subgraphs(ctx.original.graph):
         ops = Counter(n.op_type for n in _all_nodes(sub))
-        weighted = sum(c for op, c in ops.items() if op in ("Conv", "ConvTranspose", "Gemm", "MatMul", *HEAVY_OPS))
+        weighted = sum(c for op, c in ops.items() if op in WEIGHTED_LAYER_OPS | HEAVY_OPS)
         yield Finding(INFO, "control-flow", f"{node.name or node.op_type}/{attr_name}",
                       f"{node.op_type} node {node.name!r} has subgraph {attr_name!r} ({sum(ops.values())} nodes, "
                       f"{weighted} Conv/Gemm/MatMul/recurrent); it is quantized with the main graph's rules, "
@@ -291,9 +285,6 @@ def _check_unrecognised_chains(ctx: _Context) -> Iterator[Finding]:
                       else "nothing to do")
 
 
-BOUNDED_OPS = frozenset({"Sigmoid", "Softmax", "Tanh", "HardSigmoid", "LogSoftmax"})  # outputs in a fixed small range
-
-
 def _value_source(idx: GraphIndex, tensor: str, moves: frozenset[str]) -> str | None:
     """Op type that computed ``tensor``'s values, looking through data movement (``moves``)."""
     node = idx.producer.get(tensor)
@@ -306,8 +297,6 @@ def _check_mixed_concat(ctx: _Context) -> Iterator[Finding]:
     """A Concat of a bounded tensor (Sigmoid, Softmax) and an unbounded one would share one scale."""
     if ctx.plan is None or ctx.idx is None:
         return
-    from ..quant.rules import RULES  # the plan's rule table (quant/ sits above graph/: imported where used)
-
     moves = frozenset(op for op, rule in RULES.items() if rule.kind == "shared" and op != "Concat")
     for node in ctx.idx.graph.node:
         status = ctx.plan.nodes.get(node.name)
@@ -346,14 +335,9 @@ def _check_huge_constants(ctx: _Context) -> Iterator[Finding]:
                           "or keep the consuming node float with --exclude-nodes")
 
 
-# Ops that carry a huge input value through to their output (Softmax, Exp... do not).
-_CARRY = frozenset({"Add", "Sub", "Mul", "Where", "Cast", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Concat",
-                    "Transpose", "Identity", "Slice", "Gather", "Max", "Min", "Neg", "Tile", "Flatten"})
-
-
 def _huge_source(idx: GraphIndex, tensor: str, depth: int = 4) -> str | None:
     node = idx.producer.get(tensor)
-    if node is None or depth == 0 or node.op_type not in _CARRY:
+    if node is None or depth == 0 or node.op_type not in VALUE_CARRYING_OPS:
         return None
     for name in node.input:
         value = idx.constant(name) if name else None
@@ -388,10 +372,6 @@ def _external_tensors(path: Path) -> int:
 
 
 def _check_runs(ctx: _Context) -> Iterator[Finding]:
-    from ..ort_session import create_session  # a model over the protobuf limit: from a copy with external data
-
-    from ..ort_session import custom_op_fix
-
     try:
         create_session(ctx.original, ["CPUExecutionProvider"], "off")
     except Exception as exc:
@@ -417,9 +397,6 @@ def ensure_float_model(model: onnx.ModelProto) -> None:
 
 def validate_onnx(model: str | Path | onnx.ModelProto, target: str = "ort-cpu") -> list[Finding]:
     """Every finding for ``model`` (a path or ModelProto; not modified), errors first."""
-    from ..config import QuantConfig
-    from ..quant.plan import build_plan
-
     original = load_model(model)
     ctx = _Context(original, target, Path(model) if isinstance(model, (str, Path)) else None)
     prepared = load_model(original)
@@ -433,7 +410,7 @@ def validate_onnx(model: str | Path | onnx.ModelProto, target: str = "ort-cpu") 
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
 
 
-# --- reporting and CLI -------------------------------------------------------------------------------
+# --- reporting ----------------------------------------------------------------------------------------
 
 def summarize(findings: list[Finding]) -> dict[str, int]:
     counts = Counter(f.severity for f in findings)
@@ -459,63 +436,3 @@ def report(findings: list[Finding], source: str, target: str) -> dict[str, Any]:
     s = summarize(findings)
     return {"model": source, "target": target, "passed": s["errors"] == 0, "summary": s,
             "findings": [f.to_dict() for f in findings]}
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="ONNX file, or package.module:factory / path/to/file.py:factory of an nn.Module")
-    p.add_argument("--input-shape", type=parse_shape, help="example input shape for a PyTorch module, e.g. 1,3,224,224")
-    p.add_argument("--target", choices=["ort-cpu", "tensorrt", "qnn"], default="ort-cpu",
-                   help="runtime whose rules the model is checked against")
-    p.add_argument("--json", help="also write the findings as JSON here (default: none)")
-    p.add_argument("--upgrade-opset", action="store_true",
-                   help=f"convert an ONNX model to opset {MIN_OPSET} first (written to -o) and validate that")
-    p.add_argument("-o", "--output", help="where --upgrade-opset writes the converted model")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..options import check_output_file
-
-    for path, option in ((args.json, "--json"), (args.output, "-o/--output")):
-        if path:  # before the checks run
-            check_output_file(path, option, [args.model])
-    findings, source = _run_checks(args)
-    doc = report(findings, source, args.target)
-    print(format_table(findings))
-    s = doc["summary"]
-    print(f"{'PASSED' if doc['passed'] else 'FAILED'}: {s['errors']} error(s), {s['warnings']} warning(s), "
-          f"{s['info']} info ({source}, target {args.target})")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
-    return 0 if doc["passed"] else EXIT_CHECK_FAILED
-
-
-def _run_checks(args: argparse.Namespace) -> tuple[list[Finding], str]:
-    if not _is_onnx_path(args.model):
-        if not args.input_shape:
-            raise UserError(f"{args.model} is a PyTorch module spec: validating it needs --input-shape",
-                            "add --input-shape 1,3,224,224 (the model's input shape)")
-        import torch
-
-        from ..export import build_module
-        from ..validate_torch import validate_torch
-
-        return validate_torch(build_module(args.model), torch.zeros(args.input_shape), target=args.target), args.model
-    if not args.upgrade_opset:
-        return validate_onnx(args.model, args.target), args.model
-    if not args.output:
-        raise UserError("--upgrade-opset needs -o/--output for the converted model", "add -o upgraded.onnx")
-    model = load_model(args.model)
-    before = default_opset(model)
-    upgrade_opset(model, MIN_OPSET)
-    save_model(model, args.output)
-    findings = validate_onnx(args.output, args.target)
-    note = Finding(INFO, "opset-upgraded", "", f"converted from opset {before} to {default_opset(model)}: "
-                   f"{args.output}", "quantize the converted model")
-    return [note] + findings if before < MIN_OPSET else findings, args.output
-
-
-def _is_onnx_path(spec: str) -> bool:
-    target, sep, factory = spec.rpartition(":")
-    if sep and factory and target and (target.endswith(".py") or "/" not in target) and not spec.endswith(".onnx"):
-        return False  # pkg.mod:fn or file.py:fn
-    return True
