@@ -15,8 +15,8 @@ input re-quantized to int8 per block of 32 inside the kernel. The session config
 ``session.qdq_matmulnbits_accuracy_level=1`` (fp32 compute; what converter/ort_session.py sets in
 every session) keeps the rewrite and gives the unoptimized result back.
 
-    python tools/ort_16bit_repro.py            # whichever onnxruntime this python has
-    /tmp/ort131/bin/python tools/ort_16bit_repro.py
+    python -m tools.ort_16bit_repro            # whichever onnxruntime this python has
+    /tmp/ort131/bin/python -m tools.ort_16bit_repro
 
 Needs only numpy, onnx and onnxruntime (not the converter package).
 """
@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
 
 FIX = {"session.qdq_matmulnbits_accuracy_level": "1"}  # the entry converter/ort_session.py sets
 K, N, BATCH = 64, 32, 8
