@@ -20,16 +20,14 @@ encodings version:
 
    Biases: AIMET's sim keeps them float (its float32 QcQuantizeOp cannot simulate int32, see
    ``QuantizationSimModel.fold_param_quantizers``); QNN, ORT and our QDQ models run them int32 (scale = input
-   scale x weight scale). That alone moves 1.6% (ort-cpu) to 3.4% (qnn) of ResNet-8's top-1 decisions (a
-   rounding-level change to a bias flips later 8-bit roundings; measured: AIMET's own QDQ export with float biases
-   agrees 96.8% with ours, with int32 biases 100%). So the sim runs a second time on the model with AIMET's own
-   int32 bias values (from ``to_onnx_qdq(export_int32_bias=True)``), the sim of what is deployed: its agreement is
-   the requirement (>= 98%); the float-bias sim's is printed beside it.
+   scale x weight scale). That alone moves a few percent of ResNet-8's top-1 decisions (a rounding-level change to
+   a bias flips later 8-bit roundings). So the sim runs a second time on the model with AIMET's own int32 bias
+   values (from ``to_onnx_qdq(export_int32_bias=True)``), the sim of what is deployed: its agreement is the
+   requirement (>= 98%); the float-bias sim's is printed beside it.
 
-   What is left on EfficientNet-Lite0 (99.4% with int32 biases, 99.6% for AIMET's QDQ export) is AIMET's
-   rounding: libpymo quantizes in the offset domain, round((x - min) / scale) in float32, which near a .5 tie
-   differs from ONNX QuantizeLinear's round(x / scale) (ours, ORT's). Measured: a weight with x / scale =
-   3.4999938 becomes 4 in AIMET's export (our 3); 22 of the 49 Convs have at least one weight one step apart.
+   What is left on EfficientNet-Lite0 is AIMET's rounding: libpymo quantizes in the offset domain,
+   round((x - min) / scale) in float32, which near a .5 tie differs from ONNX QuantizeLinear's round(x / scale)
+   (ours, ORT's). The measured figures: docs/results.md, "AIMET rules".
 
 Without aimet-onnx step 3 prints that it needs it and the exit status is 2 (the rules check still runs).
 

@@ -15,7 +15,7 @@ histogram: its ranges are min/max ones, so its Entropy accuracy matches its MinM
 
 Times are those of the measured call only (the FP32 pass, ``quantize``, ``quantize_static``). The
 calibration samples are decoded before the timer starts (JPEG decoding and the CIFAR npz would
-otherwise add the same ~0.3 s to every tool); each batch's preprocessing stays inside.
+otherwise add the same fixed time to every tool); each batch's preprocessing stays inside.
 
 Models (assets under ``--assets DIR``, else $CONVERTER_ASSETS, else /work/shared/assets):
   effnet   EfficientNet-Lite0; calibration = the first 100 ImageNet sample images, cycled to N;

@@ -14,8 +14,8 @@ a top-level If on the sample rate (and nested Ifs below it). The tool
    is the target's default: float on ort-cpu, float or 16 bits per layer on qnn, which runs 16 bits) with a
    streaming evaluator: min(speech-probability cosine, frame agreement at p > 0.5) against FP32 over the
    first ``--eval-seconds`` of each WAV (``--search-metric cosine``: the cosine alone), target ``--target``
-   (0.99); the latency gate on at 1.0x FP32 (explicitly: a chunk runs in ~0.15 ms, under the default gate's 1 ms
-   floor; a model slower than FP32 on ORT CPU exits 1: reported, with its trade-offs);
+   (0.99); the latency gate on at 1.0x FP32 (explicitly: a chunk runs well under the default gate's 1 ms floor; a
+   model slower than FP32 on ORT CPU exits 1: reported, with its trade-offs);
 4. quantizes with ONNX Runtime's ``quantize_static`` (QDQ, same calibration samples): the peer, which
    skips subgraphs;
 5. streams every bundled WAV through the FP32 and each QDQ model (each with its own state) and prints, per
@@ -85,7 +85,7 @@ CONFIGS = {
     "int8": QuantConfig(batch_size=1),
     # the STFT (Conv on the audio, |X| = Sqrt(re^2 + im^2)) in float and the first encoder Conv, which reads the
     # magnitude spectrum, at 16 bits: the squared spectrum spans ~6 decades, which no linear 8- or 16-bit grid
-    # holds (int16 on the STFT nodes instead of float measured cosine 0.9969, agreement 0.985)
+    # holds (int16 on the STFT nodes instead of float: lower cosine and agreement, docs/results.md "Silero VAD")
     "int8+float-stft+int16-enc0": QuantConfig(
         batch_size=1, exclude_nodes=tuple(_P + f"stft/{n}" for n in ("Conv", "Pow", "Pow_1", "Add", "Sqrt")),
         int16_nodes=(_P + "encoder/0/reparam_conv/Conv",)),

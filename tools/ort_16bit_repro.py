@@ -18,11 +18,13 @@ every session) keeps the rewrite and gives the unoptimized result back.
     python -m tools.ort_16bit_repro            # whichever onnxruntime this python has
     /tmp/ort131/bin/python -m tools.ort_16bit_repro
 
-Needs only numpy, onnx and onnxruntime (not the converter package).
+Needs only numpy, onnx and onnxruntime (not the converter package), so it runs under any ORT version's venv; it
+opens its ORT sessions itself on purpose (the point is what the options without the fix do).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -110,7 +112,8 @@ def rewritten_nodes(model: onnx.ModelProto, config: dict[str, str] | None = None
     return ", ".join(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     rng = np.random.default_rng(0)
     w = weights(rng)
     x = inputs(rng)

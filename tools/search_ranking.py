@@ -9,8 +9,7 @@ the final metric, and the search's own batch-1 latency vs FP32 and all-INT8 (ONN
 Models (``--models``, default ``resnet8,minilm``):
 
 * ``resnet8``: MLPerf Tiny ResNet-8, 200 calibration CIFAR-10 images, 2,000 evaluation images; metric:
-  top-1 agreement with FP32, target ``>= 0.99`` (NNCF 3.4 on this model and target: 6 layers in float after
-  7 full + 11 subset evaluations).
+  top-1 agreement with FP32, target ``>= 0.99`` (NNCF's figures on this model and target: docs/results.md).
 * ``effnet``: EfficientNet-Lite0, 100 calibration / 900 evaluation ImageNet samples, top-1 agreement with
   FP32, target drop <= 0.005.
 * ``minilm``: all-MiniLM-L6-v2, 200 calibration / 200 evaluation STS-B sentences (seq 128), cosine of
