@@ -45,11 +45,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from converter.config import QuantConfig
+from converter import AccuracyTarget, QuantConfig, TargetNotMetError, auto_quantize, quantize
 from converter.graph.scopes import scopes
-from converter.pipeline import quantize
 from converter.quant.control_flow import quantized_nodes_in_bodies, subgraph_qdq_counts
-from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
 
 from .benchlib.assets import CHUNK, add_assets_argument, assets_or_exit, read_wav, stream
 from .benchlib.measure import session as bench_session

@@ -52,9 +52,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converter import QuantConfig
+from converter import AccuracyTarget, BuiltinEvaluator, QuantConfig, TargetNotMetError, auto_quantize
 from converter.options import output_paths
-from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize
 from converter.search.cost import COMPUTE_OPS
 
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, minilm_export, stsb_rows, tokenizer

@@ -25,8 +25,7 @@ import numpy as np
 
 from onnxruntime.quantization import QuantType
 
-from converter import QuantConfig
-from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
+from converter import AccuracyTarget, QuantConfig, TargetNotMetError, auto_quantize
 
 from .benchlib.assets import (
     STSB,

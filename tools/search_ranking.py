@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from converter import QuantConfig
+from converter import AccuracyTarget, BuiltinEvaluator, QuantConfig, TargetNotMetError, auto_quantize
 from converter.options import output_paths
-from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize
 
 from .search_bench import _batches, _float_proto, float_compute_ops, minilm_bench
 from .benchlib.assets import add_assets_argument, assets_or_exit
