@@ -59,7 +59,7 @@ from converter.search.cost import COMPUTE_OPS
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, minilm_export, stsb_rows, tokenizer
 from .benchlib.measure import compare_latency
 from .benchlib.ort_baseline import ort_quantize_static
-from .benchlib.tasks import ROOT
+from .benchlib.tasks import ROOT, batches
 
 
 FP32, OURS, ORT_ALL, ORT_HAND = "fp32", "ours", "ort_all_ops", "ort_hand_tuned"
@@ -93,7 +93,7 @@ def _float_proto(path: Path) -> onnx.ModelProto:
 
 
 def _batches(name: str, x: np.ndarray, size: int) -> list[dict]:
-    return [{name: x[i:i + size]} for i in range(0, len(x), size)]
+    return batches(x, size, name)  # tools.benchlib's; this name is search_ranking's
 
 
 def cnn_bench(key: str, assets: Path) -> Bench:
