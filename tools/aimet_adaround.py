@@ -1,5 +1,7 @@
 """AIMET's AdaRound on one model, for tools/ptq_techniques.py: runs INSIDE the aimet-onnx venv (not a project
 dependency), as a subprocess, and prints one JSON line.
+Standalone: it imports neither ``converter`` nor ``tools`` (and edits no ``sys.path``), so it runs by path
+with the venv's python, as below, or as ``/tmp/aimet/bin/python -m tools.aimet_adaround`` from the repository root.
 
     /tmp/aimet/bin/python tools/aimet_adaround.py --model float.onnx --calib calib.npy --eval eval.npy
         --labels labels.npy --input NAME [--weight-bits 4] [--iterations N] [--batch 16] [--threads 1]

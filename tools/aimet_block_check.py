@@ -13,25 +13,25 @@ quantized with 4-bit block-wise weights (``weight_block_size`` 32), first/last l
    QDQ model?
 
 aimet-onnx is not a project dependency (a CUDA torch build): run this with its venv's python, e.g.
-``PYTHONPATH=. /tmp/aimet/bin/python tools/aimet_block_check.py``. Without aimet-onnx it says so and exits 2.
+``PYTHONPATH=$PWD /tmp/aimet/bin/python -m tools.aimet_block_check`` from the repository root (the
+converter package and tools.benchlib come from PYTHONPATH; nothing edits sys.path). Without aimet-onnx it says so and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from converter import QuantConfig, apply_encodings, quantize
+from converter.pipeline import prepare
+from converter.quant.encodings_io import read_encodings
 
-from converter import QuantConfig, apply_encodings, quantize  # noqa: E402
-from converter.pipeline import prepare  # noqa: E402
-from converter.quant.encodings_io import read_encodings  # noqa: E402
+from .benchlib.measure import session
 
 BLOCK = 32
 
@@ -91,7 +91,7 @@ def check(label: str, model: onnx.ModelProto, x: dict[str, np.ndarray], version:
              if n in {w["weight"] for w in r.report["summary"]["weights"]}}
     print(f"  non-strict load: weight quantizers {kinds}")
     ys = s.session.run(None, x)[0]
-    yq = ort.InferenceSession(str(r.model_path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    yq = session(r.model_path, "all").run(None, x)[0]
     print(f"  AIMET sim vs our QDQ model in ORT: max |diff| {float(np.abs(ys - yq).max()):.3g} "
           f"(output max |y| {float(np.abs(yq).max()):.3g})")
     s.export(str(work / f"{label}{version}"), "aimet", export_model=False, encoding_version="2.0.0")
@@ -110,7 +110,8 @@ def check(label: str, model: onnx.ModelProto, x: dict[str, np.ndarray], version:
           f"{applied.read_bytes() == r.model_path.read_bytes()}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     try:
         import aimet_onnx  # noqa: F401
     except ImportError:

@@ -4,6 +4,8 @@ aimet-onnx's ``equalize_model`` (BatchNorm folding, ReLU6 -> Relu, cross-layer s
 has the BatchNorms) on the float model, then a ``QuantizationSimModel`` with the default config (per-tensor
 int8 weights, 8-bit activations, min-max), encodings computed on the calibration images, top-1 on the evaluation
 images. Not a project module: aimet-onnx is not a dependency (a CUDA torch build, ~6 GB).
+Standalone: it imports neither ``converter`` nor ``tools`` (and edits no ``sys.path``), so it runs by path
+with the venv's python, as below, or as ``/tmp/aimet/bin/python -m tools.aimet_cle_row`` from the repository root.
 
     /tmp/aimet/bin/python tools/aimet_cle_row.py MODEL.onnx CALIB.npy EVAL.npy LABELS.npy OUT.json [--no-cle]
                                                  [--clip-bounds-as-nodes]

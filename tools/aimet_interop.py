@@ -20,31 +20,27 @@ encodings version:
 
    Biases: AIMET's sim keeps them float (its float32 QcQuantizeOp cannot simulate int32, see
    ``QuantizationSimModel.fold_param_quantizers``); QNN, ORT and our QDQ models run them int32 (scale = input
-   scale x weight scale). That alone moves 1.6% (ort-cpu) to 3.4% (qnn) of ResNet-8's top-1 decisions (a
-   rounding-level change to a bias flips later 8-bit roundings; measured: AIMET's own QDQ export with float biases
-   agrees 96.8% with ours, with int32 biases 100%). So the sim runs a second time on the model with AIMET's own
-   int32 bias values (from ``to_onnx_qdq(export_int32_bias=True)``), the sim of what is deployed: its agreement is
-   the requirement (>= 98%); the float-bias sim's is printed beside it.
+   scale x weight scale). That alone moves a few percent of ResNet-8's top-1 decisions (a rounding-level change to
+   a bias flips later 8-bit roundings). So the sim runs a second time on the model with AIMET's own int32 bias
+   values (from ``to_onnx_qdq(export_int32_bias=True)``), the sim of what is deployed: its agreement is the
+   requirement (>= 98%); the float-bias sim's is printed beside it.
 
-   What is left on EfficientNet-Lite0 (99.4% with int32 biases, 99.6% for AIMET's QDQ export) is AIMET's
-   rounding: libpymo quantizes in the offset domain, round((x - min) / scale) in float32, which near a .5 tie
-   differs from ONNX QuantizeLinear's round(x / scale) (ours, ORT's). Measured: a weight with x / scale =
-   3.4999938 becomes 4 in AIMET's export (our 3); 22 of the 49 Convs have at least one weight one step apart.
+   What is left on EfficientNet-Lite0 is AIMET's rounding: libpymo quantizes in the offset domain,
+   round((x - min) / scale) in float32, which near a .5 tie differs from ONNX QuantizeLinear's round(x / scale)
+   (ours, ORT's). The measured figures: docs/results.md, "AIMET rules".
 
 Without aimet-onnx step 3 prints that it needs it and the exit status is 2 (the rules check still runs).
 
 Usage::
 
-    python tools/aimet_interop.py [--assets DIR] [--models resnet8 efficientnet_lite0] [--targets ort-cpu qnn]
+    python -m tools.aimet_interop [--assets DIR] [--models resnet8 efficientnet_lite0] [--targets ort-cpu qnn]
                                   [--versions 1.0.0 0.6.1 2.0.0] [--eval N] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -55,24 +51,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from converter import QuantConfig, quantize  # noqa: E402
-from converter.config import TARGETS  # noqa: E402
-from converter.graph.index import GraphIndex  # noqa: E402
-from converter.pipeline import prepare  # noqa: E402
+from converter import QuantConfig, quantize
+from converter.config import TARGETS
+from converter.graph.index import GraphIndex
+from converter.pipeline import prepare
 from converter.quant.aimet_rules import (BIASES_IN_FILE, DATA_MOVEMENT_IN_FILE, OUTPUT_NOT_QUANTIZED,
-                                         aimet_quantizers, bias_tensors, tie_conflicts)  # noqa: E402
-from converter.quant.encodings_io import read_encodings  # noqa: E402
+                                         aimet_quantizers, bias_tensors, tie_conflicts)
+from converter.quant.encodings_io import read_encodings
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "tools" / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_e2e"] = module
-    spec.loader.exec_module(module)
-    return module
+from . import bench_e2e
+from .benchlib.assets import add_assets_argument, assets_or_exit
+from .benchlib.measure import session
+from .benchlib.tasks import ROOT
 
 
 def aimet_available() -> str | None:
@@ -165,10 +155,7 @@ def aimet_run(model: onnx.ModelProto, enc_path: Path, activation_bits: int, inpu
     out["pred"] = top1(sim.session, input_name, x)
     out["sim_s"] = round(time.perf_counter() - t, 1)
     qdq = sim.to_onnx_qdq(export_int32_bias=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    out["qdq_pred"] = top1(ort.InferenceSession(qdq.SerializeToString(), so, providers=["CPUExecutionProvider"]),
-                           input_name, x)
+    out["qdq_pred"] = top1(session(qdq, "off"), input_name, x)
     # the sim once more on the model with AIMET's int32 bias values: what a sim of int32 biases computes
     sim32 = _sim(int32_biases(qdq, model), activation_bits, tie)
     load_encodings_to_sim(sim32, str(enc_path), strict=out["strict_load"] == "ok")
@@ -198,7 +185,7 @@ def aimet_round_trip_200(model: onnx.ModelProto, enc_path: Path, qdq_path: Path,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")))
+    add_assets_argument(ap)
     ap.add_argument("--models", nargs="+", default=["resnet8", "efficientnet_lite0"],
                     choices=["resnet8", "efficientnet_lite0"])
     ap.add_argument("--targets", nargs="+", default=["ort-cpu", "qnn"], choices=["ort-cpu", "qnn"])
@@ -207,6 +194,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="write the quantized files here (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
 
     missing = aimet_available()
     if missing:
@@ -214,9 +202,8 @@ def main() -> int:
               "This tool needs aimet-onnx for the strict load and the sim comparison; only the rules check runs.\n"
               "Install it in a separate venv (it pulls a CUDA torch, ~6 GB):\n"
               "  python -m venv /tmp/aimet && /tmp/aimet/bin/pip install aimet-onnx\n"
-              f"  PYTHONPATH={ROOT} /tmp/aimet/bin/python tools/aimet_interop.py\n")
-    bench = _bench()
-    loaders = {"resnet8": bench.resnet8_task, "efficientnet_lite0": bench.efficientnet_task}
+              f"  cd {ROOT} && PYTHONPATH={ROOT} /tmp/aimet/bin/python -m tools.aimet_interop\n")
+    loaders = {"resnet8": bench_e2e.resnet8_task, "efficientnet_lite0": bench_e2e.efficientnet_task}
     results = []
     ok = True
     with tempfile.TemporaryDirectory(prefix="aimet_interop.") as tmp:
@@ -225,18 +212,14 @@ def main() -> int:
             task = loaders[key](args.assets)
             float_model = prepare(str(task.model)).model  # the model our names refer to (and AIMET's sim is built on)
             x, y = task.eval_x[:args.eval], task.eval_y[:args.eval]
-            fp32 = top1(ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"]),
-                        task.input_name, x)
+            fp32 = top1(session(float_model, "all"), task.input_name, x)
             for target in args.targets:
                 for version in args.versions:
                     out_dir = work / f"{key}-{target}-{version}"
                     calib = [{task.input_name: task.calib[i:i + 16]} for i in range(0, len(task.calib), 16)]
                     res = quantize(str(task.model), calib, QuantConfig(target=target, encodings_version=version),
                                    output_dir=out_dir, name=key)
-                    so = ort.SessionOptions()
-                    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # QDQ as written
-                    ours = top1(ort.InferenceSession(str(res.model_path), so, providers=["CPUExecutionProvider"]),
-                                task.input_name, x)
+                    ours = top1(session(res.model_path, "off"), task.input_name, x)  # QDQ as written
                     row = {"model": key, "target": target, "version": version,
                            "fp32_top1": int((fp32 == y).sum()), "ours_top1": int((ours == y).sum()), "n": len(x),
                            "rules": rules_check(float_model, res.encodings_path),

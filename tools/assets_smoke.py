@@ -21,7 +21,7 @@ model, the QDQ op counts and how many Conv/MatMul/Gemm ORT fused into QLinear*/Q
 
 Usage::
 
-    python tools/assets_smoke.py [--assets DIR] [--target ort-cpu] [--only NAME,...] [--json FILE]
+    python -m tools.assets_smoke [--assets DIR] [--target ort-cpu] [--only NAME,...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import wave
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +42,29 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from converter.cli import main as qconvert
 
-from converter.cli import main as qconvert  # noqa: E402
+from .benchlib.assets import (
+    add_assets_argument,
+    assets_or_exit,
+    cifar10_test,
+    effnet_input,
+    imagenet_samples,
+    minilm_export,
+    read_wav,
+    resnet8_input,
+    stream,
+    stsb_rows,
+    tokenizer,
+)
+from .benchlib.measure import session as bench_session
 
 
 def session(path, optimized_path: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    """ORT CPU, all optimizations; with ``optimized_path``: level extended, its optimized graph saved there."""
     if optimized_path:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return bench_session(path, "extended", save_optimized=optimized_path)
+    return bench_session(path, "all")
 
 
 def write_calib(samples: list[dict[str, np.ndarray]], folder: Path) -> Path:
@@ -70,11 +77,8 @@ def write_calib(samples: list[dict[str, np.ndarray]], folder: Path) -> Path:
 # --- images -------------------------------------------------------------------------------------------
 
 def imagenet(assets: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    sys.path.insert(0, str(assets / "imagenet-samples"))
-    import imagenet_data
-
-    x, y, _ = imagenet_data.load(n)
-    return ((x.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy(), y
+    x, y = imagenet_samples(assets, n)
+    return effnet_input(x), y
 
 
 def effnet(assets: Path, n_eval: int):
@@ -93,12 +97,8 @@ def effnet(assets: Path, n_eval: int):
 
 def resnet8(file: str):
     def make(assets: Path, n_eval: int):
-        from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
-
-        d = np.load(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")
-        order = class_interleaved(d["labels"])[:200 + n_eval * 4]
-        x = d["images_nhwc_uint8"][order].astype(np.float32).transpose(0, 3, 1, 2).copy()
-        y = d["labels"][order]
+        images, y = cifar10_test(assets, 200 + n_eval * 4)  # class-interleaved: the file is sorted by class
+        x = resnet8_input(images)
         path = assets / "cifar10-resnet8" / file
         name = onnx.load(str(path)).graph.input[0].name
         calib = [{name: x[i:i + 1]} for i in range(200)]
@@ -117,21 +117,13 @@ def resnet8(file: str):
 # --- MiniLM ---------------------------------------------------------------------------------------------
 
 def minilm_onnx(assets: Path) -> Path:
-    out = Path(os.environ.get("MINILM_ONNX", Path(tempfile.gettempdir()) / "minilm_opset14.onnx"))
-    if not out.exists():
-        subprocess.run([sys.executable, str(assets / "minilm-sts" / "export.py"), str(out), "legacy"], check=True,
-                       capture_output=True)
-    return out
+    return minilm_export(assets, os.environ.get("MINILM_ONNX", Path(tempfile.gettempdir()) / "minilm_opset14.onnx"))
 
 
 def minilm(assets: Path, n_eval: int):
     from scipy.stats import spearmanr
-    from tokenizers import Tokenizer
-
-    h = assets / "minilm-sts"
-    tok = Tokenizer.from_file(str(h / "tokenizer.json"))
-    tok.enable_truncation(128)
-    rows = [line.rstrip("\n").split("\t") for line in open(h / "sts-test.csv", encoding="utf-8")]
+    tok = tokenizer(assets, fixed=False)
+    rows = stsb_rows(assets)
     calib_rows, eval_rows = rows[:50], rows[50:50 + n_eval]
 
     def feeds(batch, length=None):
@@ -245,24 +237,8 @@ def ppocr_cls(assets: Path, n_eval: int):
 
 # --- Silero VAD -----------------------------------------------------------------------------------------
 
-def _wav(path: Path) -> np.ndarray:
-    w = wave.open(str(path))
-    return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
-
-
 def _vad_stream(sess, x: np.ndarray, record: list | None = None, every: int = 1) -> np.ndarray:
-    n, ctx = 512, 64
-    x = np.pad(x, (0, (-len(x)) % n))
-    state, c, out = np.zeros((2, 1, 128), np.float32), np.zeros((1, ctx), np.float32), []
-    for k, i in enumerate(range(0, len(x), n)):
-        inp = np.concatenate([c, x[None, i:i + n]], 1)
-        feed = {"input": inp, "state": state, "sr": np.array(16000, np.int64)}
-        if record is not None and k % every == 0:
-            record.append({key: v.copy() for key, v in feed.items()})
-        p, state = sess.run(None, feed)
-        out.append(float(p[0, 0]))
-        c = inp[:, -ctx:]
-    return np.array(out)
+    return stream(sess, x, record, every)
 
 
 def silero(file: str):
@@ -273,12 +249,12 @@ def silero(file: str):
         calib: list = []
         fp32 = session(path)
         for f in wavs[:2]:  # de, en: every 8th chunk of the stream, with the FP32 state at that point
-            _vad_stream(fp32, _wav(f)[:16000 * 20], calib, every=8)
+            _vad_stream(fp32, read_wav(f)[:16000 * 20], calib, every=8)
 
         def evaluate(fp32, q):
             agree, dp, frames = [], 0.0, 0
             for f in wavs[2:2 + n_eval]:
-                x = _wav(f)[:16000 * 30]
+                x = read_wav(f)[:16000 * 30]
                 pf, pq = _vad_stream(fp32, x), _vad_stream(q, x)
                 agree.append(((pf > 0.5) == (pq > 0.5)).mean())
                 dp = max(dp, float(np.abs(pf - pq).max()))
@@ -364,7 +340,7 @@ def run_one(name: str, assets: Path, target: str, n_eval: int, work: Path, extra
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--target", default="ort-cpu")
     ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(ASSETS))
     ap.add_argument("--n-eval", type=int, default=200, help="held-out samples per model (files for silero)")
@@ -372,6 +348,7 @@ def main() -> int:
     ap.add_argument("--keep", help="keep the outputs in this folder")
     ap.add_argument("extra", nargs="*", help="extra `qconvert quantize` options (after --)")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     names = args.only.split(",") if args.only else list(ASSETS)
     rows = []
     for name in names:

@@ -23,7 +23,7 @@ wrong-input-shape   models/efficientnet_lite0.py:build exported with input_shape
 
 Usage::
 
-    python tools/batch_assets.py [--assets DIR] [--work DIR] [--jobs 2] [--only name,...]
+    python -m tools.batch_assets [--assets DIR] [--work DIR] [--jobs 2] [--only name,...]
 """
 
 from __future__ import annotations
@@ -31,19 +31,31 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchlib.assets import (
+    add_assets_argument,
+    assets_or_exit,
+    cifar10_test,
+    feeds,
+    minilm_export,
+    read_wav,
+    resnet8_input,
+    stream,
+    stsb_rows,
+    tokenizer,
+)
+from .benchlib.measure import session
+from .benchlib.tasks import ROOT
+
+
 # The CI policy of this demo: mean cosine >= 0.99 on every output (verify's default); classifiers also
 # top-1 agreement >= 95% and accuracy drop <= 1 point (verify's default agreement, 99%, is stricter).
 CLASSIFIER = {"min_agreement": 0.95, "max_top1_drop": 0.01}
@@ -68,18 +80,15 @@ def save_labels(path: Path, labels) -> str:
 # --- per-asset data preparation: each returns the job entries for that asset ----------------------------
 
 def resnet8(assets: Path, work: Path) -> list[dict]:
-    from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
-
-    d = np.load(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")
-    order = class_interleaved(d["labels"])[:1200]
-    x = d["images_nhwc_uint8"][order].astype(np.float32).transpose(0, 3, 1, 2).copy()
+    images, cifar_labels = cifar10_test(assets, 1200)  # class-interleaved: the file is sorted by class
+    x = resnet8_input(images)
     calib, data = work / "cifar-calib", work / "cifar-eval"
     calib.mkdir(exist_ok=True)
     data.mkdir(exist_ok=True)
     np.save(calib / "000.npy", x[:200])
     for i in range(200, 1200, 250):
         np.save(data / f"{i:05d}.npy", x[i:i + 250])
-    labels = save_labels(work / "cifar-labels.npy", d["labels"][order][200:1200])
+    labels = save_labels(work / "cifar-labels.npy", cifar_labels[200:1200])
     verify = {"data": str(data), "labels": labels, **CLASSIFIER}
     return [{"name": name, "model": str(assets / "cifar10-resnet8" / f), "calib": str(calib), "verify": dict(verify)}
             for name, f in (("resnet8", "resnet8_cifar10.onnx"), ("resnet8-large", "resnet8_large_cifar10.onnx"))]
@@ -104,26 +113,11 @@ def effnet(assets: Path, work: Path) -> list[dict]:
 
 
 def minilm(assets: Path, work: Path) -> list[dict]:
-    from tokenizers import Tokenizer
-
-    h = assets / "minilm-sts"
-    model = work / "minilm_opset14.onnx"
-    if not model.exists():
-        subprocess.run([sys.executable, str(h / "export.py"), str(model), "legacy"], check=True, capture_output=True)
-    tok = Tokenizer.from_file(str(h / "tokenizer.json"))
-    tok.enable_truncation(64)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=64)
-    rows = [r.split("\t") for r in (h / "sts-test.csv").read_text(encoding="utf-8").splitlines()]
-    sentences = [s for r in rows[:150] for s in (r[5], r[6])]
-
-    def feeds(batch):
-        enc = tok.encode_batch(batch)
-        return {"input_ids": np.array([e.ids for e in enc], np.int64),
-                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
-                "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
-
-    calib = save_npz(work / "sts-calib", [feeds(sentences[i:i + 10]) for i in range(0, 100, 10)])
-    data = save_npz(work / "sts-eval", [feeds(sentences[i:i + 10]) for i in range(100, 300, 10)])
+    model = minilm_export(assets, work / "minilm_opset14.onnx")
+    tok = tokenizer(assets, fixed=True, length=64)
+    sentences = [s for r in stsb_rows(assets)[:150] for s in (r[5], r[6])]
+    calib = save_npz(work / "sts-calib", [feeds(tok, sentences[i:i + 10]) for i in range(0, 100, 10)])
+    data = save_npz(work / "sts-eval", [feeds(tok, sentences[i:i + 10]) for i in range(100, 300, 10)])
     job = {"name": "minilm", "model": str(model), "calib": calib, "verify": {"data": data, "min_agreement": None}}
     return [job, {**job, "name": "minilm-a16", "config": A16}]
 
@@ -161,25 +155,10 @@ def ppocr(assets: Path, work: Path) -> list[dict]:
              "calib": cls_calib, "verify": {"data": cls_data, "labels": labels, **CLASSIFIER}}]
 
 
-def _wav(path: Path) -> np.ndarray:
-    w = wave.open(str(path))
-    return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
-
-
 def _vad_feeds(model: Path, audio: np.ndarray, every: int) -> list[dict[str, np.ndarray]]:
     """Stream ``audio`` through the FP32 model; keep every ``every``-th chunk with the state at that point."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    state, ctx, kept = np.zeros((2, 1, 128), np.float32), np.zeros((1, 64), np.float32), []
-    audio = np.pad(audio, (0, (-len(audio)) % 512))
-    for k, i in enumerate(range(0, len(audio), 512)):
-        feed = {"input": np.concatenate([ctx, audio[None, i:i + 512]], 1), "state": state,
-                "sr": np.array(16000, np.int64)}
-        if k % every == 0:
-            kept.append({key: v.copy() for key, v in feed.items()})
-        _, state = sess.run(None, feed)
-        ctx = feed["input"][:, -64:]
+    kept: list[dict[str, np.ndarray]] = []
+    stream(session(model, "all"), audio, kept, every)
     return kept
 
 
@@ -189,9 +168,9 @@ def silero(assets: Path, work: Path) -> list[dict]:
     jobs = []
     for f in ("silero_vad.onnx", "silero_vad_16k_op15.onnx", "silero_vad_op18_ifless.onnx"):
         name = Path(f).stem.replace("_", "-")
-        samples = [s for w in wavs[:2] for s in _vad_feeds(h / f, _wav(w)[:16000 * 20], 8)]
+        samples = [s for w in wavs[:2] for s in _vad_feeds(h / f, read_wav(w)[:16000 * 20], 8)]
         calib = save_npz(work / f"{name}-calib", samples)
-        data = save_npz(work / f"{name}-eval", _vad_feeds(h / f, _wav(wavs[2])[:16000 * 20], 4))
+        data = save_npz(work / f"{name}-eval", _vad_feeds(h / f, read_wav(wavs[2])[:16000 * 20], 4))
         jobs.append({"name": name, "model": str(h / f), "calib": calib, "config": {"batch_size": 1},
                      "verify": {"data": data, "batch_size": 1}})
         if "16k" in f:  # 8 bits fail the cosine gate on this variant; the remedy job uses 16-bit activations
@@ -214,12 +193,13 @@ PREPARE = {"resnet8": resnet8, "effnet": effnet, "minilm": minilm, "ppocr": ppoc
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--work", help="work folder (default: a new temporary folder, kept)")
     ap.add_argument("--jobs", default="2", help="worker processes")
     ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(PREPARE))
     ap.add_argument("--timeout", default="1200", help="seconds per job")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     assets = Path(args.assets)
     work = Path(args.work or tempfile.mkdtemp(prefix="batch_assets-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ Needs Ray (``pip install '.[ray]'``); prints one table.
 
 Usage::
 
-    python tools/batch_executors.py [--assets DIR] [--work DIR] [--jobs 2] [--kill-at TEXT]
+    python -m tools.batch_executors [--assets DIR] [--work DIR] [--jobs 2] [--kill-at TEXT]
 """
 
 from __future__ import annotations
@@ -47,33 +47,31 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "models"))
+from .benchlib.assets import add_assets_argument, assets_or_exit, cifar10_test, resnet8_input
+from .benchlib.tasks import ROOT, load_models_module
+
 
 COMPARED = (".qdq.onnx", ".encodings", ".float.onnx")  # the outputs that must be byte-identical
 KILL_JOB = "efficientnet-lite0"
 
 
 def prepare(assets: Path, work: Path) -> dict:
-    from batch_assets import EFFNET_SPEC
-    from bench_e2e import class_interleaved
-    from digits_detector import make_data
+    from .batch_assets import EFFNET_SPEC
+
+    make_data = load_models_module("digits_detector").make_data
 
     det_c, det_e = work / "det-calib", work / "det-eval"
     for folder, (n, seed) in ((det_c, (64, 0)), (det_e, (128, 1))):
         folder.mkdir(exist_ok=True)
         np.save(folder / "x.npy", make_data(n, seed)[0])
-    d = np.load(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")
-    order = class_interleaved(d["labels"])[:700]
-    x = d["images_nhwc_uint8"][order].astype(np.float32).transpose(0, 3, 1, 2).copy()
+    images, cifar_labels = cifar10_test(assets, 700)  # class-interleaved: the file is sorted by class
+    x = resnet8_input(images)
     cif_c, cif_e = work / "cifar-calib", work / "cifar-eval"
     cif_c.mkdir(exist_ok=True)
     cif_e.mkdir(exist_ok=True)
     np.save(cif_c / "000.npy", x[:200])
     np.save(cif_e / "000.npy", x[200:700])
-    np.save(work / "cifar-labels.npy", d["labels"][order][200:700].astype(np.int64))
+    np.save(work / "cifar-labels.npy", cifar_labels[200:700].astype(np.int64))
     h = assets / "imagenet-samples"
     rows = [r.split("\t") for r in (h / "labels.tsv").read_text().splitlines()[1:]]
     img_c, img_e = work / "imagenet-calib", work / "imagenet-eval"
@@ -183,12 +181,13 @@ def ray_startup_s() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--work", help="work folder (default: a new temporary folder, kept)")
     ap.add_argument("--jobs", type=int, default=2, help="jobs in flight (both executors)")
     ap.add_argument("--kill-at", default="converter: calibrated",
                     help=f"kill {KILL_JOB}'s worker when its job.log shows this (default: calibration is done)")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     try:
         import ray
     except ImportError:

@@ -15,17 +15,17 @@ histogram: its ranges are min/max ones, so its Entropy accuracy matches its MinM
 
 Times are those of the measured call only (the FP32 pass, ``quantize``, ``quantize_static``). The
 calibration samples are decoded before the timer starts (JPEG decoding and the CIFAR npz would
-otherwise add the same ~0.3 s to every tool); each batch's preprocessing stays inside.
+otherwise add the same fixed time to every tool); each batch's preprocessing stays inside.
 
-Models (assets under $ASSETS, default /work/shared/assets):
+Models (assets under ``--assets DIR``, else $CONVERTER_ASSETS, else /work/shared/assets):
   effnet   EfficientNet-Lite0; calibration = the first 100 ImageNet sample images, cycled to N;
            accuracy = top-1 on the other 900 images
   resnet8  MLPerf Tiny ResNet-8 CIFAR-10; calibration = the first 1000 test images (cycled);
            accuracy = top-1 on the other 9000
-  minilm   all-MiniLM-L6-v2 (ONNX made by $ASSETS/minilm-sts/export.py, path via --minilm-onnx);
+  minilm   all-MiniLM-L6-v2 (ONNX made by the assets' minilm-sts/export.py, path via --minilm-onnx);
            calibration = STS-B test sentences, padded to 128 tokens; memory scaling only
 
-Usage: python tools/bench_calibration.py --models effnet,resnet8,minilm --samples 32,512
+Usage: python -m tools.bench_calibration --models effnet,resnet8,minilm --samples 32,512
 """
 
 from __future__ import annotations
@@ -44,8 +44,20 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(os.environ.get("ASSETS", "/work/shared/assets"))
+from .benchlib.assets import (
+    add_assets_argument,
+    assets_or_exit,
+    cifar10_test,
+    effnet_input,
+    imagenet_samples,
+    resnet8_input,
+)
+from .benchlib.measure import session
+from .benchlib.ort_baseline import ort_quantize_static
+from .benchlib.tasks import ROOT, child_env
+
+
+ASSETS = Path()  # main sets it: --assets, passed on to every child
 OURS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
 PEER = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy", "mse": "Distribution"}
 BATCH = 16
@@ -54,27 +66,20 @@ BATCH = 16
 # --- data (children and parent) ---------------------------------------------------------------------
 
 def _effnet_images(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    sys.path.insert(0, str(ASSETS / "imagenet-samples"))
-    import imagenet_data
-
-    x, y, _ = imagenet_data.load(stop)
+    x, y = imagenet_samples(ASSETS, stop)
     return x[start:], y[start:]
 
 
 def _effnet_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
-    return {"input": ((u8.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()}
+    return {"input": effnet_input(u8)}
 
 
 def _cifar(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    from bench_e2e import class_interleaved  # the file is sorted by class: take balanced slices
-
-    with np.load(ASSETS / "cifar10-resnet8" / "cifar10_test_from_jpg.npz") as d:
-        order = class_interleaved(d["labels"])[start:stop]
-        return d["images_nhwc_uint8"][order], d["labels"][order]
+    return cifar10_test(ASSETS, stop, start)  # class-interleaved: the file is sorted by class
 
 
 def _cifar_feed(u8: np.ndarray) -> dict[str, np.ndarray]:
-    return {"input_1": u8.astype(np.float32).transpose(0, 3, 1, 2).copy()}
+    return {"input_1": resnet8_input(u8)}
 
 
 class WordPiece:
@@ -142,10 +147,8 @@ def child(job: dict) -> dict:
     path, n, out = model_path(job["model"], job["minilm"]), job["n"], Path(job["out"])
     pool = calibration_pool(job["model"])
     if job["tool"] == "fp32":
-        import onnxruntime as ort
-
         t = time.perf_counter()
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess = session(path, "all")
         for feeds in calibration_batches(job["model"], n, pool):
             sess.run(None, feeds)
         return {"seconds": time.perf_counter() - t}
@@ -159,38 +162,16 @@ def child(job: dict) -> dict:
         result = quantize(path, calibration_batches(job["model"], n, pool), config, output_dir=out.parent,
                           name=out.name.removesuffix(".qdq.onnx"))
         return {"seconds": time.perf_counter() - t, "calib_seconds": result.report["timings"]["calibration_s"]}
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = calibration_batches(job["model"], n, pool)
-
-        def get_next(self):
-            return next(self.it, None)
+    from onnxruntime.quantization import CalibrationMethod
 
     method = getattr(CalibrationMethod, job["method"])
     extra = {"CalibPercentile": 99.999} if job["method"] == "Percentile" else {}
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # ORT writes its augmented model next to the CWD otherwise
-        os.chdir(tmp)
-        path = _opset13(path, Path(tmp))
-        quantize_static(path, str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                        extra_options=extra)
+        os.chdir(tmp)  # (the baseline also copies the model, upgraded to opset 13 if older, into its own folder)
+        ort_quantize_static(path, calibration_batches(job["model"], n, pool), out, calibrate_method=method,
+                            extra_options=extra)
     return {"seconds": time.perf_counter() - t}
-
-
-def _opset13(path: str, tmp: Path) -> str:
-    """ORT's per-channel DequantizeLinear needs opset 13; older models are converted first (ours does the same)."""
-    import onnx
-
-    model = onnx.load(path)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-    if opset >= 13:
-        return path
-    out = tmp / "opset13.onnx"
-    onnx.save(onnx.version_converter.convert_version(model, 13), out)
-    return str(out)
 
 
 def spawn(job: dict, cap: int) -> dict:
@@ -199,10 +180,10 @@ def spawn(job: dict, cap: int) -> dict:
     def limits() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap + (4 << 30), cap + (4 << 30)))
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=fout, stderr=ferr,
-                                preexec_fn=limits, env=env, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "tools.bench_calibration", "--assets", str(ASSETS),
+                                 "--child", json.dumps(job)], stdout=fout, stderr=ferr, preexec_fn=limits,
+                                env=child_env(), cwd=ROOT, text=True)
         killed, status_file = False, Path(f"/proc/{proc.pid}/status")
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -238,13 +219,11 @@ def accuracy(model: str, path: str) -> str:
 
 
 def _accuracy(model: str, path: str) -> str:
-    import onnxruntime as ort
-
     if model == "minilm":
         return "-"
     x, y = _effnet_images(100, 1000) if model == "effnet" else _cifar(1000, 10000)
     feed = _effnet_feed if model == "effnet" else _cifar_feed
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess = session(path, "all")
     name = sess.get_inputs()[0].name
     pred = np.concatenate([sess.run(None, {name: next(iter(feed(x[i:i + 100]).values()))})[0].argmax(1)
                            for i in range(0, len(x), 100)])
@@ -279,18 +258,21 @@ def main() -> None:
     ap.add_argument("--subsample", type=int, default=16384,
                     help="our histogram values per sample and tensor (0: every value)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    add_assets_argument(ap)
     args = ap.parse_args()
+    global ASSETS
+    ASSETS = assets_or_exit(args.assets)
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return
     cap = int(args.cap_gib * 2**30)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_calib_"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_calib_")).resolve()  # children run from the root
     work.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     counts = [int(s) for s in args.samples.split(",")]
     for model in args.models.split(","):
         if model == "minilm" and not Path(args.minilm_onnx).is_file():
-            print(f"\n## {model}: {args.minilm_onnx} missing (python {ASSETS}/minilm-sts/export.py OUT legacy)")
+            print(f"\n## {model}: {args.minilm_onnx} missing (cd {ASSETS}/minilm-sts && python export.py OUT legacy)")
             continue
         print(f"\n## {model}  ({model_path(model, args.minilm_onnx)}; our weights: {args.weight_calib}; "
               f"histogram values per sample and tensor: {args.subsample or 'all'})", flush=True)

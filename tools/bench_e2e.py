@@ -25,28 +25,23 @@ Peer settings (the ones the MLPerf/EfficientNet baselines in BASELINE.md use)::
                     activation_type=QUInt8, weight_type=QInt8)
 
 Ours: ``QuantConfig(target="ort-cpu", calib_method="minmax", per_channel=True)``. Both read the
-same ``CalibrationDataReader`` class (``get_next`` protocol, batches of 16).
-
-``quantize_static`` writes temporary files next to the model it is given (two runs on one path
-collide), so the float model is copied into a private temp directory first.
+same calibration reader class (``tools.benchlib.ListReader``, batches of 16); the peer runs through
+``tools.benchlib.ort_quantize_static`` (a private copy of the model, opset-13 upgrade of older models).
 
 Usage::
 
-    python tools/bench_e2e.py [--assets DIR] [--runs N] [--threads T] [--json FILE]
+    python -m tools.bench_e2e [--assets DIR] [--runs N] [--threads T] [--json FILE]
 
-``--assets`` defaults to ``$CONVERTER_ASSETS`` or /work/shared/assets.
+``--assets`` defaults to ``$CONVERTER_ASSETS``, then /work/shared/assets.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -57,11 +52,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
 
 import converter
 from converter import QuantConfig
+
+from .benchlib.assets import (
+    add_assets_argument,
+    assets_or_exit,
+    cifar10_test,
+    effnet_input,
+    imagenet_samples,
+    resnet8_input,
+)
+from .benchlib.measure import latency_stats
+from .benchlib.measure import session as bench_session
+from .benchlib.ort_baseline import ListReader, ort_quantize_static
+from .benchlib.tasks import batches
+
 
 CALIB_BATCH = 16
 FP32, ORT_QDQ, OURS = "fp32", "ort", "ours"
@@ -86,24 +93,11 @@ class Task:
     requirement: str
 
 
-def class_interleaved(labels: np.ndarray) -> np.ndarray:
-    """Indices taking one image of each class in turn (the k-th of every class, then the (k+1)-th...), so any
-    prefix is balanced: the CIFAR-10 asset stores its 10,000 test images sorted by class."""
-    labels = np.asarray(labels)
-    rank = np.empty(len(labels), np.int64)
-    for c in np.unique(labels):
-        where = np.flatnonzero(labels == c)
-        rank[where] = np.arange(len(where))
-    return np.lexsort((labels, rank))
-
-
 def resnet8_task(assets: Path) -> Task:
     """MLPerf Tiny ResNet-8: raw 0..255 float32 pixels, NCHW (see cifar10-resnet8/check.py)."""
     folder = assets / "cifar10-resnet8"
-    with np.load(folder / "cifar10_test_from_jpg.npz") as d:
-        order = class_interleaved(d["labels"])[:2200]  # the file is sorted by class
-        images, labels = d["images_nhwc_uint8"][order], d["labels"][order]
-    x = images.astype(np.float32).transpose(0, 3, 1, 2).copy()
+    images, labels = cifar10_test(assets, 2200)  # class-interleaved: the file is sorted by class
+    x = resnet8_input(images)
     return Task("resnet8", "MLPerf Tiny ResNet-8 / CIFAR-10 (calib 200, eval 2000)", folder / "resnet8_cifar10.onnx",
                 "input_1", x[:200], x[200:2200], labels[200:2200].astype(np.int64), (1,), 250,
                 "ours within 1 point of FP32 top-1")
@@ -111,37 +105,24 @@ def resnet8_task(assets: Path) -> Task:
 
 def efficientnet_task(assets: Path) -> Task:
     """EfficientNet-Lite0: x = (pixel - 127) / 128, NCHW (see efficientnet-lite0/README.txt)."""
-    data = _import_file(assets / "imagenet-samples" / "imagenet_data.py")
-    images, labels, _ = data.load()
-    x = ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
+    images, labels = imagenet_samples(assets)
+    x = effnet_input(images)
     return Task("efficientnet_lite0", "EfficientNet-Lite0 / ImageNet samples (calib 100, eval 900)",
                 assets / "efficientnet-lite0" / "efficientnet-lite0_opset13.onnx", "input", x[:100], x[100:],
                 labels[100:].astype(np.int64), (1, 5), 50, "ours top-1 >= ORT top-1")
 
 
-def _import_file(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --- quantization --------------------------------------------------------------------------------
 
-class ArrayReader(CalibrationDataReader):
-    """ORT's CalibrationDataReader protocol over an in-memory array; ``converter`` reads it too."""
-
-    def __init__(self, input_name: str, x: np.ndarray, batch: int = CALIB_BATCH) -> None:
-        self.batches = iter([{input_name: x[i:i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
+def calib_reader(task: Task) -> ListReader:
+    """The calibration images in batches of 16, as a fresh reader (both tools read this class)."""
+    return ListReader(batches(task.calib, CALIB_BATCH, task.input_name))
 
 
 def quantize_ours(task: Task, workdir: Path) -> tuple[Path, float]:
     config = QuantConfig(target="ort-cpu", calib_method="minmax", per_channel=True)
     t = time.perf_counter()
-    result = converter.quantize(task.model, ArrayReader(task.input_name, task.calib), config,
+    result = converter.quantize(task.model, calib_reader(task), config,
                                 output_dir=workdir / "ours", name=task.key)
     return Path(result.model_path), time.perf_counter() - t
 
@@ -149,27 +130,9 @@ def quantize_ours(task: Task, workdir: Path) -> tuple[Path, float]:
 def quantize_ort(task: Task, workdir: Path) -> tuple[Path, float]:
     folder = workdir / "ort"
     folder.mkdir(exist_ok=True)
-    source = folder / task.model.name  # quantize_static writes temp files next to its input
-    shutil.copyfile(task.model, source)
     out = folder / f"{task.key}_qdq.onnx"
-    t = time.perf_counter()
-    upgrade_for_ort(source)
-    quantize_static(str(source), str(out), ArrayReader(task.input_name, task.calib), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return out, time.perf_counter() - t
-
-
-def upgrade_for_ort(path: Path) -> None:
-    """Convert ``path`` in place to opset 13 if older (timed as part of ORT's conversion).
-
-    ORT 1.31 ``quantize_static(per_channel=True)`` on an opset-11 model (ResNet-8) writes
-    ``DequantizeLinear(axis=0)`` under opset 11, where the attribute does not exist: its output fails
-    to load (INVALID_GRAPH "Unrecognized attribute: axis"). Its docs ask for opset >= 13 for
-    per-channel, so it gets the same ``onnx.version_converter`` upgrade ``converter`` does itself.
-    """
-    if opset_of(path) < 13:
-        onnx.save(onnx.version_converter.convert_version(onnx.load(str(path)), 13), str(path))
+    seconds = ort_quantize_static(task.model, batches(task.calib, CALIB_BATCH, task.input_name), out)
+    return out, seconds
 
 
 def quantize_both(task: Task, workdir: Path, reps: int) -> tuple[dict[str, Path], dict[str, float]]:
@@ -186,17 +149,8 @@ def quantize_both(task: Task, workdir: Path, reps: int) -> tuple[dict[str, Path]
 
 # --- measurements --------------------------------------------------------------------------------
 
-def session(path: Path, threads: int = 0, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            save_to: Path | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = level
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if save_to is not None:
-        so.optimized_model_filepath = str(save_to)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int = 0, level: str = "all", save_to: Path | None = None) -> ort.InferenceSession:
+    return bench_session(path, level, threads, save_optimized=save_to)
 
 
 def accuracy(path: Path, task: Task) -> dict[str, int]:
@@ -209,20 +163,8 @@ def accuracy(path: Path, task: Task) -> dict[str, int]:
 
 def latency(paths: dict[str, Path], feed: dict[str, np.ndarray], threads: int, warmup: int,
             runs: int) -> dict[str, dict[str, float]]:
-    """Batch-1 latency; every round runs each model once, in an order rotated round by round."""
-    sessions = {k: session(p, threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    keys = list(sessions)
-    samples: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(runs):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t = time.perf_counter()
-            sessions[k].run(None, feed)
-            samples[k].append((time.perf_counter() - t) * 1e3)
-    return {k: {"median_ms": statistics.median(v), "p10_ms": float(np.percentile(v, 10)),
-                "p90_ms": float(np.percentile(v, 90))} for k, v in samples.items()}
+    """Batch-1 latency (``tools.benchlib`` timer: every round runs each model once, the order rotated)."""
+    return latency_stats(paths, feed, runs, warmup, threads)
 
 
 FUSIONS = (("Conv", "QLinearConv"), ("Gemm", "QGemm"), ("Add", "QLinearAdd"))
@@ -230,7 +172,7 @@ FUSIONS = (("Conv", "QLinearConv"), ("Gemm", "QGemm"), ("Add", "QLinearAdd"))
 
 def fusion(path: Path, float_ops: Counter, save_to: Path) -> dict:
     """Op counts of the graph ORT actually runs (saved after ORT_ENABLE_EXTENDED optimization)."""
-    session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, save_to=save_to)
+    session(path, level="extended", save_to=save_to)
     ops = Counter(n.op_type for n in onnx.load(str(save_to)).graph.node)
     out = {f"{src}->{dst}": f"{ops[dst]}/{float_ops[src]}" for src, dst in FUSIONS}
     out.update({f"float {src}": ops[src] for src, _ in FUSIONS})
@@ -330,9 +272,7 @@ def environment(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--assets", type=Path,
-                   default=Path(os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")),
-                   help="folder with cifar10-resnet8/, efficientnet-lite0/, imagenet-samples/")
+    add_assets_argument(p)
     p.add_argument("--runs", type=int, default=300, help="timed rounds per model for latency (default 300)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up runs per model (default 10)")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs (default 1)")
@@ -343,6 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
     p.add_argument("--keep", type=Path, help="write the QDQ and ORT-optimized models here instead of a temp dir")
     args = p.parse_args(argv)
+    args.assets = assets_or_exit(args.assets)
     for name in ("cifar10-resnet8", "efficientnet-lite0", "imagenet-samples"):
         if not (args.assets / name).is_dir():
             p.error(f"{args.assets / name} not found: pass --assets DIR or set CONVERTER_ASSETS")

@@ -3,16 +3,14 @@
 (200 / 2,000 CIFAR-10 images) and the digits CNN (models/digits_cnn.py, 64 / 597), with bias correction off, the
 default's ``fast_bias_correction`` and ``--bias-correction`` (empirical: 64 samples, two rounds); every other setting the default.
 
-    python tools/bias_correction_cost.py --assets /work/shared/assets [--models efficientnet,resnet8,digits]
+    python -m tools.bias_correction_cost --assets /work/shared/assets [--models efficientnet,resnet8,digits]
         [--rows off,fast,empirical,fast:32]   (fast:N: mode fast on N samples; fast:all: on every layer, not only depthwise Convs)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -20,23 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import converter
+from converter import QuantConfig
 
-from bench_e2e import ArrayReader, accuracy, efficientnet_task, resnet8_task  # noqa: E402
+from .bench_e2e import Task, accuracy, calib_reader, efficientnet_task, resnet8_task
+from .benchlib.assets import add_assets_argument, assets_or_exit
+from .benchlib.tasks import load_models_module
 
-import converter  # noqa: E402
-from converter import QuantConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 ROWS = {"off": dict(bias_correction=False, fast_bias_correction=False), "fast": dict(fast_bias_correction=True),
         "empirical": dict(bias_correction=True, bias_correction_mode="empirical")}
 
 
 def digits_task():
-    spec = importlib.util.spec_from_file_location("_bc_digits", ROOT / "models" / "digits_cnn.py")
-    digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(digits)
+    digits = load_models_module("digits_cnn")
     x_tr, _, x_te, y_te = digits.load_split()
     d = Path(tempfile.mkdtemp())
     import torch
@@ -44,19 +39,18 @@ def digits_task():
     torch.onnx.export(digits.build(), torch.from_numpy(x_tr[:1]), str(d / "digits.onnx"), input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
                       dynamo=False)
-    from bench_e2e import Task
-
     return Task("digits", "digits CNN (calib 64, eval 597)", d / "digits.onnx", "x", x_tr[:64], x_te,
                 y_te.astype(np.int64), (1,), 128, "")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "../shared/assets")))
+    add_assets_argument(p)
     p.add_argument("--models", default="efficientnet,resnet8,digits")
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    args.assets = assets_or_exit(args.assets)
     makers = {"efficientnet": lambda: efficientnet_task(args.assets), "resnet8": lambda: resnet8_task(args.assets),
               "digits": digits_task}
     out = {}
@@ -70,7 +64,7 @@ def main(argv=None) -> int:
             fast.LAYERS = "all" if variant == "all" else "depthwise"
             with tempfile.TemporaryDirectory() as d:
                 t = time.perf_counter()
-                r = converter.quantize(str(task.model), ArrayReader(task.input_name, task.calib),
+                r = converter.quantize(str(task.model), calib_reader(task),
                                        QuantConfig(**ROWS[name]), d, name="m")
                 total = time.perf_counter() - t
                 acc = accuracy(r.model_path, task)

@@ -16,7 +16,7 @@ blocks 32/64/128 (Conv blocks: 32 input channels x the kernel), ORT quantize_sta
 For each row: the metric(s), the model file size, batch-1 latency (median ms, ORT CPU, ORT_ENABLE_ALL, rounds
 rotating the models) and the ops ORT runs after its graph optimizations (MatMulNBits, QLinear*, DQ left).
 
-    nice python tools/block_weights_bench.py [--assets DIR] [--minilm-onnx PATH] [--models minilm,effnet]
+    nice python -m tools.block_weights_bench [--assets DIR] [--minilm-onnx PATH] [--models minilm,effnet]
                                              [--rows ...] [--stsb-pairs N] [--threads 1] [--runs 50]
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,14 +31,14 @@ from pathlib import Path
 
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import converter
+from converter import QuantConfig
+from converter.ort_session import optimized_op_counts
 
-import converter  # noqa: E402
-from converter import QuantConfig  # noqa: E402
-from converter.ort_session import optimized_op_counts  # noqa: E402
-from search_bench import latency  # noqa: E402  (batch-1 median ms, rotated rounds)
+from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
+from .benchlib.ort_baseline import ort_quantize_static
+from .search_bench import latency  # batch-1 median ms, rotated rounds
+
 
 OURS = {
     "ours-w8": dict(weight_bits=8),
@@ -56,14 +55,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class Reader:
-    def __init__(self, batches):
-        self.it = iter(batches)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def ort_nbits(model: Path, out: Path, block: int) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -74,7 +65,7 @@ def ort_nbits(model: Path, out: Path, block: int) -> Path:
 
 
 def ort_qint4(model: Path, out: Path, calib: list[dict]) -> Path:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_suffix(".pre.onnx")
@@ -85,9 +76,7 @@ def ort_qint4(model: Path, out: Path, calib: list[dict]) -> Path:
 
         m = version_converter.convert_version(m, 21)
         onnx.save(m, str(pre))
-    quantize_static(str(pre), str(out), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4,
-                    calibrate_method=CalibrationMethod.MinMax)
+    ort_quantize_static(pre, calib, out, weight_type=QuantType.QInt4)
     return out
 
 
@@ -122,13 +111,11 @@ def optimized_ops(path: Path) -> dict[str, int]:
 
 
 def minilm(assets: Path, onnx_path: Path, rows: list[str], work: Path, args) -> list[dict]:
-    from search_minilm import STSB, feeds, tokenizer
-
     from converter.search import BuiltinEvaluator
 
-    from search_bench import _float_proto
+    from .search_bench import _float_proto
 
-    lines = [ln.rstrip("\n").split("\t") for ln in open(assets / "minilm-sts" / "sts-test.csv", encoding="utf-8")]
+    lines = stsb_rows(assets)
     sentences = list(dict.fromkeys(s for r in lines for s in (r[5], r[6])))
     tok = tokenizer(assets, fixed=True)
     calib = [feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
@@ -154,7 +141,7 @@ def minilm(assets: Path, onnx_path: Path, rows: list[str], work: Path, args) -> 
 
 
 def effnet(assets: Path, rows: list[str], work: Path, args) -> list[dict]:
-    from bench_e2e import accuracy, efficientnet_task
+    from .bench_e2e import accuracy, efficientnet_task
 
     task = efficientnet_task(assets)
     calib = [{task.input_name: task.calib[i:i + 16]} for i in range(0, len(task.calib), 16)]
@@ -177,7 +164,7 @@ def effnet(assets: Path, rows: list[str], work: Path, args) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "../shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--minilm-onnx", default="/tmp/sb_minilm/minilm.onnx",
                     help="exported MiniLM (tools/search_bench.py exports one with the assets' export.py)")
     ap.add_argument("--models", default="minilm,effnet")
@@ -187,6 +174,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50, help="latency rounds (default 50)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     assets = Path(args.assets)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:

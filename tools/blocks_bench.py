@@ -1,8 +1,9 @@
 """All-INT8 (default config) accuracy and latency on the asset models: what the math-recognised blocks and the
-float-tail rule change. Run it once on each code version (PYTHONPATH picks the converter) and compare::
+float-tail rule change. Run it once from the root of each checkout (each measures its own converter) and
+compare::
 
-    BLOCKS_BENCH_CODE=/path/to/main python tools/blocks_bench.py --json before.json
-    python tools/blocks_bench.py --json after.json
+    cd /path/to/before && PYTHONPATH=$PWD python -m tools.blocks_bench --json /tmp/before.json
+    cd /path/to/after && PYTHONPATH=$PWD python -m tools.blocks_bench --json /tmp/after.json
 
 Per model: the asset's accuracy metric vs FP32 (tools/assets_smoke.py: EfficientNet-Lite0 top-1 on 900 held-out
 images, ResNet-8 top-1, MiniLM embedding cosine / Spearman, PP-OCRv4 exact lines / CER), the bundled digits
@@ -20,58 +21,40 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
+from converter import QuantConfig, quantize
 
-import assets_smoke as smoke  # noqa: E402
+from . import assets_smoke as smoke
+from .benchlib.assets import add_assets_argument, assets_or_exit
+from .benchlib.measure import compare_latency
+from .benchlib.measure import session as bench_session
+from .benchlib.tasks import load_models_module
 
-if os.environ.get("BLOCKS_BENCH_CODE"):  # measure another checkout's converter (assets_smoke put this one first)
-    sys.path.insert(0, os.environ["BLOCKS_BENCH_CODE"])
-    for mod in [m for m in sys.modules if m == "converter" or m.startswith("converter.")]:
-        del sys.modules[mod]
-
-from converter import QuantConfig, quantize  # noqa: E402
 
 INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")
 FLOAT_COMPUTE = ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm")
 
 
 def session(path, threads: int = 1, optimized: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized:
-        so.optimized_model_filepath = optimized
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return bench_session(path, "all", threads, save_optimized=optimized)
 
 
 def latency(fp32: ort.InferenceSession, q: ort.InferenceSession, feed: dict, runs: int) -> dict:
-    tf, tq = [], []
-    for s in (fp32, q):
-        for _ in range(5):
-            s.run(None, feed)
-    for _ in range(runs):  # interleaved: both see the same machine load
-        for s, acc in ((fp32, tf), (q, tq)):
-            t = time.perf_counter()
-            s.run(None, feed)
-            acc.append(time.perf_counter() - t)
-    f, qq = float(np.median(tf)) * 1e3, float(np.median(tq)) * 1e3
+    """``tools.benchlib`` timer: 5 warm-up runs each, then ``runs`` rounds, the order rotated round by round."""
+    ms = compare_latency({"fp32": fp32, "int8": q}, feed, runs, warmup=5)
+    f, qq = ms["fp32"], ms["int8"]
     return {"fp32_ms": round(f, 3), "int8_ms": round(qq, 3), "ratio": round(qq / f, 3)}
 
 
 def detector(n_eval: int):
-    sys.path.insert(0, str(ROOT / "models"))
-    import digits_detector as mod
     import torch
+
+    mod = load_models_module("digits_detector")
 
     from converter import export_torch
 
@@ -122,12 +105,13 @@ def run_model(name: str, assets: Path, n_eval: int, runs: int, work: Path) -> di
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "/work/shared/assets")))
+    add_assets_argument(ap)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--n-eval", type=int, default=0, help="held-out items (default: 900/500x4/300/200 per model)")
     ap.add_argument("--runs", type=int, default=100, help="interleaved latency rounds (default 100)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     import converter
 
     print(f"converter from {Path(converter.__file__).parent}", flush=True)

@@ -7,8 +7,8 @@ does not change the row; the default's ``fast_bias_correction`` is switched off 
 ``--reference DIR`` (the ``--out`` of a run of this script from another checkout, e.g. main in a temporary
 ``git worktree``), it compares row by row and exits 1 on any difference.
 
-    python tools/check_identical.py --assets /work/shared/assets --inputs /tmp/ci-inputs --out /tmp/ci-main
-    python tools/check_identical.py --assets /work/shared/assets --inputs /tmp/ci-inputs --out /tmp/ci-new \\
+    python -m tools.check_identical --assets /work/shared/assets --inputs /tmp/ci-inputs --out /tmp/ci-main
+    python -m tools.check_identical --assets /work/shared/assets --inputs /tmp/ci-inputs --out /tmp/ci-new \\
         --reference /tmp/ci-main
 
 ``--inputs`` holds the float models and calibration folders both runs read (written on first use), so the two
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from .benchlib.assets import add_assets_argument, assets_or_exit, effnet_input, imagenet_samples
+from .benchlib.tasks import ROOT, child_env, load_models_module
+
+
 OFF = ["--no-cle", "--no-smoothquant", "--no-bias-correction", "--no-adaround"]
 ROWS = {  # row -> flags after OFF (argparse: the last of --x / --no-x wins)
     "none": [],
@@ -41,13 +42,6 @@ ROWS = {  # row -> flags after OFF (argparse: the last of --x / --no-x wins)
     "cle+bias_correction": ["--cle", "--bias-correction", "--bias-correction-mode", "empirical"],
 }
 MODELS = ("digits", "resnet8", "efficientnet")
-
-
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _calib_dir(folder: Path, x: np.ndarray, batch: int = 16) -> Path:
@@ -66,7 +60,7 @@ def make_inputs(assets: Path, inputs: Path, models: list[str]) -> dict[str, tupl
     out = {}
     if "digits" in models:
         path = inputs / "digits.onnx"
-        digits = _import(ROOT / "models" / "digits_cnn.py", "_ci_digits")
+        digits = load_models_module("digits_cnn")
         x_tr = digits.load_split()[0]
         if not path.exists():
             import torch
@@ -80,9 +74,7 @@ def make_inputs(assets: Path, inputs: Path, models: list[str]) -> dict[str, tupl
             x = d["images_nhwc_uint8"][:64].astype(np.float32).transpose(0, 3, 1, 2)
         out["resnet8"] = (assets / "cifar10-resnet8" / "resnet8_cifar10.onnx", _calib_dir(inputs / "resnet8_calib", x))
     if "efficientnet" in models:
-        data = _import(assets / "imagenet-samples" / "imagenet_data.py", "_ci_imagenet")
-        images = data.load()[0][:32]
-        x = ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2)
+        x = effnet_input(imagenet_samples(assets)[0][:32])
         out["efficientnet"] = (assets / "efficientnet-lite0" / "efficientnet-lite0_opset13.onnx",
                                _calib_dir(inputs / "efficientnet_calib", x))
     return out
@@ -101,7 +93,7 @@ def off_flags(env: dict) -> list[str]:
 
 def run(models: dict[str, tuple[Path, Path]], rows: list[str], out: Path) -> dict[str, dict]:
     results = {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()  # this checkout's converter
     off = off_flags(env)
     for model, (path, calib) in models.items():
         for row in rows:
@@ -139,7 +131,7 @@ def compare(results: dict[str, dict], reference: dict[str, dict]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--assets", type=Path, default=Path(os.environ.get("CONVERTER_ASSETS", "../shared/assets")))
+    add_assets_argument(p)
     p.add_argument("--inputs", type=Path, required=True, help="float models and calibration folders (written once)")
     p.add_argument("--out", type=Path, required=True, help="where the rows' outputs and hashes.json go")
     p.add_argument("--reference", type=Path, help="another run's --out to compare against")
@@ -147,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--compare-only", action="store_true", help="compare --out's hashes.json with --reference's")
     args = p.parse_args(argv)
+    args.assets = assets_or_exit(args.assets)
     if args.compare_only:
         same = compare(json.loads((args.out / "hashes.json").read_text()),
                        json.loads((args.reference / "hashes.json").read_text()))

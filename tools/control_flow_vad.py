@@ -14,8 +14,8 @@ a top-level If on the sample rate (and nested Ifs below it). The tool
    is the target's default: float on ort-cpu, float or 16 bits per layer on qnn, which runs 16 bits) with a
    streaming evaluator: min(speech-probability cosine, frame agreement at p > 0.5) against FP32 over the
    first ``--eval-seconds`` of each WAV (``--search-metric cosine``: the cosine alone), target ``--target``
-   (0.99); the latency gate on at 1.0x FP32 (explicitly: a chunk runs in ~0.15 ms, under the default gate's 1 ms
-   floor; a model slower than FP32 on ORT CPU exits 1: reported, with its trade-offs);
+   (0.99); the latency gate on at 1.0x FP32 (explicitly: a chunk runs well under the default gate's 1 ms floor; a
+   model slower than FP32 on ORT CPU exits 1: reported, with its trade-offs);
 4. quantizes with ONNX Runtime's ``quantize_static`` (QDQ, same calibration samples): the peer, which
    skips subgraphs;
 5. streams every bundled WAV through the FP32 and each QDQ model (each with its own state) and prints, per
@@ -26,7 +26,7 @@ a top-level If on the sample rate (and nested Ifs below it). The tool
 The calibration samples are shuffled (fixed seed) once and every row gets the same list: the search ranks
 layers on its first ``--sensitivity-samples`` items, which should not all be the first second of one file.
 
-Usage: python tools/control_flow_vad.py [--assets DIR] [--calib-seconds 20] [--eval-seconds 20] [--target 0.99]
+Usage: python -m tools.control_flow_vad [--assets DIR] [--calib-seconds 20] [--eval-seconds 20] [--target 0.99]
        [--out DIR]
 """
 
@@ -37,55 +37,25 @@ import glob
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's converter, not an installed one
-from converter.config import QuantConfig
+from converter import AccuracyTarget, QuantConfig, TargetNotMetError, auto_quantize, quantize
 from converter.graph.scopes import scopes
-from converter.pipeline import quantize
 from converter.quant.control_flow import quantized_nodes_in_bodies, subgraph_qdq_counts
-from converter.search import AccuracyTarget, TargetNotMetError, auto_quantize
 
-CHUNK, CTX = 512, 64
-
-
-def read_wav(path: str) -> np.ndarray:
-    w = wave.open(path)
-    assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
-    return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
+from .benchlib.assets import CHUNK, add_assets_argument, assets_or_exit, read_wav, stream
+from .benchlib.measure import session as bench_session
+from .benchlib.ort_baseline import ort_quantize_static as _ort_quantize_static
 
 
 def session(model) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
-def stream(sess: ort.InferenceSession, x: np.ndarray, keep: list | None = None) -> np.ndarray:
-    """Speech probability per 32 ms chunk; ``keep`` collects the feeds (calibration samples)."""
-    x = np.pad(x, (0, (-len(x)) % CHUNK))
-    state = np.zeros((2, 1, 128), np.float32)
-    ctx = np.zeros((1, CTX), np.float32)
-    sr = np.array(16000, np.int64)
-    out = []
-    for i in range(0, len(x), CHUNK):
-        inp = np.concatenate([ctx, x[None, i:i + CHUNK]], 1)
-        feeds = {"input": inp, "state": state, "sr": sr}
-        if keep is not None:
-            keep.append(feeds)
-        p, state = sess.run(None, feeds)
-        out.append(float(p[0, 0]))
-        ctx = inp[:, -CTX:]
-    return np.array(out)
+    return bench_session(model, "all", threads=1)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,7 +83,7 @@ CONFIGS = {
     "int8": QuantConfig(batch_size=1),
     # the STFT (Conv on the audio, |X| = Sqrt(re^2 + im^2)) in float and the first encoder Conv, which reads the
     # magnitude spectrum, at 16 bits: the squared spectrum spans ~6 decades, which no linear 8- or 16-bit grid
-    # holds (int16 on the STFT nodes instead of float measured cosine 0.9969, agreement 0.985)
+    # holds (int16 on the STFT nodes instead of float: lower cosine and agreement, docs/results.md "Silero VAD")
     "int8+float-stft+int16-enc0": QuantConfig(
         batch_size=1, exclude_nodes=tuple(_P + f"stft/{n}" for n in ("Conv", "Pow", "Pow_1", "Add", "Sqrt")),
         int16_nodes=(_P + "encoder/0/reparam_conv/Conv",)),
@@ -208,24 +178,13 @@ def compare(path: Path, fp32: ort.InferenceSession, wavs: list[str], calib_secon
 def ort_quantize_static(model_path: Path, calib: list, out: Path) -> Path:
     """The peer: ONNX Runtime's static QDQ quantizer on the same calibration samples (int8 weights per channel,
     uint8 activations, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _ort_quantize_static(model_path, calib, out)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"),
-                    help="assets folder holding silero-vad/ (default: $CONVERTER_ASSETS or /work/shared/assets)")
+    add_assets_argument(ap)
     ap.add_argument("--calib-seconds", type=float, default=20.0,
                     help="seconds of each WAV streamed for calibration samples (default: 20)")
     ap.add_argument("--eval-seconds", type=float, default=20.0,
@@ -243,6 +202,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated rows to skip (int8, hand-picked, search, ort)")
     ap.add_argument("--out", help="folder for the quantized models (default: a temporary folder)")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     skip = set(filter(None, args.skip.split(",")))
     root = Path(args.assets) / "silero-vad"

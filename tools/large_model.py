@@ -10,7 +10,7 @@ the child's peak RSS (``os.wait4``), checks that ``apply-encodings`` writes the 
 
 Usage::
 
-    python tools/large_model.py [--dir DIR] [--width 8192] [--layers 9] [--samples 8] [--compare] [--keep]
+    python -m tools.large_model [--dir DIR] [--width 8192] [--layers 9] [--samples 8] [--compare] [--keep]
 
 Needs about 3.5 GiB of disk in ``--dir`` (default: a temporary folder) and, for the default size,
 about 8 GiB of memory.
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ)
@@ -140,10 +141,10 @@ def main() -> None:
         data = out / (qdq.name + ".data")
         print(f"   {qdq.name}: {qdq.stat().st_size / 2**10:.0f} KiB + {data.name} "
               f"{data.stat().st_size / 2**30 if data.exists() else 0:.3f} GiB ({n_ext} external tensors)")
-        import onnxruntime as ort
+        from converter.ort_session import create_session
 
         t = time.perf_counter()
-        ort.InferenceSession(str(qdq), providers=["CPUExecutionProvider"])
+        create_session(str(qdq), optimization="all")
         print(f"   ONNX Runtime loads {qdq.name} from its path with its external data ({time.perf_counter() - t:.1f} s)")
         applied = work / "applied.qdq.onnx"
         rows.append(step("apply-encodings", ["apply-encodings", str(model), str(out / "large.encodings"),

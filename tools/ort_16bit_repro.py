@@ -15,14 +15,16 @@ input re-quantized to int8 per block of 32 inside the kernel. The session config
 ``session.qdq_matmulnbits_accuracy_level=1`` (fp32 compute; what converter/ort_session.py sets in
 every session) keeps the rewrite and gives the unoptimized result back.
 
-    python tools/ort_16bit_repro.py            # whichever onnxruntime this python has
-    /tmp/ort131/bin/python tools/ort_16bit_repro.py
+    python -m tools.ort_16bit_repro            # whichever onnxruntime this python has
+    /tmp/ort131/bin/python -m tools.ort_16bit_repro
 
-Needs only numpy, onnx and onnxruntime (not the converter package).
+Needs only numpy, onnx and onnxruntime (not the converter package), so it runs under any ORT version's venv; it
+opens its ORT sessions itself on purpose (the point is what the options without the fix do).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -31,6 +33,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
 
 FIX = {"session.qdq_matmulnbits_accuracy_level": "1"}  # the entry converter/ort_session.py sets
 K, N, BATCH = 64, 32, 8
@@ -109,7 +112,8 @@ def rewritten_nodes(model: onnx.ModelProto, config: dict[str, str] | None = None
     return ", ".join(out)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     rng = np.random.default_rng(0)
     w = weights(rng)
     x = inputs(rng)

@@ -5,7 +5,7 @@ Prints, for both, the accuracy vs FP32 (the asset's metric from tools/assets_smo
 model's node and Q/DQ counts, and the op counts of the graph ONNX Runtime really runs (after its
 optimisations: LayerNormalization/SkipLayerNormalization/Gelu fusions, QLinear* kernels)::
 
-    python tools/patterns_effect.py [--asset minilm] [--target ort-cpu] [--assets DIR]
+    python -m tools.patterns_effect [--asset minilm] [--target ort-cpu] [--assets DIR]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from collections import Counter
@@ -21,13 +20,11 @@ from pathlib import Path
 
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from converter import QuantConfig, quantize
+from converter.config import TARGETS
 
-import assets_smoke as smoke  # noqa: E402
-
-from converter import QuantConfig, quantize  # noqa: E402
-from converter.config import TARGETS  # noqa: E402
+from . import assets_smoke as smoke
+from .benchlib.assets import add_assets_argument, assets_or_exit
 
 
 def one_run(path, calib, evaluate, config: QuantConfig, patterns: dict | None, work: Path) -> dict:
@@ -51,9 +48,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--asset", default="minilm", choices=list(smoke.ASSETS))
     ap.add_argument("--target", default="ort-cpu")
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--n-eval", type=int, default=200)
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     path, calib, evaluate, opts = smoke.ASSETS[args.asset](Path(args.assets), args.n_eval)
     config = QuantConfig(target=args.target, batch_size=opts.get("batch_size", 16))
     rows = {}

@@ -22,7 +22,7 @@ aimet-onnx pulls a CUDA torch of ~6 GB, so it is never a project dependency), on
   ``aimet-w4-tfe-fl8-asym[-adaround]``: and asymmetric param quantizers, beside ``w4-mse-fl8-asym*``;
   ``aimet-w4-tfe-fl8-dw8[-adaround]``: every depthwise Conv's weights at 8 bits too, beside ``w4-mse-fl8-dw8*``.
 
-    python tools/ptq_techniques.py --assets ../shared/assets [--model efficientnet_lite0|resnet8]
+    python -m tools.ptq_techniques [--assets DIR] [--model efficientnet_lite0|resnet8]
         [--rows fp32,per-tensor,...,aimet-cle] [--adaround-iterations N] [--aimet PYTHON|none] [--json FILE]
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -41,15 +40,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import converter
+from converter import QuantConfig
+from converter.ort_session import optimized_op_counts
+from converter.pipeline import prepare
 
-from bench_e2e import ArrayReader, accuracy, efficientnet_task, latency, resnet8_task  # noqa: E402
+from .bench_e2e import accuracy, calib_reader, efficientnet_task, latency, resnet8_task
+from .benchlib.assets import add_assets_argument, assets_or_exit
+from .benchlib.tasks import run_module
 
-import converter  # noqa: E402
-from converter import QuantConfig  # noqa: E402
-from converter.ort_session import optimized_op_counts  # noqa: E402
-from converter.pipeline import prepare  # noqa: E402
 
 FIRST_LAST_8 = {"first": 8, "last": 8}
 FIRST_LAST_DEPTHWISE_8 = {"first": 8, "last": 8, "depthwise": 8}
@@ -156,7 +155,7 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
         config = QuantConfig(**{"target": "ort-cpu", "calib_method": "minmax", "adaround_iterations": iterations,
                                 "threads": threads, **ROWS[key]})
         t = time.perf_counter()
-        result = converter.quantize(task.model, ArrayReader(task.input_name, task.calib), config,
+        result = converter.quantize(task.model, calib_reader(task), config,
                                     output_dir=out_dir, name=task.key)
         path, report, seconds = result.model_path, result.report, time.perf_counter() - t
     counts = optimized_op_counts(str(path))
@@ -222,9 +221,7 @@ def aimet_row(python: str, task, key: str, args, work: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "../shared/assets"),
-                    help="folder with efficientnet-lite0/, imagenet-samples/, cifar10-resnet8/ (default: "
-                         "$CONVERTER_ASSETS or ../shared/assets)")
+    add_assets_argument(ap)
     ap.add_argument("--model", choices=list(TASKS), default="efficientnet_lite0")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                     help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)}; all: fp32, {', '.join(ROWS)}, "
@@ -239,7 +236,8 @@ def main() -> int:
     ap.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run one converter row in this process
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    task = TASKS[args.model](Path(args.assets))
+    args.assets = assets_or_exit(args.assets)
+    task = TASKS[args.model](args.assets)
     if args.one_row:  # progress (AdaRound's per-layer lines) on stderr, which the parent passes through
         import logging
 
@@ -257,10 +255,10 @@ def main() -> int:
                     continue
                 row = aimet_row(args.aimet, task, key, args, Path(d))
             else:
-                proc = subprocess.run([sys.executable, __file__, "--assets", args.assets, "--model", args.model,
-                                       "--one-row", key, "--out", str(Path(d) / key), "--adaround-iterations",
-                                       str(args.adaround_iterations), "--threads", str(args.threads)],
-                                      stdout=subprocess.PIPE, text=True)
+                proc = run_module("tools.ptq_techniques", ["--assets", args.assets, "--model", args.model,
+                                  "--one-row", key, "--out", Path(d) / key, "--adaround-iterations",
+                                  args.adaround_iterations, "--threads", args.threads],
+                                  stdout=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
                     row = {"tool": "converter", "row": key, "error": f"exit status {proc.returncode} (see stderr)"}
                 else:

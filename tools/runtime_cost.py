@@ -13,7 +13,7 @@ Latency ("wall"): the fastest of ``--reps`` rounds (models interleaved) of the m
 "profiled": each kernel's fastest of ``--profile-runs`` profiled runs, summed (what the search's costs use);
 ``--threads`` intra-op threads for both.
 
-    python tools/runtime_cost.py [--assets /work/shared/assets] [--threads 1] [--json out.json]
+    python -m tools.runtime_cost [--assets /work/shared/assets] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,39 +21,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from converter import QuantConfig
+from converter.pipeline import calibrate, encode_model, plan_model, prepare
+from converter.quant.control_flow import render_control_flow
+from converter.quant.encode import activation_tensors
+from converter.quant.layers import plan_layers
+from converter.graph.macs import node_macs
+from converter.ort_session import runtime_layers
+from converter.search.cost import measure_latency, profiled_ms, runtime_costs
+from converter.search.sensitivity import spearman
 
-from bench_e2e import efficientnet_task  # noqa: E402
+from .bench_e2e import efficientnet_task
+from .benchlib.assets import add_assets_argument, assets_or_exit
 
-from converter import QuantConfig  # noqa: E402
-from converter.pipeline import calibrate, encode_model, plan_model, prepare  # noqa: E402
-from converter.quant.control_flow import render_control_flow  # noqa: E402
-from converter.quant.encode import activation_tensors  # noqa: E402
-from converter.quant.layers import plan_layers  # noqa: E402
-from converter.graph.macs import node_macs  # noqa: E402
-from converter.ort_session import runtime_layers  # noqa: E402
-from converter.search.cost import measure_latency, profiled_ms, runtime_costs  # noqa: E402
-from converter.search.sensitivity import spearman  # noqa: E402
 
 EXCLUDED = "/_blocks.0/_depthwise_conv/Conv_output_0"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", type=Path, default=Path("/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--profile-runs", type=int, default=20)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     task = efficientnet_task(args.assets)
     calib = [{task.input_name: task.calib[i:i + 8]} for i in range(0, 16, 8)]
     feed = {task.input_name: task.calib[:1]}

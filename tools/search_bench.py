@@ -31,7 +31,7 @@ included; ORT: 1), metric vs threshold, and latency at batch 1 on ONNX Runtime C
 optimizations, ``--threads`` intra-op threads, default 1): ``--runs`` rounds (default 50) in which
 each model runs once in a rotating order, median ms, ratio to FP32.
 
-    python tools/search_bench.py [--assets DIR] [--models minilm,effnet,detector] [--minilm-onnx PATH]
+    python -m tools.search_bench [--assets DIR] [--models minilm,effnet,detector] [--minilm-onnx PATH]
                                  [--runs N] [--threads T] [--json FILE]
 
 Exit status 1 when our search misses a target.
@@ -43,9 +43,7 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,14 +52,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from converter import AccuracyTarget, BuiltinEvaluator, QuantConfig, TargetNotMetError, auto_quantize
+from converter.options import output_paths
+from converter.search.cost import COMPUTE_OPS
 
-from converter import QuantConfig  # noqa: E402
-from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize  # noqa: E402
-from converter.options import output_paths  # noqa: E402
-from converter.ort_session import create_session  # noqa: E402
-from converter.search.cost import COMPUTE_OPS  # noqa: E402
+from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, minilm_export, stsb_rows, tokenizer
+from .benchlib.measure import compare_latency
+from .benchlib.ort_baseline import ort_quantize_static
+from .benchlib.tasks import ROOT, batches
+
 
 FP32, OURS, ORT_ALL, ORT_HAND = "fp32", "ours", "ort_all_ops", "ort_hand_tuned"
 LABELS = {FP32: "FP32", OURS: "ours (auto_quantize)", ORT_ALL: "ORT quantize_static, all ops",
@@ -94,11 +93,11 @@ def _float_proto(path: Path) -> onnx.ModelProto:
 
 
 def _batches(name: str, x: np.ndarray, size: int) -> list[dict]:
-    return [{name: x[i:i + size]} for i in range(0, len(x), size)]
+    return batches(x, size, name)  # tools.benchlib's; this name is search_ranking's
 
 
 def cnn_bench(key: str, assets: Path) -> Bench:
-    from bench_e2e import efficientnet_task, resnet8_task
+    from .bench_e2e import efficientnet_task, resnet8_task
 
     task = (efficientnet_task if key == "effnet" else resnet8_task)(assets)
     drop = 0.005 if key == "effnet" else 0.003
@@ -132,14 +131,11 @@ def detector_bench(work: Path) -> Bench:
 
 
 def minilm_bench(assets: Path, work: Path, onnx_path: str | None) -> Bench:
-    from search_minilm import STSB, feeds, tokenizer
-
     if onnx_path is None:
         onnx_path = str(work / "minilm.onnx")
         log(f"exporting MiniLM to {onnx_path}")
-        subprocess.run([sys.executable, "export.py", onnx_path, "legacy"], cwd=assets / "minilm-sts", check=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    rows = [line.rstrip("\n").split("\t") for line in open(assets / "minilm-sts" / "sts-test.csv", encoding="utf-8")]
+        minilm_export(assets, onnx_path)
+    rows = stsb_rows(assets)
     sentences = list(dict.fromkeys(s for r in rows for s in (r[5], r[6])))
     tok = tokenizer(assets, fixed=True)
     calib = [feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
@@ -178,30 +174,11 @@ def ours(b: Bench, work: Path) -> tuple[Path, dict]:
                   "wall_s": round(time.perf_counter() - t, 1)}
 
 
-class _Reader:
-    def __init__(self, batches):
-        self.it = iter(batches)
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def ort_static(b: Bench, work: Path, label: str, op_types: list[str] | None) -> tuple[Path, dict]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from bench_e2e import upgrade_for_ort
-
     folder = work / f"{label}_{b.key}"
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / "float.onnx"  # quantize_static writes temp files next to its input
-    shutil.copyfile(b.model, source)
     out = folder / f"{b.key}_qdq.onnx"
-    t = time.perf_counter()
-    upgrade_for_ort(source)
-    quantize_static(str(source), str(out), _Reader(b.calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=op_types)
-    seconds = time.perf_counter() - t
+    seconds = ort_quantize_static(b.model, b.calib, out, op_types_to_quantize=op_types)
     n_float, n_compute = float_compute_ops(out)
     return out, {"op_types_to_quantize": op_types or "all", "float_layers": n_float, "compute_layers": n_compute,
                  "evaluations": 1, "quantize_s": round(seconds, 1)}
@@ -220,19 +197,8 @@ def float_compute_ops(path: Path) -> tuple[int, int]:
 # --- latency -------------------------------------------------------------------------------------
 
 def latency(paths: dict[str, Path], feed: dict, threads: int, runs: int, warmup: int = 5) -> dict[str, float]:
-    """Batch-1 median ms; every round runs each model once, in an order rotated round by round."""
-    sessions = {k: create_session(str(p), ["CPUExecutionProvider"], "all", threads) for k, p in paths.items()}
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, feed)
-    keys = list(sessions)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(runs):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t = time.perf_counter()
-            sessions[k].run(None, feed)
-            times[k].append(time.perf_counter() - t)
-    return {k: round(1000 * float(np.median(v)), 3) for k, v in times.items()}
+    """Batch-1 median ms (``tools.benchlib`` timer: every round runs each model once, the order rotated)."""
+    return {k: round(v, 3) for k, v in compare_latency(paths, feed, runs, warmup, threads).items()}
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -304,7 +270,7 @@ def print_table(r: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--models", default="minilm,effnet,detector")
     ap.add_argument("--minilm-onnx", help="exported MiniLM ONNX (default: export with the assets' export.py)")
     ap.add_argument("--runs", type=int, default=50, help="latency rounds (default 50)")
@@ -313,7 +279,7 @@ def main() -> int:
     ap.add_argument("--keep", help="keep the models in this folder (default: a temp folder, removed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="converter: %(message)s")
-    assets = Path(args.assets)
+    assets = assets_or_exit(args.assets)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="search_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     results = []

@@ -6,7 +6,7 @@
   layer quantized (AIMET per-layer analysis, agreement with FP32 on the held-out images), and print
   the Spearman rank correlation of the two rankings.
 
-    python tools/search_cnn.py [--assets DIR] [--json out.json] [--models efficientnet_lite0,resnet8]
+    python -m tools.search_cnn [--assets DIR] [--json out.json] [--models efficientnet_lite0,resnet8]
 """
 
 from __future__ import annotations
@@ -15,25 +15,24 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_e2e import efficientnet_task, resnet8_task  # noqa: E402
-
-from converter import QuantConfig  # noqa: E402
-from converter.pipeline import calibrate, prepare  # noqa: E402
-from converter.quant.encode import activation_tensors, compute_encodings  # noqa: E402
-from converter.quant.plan import build_plan  # noqa: E402
-from converter.search import (AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize,  # noqa: E402
+from converter import QuantConfig
+from converter.pipeline import calibrate, prepare
+from converter.quant.encode import activation_tensors, compute_encodings
+from converter.quant.plan import build_plan
+from converter.search import (AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize,
                               plan_layers, spearman)
-from converter.search.fallback import Searcher  # noqa: E402
-from converter.calib.runner import capture  # noqa: E402
-from converter.search.sensitivity import end_to_end_sensitivity, single_op_sensitivity  # noqa: E402
+from converter.search.fallback import Searcher
+from converter.calib.runner import capture
+from converter.search.sensitivity import end_to_end_sensitivity, single_op_sensitivity
+
+from .bench_e2e import efficientnet_task, resnet8_task
+from .benchlib.assets import add_assets_argument, assets_or_exit
+
 
 TARGETS = {"efficientnet_lite0": 0.005, "resnet8": 0.003}
 
@@ -114,12 +113,13 @@ def rankings(task) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--models", default="efficientnet_lite0,resnet8")
     ap.add_argument("--json")
     ap.add_argument("--bias-correction", default="default",
                     help="comma-separated runs of the search: default, off, fast, empirical (default: default)")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     logging.basicConfig(level=logging.WARNING, format="converter: %(message)s")
     assets = Path(args.assets)
     tasks = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}

@@ -9,14 +9,13 @@ the final metric, and the search's own batch-1 latency vs FP32 and all-INT8 (ONN
 Models (``--models``, default ``resnet8,minilm``):
 
 * ``resnet8``: MLPerf Tiny ResNet-8, 200 calibration CIFAR-10 images, 2,000 evaluation images; metric:
-  top-1 agreement with FP32, target ``>= 0.99`` (NNCF 3.4 on this model and target: 6 layers in float after
-  7 full + 11 subset evaluations).
+  top-1 agreement with FP32, target ``>= 0.99`` (NNCF's figures on this model and target: docs/results.md).
 * ``effnet``: EfficientNet-Lite0, 100 calibration / 900 evaluation ImageNet samples, top-1 agreement with
   FP32, target drop <= 0.005.
 * ``minilm``: all-MiniLM-L6-v2, 200 calibration / 200 evaluation STS-B sentences (seq 128), cosine of
   ``last_hidden_state`` to FP32, target drop <= 0.01.
 
-    python tools/search_ranking.py [--assets DIR] [--models resnet8,minilm] [--rankings propagated,subset]
+    python -m tools.search_ranking [--assets DIR] [--models resnet8,minilm] [--rankings propagated,subset]
                                    [--minilm-onnx PATH] [--json FILE]
 """
 
@@ -25,24 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's converter
+from converter import AccuracyTarget, BuiltinEvaluator, QuantConfig, TargetNotMetError, auto_quantize
+from converter.options import output_paths
 
-from search_bench import _batches, _float_proto, float_compute_ops, minilm_bench  # noqa: E402
-
-from converter import QuantConfig  # noqa: E402
-from converter.options import output_paths  # noqa: E402
-from converter.search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize  # noqa: E402
+from .search_bench import _batches, _float_proto, float_compute_ops, minilm_bench
+from .benchlib.assets import add_assets_argument, assets_or_exit
 
 
 def cnn(key: str, assets: Path):
-    from bench_e2e import efficientnet_task, resnet8_task
+    from .bench_e2e import efficientnet_task, resnet8_task
 
     task = (efficientnet_task if key == "effnet" else resnet8_task)(assets)
     evaluate = BuiltinEvaluator("agreement", _float_proto(task.model),
@@ -78,13 +73,14 @@ def run(key, title, model, calib, evaluate, target, ranking: str, work: Path, st
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--models", default="resnet8,minilm")
     ap.add_argument("--rankings", default="propagated,subset")
     ap.add_argument("--strategy", default="gallop", help="the search's strategy (default: gallop)")
     ap.add_argument("--minilm-onnx", help="exported MiniLM ONNX (default: export with the assets' export.py)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    args.assets = assets_or_exit(args.assets)
     logging.basicConfig(level=logging.WARNING, format="converter: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="search_ranking_"))
     rows = []

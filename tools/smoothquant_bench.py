@@ -27,7 +27,7 @@ Models (``--models``, default ``minilm,bert,gpt2``):
   the same (the function stays close to the unplanted one). Calibration 64 random token sequences (seq 32),
   evaluation 64 others. Nobody tuned SmoothQuant on them.
 
-    python tools/smoothquant_bench.py [--assets DIR] [--models minilm,bert,gpt2] [--minilm-onnx PATH]
+    python -m tools.smoothquant_bench [--assets DIR] [--models minilm,bert,gpt2] [--minilm-onnx PATH]
                                       [--runs N] [--threads T] [--json FILE]
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -45,12 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from converter import QuantConfig, quantize
+from converter.ort_session import create_session
 
-from converter import QuantConfig, quantize  # noqa: E402
-from converter.ort_session import create_session  # noqa: E402
-from search_bench import _Reader, float_compute_ops, latency  # noqa: E402
+from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
+from .benchlib.ort_baseline import ort_quantize_static
+from .search_bench import float_compute_ops, latency
+
 
 ROWS = {"fp32": "FP32", "int8": "ours all-INT8, no SmoothQuant", "sq": "ours all-INT8 + SmoothQuant 0.5",
         "sq_auto": "ours all-INT8 + SmoothQuant auto", "pct": "ours all-INT8, percentile, no SmoothQuant",
@@ -79,12 +79,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def minilm_task(assets: Path, work: Path, onnx_path: str | None) -> Task:
-    from search_bench import minilm_bench
+    from .search_bench import minilm_bench
 
     b = minilm_bench(assets, work, onnx_path)
-    from search_minilm import STSB, feeds, tokenizer
-
-    rows = [line.rstrip("\n").split("\t") for line in open(assets / "minilm-sts" / "sts-test.csv", encoding="utf-8")]
+    rows = stsb_rows(assets)
     sentences = list(dict.fromkeys(s for r in rows for s in (r[5], r[6])))
     tok = tokenizer(assets, fixed=True)
     eval_batches = [feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
@@ -167,16 +165,10 @@ def _readers(model, ln, kind: str) -> list:
 
 
 def ort_static(t: Task, work: Path) -> Path:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     folder = work / f"ort_{t.key}"
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / "float.onnx"
-    shutil.copyfile(t.model, source)
     out = folder / f"{t.key}_qdq.onnx"
-    quantize_static(str(source), str(out), _Reader(t.calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    ort_quantize_static(t.model, t.calib, out)
     return out
 
 
@@ -240,7 +232,7 @@ def print_table(r: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--assets", default=os.environ.get("CONVERTER_ASSETS", "/work/shared/assets"))
+    add_assets_argument(ap)
     ap.add_argument("--models", default="minilm,bert,gpt2")
     ap.add_argument("--minilm-onnx", help="exported MiniLM ONNX (default: export with the assets' export.py)")
     ap.add_argument("--outlier", type=float, default=25.0, help="planted outlier factor for bert/gpt2 (default 25)")
@@ -256,7 +248,7 @@ def main() -> int:
     try:
         for key in [k.strip() for k in args.models.split(",") if k.strip()]:
             if key == "minilm":
-                task = minilm_task(Path(args.assets), work, args.minilm_onnx)
+                task = minilm_task(assets_or_exit(args.assets), work, args.minilm_onnx)
             elif key in ("bert", "gpt2"):
                 task = random_transformer(key, work, args.outlier)
             else:

@@ -9,11 +9,9 @@ a one-node or two-node ONNX model timed alone in ONNX Runtime CPU at batch 1:
 * ``Mul(1 / s)`` + ``QuantizeLinear`` per tensor (what converter emits);
 * ``QuantizeLinear`` with a per-channel scale on the last axis (``scale * s``: the same integers, no Mul).
 
-    python tools/smoothquant_mul_cost.py [--tokens 128] [--channels 384] [--threads 1] [--runs 2000]
+    python -m tools.smoothquant_mul_cost [--tokens 128] [--channels 384] [--threads 1] [--runs 2000]
 
-Needs only numpy, onnx and onnxruntime. Measured (ORT 1.32.0, 1 thread, 128 x 384, MiniLM's shape): 13.9-14.3 us /
-21.4-22.3 us / 882-888 us, the same integers: the Mul costs 7-8 us (16 of them ~0.1 ms of a MiniLM run), the
-per-axis QuantizeLinear 60x a per-tensor one.
+No assets needed; sessions with the project's options (``tools.benchlib.session``). Figures: tools/README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from .benchlib.measure import session
 
 
 def build(kind: str, tokens: int, channels: int) -> bytes:
@@ -60,13 +60,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=2000)
     args = ap.parse_args()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
     x = np.random.default_rng(1).normal(0, 1, (1, args.tokens, args.channels)).astype(np.float32)
     outputs, times = {}, {}
     for kind in ("per-tensor Q", "Mul + per-tensor Q", "per-axis Q"):
-        sess = ort.InferenceSession(build(kind, args.tokens, args.channels), options,
-                                    providers=["CPUExecutionProvider"])
+        sess = session(build(kind, args.tokens, args.channels), "all", args.threads)
         for _ in range(50):
             outputs[kind] = sess.run(None, {"x": x})[0]
         t = time.perf_counter()

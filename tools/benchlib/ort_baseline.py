@@ -2,7 +2,8 @@
 
 ``quantize_static(quant_format=QDQ, per_channel=True, activation_type=QUInt8, weight_type=QInt8,
 calibrate_method=MinMax)``, all op types, fed by :class:`ListReader` over the same calibration batches our
-quantizer reads. Two ORT quirks handled here, both measured on the assets:
+quantizer reads. A tool that measures another setting (hand-picked op types, ORT's own defaults, another
+calibration method) passes it as a keyword: :func:`ort_quantize_static` forwards it to ``quantize_static``. Two ORT quirks handled here, both measured on the assets:
 
 * it writes temporary files next to the model it is given (two runs on one path collide): the float model is
   copied into a private temporary folder first;
@@ -36,18 +37,26 @@ class ListReader(CalibrationDataReader):
     A fresh reader per quantizer: it is consumed once."""
 
     def __init__(self, batches: Iterable[Mapping[str, np.ndarray]]) -> None:
-        self._it = iter(list(batches))
+        self._it = iter(batches)
 
     def get_next(self):
         return next(self._it, None)
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+def _opset(model: str | Path) -> int:
+    proto = onnx.load(str(model), load_external_data=False)  # freed on return: not held while ORT calibrates
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def ort_quantize_static(model: str | Path, calib: Iterable[Mapping[str, np.ndarray]], out: str | Path) -> float:
+DEFAULTS = {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8, "calibrate_method": CalibrationMethod.MinMax}
+
+
+def ort_quantize_static(model: str | Path, calib: Iterable[Mapping[str, np.ndarray]], out: str | Path,
+                        **overrides) -> float:
     """Quantize ``model`` with ONNX Runtime to ``out``; returns the seconds it took (copy and upgrade included).
+    ``overrides``: ``quantize_static`` keywords replacing :data:`DEFAULTS` (``op_types_to_quantize``,
+    ``extra_options``, ...). ``calib`` may be any iterable of batches (a generator is read lazily).
     ORT's exceptions pass through (a failing peer is a result the caller reports)."""
     out = Path(out)
     t = time.perf_counter()
@@ -55,20 +64,20 @@ def ort_quantize_static(model: str | Path, calib: Iterable[Mapping[str, np.ndarr
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" advice, logged on the root logger every call
     try:
-        _quantize(Path(model), calib, out)
+        _quantize(Path(model), calib, out, {**DEFAULTS, **overrides})
     finally:
         root.setLevel(level)
     return time.perf_counter() - t
 
 
-def _quantize(model: Path, calib: Iterable[Mapping[str, np.ndarray]], out: Path) -> None:
+def _quantize(model: Path, calib: Iterable[Mapping[str, np.ndarray]], out: Path, options: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="ort_qs_") as d:
         source = Path(d) / "float.onnx"
-        proto = onnx.load(str(model))
-        if _opset(proto) < 13:
-            onnx.save(onnx.version_converter.convert_version(proto, 13), str(source))
+        if _opset(model) < 13:
+            onnx.save(onnx.version_converter.convert_version(onnx.load(str(model)), 13), str(source))
         else:
             shutil.copyfile(model, source)
-        quantize_static(str(source), str(out), ListReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+            data = Path(str(model) + ".data")
+            if data.exists():  # the usual external-data name, kept beside the copy
+                shutil.copyfile(data, Path(d) / data.name)
+        quantize_static(str(source), str(out), ListReader(calib), **options)

@@ -7,6 +7,8 @@ detector, exported with :func:`converter.export_torch`. The asset models' tasks 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,20 @@ class Task:
     feed: dict[str, np.ndarray]
     config: dict[str, Any] = field(default_factory=dict)
     search_options: dict[str, Any] = field(default_factory=dict)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that must import this checkout (``converter``, ``tools``): the
+    repository root first on ``PYTHONPATH``, then whatever was there."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_module(module: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in a child process of this interpreter, from the repository root with
+    :func:`child_env` (``kwargs`` go to :func:`subprocess.run`)."""
+    kwargs.setdefault("env", child_env())
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, **kwargs)
 
 
 def batches(x: Mapping[str, np.ndarray] | np.ndarray, size: int, name: str = "input") -> list[dict[str, np.ndarray]]:
