@@ -26,8 +26,11 @@ from .config import TARGETS, QuantConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .export import export_torch  # noqa: E402
 from .ort_session import use_custom_op_libraries  # noqa: E402
-from .pipeline import QuantResult, apply_encodings, quantize  # noqa: E402
+from .pipeline import QuantResult, apply_encodings  # noqa: E402
 from .search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize, load_labels  # noqa: E402
+# quantize, or the accuracy search where config.search is set (QuantConfig(search=SearchConfig(...)))
+from .search import quantize_with_search as quantize  # noqa: E402
+from .config import SearchConfig  # noqa: E402
 from .verify import Thresholds, VerifyResult  # noqa: E402
 
 
@@ -43,4 +46,4 @@ sys.modules[f"{__name__}.verify"].__class__ = _CallableModule
 
 __all__ = ["quantize", "apply_encodings", "export_torch", "verify", "Thresholds", "VerifyResult", "auto_quantize",
            "AccuracyTarget", "BuiltinEvaluator", "TargetNotMetError", "load_labels", "use_custom_op_libraries",
-           "QuantConfig", "QuantResult", "TARGETS", "UserError", "__version__"]
+           "QuantConfig", "SearchConfig", "QuantResult", "TARGETS", "UserError", "__version__"]

@@ -48,12 +48,12 @@ from ..progress import tqdm
 
 from ..calib.readers import one_sample, open_calibration
 from ..calib.runner import capture, select_providers
-from ..config import QuantConfig
+from ..config import QuantConfig, SearchConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
 from ..ort_session import runtime_layers, use_custom_op_libraries
 from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
-                        prepare, prepare_output_dir, run_flow)
+                        prepare, prepare_output_dir, quantize, run_flow)
 from ..quant.control_flow import render_control_flow
 from ..techniques import applied_params
 from ..quant.layers import Layer, owned_quantizers, plan_layers
@@ -706,3 +706,64 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     if table:
         log.info("accuracy/latency trade-offs found (report: search.pareto):\n%s", table)
     return result
+
+
+# --- the search as configuration (config.search: converter.quantize, qconvert quantize --config, batch jobs) ---------
+
+_METRIC_KEYS = {"top1-agreement": "agreement"}  # the name converter.search.evaluate.METRICS uses
+
+
+def accuracy_target(search: SearchConfig) -> AccuracyTarget:
+    """The section's target: ``max_drop`` (default 0.01 where no ``min_metric`` is given), relative or absolute."""
+    max_drop = 0.01 if search.max_drop is None and search.min_metric is None else search.max_drop
+    return AccuracyTarget(max_drop=max_drop, relative=search.relative_drop, min_value=search.min_metric)
+
+
+def section_evaluator(search: SearchConfig, model: Any, config: QuantConfig,
+                      image_spec: str | Path | None = None) -> Evaluator:
+    """The section's evaluator: its custom ``evaluator`` (file.py:fn / pkg.mod:fn), else the built-in metric on
+    its ``eval`` data against the float model (node names checked first: a typo fails before the FP32 runs)."""
+    from ..export import load_module_spec
+    from ..graph.model_io import load_model
+    from ..graph.passes import preprocess
+    from .evaluate import BuiltinEvaluator
+    from ..verify import load_labels
+
+    if search.evaluator:
+        return load_module_spec(search.evaluator)
+    if isinstance(model, onnx.ModelProto):
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+    elif isinstance(model, (str, Path)):
+        float_model = load_model(model)
+    else:
+        raise UserError("the search's built-in metric needs the float model as an ONNX file or ModelProto",
+                        "export the PyTorch model first (converter.export_torch), or pass an evaluator")
+    preprocess(float_model)
+    check_node_names(float_model, config)
+    labels = load_labels(search.labels) if search.labels else None
+    return BuiltinEvaluator(_METRIC_KEYS.get(search.metric, search.metric), float_model, search.eval, labels,
+                            batch_size=config.batch_size, image_spec=image_spec, output=search.eval_output)
+
+
+@removes_created_dirs
+def quantize_with_search(model: Any, calib_data: Any, config: QuantConfig | None = None,
+                         output_dir: str | Path | None = None, name: str | None = None, example_inputs: Any = None,
+                         calib_spec: str | Path | None = None, *, image_spec: str | Path | None = None,
+                         evaluate: Evaluator | None = None) -> QuantResult:
+    """``converter.quantize``: :func:`converter.pipeline.quantize`, or where ``config.search`` is set, the accuracy
+    search with that section's settings (:func:`auto_quantize`; ``evaluate`` replaces the section's evaluator).
+    Raises :class:`TargetNotMetError` (exit 1) after writing when the target is not met."""
+    config = config or QuantConfig()
+    spec = image_spec or calib_spec
+    if config.search is None:
+        return quantize(model, calib_data, config, output_dir, name, example_inputs, image_spec=spec)
+    s = config.search
+    prepare_output_dir(model, calib_data, output_dir, name)  # before the evaluator's FP32 runs
+    if evaluate is None:
+        evaluate = section_evaluator(s, model, config, spec)
+    return auto_quantize(model, calib_data, evaluate, accuracy_target(s), config, output_dir=output_dir, name=name,
+                         strategy=s.strategy, sensitivity_samples=s.sensitivity_samples, ranking=s.ranking,
+                         fallback=s.fallback, calib_spec=spec, example_inputs=example_inputs,
+                         give_back_layers=s.give_back, max_float_fraction=s.max_float_fraction,
+                         max_evaluations=s.max_evaluations, max_latency_ratio=s.max_latency_ratio)
