@@ -6,7 +6,6 @@ Every user error ends as ``error: ...`` / ``fix: ...`` on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from typing import Callable
@@ -14,7 +13,7 @@ from typing import Callable
 from . import __version__
 from .config import METRIC_ALIASES, SEARCH_METRICS, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
 from .errors import UserError
-from .options import QDQ_SUFFIX, check_output_file, parse_shape
+from .options import QDQ_SUFFIX, add_config_flags, check_output_file, config_from_args, parse_shape  # noqa: F401
 
 log = logging.getLogger("converter")
 
@@ -110,45 +109,6 @@ def _metric_name(text: str) -> str:
     return METRIC_ALIASES.get(text, text)
 
 
-def _default_text(value) -> str:
-    if value is None or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def add_config_flags(groups: dict, cls=QuantConfig, only: tuple[str, ...] | None = None) -> list[argparse.Action]:
-    """The command-line flags of ``cls``'s fields, from their metadata (converter.config.option), into
-    ``groups[section]``; ``only``: these fields alone. Returns the actions added."""
-    actions = []
-    for f in dataclasses.fields(cls):
-        flags, meta = f.metadata.get("flags"), f.metadata
-        if not flags or (only is not None and f.name not in only):
-            continue
-        g = groups[meta["path"].split(".")[0]]
-        kw = dict(meta["cli"])
-        action, dest = kw.pop("action", None), kw.pop("dest", f.name)
-        text = meta["help"]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if "default" not in text and action not in ("store_true", "store_false"):
-            text += f" (default: {_default_text(default)})"
-        if action == "per_channel":  # one field, two flags: --per-channel / --per-tensor
-            on, off = text.split("|")
-            m = g.add_mutually_exclusive_group()
-            actions.append(m.add_argument(flags[0], dest=dest, action="store_true", default=None, help=on))
-            actions.append(m.add_argument(flags[1], dest=dest, action="store_false", help=off))
-            continue
-        if action == "BooleanOptionalAction":
-            kw["action"] = argparse.BooleanOptionalAction
-        elif action is not None:
-            kw["action"] = action
-        actions.append(g.add_argument(flags[0], dest=dest, default=None, help=text, **kw))
-        for old in flags[1:]:  # an old spelling: still parses, hidden from --help
-            g.add_argument(old, dest=dest, default=None, help=argparse.SUPPRESS, **kw)
-    return actions
-
-
 def _add_custom_op_library(group) -> None:
     add_config_flags({"runtime": group}, only=("custom_op_libraries",))
 
@@ -173,30 +133,6 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help=f"folder for <name>{QDQ_SUFFIX}, <name>.encodings and <name>.report.json (created if missing)")
     o.add_argument("--name", help="output file stem, a plain file name (default: the model file's stem)")
     p.set_defaults(_search_actions=search_actions)
-
-
-def _dest(f: dataclasses.Field) -> str:
-    return f.metadata["cli"].get("dest", f.name)
-
-
-def config_from_args(args: argparse.Namespace, config: QuantConfig) -> QuantConfig:
-    """``config`` (the --config file's, or the defaults) with every config flag given on the command line; the
-    search flags go into its search section (a new one where --target-metric or --evaluator is given)."""
-    overrides = {}
-    for f in dataclasses.fields(QuantConfig):
-        value = getattr(args, _dest(f), None) if f.metadata.get("flags") else None
-        if value is None or (f.name == "exclude_nodes" and not value):
-            continue
-        if f.metadata["cli"].get("action") == "append":  # adds to the config file's
-            value = getattr(config, f.name) + tuple(value)
-        overrides[f.name] = value
-    search = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(SearchConfig)
-              if getattr(args, _dest(f), None) is not None}
-    if search:
-        base = config.search if config.search is not None and not ({"metric", "evaluator"} & set(search)) else None
-        overrides["search"] = base.replace(**search) if base is not None else \
-            SearchConfig(**{**(config.search.to_dict() if config.search else {}), **search})
-    return config.replace(**overrides) if overrides else config
 
 
 def _search_options_without_metric(args: argparse.Namespace, config: QuantConfig) -> list[str]:

@@ -4,8 +4,16 @@ A target preset is data: which integer types activations get, whether op outputs
 activations fold into a preceding Conv/Gemm/MatMul, and which op types are quantized. Core code
 never branches on a target's name.
 
-Config files are YAML or JSON with the same keys as :class:`QuantConfig`; unknown keys and wrong
-types are rejected with the key, the file and the line.
+Config files are YAML or JSON, written in sections (``weights: {bits: 4}``; the layout and how to add an
+option: :class:`QuantConfig`'s docstring) or with the flat keys of :class:`QuantConfig` (the alias table
+:data:`ALIASES` maps each to its section path); a ``search:`` section (:class:`SearchConfig`) runs the accuracy
+search. One validator (:meth:`QuantConfig.from_mappings`) serves config files, job files and the command line's
+config; unknown keys and wrong types are rejected with the key, the file and the line.
+
+Issue 26 helpers' flat fields (adaquant, block_reconstruction, weight_algo, calib_method auto, device) move into
+sections as one line each: give the field ``option(default, "section.key", "--flag", help=..., type=...)``
+(techniques: ``techniques.<name>`` for the on/off field, ``techniques.<name>.<key>`` for its options); the alias
+row, the flag, its help and the README check follow.
 """
 
 from __future__ import annotations
