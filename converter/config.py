@@ -619,7 +619,9 @@ class QuantConfig:
 # --- sections and the alias table ------------------------------------------------------------------------------
 
 # flat key -> section path, from the fields' option(...) (one row per field: adding a field adds its row)
-ALIASES: dict[str, str] = {f.name: f.metadata["path"] for f in dataclasses.fields(QuantConfig) if f.name != "search"}
+# a field declared without option(...) (a plain default) is a top-level key of its own until it gets a section
+ALIASES: dict[str, str] = {f.name: f.metadata.get("path") or f.name for f in dataclasses.fields(QuantConfig)
+                           if f.name != "search"}
 SECTIONS = ("target", "activations", "weights", "calibration", "runtime", "encodings", "techniques", "search")
 _SECTION_NAMES = frozenset(SECTIONS) - {"target", "search"}  # config.target stays the preset name
 _BY_PATH = {path: name for name, path in ALIASES.items()}
@@ -710,6 +712,8 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
             put("target", value, "target")  # the short form of target.name
         elif key in SECTIONS:
             section(key, value)
+        elif key in ALIASES and ALIASES[key] == key:
+            put(key, value, key)  # a field with no section yet
         elif key in ALIASES:
             if key not in _warned:
                 _warned.add(key)

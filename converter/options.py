@@ -180,7 +180,7 @@ def config_from_args(args: argparse.Namespace, config: QuantConfig, only: tuple[
     these QuantConfig fields alone, no search (a command that took only them, as analyze)."""
     overrides = {}
     for f in dataclasses.fields(QuantConfig):
-        value = getattr(args, _dest(f), None) if f.metadata.get("flags") else None
+        value = getattr(args, _dest(f), None)  # a flag added by hand with dest=<field> counts too
         if value is None or (f.name == "exclude_nodes" and not value) or (only is not None and f.name not in only):
             continue
         if f.metadata["cli"].get("action") == "append":  # adds to the config file's

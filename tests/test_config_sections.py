@@ -50,14 +50,13 @@ def test_every_field_has_a_section_path_and_one_alias_row():
     paths = list(ALIASES.values())
     assert len(set(paths)) == len(paths)  # one field per path
     assert {p.split(".")[0] for p in paths} | {"search"} == set(SECTIONS)
-    # each registered technique's options live in its section techniques.<name>
+    # each registered technique owns one section, techniques.<name>: its switch there, its options below it
     from converter.techniques import REGISTRY
 
     for technique in REGISTRY:
-        for name in technique.config_fields:
-            if name in ALIASES and ALIASES[name].startswith("techniques."):
-                assert ALIASES[name].split(".")[1] in {ALIASES[n].split(".")[1] for n in technique.config_fields
-                                                        if ALIASES[n].startswith("techniques.")}
+        paths = [ALIASES[n] for n in technique.config_fields]
+        assert f"techniques.{technique.name}" in paths, technique.name
+        assert all(p.startswith(f"techniques.{technique.name}") for p in paths), (technique.name, paths)
 
 
 def test_section_views_read_the_fields():
