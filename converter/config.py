@@ -859,11 +859,12 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     elif ann.startswith("tuple"):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         expected = "a list of strings"
-    else:
-        base = ann.split("|")[0].strip()
-        typ = _TYPES.get(base, object)
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-        expected = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
+    else:  # a scalar, or a union of scalars (smoothquant_alpha: float | str | None): any member will do
+        bases = [b.strip() for b in ann.split("|") if b.strip() != "None"]
+        ok = any(isinstance(value, _TYPES.get(b, object)) and not (_TYPES.get(b) is int and isinstance(value, bool))
+                 for b in bases)
+        names = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
+        expected = " or ".join(names.get(b, b) for b in bases)
     if not ok:
         raise ConfigError(f"config key {key!r} in {where} must be {expected}, got {value!r}",
                           f"change {key} to {expected}")

@@ -66,6 +66,9 @@ def test_section_views_read_the_fields():
     assert c.techniques.smoothquant.alpha == 0.5 and c.encodings.version == "1.0.0" and c.runtime.threads == 0
     with pytest.raises(AttributeError):
         c.weights.bitz  # noqa: B018
+    # a union-typed key takes any of its types from a file (alpha: a number or auto)
+    assert QuantConfig.from_dict({"techniques": {"smoothquant": {"alpha": "auto"}}}).smoothquant_alpha == "auto"
+    assert QuantConfig.from_dict({"techniques": {"smoothquant": {"alpha": 0.7}}}).techniques.smoothquant.alpha == 0.7
 
 
 def test_flat_and_sectioned_files_give_one_config_and_byte_identical_outputs(search_dir, caplog):
