@@ -3,7 +3,7 @@
 Job file (YAML or JSON; every relative path is relative to the job file's folder, not the current
 directory; ``examples/jobs.yaml`` is one that runs as written)::
 
-    defaults: {target: ort-cpu, calib_method: minmax}   # QuantConfig keys for every job
+    defaults: {target: ort-cpu, calibration: {method: minmax}}   # config keys for every job (as in --config)
     output_dir: out/                                    # default: <job file stem>-out/
     timeout: 600                                        # seconds per job (default: none)
     jobs:
@@ -16,7 +16,7 @@ directory; ``examples/jobs.yaml`` is one that runs as written)::
         input_shape: [1, 3, 224, 224]
         calib: calib_data/photos/
         image_spec: calib_data/photos/preprocess.yaml   # optional (old name: calib_spec)
-        config: {per_channel: false}                    # overrides defaults
+        config: {weights: {per_channel: false}}         # overrides defaults
         search: {metric: top1-agreement, eval: eval_data/photos/, max_drop: 0.01}   # runs the accuracy search
         timeout: 120
         num_cpus: 2                                     # also memory: 4GiB, num_gpus: 1 (here or in defaults)

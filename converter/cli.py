@@ -296,7 +296,7 @@ RENAMED_OPTIONS: dict[tuple[str, str], str] = {("verify", "--data"): "--eval", (
 SESSION_COMMANDS = ("apply-encodings", "validate", "verify", "analyze", "compare")  # + quantize (in its runtime group)
 BATCH_EPILOG = """job file (YAML or JSON; relative paths are relative to the job file's folder):
 
-  defaults: {target: ort-cpu, calib_method: minmax}   QuantConfig keys for every job (as in --config)
+  defaults: {weights: {bits: 8}}                      config keys for every job (as in --config)
   output_dir: out/                                    default: <job file stem>-out/
   timeout: 600                                        seconds per job (default: none)
   jobs:
@@ -305,7 +305,7 @@ BATCH_EPILOG = """job file (YAML or JSON; relative paths are relative to the job
       input_shape: [1, 3, 224, 224]                   needed for a PyTorch factory (its example input)
       calib: calib_data/digits/                       calibration data (as quantize --calib)
       image_spec: calib_data/photos/preprocess.yaml   optional (old name: calib_spec)
-      config: {per_channel: false}                    QuantConfig keys over the defaults
+      config: {weights: {per_channel: false}}         config keys over the defaults
       verify: {eval: eval_data/digits/, labels: eval_data/digits_labels.txt, min_agreement: 0.98}
       search: {metric: top1, eval: eval_data/digits/, labels: eval_data/digits_labels.txt, max_drop: 0.01}
                                                       the accuracy search (as a search: section in --config)

@@ -286,3 +286,20 @@ def test_python_api_takes_the_search_section(search_dir):
     with pytest.raises(converter.TargetNotMetError):
         converter.quantize(str(search_dir / "m.onnx"), str(search_dir / "calib"),
                            config.replace(search=config.search.replace(min_metric=1.5)), output_dir=search_dir / "x")
+
+
+def test_job_file_sections_merge_key_by_key(tmp_path):
+    """A job's config overrides the defaults key by key, whichever spelling either uses."""
+    from converter.batch import load_job_file
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    path = _write(tmp_path / "jobs.yaml", """\
+        defaults: {weights: {bits: 4, per_channel: false}, calib_method: percentile}
+        jobs:
+          - {name: a, model: m.onnx, calib: c, config: {weights: {per_channel: true}}}
+          - {name: b, model: m.onnx, calib: c, config: {weight_bits: 8, calibration: {method: entropy}}}
+        """)
+    a, b = load_job_file(path).jobs
+    assert (a.config.weight_bits, a.config.per_channel, a.config.calib_method) == (4, True, "percentile")
+    assert (b.config.weight_bits, b.config.per_channel, b.config.calib_method) == (8, False, "entropy")
+    assert a.config.search is None
