@@ -7,6 +7,8 @@ Public API::
     check = verify("model.onnx", result.model_path, "eval_dir/", labels="labels.txt")
     print(check.passed)
 
+``QuantConfig(search=SearchConfig(metric="top1", eval="eval_dir/", labels="labels.txt", max_drop=0.01))`` makes
+``quantize`` run the accuracy search (as a ``search:`` section of a config or job file does).
 ``output_dir`` is required (as ``quantize_static``'s output path is in ONNX Runtime): nothing is written
 into the current directory unasked. Calibration and evaluation data: a folder (``.npy``/``.npz``, or
 images + ``preprocess.yaml``, class subfolders included), a list of ``{input name: array}`` dicts, a
