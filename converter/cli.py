@@ -13,7 +13,7 @@ from typing import Callable
 from . import __version__
 from .config import METRIC_ALIASES, SEARCH_METRICS, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
 from .errors import UserError
-from .config_flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: re-exported)
+from .commands.config_flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: re-exported)
 from .options import QDQ_SUFFIX, check_output_file, parse_shape  # noqa: F401
 
 log = logging.getLogger("converter")

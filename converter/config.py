@@ -200,10 +200,8 @@ def _alpha(text: str) -> float | str:
         return text
     try:
         return float(text)
-    except ValueError:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+    except ValueError:  # the command line shows this message (converter.commands.config_flags)
+        raise ValueError(f"expected a number in (0, 1) or auto, got {text!r}") from None
 
 
 SEARCH_METRICS = ("top1", "top1-agreement", "cosine", "sqnr")

@@ -52,7 +52,7 @@ from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
 from ..config import SECTIONS, QuantConfig
-from ..config_flags import add_config_flags, config_from_args
+from ..commands.config_flags import add_config_flags, config_from_args
 from ..errors import CalibrationDataError, ConfigError, UserError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model

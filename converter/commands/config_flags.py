@@ -1,8 +1,8 @@
 """Command-line flags from the config fields: every QuantConfig / SearchConfig flag comes from its field's
 ``option(...)`` in :mod:`converter.config` (flags, help, argparse keywords written once). ``qconvert quantize``
 groups them by config section (:func:`add_config_flags`), ``analyze`` takes a few of them; :func:`config_from_args`
-lays what the command line gave over a config (the --config file's). Its own module, above config: the option
-helpers of :mod:`converter.options` serve layers below config (graph/).
+lays what the command line gave over a config (the --config file's). CLI layer (argparse); converter.config
+stays free of it: a field's ``type`` converter raises ValueError, turned here into argparse's message.
 """
 
 from __future__ import annotations
@@ -10,7 +10,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .config import QuantConfig, SearchConfig
+from ..config import QuantConfig, SearchConfig
+
+
+def _argtype(fn):
+    """A config field's converter as an argparse ``type``: its ValueError message becomes the usage error."""
+    if fn in (int, float, str):
+        return fn
+
+    def convert(text: str):
+        try:
+            return fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = fn.__name__
+    return convert
 
 
 def _default_text(value) -> str:
@@ -32,6 +47,8 @@ def add_config_flags(groups: dict, cls=QuantConfig, only: tuple[str, ...] | None
         g = groups[meta["path"].split(".")[0]]
         kw = dict(meta["cli"])
         action, dest = kw.pop("action", None), kw.pop("dest", f.name)
+        if "type" in kw:
+            kw["type"] = _argtype(kw["type"])
         text = meta["help"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if "default" not in text and action not in ("store_true", "store_false"):
