@@ -7,6 +7,8 @@ Public API::
     check = verify("model.onnx", result.model_path, "eval_dir/", labels="labels.txt")
     print(check.passed)
 
+``QuantConfig(search=SearchConfig(metric="top1", eval="eval_dir/", labels="labels.txt", max_drop=0.01))`` makes
+``quantize`` run the accuracy search (as a ``search:`` section of a config or job file does).
 ``output_dir`` is required (as ``quantize_static``'s output path is in ONNX Runtime): nothing is written
 into the current directory unasked. Calibration and evaluation data: a folder (``.npy``/``.npz``, or
 images + ``preprocess.yaml``, class subfolders included), a list of ``{input name: array}`` dicts, a
@@ -26,8 +28,11 @@ from .config import TARGETS, QuantConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .export import export_torch  # noqa: E402
 from .ort_session import use_custom_op_libraries  # noqa: E402
-from .pipeline import QuantResult, apply_encodings, quantize  # noqa: E402
+from .pipeline import QuantResult, apply_encodings  # noqa: E402
 from .search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize, load_labels  # noqa: E402
+# quantize, or the accuracy search where config.search is set (QuantConfig(search=SearchConfig(...)))
+from .search import quantize_with_search as quantize  # noqa: E402
+from .config import SearchConfig  # noqa: E402
 from .verify import Thresholds, VerifyResult  # noqa: E402
 
 
@@ -43,4 +48,4 @@ sys.modules[f"{__name__}.verify"].__class__ = _CallableModule
 
 __all__ = ["quantize", "apply_encodings", "export_torch", "verify", "Thresholds", "VerifyResult", "auto_quantize",
            "AccuracyTarget", "BuiltinEvaluator", "TargetNotMetError", "load_labels", "use_custom_op_libraries",
-           "QuantConfig", "QuantResult", "TARGETS", "UserError", "__version__"]
+           "QuantConfig", "SearchConfig", "QuantResult", "TARGETS", "UserError", "__version__"]

@@ -3,7 +3,7 @@
 Job file (YAML or JSON; every relative path is relative to the job file's folder, not the current
 directory; ``examples/jobs.yaml`` is one that runs as written)::
 
-    defaults: {target: ort-cpu, calib_method: minmax}   # QuantConfig keys for every job
+    defaults: {target: ort-cpu, calibration: {method: minmax}}   # config keys for every job (as in --config)
     output_dir: out/                                    # default: <job file stem>-out/
     timeout: 600                                        # seconds per job (default: none)
     jobs:
@@ -16,12 +16,17 @@ directory; ``examples/jobs.yaml`` is one that runs as written)::
         input_shape: [1, 3, 224, 224]
         calib: calib_data/photos/
         image_spec: calib_data/photos/preprocess.yaml   # optional (old name: calib_spec)
-        config: {per_channel: false}                    # overrides defaults
+        config: {weights: {per_channel: false}}         # overrides defaults
+        search: {metric: top1-agreement, eval: eval_data/photos/, max_drop: 0.01}   # runs the accuracy search
         timeout: 120
         num_cpus: 2                                     # also memory: 4GiB, num_gpus: 1 (here or in defaults)
 
 The job file is validated as a whole before anything runs: an unknown key or a wrong type names
-the key, the file and the line; config overrides go through :meth:`QuantConfig.from_dict`.
+the key, the file and the line; ``defaults``, a job's ``config`` and its ``search`` go through the one config
+validator, :meth:`QuantConfig.from_mappings` (sections or flat keys). A job with ``search:`` runs the accuracy
+search (:func:`converter.search.quantize_with_search`); its ``job.json`` and summary row say whether the target
+was met, the layers left in float, the final metric and the latency vs FP32; an unmet target fails the job
+(stage ``search``; the best model found is still in the job folder).
 ``num_cpus`` / ``memory`` / ``num_gpus`` (per job, or in ``defaults`` for all) are what the job
 asks of the executor; what is not given is derived from the job's size (:mod:`converter.resources`).
 ``num_cpus`` also sets the worker's ONNX Runtime intra-op threads and ``OMP_NUM_THREADS``.
@@ -90,6 +95,8 @@ JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "calib": ((str,), "a calibration data folder"),
     "calib_spec": ((str,), "an image preprocessing spec file"),
     "config": ((dict,), "a mapping of QuantConfig keys"),
+    "search": ((dict,), "a mapping of search keys (metric, eval, labels, max_drop, ...): the job runs the accuracy "
+                        "search"),
     "verify": ((dict, bool), "a mapping of verification settings, or true"),
     "timeout": (NUMBER, "seconds"),
     "num_cpus": (NUMBER, "a number of CPUs (Ray may use fractions)"),
@@ -182,8 +189,7 @@ def load_job_file(path: str | Path) -> JobFile:
     defaults = dict(data.get("defaults") or {})
     default_resources = job_resources.parse({k: defaults.pop(k) for k in job_resources.KEYS if k in defaults},
                                             {k: where.at(("defaults", k)) for k in job_resources.KEYS})
-    QuantConfig.from_dict(defaults, f"{path} (defaults)", {k: lines.get(("defaults", k)) for k in defaults
-                                                         if ("defaults", k) in lines})
+    QuantConfig.from_dict(defaults, f"{path} (defaults)", _dotted_lines(lines, ("defaults",)), base)
     jobs = [_parse_job(item, i, defaults, default_resources, base, where) for i, item in enumerate(data["jobs"])]
     seen: dict[str, int] = {}
     for i, job in enumerate(jobs):
@@ -227,6 +233,13 @@ def _yaml_lines(path: Path) -> dict[tuple, int]:
 
     walk(yaml.compose(path.read_text(encoding="utf-8")), ())
     return out
+
+
+def _dotted_lines(lines: dict[tuple, int], prefix: tuple) -> dict[str, int]:
+    """The lines of the keys under ``prefix``, by dotted path below it (a config mapping's ``weights.bits``)."""
+    n = len(prefix)
+    return {".".join(map(str, k[n:])): v for k, v in lines.items() if k[:n] == prefix and len(k) > n
+            and all(isinstance(p, str) for p in k[n:])}
 
 
 def _dotted(key_path: tuple) -> str:
@@ -289,11 +302,11 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
         raise ConfigError(f"jobs[{i}] ({name}) in {where.at(kp)}: the PyTorch model {item['model']!r} "
                           "needs input_shape",
                           "add e.g. 'input_shape: [1, 3, 224, 224]' (the example input for the export)")
-    overrides = item.get("config") or {}
-    lines = {k: where.lines.get(("defaults", k)) for k in defaults}
-    lines.update({k: where.lines.get(kp + ("config", k)) for k in overrides})
-    config = QuantConfig.from_dict({**defaults, **overrides}, f"{where.source} (job {name!r})",
-                                   {k: v for k, v in lines.items() if v})
+    source = f"{where.source} (job {name!r})"
+    config = QuantConfig.from_mappings(  # the defaults, then the job's config, then its search section
+        [(defaults, source, _dotted_lines(where.lines, ("defaults",))),
+         (item.get("config") or {}, source, _dotted_lines(where.lines, kp + ("config",))),
+         ({"search": item["search"]} if "search" in item else {}, source, _dotted_lines(where.lines, kp))], base)
     if config.custom_op_libraries:  # relative to the job file, like every other path in it
         config = config.replace(custom_op_libraries=tuple(_abs(p, base) for p in config.custom_op_libraries))
     timeout = _positive(item.get("timeout"), kp + ("timeout",), where)
@@ -441,6 +454,8 @@ class JobResult:
     outputs: dict[str, str] = field(default_factory=dict)
     quantize: dict[str, Any] = field(default_factory=dict)
     verify: dict[str, Any] = field(default_factory=dict)
+    # a job with a search section: met, float_layers, baseline_metric, final_metric, threshold, latency_vs_fp32
+    search: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"converter_version": __version__, **dataclasses.asdict(self)}
@@ -709,7 +724,7 @@ def _now() -> str:
 # --- summary -------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = ("job", "status", "stage", "seconds", "quantized", "float_nodes", "cosine", "agreement",
-                   "acc_float", "acc_quant", "reason")
+                   "acc_float", "acc_quant", "search_met", "float_layers", "final_metric", "latency_vs_fp32", "reason")
 
 
 def summary_rows(batch: BatchResult) -> list[dict[str, Any]]:
@@ -721,6 +736,9 @@ def summary_rows(batch: BatchResult) -> list[dict[str, Any]]:
             "quantized": q.get("quantized", ""), "float_nodes": q.get("float_nodes", ""),
             "cosine": v.get("min_cosine", ""), "agreement": v.get("min_agreement", ""),
             "acc_float": v.get("acc_float", ""), "acc_quant": v.get("acc_quant", ""),
+            "search_met": r.search.get("met", ""), "float_layers": len(r.search["float_layers"]) if r.search else "",
+            "final_metric": r.search.get("final_metric", ""),
+            "latency_vs_fp32": r.search.get("latency_vs_fp32", "") if r.search else "",
             "reason": r.error or r.note,
         })
     return rows
@@ -743,13 +761,14 @@ def write_summary(batch: BatchResult) -> None:
 def format_summary(batch: BatchResult) -> str:
     rows = summary_rows(batch)
     header = ("job", "status", "time s", "quantized a/w/b", "float nodes", "cosine", "top-1 agree", "acc f -> q",
-              "reason")
+              "search", "reason")
     body = []
     for row in rows:
         acc = f"{row['acc_float'] * 100:.1f}% -> {row['acc_quant'] * 100:.1f}%" if row["acc_float"] != "" else ""
         status = row["status"] + (f" ({row['stage']})" if row["stage"] and row["status"] == "failed" else "")
         body.append((row["job"], status, f"{row['seconds']:.1f}", str(row["quantized"]), str(row["float_nodes"]),
-                     _num(row["cosine"], ".4f"), _num(row["agreement"], ".2%"), acc, _short(row["reason"])))
+                     _num(row["cosine"], ".4f"), _num(row["agreement"], ".2%"), acc, _search_cell(row),
+                     _short(row["reason"])))
     widths = [max(len(x[i]) for x in (header, *body)) for i in range(len(header))]
     fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
     n_ok = sum(r.status == "ok" for r in batch.results)
@@ -760,6 +779,15 @@ def format_summary(batch: BatchResult) -> str:
              f"summary: {batch.output_dir / 'summary.json'}, summary.csv"]
     lines.append("PASSED" if not batch.failed else "FAILED: " + ", ".join(r.name for r in batch.failed))
     return "\n".join(lines)
+
+
+def _search_cell(row: dict[str, Any]) -> str:
+    """``met, 1 float, 0.9850, 0.62x`` for a job that ran the search; empty otherwise."""
+    if row["search_met"] == "":
+        return ""
+    lat = f", {row['latency_vs_fp32']:.2f}x" if isinstance(row["latency_vs_fp32"], (int, float)) else ""
+    return (f"{'met' if row['search_met'] else 'NOT met'}, {row['float_layers']} float, "
+            f"{row['final_metric']:.4f}{lat}")
 
 
 def _num(v: Any, spec: str) -> str:
@@ -774,13 +802,13 @@ def _short(text: str, limit: int = 160) -> str:
 # --- the worker (runs in its own process) ---------------------------------------------------------------
 
 def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
-    """Export (PyTorch specs) -> quantize -> verify, in the current folder (the staging folder)."""
-    from .pipeline import quantize
+    """Export (PyTorch specs) -> quantize (or the accuracy search, for a job with a search section) -> verify, in
+    the current folder (the staging folder)."""
+    from .search import TargetNotMetError, quantize_with_search
 
     name = spec["name"]
     threads = spec["resources"]["threads"]  # the job's CPUs, unless its config sets threads itself
-    config = QuantConfig.from_dict({**spec["config"], "threads": spec["config"]["threads"] or threads},
-                                   f"job {name!r}")
+    config = QuantConfig(**{**spec["config"], "threads": spec["config"]["threads"] or threads})  # validated already
     model = spec["model"]
     outputs: dict[str, str] = {}
     if spec["input_shape"]:
@@ -792,8 +820,15 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
         model = f"{name}.float.onnx"
         export_torch(build_module(spec["model"]), torch.zeros(spec["input_shape"]), model)
         outputs["float_model"] = model
-    stage[0] = "quantize"
-    q = quantize(model, spec["calib"], config, output_dir=".", name=name, calib_spec=spec["calib_spec"])
+    stage[0] = "quantize" if config.search is None else "search"
+    try:
+        q = quantize_with_search(model, spec["calib"], config, output_dir=".", name=name,
+                                 calib_spec=spec["calib_spec"])
+    except TargetNotMetError as exc:  # the best model and its report were written: the row says what was reached
+        report = json.loads(Path(f"{name}.report.json").read_text(encoding="utf-8"))
+        outputs.update({k: Path(v).name for k, v in report["outputs"].items()})
+        return JobResult(name, "failed", "search", exc.message.split("\n")[0], exc.fix or "", outputs=outputs,
+                         search=_search_brief(report["search"]))
     outputs.update(model=q.model_path.name, encodings=q.encodings_path.name, report=q.report_path.name)
     s = q.report["summary"]["quantized_tensors"]
     result = JobResult(name, "ok", outputs=outputs, quantize={
@@ -801,6 +836,8 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
         "float_nodes": len(q.report["summary"]["float_nodes"]),
         "calibration_samples": q.report["calibration"]["samples"],
         "seconds": q.report["timings"]["total_s"]})
+    if config.search is not None:
+        result.search = _search_brief(q.report["search"])
     if not any(s.values()):
         result.note = (f"nothing was quantized ({result.quantize['float_nodes']} node(s) left in float): "
                        "the output model computes the same as the float one")
@@ -812,6 +849,15 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
             result.status, result.stage, result.error = "failed", "verify", summary
             result.fix = "see the verify table in job.log; loosen the thresholds or change the config"
     return result
+
+
+def _search_brief(search: dict[str, Any]) -> dict[str, Any]:
+    """The search's outcome for job.json and the summary row (report: search)."""
+    lat = search.get("latency") or {}
+    return {"met": bool(search["met"]), "float_layers": [x["name"] for x in search["fallback_layers"]],
+            "fallback": search["fallback"], "baseline_metric": search["baseline_metric"],
+            "final_metric": search["final_metric"], "threshold": search["threshold"],
+            "latency_vs_fp32": lat.get("final_vs_fp32"), "stop_reason": search.get("stop_reason")}
 
 
 def _verify(v: dict[str, Any], float_model: str, quant_model: Path, name: str,

@@ -11,14 +11,13 @@ import sys
 from typing import Callable
 
 from ._version import __version__
-from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
-                     WEIGHT_CALIB_METHODS, QuantConfig)
+from .config import METRIC_ALIASES, SEARCH_METRICS, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
 from .errors import UserError
 from .commands.argtypes import parse_shape
+from .commands.config_flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: re-exported)
 from .options import QDQ_SUFFIX, check_output_file
 
 log = logging.getLogger("converter")
-_DEFAULTS = QuantConfig()
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,21 +92,19 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # --- quantize --------------------------------------------------------------------------------------
 
-def _alpha(text: str) -> float | str:
-    """--smoothquant-alpha: ``auto`` or a number (the config checks its range)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or auto, got {text!r}") from None
-
-
-SEARCH_METRICS = ("top1", "top1-agreement", "cosine", "sqnr")
-METRIC_ALIASES = {"agreement": "top1-agreement"}  # old spelling -> the one spelling used by every command
-
-
-_SEARCH_METRIC_KEYS = {"top1-agreement": "agreement"}  # the name converter.search.evaluate.METRICS uses
+# Every QuantConfig / SearchConfig flag comes from its field's option(...) in converter.config (flags, help,
+# argparse keywords written once); the groups of quantize --help are the config sections.
+SECTION_GROUPS = {
+    "target": "the runtime and what is quantized",
+    "activations": "activation bit width",
+    "weights": "weight ranges and bit widths",
+    "calibration": "calibration samples and activation ranges",
+    "techniques": "passes that change the float model or the weights before the QDQ model is written",
+    "search": "accuracy target: keep the fewest layers in float that meet it (turned on by --target-metric or "
+              "--evaluator, or a search: section in --config)",
+    "encodings": "the AIMET encodings file",
+    "runtime": "ONNX Runtime sessions",
+}
 
 
 def _metric_name(text: str) -> str:
@@ -115,185 +112,55 @@ def _metric_name(text: str) -> str:
 
 
 def _add_custom_op_library(group) -> None:
-    group.add_argument("--custom-op-library", action="append", metavar="PATH", default=None,
-                       help="shared library with ONNX Runtime custom-op kernels, registered in every session "
-                            "(repeatable; config key custom_op_libraries) (default: none)")
+    add_config_flags({"runtime": group}, only=("custom_op_libraries",))
 
 
 def _add_quantize(p: argparse.ArgumentParser) -> None:
-    p.usage = "%(prog)s MODEL --calib DIR -o OUTPUT_DIR [options]  (options by concern below)"
-    d = _DEFAULTS
-    m = p.add_argument_group("model", "the float model, what is quantized and for which runtime")
+    p.usage = "%(prog)s MODEL --calib DIR -o OUTPUT_DIR [options]  (options by config section below)"
+    m = p.add_argument_group("model", "the float model and the config file")
     m.add_argument("model", help="float ONNX model")
-    m.add_argument("--config", help="YAML/JSON file with QuantConfig keys (command-line options override it)")
-    m.add_argument("--target", choices=list(TARGETS),
-                   help=f"runtime whose quantization rules are used (default: {d.target})")
-    m.add_argument("--exclude-nodes", help="comma-separated node names to keep in float (default: none)")
+    m.add_argument("--config", help="YAML/JSON file with QuantConfig keys, in sections (weights: {bits: 4}) or "
+                                    "flat; a search: section runs the accuracy search (command-line options "
+                                    "override it)")
     dt = p.add_argument_group("data", "calibration data")
     dt.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     dt.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
-                   help="image preprocessing spec (default: preprocess.yaml in the data folder)")
+                    help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     dt.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
-    dt.add_argument("--max-samples", type=int, help="use at most N calibration samples (default: all)")
-    dt.add_argument("--batch-size", type=int, help=f"samples per ONNX Runtime run; a larger batch is capped where the model's tensors would "
-                         f"take over 1 GiB per run (default: {d.batch_size})")
-    c = p.add_argument_group("calibration", "activation ranges")
-    c.add_argument("--calib-method", choices=list(CALIB_METHODS),
-                   help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config) "
-                        f"(default: {d.calib_method})")
-    c.add_argument("--percentile", type=float, help=f"for --calib-method percentile (default: {d.percentile})")
-    c.add_argument("--activation-bits", type=int, choices=[8, 16],
-                   help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")
-    w = p.add_argument_group("weights", "weight ranges and bit widths")
-    w.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
-                   help=f"weight ranges per channel: max |w| or the clipping that minimises MSE "
-                        f"(default: {d.weight_calib})")
-    w.add_argument("--weight-symmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="weights symmetric (zero point 0) or, with --no-weight-symmetric, asymmetric per channel "
-                        "(unsigned, a zero point each: skewed channels, such as 4-bit depthwise kernels, use every "
-                        "level; ort-cpu only) (default: symmetric)")
-    g = w.add_mutually_exclusive_group()
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=None,
-                   help="one weight scale per output channel (default)")
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
-    w.add_argument("--weight-bits", type=int,
-                   help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) "
-                        f"(default: {d.weight_bits}); per-layer widths: weight_bits_overrides in --config "
-                        "(e.g. {first: 8, last: 8})")
-    w.add_argument("--weight-block-size", type=int,
-                   help="block-wise weights: one scale per block of 32, 64 or 128 input channels of each output "
-                        "channel (ONNX opset 21 blocked DequantizeLinear) for Conv, Gemm and 2-D MatMul weights "
-                        "(default: per channel)")
-    t = p.add_argument_group("techniques", "passes that change the float model or the weights before the QDQ model is written")
-    t.add_argument("--smoothquant", action=argparse.BooleanOptionalAction, default=None,
-                   help="SmoothQuant MatMul/Gemm inputs whose outlier channels cost >= 1.5x the layers' error, "
-                        "1/s folded into the producing LayerNorm/Mul/MatMul/Gemm where nothing else reads the "
-                        "tensor, else a float Mul (default: on)")
-    t.add_argument("--smoothquant-alpha", type=_alpha,
-                   help="migration strength alpha in (0, 1), or auto: per tensor by the quantized layers' error "
-                        "(default: 0.5)")
-    t.add_argument("--quantize-subgraphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize inside If/Loop/Scan bodies with the main graph's rules (default: on)")
-    t.add_argument("--cle", action=argparse.BooleanOptionalAction, default=None,
-                   help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
-                        "per-tensor weights (default: off)")
-    t.add_argument("--cle-relu6", choices=list(CLE_RELU6_MODES),
-                   help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel Min, FP32 "
-                        "unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
-                        f"AIMET's way) (default: {d.cle_relu6})")
-    t.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="shift each quantized layer's bias so its mean output on calibration data matches FP32 "
-                        "(default: off; the cheap --fast-bias-correction is on)")
-    t.add_argument("--bias-correction-mode", choices=list(BIAS_CORRECTION_MODES),
-                   help="with --bias-correction: empirical (measured on calibration data), analytical (from the "
-                        "BatchNorm statistics a layer's input comes from, no data; other layers untouched) or auto "
-                        f"(analytical where BatchNorm statistics reach, empirical elsewhere) "
-                        f"(default: {d.bias_correction_mode})")
-    t.add_argument("--fast-bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="the cheap bias correction of the default: each depthwise Conv's bias shifted by its mean "
-                        "output error, measured once on 16 calibration samples; --bias-correction replaces it "
-                        f"(default: {'on' if d.fast_bias_correction else 'off'})")
-    t.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
-                   help="AdaRound: round each Conv/ConvTranspose/Gemm/MatMul weight up or down to reconstruct the "
-                        "layer's float output on calibration data, for 4-bit weights above all (default: off)")
-    t.add_argument("--adaround-iterations", type=int, metavar="N",
-                   help=f"optimization steps per layer for --adaround; 0: none, the local search alone (fast) "
-                        f"(default: {d.adaround_iterations})")
-    t.add_argument("--adaround-search", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --adaround: a greedy local search on each layer's quadratic reconstruction loss after "
-                        "the Adam steps; the lowest loss of nearest, AdaRound and the search is kept (default: on)")
-
-    s = p.add_argument_group("search", "accuracy target: keep the fewest layers in float that meet it (turned on by "
-                                       "--target-metric or --evaluator)")
-    s.add_argument("--target-metric", type=_metric_name, choices=list(SEARCH_METRICS),
-                   help="built-in metric on --eval data (top1-agreement: top-1 agreement with FP32); turns the "
-                        "fallback search on")
-    s.add_argument("--evaluator", help="custom metric: path/to/file.py:fn or pkg.mod:fn, fn(model_path) -> float; "
-                                       "turns the fallback search on")
-    s.add_argument("--evaluate", dest="evaluator", help=argparse.SUPPRESS)  # the spelling analyze used
-    s.add_argument("--eval", help="evaluation data for --target-metric (same formats as --calib)")
-    s.add_argument("--labels", help="labels for --target-metric top1 (.npy of ints or one per line)")
-    s.add_argument("--max-drop", type=float, help="allowed metric drop from FP32 (default: 0.01)")
-    s.add_argument("--relative-drop", action="store_true", help="--max-drop is a fraction of the FP32 metric")
-    s.add_argument("--min-metric", type=float, help="absolute metric the quantized model must reach (default: none)")
-    s.add_argument("--eval-output", help="graph output the metric reads (default: the first; 'all': the worst "
-                                          "output's score, for cosine/sqnr)")
-    s.add_argument("--strategy", choices=["gallop", "bisect", "sequential"], default="gallop",
-                   help="how many of the ranked layers to keep in float (default: gallop, 1, 2, 4... then bisect)")
-    s.add_argument("--ranking", choices=["propagated", "single-op", "end-to-end", "subset"], default="propagated",
-                   help="how layers are ranked (default: propagated, each layer alone quantized, model outputs "
-                        "compared)")
-    s.add_argument("--sensitivity-samples", type=int, default=8, help="calibration samples the ranking runs on (default: 8)")
-    s.add_argument("--fallback", choices=["auto", "float", "int16"], default="auto",
-                   help="int16: try 16-bit activations for the sensitive layers before float; auto (default): "
-                        "int16 on --target qnn, float elsewhere (ORT CPU has no fast 16-bit kernels)")
-    s.add_argument("--no-give-back", dest="give_back", action="store_false",
-                   help="keep the strategy's whole prefix in float (default: re-quantize the layers not needed)")
-    s.add_argument("--max-float-fraction", type=float,
-                   help="exit 1 when more than this share of the compute layers ends in float (the model and "
-                        "report are still written) (default: none)")
-    s.add_argument("--max-evaluations", type=int, metavar="N",
-                   help="budget of full evaluations, FP32 and all-INT8 included; when it ends the search the best "
-                        "model so far is kept and the report says so (default: 2 + 4 x ceil(log2 ranked layers))")
-    s.add_argument("--max-latency-ratio", type=float, metavar="R",
-                   help="a model meeting the target but slower than R x FP32 (ORT CPU, batch 1) exits 1 with the "
-                        "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu for a model whose "
-                        "FP32 run takes >= 0.05 ms, none elsewhere)")
+    groups = {name: p.add_argument_group(name, text) for name, text in SECTION_GROUPS.items()}
+    add_config_flags(groups)
+    search_actions = add_config_flags(groups, SearchConfig)
     o = p.add_argument_group("output", "what is written where")
     o.add_argument("-o", "--output-dir", required=True,
                    help=f"folder for <name>{QDQ_SUFFIX}, <name>.encodings and <name>.report.json (created if missing)")
     o.add_argument("--name", help="output file stem, a plain file name (default: the model file's stem)")
-    o.add_argument("--encodings-version", choices=list(ENCODINGS_VERSIONS),
-                   help=f"AIMET encodings file format (default: {d.encodings_version})")
-    o.add_argument("--encodings-all-tensors", dest="encodings_all_tensors", action="store_true", default=None,
-                   help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 files, which AIMET's "
-                        "strict load rejects (default: only what AIMET quantizes)")
-    r = p.add_argument_group("runtime", "ONNX Runtime sessions")
-    r.add_argument("--providers", choices=list(PROVIDERS),
-                   help=f"execution provider for calibration; auto: CUDA if present, else CPU "
-                        f"(default: {d.providers})")
-    r.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: 0, ORT decides)")
-    _add_custom_op_library(r)
-    p.set_defaults(_search_group=s)
+    p.set_defaults(_search_actions=search_actions)
 
 
-def _search_options_without_metric(args: argparse.Namespace) -> list[str]:
-    """The search options given although neither --target-metric nor --evaluator turns the search on."""
-    if args.target_metric or args.evaluator:
+def _search_options_without_metric(args: argparse.Namespace, config: QuantConfig) -> list[str]:
+    """The search options given although neither --target-metric nor --evaluator (nor a search: section in
+    --config) turns the search on."""
+    if args.target_metric or args.evaluator or config.search is not None:
         return []
-    return [a.option_strings[0] for a in args._search_group._group_actions
-            if a.help != argparse.SUPPRESS and getattr(args, a.dest, None) != a.default]
+    return [a.option_strings[0] for a in args._search_actions if getattr(args, a.dest, None) is not None]
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .pipeline import prepare_output_dir, quantize
+    from .search import quantize_with_search
 
-    stray = _search_options_without_metric(args)
+    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
+    stray = _search_options_without_metric(args, config)
     if stray:
         raise UserError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} for the accuracy-target search, "
                         "which runs only with --target-metric or --evaluator",
                         "add --target-metric top1|top1-agreement|cosine|sqnr (with --eval DIR), or --evaluator "
                         f"file.py:fn; or drop {', '.join(stray)}")
-    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "weight_symmetric", "percentile", "per_channel",
-                                               "max_samples", "batch_size", "activation_bits", "weight_bits",
-                                               "weight_block_size",
-                                               "providers", "threads", "encodings_version", "encodings_all_tensors",
-                                               "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
-                                               "cle_relu6", "bias_correction", "bias_correction_mode", "fast_bias_correction", "adaround",
-                                               "adaround_iterations", "adaround_search")
-                 if getattr(args, k) is not None}
-    if args.exclude_nodes:
-        overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())
-    if args.custom_op_library:
-        overrides["custom_op_libraries"] = config.custom_op_libraries + tuple(args.custom_op_library)
-    config = config.replace(**overrides)
-    if args.target_metric or args.evaluator:
-        prepare_output_dir(args.model, args.calib, args.output_dir, args.name)  # before the evaluator's FP32 runs
-        result = _auto_quantize(args, config)
-    else:
-        result = quantize(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
-                          calib_spec=args.calib_spec)
+    config = config_from_args(args, config)
+    result = quantize_with_search(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
+                                  calib_spec=args.calib_spec)  # an unmet search target: TargetNotMetError, exit 1
+    if config.search is not None:
+        for line in search_lines(result.report["search"]):
+            print(line)
     s = result.report["summary"]
     q = s["quantized_tensors"]
     print(f"quantized {result.report['model']['name']}: {q['activation']} activations, {q['weight']} weights, "
@@ -349,55 +216,28 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _auto_quantize(args: argparse.Namespace, config):
-    from .export import load_module_spec
-    from .graph.model_io import load_model
-    from .graph.passes import preprocess
-    from .pipeline import check_node_names
-    from .search import AccuracyTarget, BuiltinEvaluator, auto_quantize, load_labels
-
-    target = AccuracyTarget(max_drop=0.01 if args.max_drop is None and args.min_metric is None else args.max_drop,
-                            relative=args.relative_drop, min_value=args.min_metric)
-    if args.evaluator:
-        evaluate = load_module_spec(args.evaluator)
-    else:
-        if not args.eval:
-            raise UserError("--target-metric needs evaluation data", "pass --eval DIR (same formats as --calib)")
-        if args.target_metric == "top1" and not args.labels:
-            raise UserError("--target-metric top1 needs --labels", "pass --labels FILE, or use --target-metric "
-                                                                   "top1-agreement (top-1 agreement with FP32)")
-        float_model = load_model(args.model)
-        preprocess(float_model)
-        check_node_names(float_model, config)  # a typo fails before the FP32 runs on the evaluation data
-        labels = load_labels(args.labels) if args.labels else None
-        evaluate = BuiltinEvaluator(_SEARCH_METRIC_KEYS.get(args.target_metric, args.target_metric), float_model, args.eval, labels, batch_size=config.batch_size,
-                                    image_spec=args.calib_spec, output=args.eval_output)
-    result = auto_quantize(args.model, args.calib, evaluate, target, config, output_dir=args.output_dir,
-                           name=args.name, strategy=args.strategy, sensitivity_samples=args.sensitivity_samples,
-                           ranking=args.ranking, fallback=args.fallback, calib_spec=args.calib_spec,
-                           give_back_layers=args.give_back, max_float_fraction=args.max_float_fraction,
-                           max_evaluations=args.max_evaluations, max_latency_ratio=args.max_latency_ratio)
-    search = result.report["search"]
-    print(f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
-          f"(threshold {search['threshold']:.4f}) "
-          + (f"with {_plural(len(search['fallback_layers']), 'layer')} in {search['fallback']}"
-             if search['fallback_layers'] else "with every layer quantized")
-          + f" after {_plural(search['full_evaluations'], 'full evaluation')}")
-    print(f"  {search['float_fraction']:.0%} of the compute layers in float; ranking: {search['ranking_kind']}")
+def search_lines(search: dict) -> list[str]:
+    """The search's summary (report: search) as quantize prints it."""
+    lines = [f"accuracy target met: FP32 {search['baseline_metric']:.4f} -> {search['final_metric']:.4f} "
+             f"(threshold {search['threshold']:.4f}) "
+             + (f"with {_plural(len(search['fallback_layers']), 'layer')} in {search['fallback']}"
+                if search['fallback_layers'] else "with every layer quantized")
+             + f" after {_plural(search['full_evaluations'], 'full evaluation')}",
+             f"  {search['float_fraction']:.0%} of the compute layers in float; ranking: {search['ranking_kind']}"]
     c = search.get("evaluation_counts") or {}
     if c:
-        print(f"  model runs: {c['full']} full evaluations, {c['subset']} on an item subset, {c['ranking_runs']} "
-              f"ranking runs on the sensitivity samples ({c['total']} in all); budget {search['max_evaluations']} "
-              "full evaluations (--max-evaluations)")
+        lines.append(f"  model runs: {c['full']} full evaluations, {c['subset']} on an item subset, "
+                     f"{c['ranking_runs']} ranking runs on the sensitivity samples ({c['total']} in all); budget "
+                     f"{search['max_evaluations']} full evaluations (--max-evaluations)")
     for layer in search["fallback_layers"]:
-        print(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, {search['ranking_kind']} cosine "
-              f"{layer['cosine']:.4f})")
+        lines.append(f"  {search['fallback']}: {layer['name']} ({layer['op_type']}, {search['ranking_kind']} cosine "
+                     f"{layer['cosine']:.4f})")
     lat = search.get("latency")
     if lat:
-        print(f"  latency (ORT CPU, batch 1): FP32 {lat['fp32_ms']:.2f} ms, all INT8 "
-              f"{lat['all_int8_ms'] or float('nan'):.2f} ms, this model {lat['final_ms']:.2f} ms "
-              f"({lat['final_vs_fp32']:.2f}x FP32)")
-    return result
+        lines.append(f"  latency (ORT CPU, batch 1): FP32 {lat['fp32_ms']:.2f} ms, all INT8 "
+                     f"{lat['all_int8_ms'] or float('nan'):.2f} ms, this model {lat['final_ms']:.2f} ms "
+                     f"({lat['final_vs_fp32']:.2f}x FP32)")
+    return lines
 
 
 # --- apply-encodings -------------------------------------------------------------------------------
@@ -458,7 +298,7 @@ RENAMED_OPTIONS: dict[tuple[str, str], str] = {("verify", "--data"): "--eval", (
 SESSION_COMMANDS = ("apply-encodings", "validate", "verify", "analyze", "compare")  # + quantize (in its runtime group)
 BATCH_EPILOG = """job file (YAML or JSON; relative paths are relative to the job file's folder):
 
-  defaults: {target: ort-cpu, calib_method: minmax}   QuantConfig keys for every job (as in --config)
+  defaults: {weights: {bits: 8}}                      config keys for every job (as in --config)
   output_dir: out/                                    default: <job file stem>-out/
   timeout: 600                                        seconds per job (default: none)
   jobs:
@@ -467,8 +307,10 @@ BATCH_EPILOG = """job file (YAML or JSON; relative paths are relative to the job
       input_shape: [1, 3, 224, 224]                   needed for a PyTorch factory (its example input)
       calib: calib_data/digits/                       calibration data (as quantize --calib)
       image_spec: calib_data/photos/preprocess.yaml   optional (old name: calib_spec)
-      config: {per_channel: false}                    QuantConfig keys over the defaults
+      config: {weights: {per_channel: false}}         config keys over the defaults
       verify: {eval: eval_data/digits/, labels: eval_data/digits_labels.txt, min_agreement: 0.98}
+      search: {metric: top1, eval: eval_data/digits/, labels: eval_data/digits_labels.txt, max_drop: 0.01}
+                                                      the accuracy search (as a search: section in --config)
       timeout: 120                                    seconds for this job
       num_cpus: 2                                     also memory: 4GiB, num_gpus: 1 (here or in defaults)
 

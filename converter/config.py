@@ -4,14 +4,24 @@ A target preset is data: which integer types activations get, whether op outputs
 activations fold into a preceding Conv/Gemm/MatMul, and which op types are quantized. Core code
 never branches on a target's name.
 
-Config files are YAML or JSON with the same keys as :class:`QuantConfig`; unknown keys and wrong
-types are rejected with the key, the file and the line.
+Config files are YAML or JSON, written in sections (``weights: {bits: 4}``; the layout and how to add an
+option: :class:`QuantConfig`'s docstring) or with the flat keys of :class:`QuantConfig` (the alias table
+:data:`ALIASES` maps each to its section path); a ``search:`` section (:class:`SearchConfig`) runs the accuracy
+search. One validator (:meth:`QuantConfig.from_mappings`) serves config files, job files and the command line's
+config; unknown keys and wrong types are rejected with the key, the file and the line.
+
+Issue 26 helpers' flat fields (adaquant, block_reconstruction, weight_algo, calib_method auto, device) move into
+sections as one line each: give the field ``option(default, "section.key", "--flag", help=..., type=...)``
+(techniques: ``techniques.<name>`` for the on/off field, ``techniques.<name>.<key>`` for its options); the alias
+row, the flag, its help and the README check follow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +29,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+log = logging.getLogger("converter")
 
 
 @dataclass(frozen=True)
@@ -165,82 +177,321 @@ LAYER_POSITIONS = ("first", "last", "depthwise")
 BIAS_CORRECTION_MODES = ("empirical", "analytical", "auto")
 
 
+def option(default: Any = dataclasses.MISSING, path: str = "", *flags: str, help: str = "",
+           default_factory: Any = dataclasses.MISSING, **cli: Any) -> Any:
+    """A QuantConfig / SearchConfig field with its metadata, written once: ``path`` (its place in the sectioned
+    file, e.g. ``weights.bits``; the flat field name is its alias), the command-line ``flags`` (empty: a config-file
+    key only) with their ``help`` and argparse keywords (``type``, ``choices``, ``action``, ``metavar``, ...;
+    ``converter.cli`` adds every flag from here)."""
+    meta = {"path": path, "flags": flags, "help": help, "cli": cli}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    """``--exclude-nodes a,b``: the names, blanks dropped."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _alpha(text: str) -> float | str:
+    """--smoothquant-alpha: ``auto`` or a number (the config checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:  # the command line shows this message (converter.commands.config_flags)
+        raise ValueError(f"expected a number in (0, 1) or auto, got {text!r}") from None
+
+
+SEARCH_METRICS = ("top1", "top1-agreement", "cosine", "sqnr")
+METRIC_ALIASES = {"agreement": "top1-agreement"}  # old spelling -> the one spelling used by every command
+SEARCH_STRATEGIES = ("gallop", "bisect", "sequential")  # converter.search.strategies.STRATEGIES
+SEARCH_RANKINGS = ("propagated", "single-op", "end-to-end", "subset")  # converter.search.fallback.RANKINGS
+SEARCH_FALLBACKS = ("auto", "float", "int16")  # converter.search.fallback.FALLBACKS
+
+
+def _metric_name(text: str) -> str:
+    return METRIC_ALIASES.get(text, text)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The accuracy search (``search:`` in a config or job file, ``QuantConfig(search=SearchConfig(...))``, the
+    search flags of ``qconvert quantize``): keep the fewest layers in float that meet the target. It runs when a
+    metric or an evaluator is set. Paths in a file are relative to that file's folder."""
+
+    metric: str | None = option(None, "search.metric", "--target-metric", type=_metric_name, dest="target_metric",
+                                choices=list(SEARCH_METRICS),
+                                help="built-in metric on --eval data (top1-agreement: top-1 agreement with FP32); "
+                                     "turns the fallback search on")
+    evaluator: str | None = option(None, "search.evaluator", "--evaluator", "--evaluate",
+                                   help="custom metric: path/to/file.py:fn or pkg.mod:fn, fn(model_path) -> float; "
+                                        "turns the fallback search on")
+    eval: str | None = option(None, "search.eval", "--eval",
+                              help="evaluation data for --target-metric (same formats as --calib)")
+    labels: str | None = option(None, "search.labels", "--labels",
+                                help="labels for --target-metric top1 (.npy of ints or one per line)")
+    max_drop: float | None = option(None, "search.max_drop", "--max-drop", type=float,
+                                    help="allowed metric drop from FP32 (default: 0.01)")
+    relative_drop: bool = option(False, "search.relative_drop", "--relative-drop", action="store_true",
+                                 help="--max-drop is a fraction of the FP32 metric")
+    min_metric: float | None = option(None, "search.min_metric", "--min-metric", type=float,
+                                      help="absolute metric the quantized model must reach (default: none)")
+    eval_output: str | None = option(None, "search.eval_output", "--eval-output",
+                                     help="graph output the metric reads (default: the first; 'all': the worst "
+                                          "output's score, for cosine/sqnr)")
+    strategy: str = option("gallop", "search.strategy", "--strategy", choices=list(SEARCH_STRATEGIES),
+                           help="how many of the ranked layers to keep in float (default: gallop, 1, 2, 4... then "
+                                "bisect)")
+    ranking: str = option("propagated", "search.ranking", "--ranking", choices=list(SEARCH_RANKINGS),
+                          help="how layers are ranked (default: propagated, each layer alone quantized, model "
+                               "outputs compared)")
+    sensitivity_samples: int = option(8, "search.sensitivity_samples", "--sensitivity-samples", type=int,
+                                      help="calibration samples the ranking runs on (default: 8)")
+    fallback: str = option("auto", "search.fallback", "--fallback", choices=list(SEARCH_FALLBACKS),
+                           help="int16: try 16-bit activations for the sensitive layers before float; auto "
+                                "(default): int16 on --target qnn, float elsewhere (ORT CPU has no fast 16-bit "
+                                "kernels)")
+    give_back: bool = option(True, "search.give_back", "--no-give-back", action="store_false",
+                             help="keep the strategy's whole prefix in float (default: re-quantize the layers not "
+                                  "needed)")
+    max_float_fraction: float | None = option(
+        None, "search.max_float_fraction", "--max-float-fraction", type=float,
+        help="exit 1 when more than this share of the compute layers ends in float (the model and report are still "
+             "written) (default: none)")
+    max_evaluations: int | None = option(
+        None, "search.max_evaluations", "--max-evaluations", type=int, metavar="N",
+        help="budget of full evaluations, FP32 and all-INT8 included; when it ends the search the best model so far "
+             "is kept and the report says so (default: 2 + 4 x ceil(log2 ranked layers))")
+    max_latency_ratio: float | None = option(
+        None, "search.max_latency_ratio", "--max-latency-ratio", type=float, metavar="R",
+        help="a model meeting the target but slower than R x FP32 (ORT CPU, batch 1) exits 1 with the "
+             "accuracy/latency trade-offs found (default: 1.0 on --target ort-cpu for a model whose FP32 run takes "
+             ">= 0.05 ms, none elsewhere)")
+
+    def __post_init__(self) -> None:
+        if self.metric is not None:
+            object.__setattr__(self, "metric", _metric_name(self.metric))
+            _check_choice("search.metric", self.metric, SEARCH_METRICS)
+        _check_choice("search.strategy", self.strategy, SEARCH_STRATEGIES)
+        _check_choice("search.ranking", self.ranking, SEARCH_RANKINGS)
+        _check_choice("search.fallback", self.fallback, SEARCH_FALLBACKS)
+        if not self.metric and not self.evaluator:
+            raise ConfigError("the search section needs a metric or an evaluator",
+                              "add 'metric: top1|top1-agreement|cosine|sqnr' (with 'eval: DIR'), or 'evaluator: "
+                              "file.py:fn'")
+        if self.metric and not self.evaluator and not self.eval:
+            raise ConfigError(f"search.metric {self.metric} needs evaluation data", "add 'eval: DIR' to the search "
+                              "section (--eval DIR; same formats as the calibration data)")
+        if self.metric == "top1" and not self.evaluator and not self.labels:
+            raise ConfigError("search.metric top1 needs labels", "add 'labels: FILE' (--labels), or use metric "
+                              "top1-agreement (top-1 agreement with FP32)")
+        for key, lo, hi in (("max_drop", 0.0, math.inf), ("max_float_fraction", 0.0, 1.0)):
+            v = getattr(self, key)
+            if v is not None and not lo <= v <= hi:
+                raise ConfigError(f"search.{key} must be {'>= 0' if hi == math.inf else 'in [0, 1]'}, got {v}",
+                                  f"use e.g. {key}: {0.01 if key == 'max_drop' else 0.1}")
+        if self.max_evaluations is not None and self.max_evaluations < 2:
+            raise ConfigError(f"search.max_evaluations must be at least 2 (FP32 and all-INT8), got "
+                              f"{self.max_evaluations}", "use e.g. 20, or leave it out for the default")
+        if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
+            raise ConfigError(f"search.max_latency_ratio must be > 0, got {self.max_latency_ratio}",
+                              "use e.g. 0.8 (at most 0.8x the FP32 latency)")
+        if self.sensitivity_samples < 1:
+            raise ConfigError(f"search.sensitivity_samples must be >= 1, got {self.sensitivity_samples}", "use e.g. 8")
+
+    def replace(self, **changes: Any) -> "SearchConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self, base: Path) -> "SearchConfig":
+        """The paths (eval, labels, a file.py evaluator) made absolute against ``base`` (the file's folder)."""
+        def rel(p: str | None) -> str | None:
+            return p if p is None or Path(p).is_absolute() else str(base / p)
+
+        ev = self.evaluator
+        if ev and ":" in ev and ev.rsplit(":", 1)[0].endswith(".py"):
+            ev = f"{rel(ev.rsplit(':', 1)[0])}:{ev.rsplit(':', 1)[1]}"
+        return self.replace(eval=rel(self.eval), labels=rel(self.labels), evaluator=ev)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """Everything that decides how a model is quantized. Validated on construction."""
+    """Everything that decides how a model is quantized. Validated on construction.
 
-    target: str = "ort-cpu"
-    calib_method: str = "minmax"
-    weight_calib: str = "minmax"  # weights: minmax (max |w| per channel) or mse (clipping that minimises MSE)
+    **Sections.** A config file (and a job file's ``defaults``/``config``) is written in sections::
+
+        target:       {name: ort-cpu, op_types, exclude_nodes, int16_nodes, exclude_with_inputs, subgraphs}
+        activations:  {bits, max_shared_scale_loss_bits}
+        weights:      {calib, symmetric, per_channel, bits, block_size, bits_overrides}
+        calibration:  {method, percentile, max_samples, batch_size, overrides, ema_momentum, histogram_bins,
+                       histogram_subsample, memory_budget_mb}
+        runtime:      {providers, threads, custom_op_libraries}
+        encodings:    {version, all_tensors}
+        techniques:   {smoothquant: {alpha}, cle: {relu6}, bias_correction: {mode}, fast_bias_correction: {},
+                       adaround: {iterations, search}}       # a technique's section: null/false = off, {} = on
+        search:       SearchConfig (metric, eval, labels, max_drop, ...): the accuracy search runs
+
+    and read back the same way in Python (``config.weights.bits``, ``config.techniques.cle`` is None when off).
+    Each field below is stored flat (``config.weight_bits``: the name every module reads) and declares its section
+    path with :func:`option`; that path is the **alias table** (:data:`ALIASES`, flat key -> section path, built
+    from the fields): a file may still use the flat key (``weight_bits: 4``), with a deprecation note naming
+    ``weights.bits``, once per key. ``target: ort-cpu`` (a string) is short for ``target: {name: ort-cpu}``.
+
+    **Adding an option** is one field here: ``name: type = option(default, "section.key", "--flag", help=...,
+    type=..., choices=...)`` (a technique's options: path ``techniques.<technique>.<key>``, its on/off field
+    ``techniques.<technique>``). The file key, the alias, the type check, the ``qconvert quantize`` flag and its
+    help follow from it; range checks go into ``__post_init__``; the README's config table lists it
+    (tests/test_config_sections.py checks both).
+    """
+
+    target: str = option("ort-cpu", "target.name", "--target", choices=list(TARGETS),
+                         help="runtime whose quantization rules are used")
+    calib_method: str = option("minmax", "calibration.method", "--calib-method", choices=list(CALIB_METHODS),
+                               help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
+    # weights: minmax (max |w| per channel) or mse (clipping that minimises MSE)
+    weight_calib: str = option("minmax", "weights.calib", "--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
+                               help="weight ranges per channel: max |w| or the clipping that minimises MSE")
     # weights symmetric (signed, zero point 0) or asymmetric (unsigned, a zero point per channel: skewed channels
     # use every level; targets whose kernels need zero-point-free weights reject it)
-    weight_symmetric: bool = True
-    percentile: float = 99.999
-    per_channel: bool = True
-    activation_bits: int = 8
-    weight_bits: int = 8  # 8, or 4: int4 weights (packed, opset 21 DequantizeLinear), per channel or per tensor
+    weight_symmetric: bool = option(True, "weights.symmetric", "--weight-symmetric",
+                                    action="BooleanOptionalAction",
+                                    help="weights symmetric (zero point 0) or, with --no-weight-symmetric, asymmetric "
+                                         "per channel (unsigned, a zero point each: skewed channels, such as 4-bit "
+                                         "depthwise kernels, use every level; ort-cpu only) (default: symmetric)")
+    percentile: float = option(99.999, "calibration.percentile", "--percentile", type=float,
+                               help="for --calib-method percentile")
+    per_channel: bool = option(True, "weights.per_channel", "--per-channel", "--per-tensor", action="per_channel",
+                               help="one weight scale per output channel (default)|one weight scale per tensor")
+    activation_bits: int = option(8, "activations.bits", "--activation-bits", type=int, choices=[8, 16],
+                                  help="activation bit width (16 for the qnn target)")
+    # 8, or 4: int4 weights (packed, opset 21 DequantizeLinear), per channel or per tensor
+    weight_bits: int = option(8, "weights.bits", "--weight-bits", type=int,
+                              help="weight bit width: 8, or 4 (int4 per channel, packed, ONNX opset 21) (default: 8); "
+                                   "per-layer widths: weight_bits_overrides in --config (e.g. {first: 8, last: 8})")
     # block-wise weights (opset 21 blocked DequantizeLinear): one scale per block of this many input channels and
     # output channel, for MatMul (2-D weights), Gemm and Conv; None: per channel (converter.quant.plan)
-    weight_block_size: int | None = None
+    weight_block_size: int | None = option(None, "weights.block_size", "--weight-block-size", type=int,
+                                           help="block-wise weights: one scale per block of 32, 64 or 128 input "
+                                                "channels of each output channel (ONNX opset 21 blocked "
+                                                "DequantizeLinear) for Conv, Gemm and 2-D MatMul weights (default: "
+                                                "per channel)")
     # per-layer weight widths: {node name | "op:<OpType>" | "first" | "last": 4 | 8}; a node name wins over
     # first/last, which win over op:, which wins over weight_bits ("first: 8, last: 8" keeps both ends at 8 bits)
-    weight_bits_overrides: dict[str, int] = field(default_factory=dict)
-    max_samples: int | None = None
-    batch_size: int = 16
-    op_types: tuple[str, ...] | None = None  # overrides the target's op types
-    exclude_nodes: tuple[str, ...] = ()  # node names kept in float
-    int16_nodes: tuple[str, ...] = ()  # node names whose activations (inputs, output) use 16 bits
+    weight_bits_overrides: dict[str, int] = option(path="weights.bits_overrides", default_factory=dict)
+    max_samples: int | None = option(None, "calibration.max_samples", "--max-samples", type=int,
+                                     help="use at most N calibration samples (default: all)")
+    batch_size: int = option(16, "calibration.batch_size", "--batch-size", type=int,
+                             help="samples per ONNX Runtime run; a larger batch is capped where the model's tensors "
+                                  "would take over 1 GiB per run")
+    op_types: tuple[str, ...] | None = option(None, "target.op_types")  # overrides the target's op types
+    exclude_nodes: tuple[str, ...] = option((), "target.exclude_nodes", "--exclude-nodes", type=_comma_list,
+                                            help="comma-separated node names to keep in float (default: none)")
+    int16_nodes: tuple[str, ...] = option((), "target.int16_nodes")  # node names whose activations use 16 bits
     # nodes kept in float that also read their inputs in float where no quantized op reads them (the accuracy
     # search's float layers: its ranking measures exactly that); unlike exclude_nodes, a Conv/Gemm/MatMul producer
     # of such an input then loses its output Q and runs in float too, and the report counts it (ort_cpu_kernels)
-    exclude_with_inputs: tuple[str, ...] = ()
-    providers: str = "auto"
-    threads: int = 0  # ONNX Runtime intra-op threads; 0 lets ORT decide
-    encodings_version: str = "1.0.0"
+    exclude_with_inputs: tuple[str, ...] = option((), "target.exclude_with_inputs")
+    providers: str = option("auto", "runtime.providers", "--providers", choices=list(PROVIDERS),
+                            help="execution provider for calibration; auto: CUDA if present, else CPU")
+    threads: int = option(0, "runtime.threads", "--threads", type=int,
+                          help="ONNX Runtime intra-op threads (default: 0, ORT decides)")
+    encodings_version: str = option("1.0.0", "encodings.version", "--encodings-version",
+                                    choices=list(ENCODINGS_VERSIONS), help="AIMET encodings file format")
     # write every quantized tensor (int32 biases, data-movement outputs) into 1.0.0/0.6.1 files; by default they
     # name only what AIMET quantizes, so its strict load accepts them (converter/quant/aimet_rules.py)
-    encodings_all_tensors: bool = False
+    encodings_all_tensors: bool = option(False, "encodings.all_tensors", "--encodings-all-tensors",
+                                         action="store_true",
+                                         help="also write int32 biases and data-movement outputs into 1.0.0/0.6.1 "
+                                              "files, which AIMET's strict load rejects (default: only what AIMET "
+                                              "quantizes)")
     # calibration: per-tensor methods ({tensor name | "op:<OpType>": method}), EMA momentum of minmax_ema,
     # histogram bins covering [0, max|x|], histogram values per sample and tensor (0: all), memory bound
-    calib_overrides: dict[str, str] = field(default_factory=dict)
-    ema_momentum: float = 0.01
-    histogram_bins: int = 2048
-    histogram_subsample: int = 16384
-    calib_memory_budget_mb: int = 1024
+    calib_overrides: dict[str, str] = option(path="calibration.overrides", default_factory=dict)
+    ema_momentum: float = option(0.01, "calibration.ema_momentum")
+    histogram_bins: int = option(2048, "calibration.histogram_bins")
+    histogram_subsample: int = option(16384, "calibration.histogram_subsample")
+    calib_memory_budget_mb: int = option(1024, "calibration.memory_budget_mb")
     # a scale group (Concat inputs and output) is split when sharing one encoding would cost a member more
     # than this many bits of resolution (see converter.quant.scale_groups); None keeps every group whole
-    max_shared_scale_loss_bits: float | None = 3.0
+    max_shared_scale_loss_bits: float | None = option(3.0, "activations.max_shared_scale_loss_bits")
     # SmoothQuant on MatMul/Gemm inputs with outlier channels (applied only where it lowers the quantized layers'
     # error >= 1.5x), folded into the producer where it can be, else a float Mul; alpha "auto" (or None) picks it
     # per tensor by that error
-    smoothquant: bool = True
-    smoothquant_alpha: float | str | None = 0.5
+    smoothquant: bool = option(True, "techniques.smoothquant", "--smoothquant", action="BooleanOptionalAction",
+                               help="SmoothQuant MatMul/Gemm inputs whose outlier channels cost >= 1.5x the layers' "
+                                    "error, 1/s folded into the producing LayerNorm/Mul/MatMul/Gemm where nothing "
+                                    "else reads the tensor, else a float Mul (default: on)")
+    smoothquant_alpha: float | str | None = option(0.5, "techniques.smoothquant.alpha", "--smoothquant-alpha",
+                                                   type=_alpha,
+                                                   help="migration strength alpha in (0, 1), or auto: per tensor by "
+                                                        "the quantized layers' error (default: 0.5)")
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
-    quantize_subgraphs: bool = True
+    quantize_subgraphs: bool = option(True, "target.subgraphs", "--quantize-subgraphs",
+                                      action="BooleanOptionalAction",
+                                      help="quantize inside If/Loop/Scan bodies with the main graph's rules "
+                                           "(default: on)")
     # cross-layer equalization + high-bias absorption on the float model (converter.quant.cle); ReLU6 (Clip(0, 6))
     # between two equalized layers: "keep" (skip the pair), "min" (Relu + Min by the per-channel bound 6/s: FP32
     # unchanged, but ORT then runs the Conv before the Min in float) or "replace" it by Relu (AIMET's; FP32 changes)
-    cle: bool = False
-    cle_relu6: str = "keep"
+    cle: bool = option(False, "techniques.cle", "--cle", action="BooleanOptionalAction",
+                       help="cross-layer equalization of Conv->Conv/depthwise chains + high-bias absorption, for "
+                            "per-tensor weights (default: off)")
+    cle_relu6: str = option("keep", "techniques.cle.relu6", "--cle-relu6", choices=list(CLE_RELU6_MODES),
+                            help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel "
+                                 "Min, FP32 unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
+                                 "AIMET's way)")
     # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
     # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
     # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
     # "auto" is analytical where those statistics reach and empirical elsewhere (AIMET's split)
-    bias_correction: bool = False
-    bias_correction_mode: str = "empirical"
+    bias_correction: bool = option(False, "techniques.bias_correction", "--bias-correction",
+                                   action="BooleanOptionalAction",
+                                   help="shift each quantized layer's bias so its mean output on calibration data "
+                                        "matches FP32 (default: off; the cheap --fast-bias-correction is on)")
+    bias_correction_mode: str = option("empirical", "techniques.bias_correction.mode", "--bias-correction-mode",
+                                       choices=list(BIAS_CORRECTION_MODES),
+                                       help="with --bias-correction: empirical (measured on calibration data), "
+                                            "analytical (from the BatchNorm statistics a layer's input comes from, no "
+                                            "data; other layers untouched) or auto (analytical where BatchNorm "
+                                            "statistics reach, empirical elsewhere)")
     # the default's cheap bias correction (converter.techniques.fast_bias_correction): depthwise Convs only, one
     # measurement on 16 calibration samples; off where bias_correction (the full one) runs
-    fast_bias_correction: bool = True
+    fast_bias_correction: bool = option(True, "techniques.fast_bias_correction", "--fast-bias-correction",
+                                        action="BooleanOptionalAction",
+                                        help="the cheap bias correction of the default: each depthwise Conv's bias "
+                                             "shifted by its mean output error, measured once on 16 calibration "
+                                             "samples; --bias-correction replaces it (default: on)")
     # AdaRound: each Conv/ConvTranspose/Gemm/MatMul's weights rounded up or down to reconstruct its output on
     # calibration data (converter.quant.adaround), this many Adam steps per layer (AIMET's default: 10000; 0: none,
     # the local search alone); adaround_search: then a greedy local search on the layer's quadratic loss from the
     # better of nearest and AdaRound (the lowest loss of the three is kept)
-    adaround: bool = False
-    adaround_iterations: int = 1000
-    adaround_search: bool = True
+    adaround: bool = option(False, "techniques.adaround", "--adaround", action="BooleanOptionalAction",
+                            help="AdaRound: round each Conv/ConvTranspose/Gemm/MatMul weight up or down to "
+                                 "reconstruct the layer's float output on calibration data, for 4-bit weights above "
+                                 "all (default: off)")
+    adaround_iterations: int = option(1000, "techniques.adaround.iterations", "--adaround-iterations", type=int,
+                                      metavar="N",
+                                      help="optimization steps per layer for --adaround; 0: none, the local search "
+                                           "alone (fast)")
+    adaround_search: bool = option(True, "techniques.adaround.search", "--adaround-search",
+                                   action="BooleanOptionalAction",
+                                   help="with --adaround: a greedy local search on each layer's quadratic "
+                                        "reconstruction loss after the Adam steps; the lowest loss of nearest, "
+                                        "AdaRound and the search is kept (default: on)")
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
-    # converter.ort_session.use_custom_op_libraries)
-    custom_op_libraries: tuple[str, ...] = ()
+    # converter.ort_session.use_custom_op_libraries); a --custom-op-library adds to the config file's
+    custom_op_libraries: tuple[str, ...] = option((), "runtime.custom_op_libraries", "--custom-op-library",
+                                                  action="append", dest="custom_op_library", metavar="PATH",
+                                                  help="shared library with ONNX Runtime custom-op kernels, "
+                                                       "registered in every session (repeatable; config key "
+                                                       "custom_op_libraries) (default: none)")
+    # the accuracy search (SearchConfig); None: quantize only. converter.quantize / the batch worker / qconvert
+    # quantize run the search when it is set
+    search: SearchConfig | None = option(None, "search")
 
     def __post_init__(self) -> None:
         _check_choice("target", self.target, tuple(TARGETS))
@@ -270,6 +521,11 @@ class QuantConfig:
         object.__setattr__(self, "exclude_with_inputs", tuple(self.exclude_with_inputs))
         libs = self.custom_op_libraries
         object.__setattr__(self, "custom_op_libraries", (libs,) if isinstance(libs, (str, Path)) else tuple(libs))
+        if isinstance(self.search, dict):
+            object.__setattr__(self, "search", SearchConfig(**self.search))
+        elif self.search is not None and not isinstance(self.search, SearchConfig):
+            raise ConfigError(f"search must be a SearchConfig or a mapping of its keys, got {self.search!r}",
+                              "e.g. QuantConfig(search=SearchConfig(metric='top1-agreement', eval='eval_data/'))")
 
     @property
     def preset(self) -> TargetPreset:
@@ -282,35 +538,205 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["op_types"] = list(self.op_types) if self.op_types is not None else None
-        d["exclude_nodes"] = list(self.exclude_nodes)
-        d["int16_nodes"] = list(self.int16_nodes)
-        d["exclude_with_inputs"] = list(self.exclude_with_inputs)
+        """The flat keys (what reports and job hashes record); ``search`` only where it is set."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "search"}
+        d = json.loads(json.dumps(d, default=str))  # tuples -> lists, dicts copied
         d["custom_op_libraries"] = [str(p) for p in self.custom_op_libraries]
+        if self.search is not None:
+            d["search"] = self.search.to_dict()
         return d
 
+    def to_sections(self) -> dict[str, Any]:
+        """The sectioned form of a config file (techniques switched off: ``null``); ``from_dict`` reads it back."""
+        out: dict[str, Any] = {}
+        flat = self.to_dict()
+        for name, path in ALIASES.items():
+            parts = path.split(".")
+            if parts[0] == "techniques" and len(parts) == 2:
+                continue  # the on/off fields: below
+            if parts[0] == "techniques" and not getattr(self, _TECHNIQUE_SWITCH[parts[1]]):
+                continue
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = flat[name]
+        for tech, switch in _TECHNIQUE_SWITCH.items():
+            sec = out.setdefault("techniques", {})
+            sec[tech] = (sec.get(tech) or {}) if getattr(self, switch) else None
+        if self.search is not None:
+            out["search"] = self.search.to_dict()
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # the section views: config.weights.bits, config.techniques.cle
+        if name in _SECTION_NAMES:
+            return _SectionView(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None) -> "QuantConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None,
+                  base: str | Path | None = None) -> "QuantConfig":
+        """Validate a mapping of config keys (sectioned, flat, or both) and build the config; every error names
+        the key, ``source`` and its line (``lines``: key or dotted section path -> line). ``base``: the folder the
+        search section's relative paths are relative to (a file's folder)."""
+        return cls.from_mappings([(data, source, lines or {})], base)
+
+    @classmethod
+    def from_mappings(cls, parts: list[tuple[dict[str, Any], str, dict[str, int]]],
+                      base: str | Path | None = None) -> "QuantConfig":
+        """The one validator of config mappings (config files, a job file's ``defaults`` and each job's ``config``
+        and ``search``): ``parts`` = [(mapping, source, lines)], a later mapping overriding an earlier one key by
+        key (the search section too). Errors name the key, the part's source and the line."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        lines = lines or {}
-        for key, value in data.items():
-            where = f"{source}" + (f", line {lines[key]}" if key in lines else "")
-            if key not in fields:
-                raise ConfigError(
-                    f"unknown config key {key!r} in {where}",
-                    f"remove it or use one of: {', '.join(sorted(fields))}",
-                )
-            _check_type(key, value, fields[key].type, where)
+        flat: dict[str, Any] = {}
+        search: dict[str, Any] | None = None
+        source = "<config>"
+        for data, source, lines in parts:
+            part, part_lines = flatten(data, source, lines)
+            raw = part.pop("search", None)
+            for key, value in part.items():
+                _check_type(key, value, fields[key].type, _where(source, part_lines.get(key)))
+            flat.update(part)
+            if raw is not None:
+                _search_check(raw, source, lines)
+                search = {**(search or {}), **(raw.to_dict() if isinstance(raw, SearchConfig) else raw)}
         try:
-            return cls(**data)
+            found = None
+            if search is not None:
+                found = SearchConfig(**search)
+                found = found.resolved(Path(base)) if base is not None else found
+            return cls(**flat, search=found)
         except ConfigError as exc:
             raise ConfigError(f"{exc.message} (in {source})", exc.fix) from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "QuantConfig":
         data, lines = load_mapping(path)
-        return cls.from_dict(data, str(path), lines)
+        return cls.from_dict(data, str(path), lines, base=Path(path).resolve().parent)
+
+
+# --- sections and the alias table ------------------------------------------------------------------------------
+
+# flat key -> section path, from the fields' option(...) (one row per field: adding a field adds its row)
+# a field declared without option(...) (a plain default) is a top-level key of its own until it gets a section
+ALIASES: dict[str, str] = {f.name: f.metadata.get("path") or f.name for f in dataclasses.fields(QuantConfig)
+                           if f.name != "search"}
+SECTIONS = ("target", "activations", "weights", "calibration", "runtime", "encodings", "techniques", "search")
+_SECTION_NAMES = frozenset(SECTIONS) - {"target", "search"}  # config.target stays the preset name
+_BY_PATH = {path: name for name, path in ALIASES.items()}
+_TECHNIQUE_SWITCH = {p.split(".")[1]: n for n, p in ALIASES.items() if p.startswith("techniques.") and p.count(".") == 1}
+_warned: set[str] = set()
+
+
+class _SectionView:
+    """``config.weights``: the section's keys read from the flat fields (``config.weights.bits``)."""
+
+    def __init__(self, config: QuantConfig, prefix: str) -> None:
+        self._config, self._prefix = config, prefix
+
+    def __getattr__(self, key: str) -> Any:
+        path = f"{self._prefix}.{key}"
+        if path in _BY_PATH:
+            if self._prefix == "techniques" and path.count(".") == 1:  # a technique: None = off, else its options
+                return _SectionView(self._config, path) if getattr(self._config, _BY_PATH[path]) else None
+            return getattr(self._config, _BY_PATH[path])
+        raise AttributeError(f"config section {self._prefix!r} has no key {key!r}")
+
+    def __repr__(self) -> str:
+        keys = {p[len(self._prefix) + 1:]: getattr(self._config, n) for p, n in _BY_PATH.items()
+                if p.startswith(self._prefix + ".") and p.count(".") == self._prefix.count(".") + 1}
+        return f"{self._prefix}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}" + (f", line {line}" if line else "")
+
+
+def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None
+            ) -> tuple[dict[str, Any], dict[str, int]]:
+    """A config mapping (sections, flat keys or both) -> (flat keys, flat key -> line). Unknown keys, a key given
+    twice (flat and in its section) and a section that is no mapping are errors with the file and line; a flat key
+    logs a deprecation note naming its section path, once per key."""
+    lines = lines or {}
+    flat: dict[str, Any] = {}
+    flat_lines: dict[str, int] = {}
+    origin: dict[str, str] = {}
+
+    def put(name: str, value: Any, path: str) -> None:
+        line = lines.get(path)
+        if name in flat:
+            raise ConfigError(f"config key {path!r} in {_where(source, line)} sets {ALIASES.get(name, name)!r} "
+                              f"again (also given as {origin[name]!r})", f"keep only {ALIASES.get(name, name)}")
+        flat[name], origin[name] = value, path
+        if line:
+            flat_lines[name] = line
+
+    def section(path: str, value: Any) -> None:
+        line = lines.get(path)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {path!r} in {_where(source, line)} must be a mapping, got {value!r}",
+                              f"write its keys indented below '{path.split('.')[-1]}:'")
+        for key, v in value.items():
+            sub = f"{path}.{key}"
+            if sub in _BY_PATH and path == "techniques":
+                technique(sub, v)
+            elif sub in _BY_PATH:
+                put(_BY_PATH[sub], v, sub)
+            else:
+                known = sorted(p[len(path) + 1:] for p in _BY_PATH if p.startswith(path + ".")
+                               and p.count(".") == path.count(".") + 1)
+                raise ConfigError(f"unknown config key {sub!r} in {_where(source, lines.get(sub))}",
+                                  f"remove it or use one of: {', '.join(known)}")
+
+    def technique(path: str, value: Any) -> None:
+        if value is None or isinstance(value, bool):
+            put(_BY_PATH[path], bool(value), path)
+        elif isinstance(value, dict):
+            put(_BY_PATH[path], True, path)
+            section(path, value)
+        else:
+            raise ConfigError(f"config key {path!r} in {_where(source, lines.get(path))} must be a mapping of its "
+                              f"options, true, or null (off), got {value!r}", f"e.g. {path.split('.')[-1]}: {{}}")
+
+    for key, value in data.items():
+        if key == "search":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section 'search' in {_where(source, lines.get(key))} must be a mapping, "
+                                  f"got {value!r}", "e.g. search: {metric: top1-agreement, eval: eval_data/, "
+                                  "max_drop: 0.01}")
+            flat["search"] = value
+            if lines.get(key):
+                flat_lines["search"] = lines[key]
+        elif key == "target" and not isinstance(value, dict):
+            put("target", value, "target")  # the short form of target.name
+        elif key in SECTIONS:
+            section(key, value)
+        elif key in ALIASES and ALIASES[key] == key:
+            put(key, value, key)  # a field with no section yet
+        elif key in ALIASES:
+            if key not in _warned:
+                _warned.add(key)
+                log.warning("config key %r (%s) is the flat spelling of %r; write it in its section", key,
+                            _where(source, lines.get(key)), ALIASES[key])
+            put(key, value, key)
+        else:
+            raise ConfigError(f"unknown config key {key!r} in {_where(source, lines.get(key))}",
+                              f"remove it or use a section ({', '.join(SECTIONS)}) or one of: "
+                              f"{', '.join(sorted(ALIASES))}")
+    return flat, flat_lines
+
+
+_SEARCH_TYPES = {f.name: f for f in dataclasses.fields(SearchConfig)}
+
+
+def _search_check(raw: Any, source: str, lines: dict[str, int]) -> None:
+    if isinstance(raw, SearchConfig):
+        return
+    for key, value in raw.items():
+        where = _where(source, lines.get(f"search.{key}", lines.get("search")))
+        if key not in _SEARCH_TYPES:
+            raise ConfigError(f"unknown config key 'search.{key}' in {where}",
+                              f"remove it or use one of: {', '.join(_SEARCH_TYPES)}")
+        _check_type(f"search.{key}", value, _SEARCH_TYPES[key].type, where)
 
 
 def load_mapping(path: str | Path, what: str = "config file", option: str = "--config"
@@ -327,9 +753,7 @@ def load_mapping(path: str | Path, what: str = "config file", option: str = "--c
         else:
             node = yaml.compose(text)
             data = yaml.safe_load(text)
-            lines = {}
-            if isinstance(node, yaml.MappingNode):
-                lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+            lines = mapping_lines(node)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot parse {path}: {exc}", "fix the YAML/JSON syntax at the position shown") from None
     if data is None:
@@ -338,6 +762,17 @@ def load_mapping(path: str | Path, what: str = "config file", option: str = "--c
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}",
                           "write one 'key: value' per line")
     return data, lines
+
+
+def mapping_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """{key: line} of a composed YAML mapping, nested keys dotted (``weights.bits``)."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                lines[prefix + k.value] = k.start_mark.line + 1
+                lines.update(mapping_lines(v, f"{prefix}{k.value}."))
+    return lines
 
 
 def _check_weights(c: "QuantConfig") -> None:
@@ -422,11 +857,12 @@ def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
     elif ann.startswith("tuple"):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         expected = "a list of strings"
-    else:
-        base = ann.split("|")[0].strip()
-        typ = _TYPES.get(base, object)
-        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-        expected = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
+    else:  # a scalar, or a union of scalars (smoothquant_alpha: float | str | None): any member will do
+        bases = [b.strip() for b in ann.split("|") if b.strip() != "None"]
+        ok = any(isinstance(value, _TYPES.get(b, object)) and not (_TYPES.get(b) is int and isinstance(value, bool))
+                 for b in bases)
+        names = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
+        expected = " or ".join(names.get(b, b) for b in bases)
     if not ok:
         raise ConfigError(f"config key {key!r} in {where} must be {expected}, got {value!r}",
                           f"change {key} to {expected}")

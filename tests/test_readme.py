@@ -104,8 +104,9 @@ def test_readme_quantize_options_exist_in_quantize_help():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     quantize = subcommand_options()["quantize"]
     flags = [f for row in readme_table(text, "| key | flag |") for f in FLAG.findall(row[1])]
-    paragraph = text[text.index("Flags without a config key"):]
-    flags += FLAG.findall(paragraph[:paragraph.index("\n\n")])
+    for start in ("Flags without a config key", "**The `search:` section**"):
+        paragraph = text[text.index(start):]
+        flags += FLAG.findall(paragraph[:paragraph.index("\n\n")])
     assert len(flags) >= 40
     missing = sorted({f for f in flags if f not in quantize})
     assert not missing, f"README names quantize options that `qconvert quantize --help` lacks: {missing}"

@@ -6,12 +6,16 @@ import argparse
 
 from ..analysis.analyzer import STEPS, AnalysisConfig, analyze, summary_text
 from ..analysis.metrics import MODEL_METRICS
-from ..config import CALIB_METHODS, PROVIDERS, TARGETS, WEIGHT_CALIB_METHODS, QuantConfig
+from ..config import SECTIONS, QuantConfig
 from ..export import load_module_spec
+from .config_flags import add_config_flags, config_from_args
+
+# quantize's flags analyze takes (their help and parsing from converter.config's field metadata)
+ANALYZE_CONFIG_FLAGS = ("target", "calib_method", "weight_calib", "max_samples", "providers")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    d, q = AnalysisConfig(), QuantConfig()
+    d = AnalysisConfig()
     p.add_argument("model", help="float ONNX model")
     p.add_argument("--calib", required=True, help="directory of .npy/.npz files, or images + preprocess.yaml")
     p.add_argument("--eval", help="evaluation data (same formats; default: the calibration data)")
@@ -25,12 +29,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-spec", dest="calib_spec", metavar="YAML",
                    help="image preprocessing spec (default: preprocess.yaml in the data folder)")
     p.add_argument("--calib-spec", dest="calib_spec", help=argparse.SUPPRESS)  # old spelling
-    p.add_argument("--target", choices=list(TARGETS), help=f"(default: {q.target})")
-    p.add_argument("--calib-method", choices=list(CALIB_METHODS),
-                   help=f"activation ranges (default: {q.calib_method})")
-    p.add_argument("--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
-                   help=f"weight ranges (default: {q.weight_calib})")
-    p.add_argument("--max-samples", type=int, help="calibration samples (default: all)")
+    g = p.add_argument_group("quantization", "as quantize's (config keys; --config for the others)")
+    add_config_flags({s: g for s in SECTIONS}, only=ANALYZE_CONFIG_FLAGS)
     p.add_argument("--metric", choices=["auto", *MODEL_METRICS], default="auto",
                    help="model metric; auto: top1 with --labels, else agreement for classifiers, else cosine")
     p.add_argument("--layer-metric", choices=["same", *MODEL_METRICS], default="cosine",
@@ -43,15 +43,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", type=float,
                    help="metric drop from FP32 with nothing to fix: no recommendation (default: 0.005 for top1 and "
                         "top1-agreement, 0.001 for cosine, 0.5%% of FP32 for --evaluator)")
-    p.add_argument("--providers", choices=list(PROVIDERS),
-                   help=f"execution provider; auto: CUDA if present, else CPU (default: {q.providers})")
 
 
 def run(args: argparse.Namespace) -> int:
-    config = QuantConfig.from_file(args.config) if args.config else QuantConfig()
-    overrides = {k: getattr(args, k) for k in ("target", "calib_method", "weight_calib", "max_samples", "providers")
-                 if getattr(args, k) is not None}
-    config = config.replace(**overrides)
+    config = config_from_args(args, QuantConfig.from_file(args.config) if args.config else QuantConfig(),
+                              ANALYZE_CONFIG_FLAGS)
     cfg = AnalysisConfig(metric=args.metric, layer_metric=args.layer_metric, eval_samples=args.eval_samples,
                          layer_samples=args.layer_samples, tolerance=args.tolerance,
                          steps=tuple(s for s in args.steps.split(",") if s) if args.steps else STEPS)

@@ -48,12 +48,12 @@ from ..progress import tqdm
 
 from ..calib.readers import one_sample, open_calibration
 from ..calib.runner import capture, select_providers
-from ..config import QuantConfig
+from ..config import QuantConfig, SearchConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
 from ..ort_session import runtime_layers, use_custom_op_libraries
 from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
-                        prepare, prepare_output_dir, run_flow)
+                        prepare, prepare_output_dir, quantize, run_flow)
 from ..quant.control_flow import render_control_flow
 from ..techniques import applied_params
 from ..quant.layers import Layer, owned_quantizers, plan_layers
@@ -502,6 +502,54 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     machine does not run) is not
     a success either: the report (``search.pareto``) and the error list the accuracy/latency trade-offs found.
     """
+    _check_options(strategy, ranking, fallback, max_evaluations, max_latency_ratio, latency, max_float_fraction)
+    config = config or QuantConfig()
+    use_custom_op_libraries(config.custom_op_libraries)
+    calib_spec = image_spec or calib_spec  # one spelling with quantize and verify; calib_spec: the old one
+    fallback = _resolve_fallback(fallback, config)
+    target = target or AccuracyTarget()
+    t0 = time.perf_counter()
+    # 1. quantize everything once (the observers kept)
+    run = _quantize_all(model, calib_data, evaluate, target, config, output_dir, name, example_inputs, calib_spec,
+                        sensitivity_samples)
+    config, searcher = run.config, run.searcher
+    _capture_costs(run, ranking, sensitivity_samples, calib_spec)
+    if ranking == "subset" and not hasattr(evaluate, "worst_items"):
+        log.warning("--ranking subset needs a built-in --target-metric (it scores single evaluation items); "
+                    "the custom evaluator scores whole sets, so the ranking is propagated")
+        ranking = "propagated"
+    # 2.-3. evaluate FP32 and all-INT8, rank the layers, let the strategy choose the float set
+    scores = _ranking(run, ranking, evaluate)
+    macs, costs, cost_info = run.costs, *search_costs(searcher, run.layers, run.subs, run.batches, run.costs, latency,
+                                                      fallback)
+    if cost_info:
+        run.timings["runtime_costs_s"] = cost_info.pop("seconds")
+    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
+    outcome.macs, outcome.cost_kind = macs, cost_info.get("kind", "macs")
+    run.captured.clear()  # the float values of the sensitivity samples: memory back before writing
+    run.timings["search_s"] = outcome.seconds - (run.timings.get("sensitivity_s", 0.0)
+                                                 if ranking != "end-to-end" else 0.0)
+    search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
+                     **({"runtime_costs": cost_info} if cost_info else {}),
+                     "subgraph_layers": {path: [x.name for x in ls] for path, ls in run.body_layers.items() if ls},
+                     "sensitivity_samples": sum(len(next(iter(b.values()))) for b in run.batches),
+                     **outcome.to_dict()}
+    if latency and run.batches:
+        _latency_gate(run, outcome, search_report, latency_runs, max_latency_ratio)
+    # 4. write the model that met the target (or the best found), then say why not where it was not met
+    fraction = outcome.float_fraction()
+    if outcome.met and fraction > FLOAT_FRACTION_WARNING:
+        log.warning("the target holds with %.0f%% of the compute layers in %s: the model is barely quantized; try "
+                    "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
+                    outcome.fallback)
+    result = _write(run, outcome, search_report, calib_spec, t0)
+    _raise_unless_met(outcome, search_report, target, result, max_float_fraction, fraction)
+    return result
+
+
+def _check_options(strategy: str, ranking: str, fallback: str, max_evaluations: int | None,
+                   max_latency_ratio: float | None, latency: bool, max_float_fraction: float | None) -> None:
+    """The search's settings, before any work."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
     if ranking not in RANKINGS:
@@ -519,24 +567,56 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
         raise UserError(f"max_float_fraction must be in [0, 1], got {max_float_fraction}",
                         "use e.g. --max-float-fraction 0.1 (at most 10% of the compute layers in float)")
-    config = config or QuantConfig()
-    use_custom_op_libraries(config.custom_op_libraries)
-    calib_spec = image_spec or calib_spec  # one spelling with quantize and verify; calib_spec: the old one
+
+
+def _resolve_fallback(fallback: str, config: QuantConfig) -> str:
+    """``auto``: int16 where the target runs 16 bits fast (qnn), float elsewhere."""
     if fallback == "auto":
-        fallback = "int16" if config.target == "qnn" else "float"
-    elif fallback == "int16" and config.target != "qnn":
+        return "int16" if config.target == "qnn" else "float"
+    if fallback == "int16" and config.target != "qnn":
         log.warning("fallback int16 on target %s: ONNX Runtime CPU has no fast 16-bit kernels, so a 16-bit layer "
                     "runs no faster than float; --fallback float gives the same speed with FP32 accuracy",
                     config.target)
-    target = target or AccuracyTarget()
-    t0 = time.perf_counter()
+    return fallback
+
+
+@dataclass
+class _SearchRun:
+    """What the steps of :func:`auto_quantize` share."""
+
+    out_dir: Path
+    prepared: Prepared
+    config: QuantConfig
+    calib_data: Any
+    changed: dict
+    full: QuantPlan
+    subs: list
+    calib: Any
+    edits: dict
+    layers: list[Layer]
+    body_layers: dict[str, list[Layer]]
+    searcher: Searcher
+    timings: dict[str, float]
+    batches: list = field(default_factory=list)
+    captured: list = field(default_factory=list)
+    costs: dict[str, float] = field(default_factory=dict)
+    providers: Any = None
+
+    def all_layers(self) -> list[Layer]:
+        return self.layers + [x for s in self.subs for x in self.body_layers[s.scope.path]]
+
+
+def _quantize_all(model: Any, calib_data: Any, evaluate: Evaluator, target: AccuracyTarget, config: QuantConfig,
+                  output_dir: Any, name: str | None, example_inputs: Any, calib_spec: Any,
+                  sensitivity_samples: int) -> _SearchRun:
+    """Step 1: the one flow (converter.pipeline.run_flow), with the techniques the search may use: the
+    float-stage ones, and bias correction / AdaRound run once on the fully quantized model; each trial keeps their
+    weight/bias edits for the layers it quantizes and drops them for the layers it keeps in float
+    (Searcher.build)."""
     out_dir = prepare_output_dir(model, calib_data, output_dir, name)
     model = float_model_of(model, example_inputs, out_dir, name)
     prepared = prepare(model, name, example_inputs)
     check_node_names(prepared.model, config)
-    # the one flow (converter.pipeline.run_flow), with the techniques the search may use: the float-stage ones, and
-    # bias correction / AdaRound run once on the fully quantized model; each trial keeps their weight/bias edits for
-    # the layers it quantizes and drops them for the layers it keeps in float (Searcher.build)
     run_flow(prepared, calib_data, config, calib_spec, keep=max(64, sensitivity_samples), searchable_only=True)
     config, calib_data, changed = prepared.config, prepared.calib_data, dict(prepared.entries)
     full, subs, calib = prepared.plan, prepared.subs, prepared.calib
@@ -547,31 +627,39 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     body_layers = {s.scope.path: [x for x in plan_layers(s.plan, s.idx, s.scope.path) if x.quantizers] for s in subs}
     searcher = Searcher(prepared, config, calib.observers, evaluate, target, methods=calib.methods,
                         uncalibrated=uncalibrated, edits=edits)
-    timings = {"calibration_s": calib.seconds}
+    return _SearchRun(out_dir, prepared, config, calib_data, changed, full, subs, calib, edits, layers, body_layers,
+                      searcher, {"calibration_s": calib.seconds})
 
-    providers = select_providers(config.providers)
-    data = open_calibration(calib_data, prepared.inputs, config.batch_size, sensitivity_samples, calib_spec)
-    batches = list(data)
+
+def _capture_costs(run: _SearchRun, ranking: str, sensitivity_samples: int, calib_spec: Any) -> None:
+    """The sensitivity samples, the float values the MAC counts (and the single-op ranking) read, the MACs."""
+    prepared, layers = run.prepared, run.layers
+    run.providers = select_providers(run.config.providers)
+    data = open_calibration(run.calib_data, prepared.inputs, run.config.batch_size, sensitivity_samples, calib_spec)
+    run.batches = list(data)
     anchors = [prepared.model.graph.node[prepared.idx.order[layer.nodes[0]]] for layer in layers]
     needed = {t for n in anchors for t in (n.input[0], n.output[0])}  # what the MAC counts read
     if ranking == "single-op":  # it also feeds every layer its captured float inputs
         needed |= {t for layer in layers for t in layer.inputs}
-    captured = capture(prepared.model, sorted(needed), batches if ranking == "single-op" else batches[:1], providers)
-    costs = layer_macs(prepared.idx, layers, captured[0]) if captured else {}
-    for s in subs:  # no captured values inside bodies: MACs estimated from static shapes
-        costs.update(layer_macs(s.idx, body_layers[s.scope.path], {}))
+    run.captured = capture(prepared.model, sorted(needed), run.batches if ranking == "single-op" else run.batches[:1],
+                           run.providers)
+    run.costs = layer_macs(prepared.idx, layers, run.captured[0]) if run.captured else {}
+    for s in run.subs:  # no captured values inside bodies: MACs estimated from static shapes
+        run.costs.update(layer_macs(s.idx, run.body_layers[s.scope.path], {}))
 
-    if ranking == "subset" and not hasattr(evaluate, "worst_items"):
-        log.warning("--ranking subset needs a built-in --target-metric (it scores single evaluation items); "
-                    "the custom evaluator scores whole sets, so the ranking is propagated")
-        ranking = "propagated"
+
+def _ranking(run: _SearchRun, ranking: str,
+             evaluate: Evaluator) -> list[LayerScore] | Callable[[], list[LayerScore]]:
+    """Step 3's ranking: a function the search calls after FP32 and all-INT8 are evaluated (or, for end-to-end,
+    the scores of its own full evaluations, run now)."""
+    searcher, prepared, timings = run.searcher, run.prepared, run.timings
+    layers, subs, body_layers, config, full = run.layers, run.subs, run.body_layers, run.config, run.full
 
     def rank() -> list[LayerScore]:
         t = time.perf_counter()
         scores = []
         if ranking == "subset":  # the user's metric on the items the all-INT8 model (just evaluated) changed most
             sub = evaluate.subset(evaluate.worst_items(evaluate.last_outputs))
-            everything = layers + [x for s in subs for x in body_layers[s.scope.path]]
 
             def float_only(layer: Layer) -> tuple[float, float]:
                 searcher.subset_evaluations += 1
@@ -579,11 +667,11 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
 
             searcher.subset_evaluations += 1
             base = sub.score_and_cosine(str(searcher.save(searcher.build([])[1])))
-            scores = subset_sensitivity(everything, float_only, base)
+            scores = subset_sensitivity(run.all_layers(), float_only, base)
             timings["sensitivity_s"] = time.perf_counter() - t
             return scores
         if ranking == "single-op":
-            scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, captured, providers)
+            scores = single_op_sensitivity(prepared.model, prepared.idx, full, layers, run.captured, run.providers)
         # propagated; also for body layers under single-op: their float inputs cannot be captured
         owned = owned_quantizers(prepared.model, prepared.idx, config, full, layers) if ranking != "single-op" else {}
         for s in subs:
@@ -592,86 +680,90 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         searcher.ranking_runs += 2 * len(layers) if ranking == "single-op" else 0
         searcher.ranking_runs += len(scored) + 1 if scored else 0  # one per layer, and FP32's reference
         if scored:
-            scores += propagated_sensitivity(prepared.model, full, scored, batches, providers,
+            scores += propagated_sensitivity(prepared.model, full, scored, run.batches, run.providers,
                                              getattr(evaluate, "output_names", None), owned)
         timings["sensitivity_s"] = time.perf_counter() - t
         return rank_scores(scores)
 
-    scores: list[LayerScore] | Callable[[], list[LayerScore]] = rank
-    if ranking == "end-to-end":  # full evaluations of its own, before the search's
-        t = time.perf_counter()
-        all_layers = {layer.name: layer for layer in layers + [x for s in subs for x in body_layers[s.scope.path]]}
+    if ranking != "end-to-end":
+        return rank
+    t = time.perf_counter()  # full evaluations of its own, before the search's
+    all_layers = {layer.name: layer for layer in run.all_layers()}
 
-        def only(layer: Layer) -> float:
-            _, qdq = searcher.build([other for n, other in all_layers.items() if n != layer.name])
-            return searcher.measure(qdq, f"only {layer.name} quantized", []).metric
+    def only(layer: Layer) -> float:
+        _, qdq = searcher.build([other for n, other in all_layers.items() if n != layer.name])
+        return searcher.measure(qdq, f"only {layer.name} quantized", []).metric
 
-        scores = end_to_end_sensitivity(list(all_layers.values()), only)
-        searcher.ranking_trials, searcher.trials = searcher.trials, []  # counted apart from the search's
-        timings["sensitivity_s"] = time.perf_counter() - t
+    scores = end_to_end_sensitivity(list(all_layers.values()), only)
+    searcher.ranking_trials, searcher.trials = searcher.trials, []  # counted apart from the search's
+    timings["sensitivity_s"] = time.perf_counter() - t
+    return scores
 
-    macs, costs, cost_info = costs, *search_costs(searcher, layers, subs, batches, costs, latency, fallback)
-    if cost_info:
-        timings["runtime_costs_s"] = cost_info.pop("seconds")
-    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
-    outcome.macs, outcome.cost_kind = macs, cost_info.get("kind", "macs")
-    captured.clear()  # the float values of the sensitivity samples: memory back before writing
-    timings["search_s"] = outcome.seconds - (timings.get("sensitivity_s", 0.0) if ranking != "end-to-end" else 0.0)
-    search_report = {"target": target.describe(), "ranking_kind": ranking, "ranking_why": RANKINGS[ranking],
-                     **({"runtime_costs": cost_info} if cost_info else {}),
-                     "subgraph_layers": {path: [x.name for x in ls] for path, ls in body_layers.items() if ls},
-                     "sensitivity_samples": sum(len(next(iter(b.values()))) for b in batches),
-                     **outcome.to_dict()}
-    if latency and batches:
-        t = time.perf_counter()
-        feed = one_sample(batches[0], prepared.inputs)
-        lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
-               "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
-               if outcome.all_quantized is not None else None,
-               "final_ms": measure_latency(outcome.qdq, feed, latency_runs)}
-        lat["final_vs_fp32"] = round(lat["final_ms"] / lat["fp32_ms"], 3)
-        if lat["all_int8_ms"]:
-            lat["all_int8_vs_fp32"] = round(lat["all_int8_ms"] / lat["fp32_ms"], 3)
-        lat.update({"batch": 1, "runs": latency_runs, "runtime": "onnxruntime CPU, all graph optimizations"})
-        search_report["latency"] = lat
-        limit = max_latency_ratio if max_latency_ratio is not None else 1.0 \
-            if config.target == "ort-cpu" and lat["fp32_ms"] >= LATENCY_GATE_MIN_MS else None
-        rows = _tradeoffs(outcome, prepared.model, feed, lat, min(latency_runs, 10))
-        if outcome.met and limit is not None and lat["final_vs_fp32"] > limit:
-            # the cheapest set by cost is too slow as measured: another model that met the target may not be
-            faster = [(r, c) for r, c in zip(rows[1:], outcome.candidates) if r["passed"] and r["vs_fp32"] <= limit]
-            if faster:
-                row, (trial, plan, qdq) = min(faster, key=lambda rc: (  # the cheapest of them, as _best orders
-                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].float_layers),
-                    sum(outcome.costs.get(n, 0.0) for n in rc[1][0].int16_layers),
-                    len(rc[1][0].float_layers) + len(rc[1][0].int16_layers), -rc[1][0].metric, rc[0]["latency_ms"]))
-                log.info("the cheapest model that met the target runs %.2fx FP32 (limit %gx); keeping one measured "
-                         "at %.2fx: %s", lat["final_vs_fp32"], limit, row["vs_fp32"], trial.label)
-                by_name = {x.name: x for x in outcome.ranking}
-                outcome.plan, outcome.qdq = plan, qdq
-                outcome.fallback_layers = [by_name[n] for n in trial.float_layers + trial.int16_layers]
-                outcome.int16_layers = list(trial.int16_layers)
-                outcome.fallback = "mixed" if trial.float_layers and trial.int16_layers else \
-                    "int16" if trial.int16_layers else "float"
-                lat.update(final_ms=row["latency_ms"], final_vs_fp32=row["vs_fp32"], chosen_by="measured latency")
-                search_report.update(outcome.to_dict())
-            else:
-                outcome.met, outcome.stop_reason = False, "latency"
-                search_report.update(met=False, stop_reason="latency")
-        search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
-        timings["latency_s"] = time.perf_counter() - t
-    fraction = outcome.float_fraction()
-    if outcome.met and fraction > FLOAT_FRACTION_WARNING:
-        log.warning("the target holds with %.0f%% of the compute layers in %s: the model is barely quantized; try "
-                    "a different --calib-method, --ranking end-to-end, or relax the target", 100 * fraction,
-                    outcome.fallback)
-    kept_edits = searcher.kept_edits(outcome.plan)
+
+def _latency_gate(run: _SearchRun, outcome: SearchOutcome, search_report: dict[str, Any], latency_runs: int,
+                  max_latency_ratio: float | None) -> None:
+    """FP32, all-INT8 and the chosen model timed (ORT CPU, batch 1); a model slower than the limit is swapped for
+    a faster one that met the target, else the outcome is not met (stop_reason latency)."""
+    t = time.perf_counter()
+    prepared, config = run.prepared, run.config
+    feed = one_sample(run.batches[0], prepared.inputs)
+    lat = {"fp32_ms": measure_latency(prepared.model, feed, latency_runs),
+           "all_int8_ms": measure_latency(outcome.all_quantized, feed, latency_runs)
+           if outcome.all_quantized is not None else None,
+           "final_ms": measure_latency(outcome.qdq, feed, latency_runs)}
+    lat["final_vs_fp32"] = round(lat["final_ms"] / lat["fp32_ms"], 3)
+    if lat["all_int8_ms"]:
+        lat["all_int8_vs_fp32"] = round(lat["all_int8_ms"] / lat["fp32_ms"], 3)
+    lat.update({"batch": 1, "runs": latency_runs, "runtime": "onnxruntime CPU, all graph optimizations"})
+    search_report["latency"] = lat
+    limit = max_latency_ratio if max_latency_ratio is not None else 1.0 \
+        if config.target == "ort-cpu" and lat["fp32_ms"] >= LATENCY_GATE_MIN_MS else None
+    rows = _tradeoffs(outcome, prepared.model, feed, lat, min(latency_runs, 10))
+    if outcome.met and limit is not None and lat["final_vs_fp32"] > limit:
+        # the cheapest set by cost is too slow as measured: another model that met the target may not be
+        faster = [(r, c) for r, c in zip(rows[1:], outcome.candidates) if r["passed"] and r["vs_fp32"] <= limit]
+        if faster:
+            row, (trial, plan, qdq) = min(faster, key=lambda rc: (  # the cheapest of them, as _best orders
+                sum(outcome.costs.get(n, 0.0) for n in rc[1][0].float_layers),
+                sum(outcome.costs.get(n, 0.0) for n in rc[1][0].int16_layers),
+                len(rc[1][0].float_layers) + len(rc[1][0].int16_layers), -rc[1][0].metric, rc[0]["latency_ms"]))
+            log.info("the cheapest model that met the target runs %.2fx FP32 (limit %gx); keeping one measured "
+                     "at %.2fx: %s", lat["final_vs_fp32"], limit, row["vs_fp32"], trial.label)
+            by_name = {x.name: x for x in outcome.ranking}
+            outcome.plan, outcome.qdq = plan, qdq
+            outcome.fallback_layers = [by_name[n] for n in trial.float_layers + trial.int16_layers]
+            outcome.int16_layers = list(trial.int16_layers)
+            outcome.fallback = "mixed" if trial.float_layers and trial.int16_layers else \
+                "int16" if trial.int16_layers else "float"
+            lat.update(final_ms=row["latency_ms"], final_vs_fp32=row["vs_fp32"], chosen_by="measured latency")
+            search_report.update(outcome.to_dict())
+        else:
+            outcome.met, outcome.stop_reason = False, "latency"
+            search_report.update(met=False, stop_reason="latency")
+    search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
+    run.timings["latency_s"] = time.perf_counter() - t
+
+
+def _write(run: _SearchRun, outcome: SearchOutcome, search_report: dict[str, Any], calib_spec: Any,
+           t0: float) -> QuantResult:
+    """Step 4: the chosen model, its float model (with the technique edits of the layers it quantizes) and the
+    report, through the flow's finish."""
+    prepared = run.prepared
+    kept_edits = run.searcher.kept_edits(outcome.plan)
     for n, v in kept_edits.items():  # the written float model holds the edits of the layers the final model quantizes
         prepared.idx.initializers[n].CopyFrom(numpy_helper.from_array(v, n))
-    if edits:
-        search_report["technique_edits"] = {"kept": len(kept_edits), "dropped": sorted(set(edits) - set(kept_edits))}
-    result = finish(prepared, outcome.plan, outcome.qdq, config, calib, out_dir, timings, t0,
-                    extra_report={"search": search_report, **changed}, calib_data=calib_data, calib_spec=calib_spec)
+    if run.edits:
+        search_report["technique_edits"] = {"kept": len(kept_edits),
+                                            "dropped": sorted(set(run.edits) - set(kept_edits))}
+    return finish(prepared, outcome.plan, outcome.qdq, run.config, run.calib, run.out_dir, run.timings, t0,
+                  extra_report={"search": search_report, **run.changed}, calib_data=run.calib_data,
+                  calib_spec=calib_spec)
+
+
+def _raise_unless_met(outcome: SearchOutcome, search_report: dict[str, Any], target: AccuracyTarget,
+                      result: QuantResult, max_float_fraction: float | None, fraction: float) -> None:
+    """After writing: :class:`TargetNotMetError` (latency, accuracy, budget) or :class:`TooMuchFloatError`, each
+    naming what was found; else the outcome logged."""
     names = [s.name for s in outcome.fallback_layers]
     kept = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") if names else "none"
     table = pareto_table(search_report["pareto"], outcome.threshold) if "pareto" in search_report else ""
@@ -705,4 +797,64 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
              len(outcome.trials), "" if len(outcome.trials) == 1 else "s")
     if table:
         log.info("accuracy/latency trade-offs found (report: search.pareto):\n%s", table)
-    return result
+
+
+# --- the search as configuration (config.search: converter.quantize, qconvert quantize --config, batch jobs) ---------
+
+_METRIC_KEYS = {"top1-agreement": "agreement"}  # the name converter.search.evaluate.METRICS uses
+
+
+def accuracy_target(search: SearchConfig) -> AccuracyTarget:
+    """The section's target: ``max_drop`` (default 0.01 where no ``min_metric`` is given), relative or absolute."""
+    max_drop = 0.01 if search.max_drop is None and search.min_metric is None else search.max_drop
+    return AccuracyTarget(max_drop=max_drop, relative=search.relative_drop, min_value=search.min_metric)
+
+
+def section_evaluator(search: SearchConfig, model: Any, config: QuantConfig,
+                      image_spec: str | Path | None = None) -> Evaluator:
+    """The section's evaluator: its custom ``evaluator`` (file.py:fn / pkg.mod:fn), else the built-in metric on
+    its ``eval`` data against the float model (node names checked first: a typo fails before the FP32 runs)."""
+    from ..export import load_module_spec
+    from ..graph.model_io import load_model
+    from ..graph.passes import preprocess
+    from .evaluate import BuiltinEvaluator
+    from ..verify import load_labels
+
+    if search.evaluator:
+        return load_module_spec(search.evaluator)
+    if isinstance(model, onnx.ModelProto):
+        float_model = onnx.ModelProto()
+        float_model.CopyFrom(model)
+    elif isinstance(model, (str, Path)):
+        float_model = load_model(model)
+    else:
+        raise UserError("the search's built-in metric needs the float model as an ONNX file or ModelProto",
+                        "export the PyTorch model first (converter.export_torch), or pass an evaluator")
+    preprocess(float_model)
+    check_node_names(float_model, config)
+    labels = load_labels(search.labels) if search.labels else None
+    return BuiltinEvaluator(_METRIC_KEYS.get(search.metric, search.metric), float_model, search.eval, labels,
+                            batch_size=config.batch_size, image_spec=image_spec, output=search.eval_output)
+
+
+@removes_created_dirs
+def quantize_with_search(model: Any, calib_data: Any, config: QuantConfig | None = None,
+                         output_dir: str | Path | None = None, name: str | None = None, example_inputs: Any = None,
+                         calib_spec: str | Path | None = None, *, image_spec: str | Path | None = None,
+                         evaluate: Evaluator | None = None) -> QuantResult:
+    """``converter.quantize``: :func:`converter.pipeline.quantize`, or where ``config.search`` is set, the accuracy
+    search with that section's settings (:func:`auto_quantize`; ``evaluate`` replaces the section's evaluator).
+    Raises :class:`TargetNotMetError` (exit 1) after writing when the target is not met."""
+    config = config or QuantConfig()
+    spec = image_spec or calib_spec
+    if config.search is None:
+        return quantize(model, calib_data, config, output_dir, name, example_inputs, image_spec=spec)
+    s = config.search
+    prepare_output_dir(model, calib_data, output_dir, name)  # before the evaluator's FP32 runs
+    if evaluate is None:
+        evaluate = section_evaluator(s, model, config, spec)
+    return auto_quantize(model, calib_data, evaluate, accuracy_target(s), config, output_dir=output_dir, name=name,
+                         strategy=s.strategy, sensitivity_samples=s.sensitivity_samples, ranking=s.ranking,
+                         fallback=s.fallback, calib_spec=spec, example_inputs=example_inputs,
+                         give_back_layers=s.give_back, max_float_fraction=s.max_float_fraction,
+                         max_evaluations=s.max_evaluations, max_latency_ratio=s.max_latency_ratio)
