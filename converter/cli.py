@@ -138,8 +138,9 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                          f"take over 1 GiB per run (default: {d.batch_size})")
     c = p.add_argument_group("calibration", "activation ranges")
     c.add_argument("--calib-method", choices=list(CALIB_METHODS),
-                   help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config) "
-                        f"(default: {d.calib_method})")
+                   help="activation ranges; auto: each tensor's range chosen from calib_auto_candidates by the error "
+                        "at the layer reading it, the choices in the report's calib_choice block (per-tensor/op-type "
+                        f"overrides: calib_overrides in --config) (default: {d.calib_method})")
     c.add_argument("--percentile", type=float, help=f"for --calib-method percentile (default: {d.percentile})")
     c.add_argument("--activation-bits", type=int, choices=[8, 16],
                    help=f"activation bit width (16 for the qnn target) (default: {d.activation_bits})")

@@ -39,9 +39,43 @@ from .benchlib.ort_baseline import ort_quantize_static
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
+def minilm_task(root: Path, work: Path, minilm_onnx: str | None):
+    """MiniLM as tools/smoothquant_bench.py and search_bench.py measure it: calibration the first 200 distinct STS-B
+    test sentences, evaluation the next 200, both padded to 128 tokens; last_hidden_state cosine to FP32 over all
+    positions (``cosine``, the issue's figure) and over the attended tokens (``cosine_attended``); STS-B Spearman on
+    the 1379 pairs (tools/benchlib)."""
+    import numpy as np
+
+    from .benchlib.tasks import run_batches
+
+    task = bench_assets.minilm_task(root, work, minilm_onnx)
+    with open(root / "minilm-sts" / "sts-test.csv", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    sentences = list(dict.fromkeys(s for r in rows for s in (r[5], r[6])))
+    tok = bench_assets._tokenizer(root, fixed=True)
+    task.calib = [bench_assets._feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
+    held = [bench_assets._feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
+    mask = np.concatenate([b["attention_mask"] for b in held]).astype(bool)
+    ref = np.concatenate([run_batches(task.model, [b], "last_hidden_state") for b in held]).astype(np.float64)
+    spearman = task.metrics
+
+    def cos(a, b) -> float:
+        a, b = a.ravel(), b.ravel()
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    def metrics(path: str) -> dict[str, float]:
+        got = np.concatenate([run_batches(path, [b], "last_hidden_state") for b in held]).astype(np.float64)
+        return {"cosine": cos(got, ref), "cosine_attended": cos(got[mask], ref[mask]),
+                "spearman": spearman(path)["spearman"]}
+
+    task.metrics = metrics
+    task.title = "all-MiniLM-L6-v2 (calib 200 / eval 200 STS-B sentences, seq 128; STS-B 1379 pairs)"
+    return task
+
+
 def _task(key: str, root: Path, work: Path, minilm_onnx: str | None):
     if key == "minilm":
-        return bench_assets.minilm_task(root, work, minilm_onnx)
+        return minilm_task(root, work, minilm_onnx)
     if key == "efficientnet_lite0":
         return bench_assets.efficientnet_task(root)
     if key == "resnet8":

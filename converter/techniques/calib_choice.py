@@ -63,63 +63,87 @@ def auto_tensors(state: FlowState) -> list[str]:
     return [t for t, m in state.calib.methods.items() if m == "auto" and t in acts and t in state.calib.observers]
 
 
-def candidate_encodings(state: FlowState, tensor: str, candidates: tuple[str, ...]) -> list[Any]:
-    """The encoding each candidate gives ``tensor`` (from its histogram, as :func:`compute_encodings` would)."""
-    t = state.plan.tensors[tensor]
-    obs = state.calib.observers[tensor]
-    out = []
-    for spec in candidates:
-        lo, hi = observer_range(obs, spec, state.config.percentile, t.symmetric, t.bitwidth)
-        out.append(encoding_from_range(lo, hi, t.bitwidth, t.signed, t.symmetric))
+def units(state: FlowState, tensors: list[str]) -> dict[str, list[str]]:
+    """The tensors by scale group (members share one encoding: a Reshape/Transpose after a MatMul, Concat inputs):
+    one choice per group, scored with every member quantized."""
+    out: dict[str, list[str]] = {}
+    for t in tensors:
+        out.setdefault(state.plan.tensors[t].group or t, []).append(t)
     return out
 
 
-def _layer(state: FlowState, tensor: str) -> tuple[list[onnx.NodeProto], list[str]]:
-    """(nodes, output tensors) of the layer reading ``tensor``: forward from its readers to the next quantized
-    activations that do not share its encoding, or model outputs (module doc)."""
+def candidate_encodings(state: FlowState, members: list[str], candidates: tuple[str, ...]) -> list[Any]:
+    """The encoding each candidate gives the group of ``members`` (from their histograms, as
+    :func:`converter.quant.encode.compute_encodings` would: the members' ranges joined)."""
+    first = state.plan.tensors[members[0]]
+    out = []
+    for spec in candidates:
+        los, his = zip(*(observer_range(state.calib.observers[m], spec, state.config.percentile,
+                                        state.plan.tensors[m].symmetric, state.plan.tensors[m].bitwidth)
+                         for m in members))
+        out.append(encoding_from_range(min(los), max(his), first.bitwidth, first.signed, first.symmetric))
+    return out
+
+
+def _layer(state: FlowState, members: list[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """(nodes, output tensors) of the layer reading ``members``: forward from their readers to the next quantized
+    activations outside their scale group, or model outputs (module doc)."""
     idx, plan = state.idx, state.plan
-    group = plan.tensors[tensor].group
+    group = plan.tensors[members[0]].group
     acts = {t.name: t for t in plan.by_role("activation")}
     nodes: dict[str, onnx.NodeProto] = {}
     outputs: list[str] = []
-    frontier = [tensor]
+    frontier = list(members)
     while frontier:
         name = frontier.pop(0)
         for node in idx.uses(name):
             if node.name in nodes:
                 continue
             if any(True for _ in graph_attrs(node)) or len(nodes) >= MAX_LAYER_NODES:
-                if name != tensor and name not in outputs:
+                if name not in members and name not in outputs:
                     outputs.append(name)  # the layer ends here: compare what reaches this node
                 continue
             nodes[node.name] = node
             for o in node.output:
-                if not o:
+                if not o or o in outputs:
                     continue
                 q = acts.get(o)
-                if (q is not None and not (q.group and q.group == group)) or o in idx.graph_outputs:
-                    if o not in outputs:
-                        outputs.append(o)
-                elif idx.uses(o):
+                if (q is not None and q.group != group) or o in idx.graph_outputs:
+                    outputs.append(o)
+                elif idx.uses(o) and o not in members:
                     frontier.append(o)
     order = sorted(nodes.values(), key=lambda n: idx.order.get(n.name, 0))
     return order, outputs
 
 
-class _Probe:
-    """Every scored tensor's layer, side by side in one model: tensor ``t``'s layer reads ``__cq{i}`` (``t``
-    fake-quantized with the candidate) where the model reads ``t``, its other inputs under their own names (fed the
-    float values), its weights quantized; its outputs are ``__cc{i}/<name>``."""
+def fake_quantize(x: np.ndarray, enc: Any) -> np.ndarray:
+    """``x`` through a per-tensor QuantizeLinear/DequantizeLinear (in float32, without the integer array)."""
+    s, z = np.float32(enc.scale[0]), np.float32(enc.zero_point[0])
+    buf = np.divide(x, s, dtype=np.float32)
+    np.rint(buf, out=buf)
+    buf += z
+    np.clip(buf, np.float32(enc.qmin), np.float32(enc.qmax), out=buf)
+    buf -= z
+    buf *= s
+    return buf
 
-    def __init__(self, state: FlowState, tensors: list[str]) -> None:
+
+class _Probe:
+    """Every group's layer, side by side in one model: group ``i``'s layer reads ``__cq{i}_{j}`` (its member ``j``
+    fake-quantized with the candidate) where the model reads the member, its other inputs under their own names
+    (fed the float values), its weights quantized; its outputs are ``__cc{i}/<name>``."""
+
+    def __init__(self, state: FlowState, groups: dict[str, list[str]]) -> None:
         self.state = state
         self.layers: dict[str, tuple[list[onnx.NodeProto], list[str]]] = {}
-        for t in tensors:
-            nodes, outs = _layer(state, t)
+        for root, members in groups.items():
+            nodes, outs = _layer(state, members)
             if nodes and outs:
-                self.layers[t] = (nodes, outs)
+                self.layers[root] = (nodes, outs)
+        self.groups = groups
         self.external: list[str] = []  # float inputs of the probe (values of the float model)
-        self.outputs: dict[str, list[tuple[str, str]]] = {}  # tensor -> [(probe output, float model tensor)]
+        self.entries: dict[str, list[tuple[str, str]]] = {}  # root -> [(probe input, member)]
+        self.outputs: dict[str, list[tuple[str, str]]] = {}  # root -> [(probe output, float model tensor)]
         self._nodes: list[onnx.NodeProto] = []
         self._inits: dict[str, onnx.TensorProto] = {}
         self._build_nodes()
@@ -128,10 +152,13 @@ class _Probe:
         idx, plan = self.state.idx, self.state.plan
         weights = {t.name for t in plan.by_role("weight")}
         ext: dict[str, None] = {}
-        for i, (t, (nodes, outs)) in enumerate(self.layers.items()):
+        for i, (root, (nodes, outs)) in enumerate(self.layers.items()):
             inner = {o for n in nodes for o in n.output if o}
             rename = {o: f"__cc{i}/{o}" for o in inner}
-            rename[t] = f"__cq{i}"
+            entries = [m for m in self.groups[root] if m not in inner]  # members computed inside come out quantized
+            for j, m in enumerate(entries):
+                rename[m] = f"__cq{i}_{j}"
+            self.entries[root] = [(rename[m], m) for m in entries]
             for n in nodes:
                 new = onnx.NodeProto()
                 new.CopyFrom(n)
@@ -150,7 +177,7 @@ class _Probe:
                     if o:
                         new.output[k] = rename[o]
                 self._nodes.append(new)
-            self.outputs[t] = [(rename[o] if o in rename else o, o) for o in outs]
+            self.outputs[root] = [(rename[o], o) for o in outs]
         self.external = list(ext)
 
     def _quantized_weight(self, name: str) -> str:
@@ -163,37 +190,40 @@ class _Probe:
 
     def session(self, dtypes: dict[str, np.dtype]) -> Any:
         src = self.state.model
+        inputs = self.external + [q for entries in self.entries.values() for q, _ in entries]
         g = helper.make_graph(
             self._nodes, "calib_choice_probe",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(dtypes[n]), None)
-             for n in self.external + [f"__cq{i}" for i in range(len(self.layers))]],
-            [helper.make_empty_tensor_value_info(o) for outs in self.outputs.values() for o, _ in outs
-             if o.startswith("__cc")],
+            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(dtypes[n]), None) for n in inputs],
+            [helper.make_empty_tensor_value_info(o) for outs in self.outputs.values() for o, _ in outs],
             list(self._inits.values()))
         model = helper.make_model(g, opset_imports=list(src.opset_import), ir_version=src.ir_version)
         model.functions.extend(src.functions)
         return make_session(model, self.state.providers, self.state.config.threads)
 
 
-def _rel_error(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    d = got.astype(np.float64) - ref
-    return float(np.vdot(d, d)), float(np.vdot(ref, ref))
+def _sq(d: np.ndarray) -> float:
+    d = d.reshape(-1)
+    return float(np.dot(d, d))
 
 
 def choose(state: FlowState, tensors: list[str]) -> dict[str, dict[str, Any]]:
-    """tensor -> {"errors": {candidate: error}, "choice": candidate, "layer": [outputs compared]}."""
+    """tensor -> {"errors": {candidate: error}, "choice": candidate, "layer": [outputs compared]} (the members of
+    one scale group get the same record)."""
     config = state.config
     cands = tuple(config.calib_auto_candidates)
-    encs = {t: candidate_encodings(state, t, cands) for t in tensors}
-    # candidates with the same encoding are scored once: slot k of tensor t scores its k-th distinct encoding
-    uniq = {t: list(dict.fromkeys(e)) for t, e in encs.items()}
+    groups = units(state, tensors)
+    encs = {r: candidate_encodings(state, m, cands) for r, m in groups.items()}
+    # candidates with the same encoding are scored once: slot k of group r scores its k-th distinct encoding
+    uniq = {r: list(dict.fromkeys(e)) for r, e in encs.items()}
     slots = max(len(u) for u in uniq.values())
-    probe = _Probe(state, tensors)
-    plain = [t for t in tensors if t not in probe.layers]  # scored by their own error
+    probe = _Probe(state, groups)
+    plain = [r for r in groups if r not in probe.layers]  # scored by their own error
+    width = {r: max(1, len(probe.outputs.get(r, [])) if r in probe.layers else len(groups[r])) for r in groups}
+    num = {r: np.zeros((slots, width[r])) for r in groups}
+    den = {r: np.zeros(width[r]) for r in groups}
     refs = {o for outs in probe.outputs.values() for _, o in outs}
     fetch = list(dict.fromkeys(tensors + probe.external + sorted(refs)))
-    num = {t: np.zeros((slots, max(1, len(probe.outputs.get(t, [None]))))) for t in tensors}
-    den = {t: np.zeros(max(1, len(probe.outputs.get(t, [None])))) for t in tensors}
+    names = [o for r in probe.layers for o, _ in probe.outputs[r]]
     session = None
     data = state.data(config.calib_auto_samples)
     runs = (part for batch in data for part, _ in _split(batch, RUN_SAMPLES))
@@ -201,49 +231,50 @@ def choose(state: FlowState, tensors: list[str]) -> dict[str, dict[str, Any]]:
     with tqdm(total=config.calib_auto_samples, desc="choosing ranges", unit="sample", disable=None,
               leave=False) as bar:
         for values in iter_capture(state.model, fetch, runs, state.providers):
-            n = int(next(iter(values[t] for t in tensors)).shape[0]) if tensors else 0
+            n = int(values[tensors[0]].shape[0])
             if probe.layers and session is None:
                 session = probe.session({x: values[x].dtype for x in probe.external}
-                                        | {f"__cq{i}": values[t].dtype for i, t in enumerate(probe.layers)})
-            for t in plain:
-                x = values[t]
-                for k, enc in enumerate(uniq[t]):
-                    a, b = _rel_error(enc.fake_quantize(x), x.astype(np.float64))
-                    num[t][k, 0] += a
-                    if k == 0:
-                        den[t][0] += b
-            for k in range(slots):
-                if session is None:
-                    break
+                                        | {q: values[m].dtype for e in probe.entries.values() for q, m in e})
+            for r in plain:
+                for j, m in enumerate(groups[r]):
+                    x = values[m].astype(np.float32, copy=False)
+                    den[r][j] += _sq(x)
+                    for k, enc in enumerate(uniq[r]):
+                        num[r][k, j] += _sq(fake_quantize(x, enc) - x)
+            ref_sq = {o: _sq(values[o].astype(np.float32, copy=False)) for o in refs
+                      if np.issubdtype(values[o].dtype, np.floating)}
+            for r in probe.layers:
+                for j, (_, o) in enumerate(probe.outputs[r]):
+                    den[r][j] += ref_sq.get(o, 0.0)
+            for k in range(slots if session is not None else 0):
                 feeds = {x: values[x] for x in probe.external}
-                for i, t in enumerate(probe.layers):
-                    enc = uniq[t][min(k, len(uniq[t]) - 1)]
-                    feeds[f"__cq{i}"] = enc.fake_quantize(values[t]).astype(values[t].dtype)
-                names = [o for t in probe.layers for o, _ in probe.outputs[t]]
+                for r, entries in probe.entries.items():
+                    enc = uniq[r][min(k, len(uniq[r]) - 1)]
+                    for q, m in entries:
+                        feeds[q] = fake_quantize(values[m], enc).astype(values[m].dtype, copy=False)
                 got = dict(zip(names, session.run(names, feeds)))
-                for t in probe.layers:
-                    if k >= len(uniq[t]):
+                for r in probe.layers:
+                    if k >= len(uniq[r]):
                         continue
-                    for j, (o, ref_name) in enumerate(probe.outputs[t]):
-                        ref = values[ref_name]
-                        if not np.issubdtype(ref.dtype, np.floating):
-                            continue
-                        a, b = _rel_error(got[o], ref.astype(np.float64))
-                        num[t][k, j] += a
-                        if k == 0:
-                            den[t][j] += b
+                    for j, (o, ref_name) in enumerate(probe.outputs[r]):
+                        if ref_name in ref_sq:
+                            num[r][k, j] += _sq(got[o].astype(np.float32, copy=False) - values[ref_name])
+                del got, feeds
             samples += n
             bar.update(n)
             del values
     out = {}
-    for t in tensors:
-        per_enc = (num[t] / np.maximum(den[t], _EPS)[None, :]).sum(axis=1)
-        errors = {spec: float(per_enc[uniq[t].index(e)]) for spec, e in zip(cands, encs[t])}
+    for r, members in groups.items():
+        per_enc = (num[r] / np.maximum(den[r], _EPS)[None, :]).sum(axis=1)
+        errors = {spec: float(per_enc[uniq[r].index(e)]) for spec, e in zip(cands, encs[r])}
         best = min(cands, key=lambda s: (errors[s], cands.index(s)))
-        out[t] = {"errors": {s: float(f"{v:.4g}") for s, v in errors.items()}, "choice": best,
-                  "layer": [r for _, r in probe.outputs.get(t, [])] or ["(its own values)"]}
-    log.info("calib_choice: ranges of %d tensors chosen on %d samples (%d layer(s) probed)", len(tensors), samples,
-             len(probe.layers))
+        record = {"errors": {s: float(f"{v:.4g}") for s, v in errors.items()}, "choice": best,
+                  "layer": [o for _, o in probe.outputs[r]] if r in probe.layers else ["(its own values)"]}
+        if len(members) > 1:
+            record["group"] = members
+        for m in members:
+            out[m] = record
+    log.info("calib_choice: ranges of %d tensors (%d groups) chosen on %d samples", len(tensors), len(groups), samples)
     return out
 
 
