@@ -206,9 +206,9 @@ def _sq(d: np.ndarray) -> float:
     return float(np.dot(d, d))
 
 
-def choose(state: FlowState, tensors: list[str]) -> dict[str, dict[str, Any]]:
-    """tensor -> {"errors": {candidate: error}, "choice": candidate, "layer": [outputs compared]} (the members of
-    one scale group get the same record)."""
+def choose(state: FlowState, tensors: list[str]) -> tuple[dict[str, dict[str, Any]], int]:
+    """(tensor -> {"errors": {candidate: error}, "choice": candidate, "layer": [outputs compared]}, samples scored
+    on); the members of one scale group get the same record."""
     config = state.config
     cands = tuple(config.calib_auto_candidates)
     groups = units(state, tensors)
@@ -275,14 +275,14 @@ def choose(state: FlowState, tensors: list[str]) -> dict[str, dict[str, Any]]:
         for m in members:
             out[m] = record
     log.info("calib_choice: ranges of %d tensors (%d groups) chosen on %d samples", len(tensors), len(groups), samples)
-    return out
+    return out, samples
 
 
 def run(state: FlowState) -> dict[str, Any] | None:
     tensors = auto_tensors(state)
     if not tensors:
         return None
-    chosen = choose(state, tensors)
+    chosen, samples = choose(state, tensors)
     for t, c in chosen.items():
         state.calib.methods[t] = c["choice"]
     state.reencode()
@@ -290,7 +290,7 @@ def run(state: FlowState) -> dict[str, Any] | None:
     for c in chosen.values():
         counts[c["choice"]] = counts.get(c["choice"], 0) + 1
     return {"error": "relative squared error at the outputs of the layer reading the tensor (float inputs, "
-                     "quantized weights)", "samples": min(state.config.calib_auto_samples, state.calib.samples),
+                     "quantized weights)", "samples": samples,
             "candidates": list(state.config.calib_auto_candidates), "chosen": dict(sorted(counts.items())),
             "tensors": chosen, "calib_overrides": {t: c["choice"] for t, c in chosen.items()}}
 
