@@ -164,7 +164,7 @@ TARGETS: dict[str, TargetPreset] = {
     ),
 }
 
-CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse")
+CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse", "auto")
 WEIGHT_CALIB_METHODS = ("minmax", "mse")
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -351,7 +351,9 @@ class QuantConfig:
     target: str = option("ort-cpu", "target.name", "--target", choices=list(TARGETS),
                          help="runtime whose quantization rules are used")
     calib_method: str = option("minmax", "calibration.method", "--calib-method", choices=list(CALIB_METHODS),
-                               help="activation ranges (per-tensor/op-type overrides: calib_overrides in --config)")
+                               help="activation ranges; auto: each tensor's range chosen from calib_auto_candidates by the error "
+                                    "at the layer reading it, the choices in the report's calib_choice block "
+                                    "(per-tensor/op-type overrides: calib_overrides in --config)")
     # weights: minmax (max |w| per channel) or mse (clipping that minimises MSE)
     weight_calib: str = option("minmax", "weights.calib", "--weight-calib", choices=list(WEIGHT_CALIB_METHODS),
                                help="weight ranges per channel: max |w| or the clipping that minimises MSE")
@@ -489,6 +491,15 @@ class QuantConfig:
                                                   help="shared library with ONNX Runtime custom-op kernels, "
                                                        "registered in every session (repeatable; config key "
                                                        "custom_op_libraries) (default: none)")
+    # calib_method "auto" (or "auto" in calib_overrides): each such activation's range is the candidate (a method,
+    # or "percentile:<p>") with the least error at the layers reading it, measured on calib_auto_samples calibration
+    # samples (converter.techniques.calib_choice); the report's calib_choice block holds the choices as
+    # calib_overrides to freeze them
+    calib_auto_candidates: tuple[str, ...] = option(
+        ("minmax", "percentile:99.9", "percentile:99.99", "percentile:99.999", "mse", "entropy"),
+        "calibration.auto_candidates", help="range candidates --calib-method auto chooses from per tensor")
+    calib_auto_samples: int = option(32, "calibration.auto_samples",
+                                     help="calibration samples --calib-method auto scores each candidate on")
     # the accuracy search (SearchConfig); None: quantize only. converter.quantize / the batch worker / qconvert
     # quantize run the search when it is set
     search: SearchConfig | None = option(None, "search")
@@ -813,8 +824,9 @@ def _check_calibration(c: "QuantConfig") -> None:
         if not isinstance(key, str) or not key or key == "op:":
             raise ConfigError(f"calib_overrides keys must be tensor names or 'op:<OpType>', got {key!r}",
                               "e.g. calib_overrides: {'op:Softmax': minmax, 'conv1_out': entropy}")
-        _check_choice(f"calib_overrides[{key!r}]", method, CALIB_METHODS)
+        check_calib_method(f"calib_overrides[{key!r}]", method)
     object.__setattr__(c, "calib_overrides", dict(c.calib_overrides))
+    _check_calib_auto(c)
     if not 0.0 < c.ema_momentum <= 1.0:
         raise ConfigError(f"ema_momentum must be in (0, 1], got {c.ema_momentum}", "use e.g. 0.01")
     if not 128 <= c.histogram_bins <= 65536 or c.histogram_bins & (c.histogram_bins - 1):
@@ -832,6 +844,48 @@ def _check_calibration(c: "QuantConfig") -> None:
                           "use e.g. 0.5, or auto to pick alpha per tensor")
     if c.calib_memory_budget_mb < 1:
         raise ConfigError(f"calib_memory_budget_mb must be >= 1, got {c.calib_memory_budget_mb}", "use e.g. 1024")
+
+
+# issue 26: calib auto
+def calib_method_spec(spec: str) -> tuple[str, float | None]:
+    """``(method, percentile)`` of a calibration method spec: a method name, or ``percentile:<p>`` (its own
+    percentile; None: the config's ``percentile``). No checks: :func:`check_calib_method` makes them."""
+    method, _, value = str(spec).partition(":")
+    return method, (float(value) if value else None)
+
+
+def check_calib_method(key: str, spec: Any, allow_auto: bool = True) -> None:
+    """``spec`` is a calibration method (``auto`` only where ``allow_auto``) or ``percentile:<p>`` with p in
+    (50, 100]: else one error naming ``key``."""
+    fix = ("use one of " + ", ".join(m for m in CALIB_METHODS if allow_auto or m != "auto")
+           + ", or percentile:<p> with p in (50, 100], e.g. percentile:99.99")
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"{key} must be a calibration method, got {spec!r}", fix)
+    method, _, value = spec.partition(":")
+    if method not in CALIB_METHODS or (method == "auto" and not allow_auto) or (value and method != "percentile"):
+        raise ConfigError(f"{key}: {spec!r} is not a calibration method{'' if allow_auto else ' candidate'}", fix)
+    if value:
+        try:
+            p = float(value)
+        except ValueError:
+            p = float("nan")
+        if not 50.0 < p <= 100.0:
+            raise ConfigError(f"{key}: {spec!r} needs a percentile in (50, 100]", fix)
+
+
+def _check_calib_auto(c: "QuantConfig") -> None:
+    cands = c.calib_auto_candidates
+    if isinstance(cands, str) or not cands:
+        raise ConfigError(f"calib_auto_candidates must be a non-empty list of calibration methods, got {cands!r}",
+                          "e.g. [minmax, percentile:99.99, mse, entropy]")
+    for i, spec in enumerate(cands):
+        check_calib_method(f"calib_auto_candidates[{i}]", spec, allow_auto=False)
+    if len(set(cands)) != len(cands):
+        raise ConfigError(f"calib_auto_candidates lists a method twice: {list(cands)}", "list each candidate once")
+    object.__setattr__(c, "calib_auto_candidates", tuple(cands))
+    if isinstance(c.calib_auto_samples, bool) or not isinstance(c.calib_auto_samples, int) or c.calib_auto_samples < 1:
+        raise ConfigError(f"calib_auto_samples must be an integer >= 1, got {c.calib_auto_samples!r}",
+                          "use e.g. 32 (calibration samples the choice measures the layers' error on)")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..config import calib_method_spec
 from ..errors import ConfigError
 from . import ranges
 
@@ -244,9 +245,16 @@ class HistogramObserver(MinMaxObserver):
         return min(lo, 0.0), max(hi, 0.0)
 
 
+def needs_histogram(method: str) -> bool:
+    """Whether ``method`` (a method spec, e.g. ``percentile:99.9``) reads a histogram; ``auto`` does: its
+    candidates are chosen from it (:mod:`converter.techniques.calib_choice`)."""
+    base = calib_method_spec(method)[0]
+    return base in HISTOGRAM_METHODS or base == "auto"
+
+
 def make_observer(method: str, settings: ObserverSettings | None = None) -> MinMaxObserver:
     settings = settings or ObserverSettings()
-    if method in HISTOGRAM_METHODS:
+    if needs_histogram(method):
         return HistogramObserver(settings.bins, settings.ema_momentum)
     return MinMaxObserver(settings.ema_momentum)
 
@@ -272,8 +280,14 @@ def resolve_methods(tensors: list[str], producer_op: Mapping[str, str], default:
 
 def observer_range(obs: MinMaxObserver, method: str, percentile: float = 99.999, symmetric: bool = False,
                    bits: int = 8) -> tuple[float, float]:
-    """The range ``method`` chooses from ``obs`` for a ``bits``-bit grid (symmetric or not)."""
-    if method == "minmax" or obs.min > obs.max:
+    """The range ``method`` chooses from ``obs`` for a ``bits``-bit grid (symmetric or not).
+
+    ``method`` may carry its own percentile (``percentile:99.9``: that one instead of ``percentile``); ``auto``
+    gives the min/max range until :mod:`converter.techniques.calib_choice` has chosen the tensor's method."""
+    method, own = calib_method_spec(method)
+    if own is not None:
+        percentile = own
+    if method in ("minmax", "auto") or obs.min > obs.max:
         return obs.range()
     if method == "minmax_ema":
         return obs.ema_range()
