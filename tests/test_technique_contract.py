@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from converter import QuantConfig, quantize
 from converter.errors import ConfigError
-from converter.techniques import (ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, REGISTRY, Technique, TechniqueError,
+from converter.techniques import (ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, REGISTRY, Technique, TechniqueError, get,
                                   register, unregister)
 
 from .conftest import parse
@@ -57,11 +57,10 @@ def _run(model: onnx.ModelProto | str, feed) -> np.ndarray:
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
-ON = {"calib_choice": {"calib_method": "auto"}}  # techniques switched on by another field than their name
 
 
 def _only(name: str, **extra) -> QuantConfig:
-    return ALL_OFF.replace(**{**ON.get(name, {name: True}), **extra})
+    return ALL_OFF.replace(**{**get(name).on(), **extra})
 
 
 @pytest.mark.parametrize("name", NAMES)

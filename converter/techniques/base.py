@@ -19,7 +19,9 @@ the orchestrator (:func:`converter.pipeline.run_flow`) never names a technique:
   ``float_weights``, which bias correction needs to measure the rounding against; bias correction provides
   ``mean_error_removed``, a promise the weight ranges and AdaRound's losses read before it runs). A need no earlier
   technique (or the flow: ``bn_stats``) provides is optional: the technique works without it.
-* ``config_fields``: the QuantConfig fields it reads; ``enabled(config)`` says whether it runs.
+* ``config_fields``: the QuantConfig fields it reads; ``enabled(config)`` says whether it runs. Its options live in
+  the config section ``techniques.<name>`` (its on/off field there), unless ``switch`` names the choice of another
+  field that turns it on (``calib_method: auto``): its options are then in that field's section.
 
 Adding a technique = one module defining ``TECHNIQUE = Technique(...)`` + one row in
 :data:`converter.techniques.REGISTRY`.
@@ -57,7 +59,14 @@ class Technique:
     promises: tuple[str, ...] = ()  # facts true as soon as it is enabled, read by what runs before it
     needs: tuple[str, ...] = ()
     config_fields: tuple[str, ...] = ()
+    # the config values that switch it on, where a choice of another field does (calib_method: auto) rather than
+    # its own on/off field techniques.<name>; empty: ``{name: True}``
+    switch: tuple[tuple[str, Any], ...] = ()
     summary: str = ""
+
+    def on(self) -> dict[str, Any]:
+        """The config changes that switch it on."""
+        return dict(self.switch) if self.switch else {self.name: True}
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

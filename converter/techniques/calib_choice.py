@@ -302,6 +302,6 @@ def _enabled(config: Any) -> bool:
 TECHNIQUE = Technique(
     "calib_choice", ENCODED_STAGE, run, enabled=_enabled, samples=SAMPLES,
     data_why="it scores each activation's candidate ranges on calibration samples",
-    flag="--calib-method auto / calib_method: auto", searchable=True,
+    flag="--calib-method auto / calib_method: auto", searchable=True, switch=(("calib_method", "auto"),),
     config_fields=("calib_method", "calib_overrides", "calib_auto_candidates", "calib_auto_samples", "percentile"),
     summary="chooses each activation's range (method or percentile) by the error at the layer reading it")
