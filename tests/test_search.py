@@ -17,6 +17,9 @@ from converter.cli import main
 from converter.search import (AccuracyTarget, Bisect, BuiltinEvaluator, Sequential, TargetNotMetError, auto_quantize,
                               spearman)
 
+from converter import quantize
+from converter.ort_session import runtime_layers
+
 from .conftest import ROOT, parse
 
 
@@ -73,6 +76,45 @@ def test_search_finds_exactly_the_sensitive_layer(tmp_path, strategy):
     # the written model is the one that met the target: MatMul_3 reads h2 in float
     assert res.plan.nodes["MatMul_3"].status == "float-excluded" and "h2" not in res.plan.encodings
     assert evaluate(str(res.model_path)) == pytest.approx(search["final_metric"])
+
+
+def conv_weight_outlier_model():
+    """Three Convs; the second (``Conv_2``)'s weights on input channel 0 are 1000x the rest, and that channel is always 0
+    (the first Conv's filter 0 is zero, then ReLU): any 8-bit weight scale spans the outlier and rounds every useful weight
+    of it to 0, while its input and output tensors quantize well. Only that Conv itself needs float."""
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w1[0] = 0.0
+    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    w2[:, 0] *= 1000.0
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,12,12] x) => (float[N,8,12,12] y) {
+      c1 = Conv <pads = [1, 1, 1, 1]> (x, W1)
+      r1 = Relu(c1)
+      c2 = Conv <pads = [1, 1, 1, 1]> (r1, W2)
+      r2 = Relu(c2)
+      y = Conv <pads = [1, 1, 1, 1]> (r2, W3)
+    }""", W1=w1, W2=w2, W3=rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32))
+
+
+def test_search_float_layer_keeps_its_conv_producer_quantized(tmp_path):
+    # reading its input in float would drop the Q on Conv_1's output, so ORT would run Conv_1 in float too: the
+    # search's float layer reads its quantized input through a DQ instead (form "auto"), one float Conv in ORT
+    model = conv_weight_outlier_model()
+    feeds = [{"x": np.random.default_rng(s).normal(0, 1, (4, 3, 12, 12)).astype(np.float32)} for s in range(4)]
+    evaluate = BuiltinEvaluator("cosine", model, feeds[2:])
+    res = auto_quantize(model, feeds[:2], evaluate, AccuracyTarget(max_drop=0.01), NO_SMOOTH, output_dir=tmp_path,
+                        latency=False)
+    search = res.report["search"]
+    assert search["met"] and [s["name"] for s in search["fallback_layers"]] == ["Conv_2"]
+    assert search["float_form"] == "auto"
+    assert search["float_layers_runtime"] == ["Conv_2"]  # ONNX Runtime runs exactly that one Conv in float
+    assert res.plan.nodes["Conv_2"].status == "float-excluded" and "r1" in res.plan.encodings  # its input stays Q
+    assert search["evaluations"][1]["metric"] < search["threshold"] <= search["final_metric"]  # all-INT8 missed
+    # the other form, for contrast: Conv_2 reading r1 in float leaves Conv_0 without its output Q, in float too
+    other = quantize(model, feeds[:2], NO_SMOOTH.replace(exclude_with_inputs=("Conv_2",)), output_dir=tmp_path / "wi")
+    assert runtime_layers(onnx.load(str(other.model_path))).float_layers == ("Conv_0", "Conv_2")
 
 
 def test_unmet_target_still_writes_best_model(tmp_path):

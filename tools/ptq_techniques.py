@@ -135,6 +135,10 @@ AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False
                                                            "--depthwise-bits", "8"]),
                        "aimet-w4-tfe-fl8-dw8-adaround": (4, True, ["--weight-scheme", "tf_enhanced",
                                                                    "--first-last-bits", "8", "--depthwise-bits", "8"])}
+# AMD Quark's AdaQuant (tools/quark_adaquant_row.py, --quark PYTHON): W4A8 as our w4 rows (first/last 8 bits) and
+# W8A8; Quark ONNX 0.13 has no 4-bit data type, so the W4 row records Quark's error
+QUARK_ROWS = {"quark-w4-adaquant": (4, ["--first-last-bits", "8"]), "quark-w8-adaquant": (8, [])}
+QUARK_PYTHON = "/work/peers/quark/bin/python"
 TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}
 DEFAULT_ROWS = ("fp32", "per-tensor", "per-tensor+cle(keep-relu6)+bc", "per-tensor+cle", "per-tensor+cle+bc",
                 "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel", "aimet-cle",
@@ -219,18 +223,42 @@ def aimet_row(python: str, task, key: str, args, work: Path) -> dict:
     return {"tool": "aimet-onnx", **row, "row": key, "process_wall_s": round(time.perf_counter() - t, 1)}
 
 
+def quark_row(python: str, task, key: str, args, work: Path) -> dict:
+    """One AMD Quark AdaQuant row in the amd-quark venv (tools/quark_adaquant_row.py), on our preprocessed float model
+    and the same images, with the AdaRound rows' iteration budget."""
+    files = save_arrays(task, work)
+    bits, extra = QUARK_ROWS[key]
+    model = work / "float_prepared.onnx"
+    if not model.exists():
+        onnx.save(prepare(str(task.model)).model, model)
+    cmd = [python, str(Path(__file__).with_name("quark_adaquant_row.py")), "--model", str(model),
+           "--calib", str(files["calib"]), "--eval", str(files["eval"]), "--labels", str(files["labels"]),
+           "--input", task.input_name, "--weight-bits", str(bits), "--iterations", str(args.adaround_iterations),
+           "--threads", str(args.threads), *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"tool": "amd-quark", "row": key,
+                "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    row = json.loads(lines[-1])
+    row.pop("pid", None)
+    return {**row, "row": key, "process_wall_s": round(time.perf_counter() - t, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_assets_argument(ap)
     ap.add_argument("--model", choices=list(TASKS), default="efficientnet_lite0")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                     help=f"comma-separated rows (default: {','.join(DEFAULT_ROWS)}; all: fp32, {', '.join(ROWS)}, "
-                         f"{', '.join([*AIMET_CLE_ROWS, *AIMET_ADAROUND_ROWS])})")
+                         f"{', '.join([*AIMET_CLE_ROWS, *AIMET_ADAROUND_ROWS, *QUARK_ROWS])})")
     ap.add_argument("--adaround-iterations", type=int, default=1000,
                     help="AdaRound steps per layer, ours and AIMET's alike (default: 1000; AIMET's default 10000)")
     ap.add_argument("--threads", type=int, default=1, help="ORT and torch threads of every row (default: 1)")
     ap.add_argument("--aimet", default=AIMET_PYTHON if Path(AIMET_PYTHON).exists() else "none",
                     help="python of a venv with aimet-onnx, or none (default: /tmp/aimet/bin/python when present)")
+    ap.add_argument("--quark", default=QUARK_PYTHON, help=f"python of a venv with amd-quark (default: {QUARK_PYTHON})")
     ap.add_argument("--latency-runs", type=int, default=30, help="batch-1 latency rounds (0: none; default 30)")
     ap.add_argument("--json", help="also write the rows to this JSON file (default: none)")
     ap.add_argument("--one-row", help=argparse.SUPPRESS)  # internal: run one converter row in this process
@@ -254,6 +282,11 @@ def main() -> int:
                     print(f"aimet-onnx: no venv (--aimet PYTHON): no {key} row")
                     continue
                 row = aimet_row(args.aimet, task, key, args, Path(d))
+            elif key in QUARK_ROWS:
+                if not Path(args.quark).exists():
+                    print(f"amd-quark: no venv (--quark PYTHON): no {key} row")
+                    continue
+                row = quark_row(args.quark, task, key, args, Path(d))
             else:
                 proc = run_module("tools.ptq_techniques", ["--assets", args.assets, "--model", args.model,
                                   "--one-row", key, "--out", Path(d) / key, "--adaround-iterations",

@@ -1,19 +1,25 @@
-"""Float counted as ONNX Runtime runs it, and cost measured on the runtime (issue 28, points 3 and 5).
+"""Does the search's per-layer runtime cost predict whole-model latency? (issue 28, point 5)
 
-EfficientNet-Lite0 (calibration: the first 16 ImageNet sample images):
+For each model (``--models``, default EfficientNet-Lite0 and ResNet-8; calibration: the task's first 16 images):
 
-1. ``--exclude-nodes /_blocks.0/_depthwise_conv/Conv_output_0``: the layers ORT CPU's optimized graph runs in float
-   (by name), and batch-1 latency vs FP32 and all-INT8;
-2. the per-layer cost model of the search (:func:`converter.search.cost.runtime_costs`: profiled FP32 and all-INT8
-   kernel times, medians over runs): predicted vs measured batch-1 latency for a few float sets, and the same
-   sets' MAC share (what the search used to minimise);
-3. determinism: the cost ranking from two profiles (rank correlation, same top 10).
+1. the search's cost model (:func:`converter.search.cost.runtime_costs`): the all-INT8 model and each compute layer
+   alone in float, profiled on ONNX Runtime CPU (each kernel's fastest of ``--profile-runs`` runs, summed); a
+   layer's cost is the difference;
+2. float sets of 0, 1, 3 and 6 layers (the costliest 1 and 3, the 3 cheapest, 6 at random, seed 0), each layer
+   kept in float as the search keeps it (``exclude_nodes``: its neighbours stay quantized, one float layer in ORT);
+3. every set's batch-1 latency measured: median of ``--runs`` rounds, all models of one model family taking turns
+   (rotated order each round: tools/benchlib/measure.compare_latency), beside two predictions:
 
-Latency ("wall"): the fastest of ``--reps`` rounds (models interleaved) of the median of ``--runs`` runs;
-"profiled": each kernel's fastest of ``--profile-runs`` profiled runs, summed (what the search's costs use);
-``--threads`` intra-op threads for both.
+   * ``additive``: the measured all-INT8 latency plus the set's summed costs (what the search's ``predict`` does);
+   * ``scaled``: the same with the costs scaled by measured / profiled all-INT8 time (the profile's fastest-kernel
+     sums leave out the dispatch and the load that a wall-clock median includes).
 
-    python -m tools.runtime_cost [--assets /work/shared/assets] [--threads 1] [--json out.json]
+   and the error of each (predicted / measured - 1); the check: |error| <= 10% on every set. ``--profiled``: also
+   each set's profiled kernel sum beside the profile's own prediction (all-INT8's kernel sum plus the costs), the
+   comparison a busy machine's wall clock cannot blur.
+
+    python -m tools.runtime_cost [--assets DIR] [--models efficientnet_lite0,resnet8] [--threads 1] [--runs 200]
+        [--profile-runs 20] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,129 +27,113 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from converter import QuantConfig
+from converter.ort_session import runtime_layers
 from converter.pipeline import calibrate, encode_model, plan_model, prepare
 from converter.quant.control_flow import render_control_flow
 from converter.quant.encode import activation_tensors
 from converter.quant.layers import plan_layers
-from converter.graph.macs import node_macs
-from converter.ort_session import runtime_layers
-from converter.search.cost import measure_latency, profiled_ms, runtime_costs
-from converter.search.sensitivity import spearman
+from converter.search.cost import COMPUTE_OPS, profiled_ms, runtime_costs
 
-from .bench_e2e import efficientnet_task
-from .benchlib.assets import add_assets_argument, assets_or_exit
+from .benchlib import assets as bench_assets
+from .benchlib.measure import compare_latency
 
-
-EXCLUDED = "/_blocks.0/_depthwise_conv/Conv_output_0"
+TASKS = {"efficientnet_lite0": bench_assets.efficientnet_task, "resnet8": bench_assets.resnet8_task}
+LIMIT = 0.10
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_assets_argument(ap)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=30)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--profile-runs", type=int, default=20)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    args.assets = assets_or_exit(args.assets)
-    task = efficientnet_task(args.assets)
-    calib = [{task.input_name: task.calib[i:i + 8]} for i in range(0, 16, 8)]
-    feed = {task.input_name: task.calib[:1]}
-    fp32 = onnx.load(str(task.model))
-    prepared = prepare(fp32, "m")
-    config = QuantConfig()
+def model_rows(key: str, args) -> dict:
+    task = TASKS[key](bench_assets.assets_root(args.assets))
+    calib = task.calib[:1]  # one batch: the first 16 images
+    prepared = prepare(onnx.load(str(task.model)), key)
+    config = QuantConfig(threads=args.threads)
     full, _ = plan_model(prepared, config)
     calibrated = calibrate(prepared, activation_tensors(full), calib, config)
-    idx = prepared.idx
-    layers = [n for n in prepared.model.graph.node if n.op_type in ("Conv", "Gemm")]
-    macs = {n.name: node_macs(idx, n) for n in layers}
-    work = Path(tempfile.mkdtemp())
-
-    groups = {layer.name: layer.nodes for layer in plan_layers(full, idx)}  # a Conv and the activation it fuses
+    layers = [x for x in plan_layers(full, prepared.idx) if x.op_type in COMPUTE_OPS]
+    groups = {x.name: x.nodes for x in layers}
 
     def render(names) -> onnx.ModelProto:
-        """The QDQ model with ``names`` in float, from the same calibration (what a search trial renders)."""
-        cfg = config.replace(exclude_nodes=tuple(x for n in names for x in groups.get(n, (n,))))
+        """The QDQ model with ``names`` in float (their neighbours quantized), from the same calibration."""
+        cfg = config.replace(exclude_nodes=tuple(n for name in names for n in groups[name]))
         plan, subs = plan_model(prepared, cfg)
         encode_model(prepared, plan, subs, calibrated.observers, calibrated.methods, cfg)
         return render_control_flow(prepared.model, plan.encodings)
 
-    def build(key: str, exclude: tuple[str, ...]) -> Path:
-        path = work / f"{key}.onnx"
-        onnx.save(render(exclude), path)
-        return path
-
-    int8_path = build("int8", ())
-    int8 = onnx.load(str(int8_path))
-    order = [n.name for n in layers]
-    costs = runtime_costs(int8, feed, order, render, runs=args.profile_runs, threads=args.threads)
-    again = runtime_costs(int8, feed, order, render, runs=args.profile_runs, threads=args.threads)
-    c1, c2 = costs.costs(), again.costs()
-    names = sorted(c1)
-    rho = spearman(sorted(names, key=lambda n: (-c1[n], n)), sorted(names, key=lambda n: (-c2[n], n)))
-    top1 = sorted(names, key=lambda n: (-c1[n], n))[:10]
-    top2 = sorted(names, key=lambda n: (-c2[n], n))[:10]
-
-    by_cost = sorted(names, key=lambda n: (-c1[n], n))
-    by_macs = sorted(macs, key=lambda n: (-macs[n], n))
+    t = time.perf_counter()
+    int8 = render([])
+    costs = runtime_costs(int8, task.feed, list(groups), render, runs=args.profile_runs, threads=args.threads)
+    c = costs.costs()
+    by_cost = sorted(c, key=lambda n: (-c[n], n))
     rng = np.random.default_rng(0)
-    sets = {
-        "exclude blocks.0 depthwise": (EXCLUDED,),
-        "stem + blocks.0/1 depthwise (high resolution)": ("/_conv_stem/Conv_output_0", EXCLUDED,
-                                                         "/_blocks.1/_depthwise_conv/Conv_output_0"),
-        "5 largest by MACs": tuple(by_macs[:5]),
-        "5 costliest by profile": tuple(by_cost[:5]),
-        "10 random layers": tuple(sorted(rng.choice(sorted(macs), 10, replace=False))),
-        "every depthwise Conv": tuple(n.name for n in layers if "depthwise" in n.name),
-    }
-    paths = {"fp32": Path(task.model), "all-int8": int8_path}
-    for i, (label, s) in enumerate(sets.items()):
-        paths[label] = build(f"set{i}", s)
-    lat: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.reps):
-        for key, p in paths.items():
-            lat[key].append(measure_latency(str(p), feed, args.runs, threads=args.threads))
-    ms = {k: float(np.min(v)) for k, v in lat.items()}  # the least disturbed round
-    total_macs = sum(macs.values())
+    sets = {"0 (all-INT8)": (), "1 costliest": tuple(by_cost[:1]), "3 costliest": tuple(by_cost[:3]),
+            "3 cheapest": tuple(by_cost[-3:]),
+            "6 random": tuple(sorted(rng.choice(sorted(c), min(6, len(c)), replace=False)))}
+    models = {"fp32": onnx.load(str(task.model)), **{label: render(s) if s else int8 for label, s in sets.items()}}
+    costs_s = time.perf_counter() - t
+    load_before = os.getloadavg()[0]
+    ms = compare_latency(models, task.feed, runs=args.runs, warmup=5, threads=args.threads)
+    load_after = os.getloadavg()[0]
+    base_wall = ms["0 (all-INT8)"]
+    scale = base_wall / costs.int8_ms
     rows = []
-    print(f"EfficientNet-Lite0 batch 1, {args.threads} thread(s): FP32 {ms['fp32']:.2f} ms, all-INT8 "
-          f"{ms['all-int8']:.2f} ms ({ms['all-int8'] / ms['fp32']:.2f}x)")
-    print(f"cost ranking determinism: Spearman {rho:.3f} between two profiles, top 10 equal: {top1 == top2} "
-          f"({len(set(top1) & set(top2))}/10 shared)")
-    print(f"  {'float set':48s} {'excl':>4s} {'ORT float':>9s} {'MACs':>6s} {'predicted':>9s} {'measured':>9s} "
-          f"{'error':>6s} {'vs FP32':>7s}")
-    int8_profiled = profiled_ms(int8, feed, args.profile_runs, threads=args.threads)
-    print(f"  (profiled: each kernel's fastest run, summed; wall: fastest round's median, machine load "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     for label, s in sets.items():
-        m = onnx.load(str(paths[label]))
-        run = runtime_layers(m)
-        prof = profiled_ms(m, feed, args.profile_runs, threads=args.threads)
-        pred_prof = costs.predict(int8_profiled, run.float_layers)
-        pred = costs.predict(ms["all-int8"], run.float_layers)
-        err = pred / ms[label] - 1
-        share = sum(macs.get(n, 0.0) for n in run.float_layers) / total_macs
-        rows.append({"set": label, "excluded": list(s), "ort_float_layers": list(run.float_layers),
-                     "profiled_ms": round(prof, 3), "predicted_profiled_ms": round(pred_prof, 3),
-                     "profiled_error": round(pred_prof / prof - 1, 4),
-                     "mac_share": round(share, 4), "predicted_ms": round(pred, 3), "measured_ms": round(ms[label], 3),
-                     "error": round(err, 4), "vs_fp32": round(ms[label] / ms["fp32"], 3)})
-        print(f"  {label:48s} {len(s):>4d} {len(run.float_layers):>9d} {share:>6.1%} {pred:>9.2f} {ms[label]:>9.2f} "
-              f"{err:>+6.1%} {ms[label] / ms['fp32']:>7.2f}   profiled: predicted {pred_prof:.2f} measured "
-              f"{prof:.2f} ({pred_prof / prof - 1:+.1%})")
+        run = runtime_layers(models[label])
+        extra = sum(costs.cost(n) for n in set(s))
+        additive, scaled = base_wall + extra, base_wall + scale * extra
+        kernel = costs.int8_ms + extra  # the profile's own prediction: all-INT8's kernel sum plus the costs
+        rows.append({"set": label, "float": list(s), "ort_float_layers": list(run.float_layers),
+                     "kernel_predicted_ms": round(kernel, 3),
+                     "measured_ms": round(ms[label], 3), "additive_ms": round(additive, 3),
+                     "additive_error": round(additive / ms[label] - 1, 4), "scaled_ms": round(scaled, 3),
+                     "scaled_error": round(scaled / ms[label] - 1, 4),
+                     "profiled_ms": round(profiled_ms(models[label], task.feed, args.profile_runs, args.threads), 3)
+                     if args.profiled else None, "vs_fp32": round(ms[label] / ms["fp32"], 3)})
+    return {"model": key, "fp32_ms": round(ms["fp32"], 3), "int8_profiled_ms": round(costs.int8_ms, 3),
+            "wall_over_profiled": round(scale, 3), "layers": len(groups), "costs_s": round(costs_s, 1),
+            "load": [round(load_before, 1), round(load_after, 1)], "rows": rows, "costs_ms": c}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.runtime_cost", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--assets", help=f"assets folder (default: ${bench_assets.ASSETS_ENV})")
+    ap.add_argument("--models", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default: 1)")
+    ap.add_argument("--runs", type=int, default=200, help="latency rounds, models taking turns (default: 200)")
+    ap.add_argument("--profile-runs", type=int, default=20, help="profiled runs per model for the costs (default 20)")
+    ap.add_argument("--profiled", action="store_true", help="also profile every set (its kernels' sum)")
+    ap.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    args = ap.parse_args(argv)
+    out, ok = [], True
+    for key in args.models.split(","):
+        r = model_rows(key, args)
+        out.append(r)
+        print(f"{key}: batch 1, {args.threads} thread(s), {r['layers']} compute layers costed in {r['costs_s']} s; "
+              f"FP32 {r['fp32_ms']:.3f} ms; all-INT8 profiled {r['int8_profiled_ms']:.3f} ms, measured "
+              f"{r['rows'][0]['measured_ms']:.3f} ms (x{r['wall_over_profiled']:.2f}); load {r['load']} on "
+              f"{os.cpu_count()} cores")
+        print(f"  {'float set':14s} {'ORT float':>9s} {'measured':>9s} {'additive':>9s} {'error':>7s} "
+              f"{'scaled':>9s} {'error':>7s} {'vs FP32':>7s}")
+        for row in r["rows"]:
+            print(f"  {row['set']:14s} {len(row['ort_float_layers']):>9d} {row['measured_ms']:>9.3f} "
+                  f"{row['additive_ms']:>9.3f} {row['additive_error']:>+7.1%} {row['scaled_ms']:>9.3f} "
+                  f"{row['scaled_error']:>+7.1%} {row['vs_fp32']:>7.2f}")
+            if row["profiled_ms"] is not None:
+                print(f"  {'':14s} kernels: predicted {row['kernel_predicted_ms']:.3f} ms, profiled "
+                      f"{row['profiled_ms']:.3f} ms ({row['kernel_predicted_ms'] / row['profiled_ms'] - 1:+.1%})")
+            ok &= abs(row["scaled_error"]) <= LIMIT
+    print(f"scaled prediction within {LIMIT:.0%} on every set: {'yes' if ok else 'no'}")
     if args.json:
-        args.json.write_text(json.dumps({"latency_ms": ms, "rows": rows, "spearman": rho, "top10_equal": top1 == top2,
-                                         "threads": args.threads, "costs_ms": c1}, indent=2) + "\n")
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -4,7 +4,8 @@
    the observers are kept).
 2. Evaluate the float model (the baseline) and the fully quantized one. Done if the target holds.
 3. Rank layers by single-op sensitivity (worst first), then let a strategy choose how many of the
-   worst to keep in float; each try edits the QuantPlan (``exclude_with_inputs``), never the graph, and
+   worst to keep in float; each try edits the QuantPlan (``exclude_nodes``, or ``exclude_with_inputs``: see
+   *float form* below), never the graph, and
    re-renders from the same observers, so a try costs one render and one evaluation, no calibration.
    Layers inside If/Loop/Scan bodies are layers like the others (node names are unique model-wide): a
    try plans, encodes and renders the main graph and every body the way ``quantize`` does
@@ -26,6 +27,13 @@ The search knows when to stop:
   :data:`LATENCY_GATE_MIN_MS`) is no success: another model that met the target within
   the limit is kept if one was evaluated, else the run ends not met (exit 1) with the accuracy/latency
   trade-offs found (``pareto``: FP32, then every evaluated model no other beats on both metric and latency).
+* **float form** (:data:`FLOAT_FORMS`, :meth:`Searcher.reads_float_inputs`): on ort-cpu a float layer reads its
+  inputs in float (``exclude_with_inputs``, what the ranking measured) only where ONNX Runtime then runs no other
+  layer in float (a MatMul producer stays MatMulIntegerToFloat); where its Conv producer would run in float too,
+  it keeps its neighbours quantized (``exclude_nodes``: it reads its quantized input through a DQ), so one float
+  layer is one float layer as ORT runs it. Only when no float set of that form meets the target does the search
+  try again with every float layer reading its inputs in float. The report's ``float_form`` says which form the
+  chosen model uses (``auto`` or ``with-inputs``).
 * **16 bits or float per layer** (``fallback="int16"``, the default on a target that runs 16 bits): the
   layers that had to go to float are tried at 16 bits again, group by group, so only those 16 bits cannot
   hold stay float.
@@ -69,6 +77,12 @@ from .strategies import STRATEGIES
 log = logging.getLogger("converter")
 
 
+# the search's float forms (Searcher.float_form), tried in this order: "auto" reads a float layer's inputs in float
+# (exclude_with_inputs) where ONNX Runtime then runs no other layer in float, else keeps them quantized
+# (exclude_nodes: its neighbours stay quantized); "with-inputs" reads every float layer's inputs in float
+FLOAT_FORMS = ("auto", "with-inputs")
+
+
 class TargetNotMetError(UserError):
     """The accuracy target was not reached; the best model found was still written."""
 
@@ -83,12 +97,15 @@ class Trial:
     passed: bool
     seconds: float
     int16_layers: list[str] = field(default_factory=list)
+    float_form: str = ""  # how its float layers read their inputs (FLOAT_FORMS); "" without float layers
 
     def to_dict(self) -> dict[str, Any]:
         d = {"label": self.label, "float_layers": self.float_layers, "metric": self.metric,
              "passed": self.passed, "seconds": round(self.seconds, 3)}
         if self.int16_layers:
             d["int16_layers"] = self.int16_layers
+        if self.float_form:
+            d["float_form"] = self.float_form
         return d
 
 
@@ -114,6 +131,9 @@ class Searcher:
     ranking_trials: list[Trial] = field(default_factory=list)
     subset_evaluations: int = 0
     ranking_runs: int = 0
+    # how a float layer reads its inputs (FLOAT_FORMS): "auto" decides per layer (form_of), "with-inputs" in float
+    float_form: str = "auto"
+    _forms: dict[str, bool] = field(default_factory=dict)  # layer -> reads its inputs in float under "auto"
     _tmp: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
 
     def build(self, layers: list[LayerScore] | list[Layer], mode: str = "float",
@@ -123,7 +143,10 @@ class Searcher:
         if mode == "int16":
             layers, int16 = [], list(layers) + list(int16)
         names = tuple(n for layer in layers for n in layer.nodes)
-        config = self.config.replace(exclude_with_inputs=tuple(self.config.exclude_with_inputs) + names)
+        with_inputs = tuple(n for layer in layers if self.reads_float_inputs(layer) for n in layer.nodes)
+        config = self.config.replace(exclude_with_inputs=tuple(self.config.exclude_with_inputs) + with_inputs,
+                                     exclude_nodes=tuple(self.config.exclude_nodes)
+                                     + tuple(n for n in names if n not in with_inputs))
         if int16:
             config = config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in int16))
         plan, subs = plan_model(self.prepared, config, self.uncalibrated)
@@ -136,6 +159,38 @@ class Searcher:
             encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
                          self.config)
             return plan, render_control_flow(self.prepared.model, plan.encodings)
+
+    def reads_float_inputs(self, layer: LayerScore | Layer) -> bool:
+        """Whether float ``layer`` reads its inputs in float (``exclude_with_inputs``: the ranking measured that, it
+        recovers the most) rather than through the DQ of its quantized input (``exclude_nodes``). Under form "auto"
+        it does so only where ONNX Runtime CPU then runs no other layer in float (:func:`runtime_layers` of the
+        model with that layer alone in float; a MatMul producer stays MatMulIntegerToFloat, a Conv producer would run
+        in float): one float layer is one float layer as ORT runs it. Elsewhere (another target, layers inside
+        If/Loop/Scan bodies, which the accounting cannot see) it reads them in float."""
+        if self.float_form == "with-inputs" or self.config.target != "ort-cpu" \
+                or layer.name not in self.prepared.idx.order \
+                or any(a.type == onnx.AttributeProto.GRAPH for n in self.prepared.model.graph.node for a in n.attribute):
+            return True
+        if layer.name not in self._forms:
+            config = self.config.replace(exclude_with_inputs=tuple(self.config.exclude_with_inputs) + tuple(layer.nodes))
+            plan, subs = plan_model(self.prepared, config, self.uncalibrated)
+            unseen = {t.name for t in plan.by_role("activation") if t.name not in self.observers}
+            drop_activations(plan, unseen)
+            encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
+                         self.config)
+            qdq = render_control_flow(self.prepared.model, plan.encodings)
+            data = small_bytes(qdq)
+            try:
+                run = runtime_layers(qdq, data) if data is not None else None
+            except Exception as exc:  # noqa: BLE001 - no accounting: keep the neighbours quantized
+                log.debug("no runtime accounting for %s: %s", layer.name, exc)
+                run = None
+            extra = sorted(set(run.float_layers) - set(layer.nodes)) if run is not None else ["?"]
+            self._forms[layer.name] = not extra
+            if extra:
+                log.debug("%s keeps its quantized inputs: reading them in float would run %s in float too",
+                          layer.name, extra)
+        return self._forms[layer.name]
 
     def kept_edits(self, plan: QuantPlan) -> dict[str, Any]:
         """The techniques' edits of the tensors ``plan`` quantizes (weights and biases of its quantized layers)."""
@@ -195,6 +250,7 @@ class SearchOutcome:
     stop_reason: str = ""  # why the result is not met: "accuracy", "budget", "latency"
     macs: dict[str, float] = field(default_factory=dict)  # layer -> MACs per sample, when costs are not MACs
     cost_kind: str = "macs"  # macs | ort-cpu-ms (converter.search.cost.runtime_costs)
+    float_form: str | None = None  # how the float layers read their inputs (FLOAT_FORMS); None: no float layer
     _runtime: Any = field(default=None, repr=False)
 
     def runtime(self) -> Any:
@@ -251,6 +307,7 @@ class SearchOutcome:
             "float_fraction": round(self.float_fraction(), 4),
             "float_mac_fraction": round(sum(macs.get(n, 0.0) for n in floats) / total, 4) if total else 0.0,
             "float_layers_runtime": floats if run is not None else None,  # what ORT CPU runs in float, by name
+            "float_form": self.float_form,
             **cost,
             "fallback_layers": [self._layer(s, macs) for s in self.fallback_layers],
             "evaluations": [t.to_dict() for t in self.trials],
@@ -298,24 +355,31 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
     costs = costs or {}
     searcher.baseline = searcher.measure(searcher.prepared.model, "fp32", []).metric
     threshold = searcher.target.threshold(searcher.baseline)
-    # (float layers, 16-bit layers) -> (trial, plan, model, float LayerScores, 16-bit LayerScores)
-    results: dict[tuple[frozenset, frozenset], tuple[Trial, QuantPlan, onnx.ModelProto, list, list]] = {}
+    # (float layers, 16-bit layers, float form) -> (trial, plan, model, float LayerScores, 16-bit LayerScores)
+    results: dict[tuple[frozenset, frozenset, str], tuple[Trial, QuantPlan, onnx.ModelProto, list, list]] = {}
     mode = "float"
     budget = {"max": max_evaluations, "exhausted": False}
+    forms = list(FLOAT_FORMS[FLOAT_FORMS.index(searcher.float_form):])  # the searcher's form, then the next
+
+    def key_of(floats: list, wide: list) -> tuple[frozenset, frozenset, str]:
+        names = frozenset(s.name for s in floats)
+        return names, frozenset(s.name for s in wide), searcher.float_form if names else ""
 
     def attempt(layers: list[LayerScore], label: str | None = None,
                 int16: list[LayerScore] | tuple = ()) -> bool | None:
         """Whether the model with ``layers`` kept out of INT8 (in ``mode``; ``int16``: more at 16 bits) met the
         target; None when the budget is spent (nothing evaluated)."""
         floats, wide = (list(layers), list(int16)) if mode == "float" else ([], list(layers) + list(int16))
-        key = (frozenset(s.name for s in floats), frozenset(s.name for s in wide))
+        key = key_of(floats, wide)
         if key not in results:
             if budget["max"] is not None and len(searcher.trials) >= budget["max"]:
                 budget["exhausted"] = True
                 return None
             plan, qdq = searcher.build(floats, "float", wide)
-            what = f"{len(layers)} layers in {mode}" + (f", {len(int16)} at 16 bits" if int16 else "")
+            what = f"{len(layers)} layers in {mode}" + (f", {len(int16)} at 16 bits" if int16 else "") + \
+                (" (reading inputs in float)" if floats and searcher.float_form == "with-inputs" else "")
             trial = searcher.measure(qdq, label or what, [s.name for s in floats], [s.name for s in wide])
+            trial.float_form = key[2]
             results[key] = (trial, plan, qdq, floats, wide)
         return results[key][0].passed
 
@@ -335,19 +399,26 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
             if attempt(ranking) is False:  # even every layer at 16 bits misses the target: use float
                 mode = "float"
             bar.update(1)
-        while not ok and not chooser.done:
-            passed = attempt(ranking[:chooser.current])
-            if passed is None:
+        for form in forms if mode == "float" else [searcher.float_form]:
+            searcher.float_form = form
+            chooser = STRATEGIES[strategy](len(ranking)) if form != forms[0] else chooser
+            while not ok and not chooser.done:
+                passed = attempt(ranking[:chooser.current])
+                if passed is None:
+                    break
+                chooser.step(passed)
+                bar.update(1)
+                bar.set_postfix(layers=chooser.current, best=max(r[0].metric for r in results.values()))
+            k = 0 if ok or budget["exhausted"] else chooser.result
+            if k:
+                attempt(ranking[:k])  # cached unless k is all n (assumed to pass); if it fails, the best seen is kept
+            key_k = key_of(ranking[:k], []) if mode == "float" else key_of([], ranking[:k])
+            if not k or budget["exhausted"] or (key_k in results and results[key_k][0].passed):
                 break
-            chooser.step(passed)
-            bar.update(1)
-            bar.set_postfix(layers=chooser.current, best=max(r[0].metric for r in results.values()))
-        k = 0 if ok or budget["exhausted"] else chooser.result
-        if k:
-            attempt(ranking[:k])  # cached unless k is all n (assumed to pass); if it fails, the best seen is kept
+            if form != forms[-1]:
+                log.info("no float set whose layers keep their neighbours quantized meets the target; trying the "
+                         "float layers reading their inputs in float (a Conv producer of such an input runs float too)")
         prefix = k
-        key_k = (frozenset(s.name for s in ranking[:k]), frozenset()) if mode == "float" else \
-            (frozenset(), frozenset(s.name for s in ranking[:k]))
         if k > 1 and give_back_layers and key_k in results and results[key_k][0].passed:
             bar.set_description("give back")
             give_back(give_back_order(ranking[:k], costs), passes)
@@ -366,16 +437,18 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
     if key is None:  # nothing met it: keep the best model seen (fewest layers on a tie)
         key = max(results, key=lambda kk: (results[kk][0].metric, -len(kk[0]) - len(kk[1])))
     trial, plan, qdq, floats, wide = results[key]
+    searcher.float_form = key[2] or forms[0]
     order = {s.name: i for i, s in enumerate(ranking)}
     layers = sorted(floats + wide, key=lambda s: order[s.name])
-    none = results.get((frozenset(), frozenset()))
+    none = results.get((frozenset(), frozenset(), ""))
     kind = "mixed" if floats and wide else "int16" if wide else "float"
     return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, layers, ranking,
                          list(searcher.trials), strategy, time.perf_counter() - t0, kind, prefix, dict(costs),
                          none[2] if none else None, int16_layers=[s.name for s in layers if s.name in key[1]],
                          max_evaluations=budget["max"], budget_exhausted=budget["exhausted"],
                          counts=searcher.counts(), candidates=[(r[0], r[1], r[2]) for r in results.values()],
-                         stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy")
+                         stop_reason="" if trial.passed else "budget" if budget["exhausted"] else "accuracy",
+                         float_form=key[2] or None)
 
 
 def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict, lat: dict,
@@ -733,6 +806,7 @@ def _latency_gate(run: _SearchRun, outcome: SearchOutcome, search_report: dict[s
             outcome.plan, outcome.qdq = plan, qdq
             outcome.fallback_layers = [by_name[n] for n in trial.float_layers + trial.int16_layers]
             outcome.int16_layers = list(trial.int16_layers)
+            outcome.float_form = trial.float_form or None
             outcome.fallback = "mixed" if trial.float_layers and trial.int16_layers else \
                 "int16" if trial.int16_layers else "float"
             lat.update(final_ms=row["latency_ms"], final_vs_fp32=row["vs_fp32"], chosen_by="measured latency")
