@@ -1,7 +1,7 @@
 """AMD Quark's AdaQuant on one model, for tools/ptq_techniques.py: runs INSIDE a venv with amd-quark (not a project
 dependency; see tools/README.md), as a subprocess, and prints one JSON line (as tools/aimet_adaround.py does).
 
-    /work/peers/quark/bin/python tools/quark_adaquant_row.py --model float.onnx --calib calib.npy --eval eval.npy
+    /work/peers/quark/bin/python -m tools.quark_adaquant_row --model float.onnx --calib calib.npy --eval eval.npy
         --labels labels.npy --input NAME [--weight-bits 8|4] [--iterations 1000] [--batch 16] [--threads 1]
         [--first-last-bits 8]
 
