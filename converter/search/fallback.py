@@ -335,7 +335,7 @@ def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[L
 
 def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[], list[LayerScore]],
                     strategy: str = "gallop",
-                    fallback: str = "float", costs: dict[str, float] | None = None,
+                    fallback: str = "float", costs: dict[str, float] | Callable[[], dict[str, float]] | None = None,
                     give_back_layers: bool = True, max_evaluations: int | None = None) -> SearchOutcome:
     """Find the fewest, cheapest layers to keep in float (``fallback="int16"``: at 16 bits) for the target.
 
@@ -345,14 +345,14 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
        instead (group testing, as give-back): a per-layer choice of float or 16 bits;
     4. of every model that met the target, the one with the fewest MACs left in float is kept.
 
-    ``ranking`` may be a function computing it: it is then called only when the fully quantized model
-    misses the target. ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them
+    ``ranking`` and ``costs`` may be functions computing them: they are then called only when the fully quantized
+    model misses the target (profiling every layer's runtime cost is wasted on a model all-INT8 already meets). ``fallback="int16"`` first tries the ranked layers at 16 bits; if even all of them
     at 16 bits miss the target, the search keeps layers in float instead. ``max_evaluations`` bounds the
     full evaluations, FP32 and all-INT8 included (default :func:`default_max_evaluations` of the ranked
     layers); when it ends the search, the best model so far is kept and ``budget_exhausted`` says so.
     """
     t0 = time.perf_counter()
-    costs = costs or {}
+    costs = costs if costs is not None else {}
     searcher.baseline = searcher.measure(searcher.prepared.model, "fp32", []).metric
     threshold = searcher.target.threshold(searcher.baseline)
     # (float layers, 16-bit layers, float form) -> (trial, plan, model, float LayerScores, 16-bit LayerScores)
@@ -391,6 +391,8 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
         bar.update(1)
         if callable(ranking):
             ranking = [] if ok else ranking()
+        if callable(costs):
+            costs = {} if ok else costs()
         if budget["max"] is None:
             budget["max"] = default_max_evaluations(len(ranking))
         chooser = STRATEGIES[strategy](len(ranking))
@@ -593,12 +595,17 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
         ranking = "propagated"
     # 2.-3. evaluate FP32 and all-INT8, rank the layers, let the strategy choose the float set
     scores = _ranking(run, ranking, evaluate)
-    macs, costs, cost_info = run.costs, *search_costs(searcher, run.layers, run.subs, run.batches, run.costs, latency,
-                                                      fallback)
+    cost_info: dict[str, Any] = {}
+
+    def costs() -> dict[str, float]:  # only where all-INT8 misses the target (fallback_search calls it then)
+        found, info = search_costs(searcher, run.layers, run.subs, run.batches, run.costs, latency, fallback)
+        cost_info.update(info)
+        return found
+
+    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
     if cost_info:
         run.timings["runtime_costs_s"] = cost_info.pop("seconds")
-    outcome = fallback_search(searcher, scores, strategy, fallback, costs, give_back_layers, max_evaluations)
-    outcome.macs, outcome.cost_kind = macs, cost_info.get("kind", "macs")
+    outcome.macs, outcome.cost_kind = run.costs, cost_info.get("kind", "macs")
     run.captured.clear()  # the float values of the sensitivity samples: memory back before writing
     run.timings["search_s"] = outcome.seconds - (run.timings.get("sensitivity_s", 0.0)
                                                  if ranking != "end-to-end" else 0.0)
