@@ -1,7 +1,7 @@
 """Sensitivity analysis and automatic fallback search to an accuracy target."""
 
 from ..quant.layers import Layer, plan_layers
-from ..verify import load_labels
+from ..calib.readers import load_labels
 from .evaluate import METRICS, AccuracyTarget, BuiltinEvaluator
 from .fallback import RANKINGS, TargetNotMetError, TooMuchFloatError, auto_quantize, fallback_search
 from .sensitivity import LayerScore, propagated_sensitivity, single_op_sensitivity, spearman

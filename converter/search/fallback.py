@@ -47,11 +47,11 @@ from onnx import numpy_helper
 from ..progress import tqdm
 
 from ..calib.readers import one_sample, open_calibration
-from ..calib.runner import capture, select_providers
+from ..calib.runner import capture
 from ..config import QuantConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
-from ..ort_session import runtime_layers, use_custom_op_libraries
+from ..ort_session import runtime_layers, select_providers, use_custom_op_libraries
 from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
                         prepare, prepare_output_dir, run_flow)
 from ..quant.control_flow import render_control_flow
