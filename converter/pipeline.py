@@ -1,6 +1,10 @@
-"""The end-to-end flow: load -> preprocess -> plan -> calibrate -> encodings -> QDQ -> write.
+"""The end-to-end flow: load -> preprocess -> techniques -> plan -> calibrate -> encodings -> QDQ -> write.
 
-Nothing else lives here: each stage is a function in its own module.
+:func:`run_flow` is the one flow every entry point runs (``quantize``, the accuracy search, ``analyze``);
+:func:`quantize` runs it and :func:`finish` writes what it left. Nothing else lives here: the report is
+assembled in :mod:`converter.report`, the encodings file written, read and applied in
+:mod:`converter.encodings_file`, a one-shot calibration reader made replayable in :mod:`converter.calib.readers`,
+and each stage is a function in its own module.
 """
 
 from __future__ import annotations
@@ -145,6 +149,7 @@ def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: 
         run_stage(state, ENCODED_STAGE, techniques)
     state.timings["encode_s"] = time.perf_counter() - t
     return state
+
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path | None, name: str | None) -> Path:
     """Check ``name`` and the output folder before any work: writable, and no output over an input."""

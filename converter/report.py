@@ -69,11 +69,10 @@ QUALITY_SAMPLES = 32  # calibration samples quantize compares the QDQ model with
 def measure_quality(prepared: FlowState, qdq: onnx.ModelProto | bytes, calib_data: Any, config: QuantConfig,
                     calib_spec: str | Path | None = None) -> dict[str, Any] | None:
     """What a plain quantize says about the model it wrote: per output, the mean per-sample cosine and the SQNR
-    of the QDQ model against FP32 on the first :data:`QUALITY_SAMPLES` calibration samples (the definitions of
-    ``verify``'s table), and the batch-1 latency of both on ONNX Runtime CPU, all optimizations, interleaved
+    of the QDQ model against FP32 on the first :data:`QUALITY_SAMPLES` calibration samples
+    (:class:`converter.metrics.OutputStats`, as in ``verify``'s table), and the batch-1 latency of both on ONNX Runtime CPU, all optimizations, interleaved
     (:func:`converter.timing.paired_latency`: medians and p10-p90). FP32 is the float model as given (its file),
     else the prepared one. None, with a warning, when either model cannot run (the files are still written)."""
-
     t = time.perf_counter()
     try:
         source = prepared.source_path
