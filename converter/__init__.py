@@ -28,7 +28,8 @@ from .config import TARGETS, QuantConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .export import export_torch  # noqa: E402
 from .ort_session import use_custom_op_libraries  # noqa: E402
-from .pipeline import QuantResult, apply_encodings  # noqa: E402
+from .encodings_file import apply_encodings  # noqa: E402
+from .pipeline import QuantResult  # noqa: E402
 from .search import AccuracyTarget, BuiltinEvaluator, TargetNotMetError, auto_quantize, load_labels  # noqa: E402
 # quantize, or the accuracy search where config.search is set (QuantConfig(search=SearchConfig(...)))
 from .search import quantize_with_search as quantize  # noqa: E402

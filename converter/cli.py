@@ -249,7 +249,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
 
 
 def _run_apply(args: argparse.Namespace) -> int:
-    from .pipeline import apply_encodings
+    from .encodings_file import apply_encodings
 
     out = check_output_file(args.output, "-o/--output", [args.model, args.encodings])
     model = apply_encodings(args.model, args.encodings, out)

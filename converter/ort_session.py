@@ -31,8 +31,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .graph.model_io import external_copy, small_bytes
+from .metrics import cosine
 from .ops import FLOAT_LAYER_OPS, FUSED_FOLLOWERS, INTEGER_KERNELS, WEIGHTED_LAYER_OPS
 
 log = logging.getLogger("converter")
@@ -81,6 +82,52 @@ def use_custom_op_libraries(paths) -> list[str]:
         CUSTOM_OP_LIBRARIES.append(path)
         log.debug("custom-op library registered in every session: %s", path)
     return list(CUSTOM_OP_LIBRARIES)
+
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+def select_providers(preference: str | Sequence[str] = "auto") -> list[str]:
+    """The execution providers for ``preference``, in order; the one resolver every command uses.
+
+    ``auto``: CUDA then CPU where this onnxruntime has CUDA, else CPU. ``cpu``: CPU. ``cuda``: CUDA then CPU
+    (an error when this onnxruntime has no CUDA). Anything else (``cuda,cpu``, ``dml``, full provider names, a
+    list): those available, in order; the missing ones are skipped with a warning, none available is an error."""
+    available = ort.get_available_providers()
+    if isinstance(preference, str) and preference in ("auto", "cpu", "cuda"):
+        if preference == "cpu":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available:
+            log.info("running on CUDAExecutionProvider (GPU)")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if preference == "cuda":
+            raise UserError("CUDAExecutionProvider was requested but this onnxruntime has no CUDA support "
+                            f"(available: {', '.join(available)})",
+                            "pip uninstall onnxruntime && pip install 'converter[gpu]', or use --providers cpu")
+        # auto on a CPU-only onnxruntime is the usual case, not news: only -v says so
+        log.debug("CUDAExecutionProvider not available (available: %s); running on CPUExecutionProvider",
+                  ", ".join(available))
+        return ["CPUExecutionProvider"]
+    names = [p.strip() for p in preference.split(",") if p.strip()] if isinstance(preference, str) else preference
+    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in names]
+    chosen = [p for p in wanted if p in available]
+    missing = [p for p in wanted if p not in available]
+    if not chosen:
+        raise UserError(f"none of the requested execution providers is available: {', '.join(wanted)} "
+                        f"(this onnxruntime has {', '.join(available)})",
+                        "use --providers cpu, or install the onnxruntime build for your accelerator")
+    if missing:
+        log.warning("execution providers not available, skipped: %s (running on %s)", ", ".join(missing),
+                    ", ".join(chosen))
+    return chosen
 
 
 def custom_op_fix(error: str) -> str | None:
@@ -156,8 +203,7 @@ def compare_outputs(names: Sequence[str], optimized: Sequence[np.ndarray],
         g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
         if not (np.isfinite(g).all() and np.isfinite(r).all()):
             continue
-        norms = np.linalg.norm(g) * np.linalg.norm(r)
-        cos = float(g @ r / norms) if norms > 0 else (1.0 if not g.any() and not r.any() else 0.0)
+        cos = cosine(r, g)
         scale = float(np.abs(r).max())
         rel = float(np.abs(g - r).max() / scale) if scale > 0 else float(np.abs(g).max() > 0)
         check = OptimizationCheck(name, cos, rel)

@@ -1,11 +1,14 @@
-"""The end-to-end flow: load -> preprocess -> plan -> calibrate -> encodings -> QDQ -> write.
+"""The end-to-end flow: load -> preprocess -> techniques -> plan -> calibrate -> encodings -> QDQ -> write.
 
-Nothing else lives here: each stage is a function in its own module.
+:func:`run_flow` is the one flow every entry point runs (``quantize``, the accuracy search, ``analyze``);
+:func:`quantize` runs it and :func:`finish` writes what it left. Nothing else lives here: the report is
+assembled in :mod:`converter.report`, the encodings file written, read and applied in
+:mod:`converter.encodings_file`, a one-shot calibration reader made replayable in :mod:`converter.calib.readers`,
+and each stage is a function in its own module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 import time
@@ -13,46 +16,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from ._version import __version__
-from .calib.readers import batch_length, one_sample, open_calibration
+from .calib.readers import open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
-from .calib.runner import CalibrationResult, collect, make_session, select_providers
+from .calib.readers import replayable
+from .calib.runner import CalibrationResult, collect
 from .calib.subgraphs import collect_subgraph_ranges
 from .config import LAYER_POSITIONS, QuantConfig
-from .errors import ConfigError, EncodingsError, ModelError, UserError
-from .graph.index import GraphIndex
-from .graph.macs import node_macs
-from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, external_copy, is_large,
-                             load_model, removes_created_dirs, save_model, small_bytes)
+from .encodings_file import check_model, encodings_json
+from .errors import ConfigError, ModelError, UserError
+from .export import export_for_quantize, is_torch_module
+from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, is_large, load_model,
+                             removes_created_dirs, save_model, small_bytes)
 from .graph.passes import default_opset, preprocess
 from .graph.patterns import all_nodes
-from .graph.scopes import scopes, wrapper
 from .validation import ensure_float_model
-from .options import (FLOAT_SUFFIX, check_earlier_outputs, check_name, check_outputs_free, check_outside_data,
+from .options import (check_earlier_outputs, check_name, check_outputs_free, check_outside_data,
                       float_model_path, output_paths)
-from .quant.aimet_rules import TIED_OP_TYPES, derive_omitted, file_entries, tie_conflicts
+from .ort_session import select_providers, use_custom_op_libraries
+from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs, render_control_flow,
+                                 subgraph_activations, subgraph_summary)
 from .quant.encode import activation_tensors, compute_encodings
-from .quant.encoding import Encoding
-from .quant.encodings_io import FloatEncoding, dumps_encodings, read_encodings
-from .quant.plan import ACTIVATION, BIAS, WEIGHT, QuantPlan, build_plan
-from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs,
-                                 quantized_nodes_in_bodies, render_control_flow, subgraph_activations,
-                                 subgraph_qdq_counts, subgraph_summary)
-from .ort_session import kernel_summary, optimized_op_counts, runtime_layers, use_custom_op_libraries
-from .export import export_for_quantize, is_torch_module
-from .quant.qdq import quantized_node_counts
-from .quant.rules import block_axis, weight_axis
+from .quant.plan import QuantPlan, build_plan
+from .report import (build_report, measure_quality, note_split_groups, ort_cpu_kernels, tensor_report,
+                     warn_clipping, write_json)
 from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, changes_float_model
 from .techniques import enabled as enabled_techniques
 from .techniques import failed as technique_failed
 
 log = logging.getLogger("converter")
-
-_QUANT_SCHEMES = {"minmax": "post_training_tf", "minmax_ema": "post_training_tf",
-                  "percentile": "post_training_percentile", "mse": "post_training_tf_enhanced"}
 
 
 @dataclass
@@ -89,53 +82,6 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
     log.debug("loaded %s (%d nodes, opset %d); preprocessed: %s", source_path or name, len(proto.graph.node), opset,
               ", ".join(f"{k} {v}" for k, v in passes.items() if v) or "no change")
     return Prepared(source_path, name, opset, proto, passes, provided={"bn_stats": bn_stats})
-
-
-class Replayable:
-    """A one-shot reader (``get_next()`` or an iterator) that several passes can read.
-
-    The first ``keep`` items are kept; each pass reads them again, then goes on with the source where the
-    previous pass left it. The passes before calibration (CLE, SmoothQuant) read a few samples, calibration
-    reads everything once (kept items, then the rest streamed, never stored), the passes after it (bias
-    correction, the search's ranking) read the kept ones again: memory stays bounded by ``keep`` items.
-    """
-
-    def __init__(self, source: Any, keep: int) -> None:
-        self._source = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
-        self.keep = keep
-        self.head: list[Any] = []
-        self.streamed = False  # items past the kept ones were handed out (a second full pass gets only the kept)
-
-    def __iter__(self):
-        after_full_pass = self.streamed  # a pass after one that streamed past the kept items: the kept ones only
-        i = 0
-        while True:
-            if i < len(self.head):
-                yield self.head[i]
-                i += 1
-                continue
-            if after_full_pass:
-                return
-            item = next(self._source, None)
-            if item is None:
-                return
-            if len(self.head) < self.keep:
-                self.head.append(item)
-                i += 1
-            else:
-                self.streamed = True
-            yield item
-
-
-def replayable(calib_data: Any, keep: int = 64) -> Any:
-    """``calib_data`` as :class:`Replayable` when it is a one-shot reader and more than one pass reads it
-    (CLE, bias correction, SmoothQuant, the search): otherwise the first pass would consume samples the
-    calibration never sees. Folders, lists and dicts are returned as they are."""
-    if isinstance(calib_data, (str, Path, dict, list, tuple, Replayable)):
-        return calib_data
-    if hasattr(calib_data, "get_next") or hasattr(calib_data, "__next__"):
-        return Replayable(calib_data, keep)
-    return calib_data
 
 
 def check_technique_data(calib_data: Any, config: QuantConfig, techniques: list[Technique] | None = None) -> None:
@@ -204,6 +150,7 @@ def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: 
         run_stage(state, ENCODED_STAGE, techniques)
     state.timings["encode_s"] = time.perf_counter() - t
     return state
+
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path | None, name: str | None) -> Path:
     """Check ``name`` and the output folder before any work: writable, and no output over an input."""
@@ -368,57 +315,6 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
                   calib_data=state.calib_data, calib_spec=calib_spec)
 
 
-QUALITY_SAMPLES = 32  # calibration samples quantize compares the QDQ model with FP32 on (output cosine, SQNR)
-
-
-def measure_quality(prepared: Prepared, qdq: onnx.ModelProto | bytes, calib_data: Any, config: QuantConfig,
-                    calib_spec: str | Path | None = None) -> dict[str, Any] | None:
-    """What a plain quantize says about the model it wrote: per output, the mean per-sample cosine and the SQNR
-    of the QDQ model against FP32 on the first :data:`QUALITY_SAMPLES` calibration samples (the definitions of
-    ``verify``'s table), and the batch-1 latency of both on ONNX Runtime CPU, all optimizations, interleaved
-    (:func:`converter.timing.paired_latency`: medians and p10-p90). FP32 is the float model as given (its file),
-    else the prepared one. None, with a warning, when either model cannot run (the files are still written)."""
-    from .calib.runner import make_session
-    from .timing import paired_latency
-    from .verify import OutputStats
-
-    t = time.perf_counter()
-    try:
-        source = prepared.source_path
-        as_given = bool(source and Path(source).is_file() and not is_large(prepared.model))
-        reference = load_model(source) if as_given else prepared.model
-        providers = ["CPUExecutionProvider"]
-        ref = make_session(reference, providers, config.threads, full_optimization=True)
-        got = make_session(qdq, providers, config.threads, full_optimization=True)
-        outputs = [o.name for o in ref.get_outputs()]
-        stats = {name: OutputStats(name) for name in outputs}
-        data = open_calibration(calib_data, prepared.inputs, config.batch_size, QUALITY_SAMPLES, calib_spec)
-        samples, first = 0, None
-        for batch in data:
-            names = {i.name for i in ref.get_inputs()}
-            batch = {k: v for k, v in batch.items() if k in names}
-            n = batch_length(batch, prepared.inputs)
-            first = first or one_sample(batch, prepared.inputs)  # a scalar or a state input stays whole
-            for name, f, q in zip(outputs, ref.run(outputs, batch), got.run(outputs, batch)):
-                stats[name].update(np.asarray(f), np.asarray(q), n)
-            samples += n
-        if first is None:
-            return None
-        lat = paired_latency(lambda: ref.run(outputs, first), lambda: got.run(outputs, first))
-    except Exception as exc:  # noqa: BLE001 - a report detail: it must not lose the written model
-        log.warning("could not measure the quantized model against FP32 (%s: %s); the report has no quality",
-                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return None
-    per_output = {name: {"cosine_mean": st.cosine_mean, "cosine_min": st.cosine_min,
-                         "sqnr_db": st.sqnr_db if np.isfinite(st.sqnr_db) else None,
-                         "identical": st.whole.sse == 0.0} for name, st in stats.items()}
-    worst = min(per_output, key=lambda k: per_output[k]["cosine_mean"])
-    return {"samples": samples, "reference": str(source) if as_given else "the prepared float model",
-            "outputs": per_output, "worst_output": worst,
-            "latency_batch1": {**lat.to_dict(), "providers": providers},
-            "seconds": round(time.perf_counter() - t, 3)}
-
-
 def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | None:
     """A ``<name>.prepared.onnx`` that this run will not write: an earlier run's, to be removed after the writes
     so no float model is left beside encodings it does not fit. Checked before anything is written: a file of
@@ -445,9 +341,9 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     check_model(qdq, data)
     kernels = ort_cpu_kernels(plan, config, data, qdq, prepared.idx)
     encodings_text, aimet = encodings_json(plan, config, prepared.idx)
-    tensors = _tensor_report(plan, calib.observers, calib.methods)
-    _warn_clipping(tensors)
-    _note_split_groups(plan)
+    tensors = tensor_report(plan, calib.observers, calib.methods)
+    warn_clipping(tensors)
+    note_split_groups(plan)
     name = prepared.name
     paths = output_paths(out_dir, name)
     if default_opset(qdq) > default_opset(prepared.model):  # renders upgrade quietly (once per trial/layer)
@@ -458,24 +354,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     check_outputs_free((*paths, float_path) if float_path else paths, [prepared.source_path])
     check_earlier_outputs((paths[0], paths[1], float_path, paths[2]) if float_path else paths)  # the report last
     stale = stale_prepared(out_dir, name, float_path)
-    report = {
-        "converter_version": __version__,
-        "model": {"source": prepared.source_path, "name": name, "opset": prepared.original_opset,
-                  "nodes": len(prepared.model.graph.node),
-                  "inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in prepared.inputs]},
-        "config": config.to_dict(),
-        "preprocess": prepared.passes,
-        "calibration": {"method": config.calib_method, "samples": calib.samples, "batches": calib.batches,
-                        "seconds": round(calib.seconds, 3), "providers": calib.providers,
-                        "source": calib.source},
-        "summary": {**_summary(plan, qdq), **({"ort_cpu_kernels": kernels} if kernels else {})},
-        "encodings_file": aimet,
-        **(extra_report or {}),
-        "tensors": tensors,
-        "plan": plan.to_dict(),
-        "outputs": {"model": str(paths[0]), "encodings": str(paths[1]), "report": str(paths[2]),
-                    **({"float_model": str(float_path)} if float_path else {})},
-    }
+    report = build_report(prepared, plan, qdq, config, calib, kernels, aimet, tensors, extra_report, paths,
+                          float_path)
     if calib_data is not None:
         quality = measure_quality(prepared, data if data is not None else qdq, calib_data, config, calib_spec)
         if quality:
@@ -506,134 +386,9 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    _write_json(paths[2], report)
+    write_json(paths[2], report)
     log.info("wrote %s, %s, %s%s", *paths, f" and {float_path}" if float_path else "")
     return QuantResult(*paths, plan=plan, report=report, model=qdq, prepared_path=float_path)
-
-
-def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> onnx.ModelProto:
-    """Float model + encodings file -> the QDQ model (the same bytes ``quantize`` wrote).
-
-    When the quantize report beside the encodings records them, ``model`` must be the file they were made for
-    (:func:`converter.binding.check_encodings_model`): the ``<name>.prepared.onnx`` quantize wrote, else the
-    float model it was given."""
-    from .binding import check_encodings_model
-
-    output = Path(output)
-    ensure_writable_dir(output.parent if str(output.parent) else ".")
-    check_encodings_model(model, encodings)
-    float_model = load_model(model)
-    preprocess(float_model)
-    enc_file = read_encodings(encodings)
-    encs = _encodings_for_model(float_model, enc_file, str(encodings))
-    qdq = render_control_flow(float_model, encs)
-    check_model(qdq)
-    save_model(qdq, output, external=is_large(float_model))  # the layout quantize writes
-    return qdq
-
-
-def encodings_json(plan: QuantPlan, config: QuantConfig, idx: GraphIndex) -> tuple[str, dict[str, Any]]:
-    """The encodings file's text, and what it left out for AIMET (see :mod:`.quant.aimet_rules`)."""
-    written, floats = file_entries(idx, plan.encodings, config.encodings_version, config.encodings_all_tensors)
-    acts: dict[str, Encoding | FloatEncoding] = {}
-    params: dict[str, Encoding | FloatEncoding] = {}
-    for n, e in written.items():  # what the plan does not hold (aimet_rules.aimet_additions) is an activation to AIMET
-        (acts if n not in plan.tensors or plan.tensors[n].role == ACTIVATION else params)[n] = e
-    acts.update({n: FloatEncoding(32) for n in sorted(floats, key=lambda t: (idx.position(t), t))})
-    args = {
-        "activation_bitwidth": config.activation_bits,
-        "param_bitwidth": config.weight_bits,  # the default: per-layer widths are in each entry (bw)
-        "dtype": "int",
-        "is_symmetric": config.preset.activation_symmetric,
-        "per_channel_quantization": config.per_channel,
-        "quant_scheme": _QUANT_SCHEMES.get(config.calib_method, config.calib_method),
-    }
-    ragged = [n for n, e in written.items() if e.blocked and idx.shape.get(n) and idx.shape[n][e.axis] % e.block_size]
-    if ragged:
-        log.warning("%d block-wise weight(s) have a ragged last block (first: %r, %d input channels, blocks of %d): "
-                    "ONNX and ONNX Runtime run it, AIMET and QNN take only input channels divisible by the block size "
-                    "(AIMET keeps such layers per channel)", len(ragged), ragged[0], idx.shape[ragged[0]][
-                        written[ragged[0]].axis], written[ragged[0]].block_size)
-    left_out = [n for n in plan.encodings if n not in written]
-    conflicts = tie_conflicts(idx, plan.encodings)
-    if conflicts:
-        node, i, o = conflicts[0]
-        log.warning("%d node(s) that AIMET ties (one quantizer for input and output: %s) have different input and "
-                    "output encodings here (first: %s, %r vs %r); an AIMET sim keeps only one of them; "
-                    "--target qnn ties them", len(conflicts), ", ".join(sorted(TIED_OP_TYPES)), node, i, o)
-    info = {"version": config.encodings_version, "tensors": len(written),
-            "omitted_biases": sum(plan.tensors[n].role == BIAS for n in left_out),
-            "omitted_data_movement_outputs": sum(plan.tensors[n].role != BIAS for n in left_out),
-            "marked_float": sorted(floats),
-            "added_for_aimet": sorted(n for n in written if n not in plan.encodings),
-            "aimet_tie_conflicts": [{"node": n, "input": i, "output": o} for n, i, o in conflicts]}
-    return dumps_encodings(acts, params, args, config.encodings_version), info
-
-
-def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qdq: onnx.ModelProto | None = None,
-                    idx: GraphIndex | None = None) -> dict[str, Any] | None:
-    """Target ``ort-cpu``: what ONNX Runtime CPU's optimized graph of the QDQ model runs quantized (QLinearConv,
-    QGemm, MatMulNBits, ...) and which layer ops it runs in float (:func:`kernel_summary`), with ``qdq`` the layers
-    it runs in float by name (:func:`runtime_accounting`). Warns when weights
-    below 8 bits leave layers in float there: ONNX Runtime CPU has integer kernels for 8-bit weights, and for 4-bit
-    ones only MatMulNBits (a block-wise MatMul weight read in float); any other 4-bit weight is dequantized and
-    its layer runs in float, so the model is smaller but not faster (EfficientNet-Lite0 W4A8: 13.6 ms batch-1 vs
-    7.3 ms FP32). None for other targets and for models over the protobuf limit (``data`` None)."""
-    if config.target != "ort-cpu" or data is None:
-        return None
-    try:
-        kernels = runtime_accounting(qdq, data, idx) if qdq is not None else kernel_summary(optimized_op_counts(data))
-    except Exception as exc:  # noqa: BLE001 - a report detail: an optimizer failure must not lose the model
-        log.warning("could not count what ONNX Runtime CPU's optimized graph runs quantized (%s: %s); the report "
-                    "has no summary.ort_cpu_kernels", type(exc).__name__, exc)
-        return None
-    low = [t.name for t in plan.by_role(WEIGHT)
-           if t.bitwidth < 8 and not (t.block_size and plan.layer_ops(t) == {"MatMul"})]  # MatMulNBits takes those
-    if low and kernels["float_layers"]:
-        floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items())
-        log.warning("%d weight(s) below 8 bits (e.g. %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
-                    "them and runs their layers in float (its optimized graph: %s), so the model is smaller, not "
-                    "faster; for speed there keep these layers at 8 bits (weight_bits_overrides, e.g. "
-                    "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); 4-bit Conv weights pay "
-                    "off on a runtime with int4 kernels", len(low), low[0], floats)
-    return kernels
-
-
-def runtime_accounting(qdq: onnx.ModelProto, data: bytes | None = None, idx: GraphIndex | None = None) -> dict[str, Any]:
-    """:func:`kernel_summary` of ONNX Runtime CPU's optimized graph of ``qdq``, plus the layers (Conv, ConvTranspose,
-    Gemm, MatMul nodes of the main graph) it runs in float, by name, their share of the layers (``float_fraction``)
-    and of the layers' MACs (``float_mac_fraction``, from ``idx``'s static shapes: the float model's index, whose
-    node names the QDQ model keeps). What the report and the search count as float: what the runtime runs in float,
-    not what the plan excluded (a layer whose producer lost its output Q runs in float too)."""
-    run = runtime_layers(qdq, data)
-    kernels = kernel_summary(run.counts)
-    macs: dict[str, float] = {}
-    if idx is not None:
-        by_name = {n.name: n for n in idx.graph.node}
-        macs = {x: node_macs(idx, by_name[x]) for x in run.layers if x in by_name}
-    total = sum(macs.values())
-    kernels.update({
-        "compute_layers": len(run.layers),
-        "float_layer_names": list(run.float_layers),
-        "float_fraction": round(run.float_fraction, 4),
-        "float_mac_fraction": round(sum(macs.get(x, 0.0) for x in run.float_layers) / total, 4) if total else None,
-        **({"float_layer_ops_unnamed": run.unnamed} if run.unnamed else {}),
-    })
-    return kernels
-
-
-def check_model(model: onnx.ModelProto, data: bytes | str | None = None) -> None:
-    """The output must pass the full ONNX checker and load in ONNX Runtime (``data``: the model serialized,
-    or the path of a copy with external data)."""
-    if data is None and is_large(model):  # over the protobuf limit: checked from a copy with external data
-        with external_copy(model) as path:
-            check_model(model, path)
-        return
-    try:
-        onnx.checker.check_model(data if data is not None else model, full_check=True)
-    except Exception as exc:
-        raise RuntimeError(f"internal error: the QDQ model fails the ONNX checker: {exc}") from exc
-    make_session(data if data is not None else model, ["CPUExecutionProvider"], optimize=False)
 
 
 def float_model_of(model: Any, example_inputs: Any, out_dir: Path, name: str | None) -> Any:
@@ -664,147 +419,3 @@ def _resolve_model(model: Any, example_inputs: Any) -> tuple[str | None, Any]:
                      "pass a path to an .onnx file, an onnx.ModelProto or a torch.nn.Module")
 
 
-def _encodings_for_model(model: onnx.ModelProto, enc_file, source: str) -> dict[str, Encoding]:
-    idx = GraphIndex.build(model)
-    tensors = set(idx.producer) | set(idx.graph_inputs) | set(idx.initializers)
-    bodies = {}  # tensors read or defined inside If/Loop/Scan bodies -> the index of a body's wrapper
-    for scope in scopes(model):
-        body_idx = GraphIndex.build(wrapper(scope, model))
-        for name in scope.used():  # defined there or captured (an outer weight read only inside the body)
-            bodies.setdefault(name, body_idx)
-    out: dict[str, Encoding] = {}
-    for section in (enc_file.activations, enc_file.params):
-        for name, enc in section.items():
-            if isinstance(enc, FloatEncoding):
-                continue
-            if name not in tensors and name not in bodies:
-                raise EncodingsError(f"{source}: tensor {name!r} is not in the model (if quantize wrote a "
-                                     f"<name>{FLOAT_SUFFIX} next to it, SmoothQuant/CLE changed the float model)",
-                                     f"apply the encodings to the float model they were computed for (<name>{FLOAT_SUFFIX} "
-                                     "when quantize wrote one)")
-            where = idx if name in tensors and (idx.uses(name) or name not in bodies) else bodies[name]
-            if where.is_constant(name) and enc.per_channel and name in enc_file.axis_unknown:
-                enc = dataclasses.replace(enc, axis=_param_axis(where, name, enc, source))
-            if name in enc_file.block_unknown:
-                enc = _param_blocks(where, name, enc, source)
-            out[name] = enc
-    floats = {n for sec in (enc_file.activations, enc_file.params) for n, e in sec.items() if isinstance(e, FloatEncoding)}
-    return derive_omitted(idx, out, floats)
-
-
-def _param_axis(idx: GraphIndex, name: str, enc: Encoding, source: str) -> int:
-    if enc.bitwidth == 32:  # bias: one scale per output channel
-        return 0
-    shape = idx.shape.get(name, [])
-    for node in idx.uses(name):
-        axis = weight_axis(node, idx)
-        if axis is not None and axis < len(shape) and shape[axis] == len(enc.scale):
-            return axis
-    raise EncodingsError(f"{source}: tensor {name!r} has {len(enc.scale)} per-channel scales, which fits no "
-                         f"channel axis of its shape {shape}",
-                         "apply the encodings to the float model they were computed for")
-
-
-def _param_blocks(idx: GraphIndex, name: str, enc: Encoding, source: str) -> Encoding:
-    """A 1.0.0 PER_BLOCK entry (flat scales in (output channel, block) order) shaped from the weight it
-    encodes: the blocked axis and channel axis of its consumer (:mod:`.quant.rules`)."""
-    shape = idx.shape.get(name, []) if idx.is_constant(name) else []
-    for node in idx.uses(name):
-        baxis, caxis = block_axis(node, idx), weight_axis(node, idx)
-        if baxis is None or caxis is None or baxis >= len(shape) or caxis >= len(shape):
-            continue
-        block_shape = [1] * len(shape)
-        block_shape[caxis], block_shape[baxis] = shape[caxis], -(-shape[baxis] // enc.block_size)
-        if int(np.prod(block_shape)) != len(enc.scale):
-            continue
-        order = np.arange(len(enc.scale))
-        if len(shape) == 2 and baxis == 0:  # written (channel, block): transposed back
-            order = order.reshape(block_shape[::-1]).T.reshape(-1)
-        return Encoding(enc.bitwidth, enc.signed, enc.symmetric, tuple(enc.scale[i] for i in order),
-                        tuple(enc.zero_point[i] for i in order), baxis, enc.block_size, tuple(block_shape))
-    raise EncodingsError(f"{source}: tensor {name!r} has {len(enc.scale)} block scales (block size {enc.block_size}), "
-                         f"which fit no Conv/Gemm/MatMul weight layout of its shape {shape}",
-                         "apply the encodings to the float model they were computed for")
-
-
-def _summary(plan: QuantPlan, qdq: onnx.ModelProto) -> dict[str, Any]:
-    counts = plan.to_dict()["node_counts"]
-    return {
-        "nodes": counts,
-        "quantized_tensors": {r: len(plan.by_role(r)) for r in ("activation", "weight", "bias")},
-        "float_nodes": plan.float_nodes(),
-        "float_subgraphs": plan.float_subgraphs,
-        "subgraphs": plan.subgraphs,
-        "subgraph_qdq_ops": subgraph_qdq_counts(qdq),
-        "subgraph_nodes_reading_dq": {k: v for k, v in quantized_nodes_in_bodies(qdq).items() if v},
-        "weights": plan.weight_layers(),
-        "split_scale_groups": plan.split_groups,
-        "mixed_range_operands": plan.mixed_operands,
-        "qdq_model_ops": quantized_node_counts(qdq),
-    }
-
-
-def _tensor_report(plan: QuantPlan, observers: dict, methods: dict[str, str]) -> dict[str, Any]:
-    out = {}
-    for name, enc in plan.encodings.items():
-        t = plan.tensors[name]
-        if enc.blocked:
-            entry = {**t.to_dict(), "blocks": len(enc.scale), "scale_min": min(enc.scale),
-                     "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
-        elif enc.per_channel:  # the per-channel values are in the encodings file; the report summarises them
-            entry = {**t.to_dict(), "channels": len(enc.scale), "scale_min": min(enc.scale),
-                     "scale_max": max(enc.scale), "zero_points": sorted(set(enc.zero_point))}
-        else:
-            entry = {**t.to_dict(), "scale": enc.scale[0], "zero_point": enc.zero_point[0]}
-        if t.role == ACTIVATION and name in observers:
-            lo, hi = observers[name].range()
-            entry["observed_min"], entry["observed_max"] = lo, hi
-            entry["calib_method"] = methods.get(name)
-        if t.role != BIAS:
-            entry["encoding_min"] = min(enc.mins())
-            entry["encoding_max"] = max(enc.maxs())
-        if t.role == ACTIVATION and hasattr(observers.get(name), "clipped_fraction"):
-            entry["clipped_fraction"] = observers[name].clipped_fraction(entry["encoding_min"], entry["encoding_max"],
-                                                                         enc.scale[0])
-        out[name] = entry
-    return out
-
-
-def _note_split_groups(plan: QuantPlan) -> None:
-    if plan.mixed_operands:
-        worst = max(plan.mixed_operands, key=lambda m: m["loss_bits"])
-        log.info("%d Add/Mul node(s) join operands of very different ranges (worst: %s, %r spans %.3g..%.3g in an "
-                 "output range %.3g..%.3g); each operand keeps its own encoding, the output's step is the larger "
-                 "one's (report: summary.mixed_range_operands)", len(plan.mixed_operands), worst["node"],
-                 worst["small_operand"], *worst["small_range"], *worst["range"])
-    for g in plan.split_groups:
-        left = f"; {', '.join(g['float_nodes'])} left in float" if g["float_nodes"] else ""
-        log.warning("scale group of %r split: %r (range %.3g..%.3g) would lose %.1f bits in the shared range "
-                    "%.3g..%.3g, so the Concat inputs keep their own encodings%s", g["group"], g["worst_member"],
-                    g["worst_range"][0], g["worst_range"][1], g["loss_bits"], g["range"][0], g["range"][1], left)
-
-
-CLIP_WARNING = 0.01  # a histogram method clipping more than this fraction of a tensor's values is worth a look
-
-
-def _warn_clipping(tensors: dict[str, dict[str, Any]]) -> None:
-    clipped = sorted(((e["clipped_fraction"], n) for n, e in tensors.items()
-                      if e.get("clipped_fraction", 0.0) > CLIP_WARNING), reverse=True)
-    if clipped:
-        worst = ", ".join(f"{n} {f:.1%} ({tensors[n]['calib_method']})" for f, n in clipped[:3])
-        log.warning("%d activation(s) have more than %.0f%% of their calibration values clipped (worst: %s); if "
-                    "accuracy drops, try calib_method minmax or percentile for them (calib_overrides), or run "
-                    "`qconvert analyze`", len(clipped), CLIP_WARNING * 100, worst)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    def default(o):
-        if isinstance(o, (np.integer,)):
-            return int(o)
-        if isinstance(o, (np.floating,)):
-            return float(o)
-        raise TypeError(type(o).__name__)
-
-    atomic_write_text(path, json.dumps(data, indent=2, default=default) + "\n")

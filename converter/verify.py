@@ -65,27 +65,16 @@ import onnx
 import onnxruntime as ort
 
 from .binding import check_float_for_qdq, sha256_file, sibling_report
-from .calib.readers import check_label_count, model_inputs, open_calibration
+from .calib.readers import check_label_count, load_labels, model_inputs, open_calibration
 from .ops import QUANTIZED_MARKERS
 from .progress import tqdm
 from .errors import CalibrationDataError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
-from .ort_session import check_optimizations, create_session
-from .stats import TensorStats
+from .ort_session import check_optimizations, create_session, select_providers
+from .metrics import OutputStats, finite
 from .timing import format_latency, paired_latency
 
 log = logging.getLogger("converter")
-
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-}
-
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -136,7 +125,7 @@ class Check:
         return f"{self.name} {_fmt(self.measured)} {op} {_fmt(self.limit)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "measured": _finite(self.measured), "limit": self.limit,
+        return {"name": self.name, "measured": finite(self.measured), "limit": self.limit,
                 "comparison": ">=" if self.higher_is_better else "<=", "passed": self.passed,
                 "applicable": self.applicable}
 
@@ -168,89 +157,7 @@ class VerifyResult:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
-# --- metric accumulators ----------------------------------------------------------------------------
-
-@dataclass
-class OutputStats:
-    """Streaming comparison of one output (see the module docstring for the formulas)."""
-
-    name: str
-    shape: tuple[int, ...] = ()
-    classifier: bool = False
-    rows: int = 0
-    row_size: int = 0
-    cos_sum: float = 0.0
-    cos_min: float = math.inf
-    whole: TensorStats = field(default_factory=TensorStats)  # every value of every sample as one vector
-    agree: int = 0
-    float_top1: list[np.ndarray] = field(default_factory=list)
-    quant_top1: list[np.ndarray] = field(default_factory=list)
-
-    def update(self, ref: np.ndarray, got: np.ndarray, n: int) -> None:
-        if ref.shape != got.shape:
-            raise ModelError(f"output {self.name!r} has shape {list(got.shape)} in the quantized model but "
-                             f"{list(ref.shape)} in the float model",
-                             "compare a quantized model with the float model it was made from")
-        if not self.rows:
-            self.shape = ref.shape
-            self.classifier = ref.ndim == 2 and ref.shape[0] == n and ref.shape[1] >= 2 \
-                and np.issubdtype(ref.dtype, np.floating)
-        f = ref.astype(np.float64, copy=False)
-        q = got.astype(np.float64, copy=False)
-        per_sample = f.ndim >= 1 and f.shape[0] == n
-        f2, q2 = (f.reshape(n, -1), q.reshape(n, -1)) if per_sample else (f.reshape(1, -1), q.reshape(1, -1))
-        cos = _cosine_rows(f2, q2)
-        self.rows += len(cos)
-        self.row_size = f2.shape[1]
-        self.cos_sum += float(cos.sum())
-        self.cos_min = min(self.cos_min, float(cos.min()))
-        self.whole.update(f2, q2)
-        if self.classifier:
-            fa, qa = ref.argmax(1), got.argmax(1)
-            self.agree += int((fa == qa).sum())
-            self.float_top1.append(fa)
-            self.quant_top1.append(qa)
-
-    @property
-    def whole_cosine(self) -> bool:
-        """A cosine of one number is only its sign: such outputs get one cosine over all the data."""
-        return self.row_size == 1
-
-    @property
-    def cosine_mean(self) -> float:
-        if not self.whole_cosine:
-            return self.cos_sum / max(self.rows, 1)
-        return self.whole.cosine
-
-    @property
-    def cosine_min(self) -> float:
-        return self.cosine_mean if self.whole_cosine else self.cos_min
-
-    @property
-    def sqnr_db(self) -> float:
-        return self.whole.sqnr_db
-
-    @property
-    def agreement(self) -> float | None:
-        return self.agree / self.rows if self.classifier and self.rows else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shape": ["N", *self.shape[1:]] if self.shape else [], "classifier": self.classifier,
-                "cosine_mean": self.cosine_mean, "cosine_min": self.cosine_min,
-                "sqnr_db": _finite(self.sqnr_db), "identical": self.whole.sse == 0.0,
-                "max_abs_error": self.whole.max_abs_err, "top1_agreement": self.agreement}
-
-
-def _cosine_rows(f: np.ndarray, q: np.ndarray) -> np.ndarray:
-    nf = np.linalg.norm(f, axis=1)
-    nq = np.linalg.norm(q, axis=1)
-    dot = (f * q).sum(1)
-    denom = nf * nq
-    both_zero = (nf == 0) & (nq == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1.0), 0.0)
-    return np.where(both_zero, 1.0, cos)
-
+# per-output accumulators: converter.metrics.OutputStats
 
 # --- the API ------------------------------------------------------------------------------------------
 
@@ -273,7 +180,8 @@ def verify(float_model: str | Path | onnx.ModelProto, quant_model: str | Path | 
     thresholds = (thresholds or Thresholds()).resolved(label_array is not None)
     source = open_calibration(data, inputs, batch_size, max_samples, data_spec)
     check_label_count(source, label_array, max_samples)  # before either model runs
-    provider_list = resolve_providers(providers)
+    provider_list = select_providers(providers)
+    log.info("verifying on %s", ", ".join(provider_list))
     targets = _target(float_model, float_proto), _target(quant_model, quant_proto)
     sessions = tuple(_session(t, m, provider_list, threads) for t, m in zip(targets, (float_model, quant_model)))
     outputs = [o.name for o in float_proto.graph.output]
@@ -397,57 +305,6 @@ def _check_pair(float_model: Any, quant_model: Any, float_proto: onnx.ModelProto
     check_float_for_qdq(float_model, quant_model)
 
 
-def load_labels(labels: str | Path | np.ndarray | list) -> np.ndarray:
-    """Integer labels from a ``.npy`` file, a text file (one per line) or an array."""
-    if not isinstance(labels, (str, Path)):
-        arr = np.asarray(labels)
-        source = "the labels array"
-    else:
-        path = Path(labels)
-        source = str(path)
-        if not path.is_file():
-            raise CalibrationDataError(f"labels file not found: {path}",
-                                       "pass a .npy file of integers or a text file with one integer per line")
-        if path.suffix == ".npy":
-            try:
-                arr = np.load(path, allow_pickle=False)
-            except Exception as exc:
-                raise CalibrationDataError(f"cannot read labels {path}: {exc}", "re-save it with numpy.save") from None
-        else:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            try:
-                arr = np.array([int(ln) for ln in lines], dtype=np.int64)
-            except ValueError as exc:
-                raise CalibrationDataError(f"{path}: every line must be an integer class index ({exc})",
-                                           "write one class index per line, in the data's sorted file order") from None
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise CalibrationDataError(f"{source}: labels must be a 1-D array of integers, got {arr.dtype} "
-                                   f"of shape {list(arr.shape)}", "save one integer class index per sample")
-    return arr.astype(np.int64)
-
-
-def resolve_providers(providers: str | list[str]) -> list[str]:
-    """``auto`` | ``cpu`` | ``cuda,cpu`` | full provider names -> the available ones, in order."""
-    if isinstance(providers, str):
-        providers = ["cuda", "cpu"] if providers == "auto" else [p.strip() for p in providers.split(",") if p.strip()]
-        auto = providers == ["cuda", "cpu"]
-    else:
-        auto = False
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
-    available = ort.get_available_providers()
-    chosen = [p for p in wanted if p in available]
-    missing = [p for p in wanted if p not in available]
-    if not chosen:
-        raise UserError(f"none of the requested execution providers is available: {', '.join(wanted)} "
-                        f"(this onnxruntime has {', '.join(available)})",
-                        "use --providers cpu, or install the onnxruntime build for your accelerator")
-    if missing and not auto:
-        log.warning("execution providers not available, skipped: %s (running on %s)", ", ".join(missing),
-                    ", ".join(chosen))
-    log.info("verifying on %s", ", ".join(chosen))
-    return chosen
-
-
 def _target(source: Any, proto: onnx.ModelProto) -> str | bytes:
     """What ORT loads: the path (external data next to it), else the serialized proto."""
     return str(source) if isinstance(source, (str, Path)) else proto  # a proto: create_session handles large ones
@@ -518,10 +375,6 @@ def _checks(stats: dict[str, OutputStats], accuracy: dict | None, t: Thresholds)
 
 def _describe(model: Any) -> str:
     return str(model) if isinstance(model, (str, Path)) else "<ModelProto>"
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
 
 
 def _fmt(x: float) -> str:

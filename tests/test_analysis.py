@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from converter import QuantConfig, quantize
 from converter.analysis import AnalysisConfig, analyze, compare_models
-from converter.stats import TensorStats
+from converter.metrics import TensorStats
 from converter.cli import main
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -20,7 +20,7 @@ import pytest
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import EncodingsError, ModelError
-from converter.pipeline import apply_encodings
+from converter.encodings_file import apply_encodings
 from converter.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +105,12 @@ def test_stale_prepared_model_is_removed_and_refused(tmp_path, capsys):
     shutil.copy(old_prepared, out / "d.prepared.onnx")
     from converter.graph.model_io import load_model
     from converter.graph.passes import preprocess
-    from converter.pipeline import _encodings_for_model
+    from converter.encodings_file import encodings_for_model
     from converter.quant.control_flow import render_control_flow
     from converter.quant.encodings_io import read_encodings
     stale = load_model(out / "d.prepared.onnx")
     preprocess(stale)
-    unchecked = render_control_flow(stale, _encodings_for_model(stale, read_encodings(second.encodings_path), "x"))
+    unchecked = render_control_flow(stale, encodings_for_model(stale, read_encodings(second.encodings_path), "x"))
     good_cos, stale_cos = outputs_cosine(model, second.model_path, x), outputs_cosine(model, unchecked, x)
     assert good_cos > 0.98 and stale_cos < good_cos - 0.05, (good_cos, stale_cos)
 

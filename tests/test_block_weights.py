@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import ConfigError, EncodingsError
-from converter.pipeline import apply_encodings
+from converter.encodings_file import apply_encodings
 from converter.quant.encode import weight_encoding
 from converter.quant.encodings_io import dumps_encodings, loads_encodings
 

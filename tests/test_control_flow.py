@@ -16,7 +16,8 @@ from converter.calib.subgraphs import collect_subgraph_ranges
 from converter.config import QuantConfig
 from converter.graph.passes import preprocess
 from converter.graph.scopes import scopes
-from converter.pipeline import apply_encodings, quantize
+from converter.encodings_file import apply_encodings
+from converter.pipeline import quantize
 from converter.quant.control_flow import quantized_nodes_in_bodies
 
 from .conftest import float_of

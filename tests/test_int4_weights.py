@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import ConfigError
-from converter.pipeline import apply_encodings
+from converter.encodings_file import apply_encodings
 from converter.quant.encoding import encoding_from_range
 from converter.quant.qdq import int_tensor
 

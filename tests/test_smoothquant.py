@@ -98,7 +98,7 @@ def test_no_outliers_nothing_changes():
 def test_one_shot_reader_is_read_once_and_kept_only_in_part(tmp_path):
     """SmoothQuant reads calibration samples before calibration: a get_next() reader still gives calibration
     every sample, and only the first ``keep`` items are held in memory."""
-    from converter.pipeline import Replayable
+    from converter.calib.readers import Replayable
 
     items = batches(1, n=100)
     handed = []

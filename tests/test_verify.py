@@ -20,7 +20,8 @@ from onnx import numpy_helper
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import CalibrationDataError, ModelError
-from converter.verify import Thresholds, format_report, load_labels, verify
+from converter.calib.readers import load_labels
+from converter.verify import Thresholds, format_report, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -48,11 +48,11 @@ from ..progress import tqdm
 
 from .._version import __version__
 from ..binding import check_prepared_current, file_entry
-from ..calib.readers import check_label_count, model_inputs, open_calibration
+from ..calib.readers import check_label_count, load_labels, model_inputs, open_calibration
 from ..ort_session import use_custom_op_libraries
 from ..calib.runner import collect, make_session
 from ..config import QuantConfig
-from ..errors import CalibrationDataError, ConfigError, UserError
+from ..errors import CalibrationDataError, ConfigError
 from ..graph.index import GraphIndex
 from ..graph.model_io import atomic_write_text, ensure_writable_dir, load_model, save_model
 from ..quant.encoding import Encoding
@@ -64,10 +64,10 @@ from ..pipeline import prepare as prepare_model
 from ..pipeline import run_flow
 from ..techniques import applied_params
 from ..quant.rules import weight_axis
-from ..stats import TensorStats, sqnr_db
+from ..metrics import TensorStats, per_channel_sqnr, sqnr_db
 from .compare import dequantized_name_map, with_outputs
 from .html import render_html
-from .metrics import MODEL_METRICS, finite_or_str, per_channel_sqnr
+from .metrics import MODEL_METRICS, finite_or_str
 from .recommend import assess, channel_outlier_ratios, recommend, recommendation_lines
 
 log = logging.getLogger("converter")
@@ -239,23 +239,6 @@ class Evaluator:
                 if np.issubdtype(a.dtype, np.floating) and a.size:
                     diff = max(diff, float(np.abs(a.astype(np.float64) - b).max()))
         return diff
-
-
-def load_labels(labels: Any) -> np.ndarray | None:
-    """Labels from a sequence, a ``.npy`` file, or a text file of integers (one per line or whitespace)."""
-    if labels is None:
-        return None
-    if isinstance(labels, (str, Path)):
-        path = Path(labels)
-        if not path.is_file():
-            raise UserError(f"labels file not found: {path}", "pass a .npy file or a text file of class indices")
-        try:
-            arr = np.load(path) if path.suffix == ".npy" else np.array(path.read_text().split(), dtype=np.int64)
-        except ValueError as exc:
-            raise UserError(f"cannot read labels from {path}: {exc}",
-                            "write one integer class index per line, in the order of the evaluation samples") from None
-        return np.asarray(arr).reshape(-1).astype(np.int64)
-    return np.asarray(labels).reshape(-1).astype(np.int64)
 
 
 def eval_batches(prep: Prepared, data: Any, samples: int, batch_size: int,

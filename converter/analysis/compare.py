@@ -11,7 +11,7 @@ the quantized model's counterpart is what the consumers of ``X`` see there::
 (our renderer keeps graph-output names on the DequantizeLinear, ``X_float -> Q -> DQ -> X``; that
 case is the second line.) Tensors present in only one model are skipped. Both models run on the
 same batches in ONNX Runtime with the compared tensors added as graph outputs; the statistics are
-accumulated batch by batch (:class:`~converter.analysis.metrics.TensorStats`), nothing is kept.
+accumulated batch by batch (:class:`~converter.metrics.TensorStats`), nothing is kept.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import onnx
 from ..progress import tqdm
 
 from ..calib.readers import model_inputs, open_calibration
-from ..calib.runner import make_session, select_providers
+from ..calib.runner import make_session
 from ..errors import ModelError
 from ..graph.model_io import is_large, load_model, skeleton
-from ..stats import TensorStats
+from ..metrics import TensorStats
+from ..ort_session import select_providers
 from .metrics import finite_or_str
 
 log = logging.getLogger("converter")

@@ -438,6 +438,41 @@ def check_label_count(source: "CalibrationSource", labels: Any, max_samples: int
                                    "give exactly one label per sample, in the data's sorted file order")
 
 
+def load_labels(labels: Any) -> np.ndarray | None:
+    """Integer class labels, one per sample in the data's sorted file order (verify, analyze and the search read
+    them here): a ``.npy`` file, a text file of integers (one per line, or separated by any whitespace) or a
+    sequence / array. A ``[N, 1]`` array is taken as ``[N]``; floating values must be whole numbers. None -> None."""
+    if labels is None:
+        return None
+    if not isinstance(labels, (str, Path)):
+        arr, source = np.asarray(labels), "the labels array"
+    else:
+        path = Path(labels)
+        source = str(path)
+        if not path.is_file():
+            raise CalibrationDataError(f"labels file not found: {path}",
+                                       "pass a .npy file of integers or a text file with one integer per line")
+        if path.suffix == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except Exception as exc:
+                raise CalibrationDataError(f"cannot read labels {path}: {exc}", "re-save it with numpy.save") from None
+        else:
+            try:
+                arr = np.array([int(t) for t in path.read_text(encoding="utf-8").split()], dtype=np.int64)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CalibrationDataError(f"{path}: every line must be an integer class index ({exc})",
+                                           "write one class index per line, in the data's sorted file order") from None
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr.reshape(-1)
+    whole = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr))))
+    if arr.ndim != 1 or not whole:
+        raise CalibrationDataError(f"{source}: labels must be a 1-D array of integers, got {arr.dtype} "
+                                   f"of shape {list(arr.shape)}", "save one integer class index per sample")
+    return arr.astype(np.int64)
+
+
 def _load_array_file(p: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     try:
         if p.suffix == ".npz":
@@ -474,3 +509,52 @@ def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def _fmt_shape(shape: tuple[int | None, ...]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+# --- one reader, several passes ----------------------------------------------------------------------
+
+class Replayable:
+    """A one-shot reader (``get_next()`` or an iterator) that several passes can read.
+
+    The first ``keep`` items are kept; each pass reads them again, then goes on with the source where the
+    previous pass left it. The passes before calibration (CLE, SmoothQuant) read a few samples, calibration
+    reads everything once (kept items, then the rest streamed, never stored), the passes after it (bias
+    correction, the search's ranking) read the kept ones again: memory stays bounded by ``keep`` items.
+    """
+
+    def __init__(self, source: Any, keep: int) -> None:
+        self._source = iter(source.get_next, None) if hasattr(source, "get_next") else iter(source)
+        self.keep = keep
+        self.head: list[Any] = []
+        self.streamed = False  # items past the kept ones were handed out (a second full pass gets only the kept)
+
+    def __iter__(self):
+        after_full_pass = self.streamed  # a pass after one that streamed past the kept items: the kept ones only
+        i = 0
+        while True:
+            if i < len(self.head):
+                yield self.head[i]
+                i += 1
+                continue
+            if after_full_pass:
+                return
+            item = next(self._source, None)
+            if item is None:
+                return
+            if len(self.head) < self.keep:
+                self.head.append(item)
+                i += 1
+            else:
+                self.streamed = True
+            yield item
+
+
+def replayable(calib_data: Any, keep: int = 64) -> Any:
+    """``calib_data`` as :class:`Replayable` when it is a one-shot reader and more than one pass reads it
+    (CLE, bias correction, SmoothQuant, the search): otherwise the first pass would consume samples the
+    calibration never sees. Folders, lists and dicts are returned as they are."""
+    if isinstance(calib_data, (str, Path, dict, list, tuple, Replayable)):
+        return calib_data
+    if hasattr(calib_data, "get_next") or hasattr(calib_data, "__next__"):
+        return Replayable(calib_data, keep)
+    return calib_data

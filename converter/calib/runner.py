@@ -50,6 +50,7 @@ from ..ops import NONNEGATIVE_OPS
 from ..progress import tqdm
 
 from ..errors import CalibrationDataError, UserError
+from ..graph.clip import clip_bounds, graph_constants
 from ..ort_session import create_session, custom_op_fix
 from .observers import MinMaxObserver, ObserverSettings, make_observer
 from .readers import CalibrationSource
@@ -59,25 +60,6 @@ log = logging.getLogger("converter")
 DEFAULT_MEMORY_BUDGET = 1 << 30
 _OFFSET_INPUT, _TARGET_INPUT = "__calib_offset", "__calib_target"
 _OFFSET_STRIDE = 7919  # a prime: successive runs start their subsample at unrelated offsets
-
-
-def select_providers(preference: str = "auto") -> list[str]:
-    """ONNX Runtime providers for ``preference`` (auto | cpu | cuda)."""
-    available = ort.get_available_providers()
-    if preference == "cpu":
-        log.info("calibration on CPUExecutionProvider (requested)")
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        log.info("calibration on CUDAExecutionProvider (GPU)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if preference == "cuda":
-        raise UserError("CUDAExecutionProvider was requested but this onnxruntime has no CUDA support "
-                        f"(available: {', '.join(available)})",
-                        "pip uninstall onnxruntime && pip install 'converter[gpu]', or use --providers cpu")
-    # auto on a CPU-only onnxruntime is the usual case, not news: only -v says so
-    log.debug("CUDAExecutionProvider not available (available: %s); running on CPUExecutionProvider",
-              ", ".join(available))
-    return ["CPUExecutionProvider"]
 
 
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str], threads: int = 0,
@@ -131,15 +113,13 @@ class _Tap:
 
 def _nonnegative_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors that cannot be negative, from their producer (their encodings start at 0 anyway)."""
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts = graph_constants(model.graph)
     out = set()
     for node in model.graph.node:
         ok = node.op_type in NONNEGATIVE_OPS
         if node.op_type == "Clip":
-            lo = next((a.f for a in node.attribute if a.name == "min"), None)
-            if len(node.input) > 1 and node.input[1] in consts:
-                lo = float(consts[node.input[1]].reshape(-1)[0])
-            ok = lo is not None and lo >= 0
+            bounds = clip_bounds(node, consts)
+            ok = bounds is not None and bounds[0] >= 0
         if ok and node.output:
             out.add(node.output[0])
     return out

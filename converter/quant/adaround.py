@@ -52,6 +52,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calib.runner import iter_capture
+from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
 from ..ops import WEIGHTED_LAYER_OPS
 from .encoding import Encoding
@@ -130,16 +131,7 @@ def _fused_activation(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, flo
     if u.op_type == "Relu":
         return 0.0, math.inf
     if u.op_type == "Clip":
-        bounds = []
-        for i, default in ((1, -math.inf), (2, math.inf)):
-            if len(u.input) > i and u.input[i]:
-                v = idx.constant(u.input[i])
-                if v is None:
-                    return None
-                bounds.append(float(v))
-            else:
-                bounds.append(default)
-        return bounds[0], bounds[1]
+        return clip_bounds(u, idx)
     return None
 
 

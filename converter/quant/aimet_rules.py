@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
 from ..ops import CONV_OPS, TIED_OP_TYPES
 from .encode import bias_encoding
@@ -224,14 +225,7 @@ def bounds(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, float] | None:
         return None
     if _BOUNDED[node.op_type] is not None:
         return _BOUNDED[node.op_type]
-    lo, hi = attr(node, "min", float("-inf")), attr(node, "max", float("inf"))  # opset < 11: attributes
-    for i, default in ((1, lo), (2, hi)):
-        if i < len(node.input) and node.input[i]:
-            if not idx.is_constant(node.input[i]):
-                return None
-            value = float(idx.constant(node.input[i]).reshape(-1)[0])
-            lo, hi = (value, hi) if i == 1 else (lo, value)
-    return float(lo), float(hi)
+    return clip_bounds(node, idx)
 
 
 def passes_through(enc: Encoding, lo: float, hi: float) -> bool:

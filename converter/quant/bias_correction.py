@@ -47,6 +47,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.runner import iter_capture
+from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import default_opset
 from ..ops import BIASED_LAYER_OPS
@@ -258,16 +259,8 @@ def _bounds(node: onnx.NodeProto, idx: GraphIndex, channels: int) -> tuple[np.nd
     if node.op_type == "Relu":
         return np.zeros(channels), hi
     if node.op_type == "Clip":
-        for pos, default in ((1, lo), (2, hi)):
-            if len(node.input) > pos and node.input[pos]:
-                c = idx.constant(node.input[pos])
-                if c is None or c.size != 1:
-                    return None
-                default[:] = float(c)
-        for a in node.attribute:  # opset < 11
-            if a.name in ("min", "max"):
-                (lo if a.name == "min" else hi)[:] = a.f
-        return lo, hi
+        b = clip_bounds(node, idx)
+        return None if b is None else (np.full(channels, b[0]), np.full(channels, b[1]))
     if node.op_type in ("Min", "Max") and len(node.input) == 2:
         const = [idx.constant(t) if idx.is_constant(t) else None for t in node.input]
         c = next((v for v in const if v is not None), None)

@@ -54,6 +54,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calib.runner import iter_capture
+from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
 from ..graph.passes import fold_batchnorm
 
@@ -124,25 +125,6 @@ def _conv_kind(node: onnx.NodeProto, idx: GraphIndex) -> str | None:
     return None
 
 
-def _clip_bounds(node: onnx.NodeProto, idx: GraphIndex) -> tuple[float, float] | None:
-    lo, hi = -np.inf, np.inf
-    for pos, default in ((1, -np.inf), (2, np.inf)):
-        if len(node.input) > pos and node.input[pos]:
-            c = idx.constant(node.input[pos])
-            if c is None or c.size != 1:
-                return None
-            if pos == 1:
-                lo = float(c)
-            else:
-                hi = float(c)
-    for a in node.attribute:  # opset < 11
-        if a.name == "min":
-            lo = a.f
-        elif a.name == "max":
-            hi = a.f
-    return lo, hi
-
-
 def find_pairs(model: onnx.ModelProto, idx: GraphIndex, relu6: str) -> tuple[list[tuple], int]:
     """[(first, activation node or None, second, kind of activation)], and how many ReLU6 pairs were skipped."""
     pairs, skipped = [], 0
@@ -159,7 +141,7 @@ def find_pairs(model: onnx.ModelProto, idx: GraphIndex, relu6: str) -> tuple[lis
             if act.op_type == "PRelu" and (not idx.is_constant(act.input[1]) or idx.constant(act.input[1]).ndim > 3):
                 continue
             if act.op_type == "Clip":
-                bounds = _clip_bounds(act, idx)
+                bounds = clip_bounds(act, idx)
                 if bounds is None or bounds[0] != 0.0:
                     continue
                 if np.isfinite(bounds[1]):
@@ -205,7 +187,7 @@ def equalize(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]] | 
     replaced, bounds = [], {}
     for a, act, _, kind in found:
         if kind == "ReLU6" and act.op_type == "Clip":
-            bounds[a.name] = (act, _clip_bounds(act, idx)[1])
+            bounds[a.name] = (act, clip_bounds(act, idx)[1])
             act.op_type = "Relu"
             del act.input[1:]
             del act.attribute[:]

@@ -172,104 +172,135 @@ class _UnionFind:
             self.parent[rb] = ra
 
 
-def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | None = None) -> QuantPlan:
-    idx = idx or GraphIndex.build(model)
-    preset = config.preset
-    plan = QuantPlan(target=config.target, float_subgraphs=float_subgraphs(model))
-    op_types = config.quantized_op_types()
-    excluded = set(config.exclude_nodes) | set(config.exclude_with_inputs)
+@dataclass
+class _Build:
+    """What the steps of :func:`build_plan` hand each other."""
 
-    # 1. which nodes are quantized
-    quantized: list[onnx.NodeProto] = []
-    for node in model.graph.node:
+    model: onnx.ModelProto
+    config: QuantConfig
+    idx: GraphIndex
+    plan: QuantPlan
+    excluded: set[str]
+    quantized: list[onnx.NodeProto] = field(default_factory=list)  # step 1: nodes selected for quantization
+    no_qdq: set[str] = field(default_factory=set)  # internal tensors of blocks and groups
+    unit_blocks: list[Match] = field(default_factory=list)  # blocks quantized as one unit (no Q/DQ inside)
+    taken: set[str] = field(default_factory=set)  # nodes claimed by a block or group (or excluded)
+    group_output: dict[str, str] = field(default_factory=dict)  # group head name -> tensor that ends its group
+    group_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # head -> extra inputs (a shortcut)
+    tail_inputs: set[str] = field(default_factory=set)
+    is_quantized: set[str] = field(default_factory=set)  # quantized nodes no block or group took
+    acts: set[str] = field(default_factory=set)  # activation tensors with a Q/DQ
+    uf: _UnionFind = field(default_factory=_UnionFind)  # activations sharing one encoding
+    weights: dict[str, TensorQuant] = field(default_factory=dict)
+    biases: dict[str, TensorQuant] = field(default_factory=dict)
+
+    def want_activation(self, name: str) -> bool:
+        idx = self.idx
+        if not name or name in self.no_qdq or idx.is_constant(name) or not idx.is_float(name):
+            return False
+        self.acts.add(name)
+        self.uf.find(name)
+        return True
+
+
+def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | None = None) -> QuantPlan:
+    """The plan of the main graph: 1. which nodes are quantized, 2-3. blocks and fused groups (and the float
+    tail), 4. tensor roles (activations, weights, biases), 5. shared encodings of data-movement and tied ops,
+    then the plan's tensors in graph order with their groups named."""
+    idx = idx or GraphIndex.build(model)
+    plan = QuantPlan(target=config.target, float_subgraphs=float_subgraphs(model))
+    b = _Build(model, config, idx, plan, set(config.exclude_nodes) | set(config.exclude_with_inputs))
+    _select_nodes(b)
+    _fuse(b)
+    _assign_roles(b)
+    _share_encodings(b)
+    _collect_tensors(b)
+    return plan
+
+
+def _select_nodes(b: _Build) -> None:
+    """1. which nodes are quantized (``b.quantized``), and each node's status in the plan."""
+    idx, plan, op_types = b.idx, b.plan, b.config.quantized_op_types()
+    for node in b.model.graph.node:
         rule = node_rule(node, idx)
         if not any(idx.is_float(o) for o in node.output):
             plan.nodes[node.name] = NodeStatus(node.op_type, "not-float")  # shapes, indices: nothing to quantize
         elif rule is None or node.domain not in ("", "ai.onnx"):  # a custom-domain op is not the ONNX op of that name
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-no-rule")
-        elif node.name in excluded:
+        elif node.name in b.excluded:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-excluded")
         elif op_types is not None and rule_op_type(node, idx) not in op_types:
             plan.nodes[node.name] = NodeStatus(node.op_type, "float-op-type")
         else:
             plan.nodes[node.name] = NodeStatus(node.op_type, "quantized")
-            quantized.append(node)
+            b.quantized.append(node)
 
-    # 2-3. blocks and fused groups. Order matters where both could claim a node: structural blocks
-    # (LayerNorm, attention) first, so no group swallows their Adds; then weighted anchors' groups,
-    # which take the activations they fuse (SiLU after a Conv on TensorRT); then what is left of the
-    # activation blocks; then other compute ops followed by an activation (Add -> Relu).
-    no_qdq: set[str] = set()  # internal tensors of blocks and groups
-    unit_blocks: list[Match] = []
-    taken = set(excluded)
-    blocks = find_blocks(idx, excluded, compound=set(preset.patterns) & COMPOUND_KINDS)
 
-    def apply_blocks(selected: list[Match]) -> None:
-        for m in selected:
-            if set(m.nodes) & taken:
-                continue  # fused into a group
-            policy = preset.patterns.get(m.kind)
-            one_unit = policy is not None and not policy.qdq_inside
-            plan.patterns.append({**m.to_dict(), "qdq_inside": not one_unit})
-            if not one_unit:
-                continue
-            unit_blocks.append(m)
-            no_qdq.update(m.internal)
-            taken.update(m.nodes)
-            for name in m.nodes:
-                plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", m.nodes[0], m.kind)
-
-    join_residual = preset.patterns.get("residual_add") is not None and preset.patterns["residual_add"].join_anchor
-    group_output: dict[str, str] = {}  # group head name -> tensor that ends its group
-    group_inputs: dict[str, tuple[str, ...]] = {}  # group head name -> extra inputs (a residual shortcut)
-
-    def apply_groups(anchors: bool) -> None:
-        for node in quantized:
-            rule = node_rule(node, idx)
-            if rule.kind != "compute" or rule.anchor != anchors or node.name in taken:
-                continue
-            g = fused_group(idx, node, preset.fusable_activations, join_residual, taken, rule.anchor)
-            if g is None:
-                continue
-            for name, kind in zip(g.followers, g.kinds):
-                plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", node.name, kind)
-            taken.update(g.followers)
-            no_qdq.update(g.internal)
-            group_output[node.name] = g.output
-            group_inputs[node.name] = g.extra_inputs
-            plan.nodes[node.name].group = node.name
-
-    apply_blocks([m for m in blocks if m.kind not in ACTIVATION_KINDS])
-    apply_groups(anchors=True)
-    apply_blocks([m for m in blocks if m.kind in ACTIVATION_KINDS])
-    apply_groups(anchors=False)
-    tail_inputs: set[str] = set()
+def _fuse(b: _Build) -> None:
+    """2-3. blocks and fused groups. Order matters where both could claim a node: structural blocks
+    (LayerNorm, attention) first, so no group swallows their Adds; then weighted anchors' groups,
+    which take the activations they fuse (SiLU after a Conv on TensorRT); then what is left of the
+    activation blocks; then other compute ops followed by an activation (Add -> Relu). Then the float tail."""
+    preset, plan = b.config.preset, b.plan
+    b.taken = set(b.excluded)
+    blocks = find_blocks(b.idx, b.excluded, compound=set(preset.patterns) & COMPOUND_KINDS)
+    _apply_blocks(b, [m for m in blocks if m.kind not in ACTIVATION_KINDS])
+    _apply_groups(b, anchors=True)
+    _apply_blocks(b, [m for m in blocks if m.kind in ACTIVATION_KINDS])
+    _apply_groups(b, anchors=False)
     if preset.float_tail:
-        tail_inputs = float_tail(idx, plan, preset.patterns)
-        unit_blocks = [m for m in unit_blocks if plan.nodes[m.nodes[0]].status != "float-tail"]
-    is_quantized = {n.name for n in quantized if n.name not in taken and plan.nodes[n.name].status == "quantized"}
+        b.tail_inputs = float_tail(b.idx, plan, preset.patterns)
+        b.unit_blocks = [m for m in b.unit_blocks if plan.nodes[m.nodes[0]].status != "float-tail"]
+    b.is_quantized = {n.name for n in b.quantized if n.name not in b.taken and plan.nodes[n.name].status == "quantized"}
 
-    # 4. tensor roles
-    act_bits, act_signed, act_sym = config.activation_bits, preset.activation_signed, preset.activation_symmetric
-    uf = _UnionFind()
-    acts: set[str] = set()
 
-    def want_activation(name: str) -> bool:
-        if not name or name in no_qdq or idx.is_constant(name) or not idx.is_float(name):
-            return False
-        acts.add(name)
-        uf.find(name)
-        return True
+def _apply_blocks(b: _Build, selected: list[Match]) -> None:
+    plan = b.plan
+    for m in selected:
+        if set(m.nodes) & b.taken:
+            continue  # fused into a group
+        policy = b.config.preset.patterns.get(m.kind)
+        one_unit = policy is not None and not policy.qdq_inside
+        plan.patterns.append({**m.to_dict(), "qdq_inside": not one_unit})
+        if not one_unit:
+            continue
+        b.unit_blocks.append(m)
+        b.no_qdq.update(m.internal)
+        b.taken.update(m.nodes)
+        for name in m.nodes:
+            plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", m.nodes[0], m.kind)
 
-    weights: dict[str, TensorQuant] = {}
-    biases: dict[str, TensorQuant] = {}
-    weighted = [n for n in quantized if plan.nodes[n.name].status == "quantized" and node_rule(n, idx).kind != "shared"
+
+def _apply_groups(b: _Build, anchors: bool) -> None:
+    preset, plan, idx = b.config.preset, b.plan, b.idx
+    join_residual = preset.patterns.get("residual_add") is not None and preset.patterns["residual_add"].join_anchor
+    for node in b.quantized:
+        rule = node_rule(node, idx)
+        if rule.kind != "compute" or rule.anchor != anchors or node.name in b.taken:
+            continue
+        g = fused_group(idx, node, preset.fusable_activations, join_residual, b.taken, rule.anchor)
+        if g is None:
+            continue
+        for name, kind in zip(g.followers, g.kinds):
+            plan.nodes[name] = NodeStatus(plan.nodes[name].op_type, "fused", node.name, kind)
+        b.taken.update(g.followers)
+        b.no_qdq.update(g.internal)
+        b.group_output[node.name] = g.output
+        b.group_inputs[node.name] = g.extra_inputs
+        plan.nodes[node.name].group = node.name
+
+
+def _assign_roles(b: _Build) -> None:
+    """4. tensor roles: the activations that get a Q/DQ (``b.acts``), the weights and the biases."""
+    config, idx, plan = b.config, b.idx, b.plan
+    preset = config.preset
+    weighted = [n for n in b.quantized if plan.nodes[n.name].status == "quantized" and node_rule(n, idx).kind != "shared"
                 and _weight_of(n, node_rule(n, idx), idx) is not None]
     layer_bits = weight_layer_bits(weighted, config.weight_bits, config.weight_bits_overrides, idx)
     weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
                    and config.weight_block_size is not None and config.per_channel
                    and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
-    reads_quantized = is_quantized - weight_only
+    reads_quantized = b.is_quantized - weight_only
 
     # An excluded layer reads a quantized compute layer's (Conv, Gemm, MatMul group's) output through a Q/DQ pair:
     # without that Q, ONNX Runtime could not run the producer as an integer kernel either, and excluding one layer
@@ -284,9 +315,9 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         # An output is quantized for someone: a quantized consumer, an excluded layer (above) or the graph's user.
         readers = reads_anchor_output if anchor else reads_quantized
         if preset.quantize_outputs and (out in idx.graph_outputs or any(c.name in readers for c in idx.uses(out))):
-            want_activation(out)
+            b.want_activation(out)
 
-    for node in quantized:
+    for node in b.quantized:
         if plan.nodes[node.name].status != "quantized":
             continue
         rule = node_rule(node, idx)
@@ -294,44 +325,56 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
             continue
         for slot in () if node.name in weight_only else rule.activations:
             if slot < len(node.input) and not (slot == rule.weight and idx.is_constant(node.input[slot])):
-                want_activation(node.input[slot])
-        w = _weight_of(node, rule, idx)
-        if w is not None:
-            axis = weight_axis(node, idx) if config.per_channel else None
-            prev = weights.get(w)
-            bits = max(layer_bits[node.name], prev.bitwidth if prev is not None else 0)  # shared: the wider
-            if prev is not None and prev.axis != axis:
-                axis = None  # shared by nodes that disagree on the channel axis: per-tensor
-            weights[w] = TensorQuant(w, WEIGHT, bits, config.weight_symmetric, config.weight_symmetric, axis,
-                                     layers=(prev.layers if prev is not None else ()) + (node.name,))
-            if config.weight_block_size is not None:
-                _choose_blocks(weights[w], prev, node, idx, config.weight_block_size)
-                weights[w].weight_only = node.name in weight_only and weights[w].block_size is not None
-            b = _bias_of(node, rule, idx)
-            if b is not None and node.input[0] in acts:
-                biases[b] = TensorQuant(b, BIAS, 32, True, True, 0 if axis is not None else None,
-                                        bias_of=(node.input[0], w))
+                b.want_activation(node.input[slot])
+        _add_weight(b, node, rule, layer_bits, weight_only)
         if node.name in weight_only:
             continue
-        for t in group_inputs.get(node.name, ()):
-            want_activation(t)
-        want_output(group_output.get(node.name, node.output[0]), rule.anchor)
-    for t in tail_inputs:  # the last compute layers keep their output Q: ORT fuses DQ -> Conv -> Q only
+        for t in b.group_inputs.get(node.name, ()):
+            b.want_activation(t)
+        want_output(b.group_output.get(node.name, node.output[0]), rule.anchor)
+    for t in b.tail_inputs:  # the last compute layers keep their output Q: ORT fuses DQ -> Conv -> Q only
         p = idx.producer[t]
         if (plan.nodes[p.name].group or p.name) not in weight_only:
-            want_activation(t)
-    for m in unit_blocks:
+            b.want_activation(t)
+    for m in b.unit_blocks:
         which = preset.patterns[m.kind].inputs
         for t in m.inputs:
-            if which == "all" or (which == "after-anchor" and _anchor_head(idx, plan, t, is_quantized)):
-                want_activation(t)
+            if which == "all" or (which == "after-anchor" and _anchor_head(idx, plan, t, b.is_quantized)):
+                b.want_activation(t)
         want_output(m.output)
 
-    # 5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
-    # qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point
-    tied = preset.tied_op_types
-    shared_nodes = [n for n in quantized if (node_rule(n, idx).kind == "shared" or n.op_type in tied)
-                    and n.name in is_quantized]
+
+def _add_weight(b: _Build, node: onnx.NodeProto, rule: OpRule, layer_bits: dict[str, int],
+                weight_only: set[str]) -> None:
+    """The weight of a quantized node (the wider width and per-tensor where layers sharing it disagree), and its
+    bias when the node's data input is quantized."""
+    config, idx = b.config, b.idx
+    w = _weight_of(node, rule, idx)
+    if w is None:
+        return
+    axis = weight_axis(node, idx) if config.per_channel else None
+    prev = b.weights.get(w)
+    bits = max(layer_bits[node.name], prev.bitwidth if prev is not None else 0)  # shared: the wider
+    if prev is not None and prev.axis != axis:
+        axis = None  # shared by nodes that disagree on the channel axis: per-tensor
+    b.weights[w] = TensorQuant(w, WEIGHT, bits, config.weight_symmetric, config.weight_symmetric, axis,
+                               layers=(prev.layers if prev is not None else ()) + (node.name,))
+    if config.weight_block_size is not None:
+        _choose_blocks(b.weights[w], prev, node, idx, config.weight_block_size)
+        b.weights[w].weight_only = node.name in weight_only and b.weights[w].block_size is not None
+    bias = _bias_of(node, rule, idx)
+    if bias is not None and node.input[0] in b.acts:
+        b.biases[bias] = TensorQuant(bias, BIAS, 32, True, True, 0 if axis is not None else None,
+                                     bias_of=(node.input[0], w))
+
+
+def _share_encodings(b: _Build) -> None:
+    """5. data-movement ops share their input's encoding, and so do the compute ops the target ties (AveragePool on
+    qnn: AIMET ties its quantizers, QNN wants one encoding); iterate to a fixed point."""
+    idx, uf, acts = b.idx, b.uf, b.acts
+    tied = b.config.preset.tied_op_types
+    shared_nodes = [n for n in b.quantized if (node_rule(n, idx).kind == "shared" or n.op_type in tied)
+                    and n.name in b.is_quantized]
     changed = True
     while changed:
         changed = False
@@ -343,32 +386,37 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
                 continue
             for t in tensors:
                 if t not in acts:
-                    if not want_activation(t):
+                    if not b.want_activation(t):
                         continue
                     changed = True
                 if uf.find(t) != uf.find(data_in[0]):
                     uf.union(data_in[0], t)
                     changed = True
 
-    # Weights whose bias input is not quantized keep their own encodings; biases need a quantized input.
-    ordered = sorted(acts | set(weights) | set(biases), key=lambda t: (idx.position(t), t))
-    wide_groups = {uf.find(t) for t in _int16_tensors(model, plan, set(config.int16_nodes)) if t in acts}
+
+def _collect_tensors(b: _Build) -> None:
+    """The plan's tensors in graph order. Weights whose bias input is not quantized keep their own encodings;
+    biases need a quantized input. Activation groups are named by their first member in graph order
+    (deterministic, independent of union order)."""
+    config, idx, plan, uf, acts = b.config, b.idx, b.plan, b.uf, b.acts
+    preset = config.preset
+    act_bits, act_signed, act_sym = config.activation_bits, preset.activation_signed, preset.activation_symmetric
+    ordered = sorted(acts | set(b.weights) | set(b.biases), key=lambda t: (idx.position(t), t))
+    wide_groups = {uf.find(t) for t in _int16_tensors(b.model, plan, set(config.int16_nodes)) if t in acts}
     for name in ordered:
-        if name in weights:
-            plan.tensors[name] = weights[name]
-        elif name in biases:
-            if biases[name].bias_of[0] in acts:
-                plan.tensors[name] = biases[name]
+        if name in b.weights:
+            plan.tensors[name] = b.weights[name]
+        elif name in b.biases:
+            if b.biases[name].bias_of[0] in acts:
+                plan.tensors[name] = b.biases[name]
         else:
             bits = 16 if uf.find(name) in wide_groups else act_bits
             plan.tensors[name] = TensorQuant(name, ACTIVATION, bits, act_signed, act_sym, group=uf.find(name))
-    # Groups are named by their first member in graph order (deterministic, independent of union order).
     first: dict[str, str] = {}
     for t in plan.by_role(ACTIVATION):
         first.setdefault(t.group, t.name)
     for t in plan.by_role(ACTIVATION):
         t.group = first[t.group]
-    return plan
 
 
 _BODY_ATTRS = ("then_branch", "else_branch", "body")

@@ -1,7 +1,7 @@
 """Sensitivity analysis and automatic fallback search to an accuracy target."""
 
 from ..quant.layers import Layer, plan_layers
-from ..verify import load_labels
+from ..calib.readers import load_labels
 from .evaluate import METRICS, AccuracyTarget, BuiltinEvaluator
 from .fallback import (RANKINGS, TargetNotMetError, TooMuchFloatError, accuracy_target, auto_quantize, fallback_search,
                        quantize_with_search)

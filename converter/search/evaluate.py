@@ -4,12 +4,13 @@ An evaluator is any callable ``evaluate(model_path) -> float`` where higher is b
 ones run the model on an evaluation set and compare with the float model (computed once):
 
 * ``top1``       accuracy of the output's argmax against labels;
-* ``agreement``  fraction of samples whose argmax equals the float model's;
+* ``top1-agreement`` fraction of samples whose argmax equals the float model's (``agreement`` accepted);
 * ``cosine``     mean per-sample cosine similarity of the output to the float output;
-* ``sqnr``       mean per-sample SQNR (dB) of the output against the float output.
+* ``sqnr``       mean per-sample SQNR (dB) of the output against the float output (finite: identical
+                 samples score a large finite value, see :func:`converter.metrics.sample_sqnr_db`).
 
 The output read is the first graph output unless ``output`` names another; ``output="all"`` scores
-every float output and takes the worst (``cosine``/``sqnr``). ``top1``/``agreement`` need an output of
+every float output and takes the worst (``cosine``/``sqnr``). ``top1``/``top1-agreement`` need an output of
 shape ``[N, classes]`` (trailing 1s allowed): a box-regression head or a sequence of hidden states is
 refused with a message naming ``cosine`` and ``--evaluator``.
 """
@@ -28,9 +29,10 @@ from ..calib.readers import check_label_count, model_inputs, open_calibration
 from ..calib.runner import make_session
 from ..errors import CalibrationDataError, ConfigError
 from ..graph.model_io import small_bytes
+from ..metrics import AGREEMENT, COSINE, SQNR, TOP1, metric_name, sample_cosines, sample_scores
 from ..ort_session import OptimizationCheck, check_optimizations
 
-METRICS = ("top1", "agreement", "cosine", "sqnr")
+METRICS = (TOP1, AGREEMENT, COSINE, SQNR)  # "agreement" is accepted for top1-agreement (metrics.ALIASES)
 Evaluator = Callable[[str], float]
 
 _CACHE_BYTES = 1 << 30  # evaluation inputs kept in memory up to this size, else re-read each time
@@ -86,11 +88,11 @@ class BuiltinEvaluator:
     def __init__(self, metric: str, float_model: onnx.ModelProto, eval_data: Any, labels: np.ndarray | None = None,
                  providers: list[str] | None = None, batch_size: int = 16, max_samples: int | None = None,
                  image_spec: str | Path | None = None, output: str | None = None) -> None:
-        metric = {"top1-agreement": "agreement"}.get(metric, metric)  # the spelling verify and analyze use
+        metric = metric_name(metric)  # "agreement": the old spelling of top1-agreement
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r}", f"use one of {', '.join(METRICS)}")
         if metric == "top1" and labels is None:
-            raise ConfigError("metric top1 needs labels", "pass --labels FILE (or use --target-metric agreement)")
+            raise ConfigError("metric top1 needs labels", "pass --labels FILE (or use --target-metric top1-agreement)")
 
         self.metric = metric
         self.providers = providers or ["CPUExecutionProvider"]
@@ -103,7 +105,7 @@ class BuiltinEvaluator:
         self.optimization_warned = False
         # per batch: samples of different sizes stay apart
         self.reference = self._outputs(float_model, "the float model")
-        if metric in ("top1", "agreement"):
+        if metric in (TOP1, AGREEMENT):
             shape = self.reference[0][0].shape if self.reference else ()
             classes = [d for d in shape[1:] if d != 1]
             if len(shape) < 2 or len(classes) != 1 or classes[0] < 2:
@@ -154,18 +156,8 @@ class BuiltinEvaluator:
         return str(model) if not isinstance(model, onnx.ModelProto) else "a candidate model"
 
     def _sample_scores(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-        """The metric of each sample of one batch (its first output, flattened per sample)."""
-        r = ref.reshape(len(ref), -1)
-        o = out.reshape(len(out), -1)
-        if self.metric == "top1":
-            return (o.argmax(1) == labels).astype(np.float64)
-        if self.metric == "agreement":
-            return (o.argmax(1) == r.argmax(1)).astype(np.float64)
-        r, o = r.astype(np.float64), o.astype(np.float64)
-        if self.metric == "cosine":
-            return (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
-        err = np.maximum(((r - o) ** 2).sum(1), 1e-30)
-        return 10 * np.log10(np.maximum((r**2).sum(1), 1e-30) / err)
+        """The metric of each sample of one batch (its first output, flattened per sample): :mod:`converter.metrics`."""
+        return sample_scores(self.metric, ref, out, labels)
 
     def score(self, outputs: list[list[np.ndarray]]) -> float:
         """Mean over samples of the metric (worst output first), ``outputs`` being the model's outputs per
@@ -202,7 +194,7 @@ class BuiltinEvaluator:
                 base = self._sample_scores(ref[k], ref[k], labels) if self.metric == "top1" else \
                     np.zeros_like(got) if self.metric == "sqnr" else np.ones_like(got)
                 d.append(base - got)
-                c.append(_item_cosines(ref[k], out_k))
+                c.append(sample_cosines(ref[k], out_k))
                 offset += len(ref[k])
             drops.append(np.concatenate(d))
             cosines.append(np.concatenate(c))
@@ -210,12 +202,12 @@ class BuiltinEvaluator:
 
     def worst_items(self, outputs: list[list[np.ndarray]], size: int | None = None) -> np.ndarray:
         """Indices (ascending) of the items ``outputs`` changed most: largest metric drop first, then lowest
-        output cosine. Default size: twice the items whose metric dropped (top1, agreement; a quarter of the
+        output cosine. Default size: twice the items whose metric dropped (top1, top1-agreement; a quarter of the
         items for cosine/sqnr), at least 50 and at most 300 (NNCF's ranking subset size)."""
         drops, cosines = self.item_drops(outputs)
         n = len(drops)
         if size is None:
-            changed = int((drops > 1e-12).sum()) if self.metric in ("top1", "agreement") else n // 4
+            changed = int((drops > 1e-12).sum()) if self.metric in (TOP1, AGREEMENT) else n // 4
             size = min(n, SUBSET_MAX, max(SUBSET_MIN, 2 * changed))
         order = np.lexsort((np.arange(n), cosines, -drops))
         return np.sort(order[:min(size, n)])
@@ -251,18 +243,12 @@ class BuiltinEvaluator:
         return self.score(outputs), float(np.mean(self.item_drops(outputs)[1]))
 
 
-def _item_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    r = ref.reshape(len(ref), -1).astype(np.float64)
-    o = out.reshape(len(out), -1).astype(np.float64)
-    return (r * o).sum(1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1), 1e-30)
-
-
 def _pick_outputs(model: onnx.ModelProto, metric: str, output: str | None) -> list[str]:
     names = [o.name for o in model.graph.output]
     if output is None:
         return names[:1]
     if output == "all":
-        if metric in ("top1", "agreement"):
+        if metric in (TOP1, AGREEMENT):
             raise ConfigError(f"metric {metric} reads one class output; --eval-output all takes the worst of every "
                               "output", "use --target-metric cosine or sqnr with --eval-output all, or name one "
                               "output with --eval-output NAME")

@@ -55,11 +55,11 @@ from onnx import numpy_helper
 from ..progress import tqdm
 
 from ..calib.readers import one_sample, open_calibration
-from ..calib.runner import capture, select_providers
+from ..calib.runner import capture
 from ..config import QuantConfig, SearchConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
-from ..ort_session import runtime_layers, use_custom_op_libraries
+from ..ort_session import runtime_layers, select_providers, use_custom_op_libraries
 from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
                         prepare, prepare_output_dir, quantize, run_flow)
 from ..quant.control_flow import render_control_flow
@@ -882,9 +882,6 @@ def _raise_unless_met(outcome: SearchOutcome, search_report: dict[str, Any], tar
 
 # --- the search as configuration (config.search: converter.quantize, qconvert quantize --config, batch jobs) ---------
 
-_METRIC_KEYS = {"top1-agreement": "agreement"}  # the name converter.search.evaluate.METRICS uses
-
-
 def accuracy_target(search: SearchConfig) -> AccuracyTarget:
     """The section's target: ``max_drop`` (default 0.01 where no ``min_metric`` is given), relative or absolute."""
     max_drop = 0.01 if search.max_drop is None and search.min_metric is None else search.max_drop
@@ -899,7 +896,7 @@ def section_evaluator(search: SearchConfig, model: Any, config: QuantConfig,
     from ..graph.model_io import load_model
     from ..graph.passes import preprocess
     from .evaluate import BuiltinEvaluator
-    from ..verify import load_labels
+    from ..calib.readers import load_labels
 
     if search.evaluator:
         return load_module_spec(search.evaluator)
@@ -914,7 +911,7 @@ def section_evaluator(search: SearchConfig, model: Any, config: QuantConfig,
     preprocess(float_model)
     check_node_names(float_model, config)
     labels = load_labels(search.labels) if search.labels else None
-    return BuiltinEvaluator(_METRIC_KEYS.get(search.metric, search.metric), float_model, search.eval, labels,
+    return BuiltinEvaluator(search.metric, float_model, search.eval, labels,
                             batch_size=config.batch_size, image_spec=image_spec, output=search.eval_output)
 
 

@@ -37,6 +37,7 @@ from ..progress import tqdm
 
 from ..calib.runner import make_session
 from ..graph.index import GraphIndex
+from ..metrics import TensorStats
 from ..quant.control_flow import render_control_flow
 from ..quant.layers import Layer, layer_model
 from ..quant.plan import QuantPlan
@@ -64,14 +65,10 @@ class LayerScore:
 
 
 def compare(ref: np.ndarray, test: np.ndarray) -> tuple[float, float, float]:
-    """(cosine, SQNR dB, MSE) of ``test`` against ``ref``."""
-    r, t = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
-    err = float(np.sum((r - t) ** 2))
-    power = float(np.sum(r**2))
-    denom = math.sqrt(power * float(np.sum(t**2)))
-    cosine = float(r @ t / denom) if denom > 0 else (1.0 if err == 0 else 0.0)
-    sqnr = math.inf if err == 0 else (10 * math.log10(power / err) if power > 0 else -math.inf)
-    return cosine, sqnr, err / max(r.size, 1)
+    """(cosine, SQNR dB, MSE) of ``test`` against ``ref``, every value as one vector (:mod:`converter.metrics`)."""
+    s = TensorStats()
+    s.update(ref, test)
+    return s.cosine, s.sqnr_db, s.mse
 
 
 def single_op_sensitivity(model: onnx.ModelProto, idx: GraphIndex, plan: QuantPlan, layers: list[Layer],

@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..calib.readers import model_inputs, open_calibration
-from ..calib.runner import select_providers
+from ..ort_session import select_providers
 from ..graph.index import GraphIndex
 from ..quant.control_flow import compute_subgraph_encodings
 from ..quant.encode import compute_encodings
