@@ -19,14 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # a package, every module in it.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("leaf", ("converter._version", "converter.ops", "converter.errors", "converter.progress", "converter.timing",
-              "converter.stats", "converter.resources")),
+              "converter.metrics", "converter.resources")),
     ("graph", ("converter.graph",)),
     ("settings", ("converter.config", "converter.options")),
     ("runtime", ("converter.ort_session", "converter.binding", "converter.export")),
     ("calib", ("converter.calib",)),
     ("quant", ("converter.quant",)),
     ("passes and checks", ("converter.techniques", "converter.validation", "converter.verify")),
-    ("flow", ("converter.pipeline",)),
+    ("flow", ("converter.pipeline", "converter.report", "converter.encodings_file")),
     ("search and analysis", ("converter.search", "converter.analysis")),
     ("batch", ("converter.batch", "converter.executors")),
     ("cli", ("converter.cli", "converter.commands", "converter.__main__", "converter")),

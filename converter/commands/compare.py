@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..analysis.compare import compare_models, comparison_json, format_table, summary_line
-from ..calib.runner import select_providers
+from ..ort_session import select_providers
 from ..config import PROVIDERS
 from ..errors import UserError
 from ..graph.model_io import atomic_write_text
