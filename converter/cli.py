@@ -202,6 +202,24 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="with --adaround: a greedy local search on each layer's quadratic reconstruction loss after "
                         "the Adam steps; the lowest loss of nearest, AdaRound and the search is kept (default: on)")
 
+    # issue 26: reconstruction beyond single layers, and where the torch-side techniques run
+    t.add_argument("--adaquant", action=argparse.BooleanOptionalAction, default=None,
+                   help="AdaQuant: learn each Conv/Gemm/MatMul layer's weights, bias and per-channel scale against "
+                        "its float output on calibration data (with --block-reconstruction: block by block) "
+                        "(default: off)")
+    t.add_argument("--block-reconstruction", action=argparse.BooleanOptionalAction, default=None,
+                   help="BRECQ/QDrop: learn the weight rounding of each block (e.g. expand, depthwise and project "
+                        "Conv + Add) together against the block's float output (default: off)")
+    t.add_argument("--reconstruction-iterations", type=int, metavar="N",
+                   help=f"Adam steps per layer/block for --adaquant / --block-reconstruction "
+                        f"(default: {d.reconstruction_iterations})")
+    t.add_argument("--reconstruction-qdrop", action=argparse.BooleanOptionalAction, default=None,
+                   help="QDrop while reconstructing: each activation element keeps its float value with probability "
+                        "0.5 in training (default: on)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where the torch-side techniques (AdaRound, AdaQuant, block reconstruction) run; auto: cuda "
+                        "when torch sees a GPU, else cpu; ONNX Runtime keeps its providers (default: auto)")
+
     s = p.add_argument_group("search", "accuracy target: keep the fewest layers in float that meet it (turned on by "
                                        "--target-metric or --evaluator)")
     s.add_argument("--target-metric", type=_metric_name, choices=list(SEARCH_METRICS),
@@ -280,7 +298,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
                                                "cle_relu6", "bias_correction", "bias_correction_mode", "fast_bias_correction", "adaround",
-                                               "adaround_iterations", "adaround_search")
+                                               "adaround_iterations", "adaround_search",
+                                               # issue 26
+                                               "adaquant", "block_reconstruction", "reconstruction_iterations",
+                                               "reconstruction_qdrop", "device")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -238,6 +238,17 @@ class QuantConfig:
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_search: bool = True
+    # issue 26: reconstruction beyond single layers (converter.quant.reconstruction). adaquant: each layer's weights,
+    # bias and per-channel scale learned against its float output; block_reconstruction: each block's (single-tensor
+    # cuts, ending in a linear output or a residual Add) weight rounding learned together against the block's float
+    # output (with adaquant: its weights and scales); reconstruction_iterations: Adam steps per unit;
+    # reconstruction_qdrop: QDrop (activations randomly kept float while training); device: where the torch-side
+    # techniques run (auto: cuda when torch sees a GPU, else cpu with one log line)
+    adaquant: bool = False
+    block_reconstruction: bool = False
+    reconstruction_iterations: int = 300
+    reconstruction_qdrop: bool = True
+    device: str = "auto"
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries)
     custom_op_libraries: tuple[str, ...] = ()
@@ -252,6 +263,10 @@ class QuantConfig:
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))  # issue 26
+        if self.reconstruction_iterations < 0:
+            raise ConfigError(f"reconstruction_iterations must be >= 0, got {self.reconstruction_iterations}",
+                              "use e.g. 300 (0: nearest rounding's loss measured, nothing learned)")
         if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
             raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "
                               f"{self.adaround_iterations}{'' if self.adaround_search else ' with adaround_search off'}",

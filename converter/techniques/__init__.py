@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import adaround, bias_correction, cle, fast_bias_correction, smoothquant
+from . import adaquant, adaround, bias_correction, block_reconstruction, cle, fast_bias_correction, smoothquant
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
@@ -17,6 +17,8 @@ REGISTRY: list[Technique] = [  # order = run order within a stage
     cle.TECHNIQUE,
     smoothquant.TECHNIQUE,
     adaround.TECHNIQUE,  # before bias correction: it measures the rounding AdaRound chose
+    adaquant.TECHNIQUE,  # issue 26: reconstruction beyond single layers; bias correction after it too
+    block_reconstruction.TECHNIQUE,
     bias_correction.TECHNIQUE,
     fast_bias_correction.TECHNIQUE,  # the default's; off where bias_correction runs
 ]
