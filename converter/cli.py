@@ -215,7 +215,7 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                         f"(default: {d.reconstruction_iterations})")
     t.add_argument("--reconstruction-qdrop", action=argparse.BooleanOptionalAction, default=None,
                    help="QDrop while reconstructing: each activation element keeps its float value with probability "
-                        "0.5 in training (default: on)")
+                        "0.5 in training; for low-bit activations (default: off)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="where the torch-side techniques (AdaRound, AdaQuant, block reconstruction) run; auto: cuda "
                         "when torch sees a GPU, else cpu; ONNX Runtime keeps its providers (default: auto)")

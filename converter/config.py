@@ -242,12 +242,13 @@ class QuantConfig:
     # bias and per-channel scale learned against its float output; block_reconstruction: each block's (single-tensor
     # cuts, ending in a linear output or a residual Add) weight rounding learned together against the block's float
     # output (with adaquant: its weights and scales); reconstruction_iterations: Adam steps per unit;
-    # reconstruction_qdrop: QDrop (activations randomly kept float while training); device: where the torch-side
+    # reconstruction_qdrop: QDrop (activations randomly kept float while training; off: at 8-bit activations it
+    # measured worse); device: where the torch-side
     # techniques run (auto: cuda when torch sees a GPU, else cpu with one log line)
     adaquant: bool = False
     block_reconstruction: bool = False
     reconstruction_iterations: int = 300
-    reconstruction_qdrop: bool = True
+    reconstruction_qdrop: bool = False
     device: str = "auto"
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries)

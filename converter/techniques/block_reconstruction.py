@@ -23,5 +23,5 @@ TECHNIQUE = Technique(
     flag="--block-reconstruction / block_reconstruction: true", changes_float_model=True, searchable=True,
     provides=("float_weights", "frozen_weights"),
     config_fields=("block_reconstruction", "adaquant", "reconstruction_iterations", "reconstruction_qdrop", "device"),
-    summary="learns the weight rounding of each block (e.g. an inverted-residual block) against its float output, "
-            "with QDrop")
+    summary="learns the weight rounding of each block (e.g. an inverted-residual block) against its float output "
+            "(QDrop optional)")
