@@ -57,7 +57,7 @@ def batches(seed, n=4):
 
 def config(**kw):
     return QuantConfig(**{"weight_bits": 4, "threads": 1, "fast_bias_correction": False,
-                          "reconstruction_iterations": 150, "device": "cpu", **kw})
+                          "reconstruction_iterations": 300, "device": "cpu", **kw})
 
 
 def _held_out_error(tmp_path, name, cfg, model, held_out, ref):

@@ -203,6 +203,7 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
         if report.get(key):
             units = report[key]["units"]
             row.update({f"{key}_s": report[key]["seconds"], f"{key}_units": len(units),
+                        f"{key}_iterations": report[key]["iterations"], f"{key}_qdrop": report[key]["qdrop"],
                         f"{key}_kept": sum(u["kept"] for u in units),
                         f"{key}_loss_nearest_sum": round(sum(u["loss_nearest"] for u in units), 5),
                         f"{key}_loss_learned_sum": round(sum(min(u["loss_learned"], u["loss_nearest"])
