@@ -484,6 +484,31 @@ class QuantConfig:
                                    help="with --adaround: a greedy local search on each layer's quadratic "
                                         "reconstruction loss after the Adam steps; the lowest loss of nearest, "
                                         "AdaRound and the search is kept (default: on)")
+    # reconstruction beyond single layers (converter.quant.reconstruction). adaquant: each layer's weights, bias and
+    # per-channel scale learned against its float output; block_reconstruction: each block's (single-tensor cuts,
+    # ending in a linear output or a residual Add) weight rounding learned together against the block's float output
+    # (with adaquant: its weights and scales); its iterations / qdrop serve AdaQuant too
+    adaquant: bool = option(False, "techniques.adaquant", "--adaquant", action="BooleanOptionalAction",
+                            help="AdaQuant: learn each Conv/Gemm/MatMul layer's weights, bias and per-channel scale "
+                                 "against its float output on calibration data (with --block-reconstruction: block "
+                                 "by block) (default: off)")
+    block_reconstruction: bool = option(False, "techniques.block_reconstruction", "--block-reconstruction",
+                                        action="BooleanOptionalAction",
+                                        help="BRECQ/QDrop: learn the weight rounding of each block (e.g. expand, "
+                                             "depthwise and project Conv + Add) together against the block's float "
+                                             "output (default: off)")
+    reconstruction_iterations: int = option(300, "techniques.block_reconstruction.iterations",
+                                            "--reconstruction-iterations", type=int, metavar="N",
+                                            help="Adam steps per layer/block for --adaquant / --block-reconstruction")
+    reconstruction_qdrop: bool = option(False, "techniques.block_reconstruction.qdrop", "--reconstruction-qdrop",
+                                        action="BooleanOptionalAction",
+                                        help="QDrop while reconstructing: each activation element keeps its float "
+                                             "value with probability 0.5 in training; for low-bit activations "
+                                             "(default: off)")
+    # where the torch-side techniques run (auto: cuda when torch sees a GPU, else cpu with one log line)
+    device: str = option("auto", "runtime.device", "--device", choices=["auto", "cpu", "cuda"],
+                         help="where the torch-side techniques (AdaRound, AdaQuant, block reconstruction) run; auto: "
+                              "cuda when torch sees a GPU, else cpu; ONNX Runtime keeps its providers")
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries); a --custom-op-library adds to the config file's
     custom_op_libraries: tuple[str, ...] = option((), "runtime.custom_op_libraries", "--custom-op-library",
@@ -514,6 +539,10 @@ class QuantConfig:
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))  # issue 26
+        if self.reconstruction_iterations < 0:
+            raise ConfigError(f"reconstruction_iterations must be >= 0, got {self.reconstruction_iterations}",
+                              "use e.g. 300 (0: nearest rounding's loss measured, nothing learned)")
         if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
             raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "
                               f"{self.adaround_iterations}{'' if self.adaround_search else ' with adaround_search off'}",

@@ -60,7 +60,9 @@ def test_every_field_has_a_section_path_and_one_alias_row():
             assert all(p.split(".")[0] in sections for p in paths), technique.name
         else:
             assert f"techniques.{technique.name}" in paths, technique.name
-            assert all(p.startswith(f"techniques.{technique.name}") for p in paths), (technique.name, paths)
+            # its options below it; shared settings (runtime.device) or another technique's it combines with
+            # (AdaQuant reads block reconstruction's iterations) may be read too
+            assert all(p.startswith(("techniques.", "runtime.")) for p in paths), (technique.name, paths)
 
 
 def test_section_views_read_the_fields():

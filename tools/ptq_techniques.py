@@ -117,6 +117,23 @@ ROWS = {
     "w4-mse-fl8-dw8+adaround+bc": dict(weight_bits=4, weight_calib="mse",
                                        weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, adaround=True,
                                        bias_correction=True),
+    # issue 26: reconstruction beyond single layers (block-wise with QDrop: "brecq"; AdaQuant: weights + scales)
+    "w4-adaquant": dict(weight_bits=4, adaquant=True),
+    "w4-adaquant+bc": dict(weight_bits=4, adaquant=True, bias_correction=True),
+    "w4-brecq": dict(weight_bits=4, block_reconstruction=True),
+    "w4-brecq+bc": dict(weight_bits=4, block_reconstruction=True, bias_correction=True),
+    "w4-search+brecq+bc": dict(weight_bits=4, adaround=True, adaround_iterations=0, block_reconstruction=True,
+                               bias_correction=True),
+    "w4-mse-fl8-asym+adaquant+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                        weight_symmetric=False, adaquant=True, bias_correction=True),
+    "w4-mse-fl8-asym+brecq+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                     weight_symmetric=False, block_reconstruction=True, bias_correction=True),
+    "w4-mse-fl8-asym+brecq-adaquant+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                              weight_symmetric=False, block_reconstruction=True, adaquant=True,
+                                              bias_correction=True),
+    "w4-mse-fl8-asym+search+brecq+bc": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                            weight_symmetric=False, adaround=True, adaround_iterations=0,
+                                            block_reconstruction=True, bias_correction=True),
 }
 AIMET_CLE_ROWS = {"aimet-cle": [], "aimet-cle-nodes": ["--clip-bounds-as-nodes"], "aimet-per-tensor": ["--no-cle"]}
 AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False, []),
@@ -185,6 +202,15 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
                    per_layer=[[r["node"], round(r["loss_nearest"], 5), round(r["loss_adaround"], 5),
                                round(r["loss_search"], 5) if "loss_search" in r else None, r["chosen"],
                                round(r["seconds"], 1)] for r in layers])
+    for key in ("adaquant", "block_reconstruction"):  # issue 26
+        if report.get(key):
+            units = report[key]["units"]
+            row.update({f"{key}_s": report[key]["seconds"], f"{key}_units": len(units),
+                        f"{key}_iterations": report[key]["iterations"], f"{key}_qdrop": report[key]["qdrop"],
+                        f"{key}_kept": sum(u["kept"] for u in units),
+                        f"{key}_loss_nearest_sum": round(sum(u["loss_nearest"] for u in units), 5),
+                        f"{key}_loss_learned_sum": round(sum(min(u["loss_learned"], u["loss_nearest"])
+                                                             for u in units), 5)})
     return row
 
 

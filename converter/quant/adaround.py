@@ -515,29 +515,31 @@ def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmi
 def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
              providers: list[str], iterations: int, seed: int = 0, threads: int = 0,
              float_weights: dict[str, np.ndarray] | None = None, search: bool = True,
-             center: frozenset[str] = frozenset()) -> list[Rounded]:
+             center: frozenset[str] = frozenset(), device: str = "auto") -> list[Rounded]:
     """AdaRound the planned layers of ``model`` in place (see the module doc): their weight initializers become
     the AdaRounded grid values (their encodings must then be kept: the caller freezes them, e.g.
     :mod:`converter.techniques.adaround`). ``threads``: torch's CPU
     threads while optimizing (0: torch's default). ``float_weights`` receives each replaced weight's float
     values (bias correction measures against them). ``search``: the local search after the Adam steps (module
-    doc); ``center``: the layers bias correction corrects afterwards (their losses are compared centered).
-    Returns what changed."""
+    doc); ``center``: the layers bias correction corrects afterwards (their losses are compared centered);
+    ``device``: auto | cpu | cuda (:func:`converter.quant.reconstruction.resolve_device`). Returns what changed."""
     import torch
 
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
+        from .reconstruction import resolve_device
+
         return _adaround(model, plan, idx, batches, providers, iterations, seed,
-                         {} if float_weights is None else float_weights, search, center)
+                         {} if float_weights is None else float_weights, search, center, resolve_device(device))
     finally:
         torch.set_num_threads(before)
 
 
 def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
               providers: list[str], iterations: int, seed: int, float_weights: dict[str, np.ndarray], search: bool,
-              center: frozenset[str]) -> list[Rounded]:
+              center: frozenset[str], device: str) -> list[Rounded]:
     import torch
     from ..progress import tqdm
 
@@ -545,7 +547,6 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
     if not layers:
         return []
     batches = list(batches)
-    device = "cuda" if torch.cuda.is_available() and "CUDAExecutionProvider" in providers else "cpu"
     out = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import adaround, bias_correction, calib_choice, cle, fast_bias_correction, smoothquant
+from . import (adaquant, adaround, bias_correction, block_reconstruction, calib_choice, cle, fast_bias_correction,
+               smoothquant)
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
@@ -18,6 +19,8 @@ REGISTRY: list[Technique] = [  # order = run order within a stage
     smoothquant.TECHNIQUE,
     calib_choice.TECHNIQUE,  # first of the encoded stage: the activation ranges the others build on
     adaround.TECHNIQUE,  # before bias correction: it measures the rounding AdaRound chose
+    adaquant.TECHNIQUE,  # reconstruction beyond single layers; bias correction after it too
+    block_reconstruction.TECHNIQUE,
     bias_correction.TECHNIQUE,
     fast_bias_correction.TECHNIQUE,  # the default's; off where bias_correction runs
 ]

@@ -27,7 +27,7 @@ def run(state: FlowState) -> dict[str, Any]:
     float_weights = state.provided.setdefault("float_weights", {})
     layers = adaround(state.model, state.plan, state.idx, state.data(SAMPLES), state.providers,
                       config.adaround_iterations, threads=config.threads, float_weights=float_weights,
-                      search=config.adaround_search, center=_centered_layers(state))
+                      search=config.adaround_search, center=_centered_layers(state), device=config.device)
     for w in float_weights:  # their values are grid values now: the encodings they were rounded onto stay
         if w in state.plan.encodings:
             state.frozen.setdefault(w, state.plan.encodings[w])
@@ -40,5 +40,5 @@ TECHNIQUE = Technique(
     "adaround", ENCODED_STAGE, run, enabled=lambda c: bool(c.adaround), samples=SAMPLES,
     data_why="it optimizes each layer's weight rounding on the layer's inputs", flag="--adaround / adaround: true",
     changes_float_model=True, searchable=True, provides=("float_weights", "frozen_weights"),
-    needs=("mean_error_removed",), config_fields=("adaround", "adaround_iterations", "adaround_search"),
+    needs=("mean_error_removed",), config_fields=("adaround", "adaround_iterations", "adaround_search", "device"),
     summary="learns each weight's rounding (up or down) against the layer's float output")
