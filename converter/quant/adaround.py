@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .torch_device import resolve_device
 from ..calib.runner import iter_capture
 from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
@@ -522,15 +523,13 @@ def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: 
     threads while optimizing (0: torch's default). ``float_weights`` receives each replaced weight's float
     values (bias correction measures against them). ``search``: the local search after the Adam steps (module
     doc); ``center``: the layers bias correction corrects afterwards (their losses are compared centered);
-    ``device``: auto | cpu | cuda (:func:`converter.quant.reconstruction.resolve_device`). Returns what changed."""
+    ``device``: auto | cpu | cuda (:func:`converter.quant.torch_device.resolve_device`). Returns what changed."""
     import torch
 
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        from .reconstruction import resolve_device
-
         return _adaround(model, plan, idx, batches, providers, iterations, seed,
                          {} if float_weights is None else float_weights, search, center, resolve_device(device))
     finally:

@@ -57,6 +57,7 @@ from .adaround import (BETA_RANGE, GAMMA, REG_PARAM, WARM_START, ZETA, _fused_ac
 from .control_flow import render_control_flow
 from .encoding import Encoding
 from .plan import QuantPlan
+from .torch_device import resolve_device  # noqa: F401 (the techniques and tests read it here too)
 
 log = logging.getLogger("converter")
 
@@ -69,19 +70,6 @@ WEIGHT_LR = 1e-2  # AdaQuant: for D (the weight's offset, in units of the starti
 SCALE_LR = 1e-3  # AdaQuant: for g (the scale's log-factor)
 BIAS_LR = 1e-3  # AdaQuant: for the bias (relative to the mean output magnitude; see _Unit.optimize)
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> str:
-    """``auto``/``cuda`` -> ``cuda`` where torch sees a GPU, else ``cpu`` with one log line saying it fell back."""
-    import torch
-
-    if device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    log.log(logging.WARNING if device == "cuda" else logging.INFO,
-            "device %s: torch sees no CUDA GPU; the torch-side techniques run on the CPU", device)
-    return "cpu"
 
 
 # --- the float graph's ops in torch --------------------------------------------------------------------------------
