@@ -12,7 +12,7 @@ from typing import Callable
 
 from . import __version__
 from .config import (BIAS_CORRECTION_MODES, CALIB_METHODS, CLE_RELU6_MODES, ENCODINGS_VERSIONS, PROVIDERS, TARGETS,
-                     WEIGHT_CALIB_METHODS, QuantConfig)
+                     WEIGHT_ALGOS, WEIGHT_CALIB_METHODS, QuantConfig)
 from .errors import UserError
 from .options import QDQ_SUFFIX, check_output_file, parse_shape
 
@@ -201,6 +201,11 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
     t.add_argument("--adaround-search", action=argparse.BooleanOptionalAction, default=None,
                    help="with --adaround: a greedy local search on each layer's quadratic reconstruction loss after "
                         "the Adam steps; the lowest loss of nearest, AdaRound and the search is kept (default: on)")
+    # issue 26: weight_algo
+    t.add_argument("--weight-algo", choices=list(WEIGHT_ALGOS),
+                   help="how MatMul/Gemm weights are put on their grid: rtn (nearest rounding), gptq (column by column "
+                        "against the layer's inputs on calibration data) or hqq (each block's scale and zero point "
+                        f"fitted, no data; ort-cpu) (default: {d.weight_algo})")
 
     s = p.add_argument_group("search", "accuracy target: keep the fewest layers in float that meet it (turned on by "
                                        "--target-metric or --evaluator)")
@@ -280,7 +285,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
                                                "cle_relu6", "bias_correction", "bias_correction_mode", "fast_bias_correction", "adaround",
-                                               "adaround_iterations", "adaround_search")
+                                               "adaround_iterations", "adaround_search", "weight_algo")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

@@ -238,6 +238,10 @@ class QuantConfig:
     adaround: bool = False
     adaround_iterations: int = 1000
     adaround_search: bool = True
+    # issue 26: weight_algo -- how MatMul/Gemm weights are put on their grid: rtn (nearest rounding), gptq
+    # (converter.quant.gptq: column by column against the layer's input Hessian, calibration data) or hqq
+    # (converter.quant.hqq: each block's scale and zero point fitted, no data; asymmetric, ort-cpu only)
+    weight_algo: str = "rtn"
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries)
     custom_op_libraries: tuple[str, ...] = ()
@@ -252,6 +256,7 @@ class QuantConfig:
         _check_choice("cle_relu6", self.cle_relu6, CLE_RELU6_MODES)
         _check_choice("bias_correction_mode", self.bias_correction_mode, BIAS_CORRECTION_MODES)
         _check_weights(self)
+        _check_weight_algo(self)
         if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
             raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "
                               f"{self.adaround_iterations}{'' if self.adaround_search else ' with adaround_search off'}",
@@ -338,6 +343,20 @@ def load_mapping(path: str | Path, what: str = "config file", option: str = "--c
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}",
                           "write one 'key: value' per line")
     return data, lines
+
+
+WEIGHT_ALGOS = ("rtn", "gptq", "hqq")  # issue 26: weight_algo
+
+
+def _check_weight_algo(c: "QuantConfig") -> None:  # issue 26: weight_algo
+    _check_choice("weight_algo", c.weight_algo, WEIGHT_ALGOS)
+    if c.weight_algo == "hqq" and c.target != "ort-cpu":
+        raise ConfigError(f"weight_algo hqq learns a zero point per weight block, which target {c.target!r} cannot "
+                          "take (its integer kernels want zero-point-free weights)",
+                          "use --weight-algo gptq (symmetric grids), or --target ort-cpu")
+    if c.weight_algo != "rtn" and c.adaround:
+        raise ConfigError(f"weight_algo {c.weight_algo} and adaround both choose the rounding of MatMul/Gemm weights",
+                          "use one of them: drop --adaround, or use --weight-algo rtn")
 
 
 def _check_weights(c: "QuantConfig") -> None:

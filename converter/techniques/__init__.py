@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import adaround, bias_correction, cle, fast_bias_correction, smoothquant
+from . import adaround, bias_correction, cle, fast_bias_correction, gptq, hqq, smoothquant
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
 REGISTRY: list[Technique] = [  # order = run order within a stage
     cle.TECHNIQUE,
     smoothquant.TECHNIQUE,
+    gptq.TECHNIQUE,  # issue 26: weight_algo (MatMul/Gemm weight grids, frozen before the rest sees them)
+    hqq.TECHNIQUE,
     adaround.TECHNIQUE,  # before bias correction: it measures the rounding AdaRound chose
     bias_correction.TECHNIQUE,
     fast_bias_correction.TECHNIQUE,  # the default's; off where bias_correction runs
