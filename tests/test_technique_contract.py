@@ -57,8 +57,11 @@ def _run(model: onnx.ModelProto | str, feed) -> np.ndarray:
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feed)[0]
 
 
+SWITCHES = {"gptq": {"weight_algo": "gptq"}, "hqq": {"weight_algo": "hqq"}}  # issue 26: chosen, not a bool field
+
+
 def _only(name: str, **extra) -> QuantConfig:
-    return ALL_OFF.replace(**{name: True, **extra})
+    return ALL_OFF.replace(**{**SWITCHES.get(name, {name: True}), **extra})
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -368,7 +368,28 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         first.setdefault(t.group, t.name)
     for t in plan.by_role(ACTIVATION):
         t.group = first[t.group]
+    if weight_only:  # issue 26: MatMulNBits speed
+        drop_activations(plan, weight_only_feeds(plan, idx, weight_only))
     return plan
+
+
+def weight_only_feeds(plan: QuantPlan, idx: GraphIndex, weight_only: set[str]) -> set[str]:
+    """Activation groups whose only readers are weight-only layers, through data-movement ops of the group (an
+    attention context ``MatMul -> Transpose -> Reshape -> output projection``): their Q/DQ are there for those
+    layers alone, and a DQ in front of a blocked-weight MatMul keeps ONNX Runtime from fusing it into MatMulNBits
+    (MiniLM W4 block-32: 6 of 36 MatMuls ran unfused, their weights dequantized each run). The producer still runs
+    on integers where its inputs are quantized (``MatMulIntegerToFloat``)."""
+    members = plan.group_members()
+    out = set()
+    for root, names in members.items():
+        group = set(names)
+        if any(n in idx.graph_outputs for n in names):
+            continue
+        outside = {c.name for n in names for c in idx.uses(n)  # readers other than the group's data movement
+                   if not all(o in group for o in c.output if o and idx.is_float(o)) or not c.output}
+        if outside and outside <= weight_only:
+            out.add(root)
+    return out
 
 
 _BODY_ATTRS = ("then_branch", "else_branch", "body")
