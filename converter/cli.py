@@ -206,6 +206,9 @@ def _add_quantize(p: argparse.ArgumentParser) -> None:
                    help="how MatMul/Gemm weights are put on their grid: rtn (nearest rounding), gptq (column by column "
                         "against the layer's inputs on calibration data) or hqq (each block's scale and zero point "
                         f"fitted, no data; ort-cpu) (default: {d.weight_algo})")
+    t.add_argument("--weight-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the weights alone, every activation left in float (with --weight-block-size on "
+                        "ort-cpu: every weight MatMul runs as MatMulNBits) (default: off)")
 
     s = p.add_argument_group("search", "accuracy target: keep the fewest layers in float that meet it (turned on by "
                                        "--target-metric or --evaluator)")
@@ -285,7 +288,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
                                                "providers", "threads", "encodings_version", "encodings_all_tensors",
                                                "smoothquant", "smoothquant_alpha", "quantize_subgraphs", "cle",
                                                "cle_relu6", "bias_correction", "bias_correction_mode", "fast_bias_correction", "adaround",
-                                               "adaround_iterations", "adaround_search", "weight_algo")
+                                               "adaround_iterations", "adaround_search", "weight_algo", "weight_only")
                  if getattr(args, k) is not None}
     if args.exclude_nodes:
         overrides["exclude_nodes"] = tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip())

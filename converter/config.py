@@ -242,6 +242,9 @@ class QuantConfig:
     # (converter.quant.gptq: column by column against the layer's input Hessian, calibration data) or hqq
     # (converter.quant.hqq: each block's scale and zero point fitted, no data; asymmetric, ort-cpu only)
     weight_algo: str = "rtn"
+    # weights alone quantized, every activation left in float (what ONNX Runtime's MatMulNBitsQuantizer makes): with
+    # block-wise MatMul weights on ort-cpu every weight MatMul then runs as MatMulNBits and nothing else is quantized
+    weight_only: bool = False
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries)
     custom_op_libraries: tuple[str, ...] = ()

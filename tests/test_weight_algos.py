@@ -199,3 +199,18 @@ def test_cli_weight_algo(tmp_path, capsys):
 
     report = json.loads((tmp_path / "o" / "m.report.json").read_text())
     assert report["config"]["weight_algo"] == "gptq" and len(report["gptq"]["layers"]) == 2
+
+
+def test_weight_only_leaves_every_activation_in_float(tmp_path):
+    model = attention_like()
+    data = [{"x": np.random.default_rng(s).standard_normal((1, 16, 64)).astype(np.float32)} for s in range(16)]
+    r = quantize(model, data, QuantConfig(weight_bits=4, weight_block_size=32, weight_only=True, weight_algo="gptq"),
+                 output_dir=tmp_path, name="m")
+    assert r.report["summary"]["quantized_tensors"] == {"activation": 0, "weight": 3, "bias": 0}
+    assert r.report["gptq"]["layers"]  # GPTQ still read the calibration data
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(r.model_path, so, providers=["CPUExecutionProvider"])
+    ops = op_counts(onnx.load(so.optimized_model_filepath))
+    assert ops.get("MatMulNBits") == 3 and not {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
+                                                 "MatMulIntegerToFloat"} & set(ops), ops

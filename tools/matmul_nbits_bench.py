@@ -5,8 +5,10 @@ all-MiniLM-L6-v2 (:func:`tools.benchlib.assets.minilm_task`: calibration on 200 
 sentences, last_hidden_state cosine on 256 STS-B sentences, STS-B Spearman on the 1379 test pairs). Rows:
 
 * ``fp32``;
-* ``ours-<algo>-b<B>``: ``converter.quantize``, ort-cpu, W4 blocks of B (weight-only MatMuls: ORT fuses them into
-  MatMulNBits), defaults otherwise (SmoothQuant, minmax); ``ours-<algo>-pc4`` / ``-pc8``: per channel (W4A8/W8A8);
+* ``ours-<algo>-b<B>-wo``: ``converter.quantize``, ort-cpu, W4 blocks of B, ``weight_only`` (activations float, as
+  ORT's rows: every weight MatMul runs as MatMulNBits); ``ours-<algo>-b<B>``: the same without ``weight_only``
+  (the block-wise MatMuls weight-only, the attention MatMuls on int8 activations); ``ours-<algo>-pc4`` / ``-pc8``:
+  per channel (W4A8/W8A8); defaults otherwise (SmoothQuant, minmax);
 * ``ort-<algo>-b<B>``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, 4-bit blocks of B,
   symmetric for RTN (``DefaultWeightOnlyQuantConfig``), GPTQ (``GPTQWeightOnlyQuantConfig``, the same calibration
   batches, ``percdamp`` 0.01, no act-order), HQQ (``HQQWeightOnlyQuantConfig``); weight-only, activations float.
@@ -35,8 +37,9 @@ from converter.ort_session import optimized_op_counts
 from .benchlib import assets_root, compare_latency
 from .benchlib.assets import minilm_task
 
-ROWS = ["fp32", "ours-rtn-b32", "ours-gptq-b32", "ours-hqq-b32", "ort-rtn-b32", "ort-gptq-b32", "ort-hqq-b32"]
-EXTRA = ["ours-rtn-pc4", "ours-gptq-pc4", "ours-hqq-pc4", "ours-rtn-pc8", "ours-gptq-pc8"]
+ROWS = ["fp32", "ours-rtn-b32-wo", "ours-gptq-b32-wo", "ours-hqq-b32-wo", "ort-rtn-b32", "ort-gptq-b32", "ort-hqq-b32"]
+EXTRA = ["ours-rtn-b32", "ours-gptq-b32", "ours-hqq-b32", "ours-rtn-pc4", "ours-gptq-pc4", "ours-hqq-pc4", "ours-rtn-pc8",
+         "ours-gptq-pc8"]
 KEEP_OPS = ("MatMulNBits", "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
             "DequantizeLinear", "QuantizeLinear", "Transpose", "Reshape", "Shape")
 
@@ -57,9 +60,10 @@ class _Reader:
 
 
 def ours(model: Path, calib: list, key: str, work: Path) -> Path:
-    _, algo, gran = key.split("-")
+    _, algo, gran, *wo = key.split("-")
     kw = dict(weight_bits=4, weight_block_size=int(gran[1:])) if gran.startswith("b") else dict(weight_bits=int(gran[2:]))
-    r = quantize(str(model), calib, QuantConfig(weight_algo=algo, **kw), output_dir=work / key, name="m")
+    r = quantize(str(model), calib, QuantConfig(weight_algo=algo, weight_only=wo == ["wo"], **kw),
+                 output_dir=work / key, name="m")
     return Path(r.model_path)
 
 
@@ -123,7 +127,7 @@ def main() -> int:
         for row in out:
             row["latency_ms"] = round(lat[row["row"]], 2)
         for row in out:  # ours against ORT's own model of the same algorithm and blocks, same run
-            peer = "ort-" + row["row"].split("-", 1)[1] if row["row"].startswith("ours-") else None
+            peer = "ort-" + "-".join(row["row"].split("-")[1:3]) if row["row"].startswith("ours-") else None
             if peer in lat:
                 row["latency_vs_ort"] = round(lat[row["row"]] / lat[peer], 3)
     for row in out:

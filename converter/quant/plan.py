@@ -370,6 +370,8 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
         t.group = first[t.group]
     if weight_only:  # issue 26: MatMulNBits speed
         drop_activations(plan, weight_only_feeds(plan, idx, weight_only))
+    if getattr(config, "weight_only", False):  # issue 26: weights alone
+        drop_activations(plan, {t.name for t in plan.by_role(ACTIVATION)})
     return plan
 
 
