@@ -5,8 +5,9 @@ squared output error ``H = 2 X^T X`` (X: the layer's float inputs on calibration
 Per channel the grid (one scale, zero point per output row) is chosen before any rounding, from the float weight
 (as nearest rounding chooses it: ``weight_calib`` minmax or mse, symmetric or not); block-wise each block's grid is
 chosen when its first column is reached, from the block's columns as the earlier errors left them (GPTQ's
-``groupsize``). Columns are taken in order of decreasing ``H`` diagonal (``act_order``) per channel only: block-wise
-that would mix blocks. Damping: 1% of the mean diagonal; dead inputs (diagonal 0) are zeroed.
+``groupsize``), or, with ``act_order`` (the default), every block's grid first from the float weights ("static
+groups") and the columns then taken in order of decreasing ``H`` diagonal (the inputs of most energy first), as
+they are per channel. Damping: 1% of the mean diagonal; dead inputs (diagonal 0) are zeroed.
 
 Memory: one ``K x K`` Hessian per distinct layer input, accumulated batch by batch (float64), not the inputs; the
 capture keeps one calibration batch's layer inputs at a time.
@@ -84,13 +85,18 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, mw: MatrixWeight, symmetric: bool, m
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order and block is None else np.arange(k)
+    scale, zero = np.ones((n, groups)), np.zeros((n, groups))
+    static = act_order and block is not None  # grids first (from the float blocks), then columns in act order
+    if block is None:
+        scale[:, 0], zero[:, 0] = group_params(w, t, symmetric, method)
+    elif static:
+        for g in range(groups):
+            scale[:, g], zero[:, g] = group_params(w[:, g * block:(g + 1) * block], t, symmetric, method)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     w, h = w[:, perm], h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += DAMP * float(np.mean(np.diag(h)))
     hinv = _inverse_cholesky_upper(h)
-    scale, zero = np.ones((n, groups)), np.zeros((n, groups))
-    if block is None:
-        scale[:, 0], zero[:, 0] = group_params(w, t, symmetric, method)
+    group_of = perm // block if block is not None else np.zeros(k, np.int64)
     q_out = np.zeros((n, k))
     for a in range(0, k, LAZY):
         b = min(a + LAZY, k)
@@ -98,10 +104,9 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, mw: MatrixWeight, symmetric: bool, m
         err = np.zeros_like(w1)
         for i in range(b - a):
             col = a + i
-            if block is not None and col % block == 0:
-                g = col // block
-                scale[:, g], zero[:, g] = group_params(w1[:, i:i + block], t, symmetric, method)
-            g = 0 if block is None else col // block
+            if block is not None and not static and col % block == 0:
+                scale[:, col // block], zero[:, col // block] = group_params(w1[:, i:i + block], t, symmetric, method)
+            g = group_of[col]
             s, z = scale[:, g], zero[:, g]
             q = codes(w1[:, i], s, z, qmin, qmax)
             q_out[:, col] = q
