@@ -58,6 +58,9 @@ class _Reader:
     def rewind(self):
         self.it = iter(self.batches)
 
+    def __iter__(self):  # ORT's GPTQ iterates the reader
+        return iter(self.batches)
+
 
 def ours(model: Path, calib: list, key: str, work: Path) -> Path:
     _, algo, gran, *wo = key.split("-")
