@@ -204,6 +204,7 @@ def _alpha(text: str) -> float | str:
         raise ValueError(f"expected a number in (0, 1) or auto, got {text!r}") from None
 
 
+WEIGHT_ALGOS = ("rtn", "gptq", "hqq")  # weight_algo: how MatMul/Gemm weights are put on their grid
 SEARCH_METRICS = ("top1", "top1-agreement", "cosine", "sqnr")
 METRIC_ALIASES = {"agreement": "top1-agreement"}  # old spelling -> the one spelling used by every command
 SEARCH_STRATEGIES = ("gallop", "bisect", "sequential")  # converter.search.strategies.STRATEGIES
@@ -509,6 +510,19 @@ class QuantConfig:
     device: str = option("auto", "runtime.device", "--device", choices=["auto", "cpu", "cuda"],
                          help="where the torch-side techniques (AdaRound, AdaQuant, block reconstruction) run; auto: "
                               "cuda when torch sees a GPU, else cpu; ONNX Runtime keeps its providers")
+    # how MatMul/Gemm weights are put on their grid: rtn (nearest rounding), gptq (converter.quant.gptq: column by
+    # column against the layer's input Hessian, calibration data) or hqq (converter.quant.hqq: each block's scale and
+    # zero point fitted, no data; asymmetric, ort-cpu only)
+    weight_algo: str = option("rtn", "weights.algo", "--weight-algo", choices=list(WEIGHT_ALGOS),
+                              help="how MatMul/Gemm weights are put on their grid: rtn (nearest rounding), gptq "
+                                   "(column by column against the layer's inputs on calibration data) or hqq (each "
+                                   "block's scale and zero point fitted, no data; ort-cpu)")
+    # weights alone quantized, every activation left in float (what ONNX Runtime's MatMulNBitsQuantizer makes): with
+    # block-wise MatMul weights on ort-cpu every weight MatMul then runs as MatMulNBits and nothing else is quantized
+    weight_only: bool = option(False, "weights.only", "--weight-only", action="BooleanOptionalAction",
+                               help="quantize the weights alone, every activation left in float (with "
+                                    "--weight-block-size on ort-cpu: every weight MatMul runs as MatMulNBits) "
+                                    "(default: off)")
     # shared libraries with ONNX Runtime custom-op kernels, registered in every session (--custom-op-library;
     # converter.ort_session.use_custom_op_libraries); a --custom-op-library adds to the config file's
     custom_op_libraries: tuple[str, ...] = option((), "runtime.custom_op_libraries", "--custom-op-library",
@@ -543,6 +557,7 @@ class QuantConfig:
         if self.reconstruction_iterations < 0:
             raise ConfigError(f"reconstruction_iterations must be >= 0, got {self.reconstruction_iterations}",
                               "use e.g. 300 (0: nearest rounding's loss measured, nothing learned)")
+        _check_weight_algo(self)
         if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
             raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "
                               f"{self.adaround_iterations}{'' if self.adaround_search else ' with adaround_search off'}",
@@ -813,6 +828,17 @@ def mapping_lines(node: Any, prefix: str = "") -> dict[str, int]:
                 lines[prefix + k.value] = k.start_mark.line + 1
                 lines.update(mapping_lines(v, f"{prefix}{k.value}."))
     return lines
+
+
+def _check_weight_algo(c: "QuantConfig") -> None:
+    _check_choice("weight_algo", c.weight_algo, WEIGHT_ALGOS)
+    if c.weight_algo == "hqq" and c.target != "ort-cpu":
+        raise ConfigError(f"weight_algo hqq learns a zero point per weight block, which target {c.target!r} cannot "
+                          "take (its integer kernels want zero-point-free weights)",
+                          "use --weight-algo gptq (symmetric grids), or --target ort-cpu")
+    if c.weight_algo != "rtn" and c.adaround:
+        raise ConfigError(f"weight_algo {c.weight_algo} and adaround both choose the rounding of MatMul/Gemm weights",
+                          "use one of them: drop --adaround, or use --weight-algo rtn")
 
 
 def _check_weights(c: "QuantConfig") -> None:

@@ -193,6 +193,7 @@ class _Build:
     uf: _UnionFind = field(default_factory=_UnionFind)  # activations sharing one encoding
     weights: dict[str, TensorQuant] = field(default_factory=dict)
     biases: dict[str, TensorQuant] = field(default_factory=dict)
+    weight_only: set[str] = field(default_factory=set)  # step 4: block-wise weight layers reading float activations
 
     def want_activation(self, name: str) -> bool:
         idx = self.idx
@@ -206,7 +207,8 @@ class _Build:
 def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | None = None) -> QuantPlan:
     """The plan of the main graph: 1. which nodes are quantized, 2-3. blocks and fused groups (and the float
     tail), 4. tensor roles (activations, weights, biases), 5. shared encodings of data-movement and tied ops,
-    then the plan's tensors in graph order with their groups named."""
+    then the plan's tensors in graph order with their groups named, 6. Q/DQ only weight-only layers would read
+    dropped."""
     idx = idx or GraphIndex.build(model)
     plan = QuantPlan(target=config.target, float_subgraphs=float_subgraphs(model))
     b = _Build(model, config, idx, plan, set(config.exclude_nodes) | set(config.exclude_with_inputs))
@@ -215,7 +217,17 @@ def build_plan(model: onnx.ModelProto, config: QuantConfig, idx: GraphIndex | No
     _assign_roles(b)
     _share_encodings(b)
     _collect_tensors(b)
+    _drop_weight_only_feeds(b)
     return plan
+
+
+def _drop_weight_only_feeds(b: _Build) -> None:
+    """6. activations only weight-only layers read lose their Q/DQ (:func:`weight_only_feeds`: MatMulNBits fuses);
+    with ``weight_only`` every activation does (weights alone quantized)."""
+    if b.weight_only:
+        drop_activations(b.plan, weight_only_feeds(b.plan, b.idx, b.weight_only))
+    if b.config.weight_only:
+        drop_activations(b.plan, {t.name for t in b.plan.by_role(ACTIVATION)})
 
 
 def _select_nodes(b: _Build) -> None:
@@ -300,6 +312,7 @@ def _assign_roles(b: _Build) -> None:
     weight_only = {n.name for n in weighted if n.op_type in preset.block_weight_only_ops
                    and config.weight_block_size is not None and config.per_channel
                    and _block_note(n, _weight_of(n, node_rule(n, idx), idx), idx, config.weight_block_size) is None}
+    b.weight_only = weight_only
     reads_quantized = b.is_quantized - weight_only
 
     # An excluded layer reads a quantized compute layer's (Conv, Gemm, MatMul group's) output through a Q/DQ pair:
@@ -417,6 +430,25 @@ def _collect_tensors(b: _Build) -> None:
         first.setdefault(t.group, t.name)
     for t in plan.by_role(ACTIVATION):
         t.group = first[t.group]
+
+
+def weight_only_feeds(plan: QuantPlan, idx: GraphIndex, weight_only: set[str]) -> set[str]:
+    """Activation groups whose only readers are weight-only layers, through data-movement ops of the group (an
+    attention context ``MatMul -> Transpose -> Reshape -> output projection``): their Q/DQ are there for those
+    layers alone, and a DQ in front of a blocked-weight MatMul keeps ONNX Runtime from fusing it into MatMulNBits
+    (MiniLM W4 block-32: 6 of 36 MatMuls ran unfused, their weights dequantized each run). The producer still runs
+    on integers where its inputs are quantized (``MatMulIntegerToFloat``)."""
+    members = plan.group_members()
+    out = set()
+    for root, names in members.items():
+        group = set(names)
+        if any(n in idx.graph_outputs for n in names):
+            continue
+        outside = {c.name for n in names for c in idx.uses(n)  # readers other than the group's data movement
+                   if not all(o in group for o in c.output if o and idx.is_float(o)) or not c.output}
+        if outside and outside <= weight_only:
+            out.add(root)
+    return out
 
 
 _BODY_ATTRS = ("then_branch", "else_branch", "body")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import (adaquant, adaround, bias_correction, block_reconstruction, calib_choice, cle, fast_bias_correction,
-               smoothquant)
+from . import (adaquant, adaround, bias_correction, block_reconstruction, calib_choice, cle, fast_bias_correction, gptq,
+               hqq, smoothquant)
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
@@ -18,6 +18,8 @@ REGISTRY: list[Technique] = [  # order = run order within a stage
     cle.TECHNIQUE,
     smoothquant.TECHNIQUE,
     calib_choice.TECHNIQUE,  # first of the encoded stage: the activation ranges the others build on
+    gptq.TECHNIQUE,  # weight_algo: MatMul/Gemm weight grids, frozen before the rest sees them
+    hqq.TECHNIQUE,
     adaround.TECHNIQUE,  # before bias correction: it measures the rounding AdaRound chose
     adaquant.TECHNIQUE,  # reconstruction beyond single layers; bias correction after it too
     block_reconstruction.TECHNIQUE,
