@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import ConfigError
-from converter.pipeline import apply_encodings
+from converter.encodings_file import apply_encodings
 from converter.quant.qdq import dequantized_values
 
 from .conftest import op_counts
