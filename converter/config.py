@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from . import schema
 from .errors import ConfigError
 
 log = logging.getLogger("converter")
@@ -702,8 +703,7 @@ class _SectionView:
         return f"{self._prefix}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
 
 
-def _where(source: str, line: int | None) -> str:
-    return f"{source}" + (f", line {line}" if line else "")
+_where = schema.where
 
 
 def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None
@@ -739,8 +739,7 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
             else:
                 known = sorted(p[len(path) + 1:] for p in _BY_PATH if p.startswith(path + ".")
                                and p.count(".") == path.count(".") + 1)
-                raise ConfigError(f"unknown config key {sub!r} in {_where(source, lines.get(sub))}",
-                                  f"remove it or use one of: {', '.join(known)}")
+                raise schema.unknown(sub, _where(source, lines.get(sub)), known, "config key ")
 
     def technique(path: str, value: Any) -> None:
         if value is None or isinstance(value, bool):
@@ -774,24 +773,20 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
                             _where(source, lines.get(key)), ALIASES[key])
             put(key, value, key)
         else:
-            raise ConfigError(f"unknown config key {key!r} in {_where(source, lines.get(key))}",
-                              f"remove it or use a section ({', '.join(SECTIONS)}) or one of: "
-                              f"{', '.join(sorted(ALIASES))}")
+            raise schema.unknown(key, _where(source, lines.get(key)), (), "config key ",
+                                 f"remove it or use a section ({', '.join(SECTIONS)}) or one of: "
+                                 f"{', '.join(sorted(ALIASES))}")
     return flat, flat_lines
 
 
-_SEARCH_TYPES = {f.name: f for f in dataclasses.fields(SearchConfig)}
+_SEARCH_SCHEMA = schema.from_dataclass(SearchConfig)
 
 
 def _search_check(raw: Any, source: str, lines: dict[str, int]) -> None:
     if isinstance(raw, SearchConfig):
         return
-    for key, value in raw.items():
-        where = _where(source, lines.get(f"search.{key}", lines.get("search")))
-        if key not in _SEARCH_TYPES:
-            raise ConfigError(f"unknown config key 'search.{key}' in {where}",
-                              f"remove it or use one of: {', '.join(_SEARCH_TYPES)}")
-        _check_type(f"search.{key}", value, _SEARCH_TYPES[key].type, where)
+    schema.check(raw, _SEARCH_SCHEMA, source, {k: lines.get(f"search.{k}", lines.get("search")) for k in raw},
+                 prefix="search", label="config key ")
 
 
 def load_mapping(path: str | Path, what: str = "config file", option: str = "--config"
@@ -949,29 +944,5 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
                           f"set {key} to one of the listed values")
 
 
-_TYPES = {"str": str, "bool": bool, "int": int, "float": (int, float)}
-
-
 def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
-    ann = str(annotation)
-    if value is None and "None" in ann:
-        return
-    if ann.startswith("dict[str, int]"):
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                                             for k, v in value.items())
-        expected = "a mapping of strings to integers"
-    elif ann.startswith("dict"):
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        expected = "a mapping of strings to strings"
-    elif ann.startswith("tuple"):
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        expected = "a list of strings"
-    else:  # a scalar, or a union of scalars (smoothquant_alpha: float | str | None): any member will do
-        bases = [b.strip() for b in ann.split("|") if b.strip() != "None"]
-        ok = any(isinstance(value, _TYPES.get(b, object)) and not (_TYPES.get(b) is int and isinstance(value, bool))
-                 for b in bases)
-        names = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
-        expected = " or ".join(names.get(b, b) for b in bases)
-    if not ok:
-        raise ConfigError(f"config key {key!r} in {where} must be {expected}, got {value!r}",
-                          f"change {key} to {expected}")
+    schema.check_value(key, value, schema.from_annotation(annotation), where, label="config key ")
