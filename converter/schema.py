@@ -25,7 +25,7 @@ NONE = type(None)
 class Key:
     """One key's rule: accepted ``types`` (bool is never an int here unless listed), ``expected`` (what to write,
     in the message and the fix), ``items`` (the element type of a list, the value type of a string-keyed mapping),
-    ``choices`` (allowed values; for a list, allowed elements) and a range [low, high] (``open_low``: > low)."""
+    ``choices`` (allowed values; for a list, allowed elements), ``also`` (literals accepted as they are) and a range [low, high] (``open_low``: > low)."""
 
     types: tuple[type, ...]
     expected: str
@@ -35,6 +35,7 @@ class Key:
     high: float | None = None
     open_low: bool = False
     fix: str = ""
+    also: tuple = ()  # literal values accepted as they are (min_agreement: "auto")
 
 
 def where(source: str, line: int | None) -> str:
@@ -44,7 +45,7 @@ def where(source: str, line: int | None) -> str:
 
 def unknown(path: str, at: str, known, label: str = "", fix: str = "") -> ConfigError:
     """The error of a key the schema does not have."""
-    return ConfigError(f"unknown {label}{path!r} in {at}", fix or f"remove it or use one of: {', '.join(known)}")
+    return ConfigError(f"unknown {label or 'key '}{path!r} in {at}", fix or f"remove it or use one of: {', '.join(known)}")
 
 
 def _is(value: Any, types: type | tuple[type, ...]) -> bool:
@@ -55,6 +56,8 @@ def _is(value: Any, types: type | tuple[type, ...]) -> bool:
 def check_value(path: str, value: Any, rule: Key, at: str, label: str = "") -> None:
     """One value against its rule: type (and element type), choices, range."""
     name = path.rpartition(".")[2]
+    if any(value == a and type(value) is type(a) for a in rule.also):
+        return
     ok = _is(value, rule.types)
     if ok and rule.items is not None and isinstance(value, (list, tuple)):
         ok = all(_is(v, rule.items) for v in value)
