@@ -642,7 +642,6 @@ class QuantConfig:
         """The one validator of config mappings (config files, a job file's ``defaults`` and each job's ``config``
         and ``search``): ``parts`` = [(mapping, source, lines)], a later mapping overriding an earlier one key by
         key (the search section too). Errors name the key, the part's source and the line."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         flat: dict[str, Any] = {}
         search: dict[str, Any] | None = None
         source = "<config>"
@@ -650,7 +649,7 @@ class QuantConfig:
             part, part_lines = flatten(data, source, lines)
             raw = part.pop("search", None)
             for key, value in part.items():
-                _check_type(key, value, fields[key].type, _where(source, part_lines.get(key)))
+                schema.check_value(key, value, _QUANT_SCHEMA[key], _where(source, part_lines.get(key)), "config key ")
             flat.update(part)
             if raw is not None:
                 _search_check(raw, source, lines)
@@ -780,6 +779,7 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
 
 
 _SEARCH_SCHEMA = schema.from_dataclass(SearchConfig)
+_QUANT_SCHEMA = schema.from_dataclass(QuantConfig, skip=("search",))
 
 
 def _search_check(raw: Any, source: str, lines: dict[str, int]) -> None:
@@ -942,7 +942,3 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}",
                           f"set {key} to one of the listed values")
-
-
-def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
-    schema.check_value(key, value, schema.from_annotation(annotation), where, label="config key ")

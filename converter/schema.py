@@ -124,6 +124,16 @@ def from_annotation(annotation: Any) -> Key:
 
 
 def from_dataclass(cls: type, skip: tuple[str, ...] = ()) -> dict[str, Key]:
-    """The schema of a dataclass's fields, from their annotations (a field's ``metadata["schema"]`` overrides)."""
-    return {f.name: f.metadata.get("schema") or from_annotation(f.type) for f in dataclasses.fields(cls)
-            if f.name not in skip}
+    """The schema of a dataclass's fields: each row from the field's annotation, with the ``choices`` its metadata
+    gives the command line (``option(..., choices=...)`` in converter/config.py) unless a ``type`` function there
+    rewrites the value first (search.metric's aliases)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        rule = from_annotation(f.type)
+        cli = f.metadata.get("cli", {})
+        if cli.get("choices") and cli.get("type") in (None, int, float, str):
+            rule = dataclasses.replace(rule, choices=tuple(cli["choices"]))
+        out[f.name] = rule
+    return out
