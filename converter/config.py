@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,19 +288,11 @@ class SearchConfig:
         if self.metric == "top1" and not self.evaluator and not self.labels:
             raise ConfigError("search.metric top1 needs labels", "add 'labels: FILE' (--labels), or use metric "
                               "top1-agreement (top-1 agreement with FP32)")
-        for key, lo, hi in (("max_drop", 0.0, math.inf), ("max_float_fraction", 0.0, 1.0)):
-            v = getattr(self, key)
-            if v is not None and not lo <= v <= hi:
-                raise ConfigError(f"search.{key} must be {'>= 0' if hi == math.inf else 'in [0, 1]'}, got {v}",
-                                  f"use e.g. {key}: {0.01 if key == 'max_drop' else 0.1}")
+        schema.check({k: getattr(self, k) for k in _SEARCH_RANGES}, _SEARCH_SCHEMA,
+                     "the search options (SearchConfig)", prefix="search", label="config key ")
         if self.max_evaluations is not None and self.max_evaluations < 2:
             raise ConfigError(f"search.max_evaluations must be at least 2 (FP32 and all-INT8), got "
                               f"{self.max_evaluations}", "use e.g. 20, or leave it out for the default")
-        if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
-            raise ConfigError(f"search.max_latency_ratio must be > 0, got {self.max_latency_ratio}",
-                              "use e.g. 0.8 (at most 0.8x the FP32 latency)")
-        if self.sensitivity_samples < 1:
-            raise ConfigError(f"search.sensitivity_samples must be >= 1, got {self.sensitivity_samples}", "use e.g. 8")
 
     def replace(self, **changes: Any) -> "SearchConfig":
         return dataclasses.replace(self, **changes)
@@ -778,7 +769,13 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
     return flat, flat_lines
 
 
-_SEARCH_SCHEMA = schema.from_dataclass(SearchConfig)
+# the search keys' ranges, checked with the key's file and line (config and job files) and by SearchConfig itself
+_SEARCH_RANGES = {"max_drop": dict(low=0, fix="use e.g. max_drop: 0.01"),
+                  "max_float_fraction": dict(low=0, high=1, fix="use e.g. max_float_fraction: 0.1"),
+                  "max_latency_ratio": dict(low=0, open_low=True, fix="use e.g. 0.8 (at most 0.8x the FP32 latency)"),
+                  "sensitivity_samples": dict(low=1, fix="use e.g. 8")}
+_SEARCH_SCHEMA = {k: dataclasses.replace(rule, **_SEARCH_RANGES.get(k, {}))
+                  for k, rule in schema.from_dataclass(SearchConfig).items()}
 _QUANT_SCHEMA = schema.from_dataclass(QuantConfig, skip=("search",))
 
 

@@ -58,6 +58,8 @@ def _cli_error(capsys, argv: list[str]) -> str:
     ("target: tensorrtx\n", r"config key 'target' in .*bad.yaml, line 1 must be one of ort-cpu, tensorrt, qnn"),
     ("search:\n  metric: cosine\n  eval: e\n  ranking: fastest\n",
      r"config key 'search.ranking' in .*bad.yaml, line 4 must be one of propagated"),
+    ("search:\n  metric: cosine\n  eval: e\n  max_drop: -0.5\n",  # out of range
+     r"config key 'search.max_drop' in .*bad.yaml, line 4 must be >= 0, got -0.5"),
 ])
 def test_config_file_errors_name_key_file_and_line(model_dir, capsys, body, message):
     cfg = _write(model_dir / "bad.yaml", body)
