@@ -72,48 +72,47 @@ import yaml
 
 from ._version import __version__
 from . import resources as job_resources
+from . import schema
 from .config import QuantConfig, load_mapping
 from .errors import EXIT_CHECK_FAILED, ConfigError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir
-from .verify import Thresholds
+from .verify import THRESHOLD_KEYS, Thresholds
 
 log = logging.getLogger("converter")
 
-NUMBER = (int, float)
+NUMBER = schema.NUMBER
+Key = schema.Key
 
-# Schema rows: key -> (accepted types, what to write). One table per mapping level.
-TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "defaults": ((dict,), "a mapping of QuantConfig keys"),
-    "output_dir": ((str,), "a folder path"),
-    "timeout": (NUMBER, "seconds per job"),
-    "jobs": ((list,), "a list of jobs"),
+# Schema rows (checked by converter/schema.py, the validator of config files too): one table per mapping level.
+TOP_KEYS: dict[str, Key] = {
+    "defaults": Key((dict,), "a mapping of QuantConfig keys"),
+    "output_dir": Key((str,), "a folder path"),
+    "timeout": Key(NUMBER, "seconds per job", low=0, open_low=True, fix="use seconds, e.g. 600"),
+    "jobs": Key((list,), "a list of jobs"),
 }
-JOB_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "name": ((str,), "a folder-safe job name"),
-    "model": ((str,), "an .onnx path or a PyTorch spec file.py:factory / package.module:factory"),
-    "input_shape": ((list,), "a list of positive integers, e.g. [1, 3, 224, 224]"),
-    "calib": ((str,), "a calibration data folder"),
-    "calib_spec": ((str,), "an image preprocessing spec file"),
-    "config": ((dict,), "a mapping of QuantConfig keys"),
-    "search": ((dict,), "a mapping of search keys (metric, eval, labels, max_drop, ...): the job runs the accuracy "
-                        "search"),
-    "verify": ((dict, bool), "a mapping of verification settings, or true"),
-    "timeout": (NUMBER, "seconds"),
-    "num_cpus": (NUMBER, "a number of CPUs (Ray may use fractions)"),
-    "memory": (NUMBER + (str,), "bytes, or a size such as 4GiB"),
-    "num_gpus": (NUMBER, "a number of GPUs"),
+JOB_KEYS: dict[str, Key] = {
+    "name": Key((str,), "a folder-safe job name"),
+    "model": Key((str,), "an .onnx path or a PyTorch spec file.py:factory / package.module:factory"),
+    "input_shape": Key((list,), "a list of positive integers, e.g. [1, 3, 224, 224]"),
+    "calib": Key((str,), "a calibration data folder"),
+    "calib_spec": Key((str,), "an image preprocessing spec file"),
+    "config": Key((dict,), "a mapping of QuantConfig keys"),
+    "search": Key((dict,), "a mapping of search keys (metric, eval, labels, max_drop, ...): the job runs the "
+                           "accuracy search"),
+    "verify": Key((dict, bool), "a mapping of verification settings, or true"),
+    "timeout": Key(NUMBER, "seconds", low=0, open_low=True, fix="use seconds, e.g. 600"),
+    "num_cpus": Key(NUMBER, "a number of CPUs (Ray may use fractions)"),
+    "memory": Key(NUMBER + (str,), "bytes, or a size such as 4GiB"),
+    "num_gpus": Key(NUMBER, "a number of GPUs"),
 }
-VERIFY_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "data": ((str,), "a data folder (default: the job's calib folder)"),
-    "data_spec": ((str,), "an image preprocessing spec file"),
-    "labels": ((str,), "a .npy or text labels file"),
-    "min_cosine": (NUMBER + (type(None),), "a number or null"),
-    "min_agreement": (NUMBER + (type(None),), "a number or null"),
-    "max_top1_drop": (NUMBER + (type(None),), "a number or null"),
-    "min_sqnr": (NUMBER + (type(None),), "a number or null"),
-    "max_samples": ((int,), "an integer"),
-    "batch_size": ((int,), "an integer"),
-    "providers": ((str,), "auto, or a list such as cuda,cpu"),
+VERIFY_KEYS: dict[str, Key] = {
+    "data": Key((str,), "a data folder (default: the job's calib folder)"),
+    "data_spec": Key((str,), "an image preprocessing spec file"),
+    "labels": Key((str,), "a .npy or text labels file"),
+    **THRESHOLD_KEYS,  # min_cosine, min_agreement, max_top1_drop, min_sqnr: the rows Thresholds checks itself with
+    "max_samples": Key((int,), "an integer", low=1, fix="use a positive integer"),
+    "batch_size": Key((int,), "an integer", low=1, fix="use a positive integer"),
+    "providers": Key((str,), "auto, or a list such as cuda,cpu"),
 }
 REQUIRED_JOB_KEYS = ("model", "calib")
 
@@ -199,7 +198,7 @@ def load_job_file(path: str | Path) -> JobFile:
                               "give every job a unique 'name:'")
         seen[job.name] = i
     out = Path(data["output_dir"]) if "output_dir" in data else Path(f"{path.stem}-out")
-    timeout = _positive(data.get("timeout"), ("timeout",), where)
+    timeout = data.get("timeout")  # > 0: checked with TOP_KEYS
     return JobFile(path, out if out.is_absolute() else base / out, jobs, timeout)
 
 
@@ -266,16 +265,8 @@ def _canonical_keys(data: dict, aliases: dict[str, str], key_path: tuple, where:
     return out
 
 
-def _check_keys(data: dict, schema: dict[str, tuple[tuple[type, ...], str]], key_path: tuple, where: _Where) -> None:
-    for key, value in data.items():
-        kp = key_path + (key,)
-        if key not in schema:
-            raise ConfigError(f"unknown key {_dotted(kp)!r} in {where.at(kp)}",
-                              f"remove it or use one of: {', '.join(schema)}")
-        types, expected = schema[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{_dotted(kp)!r} in {where.at(kp)} must be {expected}, got {value!r}",
-                              f"change {key} to {expected}")
+def _check_keys(data: dict, table: dict[str, Key], key_path: tuple, where: _Where) -> None:
+    schema.check(data, table, where.source, _dotted_lines(where.lines, key_path), prefix=_dotted(key_path))
 
 
 def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base: Path, where: _Where) -> Job:
@@ -309,7 +300,7 @@ def _parse_job(item: Any, i: int, defaults: dict, default_resources: dict, base:
          ({"search": item["search"]} if "search" in item else {}, source, _dotted_lines(where.lines, kp))], base)
     if config.custom_op_libraries:  # relative to the job file, like every other path in it
         config = config.replace(custom_op_libraries=tuple(_abs(p, base) for p in config.custom_op_libraries))
-    timeout = _positive(item.get("timeout"), kp + ("timeout",), where)
+    timeout = item.get("timeout")  # > 0: checked with JOB_KEYS
     job = Job(name=name, model=model, calib=_abs(item["calib"], base), config=config, input_shape=shape,
               calib_spec=_abs(item["calib_spec"], base) if item.get("calib_spec") else None,
               verify=_parse_verify(item.get("verify"), item, kp + ("verify",), base, where), timeout=timeout)
@@ -330,22 +321,13 @@ def _parse_verify(raw: Any, job: dict, kp: tuple, base: Path, where: _Where) -> 
     if limits.get("max_top1_drop") is not None and "labels" not in raw:
         raise ConfigError(f"{_dotted(kp)}.max_top1_drop in {where.at(kp + ('max_top1_drop',))} needs labels",
                           "add 'labels: FILE' to verify, or remove max_top1_drop")
-    for key in ("max_samples", "batch_size"):
-        if key in raw and raw[key] < 1:
-            raise ConfigError(f"{_dotted(kp + (key,))} in {where.at(kp + (key,))} must be >= 1",
-                              "use a positive integer")
     data = raw.get("data", job["calib"])
     return VerifySpec(data=_abs(data, base), data_spec=_abs(raw["data_spec"], base) if "data_spec" in raw else None,
                       labels=_abs(raw["labels"], base) if "labels" in raw else None,
-                      thresholds=Thresholds(**{k: (float(v) if v is not None else None) for k, v in limits.items()}),
+                      thresholds=Thresholds(**{k: v if v is None or isinstance(v, str) else float(v)
+                                                 for k, v in limits.items()}),
                       max_samples=raw.get("max_samples"), batch_size=raw.get("batch_size", 16),
                       providers=raw.get("providers", "auto"))
-
-
-def _positive(value: float | None, kp: tuple, where: _Where) -> float | None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"{_dotted(kp)!r} in {where.at(kp)} must be > 0, got {value}", "use seconds, e.g. 600")
-    return value
 
 
 def _default_name(model: str) -> str:

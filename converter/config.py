@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import schema
 from .errors import ConfigError
 
 log = logging.getLogger("converter")
@@ -288,19 +288,11 @@ class SearchConfig:
         if self.metric == "top1" and not self.evaluator and not self.labels:
             raise ConfigError("search.metric top1 needs labels", "add 'labels: FILE' (--labels), or use metric "
                               "top1-agreement (top-1 agreement with FP32)")
-        for key, lo, hi in (("max_drop", 0.0, math.inf), ("max_float_fraction", 0.0, 1.0)):
-            v = getattr(self, key)
-            if v is not None and not lo <= v <= hi:
-                raise ConfigError(f"search.{key} must be {'>= 0' if hi == math.inf else 'in [0, 1]'}, got {v}",
-                                  f"use e.g. {key}: {0.01 if key == 'max_drop' else 0.1}")
+        schema.check({k: getattr(self, k) for k in _SEARCH_RANGES}, _SEARCH_SCHEMA,
+                     "the search options (SearchConfig)", prefix="search", label="config key ")
         if self.max_evaluations is not None and self.max_evaluations < 2:
             raise ConfigError(f"search.max_evaluations must be at least 2 (FP32 and all-INT8), got "
                               f"{self.max_evaluations}", "use e.g. 20, or leave it out for the default")
-        if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
-            raise ConfigError(f"search.max_latency_ratio must be > 0, got {self.max_latency_ratio}",
-                              "use e.g. 0.8 (at most 0.8x the FP32 latency)")
-        if self.sensitivity_samples < 1:
-            raise ConfigError(f"search.sensitivity_samples must be >= 1, got {self.sensitivity_samples}", "use e.g. 8")
 
     def replace(self, **changes: Any) -> "SearchConfig":
         return dataclasses.replace(self, **changes)
@@ -641,7 +633,6 @@ class QuantConfig:
         """The one validator of config mappings (config files, a job file's ``defaults`` and each job's ``config``
         and ``search``): ``parts`` = [(mapping, source, lines)], a later mapping overriding an earlier one key by
         key (the search section too). Errors name the key, the part's source and the line."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         flat: dict[str, Any] = {}
         search: dict[str, Any] | None = None
         source = "<config>"
@@ -649,7 +640,7 @@ class QuantConfig:
             part, part_lines = flatten(data, source, lines)
             raw = part.pop("search", None)
             for key, value in part.items():
-                _check_type(key, value, fields[key].type, _where(source, part_lines.get(key)))
+                schema.check_value(key, value, _QUANT_SCHEMA[key], _where(source, part_lines.get(key)), "config key ")
             flat.update(part)
             if raw is not None:
                 _search_check(raw, source, lines)
@@ -702,8 +693,7 @@ class _SectionView:
         return f"{self._prefix}({', '.join(f'{k}={v!r}' for k, v in keys.items())})"
 
 
-def _where(source: str, line: int | None) -> str:
-    return f"{source}" + (f", line {line}" if line else "")
+_where = schema.where
 
 
 def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int] | None = None
@@ -739,8 +729,7 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
             else:
                 known = sorted(p[len(path) + 1:] for p in _BY_PATH if p.startswith(path + ".")
                                and p.count(".") == path.count(".") + 1)
-                raise ConfigError(f"unknown config key {sub!r} in {_where(source, lines.get(sub))}",
-                                  f"remove it or use one of: {', '.join(known)}")
+                raise schema.unknown(sub, _where(source, lines.get(sub)), known, "config key ")
 
     def technique(path: str, value: Any) -> None:
         if value is None or isinstance(value, bool):
@@ -774,24 +763,27 @@ def flatten(data: dict[str, Any], source: str = "<config>", lines: dict[str, int
                             _where(source, lines.get(key)), ALIASES[key])
             put(key, value, key)
         else:
-            raise ConfigError(f"unknown config key {key!r} in {_where(source, lines.get(key))}",
-                              f"remove it or use a section ({', '.join(SECTIONS)}) or one of: "
-                              f"{', '.join(sorted(ALIASES))}")
+            raise schema.unknown(key, _where(source, lines.get(key)), (), "config key ",
+                                 f"remove it or use a section ({', '.join(SECTIONS)}) or one of: "
+                                 f"{', '.join(sorted(ALIASES))}")
     return flat, flat_lines
 
 
-_SEARCH_TYPES = {f.name: f for f in dataclasses.fields(SearchConfig)}
+# the search keys' ranges, checked with the key's file and line (config and job files) and by SearchConfig itself
+_SEARCH_RANGES = {"max_drop": dict(low=0, fix="use e.g. max_drop: 0.01"),
+                  "max_float_fraction": dict(low=0, high=1, fix="use e.g. max_float_fraction: 0.1"),
+                  "max_latency_ratio": dict(low=0, open_low=True, fix="use e.g. 0.8 (at most 0.8x the FP32 latency)"),
+                  "sensitivity_samples": dict(low=1, fix="use e.g. 8")}
+_SEARCH_SCHEMA = {k: dataclasses.replace(rule, **_SEARCH_RANGES.get(k, {}))
+                  for k, rule in schema.from_dataclass(SearchConfig).items()}
+_QUANT_SCHEMA = schema.from_dataclass(QuantConfig, skip=("search",))
 
 
 def _search_check(raw: Any, source: str, lines: dict[str, int]) -> None:
     if isinstance(raw, SearchConfig):
         return
-    for key, value in raw.items():
-        where = _where(source, lines.get(f"search.{key}", lines.get("search")))
-        if key not in _SEARCH_TYPES:
-            raise ConfigError(f"unknown config key 'search.{key}' in {where}",
-                              f"remove it or use one of: {', '.join(_SEARCH_TYPES)}")
-        _check_type(f"search.{key}", value, _SEARCH_TYPES[key].type, where)
+    schema.check(raw, _SEARCH_SCHEMA, source, {k: lines.get(f"search.{k}", lines.get("search")) for k in raw},
+                 prefix="search", label="config key ")
 
 
 def load_mapping(path: str | Path, what: str = "config file", option: str = "--config"
@@ -947,31 +939,3 @@ def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}",
                           f"set {key} to one of the listed values")
-
-
-_TYPES = {"str": str, "bool": bool, "int": int, "float": (int, float)}
-
-
-def _check_type(key: str, value: Any, annotation: str, where: str) -> None:
-    ann = str(annotation)
-    if value is None and "None" in ann:
-        return
-    if ann.startswith("dict[str, int]"):
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                                             for k, v in value.items())
-        expected = "a mapping of strings to integers"
-    elif ann.startswith("dict"):
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        expected = "a mapping of strings to strings"
-    elif ann.startswith("tuple"):
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-        expected = "a list of strings"
-    else:  # a scalar, or a union of scalars (smoothquant_alpha: float | str | None): any member will do
-        bases = [b.strip() for b in ann.split("|") if b.strip() != "None"]
-        ok = any(isinstance(value, _TYPES.get(b, object)) and not (_TYPES.get(b) is int and isinstance(value, bool))
-                 for b in bases)
-        names = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}
-        expected = " or ".join(names.get(b, b) for b in bases)
-    if not ok:
-        raise ConfigError(f"config key {key!r} in {where} must be {expected}, got {value!r}",
-                          f"change {key} to {expected}")

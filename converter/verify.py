@@ -68,6 +68,7 @@ from .binding import check_float_for_qdq, sha256_file, sibling_report
 from .calib.readers import check_label_count, load_labels, model_inputs, open_calibration
 from .ops import QUANTIZED_MARKERS
 from .progress import tqdm
+from . import schema
 from .errors import CalibrationDataError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
 from .ort_session import check_optimizations, create_session, select_providers
@@ -75,6 +76,17 @@ from .metrics import OutputStats, finite
 from .timing import format_latency, paired_latency
 
 log = logging.getLogger("converter")
+
+_LIMIT = (*schema.NUMBER, schema.NONE)
+# the thresholds' schema, shared by Thresholds (Python API, the CLI) and a job file's verify block (batch.VERIFY_KEYS)
+THRESHOLD_KEYS: dict[str, schema.Key] = {
+    "min_cosine": schema.Key(_LIMIT, "a number or null", low=-1, high=1),
+    "min_agreement": schema.Key(_LIMIT, "a number, auto or null", low=0, high=1, also=("auto",)),
+    "max_top1_drop": schema.Key(_LIMIT, "a number or null", low=0, high=1, fix="write a fraction in [0, 1] "
+                                "(0.01 = 1 point of top-1), or null"),
+    "min_sqnr": schema.Key(_LIMIT, "a number or null"),
+}
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -84,6 +96,9 @@ class Thresholds:
     min_agreement: float | None | str = "auto"  # auto: not gated with labels (the drop gates), else 0.99
     max_top1_drop: float | None = 0.01
     min_sqnr: float | None = None
+
+    def __post_init__(self) -> None:
+        schema.check(self.to_dict(), THRESHOLD_KEYS, "the verify thresholds", label="threshold ")
 
     def resolved(self, labels: bool) -> "Thresholds":
         """``min_agreement`` "auto" made a number (no labels: :data:`AGREEMENT_WITHOUT_LABELS`) or None."""

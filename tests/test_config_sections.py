@@ -148,7 +148,7 @@ def test_job_file_search_errors_name_the_line(tmp_path):
               eval: eval
               strategy: fastest
         """)
-    with pytest.raises(ConfigError, match="search.strategy must be one of"):
+    with pytest.raises(ConfigError, match=r"config key 'search.strategy' in .*jobs.yaml.*line 7 must be one of gallop"):
         load_job_file(path)
     path.write_text(path.read_text().replace("strategy: fastest", "max_dorp: 1"))
     with pytest.raises(ConfigError, match=r"'search.max_dorp' in .*jobs.yaml.*line 7"):

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("leaf", ("converter._version", "converter.ops", "converter.errors", "converter.progress", "converter.timing",
               "converter.metrics", "converter.resources")),
     ("graph", ("converter.graph",)),
-    ("settings", ("converter.config", "converter.options")),
+    ("settings", ("converter.schema", "converter.config", "converter.options")),
     ("runtime", ("converter.ort_session", "converter.binding", "converter.export")),
     ("calib", ("converter.calib",)),
     ("quant", ("converter.quant",)),

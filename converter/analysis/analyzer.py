@@ -38,7 +38,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from ..progress import tqdm
 
+from .. import schema
 from .._version import __version__
 from ..binding import check_prepared_current, file_entry
 from ..calib.readers import check_label_count, load_labels, model_inputs, open_calibration
@@ -96,20 +97,25 @@ class AnalysisConfig:
         bad = [s for s in self.steps if s not in STEPS]
         if bad:
             raise ConfigError(f"unknown analysis step(s) {', '.join(bad)}", f"use some of: {', '.join(STEPS)}")
-        if self.metric not in ("auto", *MODEL_METRICS):
-            raise ConfigError(f"unknown metric {self.metric!r}", f"use one of: auto, {', '.join(MODEL_METRICS)}")
-        if self.layer_metric not in ("same", *MODEL_METRICS):
-            raise ConfigError(f"unknown layer metric {self.layer_metric!r}",
-                              f"use one of: same, {', '.join(MODEL_METRICS)}")
-        if self.eval_samples < 0:
-            raise ConfigError(f"eval_samples must be >= 0 (0: all), got {self.eval_samples}",
-                              "set eval_samples to 0 (all) or a positive number")
-        if self.tolerance is not None and not self.tolerance >= 0:
-            raise ConfigError(f"tolerance must be >= 0 (a metric drop), got {self.tolerance}",
-                              "pass --tolerance 0.005 (half a point of top-1) or leave it out")
-        for key in ("layer_samples", "batch_size", "histogram_bins", "worst"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}", f"set {key} to a positive number")
+        schema.check({f.name: getattr(self, f.name) for f in fields(self)}, ANALYSIS_KEYS,
+                     "the analysis options (AnalysisConfig)", label="analysis option ")
+
+
+_COUNT = ((int,), "an integer")
+# the analysis options' schema (converter/schema.py: the validator of config and job files too)
+ANALYSIS_KEYS: dict[str, schema.Key] = {
+    "metric": schema.Key((str,), "a model metric", choices=("auto", *MODEL_METRICS)),
+    "layer_metric": schema.Key((str,), "a layer metric", choices=("same", *MODEL_METRICS)),
+    "eval_samples": schema.Key(*_COUNT, low=0, fix="set eval_samples to 0 (all) or a positive number"),
+    "layer_samples": schema.Key(*_COUNT, low=1),
+    "batch_size": schema.Key(*_COUNT, low=1),
+    "histogram_bins": schema.Key(*_COUNT, low=1),
+    "steps": schema.Key((tuple,), "a list of steps", items=str, choices=STEPS),
+    "worst": schema.Key(*_COUNT, low=1),
+    "sanity_cosine": schema.Key(schema.NUMBER, "a number", low=-1, high=1),
+    "tolerance": schema.Key((*schema.NUMBER, schema.NONE), "a metric drop (a number) or null", low=0,
+                            fix="pass --tolerance 0.005 (half a point of top-1) or leave it out"),
+}
 
 
 @dataclass
