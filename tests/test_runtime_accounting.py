@@ -199,3 +199,46 @@ def test_give_back_order_follows_the_measured_cost():
     scores = [LayerScore("hurts", "Conv", 0.5, 0.0, 0.0, ("hurts",)), LayerScore("mild", "Conv", 0.99, 0.0, 0.0,
                                                                                  ("mild",))]
     assert [s.name for s in give_back_order(scores, {"hurts": 1.0, "mild": 0.5})] == ["mild", "hurts"]
+
+
+def test_float_island_is_costed_once_at_its_boundary(tmp_path):
+    """Four Conv -> Relu in a chain, profiled on ONNX Runtime CPU (each kernel's fastest of 15 runs). Alone in float,
+    a middle Conv pays a DQ (and layout change) on its input and a Q on its output; two adjacent float Convs pass
+    the tensor between them in float, so that edge is paid by neither. The cost model finds each layer's sides and
+    neighbours in the optimized graph of the same profiles (no extra run per set), and its prediction for an island
+    (2 and 4 layers) is within 15% of that island's profiled kernel sum, closer than the per-layer sum, which
+    counts the shared edges once per layer (loose bound: shared machines)."""
+    from converter.search.cost import profiled_ms, runtime_costs
+
+    model = conv_chain(4, channels=16)
+    for v in (model.graph.input[0], model.graph.output[0]):
+        for d in v.type.tensor_type.shape.dim[2:]:
+            d.dim_value = 48
+    calib = data((2, 16, 48, 48), n=2)
+    group = {f"conv{i}": (f"conv{i}", f"relu{i}") for i in range(4)}
+    built = {}
+
+    def build(names) -> onnx.ModelProto:
+        key = tuple(sorted(names))
+        if key not in built:
+            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
+                         output_dir=tmp_path / ("_".join(key) or "int8"), name="m")
+            built[key] = onnx.load(str(r.model_path))
+        return built[key]
+    feed = {"x": calib[0]["x"][:1]}
+    rc = runtime_costs(build([]), feed, list(group), build, runs=15, threads=1)
+    # structure: each side's neighbours as ORT runs them; graph input/output sides are external
+    assert rc.boundary["conv1"][0].layers == {"conv0"} and rc.boundary["conv1"][1].layers == {"conv2"}
+    assert rc.boundary["conv0"][0].external and rc.boundary["conv3"][1].external
+    assert rc.boundary["conv1"][1].ms > 0 and rc.boundary["conv2"][0].ms > 0  # the Q and DQ between them cost time
+    for island in (["conv1", "conv2"], list(group)):
+        summed = sum(rc.alone[x] - rc.int8_ms for x in island)
+        shared = sum(side.ms for x in island for side in rc.boundary[x]
+                     if not side.external and side.layers <= set(island))
+        assert abs(rc.set_cost(island) - (summed - shared)) < 1e-9 and shared > 0
+        measured = profiled_ms(build(island), feed, 15, threads=1)
+        predicted, additive = rc.predict(rc.int8_ms, island), rc.int8_ms + summed
+        assert abs(predicted / measured - 1) < 0.15, (island, predicted, measured, rc)
+        assert abs(predicted / measured - 1) < abs(additive / measured - 1), (island, predicted, additive, measured)
+    # non-adjacent float layers share nothing: their costs add
+    assert abs(rc.set_cost(["conv0", "conv2"]) - (rc.alone["conv0"] + rc.alone["conv2"] - 2 * rc.int8_ms)) < 1e-9
