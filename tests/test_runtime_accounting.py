@@ -232,7 +232,7 @@ def test_float_island_is_costed_once_at_its_boundary(tmp_path):
     assert rc.boundary["conv0"][0].external and rc.boundary["conv3"][1].external
     assert rc.boundary["conv1"][1].ms > 0 and rc.boundary["conv2"][0].ms > 0  # the Q and DQ between them cost time
     for island in (["conv1", "conv2"], list(group)):
-        summed = sum(rc.alone[x] - rc.int8_ms for x in island)
+        summed = sum(rc.delta(x) for x in island)
         shared = sum(side.ms for x in island for side in rc.boundary[x]
                      if not side.external and side.layers <= set(island))
         assert abs(rc.set_cost(island) - (summed - shared)) < 1e-9 and shared > 0
@@ -241,4 +241,4 @@ def test_float_island_is_costed_once_at_its_boundary(tmp_path):
         assert abs(predicted / measured - 1) < 0.15, (island, predicted, measured, rc)
         assert abs(predicted / measured - 1) < abs(additive / measured - 1), (island, predicted, additive, measured)
     # non-adjacent float layers share nothing: their costs add
-    assert abs(rc.set_cost(["conv0", "conv2"]) - (rc.alone["conv0"] + rc.alone["conv2"] - 2 * rc.int8_ms)) < 1e-9
+    assert abs(rc.set_cost(["conv0", "conv2"]) - (rc.delta("conv0") + rc.delta("conv2"))) < 1e-9

@@ -78,9 +78,9 @@ class Side:
 
 
 def _sides(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: int, threads: int,
-           layers: list[str]) -> tuple[float, dict[str, tuple[Side, Side]]]:
+           layers: list[str]) -> tuple[float, dict[str, tuple[Side, Side]], dict[str, float]]:
     """One profiled session of ``model``: its kernel sum (each kernel's fastest run) and, per layer of ``layers``
-    that has a kernel, its input and output :class:`Side`."""
+    that has a kernel, its input and output :class:`Side` and its own kernels' milliseconds."""
     from ..ort_session import LayerNames, profile_node_runs
 
     node_runs, optimized = profile_node_runs(model, feed, runs, threads=threads)
@@ -117,12 +117,13 @@ def _sides(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: int, th
                     found.add(owner[id(n)])
         return Side(ms, frozenset(found), external)
 
-    sides = {}
+    sides, own = {}, {}
     for layer in layers:
         kernels = [n for n in nodes if owner[id(n)] == layer]
         if kernels:
             sides[layer] = (walk(kernels, False), walk(kernels, True))
-    return sum(best.values()), sides
+            own[layer] = sum(best.get(n.name, 0.0) for n in kernels)
+    return sum(best.values()), sides, own
 
 
 @dataclass
@@ -136,19 +137,29 @@ class RuntimeCosts:
 
     A float set's cost is not the sum of its layers' costs: adjacent float layers (an *island*) pass the tensor
     between them in float, so the Q/DQ (and layout change) each one paid alone on that edge is paid by neither.
-    ``boundary``: per layer, what its input and its output side cost more alone in float than in the all-INT8
-    model (the Q/DQ/layout nodes between its kernel and its neighbours', from the same profiles), and which layers
-    sit on the other side; :meth:`predict` subtracts a side's cost where every layer across it is in the set too."""
+    ``local``: the same per layer, from the nodes around it only (:meth:`delta`). ``boundary``: per layer, what its
+    input and its output side cost more alone in float than in the all-INT8 model (the Q/DQ/layout nodes between
+    its kernel and its neighbours', from the same profiles), and which layers sit on the other side;
+    :meth:`set_cost` subtracts a side's cost where every layer across it is in the set too."""
 
     int8_ms: float
     alone: dict[str, float]
     runs: int
     kind: str = "ort-cpu-ms"
     boundary: dict[str, tuple[Side, Side]] = field(default_factory=dict)
+    local: dict[str, float] = field(default_factory=dict)
+
+    def delta(self, layer: str) -> float:
+        """What ``layer`` alone in float adds: its own kernels and its two sides, float minus INT8 (``local``: the
+        same profiles, but only the nodes around the layer, so the other kernels' timer noise stays out), else
+        the whole profiled sums' difference."""
+        if layer in self.local:
+            return self.local[layer]
+        return self.alone[layer] - self.int8_ms if layer in self.alone else 0.0
 
     def cost(self, layer: str) -> float:
         """Milliseconds a batch-1 run gains when ``layer`` runs in float instead of INT8 (0 if it got faster)."""
-        return max(self.alone[layer] - self.int8_ms, 0.0) if layer in self.alone else 0.0
+        return max(self.delta(layer), 0.0)
 
     def costs(self) -> "LayerCosts":
         """Every profiled layer's :meth:`cost`, rounded to 10 us so that timer noise below that cannot reorder
@@ -163,7 +174,7 @@ class RuntimeCosts:
         for x in names:
             if x not in self.alone:
                 continue
-            total += self.alone[x] - self.int8_ms
+            total += self.delta(x)
             for side in self.boundary.get(x, ()):
                 if side.layers and not side.external and side.layers <= names:
                     total -= side.ms
@@ -215,13 +226,13 @@ def runtime_costs(int8: onnx.ModelProto, feed: Mapping[str, np.ndarray], layers:
     renders it) on ``feed`` (batch 1: :func:`converter.calib.readers.one_sample`); see :class:`RuntimeCosts`. Each
     kernel's fastest of ``runs`` profiled runs, so that two searches on the same machine rank alike. The same
     profiles give each layer's boundary sides (:func:`_sides`): no profiling run beyond one per layer."""
-    base, int8_sides = _sides(int8, feed, runs, threads, layers)
-    alone, boundary = {}, {}
+    base, int8_sides, int8_own = _sides(int8, feed, runs, threads, layers)
+    alone, boundary, local = {}, {}, {}
     for x in layers:
-        alone[x], sides = _sides(build([x]), feed, runs, threads, [x])
-        if x in sides:
-            ins, outs = sides[x]
-            q_in, q_out = int8_sides.get(x, (Side(0.0, frozenset(), False),) * 2)
+        alone[x], sides, own = _sides(build([x]), feed, runs, threads, [x])
+        if x in sides and x in int8_own:
+            (ins, outs), (q_in, q_out) = sides[x], int8_sides[x]
             boundary[x] = (Side(ins.ms - q_in.ms, ins.layers, ins.external),
                            Side(outs.ms - q_out.ms, outs.layers, outs.external))
-    return RuntimeCosts(base, alone, runs, boundary=boundary)
+            local[x] = own[x] - int8_own[x] + boundary[x][0].ms + boundary[x][1].ms
+    return RuntimeCosts(base, alone, runs, boundary=boundary, local=local)
