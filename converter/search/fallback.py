@@ -323,7 +323,9 @@ class SearchOutcome:
 
 def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[LayerScore]:
     """Cheapest to quantize back first: least damage (1 - cosine) per unit of cost gained (measured ms on ONNX
-    Runtime CPU, :func:`converter.search.cost.runtime_costs`, or MACs), then the costliest first."""
+    Runtime CPU, :func:`converter.search.cost.runtime_costs`, or MACs), then the costliest first. With measured
+    costs, a layer's gain is what quantizing it back saves with the others of ``layers`` in float (an island's
+    inner layer saves less than alone: its neighbours keep the float edge)."""
     if getattr(costs, "set_cost", None) is not None:  # what quantizing each back saves with the others in float
         names = [s.name for s in layers]
         whole = set_cost(costs, names)
@@ -477,8 +479,9 @@ def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict,
 
 
 def _best(results: dict, costs: dict[str, float]) -> tuple | None:
-    """Of the models that met the target: the fewest MACs left in float, then at 16 bits, then the fewest
-    layers, then the best metric. None if none met it."""
+    """Of the models that met the target: the cheapest float set (MACs, or measured ms costed per island:
+    :func:`converter.search.cost.set_cost`), then at 16 bits, then the fewest layers, then the best metric. None if
+    none met it."""
     passed = [key for key, r in results.items() if r[0].passed]
     if not passed:
         return None
