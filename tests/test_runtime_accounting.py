@@ -242,3 +242,30 @@ def test_float_island_is_costed_once_at_its_boundary(tmp_path):
         assert abs(predicted / measured - 1) < abs(additive / measured - 1), (island, predicted, additive, measured)
     # non-adjacent float layers share nothing: their costs add
     assert abs(rc.set_cost(["conv0", "conv2"]) - (rc.delta("conv0") + rc.delta("conv2"))) < 1e-9
+
+
+def test_give_back_and_best_cost_float_sets_per_island():
+    """Two adjacent float layers share the Q/DQ on the edge between them (0.4 ms each side): quantizing one of them
+    back saves only what it adds with its neighbour still in float, so at equal damage the lone layer, dearer as
+    part of the set, comes back first; and the search's choice among sets that met the target costs a set by its
+    islands, not by its layers' sum."""
+    from converter.search.cost import RuntimeCosts, Side
+    from converter.search.fallback import _best, give_back_order
+    from converter.search.sensitivity import LayerScore
+
+    rc = RuntimeCosts(1.0, {n: 0.0 for n in "abcd"}, 1, local={"a": 1.0, "b": 1.0, "c": 0.9, "d": 1.5},
+                      boundary={"a": (Side(0.1, frozenset(), True), Side(0.4, frozenset("b"), False)),
+                                "b": (Side(0.4, frozenset("a"), False), Side(0.1, frozenset(), True)),
+                                "c": (Side(0.1, frozenset(), True), Side(0.1, frozenset(), True)),
+                                "d": (Side(0.1, frozenset(), True), Side(0.1, frozenset(), True))})
+    costs = rc.costs()
+    assert costs.set_cost(["a", "b"]) == 1.2 and costs.set_cost(["a", "c"]) == 1.9 and costs["a"] == 1.0
+    scores = [LayerScore(n, "Conv", 0.99, 0.0, 0.0, (n,)) for n in "abc"]
+    assert [s.name for s in give_back_order(scores, costs)] == ["c", "a", "b"]
+    assert [s.name for s in give_back_order(scores, dict(costs))] == ["a", "b", "c"]  # per-layer sums: before
+
+    class Met:
+        passed, metric = True, 0.99
+    results = {(("a", "b"), ()): (Met(),), (("d",), ()): (Met(),)}
+    assert _best(results, costs) == (("a", "b"), ())  # 1.2 ms against 1.5 (their sum, 2.0, would pick d)
+    assert _best(results, dict(costs)) == (("d",), ())
