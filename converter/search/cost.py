@@ -118,11 +118,13 @@ def _sides(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], runs: int, th
         return Side(ms, frozenset(found), external)
 
     sides, own = {}, {}
+    for n in nodes:
+        if owner[id(n)] is not None:
+            own[owner[id(n)]] = own.get(owner[id(n)], 0.0) + best.get(n.name, 0.0)
     for layer in layers:
         kernels = [n for n in nodes if owner[id(n)] == layer]
         if kernels:
             sides[layer] = (walk(kernels, False), walk(kernels, True))
-            own[layer] = sum(best.get(n.name, 0.0) for n in kernels)
     return sum(best.values()), sides, own
 
 
@@ -225,14 +227,21 @@ def runtime_costs(int8: onnx.ModelProto, feed: Mapping[str, np.ndarray], layers:
     """Profile the all-INT8 model and, per layer, the model with only that layer in float (``build([name])``
     renders it) on ``feed`` (batch 1: :func:`converter.calib.readers.one_sample`); see :class:`RuntimeCosts`. Each
     kernel's fastest of ``runs`` profiled runs, so that two searches on the same machine rank alike. The same
-    profiles give each layer's boundary sides (:func:`_sides`): no profiling run beyond one per layer."""
+    profiles give each layer's boundary sides (:func:`_sides`): no profiling run beyond one per layer. A layer's own
+    and side times are rescaled by its session's speed against the all-INT8 session's (the other layers' kernels,
+    unchanged between the two, give the ratio)."""
     base, int8_sides, int8_own = _sides(int8, feed, runs, threads, layers)
     alone, boundary, local = {}, {}, {}
     for x in layers:
         alone[x], sides, own = _sides(build([x]), feed, runs, threads, [x])
         if x in sides and x in int8_own:
+            # this session's speed against the all-INT8 one's, from the other layers' (unchanged) kernels: a busy
+            # machine slows a whole session (caches, clocks), which the fastest-of-N runs cannot take out
+            others = [k for k in own if k != x and k in int8_own]
+            speed = sum(own[k] for k in others) / (sum(int8_own[k] for k in others) or 1.0) if others else 1.0
+            speed = min(max(speed, 0.5), 2.0) if speed > 0 else 1.0
             (ins, outs), (q_in, q_out) = sides[x], int8_sides[x]
-            boundary[x] = (Side(ins.ms - q_in.ms, ins.layers, ins.external),
-                           Side(outs.ms - q_out.ms, outs.layers, outs.external))
-            local[x] = own[x] - int8_own[x] + boundary[x][0].ms + boundary[x][1].ms
+            boundary[x] = (Side(ins.ms / speed - q_in.ms, ins.layers, ins.external),
+                           Side(outs.ms / speed - q_out.ms, outs.layers, outs.external))
+            local[x] = own[x] / speed - int8_own[x] + boundary[x][0].ms + boundary[x][1].ms
     return RuntimeCosts(base, alone, runs, boundary=boundary, local=local)
