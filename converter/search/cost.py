@@ -176,10 +176,10 @@ class RuntimeCosts:
         for x in names:
             if x not in self.alone:
                 continue
-            total += self.delta(x)
+            total += self.cost(x)  # never below 0: timer noise must not make a superset look cheaper
             for side in self.boundary.get(x, ()):
                 if side.layers and not side.external and side.layers <= names:
-                    total -= side.ms
+                    total -= max(side.ms, 0.0)  # sharing only ever removes work
         return max(total, 0.0)
 
     def predict(self, int8_ms: float, float_layers) -> float:
@@ -205,8 +205,9 @@ class LayerCosts(dict):
     def set_cost(self, names) -> float:
         if self.model is None:
             return sum(self.get(n, 0.0) for n in set(names))
-        return round(self.model.set_cost([n for n in names if n in self.model.alone]), 2) + \
-            sum(self.get(n, 0.0) for n in set(names) if n not in self.model.alone)
+        summed = sum(self.get(n, 0.0) for n in set(names))  # islands only ever share: never above the layers' sum
+        return min(round(self.model.set_cost([n for n in names if n in self.model.alone]), 2) +
+                   sum(self.get(n, 0.0) for n in set(names) if n not in self.model.alone), summed)
 
 
 def set_cost(costs: Mapping[str, float], names) -> float:
