@@ -359,6 +359,26 @@ def profile_layer_times(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
     layout changes, element-wise ops no layer owns). A layer with no kernel of its own (fused away) is absent.
     ``statistic``: ``min`` (default), each kernel's fastest run summed -- on a busy machine preemption only ever adds
     time, so this is the steadiest estimate of an idle machine's time -- or ``median`` of the per-run sums."""
+    node_runs, optimized = profile_node_runs(model, feeds, runs, warmup, threads, optimization)
+    layer_of = LayerNames(model)
+    by_name = {n.name: n for n in optimized.graph.node}
+    per_run: dict[str, list[np.ndarray]] = {}  # layer -> [runs] times of each of its kernels
+    rest: list[np.ndarray] = [np.zeros(runs)]
+    for name, t in node_runs.items():
+        node = by_name.get(name)
+        layer = layer_of(node) if node is not None else None
+        (rest if layer is None else per_run.setdefault(layer, [])).append(t)
+    if statistic == "min":  # per node, its fastest run: preemption on a busy machine only ever adds time
+        return ({k: float(np.min(v, axis=1).sum()) for k, v in per_run.items()},
+                float(np.min(rest, axis=1).sum()))
+    return ({k: float(np.median(np.sum(v, axis=0))) for k, v in per_run.items()},
+            float(np.median(np.sum(rest, axis=0))))
+
+
+def profile_node_runs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 3,
+                      threads: int = 0, optimization: str = "all") -> tuple[dict[str, np.ndarray], onnx.ModelProto]:
+    """Per node of ONNX Runtime CPU's optimized graph, its kernel's milliseconds in each of ``runs`` profiled runs
+    after ``warmup``, and that optimized graph (without external data): what :func:`profile_layer_times` sums."""
     import json
     import tempfile
     from pathlib import Path
@@ -376,21 +396,9 @@ def profile_layer_times(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
         optimized = onnx.load(str(Path(d) / "optimized.onnx"), load_external_data=False)
-    layer_of = LayerNames(model)
-    by_name = {n.name: n for n in optimized.graph.node}
     node_runs: dict[str, list[float]] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             node_runs.setdefault(e["name"][: -len("_kernel_time")], []).append(float(e["dur"]) / 1000.0)
-    per_run: dict[str, list[np.ndarray]] = {}  # layer -> [runs] times of each of its kernels
-    rest: list[np.ndarray] = [np.zeros(runs)]
-    for name, times in node_runs.items():
-        t = np.asarray(times[-runs:]) if len(times) >= runs else np.full(runs, np.median(times))
-        node = by_name.get(name)
-        layer = layer_of(node) if node is not None else None
-        (rest if layer is None else per_run.setdefault(layer, [])).append(t)
-    if statistic == "min":  # per node, its fastest run: preemption on a busy machine only ever adds time
-        return ({k: float(np.min(v, axis=1).sum()) for k, v in per_run.items()},
-                float(np.min(rest, axis=1).sum()))
-    return ({k: float(np.median(np.sum(v, axis=0))) for k, v in per_run.items()},
-            float(np.median(np.sum(rest, axis=0))))
+    return ({name: np.asarray(times[-runs:]) if len(times) >= runs else np.full(runs, np.median(times))
+             for name, times in node_runs.items()}, optimized)

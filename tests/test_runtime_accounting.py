@@ -199,3 +199,73 @@ def test_give_back_order_follows_the_measured_cost():
     scores = [LayerScore("hurts", "Conv", 0.5, 0.0, 0.0, ("hurts",)), LayerScore("mild", "Conv", 0.99, 0.0, 0.0,
                                                                                  ("mild",))]
     assert [s.name for s in give_back_order(scores, {"hurts": 1.0, "mild": 0.5})] == ["mild", "hurts"]
+
+
+def test_float_island_is_costed_once_at_its_boundary(tmp_path):
+    """Four Conv -> Relu in a chain, profiled on ONNX Runtime CPU (each kernel's fastest of 15 runs). Alone in float,
+    a middle Conv pays a DQ (and layout change) on its input and a Q on its output; two adjacent float Convs pass
+    the tensor between them in float, so that edge is paid by neither. The cost model finds each layer's sides and
+    neighbours in the optimized graph of the same profiles (no extra run per set), and its prediction for an island
+    (2 and 4 layers) is within 15% of that island's profiled kernel sum, closer than the per-layer sum, which
+    counts the shared edges once per layer (loose bound: shared machines)."""
+    from converter.search.cost import profiled_ms, runtime_costs
+
+    model = conv_chain(4, channels=16)
+    for v in (model.graph.input[0], model.graph.output[0]):
+        for d in v.type.tensor_type.shape.dim[2:]:
+            d.dim_value = 48
+    calib = data((2, 16, 48, 48), n=2)
+    group = {f"conv{i}": (f"conv{i}", f"relu{i}") for i in range(4)}
+    built = {}
+
+    def build(names) -> onnx.ModelProto:
+        key = tuple(sorted(names))
+        if key not in built:
+            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
+                         output_dir=tmp_path / ("_".join(key) or "int8"), name="m")
+            built[key] = onnx.load(str(r.model_path))
+        return built[key]
+    feed = {"x": calib[0]["x"][:1]}
+    rc = runtime_costs(build([]), feed, list(group), build, runs=15, threads=1)
+    # structure: each side's neighbours as ORT runs them; graph input/output sides are external
+    assert rc.boundary["conv1"][0].layers == {"conv0"} and rc.boundary["conv1"][1].layers == {"conv2"}
+    assert rc.boundary["conv0"][0].external and rc.boundary["conv3"][1].external
+    assert rc.boundary["conv1"][1].ms > 0 and rc.boundary["conv2"][0].ms > 0  # the Q and DQ between them cost time
+    for island in (["conv1", "conv2"], list(group)):
+        summed = sum(rc.cost(x) for x in island)
+        shared = sum(side.ms for x in island for side in rc.boundary[x]
+                     if not side.external and side.layers <= set(island) and side.ms > 0)
+        assert abs(rc.set_cost(island) - (summed - shared)) < 1e-9 and shared > 0
+        measured = profiled_ms(build(island), feed, 15, threads=1)
+        predicted, additive = rc.predict(rc.int8_ms, island), rc.int8_ms + summed
+        assert abs(predicted / measured - 1) < 0.15, (island, predicted, measured, rc)
+        assert abs(predicted / measured - 1) < abs(additive / measured - 1), (island, predicted, additive, measured)
+    # non-adjacent float layers share nothing: their costs add
+    assert abs(rc.set_cost(["conv0", "conv2"]) - (rc.cost("conv0") + rc.cost("conv2"))) < 1e-9
+
+
+def test_give_back_and_best_cost_float_sets_per_island():
+    """Two adjacent float layers share the Q/DQ on the edge between them (0.4 ms each side): quantizing one of them
+    back saves only what it adds with its neighbour still in float, so at equal damage the lone layer, dearer as
+    part of the set, comes back first; and the search's choice among sets that met the target costs a set by its
+    islands, not by its layers' sum."""
+    from converter.search.cost import RuntimeCosts, Side
+    from converter.search.fallback import _best, give_back_order
+    from converter.search.sensitivity import LayerScore
+
+    rc = RuntimeCosts(1.0, {n: 0.0 for n in "abcd"}, 1, local={"a": 1.0, "b": 1.0, "c": 0.9, "d": 1.5},
+                      boundary={"a": (Side(0.1, frozenset(), True), Side(0.4, frozenset("b"), False)),
+                                "b": (Side(0.4, frozenset("a"), False), Side(0.1, frozenset(), True)),
+                                "c": (Side(0.1, frozenset(), True), Side(0.1, frozenset(), True)),
+                                "d": (Side(0.1, frozenset(), True), Side(0.1, frozenset(), True))})
+    costs = rc.costs()
+    assert costs.set_cost(["a", "b"]) == 1.2 and costs.set_cost(["a", "c"]) == 1.9 and costs["a"] == 1.0
+    scores = [LayerScore(n, "Conv", 0.99, 0.0, 0.0, (n,)) for n in "abc"]
+    assert [s.name for s in give_back_order(scores, costs)] == ["c", "a", "b"]
+    assert [s.name for s in give_back_order(scores, dict(costs))] == ["a", "b", "c"]  # per-layer sums: before
+
+    class Met:
+        passed, metric = True, 0.99
+    results = {(("a", "b"), ()): (Met(),), (("d",), ()): (Met(),)}
+    assert _best(results, costs) == (("a", "b"), ())  # 1.2 ms against 1.5 (their sum, 2.0, would pick d)
+    assert _best(results, dict(costs)) == (("d",), ())

@@ -70,7 +70,7 @@ from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
                           subset_sensitivity)
 from .sensitivity import rank as rank_scores
-from .cost import COMPUTE_OPS, layer_macs, measure_latency, runtime_costs
+from .cost import COMPUTE_OPS, LayerCosts, layer_macs, measure_latency, runtime_costs, set_cost
 from .giveback import give_back
 from .strategies import STRATEGIES
 
@@ -287,7 +287,7 @@ class SearchOutcome:
         run = self.runtime()
         floats = list(run.float_layers) if run is not None else names
         cost = {} if self.cost_kind == "macs" else {"cost_kind": self.cost_kind,
-                                                    "float_cost_ms": round(sum(self.costs.get(n, 0.0) for n in floats),
+                                                    "float_cost_ms": round(set_cost(self.costs, floats),
                                                                            3)}
         return {
             "met": self.met,
@@ -323,7 +323,13 @@ class SearchOutcome:
 
 def give_back_order(layers: list[LayerScore], costs: dict[str, float]) -> list[LayerScore]:
     """Cheapest to quantize back first: least damage (1 - cosine) per unit of cost gained (measured ms on ONNX
-    Runtime CPU, :func:`converter.search.cost.runtime_costs`, or MACs), then the costliest first."""
+    Runtime CPU, :func:`converter.search.cost.runtime_costs`, or MACs), then the costliest first. With measured
+    costs, a layer's gain is what quantizing it back saves with the others of ``layers`` in float (an island's
+    inner layer saves less than alone: its neighbours keep the float edge)."""
+    if getattr(costs, "set_cost", None) is not None:  # what quantizing each back saves with the others in float
+        names = [s.name for s in layers]
+        whole = set_cost(costs, names)
+        costs = {n: round(whole - set_cost(costs, [m for m in names if m != n]), 2) for n in names}
     floor = max(costs.values(), default=0.0) * 1e-6 or 1e-12  # a layer that costs nothing: any damage ranks it last
 
     def key(s: LayerScore) -> tuple:
@@ -445,7 +451,7 @@ def fallback_search(searcher: Searcher, ranking: list[LayerScore] | Callable[[],
     none = results.get((frozenset(), frozenset(), ""))
     kind = "mixed" if floats and wide else "int16" if wide else "float"
     return SearchOutcome(trial.passed, searcher.baseline, threshold, plan, qdq, layers, ranking,
-                         list(searcher.trials), strategy, time.perf_counter() - t0, kind, prefix, dict(costs),
+                         list(searcher.trials), strategy, time.perf_counter() - t0, kind, prefix, costs.copy(),
                          none[2] if none else None, int16_layers=[s.name for s in layers if s.name in key[1]],
                          max_evaluations=budget["max"], budget_exhausted=budget["exhausted"],
                          counts=searcher.counts(), candidates=[(r[0], r[1], r[2]) for r in results.values()],
@@ -473,12 +479,13 @@ def _tradeoffs(outcome: SearchOutcome, float_model: onnx.ModelProto, feed: dict,
 
 
 def _best(results: dict, costs: dict[str, float]) -> tuple | None:
-    """Of the models that met the target: the fewest MACs left in float, then at 16 bits, then the fewest
-    layers, then the best metric. None if none met it."""
+    """Of the models that met the target: the cheapest float set (MACs, or measured ms costed per island:
+    :func:`converter.search.cost.set_cost`), then at 16 bits, then the fewest layers, then the best metric. None if
+    none met it."""
     passed = [key for key, r in results.items() if r[0].passed]
     if not passed:
         return None
-    return min(passed, key=lambda kk: (sum(costs.get(n, 0.0) for n in kk[0]), sum(costs.get(n, 0.0) for n in kk[1]),
+    return min(passed, key=lambda kk: (set_cost(costs, kk[0]), set_cost(costs, kk[1]),
                                        len(kk[0]) + len(kk[1]), -results[kk][0].metric, sorted(kk[0]), sorted(kk[1])))
 
 
@@ -521,7 +528,7 @@ def search_costs(searcher: Searcher, layers: list[Layer], subs: list, batches: l
         log.warning("could not profile the layers on ONNX Runtime CPU (%s: %s); the search costs layers by MACs",
                     type(exc).__name__, exc)
         return macs, {}
-    costs = {x.name: 0.0 for x in layers}
+    costs = LayerCosts({x.name: 0.0 for x in layers}, measured)
     costs.update(measured.costs())
     log.info("costed %d compute layers on ONNX Runtime CPU in %.1f s (all-INT8 %.2f ms profiled; costliest in "
              "float: %s)", len(compute), time.perf_counter() - t, measured.int8_ms,
@@ -804,8 +811,7 @@ def _latency_gate(run: _SearchRun, outcome: SearchOutcome, search_report: dict[s
         faster = [(r, c) for r, c in zip(rows[1:], outcome.candidates) if r["passed"] and r["vs_fp32"] <= limit]
         if faster:
             row, (trial, plan, qdq) = min(faster, key=lambda rc: (  # the cheapest of them, as _best orders
-                sum(outcome.costs.get(n, 0.0) for n in rc[1][0].float_layers),
-                sum(outcome.costs.get(n, 0.0) for n in rc[1][0].int16_layers),
+                set_cost(outcome.costs, rc[1][0].float_layers), set_cost(outcome.costs, rc[1][0].int16_layers),
                 len(rc[1][0].float_layers) + len(rc[1][0].int16_layers), -rc[1][0].metric, rc[0]["latency_ms"]))
             log.info("the cheapest model that met the target runs %.2fx FP32 (limit %gx); keeping one measured "
                      "at %.2fx: %s", lat["final_vs_fp32"], limit, row["vs_fp32"], trial.label)
