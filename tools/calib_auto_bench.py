@@ -17,6 +17,7 @@ Usage (from the repository root)::
 
     python -m tools.calib_auto_bench --assets DIR [--models minilm,efficientnet_lite0,resnet8]
         [--minilm-onnx FILE] [--rows minmax,percentile,entropy,mse,auto,ort] [--runs 30] [--threads 1] [--json F]
+        [--smoothquant-alpha A]
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def run_model(key: str, root: Path, work: Path, args) -> dict[str, Any]:
         if row not in METHODS:
             raise SystemExit(f"error: unknown row {row!r}\nfix: use {', '.join(METHODS)}, ort")
         t = time.perf_counter()
-        res = quantize(str(task.model), task.calib, QuantConfig(calib_method=row, **task.config), out, row)
+        extra = {} if args.smoothquant_alpha is None else {
+            "smoothquant_alpha": args.smoothquant_alpha if args.smoothquant_alpha == "auto"
+            else float(args.smoothquant_alpha)}
+        res = quantize(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)), out, row)
         rows[row] = {"seconds": round(time.perf_counter() - t, 1)}
         paths[row] = res.model_path
         choice = res.report.get("calib_choice")
@@ -143,6 +147,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--smoothquant-alpha", help="SmoothQuant alpha for every row (a number or auto; default: the "
+                                                "config's)")
     ap.add_argument("--keep", help="write the models into this folder (default: a temporary one, removed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
