@@ -53,9 +53,9 @@ def minilm_task(root: Path, work: Path, minilm_onnx: str | None):
     with open(root / "minilm-sts" / "sts-test.csv", encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f]
     sentences = list(dict.fromkeys(s for r in rows for s in (r[5], r[6])))
-    tok = bench_assets._tokenizer(root, fixed=True)
-    task.calib = [bench_assets._feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
-    held = [bench_assets._feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
+    tok = bench_assets.tokenizer(root, fixed=True)
+    task.calib = [bench_assets.feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
+    held = [bench_assets.feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
     mask = np.concatenate([b["attention_mask"] for b in held]).astype(bool)
     ref = np.concatenate([run_batches(task.model, [b], "last_hidden_state") for b in held]).astype(np.float64)
     spearman = task.metrics
