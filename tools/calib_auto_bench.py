@@ -113,6 +113,10 @@ def run_model(key: str, root: Path, work: Path, args) -> dict[str, Any]:
         if choice:
             rows[row]["chosen"] = choice["chosen"]
             rows[row]["choice_s"] = res.report["timings"].get("calib_choice_s")
+            prop = choice.get("propagated")
+            if prop:
+                rows[row]["propagated"] = {k: prop[k] for k in ("start", "evaluations", "model_error", "starts")} | {
+                    "moved": len(prop["moved"])}
     for k, p in paths.items():
         if k == "fp32":
             continue
