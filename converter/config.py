@@ -531,6 +531,11 @@ class QuantConfig:
         "calibration.auto_candidates", help="range candidates --calib-method auto chooses from per tensor")
     calib_auto_samples: int = option(32, "calibration.auto_samples",
                                      help="calibration samples --calib-method auto scores each candidate on")
+    # after the layer-level choice, at most this many whole-model evaluations refine it by the error at the model's
+    # outputs (converter.techniques.calib_choice.refine); 0: the layer-level choice alone
+    calib_auto_evals: int = option(24, "calibration.auto_evals",
+                                   help="whole-model evaluations --calib-method auto refines its choice with "
+                                        "(0: the layer-level choice alone)")
     # the accuracy search (SearchConfig); None: quantize only. converter.quantize / the batch worker / qconvert
     # quantize run the search when it is set
     search: SearchConfig | None = option(None, "search")
@@ -933,6 +938,9 @@ def _check_calib_auto(c: "QuantConfig") -> None:
     if isinstance(c.calib_auto_samples, bool) or not isinstance(c.calib_auto_samples, int) or c.calib_auto_samples < 1:
         raise ConfigError(f"calib_auto_samples must be an integer >= 1, got {c.calib_auto_samples!r}",
                           "use e.g. 32 (calibration samples the choice measures the layers' error on)")
+    if isinstance(c.calib_auto_evals, bool) or not isinstance(c.calib_auto_evals, int) or c.calib_auto_evals < 0:
+        raise ConfigError(f"calib_auto_evals must be an integer >= 0, got {c.calib_auto_evals!r}",
+                          "use e.g. 24 (whole-model evaluations), or 0 for the layer-level choice alone")
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:

@@ -146,6 +146,7 @@ def test_auto_per_tensor_in_overrides_chooses_only_those(tmp_path):
     ("calib_auto_candidates", ("mse", "mse"), "twice"),
     ("calib_auto_candidates", (), "non-empty"),
     ("calib_auto_samples", 0, "calib_auto_samples"),
+    ("calib_auto_evals", -1, "calib_auto_evals"),
     ("calib_overrides", {"x": "entropy:99"}, "entropy:99"),
 ])
 def test_a_bad_candidate_spec_is_one_clear_error(field, value, needle):
@@ -173,3 +174,32 @@ def test_cli_calib_method_auto_and_a_bad_candidate(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "out" / "m.report.json").read_text())
     assert report["config"]["calib_method"] == "auto" and report["calib_choice"]["calib_overrides"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_model_output_refinement_is_faithful_and_no_worse_than_one_method(case, tmp_path):
+    """The refinement's model error (float fake-quantizers) is the exported QDQ model's error on the same samples,
+    and the choice's error is at most the best single method's (every method is one of its starts)."""
+    build, data = CASES[case]
+    model, calib = build(), data(8, 1)
+    samples = sum(b["x"].shape[0] for b in calib)
+    config = BASE.replace(calib_auto_samples=samples)
+    errors = {}
+    for method in config.calib_auto_candidates + ("auto",):
+        name, _, pct = method.partition(":")  # percentile:<p>: the percentile method at p for every tensor
+        one = config.replace(calib_method=name, **({"percentile": float(pct)} if pct else {}))
+        res = quantize(model, calib, one, tmp_path / method.replace(":", "_"), "m")
+        errors[method] = _held_out_error(model, res.model_path, calib)
+    prop = res.report["calib_choice"]["propagated"]
+    assert prop["model_error"] == pytest.approx(errors["auto"], rel=0.05), (prop, errors)
+    assert prop["evaluations"] <= config.calib_auto_evals
+    assert set(prop["starts"]) == {"layer", *config.calib_auto_candidates}
+    assert errors["auto"] <= 1.02 * min(v for k, v in errors.items() if k != "auto"), errors
+
+
+def test_calib_auto_evals_zero_keeps_the_layer_level_choice(tmp_path):
+    model, calib = _outlier_channel_model(), _outlier_data(8, 1)
+    res = quantize(model, calib, BASE.replace(calib_method="auto", calib_auto_evals=0), tmp_path, "m")
+    choice = res.report["calib_choice"]
+    assert "propagated" not in choice and "refined" not in choice["error"]
+    assert all("layer_choice" not in c for c in choice["tensors"].values())

@@ -17,6 +17,7 @@ Usage (from the repository root)::
 
     python -m tools.calib_auto_bench --assets DIR [--models minilm,efficientnet_lite0,resnet8]
         [--minilm-onnx FILE] [--rows minmax,percentile,entropy,mse,auto,ort] [--runs 30] [--threads 1] [--json F]
+        [--smoothquant-alpha A]
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def minilm_task(root: Path, work: Path, minilm_onnx: str | None):
     with open(root / "minilm-sts" / "sts-test.csv", encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f]
     sentences = list(dict.fromkeys(s for r in rows for s in (r[5], r[6])))
-    tok = bench_assets._tokenizer(root, fixed=True)
-    task.calib = [bench_assets._feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
-    held = [bench_assets._feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
+    tok = bench_assets.tokenizer(root, fixed=True)
+    task.calib = [bench_assets.feeds(tok, sentences[i:i + 8]) for i in range(0, 200, 8)]
+    held = [bench_assets.feeds(tok, sentences[i:i + 25]) for i in range(200, 400, 25)]
     mask = np.concatenate([b["attention_mask"] for b in held]).astype(bool)
     ref = np.concatenate([run_batches(task.model, [b], "last_hidden_state") for b in held]).astype(np.float64)
     spearman = task.metrics
@@ -102,13 +103,20 @@ def run_model(key: str, root: Path, work: Path, args) -> dict[str, Any]:
         if row not in METHODS:
             raise SystemExit(f"error: unknown row {row!r}\nfix: use {', '.join(METHODS)}, ort")
         t = time.perf_counter()
-        res = quantize(str(task.model), task.calib, QuantConfig(calib_method=row, **task.config), out, row)
+        extra = {} if args.smoothquant_alpha is None else {
+            "smoothquant_alpha": args.smoothquant_alpha if args.smoothquant_alpha == "auto"
+            else float(args.smoothquant_alpha)}
+        res = quantize(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)), out, row)
         rows[row] = {"seconds": round(time.perf_counter() - t, 1)}
         paths[row] = res.model_path
         choice = res.report.get("calib_choice")
         if choice:
             rows[row]["chosen"] = choice["chosen"]
             rows[row]["choice_s"] = res.report["timings"].get("calib_choice_s")
+            prop = choice.get("propagated")
+            if prop:
+                rows[row]["propagated"] = {k: prop[k] for k in ("start", "evaluations", "model_error", "starts")} | {
+                    "moved": len(prop["moved"])}
     for k, p in paths.items():
         if k == "fp32":
             continue
@@ -143,6 +151,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--smoothquant-alpha", help="SmoothQuant alpha for every row (a number or auto; default: the "
+                                                "config's)")
     ap.add_argument("--keep", help="write the models into this folder (default: a temporary one, removed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
