@@ -63,10 +63,14 @@ class _Reader:
 
 
 def ours(model: Path, calib: list, key: str, work: Path) -> Path:
-    _, algo, gran, *wo = key.split("-")
+    _, algo, gran, *flags = key.split("-")
     kw = dict(weight_bits=4, weight_block_size=int(gran[1:])) if gran.startswith("b") else dict(weight_bits=int(gran[2:]))
-    if wo:  # SmoothQuant moves activation outliers into the weights: for activations that stay float, a loss
+    if "wo" in flags:  # SmoothQuant moves activation outliers into the weights: for activations that stay float, a loss
         kw.update(weight_only=True, smoothquant=False)
+    if "asym" in flags:  # uint4 with a zero point per block (weight_symmetric: false): all 16 levels
+        kw.update(weight_symmetric=False)
+    if "mse" in flags:  # each row's/block's range clipped by the MSE search (weight_calib: mse)
+        kw.update(weight_calib="mse")
     r = quantize(str(model), calib, QuantConfig(weight_algo=algo, **kw), output_dir=work / key, name="m")
     return Path(r.model_path)
 
