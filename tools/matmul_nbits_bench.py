@@ -8,7 +8,9 @@ sentences, last_hidden_state cosine on 256 STS-B sentences, STS-B Spearman on th
 * ``ours-<algo>-b<B>-wo``: ``converter.quantize``, ort-cpu, W4 blocks of B, ``weight_only`` and no SmoothQuant (activations
   float, as ORT's rows: every weight MatMul runs as MatMulNBits); ``ours-<algo>-b<B>``: the same without ``weight_only``
   (the block-wise MatMuls weight-only, the attention MatMuls on int8 activations); ``ours-<algo>-pc4`` / ``-pc8``:
-  per channel (W4A8/W8A8); defaults otherwise (SmoothQuant, minmax);
+  per channel (W4A8/W8A8); defaults otherwise (SmoothQuant, minmax); a trailing ``-asym`` (``weight_symmetric: false``:
+  uint4 with a zero point per block, all 16 levels) and/or ``-mse`` (``weight_calib: mse``), e.g.
+  ``ours-gptq-b32-wo-asym``, the documented MiniLM W4 block-32 setting;
 * ``ort-<algo>-b<B>``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, 4-bit blocks of B,
   symmetric for RTN (``DefaultWeightOnlyQuantConfig``), GPTQ (``GPTQWeightOnlyQuantConfig``, the same calibration
   batches, ``percdamp`` 0.01, no act-order), HQQ (``HQQWeightOnlyQuantConfig``); weight-only, activations float.
