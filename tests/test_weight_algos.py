@@ -214,3 +214,35 @@ def test_weight_only_leaves_every_activation_in_float(tmp_path):
     ops = op_counts(onnx.load(so.optimized_model_filepath))
     assert ops.get("MatMulNBits") == 3 and not {"QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
                                                  "MatMulIntegerToFloat"} & set(ops), ops
+
+
+def test_gptq_on_the_asymmetric_grid_uses_all_16_levels_and_beats_its_rounding(tmp_path):
+    """``weight_symmetric: false`` with GPTQ (the documented MiniLM W4 block-32 setting): uint4 with a zero point per
+    block GPTQ chose, every one of the 16 codes in use (the symmetric grid has 15), held-out error below nearest
+    rounding on the same grid, and ONNX Runtime fuses it to MatMulNBits with those zero points."""
+    model = mlp(4, tokens=True)
+    held = inputs(512, 97)[None]
+    err, runs = {}, {}
+    for algo in ("rtn", "gptq"):
+        cfg = QuantConfig(weight_bits=4, weight_block_size=32, weight_algo=algo, weight_symmetric=False,
+                          weight_only=True, smoothquant=False)
+        runs[algo] = quantize(model, calib(True), cfg, output_dir=tmp_path / algo, name="m")
+        err[algo] = output_mse(runs[algo].model_path, model, held)
+    assert err["gptq"] < 0.8 * err["rtn"], err
+    sym = QuantConfig(weight_bits=4, weight_block_size=32, weight_algo="gptq", weight_only=True, smoothquant=False)
+    err["gptq_symmetric"] = output_mse(quantize(model, calib(True), sym, output_dir=tmp_path / "sym", name="m").model_path,
+                                       model, held)
+    assert err["gptq"] < 0.8 * err["gptq_symmetric"], err  # 16 levels against the restricted [-7, 7]
+    r = runs["gptq"]
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(r.report["outputs"]["float_model"]).graph.initializer}
+    for w in ("w1", "w2"):
+        e = r.plan.encodings[w]
+        assert not e.signed and not e.symmetric and e.block_size == 32 and len(set(e.zero_point)) > 3
+        assert set(np.unique(e.quantize(floats[w])).tolist()) == set(range(16))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(r.model_path, so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(so.optimized_model_filepath)
+    assert op_counts(opt).get("MatMulNBits", 0) == 2 and op_counts(opt).get("MatMul", 0) == 0
+    inits = {t.name: numpy_helper.to_array(t) for t in opt.graph.initializer}
+    assert all(len(np.unique(inits[n.input[3]])) > 3 for n in opt.graph.node if n.op_type == "MatMulNBits")

@@ -8,7 +8,9 @@ sentences, last_hidden_state cosine on 256 STS-B sentences, STS-B Spearman on th
 * ``ours-<algo>-b<B>-wo``: ``converter.quantize``, ort-cpu, W4 blocks of B, ``weight_only`` and no SmoothQuant (activations
   float, as ORT's rows: every weight MatMul runs as MatMulNBits); ``ours-<algo>-b<B>``: the same without ``weight_only``
   (the block-wise MatMuls weight-only, the attention MatMuls on int8 activations); ``ours-<algo>-pc4`` / ``-pc8``:
-  per channel (W4A8/W8A8); defaults otherwise (SmoothQuant, minmax);
+  per channel (W4A8/W8A8); defaults otherwise (SmoothQuant, minmax); a trailing ``-asym`` (``weight_symmetric: false``:
+  uint4 with a zero point per block, all 16 levels) and/or ``-mse`` (``weight_calib: mse``), e.g.
+  ``ours-gptq-b32-wo-asym``, the documented MiniLM W4 block-32 setting;
 * ``ort-<algo>-b<B>``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``, 4-bit blocks of B,
   symmetric for RTN (``DefaultWeightOnlyQuantConfig``), GPTQ (``GPTQWeightOnlyQuantConfig``, the same calibration
   batches, ``percdamp`` 0.01, no act-order), HQQ (``HQQWeightOnlyQuantConfig``); weight-only, activations float.
@@ -63,10 +65,14 @@ class _Reader:
 
 
 def ours(model: Path, calib: list, key: str, work: Path) -> Path:
-    _, algo, gran, *wo = key.split("-")
+    _, algo, gran, *flags = key.split("-")
     kw = dict(weight_bits=4, weight_block_size=int(gran[1:])) if gran.startswith("b") else dict(weight_bits=int(gran[2:]))
-    if wo:  # SmoothQuant moves activation outliers into the weights: for activations that stay float, a loss
+    if "wo" in flags:  # SmoothQuant moves activation outliers into the weights: for activations that stay float, a loss
         kw.update(weight_only=True, smoothquant=False)
+    if "asym" in flags:  # uint4 with a zero point per block (weight_symmetric: false): all 16 levels
+        kw.update(weight_symmetric=False)
+    if "mse" in flags:  # each row's/block's range clipped by the MSE search (weight_calib: mse)
+        kw.update(weight_calib="mse")
     r = quantize(str(model), calib, QuantConfig(weight_algo=algo, **kw), output_dir=work / key, name="m")
     return Path(r.model_path)
 
