@@ -25,7 +25,8 @@ import onnx
 from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex
 from .plan import QuantPlan
-from .weight_grid import MatrixWeight, codes, grid_encoding, grid_values, group_params, levels, matrix_weights
+from .weight_grid import (MatrixWeight, codes, commit_grid, grid_encoding, grid_values, group_params, levels,
+                          matrix_weights)
 
 log = logging.getLogger("converter")
 
@@ -157,8 +158,6 @@ def gptq(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iter
 
 def _apply(mw: MatrixWeight, idx: GraphIndex, h: np.ndarray, method: str, float_weights, frozen, plan,
            act_order: bool) -> LayerResult:
-    from onnx import numpy_helper
-
     t = mw.quant
     w0 = idx.constant(mw.name)
     rows = mw.rows(w0)
@@ -169,10 +168,5 @@ def _apply(mw: MatrixWeight, idx: GraphIndex, h: np.ndarray, method: str, float_
     rtn_rows = mw.rows(rtn.fake_quantize(w0)) if rtn is not None else rows
     res = LayerResult(mw.name, mw.node.name, enc.granularity(), _output_error(rows, rtn_rows, h),
                       _output_error(rows, mw.rows(values), h))
-    if float_weights is not None:
-        float_weights.setdefault(mw.name, w0.astype(np.float32))
-    idx.initializers[mw.name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), mw.name))
-    plan.encodings[mw.name] = enc
-    if frozen is not None:
-        frozen[mw.name] = enc
+    commit_grid(mw, idx, plan, enc, values, w0, float_weights, frozen)
     return res

@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..graph.index import GraphIndex
 from .plan import QuantPlan
-from .weight_grid import MatrixWeight, grid_encoding, grid_values, matrix_weights
+from .weight_grid import MatrixWeight, commit_grid, grid_encoding, grid_values, matrix_weights
 
 LP = 0.7  # HQQ's defaults (hqq.core.optimize): l_p norm, initial beta, its growth, steps
 BETA = 10.0
@@ -136,10 +135,5 @@ def hqq(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, float_weights:
         rtn = plan.encodings.get(mw.name)
         rtn_mse = float(np.mean((rtn.fake_quantize(w0) - w0) ** 2)) if rtn is not None else float("nan")
         out.append(LayerResult(mw.name, mw.node.name, enc.granularity(), rtn_mse, float(np.mean((values - w0) ** 2))))
-        if float_weights is not None:
-            float_weights.setdefault(mw.name, w0.astype(np.float32))
-        idx.initializers[mw.name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), mw.name))
-        plan.encodings[mw.name] = enc
-        if frozen is not None:
-            frozen[mw.name] = enc
+        commit_grid(mw, idx, plan, enc, values, w0, float_weights, frozen)
     return out

@@ -120,3 +120,18 @@ def grid_values(mw: MatrixWeight, enc: Encoding, q_rows: np.ndarray) -> np.ndarr
     included): what QuantizeLinear with ``enc`` turns back into exactly those codes."""
     q = np.ascontiguousarray(q_rows.T if mw.transposed else q_rows)
     return enc.dequantize(q.astype(enc.numpy_dtype))
+
+
+def commit_grid(mw: MatrixWeight, idx: GraphIndex, plan: QuantPlan, enc: Encoding, values: np.ndarray,
+                w0: np.ndarray, float_weights: dict | None, frozen: dict | None) -> None:
+    """A learned grid becomes the model's: the weight holds its grid ``values``, ``enc`` is its encoding (and frozen:
+    re-encoding keeps it), and the float weight ``w0`` goes to ``float_weights`` for bias correction to measure
+    against."""
+    from onnx import numpy_helper
+
+    if float_weights is not None:
+        float_weights.setdefault(mw.name, w0.astype(np.float32))
+    idx.initializers[mw.name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), mw.name))
+    plan.encodings[mw.name] = enc
+    if frozen is not None:
+        frozen[mw.name] = enc
