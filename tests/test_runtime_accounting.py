@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -156,6 +158,21 @@ def three_convs() -> onnx.ModelProto:
     return model
 
 
+def _float_set_builder(model: onnx.ModelProto, calib: list, group: dict[str, tuple[str, ...]], out: Path):
+    """``build(names)``: the model quantized with the layers ``names`` (keys of ``group``: their nodes) in float,
+    each set quantized once (what :func:`converter.search.cost.runtime_costs` renders per layer)."""
+    built: dict[tuple[str, ...], onnx.ModelProto] = {}
+
+    def build(names) -> onnx.ModelProto:
+        key = tuple(sorted(names))
+        if key not in built:
+            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
+                         output_dir=out / ("_".join(key) or "int8"), name="m")
+            built[key] = onnx.load(str(r.model_path))
+        return built[key]
+    return build
+
+
 def test_runtime_costs_measure_what_a_float_layer_adds_on_ort(tmp_path):
     """Profiled on ONNX Runtime CPU (each kernel's fastest of 10 runs): each Conv alone in float against all-INT8.
     Every Conv costs time in float, not in proportion to its MACs (the 1x1 Conv, 0.45x the MACs of a 3x3 one, costs
@@ -167,15 +184,7 @@ def test_runtime_costs_measure_what_a_float_layer_adds_on_ort(tmp_path):
     model = three_convs()
     calib = data((2, 16, 64, 64), n=2)
     group = {"big": ("big", "relu0"), "mid": ("mid", "relu1"), "last": ("last", "relu2")}
-    built = {}
-
-    def build(names) -> onnx.ModelProto:
-        key = tuple(sorted(names))
-        if key not in built:
-            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
-                         output_dir=tmp_path / ("_".join(key) or "int8"), name="m")
-            built[key] = onnx.load(str(r.model_path))
-        return built[key]
+    build = _float_set_builder(model, calib, group, tmp_path)
     feed = {"x": calib[0]["x"][:1]}
     runs = [runtime_costs(build([]), feed, list(group), build, runs=10, threads=1) for _ in range(2)]
     for n in group:  # every Conv costs time in float, and two profiles agree on how much
@@ -216,15 +225,7 @@ def test_float_island_is_costed_once_at_its_boundary(tmp_path):
             d.dim_value = 48
     calib = data((2, 16, 48, 48), n=2)
     group = {f"conv{i}": (f"conv{i}", f"relu{i}") for i in range(4)}
-    built = {}
-
-    def build(names) -> onnx.ModelProto:
-        key = tuple(sorted(names))
-        if key not in built:
-            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
-                         output_dir=tmp_path / ("_".join(key) or "int8"), name="m")
-            built[key] = onnx.load(str(r.model_path))
-        return built[key]
+    build = _float_set_builder(model, calib, group, tmp_path)
     feed = {"x": calib[0]["x"][:1]}
     rc = runtime_costs(build([]), feed, list(group), build, runs=15, threads=1)
     # structure: each side's neighbours as ORT runs them; graph input/output sides are external

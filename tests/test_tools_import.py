@@ -44,7 +44,7 @@ TOOLS = sorted(m.name for m in pkgutil.iter_modules(tools.__path__, "tools.") if
 
 @pytest.fixture
 def no_assets(monkeypatch, tmp_path):
-    """Neither --assets nor $CONVERTER_ASSETS, and the fallback folder missing (tests never read ../shared)."""
+    """Neither --assets nor $CONVERTER_ASSETS, and the fallback folder missing: tests never read the real assets."""
     monkeypatch.delenv("CONVERTER_ASSETS", raising=False)
     monkeypatch.setattr(bench_assets, "FALLBACK", tmp_path / "no-fallback")
     return tmp_path / "no-fallback"
