@@ -149,6 +149,11 @@ class Searcher:
                                      + tuple(n for n in names if n not in with_inputs))
         if int16:
             config = config.replace(int16_nodes=tuple(self.config.int16_nodes) + tuple(l.name for l in int16))
+        return self._render(config, names)
+
+    def _render(self, config: QuantConfig, names: tuple[str, ...] = ()) -> tuple[QuantPlan, onnx.ModelProto]:
+        """Plan ``config`` on the prepared model, encode it from the search's observers (with the techniques' edits
+        of what it quantizes) and render the QDQ model: one try costs a render, no calibration."""
         plan, subs = plan_model(self.prepared, config, self.uncalibrated)
         unseen = {t.name for t in plan.by_role("activation") if t.name not in self.observers}
         if unseen:  # a try can want a tensor the all-INT8 plan did not (a tail ahead of a float layer): float
@@ -167,18 +172,16 @@ class Searcher:
         model with that layer alone in float; a MatMul producer stays MatMulIntegerToFloat, a Conv producer would run
         in float): one float layer is one float layer as ORT runs it. Elsewhere (another target, layers inside
         If/Loop/Scan bodies, which the accounting cannot see) it reads them in float."""
-        if self.float_form == "with-inputs" or self.config.target != "ort-cpu" \
-                or layer.name not in self.prepared.idx.order \
-                or any(a.type == onnx.AttributeProto.GRAPH for n in self.prepared.model.graph.node for a in n.attribute):
+        if self.float_form == "with-inputs":
             return True
-        if layer.name not in self._forms:
+        if layer.name in self._forms:
+            return self._forms[layer.name]
+        if self.config.target != "ort-cpu" or layer.name not in self.prepared.idx.order \
+                or any(a.type == onnx.AttributeProto.GRAPH for n in self.prepared.model.graph.node for a in n.attribute):
+            self._forms[layer.name] = True
+        else:
             config = self.config.replace(exclude_with_inputs=tuple(self.config.exclude_with_inputs) + tuple(layer.nodes))
-            plan, subs = plan_model(self.prepared, config, self.uncalibrated)
-            unseen = {t.name for t in plan.by_role("activation") if t.name not in self.observers}
-            drop_activations(plan, unseen)
-            encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
-                         self.config)
-            qdq = render_control_flow(self.prepared.model, plan.encodings)
+            _, qdq = self._render(config, tuple(layer.nodes))
             data = small_bytes(qdq)
             try:
                 run = runtime_layers(qdq, data) if data is not None else None
