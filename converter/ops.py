@@ -11,6 +11,10 @@ from __future__ import annotations
 # the weighted layer ops of the model a user brings: what the float fraction counts, what AdaRound rounds, the anchors
 # of fused blocks, the ops an exported PyTorch module's weighted layers become
 WEIGHTED_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# compute ops ONNX Runtime CPU runs on integers only with their output quantized (DQ -> op -> Q: QLinearConv, QGemm);
+# a MatMul alone runs as MatMulIntegerToFloat with a float output, but a 2-D MatMul + bias Add is fused into a Gemm
+# first (MatMulAddFusion), so it needs the Q too
+OUTPUT_Q_KERNEL_OPS = frozenset({"Conv", "Gemm"})
 # the layer ops with a bias input (slot 2): what bias correction corrects
 BIASED_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 # convolutions (per-channel weights along axis 0 / 1)

@@ -45,6 +45,7 @@ from typing import Any
 
 import onnx
 
+from ..ops import OUTPUT_Q_KERNEL_OPS
 from ..config import QuantConfig
 from ..graph.index import GraphIndex, attr, bodies, graph_attrs
 from ..graph.patterns import ACTIVATION_KINDS, COMPOUND_KINDS, Match, all_nodes, find_blocks, float_subgraphs
@@ -344,7 +345,11 @@ def _assign_roles(b: _Build) -> None:
             continue
         for t in b.group_inputs.get(node.name, ()):
             b.want_activation(t)
-        want_output(b.group_output.get(node.name, node.output[0]), rule.anchor)
+        out = b.group_output.get(node.name, node.output[0])
+        want_output(out, rule.anchor)
+        if rule.anchor and preset.quantize_outputs and _integer_kernel_needs_output_q(node, out, idx) \
+                and not any(c.name in config.exclude_with_inputs for c in idx.uses(out)):
+            b.want_activation(out)  # read by float ops (a LayerNorm/GELU block) only: the Q makes the layer QGemm
     for t in b.tail_inputs:  # the last compute layers keep their output Q: ORT fuses DQ -> Conv -> Q only
         p = idx.producer[t]
         if (plan.nodes[p.name].group or p.name) not in weight_only:
@@ -355,6 +360,17 @@ def _assign_roles(b: _Build) -> None:
             if which == "all" or (which == "after-anchor" and _anchor_head(idx, plan, t, b.is_quantized)):
                 b.want_activation(t)
         want_output(m.output)
+
+
+def _integer_kernel_needs_output_q(node: onnx.NodeProto, out: str, idx: GraphIndex) -> bool:
+    """Whether ONNX Runtime CPU runs the compute group of ``node`` (its output ``out``) on integers only when ``out``
+    is quantized (:data:`converter.ops.OUTPUT_Q_KERNEL_OPS`; a 2-D MatMul whose group ends in its bias Add, which ORT
+    fuses into a Gemm). Without that Q a Gemm reading DQ inputs runs in float, slower than FP32 (a jax2tf MLP: 3 of
+    its 4 Dense layers before LayerNorm/GELU blocks)."""
+    if node.op_type in OUTPUT_Q_KERNEL_OPS:
+        return True
+    shape = idx.shape.get(node.input[0])
+    return node.op_type == "MatMul" and out != node.output[0] and shape is not None and len(shape) == 2
 
 
 def _add_weight(b: _Build, node: onnx.NodeProto, rule: OpRule, layer_bits: dict[str, int],
