@@ -493,6 +493,14 @@ class QuantConfig:
     reconstruction_iterations: int = option(300, "techniques.block_reconstruction.iterations",
                                             "--reconstruction-iterations", type=int, metavar="N",
                                             help="Adam steps per layer/block for --adaquant / --block-reconstruction")
+    # network tuning (converter.quant.network_tuning): per-channel weight scales and biases learned end to end
+    network_tuning: bool = option(False, "techniques.network_tuning", "--network-tuning",
+                                  action="BooleanOptionalAction",
+                                  help="learn every quantized layer's per-channel weight scale and bias against the "
+                                       "float model's outputs on calibration data, after the other techniques "
+                                       "(default: off)")
+    network_tuning_epochs: int = option(12, "techniques.network_tuning.epochs", "--network-tuning-epochs", type=int,
+                                        metavar="N", help="passes over the calibration samples for --network-tuning")
     reconstruction_qdrop: bool = option(False, "techniques.block_reconstruction.qdrop", "--reconstruction-qdrop",
                                         action="BooleanOptionalAction",
                                         help="QDrop while reconstructing: each activation element keeps its float "
@@ -554,6 +562,9 @@ class QuantConfig:
         if self.reconstruction_iterations < 0:
             raise ConfigError(f"reconstruction_iterations must be >= 0, got {self.reconstruction_iterations}",
                               "use e.g. 300 (0: nearest rounding's loss measured, nothing learned)")
+        if self.network_tuning_epochs < 1:
+            raise ConfigError(f"network_tuning_epochs must be >= 1, got {self.network_tuning_epochs}",
+                              "use e.g. 12 (or drop --network-tuning)")
         _check_weight_algo(self)
         if self.adaround_iterations < 0 or (self.adaround_iterations == 0 and not self.adaround_search):
             raise ConfigError(f"adaround_iterations must be >= 1 (or 0 with adaround_search: the search alone), got "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import (adaquant, adaround, bias_correction, block_reconstruction, calib_choice, cle, fast_bias_correction, gptq,
-               hqq, smoothquant)
+               hqq, network_tuning, smoothquant)
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
@@ -25,6 +25,7 @@ REGISTRY: list[Technique] = [  # order = run order within a stage
     block_reconstruction.TECHNIQUE,
     bias_correction.TECHNIQUE,
     fast_bias_correction.TECHNIQUE,  # the default's; off where bias_correction runs
+    network_tuning.TECHNIQUE,  # last: fits what the layer-wise techniques left, at the model's outputs
 ]
 
 

@@ -108,6 +108,17 @@ class FlowState:
                 out[n] = numpy_helper.to_array(init)
         return out
 
+    def originals(self) -> dict[str, np.ndarray]:
+        """The planned weights/biases the encoded stage changed, with the values they had before it."""
+        out = {}
+        for n, before in self._params.items():
+            init = self.idx.initializers.get(n)
+            if init is not None and init.SerializeToString() != before:
+                t = onnx.TensorProto()
+                t.ParseFromString(before)
+                out[n] = numpy_helper.to_array(t)
+        return out
+
     def take_edits(self) -> dict[str, np.ndarray]:
         """:meth:`edits`, and the model's values put back to what they were before: the float model again."""
         out = self.edits()
