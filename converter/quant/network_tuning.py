@@ -13,12 +13,16 @@ fake-quantized as the QDQ model quantizes them (straight-through), and Adam lear
 the QDQ model is) to minimise the mean squared error of the model's outputs against the float model's (the model as
 it was before the encoded stage changed any weight or bias), over :data:`EPOCHS` passes of the calibration samples
 in minibatches, the rates annealed (cosine). Few parameters (two per output channel) against every output of every
-sample: unlike learning the rounding end to end (measured: it fits the 100 calibration images and loses 80 of 900
-held-out ones on EfficientNet-Lite0), this does not overfit a small calibration set. It is BRECQ's network-wise
+sample: where a model has many outputs per parameter this generalizes, where learning the rounding end to end does
+not (measured on EfficientNet-Lite0: that fits the 100 calibration images and loses 80 of 900 held-out ones); a
+model with few outputs (ResNet-8's 10 classes) still fits its calibration samples. It is BRECQ's network-wise
 reconstruction with the rounding left to the layer-wise techniques, and AdaQuant's bias/scale tuning done at the
 output rather than per layer (Li et al. 2021; Hubara et al. 2021).
 
-The result is kept only where the output error on all cached samples is lower than before. Weight encodings take
+Every :data:`VALIDATE`-th calibration sample is held out of the training and judges it: the parameters of the
+epoch with the lowest output error on those samples are the result, kept only where that error is below where it
+started (measured: ResNet-8, 10 outputs and 128 samples against ~800 parameters, fits its calibration images and
+lost 23 of 2000 held-out images without this check). Weight encodings take
 the learned scales (zero points kept) and are frozen; each weight initializer becomes its grid values ``s' (q -
 z)``, so nearest rounding gives ``q`` back; biases are written into the float model (their int32 encodings follow
 from the new scales). Memory: the calibration samples (at most :data:`SAMPLES`) and their float outputs, plus one
@@ -46,7 +50,7 @@ from .adaround import adaround_layers
 from .control_flow import render_control_flow
 from .encoding import Encoding
 from .plan import QuantPlan
-from .reconstruction import OPS, Unit, _Unit, _Unsupported, _weight_tensors
+from .reconstruction import Unit, _Unit, _Unsupported, _weight_tensors
 from .torch_device import resolve_device
 from ..graph.index import GraphIndex
 
@@ -57,6 +61,7 @@ SAMPLES = 128  # calibration samples at most
 MINIBATCH = 25  # samples per step
 SCALE_LR = 1e-3  # Adam's rate for the scales' log-factors
 BIAS_LR = 1e-3  # ... for the biases, times each layer's mean |bias|
+VALIDATE = 4  # every 4th calibration sample is held out to pick the epoch (and whether to keep the result)
 
 
 @dataclass
@@ -71,11 +76,15 @@ class Tuned:
     loss_after: float
     kept: bool
     scale_change: float  # mean |s'/s - 1| over the layers' scales
+    held_out_before: float = 0.0  # the same on the held-out calibration samples (every VALIDATE-th)
+    held_out_after: float = 0.0
+    best_epoch: int = 0  # the epoch kept (0: none beat the start)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.layers, "samples": self.samples, "epochs": self.epochs,
                 "seconds": round(self.seconds, 3), "loss_before": self.loss_before, "loss_after": self.loss_after,
-                "kept": self.kept, "scale_change": self.scale_change}
+                "held_out_before": self.held_out_before, "held_out_after": self.held_out_after,
+                "best_epoch": self.best_epoch, "kept": self.kept, "scale_change": self.scale_change}
 
 
 def tune_network(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
@@ -159,25 +168,35 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
                 out[st["b_name"]] = st["b0"] + st["d"]
         return out
 
-    def full_loss() -> float:
+    def full_loss(rows=None) -> float:
+        rows = torch.arange(n) if rows is None else rows
         with torch.no_grad():
             ov = overrides()
-            total = sum(float(((fn(xt[a:a + MINIBATCH], ov, quant=True) - target[a:a + MINIBATCH]) ** 2).sum())
-                        for a in range(0, n, MINIBATCH))
-        return total / target.numel()
+            total = sum(float(((fn(xt[rows[a:a + MINIBATCH]], ov, quant=True) - target[rows[a:a + MINIBATCH]]) ** 2)
+                              .sum()) for a in range(0, len(rows), MINIBATCH))
+        return total / (target[0].numel() * len(rows))
 
+    def snapshot():
+        return [(st["g"].detach().clone(), st["d"].detach().clone() if "d" in st else None) for st in state]
+
+    # every VALIDATE-th sample judges the epochs (the rest trains): the result is the epoch with the lowest error
+    # on them, kept only if that is below where it started (a small model on few samples fits them otherwise)
+    val = torch.arange(0, n, VALIDATE)
+    train = torch.tensor([i for i in range(n) if i % VALIDATE])
     loss_before = full_loss()
+    val_before = best_val = full_loss(val)
+    best, best_epoch = snapshot(), 0
     groups = [{"params": [st["g"]], "lr": SCALE_LR} for st in state]
     groups += [{"params": [st["d"]], "lr": st["b_lr"]} for st in state if "d" in st]
     opt = torch.optim.Adam(groups)
-    m = min(MINIBATCH, n)
-    per_epoch = max(n // m, 1)
+    m = min(MINIBATCH, len(train))
+    per_epoch = max(len(train) // m, 1)
     steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i / max(steps, 1), 1))))
     gen = torch.Generator().manual_seed(seed)
     with tqdm(total=steps, desc="network tuning", unit="step", disable=None, leave=False) as bar:
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen).to(device)
+        for epoch in range(epochs):
+            perm = train[torch.randperm(len(train), generator=gen)].to(device)
             for a in range(0, per_epoch * m, m):
                 pick = perm[a:a + m]
                 loss = ((fn(xt[pick], overrides(), quant=True) - target[pick]) ** 2).mean()
@@ -186,8 +205,16 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
                 opt.step()
                 sched.step()
                 bar.update(1)
+            v = full_loss(val)
+            if v < best_val:
+                best_val, best, best_epoch = v, snapshot(), epoch + 1
+    with torch.no_grad():
+        for st, (g_best, d_best) in zip(state, best):
+            st["g"].copy_(g_best)
+            if d_best is not None:
+                st["d"].copy_(d_best)
     loss_after = full_loss()
-    kept = loss_after < loss_before
+    kept = best_epoch > 0 and loss_after < loss_before
     changes = []
     if kept:
         with torch.no_grad():
@@ -214,8 +241,8 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
                     b_new = (st["b0"] + st["d"]).cpu().numpy().reshape(b_old.shape).astype(b_old.dtype)
                     idx.initializers[st["b_name"]].CopyFrom(numpy_helper.from_array(b_new, st["b_name"]))
     result = Tuned(len(state), n, epochs, time.perf_counter() - t0, loss_before, loss_after, kept,
-                   float(np.mean(changes)) if changes else 0.0)
-    log.info("network tuning: %d layer(s), %d samples, %d epochs on %s; output error %.4g -> %.4g (%s), %.1f s",
-             result.layers, n, epochs, device, loss_before, loss_after, "kept" if kept else "not kept",
-             result.seconds)
+                   float(np.mean(changes)) if changes else 0.0, val_before, best_val, best_epoch)
+    log.info("network tuning: %d layer(s), %d samples, %d epochs on %s; output error %.4g -> %.4g, held-out "
+             "samples %.4g -> %.4g (best epoch %d: %s), %.1f s", result.layers, n, epochs, device, loss_before,
+             loss_after, val_before, best_val, best_epoch, "kept" if kept else "not kept", result.seconds)
     return result

@@ -167,6 +167,7 @@ OPS: dict[str, Callable[..., Any]] = {  # op type -> fn(node, *inputs) on torch 
     "Reshape": _reshape,
     "ReduceMean": _reduce_mean,
     "Identity": lambda node, x: x,
+    "Transpose": lambda node, x: x.permute(*(attr(node, "perm", None) or range(x.dim() - 1, -1, -1))),
     "Softmax": lambda node, x: x.softmax(int(attr(node, "axis", -1))),
     "Concat": lambda node, *xs: _t().cat(xs, int(attr(node, "axis"))),
 }
