@@ -62,7 +62,7 @@ from ..graph.index import GraphIndex, attr
 from ..ops import WEIGHTED_LAYER_OPS
 from .encoding import Encoding
 from .plan import WEIGHT, QuantPlan
-from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
+from .control_flow import has_control_flow, render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
@@ -279,7 +279,7 @@ def _prefix(model: onnx.ModelProto, wanted: list[str]) -> onnx.ModelProto:
     """The part of ``model`` that computes ``wanted`` (its outputs left to the capture): each layer's capture
     then runs only the layers before it, not the whole model. Models with If/Loop/Scan are returned whole."""
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+    if has_control_flow(model):
         return model
     producer = {o: i for i, n in enumerate(g.node) for o in n.output}
     keep: set[int] = set()

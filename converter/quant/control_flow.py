@@ -140,6 +140,12 @@ def subgraph_summary(subs: list[SubPlan]) -> list[dict[str, Any]]:
     return out
 
 
+def has_control_flow(model: onnx.ModelProto) -> bool:
+    """The main graph has a node with a graph attribute (If/Loop/Scan)."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in model.graph.node for a in n.attribute)
+
+
 def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
     """:func:`render_qdq` for a model with bodies: each body with the encodings of the tensors its own nodes
     read or define, innermost first, then the main graph. Without bodies it is exactly ``render_qdq``."""

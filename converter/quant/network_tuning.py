@@ -47,10 +47,10 @@ import onnx
 from onnx import numpy_helper
 
 from .adaround import adaround_layers
-from .control_flow import render_control_flow
+from .control_flow import has_control_flow, render_control_flow
 from .encoding import Encoding
 from .plan import QuantPlan
-from .reconstruction import Unit, _Unit, _Unsupported, _weight_tensors
+from .reconstruction import Unit, _Unit, _Unsupported, _weight_tensors, activation_encodings
 from .torch_device import resolve_device
 from ..graph.index import GraphIndex
 
@@ -108,7 +108,7 @@ def tune_network(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batch
 
 def _whole_graph(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -> Unit | None:
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+    if has_control_flow(model):
         log.info("network tuning: the model has control flow (If/Loop/Scan): left as it is")
         return None
     inputs = [i.name for i in g.input if i.name not in idx.initializers]
@@ -130,11 +130,7 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
     if unit is None or not batches:
         return None
     t0 = time.perf_counter()
-    qdq = render_control_flow(model, plan.encodings)
-    quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
-    weights = {lay.weight for lay in unit.layers}
-    act = {t: plan.encodings[t] for t in quantized if t in plan.encodings and plan.encodings[t].axis is None
-           and t not in weights}
+    act = activation_encodings(render_control_flow(model, plan.encodings), plan, {lay.weight for lay in unit.layers})
     try:
         fn = _Unit(unit, idx, act, device)
     except _Unsupported as e:

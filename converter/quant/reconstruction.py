@@ -54,7 +54,7 @@ from ..calib.runner import iter_capture
 from ..graph.index import GraphIndex, attr
 from .adaround import (BETA_RANGE, GAMMA, REG_PARAM, WARM_START, ZETA, _fused_activation, _Layer, _prefix,
                        adaround_layers, learning_rate)
-from .control_flow import render_control_flow
+from .control_flow import has_control_flow, render_control_flow
 from .encoding import Encoding
 from .plan import QuantPlan
 from .torch_device import resolve_device  # noqa: F401 (the techniques and tests read it here too)
@@ -225,8 +225,7 @@ def _segments(model: onnx.ModelProto, idx: GraphIndex) -> list[tuple[list[onnx.N
 def find_units(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, blocks: bool) -> list[Unit]:
     """The units to reconstruct, in graph order: blocks (module doc), or every layer alone (its fused activation
     with it)."""
-    g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+    if has_control_flow(model):
         log.info("reconstruction: the model has control flow (If/Loop/Scan): left to nearest rounding")
         return []
     layers = {lay.node.name: lay for lay in adaround_layers(model, plan, idx) if not lay.enc.blocked}
@@ -331,6 +330,14 @@ class _Unit:
         return env[self.unit.output]
 
 
+def activation_encodings(qdq: onnx.ModelProto, plan: QuantPlan, weights: set[str]) -> dict[str, Encoding]:
+    """The per-tensor encodings of the tensors a QuantizeLinear of the rendered ``qdq`` reads, ``weights`` aside:
+    what :class:`_Unit` fake-quantizes to run as the QDQ model does."""
+    quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    return {t: plan.encodings[t] for t in quantized if t in plan.encodings and plan.encodings[t].axis is None
+            and t not in weights}
+
+
 def _batches_rows(samples: int, m: int, gen) -> Iterable[Any]:
     import torch
 
@@ -406,9 +413,7 @@ def _reconstruct(model, plan, idx, batches, providers, blocks, adaquant, iterati
     for ui, unit in enumerate(units):
         t0 = time.perf_counter()
         qdq = render_control_flow(model, plan.encodings)
-        quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
-        act = {t: plan.encodings[t] for t in quantized if t in plan.encodings and plan.encodings[t].axis is None
-               and t not in {lay.weight for lay in unit.layers}}
+        act = activation_encodings(qdq, plan, {lay.weight for lay in unit.layers})
         try:
             fn = _Unit(unit, idx, act, device)
             xq, xf = _cache_inputs(unit, qdq, model, batches, providers, seed + ui)

@@ -99,24 +99,24 @@ class FlowState:
         names = [t.name for t in self.plan.tensors.values() if t.role in ("weight", "bias")]
         self._params = {n: self.idx.initializers[n].SerializeToString() for n in names if n in self.idx.initializers}
 
-    def edits(self) -> dict[str, np.ndarray]:
-        """The planned weights/biases the encoded stage changed: tensor -> its value now."""
-        out = {}
+    def _changed(self) -> Iterator[tuple[str, onnx.TensorProto, bytes]]:
+        """(name, initializer now, its bytes before) of the planned weights/biases the encoded stage changed."""
         for n, before in self._params.items():
             init = self.idx.initializers.get(n)
             if init is not None and init.SerializeToString() != before:
-                out[n] = numpy_helper.to_array(init)
-        return out
+                yield n, init, before
+
+    def edits(self) -> dict[str, np.ndarray]:
+        """The planned weights/biases the encoded stage changed: tensor -> its value now."""
+        return {n: numpy_helper.to_array(init) for n, init, _ in self._changed()}
 
     def originals(self) -> dict[str, np.ndarray]:
         """The planned weights/biases the encoded stage changed, with the values they had before it."""
         out = {}
-        for n, before in self._params.items():
-            init = self.idx.initializers.get(n)
-            if init is not None and init.SerializeToString() != before:
-                t = onnx.TensorProto()
-                t.ParseFromString(before)
-                out[n] = numpy_helper.to_array(t)
+        for n, _, before in self._changed():
+            t = onnx.TensorProto()
+            t.ParseFromString(before)
+            out[n] = numpy_helper.to_array(t)
         return out
 
     def take_edits(self) -> dict[str, np.ndarray]:
