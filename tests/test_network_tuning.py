@@ -133,3 +133,59 @@ def test_cli_network_tuning(tmp_path, capsys):
     report = json.loads((out / "m.report.json").read_text())
     assert report["network_tuning"]["epochs"] == 2 and report["network_tuning"]["samples"] == 64
     assert (out / "m.prepared.onnx").exists()
+
+
+def _wide_model():
+    """Stem Conv + Relu to 64 channels, a 1x1 Conv reading all 64 (two blocks of 32 input channels) + Relu,
+    pooling and a Gemm head."""
+    from .conftest import parse
+
+    rng = np.random.default_rng(5)
+
+    def w(*shape, scale=2.0):
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.normal(0, scale / np.sqrt(fan_in), shape)
+                * rng.uniform(0.3, 1.5, (1, shape[1]) + (1,) * (len(shape) - 2))).astype(np.float32)
+
+    return parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,10] y) {
+      s = Conv <pads: ints = [1, 1, 1, 1]> (x, W0, B0)
+      r0 = Relu(s)
+      e = Conv (r0, W1, B1)
+      r1 = Relu(e)
+      gp = GlobalAveragePool(r1)
+      f = Flatten(gp)
+      y = Gemm <transB: int = 1> (f, F, FB)
+    }""", W0=w(64, 3, 3, 3), B0=rng.normal(0, 0.1, 64).astype(np.float32), W1=w(16, 64, 1, 1),
+                 B1=rng.normal(0, 0.1, 16).astype(np.float32), F=w(10, 16, scale=3),
+                 FB=rng.normal(0, 0.1, 10).astype(np.float32))
+
+
+def test_network_tuning_learns_block_scales(tmp_path):
+    """Block-wise weights: one log-factor per block (not per channel), written to the blocked DequantizeLinear and to
+    the encodings file's PER_BLOCK entry alike, and the held-out output error drops."""
+    model = _wide_model()
+    held_out = batches(7, 1)[0]
+    ref = run(model, held_out)[0]
+    plain, _ = _error(tmp_path, "plain", config(weight_block_size=32), model, held_out, ref)
+    tuned, r = _error(tmp_path, "tuned", config(weight_block_size=32, network_tuning=True), model, held_out, ref)
+    entry = r.report["network_tuning"]
+    assert entry["kept"] and entry["layers"] == 3, entry
+    assert tuned < 0.9 * plain, (plain, tuned)
+    qdq = onnx.load(r.model_path)
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W1_quantized")
+    assert next(a.i for a in dq.attribute if a.name == "block_size") == 32
+    scale = inits[dq.input[1]]  # [16, 2, 1, 1]
+    plain_scale = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "plain" / "m.qdq.onnx").graph.initializer}[
+        dq.input[1]]
+    factor = (scale / plain_scale).reshape(16, 2)
+    assert np.abs(factor[:, 0] - factor[:, 1]).max() > 1e-4, factor  # the two blocks of a channel moved apart
+    params = {e["name"]: e for e in json.loads(r.encodings_path.read_text())["param_encodings"]}
+    assert params["W1"]["enc_type"] == "PER_BLOCK"
+    np.testing.assert_allclose(np.asarray(params["W1"]["scale"], np.float32), scale.reshape(-1), rtol=1e-6)
+    # the written float weights are the tuned grid's values
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(r.report["outputs"]["float_model"]).graph.initializer}
+    q = floats["W1"] / np.repeat(scale, 32, axis=1) + inits[dq.input[2]].astype(np.float32).repeat(32, axis=1)
+    np.testing.assert_allclose(q, inits["W1_quantized"].astype(np.float32), atol=1e-3)

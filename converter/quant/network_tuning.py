@@ -9,8 +9,8 @@ fake-quantized as the QDQ model quantizes them (straight-through), and Adam lear
 
     W~ = s * exp(g) * (q - z)        b~ = b + d
 
-(``g`` a log-factor of the weight encoding's scale, ``d`` the bias's offset; both start at 0, so the model starts as
-the QDQ model is) to minimise the mean squared error of the model's outputs against the float model's (the model as
+(``g`` a log-factor of the weight encoding's scale, one per scale value: per output channel, or per block of a
+block-wise encoding; ``d`` the bias's offset; both start at 0, so the model starts as the QDQ model is) to minimise the mean squared error of the model's outputs against the float model's (the model as
 it was before the encoded stage changed any weight or bias), over :data:`EPOCHS` passes of the calibration samples
 in minibatches, the rates annealed (cosine). Few parameters (two per output channel) against every output of every
 sample: where a model has many outputs per parameter this generalizes, where learning the rounding end to end does
@@ -26,7 +26,8 @@ lost 23 of 2000 held-out images without this check). Weight encodings take
 the learned scales (zero points kept) and are frozen; each weight initializer becomes its grid values ``s' (q -
 z)``, so nearest rounding gives ``q`` back; biases are written into the float model (their int32 encodings follow
 from the new scales). Memory: the calibration samples (at most :data:`SAMPLES`) and their float outputs, plus one
-minibatch's activations for the backward pass. Models with control flow, several inputs or outputs, or an op the
+minibatch's activations for the backward pass. Image inputs (4-D) run channels-last: torch's CPU convolutions
+forward + backward 1.7x faster (EfficientNet-Lite0's tuning 219 -> 89 s on 2 cores). Models with control flow, several inputs or outputs, or an op the
 torch table (:data:`converter.quant.reconstruction.OPS`) lacks are left as they are (logged).
 
 Measured on EfficientNet-Lite0 W4A8 (asymmetric 4-bit weights, first/last layer 8 bits, AdaRound's local search +
@@ -39,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -116,10 +117,33 @@ def _whole_graph(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -> Un
         log.info("network tuning: the model has %d inputs and %d outputs (one of each is supported): left as it is",
                  len(inputs), len(g.output))
         return None
-    layers = [lay for lay in adaround_layers(model, plan, idx) if not lay.enc.blocked]
+    layers = adaround_layers(model, plan, idx)
     if not layers:
         return None
     return Unit([n for n in g.node if n.op_type != "Constant"], inputs[0], g.output[0].name, layers)
+
+
+def _scale_tensors(lay, w: np.ndarray, device: str):
+    """The weight encoding's scale and zero point spread over the weight (torch), and the log-factors learned for
+    the scale: one per scale value (per channel, or per block of a block-wise encoding), zero to start."""
+    import torch
+
+    enc = lay.enc
+    if not enc.blocked:
+        s, z = _weight_tensors(lay, w, enc, device)
+        return s, z, torch.zeros_like(s, requires_grad=True)
+    s = torch.from_numpy(np.array(enc.expanded(enc.scale_array(), w.shape), np.float32)).to(device)
+    z = torch.from_numpy(np.array(enc.expanded(np.asarray(enc.zero_point, np.float32), w.shape), np.float32)).to(device)
+    return s, z, torch.zeros(enc.block_shape, device=device, requires_grad=True)
+
+
+def _spread(enc: Encoding, g, shape):
+    """Per-block log-factors ``g`` repeated over their blocks (as :meth:`Encoding.expanded`); others as they are."""
+    import torch
+
+    if not enc.blocked:
+        return g
+    return torch.repeat_interleave(g, enc.block_size, dim=enc.axis).narrow(enc.axis, 0, shape[enc.axis])
 
 
 def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weights, frozen) -> Tuned | None:
@@ -138,6 +162,8 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
         return None
     x = np.concatenate([b[unit.input] for b in batches]).astype(np.float32)[:SAMPLES]
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    if xt.dim() == 4:  # NCHW images: torch's CPU convolutions run 1.7x faster forward + backward in channels-last
+        xt = xt.contiguous(memory_format=torch.channels_last)
     n = len(xt)
     float_values = {k: torch.from_numpy(np.array(v, np.float32)).to(device) for k, v in originals.items()}
     with torch.no_grad():
@@ -146,9 +172,9 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
     state = []
     for lay in unit.layers:
         w = idx.constant(lay.weight).astype(np.float32)
-        s, z = _weight_tensors(lay, w, lay.enc, device)
+        s, z, g = _scale_tensors(lay, w, device)
         q = torch.from_numpy(lay.enc.quantize(w).astype(np.float32)).to(device)
-        st = {"layer": lay, "s": s, "qz": q - z, "g": torch.zeros_like(s, requires_grad=True)}
+        st = {"layer": lay, "s": s, "qz": q - z, "g": g}
         b_name = lay.node.input[2] if len(lay.node.input) > 2 and lay.node.input[2] else None
         if b_name and len(idx.uses(b_name)) == 1:
             b0 = torch.from_numpy(idx.constant(b_name).astype(np.float32)).to(device)
@@ -159,7 +185,7 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
     def overrides() -> dict[str, Any]:
         out = {}
         for st in state:
-            out[st["layer"].weight] = st["s"] * torch.exp(st["g"]) * st["qz"]
+            out[st["layer"].weight] = st["s"] * torch.exp(_spread(st["layer"].enc, st["g"], st["qz"].shape)) * st["qz"]
             if "d" in st:
                 out[st["b_name"]] = st["b0"] + st["d"]
         return out
@@ -220,8 +246,7 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
                 factor = torch.exp(st["g"]).cpu().numpy().reshape(-1)
                 new_scale = np.asarray(enc.scale, np.float32) * factor
                 changes += list(np.abs(factor - 1))
-                new = Encoding(enc.bitwidth, enc.signed, enc.symmetric, tuple(float(v) for v in new_scale),
-                               enc.zero_point, enc.axis)
+                new = replace(enc, scale=tuple(float(v) for v in new_scale))
                 w = idx.constant(lay.weight)
                 q = enc.quantize(w)
                 values = new.dequantize(q).astype(w.dtype)
