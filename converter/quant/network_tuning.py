@@ -10,14 +10,15 @@ fake-quantized as the QDQ model quantizes them (straight-through), and Adam lear
     W~ = s * exp(g) * (q - z)        b~ = b + d
 
 (``g`` a log-factor of the weight encoding's scale, one per scale value: per output channel, or per block of a
-block-wise encoding; ``d`` the bias's offset; both start at 0, so the model starts as the QDQ model is) to minimise the mean squared error of the model's outputs against the float model's (the model as
-it was before the encoded stage changed any weight or bias), over :data:`EPOCHS` passes of the calibration samples
-in minibatches, the rates annealed (cosine). Few parameters (two per output channel) against every output of every
-sample: where a model has many outputs per parameter this generalizes, where learning the rounding end to end does
-not (measured on EfficientNet-Lite0: that fits the 100 calibration images and loses 80 of 900 held-out ones); a
-model with few outputs (ResNet-8's 10 classes) still fits its calibration samples. It is BRECQ's network-wise
-reconstruction with the rounding left to the layer-wise techniques, and AdaQuant's bias/scale tuning done at the
-output rather than per layer (Li et al. 2021; Hubara et al. 2021).
+block-wise encoding; ``d`` the bias's offset; both start at 0, so the model starts as the QDQ model is) to minimise
+the mean squared error of the model's outputs against the float model's (the model as it was before the encoded
+stage changed any weight or bias), over :data:`EPOCHS` passes of the calibration samples in minibatches, the rates
+annealed (cosine). Few parameters (two per output channel; block-wise weights: a scale factor per block) against
+every output of every sample: where a model has many outputs per parameter this generalizes, where learning the
+rounding end to end does not (measured on EfficientNet-Lite0: that fits the 100 calibration images and loses 80 of
+900 held-out ones); a model with few outputs (ResNet-8's 10 classes) still fits its calibration samples. It is
+BRECQ's network-wise reconstruction with the rounding left to the layer-wise techniques, and AdaQuant's bias/scale
+tuning done at the output rather than per layer (Li et al. 2021; Hubara et al. 2021).
 
 Every :data:`VALIDATE`-th calibration sample is held out of the training and judges it: the parameters of the
 epoch with the lowest output error on those samples are the result, kept only where that error is below where it
@@ -27,12 +28,14 @@ the learned scales (zero points kept) and are frozen; each weight initializer be
 z)``, so nearest rounding gives ``q`` back; biases are written into the float model (their int32 encodings follow
 from the new scales). Memory: the calibration samples (at most :data:`SAMPLES`) and their float outputs, plus one
 minibatch's activations for the backward pass. Image inputs (4-D) run channels-last: torch's CPU convolutions
-forward + backward 1.7x faster (EfficientNet-Lite0's tuning 219 -> 89 s on 2 cores). Models with control flow, several inputs or outputs, or an op the
-torch table (:data:`converter.quant.reconstruction.OPS`) lacks are left as they are (logged).
+forward + backward 1.7x faster (EfficientNet-Lite0's tuning 219 -> 89 s on 2 cores). Models with control flow,
+several inputs or outputs, or an op the torch table (:data:`converter.quant.reconstruction.OPS`) lacks are left as
+they are (logged).
 
 Measured on EfficientNet-Lite0 W4A8 (asymmetric 4-bit weights, first/last layer 8 bits, AdaRound's local search +
 bias correction, 100 calibration / 900 held-out images): 763 -> 769-772/900 with 12 epochs, 774 with percentile
-activation ranges (89 s on 2 CPU cores channels-last; 220-260 s before); block-wise weights (64): 771 -> 778; ResNet-8 W4A8: 1540 -> 1514/2000 (see the held-out check above).
+activation ranges (89 s on 2 CPU cores channels-last; 220-260 s before); block-wise weights (64 input channels per
+scale) 771 -> 778; ResNet-8 W4A8: 1540 -> 1514/2000 (see the held-out check above).
 """
 
 from __future__ import annotations
