@@ -1,6 +1,6 @@
-"""Network tuning (converter.quant.network_tuning): per-channel weight scales and biases learned end to end lower
-the held-out output error of a small residual CNN at 4 bits against nearest rounding; the
-learned scales reach the encodings and the QDQ model; the depthwise search weighs clipped rows less."""
+"""Network tuning (converter.quant.network_tuning): weight scales (per channel or per block) and biases learned end to
+end lower the held-out output error of a small residual CNN at 4 bits against nearest rounding; the learned scales
+reach the encodings and the QDQ model; the depthwise search weighs clipped rows less."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from converter import QuantConfig, quantize
 from converter.cli import main
 from converter.errors import ConfigError
 
-from .conftest import run
+from .conftest import parse, run
 from .test_reconstruction import batches, config, residual_model
 
 
@@ -138,8 +138,6 @@ def test_cli_network_tuning(tmp_path, capsys):
 def _wide_model():
     """Stem Conv + Relu to 64 channels, a 1x1 Conv reading all 64 (two blocks of 32 input channels) + Relu,
     pooling and a Gemm head."""
-    from .conftest import parse
-
     rng = np.random.default_rng(5)
 
     def w(*shape, scale=2.0):
@@ -172,7 +170,7 @@ def test_network_tuning_learns_block_scales(tmp_path):
     tuned, r = _error(tmp_path, "tuned", config(weight_block_size=32, network_tuning=True), model, held_out, ref)
     entry = r.report["network_tuning"]
     assert entry["kept"] and entry["layers"] == 3, entry
-    assert tuned < 0.9 * plain, (plain, tuned)
+    assert tuned < 0.9 * plain, (plain, tuned)  # measured: 0.107 -> 0.070
     qdq = onnx.load(r.model_path)
     inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
     dq = next(n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W1_quantized")
