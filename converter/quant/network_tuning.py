@@ -50,11 +50,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .adaround import adaround_layers
+from .adaround import _scale, _zero, adaround_layers
 from .control_flow import has_control_flow, render_control_flow
 from .encoding import Encoding
 from .plan import QuantPlan
-from .reconstruction import Unit, _Unit, _Unsupported, _weight_tensors, activation_encodings
+from .reconstruction import Unit, _Unit, _Unsupported, activation_encodings
 from .torch_device import resolve_device
 from ..graph.index import GraphIndex
 
@@ -127,17 +127,15 @@ def _whole_graph(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex) -> Un
 
 
 def _scale_tensors(lay, w: np.ndarray, device: str):
-    """The weight encoding's scale and zero point spread over the weight (torch), and the log-factors learned for
-    the scale: one per scale value (per channel, or per block of a block-wise encoding), zero to start."""
+    """The weight encoding's scale and zero point broadcastable to the weight (torch; AdaRound's spread, blocks
+    included), and the log-factors learned for the scale: one per scale value (per channel, or per block of a
+    block-wise encoding), zero to start."""
     import torch
 
-    enc = lay.enc
-    if not enc.blocked:
-        s, z = _weight_tensors(lay, w, enc, device)
-        return s, z, torch.zeros_like(s, requires_grad=True)
-    s = torch.from_numpy(np.array(enc.expanded(enc.scale_array(), w.shape), np.float32)).to(device)
-    z = torch.from_numpy(np.array(enc.expanded(np.asarray(enc.zero_point, np.float32), w.shape), np.float32)).to(device)
-    return s, z, torch.zeros(enc.block_shape, device=device, requires_grad=True)
+    s = torch.from_numpy(np.array(_scale(lay, w), np.float32)).to(device)
+    z = torch.from_numpy(np.array(_zero(lay, w), np.float32)).to(device)
+    shape = lay.enc.block_shape if lay.enc.blocked else s.shape
+    return s, z, torch.zeros(shape, device=device, requires_grad=True)
 
 
 def _spread(enc: Encoding, g, shape):
