@@ -34,7 +34,12 @@ same weighting on the dense layers too (each output its own weighted moments): 7
 Memory is bounded per layer: for every calibration batch a random subset of output positions is kept, a Conv's
 as im2col rows (the input patch each position reads, gathered at those positions only, never the whole unfolded
 map), with the float output there: at most :data:`MAX_ROWS` rows and :data:`CACHE_MB` MiB per layer, one layer
-at a time. Each iteration takes the next :data:`MINIBATCH` of them, in an order reshuffled every epoch.
+at a time. Each iteration takes the next :data:`MINIBATCH` of them, in an order reshuffled every epoch. The layer
+inputs and outputs come from :class:`converter.calib.incremental.IncrementalCapture` (one for the QDQ model, one
+for the float model): each keeps the activations at the frontier of what it has computed (at most
+:data:`converter.calib.incremental.LIMIT_MB`) and runs only the nodes since, so each node runs about once over the
+whole pass instead of once per layer after it (EfficientNet-Lite0 W4A8, the search + bias correction: 198 -> 102 s,
+the same integers).
 
 The rounding reaches the QDQ model and the encodings file through the float model: each weight initializer is
 replaced by its dequantized grid values ``s * q`` (``q`` the AdaRounded integers), and the plan freezes the
@@ -56,13 +61,13 @@ import onnx
 from onnx import numpy_helper
 
 from .torch_device import resolve_device
-from ..calib.runner import iter_capture
+from ..calib.incremental import IncrementalCapture
 from ..graph.clip import clip_bounds
 from ..graph.index import GraphIndex, attr
 from ..ops import WEIGHTED_LAYER_OPS
 from .encoding import Encoding
 from .plan import WEIGHT, QuantPlan
-from .control_flow import has_control_flow, render_control_flow  # the main graph and If/Loop/Scan bodies
+from .control_flow import render_control_flow  # the main graph and If/Loop/Scan bodies
 
 log = logging.getLogger("converter")
 
@@ -275,36 +280,11 @@ def _sample_rows(layer: _Layer, x: np.ndarray, y: np.ndarray, m: int, rng: np.ra
     return patches, y[bi, :, oy, ox].astype(np.float32)
 
 
-def _prefix(model: onnx.ModelProto, wanted: list[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``wanted`` (its outputs left to the capture): each layer's capture
-    then runs only the layers before it, not the whole model. Models with If/Loop/Scan are returned whole."""
-    g = model.graph
-    if has_control_flow(model):
-        return model
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
-    keep: set[int] = set()
-    stack = list(wanted)
-    while stack:
-        i = producer.get(stack.pop())
-        if i is not None and i not in keep:
-            keep.add(i)
-            stack.extend(t for t in g.node[i].input if t)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(n for i, n in enumerate(g.node) if i in keep)
-    used = {t for n in out.graph.node for t in n.input}
-    inits = [t for t in g.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits)
-    del out.graph.output[:]
-    return out
-
-
-def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, batches: list[dict[str, np.ndarray]],
-           providers: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, captures: tuple[IncrementalCapture, ...],
+           seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows of (quantized-prefix input patches, float layer outputs), bounded by MAX_ROWS / CACHE_MB, and the
-    number of samples (batch items: images, sequences) they come from."""
+    number of samples (batch items: images, sequences) they come from. ``captures``: the QDQ model's and the float
+    model's (the layer's own output is captured provisionally: its weights change next)."""
     node = layer.node
     q_node = next(n for n in qdq.graph.node if n.name == node.name)
     q_in, f_out = q_node.input[0], node.output[0]
@@ -312,11 +292,11 @@ def _cache(layer: _Layer, qdq: onnx.ModelProto, model: onnx.ModelProto, batches:
     kernel = tuple(shape[2:]) if node.op_type in ("Conv", "ConvTranspose") else ()
     row_bytes = 4 * (int(np.prod(shape)) * layer.groups // layer.outputs + layer.outputs)
     rows = max(256, min(MAX_ROWS, (CACHE_MB << 20) // row_bytes))
-    per_batch = max(1, -(-rows // max(len(batches), 1)))
+    q_capture, f_capture = captures
+    per_batch = max(1, -(-rows // max(len(q_capture.batches), 1)))
     rng = np.random.default_rng(seed)
     xs, ys, samples = [], [], 0
-    for qv, fv in zip(iter_capture(_prefix(qdq, [q_in]), [q_in], batches, providers),
-                      iter_capture(_prefix(model, [f_out]), [f_out], batches, providers)):
+    for qv, fv in zip(q_capture.capture(qdq, [q_in]), f_capture.capture(model, [f_out], frozenset([node.name]))):
         x, y = qv[q_in], fv[f_out]
         samples += x.shape[0] if x.ndim > 1 else 1
         px, py = _sample_rows(layer, x, y, per_batch, rng, kernel)
@@ -570,11 +550,12 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
     if not layers:
         return []
     batches = list(batches)
+    captures = (IncrementalCapture(batches, providers), IncrementalCapture(batches, providers))
     out = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         node = layer.node
-        x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, batches, providers, seed + i)
+        x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, captures, seed + i)
         w = idx.constant(layer.weight)
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
         yt = torch.from_numpy(y).to(device)
@@ -618,4 +599,7 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
              "adaround %.4g, chosen %.4g (local search chosen in %d)", len(out), iterations,
              sum(r.loss_nearest for r in out), sum(r.loss_adaround for r in out), sum(r.loss for r in out),
              sum(r.chosen == "search" for r in out))
+    log.debug("adaround captures: %d QDQ / %d float nodes run (the float model has %d), frontier at most %d / %d MiB",
+              captures[0].nodes_run, captures[1].nodes_run, len(model.graph.node), captures[0].peak_bytes >> 20,
+              captures[1].peak_bytes >> 20)
     return out

@@ -50,9 +50,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..calib.runner import iter_capture
+from ..calib.incremental import IncrementalCapture
 from ..graph.index import GraphIndex, attr
-from .adaround import (BETA_RANGE, GAMMA, REG_PARAM, WARM_START, ZETA, _fused_activation, _Layer, _prefix,
+from .adaround import (BETA_RANGE, GAMMA, REG_PARAM, WARM_START, ZETA, _fused_activation, _Layer,
                        adaround_layers, learning_rate)
 from .control_flow import has_control_flow, render_control_flow
 from .encoding import Encoding
@@ -410,13 +410,14 @@ def _reconstruct(model, plan, idx, batches, providers, blocks, adaquant, iterati
     units = find_units(model, plan, idx, blocks)
     out: list[Reconstructed] = []
     what = "block reconstruction" if blocks else "adaquant"
+    captures = (IncrementalCapture(batches, providers), IncrementalCapture(batches, providers))  # QDQ, float
     for ui, unit in enumerate(units):
         t0 = time.perf_counter()
         qdq = render_control_flow(model, plan.encodings)
         act = activation_encodings(qdq, plan, {lay.weight for lay in unit.layers})
         try:
             fn = _Unit(unit, idx, act, device)
-            xq, xf = _cache_inputs(unit, qdq, model, batches, providers, seed + ui)
+            xq, xf = _cache_inputs(unit, qdq, model, captures, seed + ui)
             n = len(xq)
             xq_t, xf_t = torch.from_numpy(xq).to(device), torch.from_numpy(xf).to(device)
             with torch.no_grad():
@@ -457,17 +458,19 @@ def _reconstruct(model, plan, idx, batches, providers, blocks, adaquant, iterati
     return out
 
 
-def _cache_inputs(unit: Unit, qdq: onnx.ModelProto, model: onnx.ModelProto, batches, providers,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The unit's input from the quantized prefix and from the float model, whole samples, at most CACHE_MB."""
+def _cache_inputs(unit: Unit, qdq: onnx.ModelProto, model: onnx.ModelProto,
+                  captures: tuple[IncrementalCapture, IncrementalCapture], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The unit's input from the quantized prefix and from the float model (``captures``: theirs; units come in
+    graph order, so nothing they computed changes later), whole samples, at most CACHE_MB."""
     t = unit.input
+    batches = captures[0].batches
     if not batches:
         raise ValueError("reconstruction needs calibration batches")
     if t in {i.name for i in model.graph.input}:  # the graph's input: the samples themselves
         xq = xf = [b[t] for b in batches]
     else:
-        xq = [v[t] for v in iter_capture(_prefix(qdq, [t]), [t], batches, providers)]
-        xf = [v[t] for v in iter_capture(_prefix(model, [t]), [t], batches, providers)]
+        xq = [v[t] for v in captures[0].capture(qdq, [t])]
+        xf = [v[t] for v in captures[1].capture(model, [t])]
     xq, xf = np.concatenate(xq).astype(np.float32), np.concatenate(xf).astype(np.float32)
     per_sample = 3 * xq[0].nbytes + 1  # both inputs + about the target
     keep = max(MIN_SAMPLES, (CACHE_MB << 20) // per_sample)

@@ -1,0 +1,121 @@
+"""Incremental capture (converter.calib.incremental): layer-by-layer captures of a model that changes between them
+equal running the whole changed model, and run each node about once, not once per layer. Real ONNX Runtime
+sessions on a residual model built with onnx.helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from converter.calib.incremental import IncrementalCapture
+from converter.calib.runner import capture
+
+F = TensorProto.FLOAT
+LAYERS = ["c0", "c1", "c2", "c3", "c4", "c5"]
+
+
+def _model(seed: int = 0) -> onnx.ModelProto:
+    """x -> c0 -> Relu -> [c1 -> Relu -> c2] + skip -> c3 -> Relu -> [c4 -> Relu -> c5] + skip -> y."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name, x, out):
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.4, (8, 8 if name != "c0" else 3, 3, 3))
+                                             .astype(np.float32), name + "_w"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), name + "_b"))
+        nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [out], name=name, pads=[1, 1, 1, 1]))
+
+    conv("c0", "x", "a0")
+    nodes.append(helper.make_node("Relu", ["a0"], ["r0"], name="r0"))
+    conv("c1", "r0", "a1")
+    nodes.append(helper.make_node("Relu", ["a1"], ["r1"], name="r1"))
+    conv("c2", "r1", "a2")
+    nodes.append(helper.make_node("Add", ["a2", "r0"], ["s0"], name="add0"))
+    conv("c3", "s0", "a3")
+    nodes.append(helper.make_node("Relu", ["a3"], ["r3"], name="r3"))
+    conv("c4", "r3", "a4")
+    nodes.append(helper.make_node("Relu", ["a4"], ["r4"], name="r4"))
+    conv("c5", "r4", "a5")
+    nodes.append(helper.make_node("Add", ["a5", "r3"], ["y"], name="add1"))
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", F, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", F, ["N", 8, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _batches(n: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(0, 1, (4, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def _round_weights(model: onnx.ModelProto, layer: str) -> None:
+    """What a layer-wise technique does after capturing a layer: its weight replaced (here: coarsely rounded)."""
+    t = next(t for t in model.graph.initializer if t.name == layer + "_w")
+    t.CopyFrom(numpy_helper.from_array(np.round(numpy_helper.to_array(t) * 4) / 4, t.name))
+
+
+def test_layer_by_layer_captures_equal_the_changed_models_and_run_each_node_about_once():
+    model, batches = _model(), _batches()
+    inc, inc_out = IncrementalCapture(batches, ["CPUExecutionProvider"]), IncrementalCapture(batches, ["CPUExecutionProvider"])
+    nodes = {n.name: n for n in model.graph.node}
+    for layer in LAYERS:
+        node = nodes[layer]
+        # the layer's input, and its output with its weights as they are now (provisional: they change next), read
+        # batch by batch side by side as AdaRound's search reads them (zip stops at the first one's end)
+        got = zip(inc.capture(model, [node.input[0]]), inc_out.capture(model, [node.output[0]], frozenset([layer])))
+        want = capture(model, [node.input[0], node.output[0]], batches, ["CPUExecutionProvider"])
+        for (g_in, g_out), w in zip(got, want):
+            np.testing.assert_allclose(g_in[node.input[0]], w[node.input[0]], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(g_out[node.output[0]], w[node.output[0]], rtol=1e-5, atol=1e-5)
+        _round_weights(model, layer)  # the next captures must see the new weights of this layer
+    # the last output, through every changed layer
+    got = list(inc.capture(model, ["y"]))
+    want = capture(model, ["y"], batches, ["CPUExecutionProvider"])
+    assert all(np.allclose(g["y"], w["y"], rtol=1e-5, atol=1e-5) for g, w in zip(got, want))
+    # the prefixes from the inputs the same captures ran before: each layer's input and output, every node above
+    prefixes = sum(_ancestors(model, t) for layer in LAYERS for t in (nodes[layer].input[0], nodes[layer].output[0]))
+    assert prefixes == 66
+    # each node once, plus each layer once more with its new weights (its output was provisional)
+    assert inc.nodes_run <= len(model.graph.node) + len(LAYERS), inc.nodes_run
+    assert inc_out.nodes_run <= len(model.graph.node) + len(LAYERS), inc_out.nodes_run
+
+
+def test_a_capture_left_half_way_drops_the_frontier_and_the_next_is_right():
+    model, batches = _model(3), _batches(3)
+    inc = IncrementalCapture(batches, ["CPUExecutionProvider"])
+    list(inc.capture(model, ["r0"]))
+    next(inc.capture(model, ["s0"]))  # one batch of three read, then left
+    got = list(inc.capture(model, ["r3"]))
+    want = capture(model, ["r3"], batches, ["CPUExecutionProvider"])
+    assert all(np.allclose(g["r3"], w["r3"], rtol=1e-5, atol=1e-5) for g, w in zip(got, want))
+
+
+def _ancestors(model: onnx.ModelProto, tensor: str) -> int:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), [tensor]
+    while stack:
+        n = producer.get(stack.pop())
+        if n is not None and n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.input)
+    return len(seen)
+
+
+def test_a_frontier_over_its_limit_is_dropped_and_captures_stay_right():
+    model, batches = _model(2), _batches(2)
+    inc = IncrementalCapture(batches, ["CPUExecutionProvider"], limit_mb=0)  # every frontier is over 0 MiB
+    for layer in LAYERS:
+        out = next(n for n in model.graph.node if n.name == layer).output[0]
+        got = list(inc.capture(model, [out], frozenset([layer])))
+        want = capture(model, [out], batches, ["CPUExecutionProvider"])
+        assert all(np.allclose(g[out], w[out], rtol=1e-5, atol=1e-5) for g, w in zip(got, want))
+        assert not inc.values  # nothing kept: each capture ran its prefix from the inputs
+        _round_weights(model, layer)
+    assert inc.nodes_run > len(model.graph.node) + len(LAYERS)
+
+
+def test_a_capture_of_the_graph_input_runs_nothing():
+    model, batches = _model(), _batches(1)
+    inc = IncrementalCapture(batches, ["CPUExecutionProvider"])
+    got = list(inc.capture(model, ["x"]))
+    assert inc.nodes_run == 0 and np.array_equal(got[0]["x"], batches[0]["x"])
