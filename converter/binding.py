@@ -133,26 +133,27 @@ def check_prepared_current(path: Any, what: str = "model") -> None:
                      + f", or re-run quantize; delete {path}")
 
 
-def check_encodings_model(model: Any, encodings: str | os.PathLike) -> None:
+def check_encodings_model(model: Any, encodings: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """``apply-encodings``: ``model`` must be the float model the encodings were computed for (the prepared
-    model when quantize wrote one), as the report beside the encodings records it."""
+    model when quantize wrote one), as the report beside the encodings records it. Returns that report (path,
+    contents), None where none records the encodings."""
     found = recording_report(encodings, "encodings")
     if found is None:
         log.debug("no quantize report beside %s records it: the encodings are applied without a model check",
                   encodings)
-        return
+        return None
     report, doc = found
     binding = doc["binding"]
     if not isinstance(model, (str, os.PathLike)):
         log.debug("the model is not a file: no check against %s", report)
-        return
+        return found
     check_prepared_current(model)
     needed = binding.get("prepared_model") or binding.get("float_model")
     if not needed or not needed.get("sha256"):
-        return
+        return found
     sha = sha256_file(model)
     if sha == needed["sha256"]:
-        return
+        return found
     original = binding.get("float_model") or {}
     made_for = f"these encodings ({encodings}) were made for {needed['path']} ({_short(needed['sha256'])})"
     if binding.get("prepared_model") and sha == original.get("sha256"):

@@ -246,13 +246,16 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="float ONNX model")
     p.add_argument("encodings", help="AIMET encodings JSON (0.6.1, 1.0.0 or 2.0.0)")
     p.add_argument("-o", "--output", required=True, help="QDQ ONNX file to write")
+    p.add_argument("--weight-storage", choices=["packed", "int8"], default=None,
+                   help="weights below 8 bits (not block-wise): packed, or int8 holding the same integers (default: "
+                        "as the quantize report beside the encodings records, else packed)")
 
 
 def _run_apply(args: argparse.Namespace) -> int:
     from .encodings_file import apply_encodings
 
     out = check_output_file(args.output, "-o/--output", [args.model, args.encodings])
-    model = apply_encodings(args.model, args.encodings, out)
+    model = apply_encodings(args.model, args.encodings, out, args.weight_storage)
     print(f"applied {args.encodings} -> {out} ({_plural(len(model.graph.node), 'node')})")
     return 0
 

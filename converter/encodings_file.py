@@ -138,20 +138,28 @@ def _param_blocks(idx: GraphIndex, name: str, enc: Encoding, source: str) -> Enc
                          "apply the encodings to the float model they were computed for")
 
 
-def apply_encodings(model: Any, encodings: str | Path, output: str | Path) -> onnx.ModelProto:
+def apply_encodings(model: Any, encodings: str | Path, output: str | Path,
+                    weight_storage: str | None = None) -> onnx.ModelProto:
     """Float model + encodings file -> the QDQ model (the same bytes ``quantize`` wrote).
 
     When the quantize report beside the encodings records them, ``model`` must be the file they were made for
     (:func:`converter.binding.check_encodings_model`): the ``<name>.prepared.onnx`` quantize wrote, else the
-    float model it was given."""
+    float model it was given. ``weight_storage``: ``packed`` or ``int8`` for weights below 8 bits (not block-wise;
+    :func:`converter.quant.qdq.as_int8`); None: as that report records (quantize's ``weights.storage``), else
+    packed."""
     output = Path(output)
     ensure_writable_dir(output.parent if str(output.parent) else ".")
-    check_encodings_model(model, encodings)
+    if weight_storage not in (None, "packed", "int8"):
+        raise EncodingsError(f"weight storage {weight_storage!r} is not one of packed, int8",
+                             "pass packed or int8, or leave it unset to follow the quantize report")
+    found = check_encodings_model(model, encodings)
+    if weight_storage is None:
+        weight_storage = (found[1].get("weight_storage") if found else None) or "packed"
     float_model = load_model(model)
     preprocess(float_model)
     enc_file = read_encodings(encodings)
     encs = encodings_for_model(float_model, enc_file, str(encodings))
-    qdq = render_control_flow(float_model, encs)
+    qdq = render_control_flow(float_model, encs, weight_storage == "int8")
     check_model(qdq)
     save_model(qdq, output, external=is_large(float_model))  # the layout quantize writes
     return qdq

@@ -306,7 +306,7 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     check_node_names(state.model, config)
     run_flow(state, calib_data, config, calib_spec, t0=t0)
     t = time.perf_counter()
-    qdq = render_control_flow(state.model, state.plan.encodings)
+    qdq = render_control_flow(state.model, state.plan.encodings, state.config.low_bit_weights_as_int8)
     timings = {"load_and_plan_s": state.timings["load_and_plan_s"], "calibration_s": state.timings["calibration_s"],
                "render_s": state.timings["encode_s"] + time.perf_counter() - t,
                **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time

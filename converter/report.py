@@ -49,6 +49,8 @@ def build_report(prepared: FlowState, plan: QuantPlan, qdq: onnx.ModelProto, con
                   "nodes": len(prepared.model.graph.node),
                   "inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.shape)} for s in prepared.inputs]},
         "config": config.to_dict(),
+        # how weights below 8 bits (not block-wise) are written in the QDQ model; apply-encodings renders alike
+        "weight_storage": "int8" if config.low_bit_weights_as_int8 else "packed",
         "preprocess": prepared.passes,
         "calibration": {"method": config.calib_method, "samples": calib.samples, "batches": calib.batches,
                         "seconds": round(calib.seconds, 3), "providers": calib.providers,
@@ -114,11 +116,13 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qd
                     idx: GraphIndex | None = None) -> dict[str, Any] | None:
     """Target ``ort-cpu``: what ONNX Runtime CPU's optimized graph of the QDQ model runs quantized (QLinearConv,
     QGemm, MatMulNBits, ...) and which layer ops it runs in float (:func:`kernel_summary`), with ``qdq`` the layers
-    it runs in float by name (:func:`runtime_accounting`). Warns when weights
+    it runs in float by name (:func:`runtime_accounting`). Warns when packed weights
     below 8 bits leave layers in float there: ONNX Runtime CPU has integer kernels for 8-bit weights, and for 4-bit
-    ones only MatMulNBits (a block-wise MatMul weight read in float); any other 4-bit weight is dequantized and
-    its layer runs in float, so the model is smaller but not faster (EfficientNet-Lite0 W4A8: 13.6 ms batch-1 vs
-    7.3 ms FP32). None for other targets and for models over the protobuf limit (``data`` None)."""
+    ones only MatMulNBits (a block-wise MatMul weight read in float); any other packed 4-bit weight is dequantized
+    and its layer runs in float, so the model is smaller but not faster (EfficientNet-Lite0 W4A8: 32.3 ms batch-1
+    vs 8.1 ms FP32). Stored as int8 holding the same integers (``weights.storage``, ort-cpu's default) they run on
+    its 8-bit kernels (4.55 ms); that is logged. None for other targets and for models over the protobuf limit
+    (``data`` None)."""
     if config.target != "ort-cpu" or data is None:
         return None
     try:
@@ -129,13 +133,23 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qd
         return None
     low = [t.name for t in plan.by_role(WEIGHT)
            if t.bitwidth < 8 and not (t.block_size and plan.layer_ops(t) == {"MatMul"})]  # MatMulNBits takes those
+    boxed = [n for n in low if config.low_bit_weights_as_int8 and not plan.tensors[n].block_size]
+    if boxed:
+        log.info("%d weight(s) below 8 bits are written as int8 holding the same integers, so ONNX Runtime CPU runs "
+                 "their layers on its 8-bit kernels (its optimized graph: %s; %d layer(s) in float); the encodings "
+                 "file keeps their width (weights.storage: packed writes them packed: smaller, but ONNX Runtime CPU "
+                 "then runs those layers in float)", len(boxed),
+                 ", ".join(f"{v} {k}" for k, v in kernels["quantized_kernels"].items()) or "no integer kernel",
+                 kernels["float_layers"])
+        low = [n for n in low if n not in set(boxed)]
     if low and kernels["float_layers"]:
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items())
         log.warning("%d weight(s) below 8 bits (e.g. %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
                     "them and runs their layers in float (its optimized graph: %s), so the model is smaller, not "
-                    "faster; for speed there keep these layers at 8 bits (weight_bits_overrides, e.g. "
-                    "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); 4-bit Conv weights pay "
-                    "off on a runtime with int4 kernels", len(low), low[0], floats)
+                    "faster; for speed there store them as int8 holding the same integers (weights.storage: int8, "
+                    "the default on ort-cpu), keep these layers at 8 bits (weight_bits_overrides, e.g. "
+                    "{\"op:Conv\": 8}) or use block-wise 4-bit MatMul weights (MatMulNBits); packed 4-bit Conv "
+                    "weights pay off on a runtime with int4 kernels", len(low), low[0], floats)
     return kernels
 
 

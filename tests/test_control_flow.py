@@ -289,7 +289,7 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     x = _data(1, 9, 0.42)[0]
     assert _cos(_run(model, x), _run(q16, x)) > 0.999
     # 4-bit weights (inside the bodies too) need opset 21 as well, and re-apply to the same model
-    res4 = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4), tmp_path / "c", "cf")
+    res4 = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4, weight_storage="packed"), tmp_path / "c", "cf")
     q4 = onnx.load(res4.model_path)
     assert q4.opset_import[0].version == 21
     assert any(t.data_type == onnx.TensorProto.INT4 for s in scopes(q4) for t in s.graph.initializer) or \
@@ -297,6 +297,13 @@ def test_061_encodings_and_16_bit_bodies(tmp_path):
     again4 = apply_encodings(float_of(res4, model), res4.encodings_path, tmp_path / "c" / "again.onnx")
     assert again4.SerializeToString() == q4.SerializeToString()
     assert _cos(_run(model, x), _run(q4, x)) > 0.95
+    # stored as int8 (ort-cpu's default), bodies included: no INT4 left, the same values, re-applied alike
+    res8 = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4), tmp_path / "d", "cf")
+    q8 = onnx.load(res8.model_path)
+    assert not any(t.data_type == onnx.TensorProto.INT4 for s in scopes(q8) for t in s.graph.initializer)
+    assert _cos(_run(q4, x), _run(q8, x)) > 0.999
+    again8 = apply_encodings(float_of(res8, model), res8.encodings_path, tmp_path / "d" / "again.onnx")
+    assert again8.SerializeToString() == q8.SerializeToString()
 
 
 def test_captured_activation_keeps_the_outer_encoding_and_its_biases_follow(tmp_path):

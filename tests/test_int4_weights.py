@@ -14,7 +14,9 @@ from converter.cli import main
 from converter.errors import ConfigError
 from converter.encodings_file import apply_encodings
 from converter.quant.encoding import encoding_from_range
-from converter.quant.qdq import int_tensor
+from converter.graph.model_io import small_bytes
+from converter.ort_session import optimized_op_counts
+from converter.quant.qdq import dequantized_values, int_tensor
 
 from .conftest import parse, run, float_of
 
@@ -49,7 +51,8 @@ def test_int4_weights_run_in_ort_and_round_trip_the_encodings(tmp_path):
     ref = run(model, x)[0]
     errs = {}
     for bits in (8, 4):
-        r = quantize(model, batches(1), QuantConfig(weight_bits=bits), output_dir=tmp_path / str(bits), name="m")
+        r = quantize(model, batches(1), QuantConfig(weight_bits=bits, weight_storage="packed"),
+                     output_dir=tmp_path / str(bits), name="m")
         q = onnx.load(str(r.model_path))
         w = [t for t in q.graph.initializer if t.name == "W_quantized"]
         assert [t.data_type for t in w] == [onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8]
@@ -62,12 +65,51 @@ def test_int4_weights_run_in_ort_and_round_trip_the_encodings(tmp_path):
     again = apply_encodings(float_of(r, model), r.encodings_path, tmp_path / "again.onnx")
     np.testing.assert_array_equal(run(again, x)[0], run(q, x)[0])
     # 2.0.0 writes the 4-bit weight as int4 and reads it back to the same model
-    r2 = quantize(model, batches(1), QuantConfig(weight_bits=4, encodings_version="2.0.0"), output_dir=tmp_path / "v2",
-                  name="m")
+    r2 = quantize(model, batches(1), QuantConfig(weight_bits=4, encodings_version="2.0.0", weight_storage="packed"),
+                  output_dir=tmp_path / "v2", name="m")
     doc = json.loads(r2.encodings_path.read_text())
     assert [e["output_dtype"] for e in doc["encodings"] if e["name"] == "W"] == ["int4"]
     apply_encodings(float_of(r2, model), r2.encodings_path, tmp_path / "again2.onnx")
     assert (tmp_path / "again2.onnx").read_bytes() == r2.model_path.read_bytes()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_weights_stored_as_int8_run_on_integer_kernels_with_the_same_values(tmp_path, symmetric):
+    """ort-cpu has no 4-bit Conv kernel: by default (weights.storage auto) a 4-bit weight is written as int8 holding
+    the same integers (zero point 0, asymmetric ones shifted by theirs), so ORT runs a QLinearConv; packed, it
+    dequantizes the weight and runs the Conv in float. The encodings file keeps 4 bits; apply-encodings follows."""
+    model, x = conv_model(), batches(9, 1)[0]
+    made = {}
+    for storage in ("auto", "packed"):
+        r = quantize(model, batches(1), QuantConfig(weight_bits=4, weight_symmetric=symmetric, weight_storage=storage),
+                     output_dir=tmp_path / storage, name="m")
+        made[storage] = (r, onnx.load(str(r.model_path)))
+    (r_int8, q_int8), (r_packed, q_packed) = made["auto"], made["packed"]
+    inits = {t.name: t for t in q_int8.graph.initializer}
+    w = inits["W_quantized"]
+    assert w.data_type == onnx.TensorProto.INT8 and inits["W_quantized"].name == "W_quantized"
+    ints = numpy_helper.to_array(w).astype(int)
+    assert -15 <= ints.min() and ints.max() <= 15 and (ints.max() - ints.min() <= 15 if symmetric else True)
+    dq = next(n for n in q_int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized")
+    assert not numpy_helper.to_array(inits[dq.input[2]]).any()  # zero point 0: ORT's int8 weight kernels need it
+    # the same weight values, the same model up to the integer kernel's rounding
+    np.testing.assert_array_equal(dequantized_values(q_int8)[dq.output[0]],
+                                  dequantized_values(q_packed)[dq.output[0]])
+    ops = {k: optimized_op_counts(small_bytes(q)) for k, (_, q) in made.items()}
+    assert ops["auto"].get("QLinearConv") == 1 and not ops["auto"].get("Conv"), ops["auto"]
+    assert ops["packed"].get("Conv") == 1 and not ops["packed"].get("QLinearConv"), ops["packed"]
+    y_int8, y_packed = run(q_int8, x)[0], run(q_packed, x)[0]
+    assert np.abs(y_int8 - y_packed).max() <= 0.05 * np.abs(y_packed).max()
+    report = json.loads(r_int8.report_path.read_text())
+    assert report["weight_storage"] == "int8" and json.loads(r_packed.report_path.read_text())["weight_storage"] == "packed"
+    [w_enc] = [e for e in json.loads(r_int8.encodings_path.read_text())["param_encodings"] if e["name"] == "W"]
+    assert w_enc["bw"] == 4
+    # apply-encodings renders as the report beside the encodings records, or as asked
+    for storage, (r, _) in made.items():
+        apply_encodings(float_of(r, model), r.encodings_path, tmp_path / f"again_{storage}.onnx")
+        assert (tmp_path / f"again_{storage}.onnx").read_bytes() == r.model_path.read_bytes()
+    apply_encodings(float_of(r_int8, model), r_int8.encodings_path, tmp_path / "as_packed.onnx", "packed")
+    assert (tmp_path / "as_packed.onnx").read_bytes() == r_packed.model_path.read_bytes()
 
 
 def test_weight_bits_3_is_one_clear_error(tmp_path, capsys):
@@ -90,7 +132,8 @@ def test_depthwise_layers_at_8_bits_by_one_override_key(tmp_path):
     cases = {"depthwise": ({"depthwise": 8}, {"W": 4, "D": 8, "F": 4}),
              "name wins": ({"depthwise": 8, "Conv_2": 4, "first": 8}, {"W": 8, "D": 4, "F": 4})}
     for label, (overrides, want) in cases.items():
-        r = quantize(layer_model(), patch_batches(1, 1), QuantConfig(weight_bits=4, weight_bits_overrides=overrides),
+        r = quantize(layer_model(), patch_batches(1, 1),
+                     QuantConfig(weight_bits=4, weight_bits_overrides=overrides, weight_storage="packed"),
                      output_dir=tmp_path / label.replace(" ", "_"), name="m")
         assert {w["weight"]: w["bits"] for w in r.report["summary"]["weights"]} == want, label
         dtypes = {t.name: t.data_type for t in onnx.load(str(r.model_path)).graph.initializer}
@@ -129,7 +172,8 @@ def test_asymmetric_weights_use_every_level_and_round_trip(tmp_path):
     for label, kw in (("sym", {}), ("asym", {"weight_symmetric": False}),
                       ("sym_mse", {"weight_calib": "mse"}), ("asym_mse", {"weight_calib": "mse", "weight_symmetric": False}),
                       ("asym_search", {"weight_symmetric": False, "adaround": True, "adaround_iterations": 0})):
-        r = quantize(model, calib, QuantConfig(weight_bits=4, **kw), output_dir=tmp_path / label, name="m")
+        r = quantize(model, calib, QuantConfig(weight_bits=4, weight_storage="packed", **kw),
+                     output_dir=tmp_path / label, name="m")
         q = onnx.load(str(r.model_path))
         errs[label] = float(np.mean((run(q, x)[0] - ref) ** 2) / np.mean(ref ** 2))
         inits = {t.name: t for t in q.graph.initializer}
@@ -177,12 +221,13 @@ def test_asymmetric_weights_on_a_zero_point_free_target_is_one_clear_error():
 
 def test_report_says_what_ort_cpu_runs_quantized_and_warns_on_4bit_conv_weights(tmp_path, caplog):
     """ONNX Runtime CPU has no int4 Conv kernel: the report counts what its optimized graph runs quantized and which
-    layers it runs in float, and 4-bit Conv weights get one warning that names the fix; 8-bit weights and
-    block-wise 4-bit MatMul weights (MatMulNBits) get none."""
+    layers it runs in float, and packed 4-bit Conv weights get one warning that names the fix; 8-bit weights, 4-bit
+    weights stored as int8 (the default there) and block-wise 4-bit MatMul weights (MatMulNBits) get none."""
     from .test_block_weights import outlier_matmul, xs
 
     cases = {"w8": (conv_model(), batches(1), QuantConfig()),
-             "w4": (conv_model(), batches(1), QuantConfig(weight_bits=4)),
+             "w4": (conv_model(), batches(1), QuantConfig(weight_bits=4, weight_storage="packed")),
+             "w4-int8": (conv_model(), batches(1), QuantConfig(weight_bits=4)),
              "w4-first8": (conv_model(), batches(1), QuantConfig(weight_bits=4, weight_bits_overrides={"first": 8})),
              "w4-blocks": (outlier_matmul(), xs(1), QuantConfig(weight_bits=4, weight_block_size=32)),
              "w4-tensorrt": (conv_model(), batches(1), QuantConfig(weight_bits=4, target="tensorrt"))}
@@ -197,6 +242,7 @@ def test_report_says_what_ort_cpu_runs_quantized_and_warns_on_4bit_conv_weights(
                              "compute_layers": 1, "float_layer_names": [], "float_fraction": 0.0,
                              "float_mac_fraction": 0.0}
     assert kernels["w4-first8"] == kernels["w8"]  # the one Conv is the first layer: 8 bits
+    assert kernels["w4-int8"] == kernels["w8"]  # 4-bit integers in an int8 weight: ORT's QLinearConv runs them
     assert kernels["w4"]["quantized_kernels"] == {} and kernels["w4"]["float_layers"] == 1, kernels["w4"]
     assert kernels["w4"]["float_layer_names"] == ["Conv_0"] and kernels["w4"]["float_fraction"] == 1.0
     assert kernels["w4-blocks"] == {"quantized_kernels": {"MatMulNBits": 1}, "float_layer_ops": {}, "float_layers": 0,
@@ -205,6 +251,7 @@ def test_report_says_what_ort_cpu_runs_quantized_and_warns_on_4bit_conv_weights(
     assert kernels["w4-tensorrt"] is None  # not an ORT CPU deployment: not measured there
     assert len(warned["w4"]) == 1 and "'W'" in warned["w4"][0] and '"op:Conv": 8' in warned["w4"][0], warned
     assert not warned["w8"] and not warned["w4-first8"] and not warned["w4-blocks"] and not warned["w4-tensorrt"]
+    assert not warned["w4-int8"]
 
 
 def smooth_conv_model(seed=0):

@@ -88,14 +88,15 @@ def test_excluding_one_layer_runs_exactly_that_layer_in_float(tmp_path):
 
 def test_report_names_the_layers_ort_runs_in_float(tmp_path, capsys):
     """summary.ort_cpu_kernels names the layers ORT's optimized graph runs in float, whatever put them there: conv1
-    excluded, conv3 with a 4-bit weight (no int4 Conv kernel: ORT dequantizes it and runs the Conv in float) although
-    the plan quantized it; the fractions count those two of the four equal Convs; the CLI line names them."""
+    excluded, conv3 with a packed 4-bit weight (no int4 Conv kernel: ORT dequantizes it and runs the Conv in float)
+    although the plan quantized it; the fractions count those two of the four equal Convs; the CLI line names them."""
     import json
 
     from converter.cli import main
 
     model = conv_chain()
-    r = quantize(model, data((4, 8, 16, 16)), QuantConfig(exclude_nodes=("conv1",), weight_bits_overrides={"conv3": 4}),
+    r = quantize(model, data((4, 8, 16, 16)), QuantConfig(exclude_nodes=("conv1",), weight_bits_overrides={"conv3": 4},
+                                                           weight_storage="packed"),
                  output_dir=tmp_path / "api", name="m")
     k = r.report["summary"]["ort_cpu_kernels"]
     assert r.report["summary"]["float_nodes"] == ["conv1"]  # what the plan left in float ...

@@ -146,11 +146,12 @@ def has_control_flow(model: onnx.ModelProto) -> bool:
                for n in model.graph.node for a in n.attribute)
 
 
-def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encoding]) -> onnx.ModelProto:
+def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
+                        low_bit_as_int8: bool = False) -> onnx.ModelProto:
     """:func:`render_qdq` for a model with bodies: each body with the encodings of the tensors its own nodes
     read or define, innermost first, then the main graph. Without bodies it is exactly ``render_qdq``."""
     if not any(bodies(n) for n in float_model.graph.node):
-        return render_qdq(float_model, encodings)
+        return render_qdq(float_model, encodings, low_bit_as_int8=low_bit_as_int8)
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
     ensure_opset(model, encodings)  # once, before the bodies are cut out (as render_qdq would for the main graph)
@@ -160,11 +161,12 @@ def render_control_flow(float_model: onnx.ModelProto, encodings: dict[str, Encod
         wanted = {t: e for t, e in encodings.items() if t in used}
         if not wanted:
             continue
-        rendered = render_qdq(wrapper(scope, model), wanted, reserved=reserved)
+        rendered = render_qdq(wrapper(scope, model), wanted, reserved=reserved, low_bit_as_int8=low_bit_as_int8)
         write_back(scope, rendered)
     main_idx = GraphIndex.build(model)
     main_used = set(main_idx.consumers) | main_idx.graph_outputs  # read in the main graph (not only by bodies)
-    out = render_qdq(model, {t: e for t, e in encodings.items() if t in main_used}, reserved=reserved)
+    out = render_qdq(model, {t: e for t, e in encodings.items() if t in main_used}, reserved=reserved,
+                     low_bit_as_int8=low_bit_as_int8)
     _drop_unused_initializers(out)  # outer weights now read quantized inside the bodies
     return out
 

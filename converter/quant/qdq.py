@@ -74,9 +74,10 @@ def ensure_opset(model: onnx.ModelProto, encodings: dict[str, Encoding]) -> None
 
 
 def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
-               reserved: set[str] | None = None) -> onnx.ModelProto:
+               reserved: set[str] | None = None, low_bit_as_int8: bool = False) -> onnx.ModelProto:
     """The QDQ model of one graph (bodies of If/Loop/Scan are left as they are: see
-    :func:`converter.quant.control_flow.render_control_flow`). ``reserved``: names to avoid (updated)."""
+    :func:`converter.quant.control_flow.render_control_flow`). ``reserved``: names to avoid (updated).
+    ``low_bit_as_int8``: weights below 8 bits that are not block-wise are written as int8 (:func:`as_int8`)."""
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
     ensure_opset(model, encodings)
@@ -113,7 +114,10 @@ def render_qdq(float_model: onnx.ModelProto, encodings: dict[str, Encoding],
         if idx.is_constant(tensor):
             values = idx.constant(tensor)
             q_name = names(f"{tensor}_quantized")
-            new_inits.append(int_tensor(enc.quantize(values), q_name, enc))
+            q = enc.quantize(values)
+            if low_bit_as_int8 and enc.bitwidth < 8 and not enc.blocked:
+                q, enc = as_int8(q, enc)
+            new_inits.append(int_tensor(q, q_name, enc))
             scale, zp = params(tensor, enc, values.shape)
             dq_out = names(f"{tensor}_dequantized")
             dq = helper.make_node("DequantizeLinear", [q_name, scale, zp], [dq_out],
@@ -285,6 +289,19 @@ def _integer_clamps(g: onnx.GraphProto) -> None:
         kept_inits = [t for t in g.initializer if t.name in used or t.name not in candidates]
         del g.initializer[:]
         g.initializer.extend(kept_inits)
+
+
+def as_int8(q: np.ndarray, enc: Encoding) -> tuple[np.ndarray, Encoding]:
+    """A low-bit weight's integers ``q`` (``enc``: per tensor or per channel) as int8 with zero point 0 and the same
+    scales, ``q - zero point``: the same dequantized values (4-bit asymmetric: -15..15), which a runtime with 8-bit
+    kernels and none for 4 bits runs on its integer kernels (ONNX Runtime CPU: QLinearConv, QGemm)."""
+    zero = enc.zero_point_array().astype(np.int16)
+    if enc.per_channel:
+        shape = [1] * q.ndim
+        shape[enc.axis] = -1
+        zero = zero.reshape(shape)
+    wide = Encoding(8, True, True, enc.scale, (0,) * len(enc.scale), enc.axis)
+    return (q.astype(np.int16) - zero).astype(np.int8), wide
 
 
 def int_tensor(values: np.ndarray, name: str, enc: Encoding) -> onnx.TensorProto:

@@ -163,7 +163,7 @@ class Searcher:
         with applied_params(self.prepared.idx, self.kept_edits(plan)):
             encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
                          self.config)
-            return plan, render_control_flow(self.prepared.model, plan.encodings)
+            return plan, render_control_flow(self.prepared.model, plan.encodings, config.low_bit_weights_as_int8)
 
     def reads_float_inputs(self, layer: LayerScore | Layer) -> bool:
         """Whether float ``layer`` reads its inputs in float (``exclude_with_inputs``: the ranking measured that, it
