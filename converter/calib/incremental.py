@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..graph.index import bodies
 from .runner import elem_types, iter_capture, make_session
 
 log = logging.getLogger("converter")
@@ -49,9 +50,11 @@ class IncrementalCapture:
         """``wanted``'s values in each batch (plus the batch's inputs), one batch at a time, running only what the
         frontier lacks. Nodes named in ``provisional`` run where needed but are not counted as computed (module
         doc). Consume it to the end: a capture left half-way drops the frontier (the next runs from the inputs)."""
-        if self._open or _has_subgraphs(model):
+        if self._open or _has_bodies(model):
             self.values, self.done = {}, set()
-        if _has_subgraphs(model):
+        if not self.batches:
+            return
+        if _has_bodies(model):
             self.nodes_run += len(model.graph.node)
             yield from iter_capture(model, wanted, self.batches, self.providers)
             return
@@ -105,9 +108,10 @@ class IncrementalCapture:
         g = model.graph
         read = {t for n in nodes for t in n.input if t}
         feeds = {k for k in (self.batches[0] if self.batches else ()) if k in read}
-        sub = onnx.ModelProto()
-        sub.CopyFrom(model)
-        del sub.graph.node[:], sub.graph.initializer[:], sub.graph.input[:], sub.graph.output[:]
+        sub = onnx.ModelProto(ir_version=model.ir_version)  # not a copy of the whole model: its weights are many
+        sub.opset_import.extend(model.opset_import)
+        sub.functions.extend(model.functions)
+        sub.graph.name = g.name
         sub.graph.node.extend(nodes)
         sub.graph.initializer.extend(t for t in g.initializer if t.name in read)
         sub.graph.input.extend(i for i in g.input if i.name in feeds)
@@ -122,6 +126,5 @@ class IncrementalCapture:
         return make_session(sub, self.providers), feeds
 
 
-def _has_subgraphs(model: onnx.ModelProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in model.graph.node for a in n.attribute)
+def _has_bodies(model: onnx.ModelProto) -> bool:
+    return any(bodies(n) for n in model.graph.node)
