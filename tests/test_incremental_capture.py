@@ -26,18 +26,19 @@ def _model(seed: int = 0) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), name + "_b"))
         nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [out], name=name, pads=[1, 1, 1, 1]))
 
-    conv("c0", "x", "a0")
-    nodes.append(helper.make_node("Relu", ["a0"], ["r0"], name="r0"))
-    conv("c1", "r0", "a1")
-    nodes.append(helper.make_node("Relu", ["a1"], ["r1"], name="r1"))
-    conv("c2", "r1", "a2")
-    nodes.append(helper.make_node("Add", ["a2", "r0"], ["s0"], name="add0"))
-    conv("c3", "s0", "a3")
-    nodes.append(helper.make_node("Relu", ["a3"], ["r3"], name="r3"))
-    conv("c4", "r3", "a4")
-    nodes.append(helper.make_node("Relu", ["a4"], ["r4"], name="r4"))
-    conv("c5", "r4", "a5")
-    nodes.append(helper.make_node("Add", ["a5", "r3"], ["y"], name="add1"))
+    def conv_relu(k, x):  # c<k> -> Relu r<k>
+        conv(f"c{k}", x, f"a{k}")
+        nodes.append(helper.make_node("Relu", [f"a{k}"], [f"r{k}"], name=f"r{k}"))
+
+    def residual(k, x, out):  # c<k> -> Relu -> c<k+1>, plus x
+        conv_relu(k, x)
+        conv(f"c{k + 1}", f"r{k}", f"a{k + 1}")
+        nodes.append(helper.make_node("Add", [f"a{k + 1}", x], [out], name=f"add{k}"))
+
+    conv_relu(0, "x")
+    residual(1, "r0", "s0")
+    conv_relu(3, "s0")
+    residual(4, "r3", "y")
     graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", F, ["N", 3, 12, 12])],
                               [helper.make_tensor_value_info("y", F, ["N", 8, 12, 12])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
