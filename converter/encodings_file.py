@@ -152,10 +152,10 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path,
     if weight_storage not in (None, "packed", "int8"):
         raise EncodingsError(f"weight storage {weight_storage!r} is not one of packed, int8",
                              "pass packed or int8, or leave it unset to follow the quantize report")
+    float_model = load_model(model)  # first: a missing or broken model file is one clear error
     found = check_encodings_model(model, encodings)
     if weight_storage is None:
         weight_storage = (found[1].get("weight_storage") if found else None) or "packed"
-    float_model = load_model(model)
     preprocess(float_model)
     enc_file = read_encodings(encodings)
     encs = encodings_for_model(float_model, enc_file, str(encodings))

@@ -135,6 +135,18 @@ def test_encodings_for_another_model(model_path, tmp_path, capsys):
     assert not (tmp_path / "o" / "q.onnx").exists()
 
 
+def test_encodings_for_a_missing_model_file(model_path, tmp_path, capsys):
+    """The quantize report beside the encodings records the model they were made for; a model path that does not
+    exist is still one clear error (it used to end in a traceback from the report check)."""
+    code, err = quantize_cli(capsys, model_path, calib_dir(tmp_path, {"a": GOOD}), tmp_path / "out")
+    assert code == 0, err
+    out = tmp_path / "o" / "q.onnx"
+    code = main(["apply-encodings", str(tmp_path / "gone.onnx"), str(tmp_path / "out" / "m.encodings"), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "model file not found" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_success_leaves_only_the_three_outputs(model_path, tmp_path, capsys):
     code, err = quantize_cli(capsys, model_path, calib_dir(tmp_path, {"a": GOOD + 1}), tmp_path / "out")
     assert code == 0, err
