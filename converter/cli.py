@@ -11,7 +11,7 @@ import sys
 from typing import Callable
 
 from ._version import __version__
-from .config import METRIC_ALIASES, SEARCH_METRICS, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
+from .config import METRIC_ALIASES, SEARCH_METRICS, WEIGHT_STORAGES, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
 from .errors import UserError
 from .commands.argtypes import parse_shape
 from .commands.config_flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: re-exported)
@@ -246,7 +246,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="float ONNX model")
     p.add_argument("encodings", help="AIMET encodings JSON (0.6.1, 1.0.0 or 2.0.0)")
     p.add_argument("-o", "--output", required=True, help="QDQ ONNX file to write")
-    p.add_argument("--weight-storage", choices=["packed", "int8"], default=None,
+    p.add_argument("--weight-storage", choices=list(WEIGHT_STORAGES[1:]), default=None,
                    help="weights below 8 bits (not block-wise): packed, or int8 holding the same integers (default: "
                         "as the quantize report beside the encodings records, else packed)")
 

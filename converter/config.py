@@ -173,6 +173,7 @@ TARGETS: dict[str, TargetPreset] = {
 
 CALIB_METHODS = ("minmax", "minmax_ema", "percentile", "entropy", "mse", "auto")
 WEIGHT_CALIB_METHODS = ("minmax", "mse")
+WEIGHT_STORAGES = ("auto", "packed", "int8")  # weights below 8 bits: auto, packed int4, int8 with the same integers
 ENCODINGS_VERSIONS = ("1.0.0", "0.6.1", "2.0.0")
 PROVIDERS = ("auto", "cpu", "cuda")
 CLE_RELU6_MODES = ("keep", "min", "replace")
@@ -383,7 +384,7 @@ class QuantConfig:
                                                 "per channel)")
     # how weights below 8 bits are written: packed int4 (the size), or int8 holding the same integers (the target's
     # 8-bit kernels run them); auto: int8 where the target has no kernel for them (ort-cpu), else packed
-    weight_storage: str = option("auto", "weights.storage", "--weight-storage", choices=["auto", "packed", "int8"],
+    weight_storage: str = option("auto", "weights.storage", "--weight-storage", choices=list(WEIGHT_STORAGES),
                                  help="weights below 8 bits (not block-wise) in the QDQ model: packed int4, or int8 "
                                       "holding the same integers so 8-bit kernels run their layers; auto: int8 on "
                                       "ort-cpu (no 4-bit Conv/Gemm kernel), else packed (default: auto); the "
@@ -566,7 +567,7 @@ class QuantConfig:
         _check_choice("target", self.target, tuple(TARGETS))
         _check_choice("calib_method", self.calib_method, CALIB_METHODS)
         _check_choice("weight_calib", self.weight_calib, WEIGHT_CALIB_METHODS)
-        _check_choice("weight_storage", self.weight_storage, ("auto", "packed", "int8"))
+        _check_choice("weight_storage", self.weight_storage, WEIGHT_STORAGES)
         _check_choice("encodings_version", self.encodings_version, ENCODINGS_VERSIONS)
         _check_choice("providers", self.providers, PROVIDERS)
         _check_choice("activation_bits", self.activation_bits, (8, 16))

@@ -17,7 +17,7 @@ import onnx
 
 from .binding import check_encodings_model
 from .calib.runner import make_session
-from .config import QuantConfig
+from .config import WEIGHT_STORAGES, QuantConfig
 from .errors import EncodingsError
 from .graph.index import GraphIndex
 from .graph.model_io import ensure_writable_dir, external_copy, is_large, load_model, save_model
@@ -149,7 +149,7 @@ def apply_encodings(model: Any, encodings: str | Path, output: str | Path,
     packed."""
     output = Path(output)
     ensure_writable_dir(output.parent if str(output.parent) else ".")
-    if weight_storage not in (None, "packed", "int8"):
+    if weight_storage is not None and weight_storage not in WEIGHT_STORAGES[1:]:
         raise EncodingsError(f"weight storage {weight_storage!r} is not one of packed, int8",
                              "pass packed or int8, or leave it unset to follow the quantize report")
     float_model = load_model(model)  # first: a missing or broken model file is one clear error

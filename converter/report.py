@@ -133,7 +133,8 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qd
         return None
     low = [t.name for t in plan.by_role(WEIGHT)
            if t.bitwidth < 8 and not (t.block_size and plan.layer_ops(t) == {"MatMul"})]  # MatMulNBits takes those
-    boxed = [n for n in low if config.low_bit_weights_as_int8 and not plan.tensors[n].block_size]
+    boxed = [n for n in low if not plan.tensors[n].block_size] if config.low_bit_weights_as_int8 else []
+    low = [n for n in low if n not in boxed]
     if boxed:
         log.info("%d weight(s) below 8 bits are written as int8 holding the same integers, so ONNX Runtime CPU runs "
                  "their layers on its 8-bit kernels (its optimized graph: %s; %d layer(s) in float); the encodings "
@@ -141,7 +142,6 @@ def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qd
                  "then runs those layers in float)", len(boxed),
                  ", ".join(f"{v} {k}" for k, v in kernels["quantized_kernels"].items()) or "no integer kernel",
                  kernels["float_layers"])
-        low = [n for n in low if n not in set(boxed)]
     if low and kernels["float_layers"]:
         floats = ", ".join(f"{v} {k}" for k, v in kernels["float_layer_ops"].items())
         log.warning("%d weight(s) below 8 bits (e.g. %r) have no integer kernel in ONNX Runtime CPU: it dequantizes "
