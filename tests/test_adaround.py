@@ -283,3 +283,67 @@ def test_adaround_rounds_conv_transpose_weights(tmp_path):
         assert min(lay["loss_adaround"], lay.get("loss_search", np.inf)) < 0.8 * lay["loss_nearest"], lay
     assert err[True] < 0.6 * err[False], err  # measured 0.57 vs 1.86 (the ConvTranspose losses 0.69 -> 0.32 Adam
     # -> 0.22 search, 1.06 -> 0.71 -> 0.40)
+
+
+def _output_error(model, path, data) -> float:
+    """The output check's measure: sum (q - f)^2 / sum f^2 over the samples (one float output)."""
+    num = den = 0.0
+    for feeds in data:
+        f, q = run(model, feeds)[0].astype(np.float64), run(path, feeds)[0].astype(np.float64)
+        num, den = num + float(np.square(q - f).sum()), den + float(np.square(f).sum())
+    return num / den
+
+
+def test_centered_rounding_is_checked_at_the_model_outputs(tmp_path):
+    """With bias correction after it, AdaRound's losses are centered; the technique checks that trust at the
+    model's outputs (centered rounding + bias correction against nearest + bias correction) and keeps the better.
+    The check's figure is the shipped model's error: bias correction runs next exactly as the check applied it."""
+    model, data = layer_model(), batches(1)  # 4 x 16 = 64 samples: all of them checked
+    r = quantize(model, data, config(0, adaround=True, bias_correction=True), output_dir=tmp_path / "c", name="m")
+    check = r.report["adaround"]["check"]
+    assert check["chosen"] == "centered" and set(check["output_error"]) == {"centered", "nearest"}, check
+    errors = check["output_error"]
+    assert 0 < errors["centered"] < errors["nearest"], errors  # the search + correction beats nearest + correction
+    assert _output_error(model, r.model_path, data) == pytest.approx(errors["centered"], rel=1e-3)
+    nearest = quantize(model, data, config(0, bias_correction=True), output_dir=tmp_path / "n", name="m")
+    assert _output_error(model, nearest.model_path, data) == pytest.approx(errors["nearest"], rel=1e-3)
+    plain = quantize(model, data, config(0, adaround=True), output_dir=tmp_path / "p", name="m")
+    assert "check" not in plain.report["adaround"]  # nothing centered without bias correction: nothing to check
+
+
+def test_a_centered_rounding_worse_than_nearest_is_rounded_again(tmp_path, monkeypatch):
+    """Fault injected: the centered rounding comes back sign-flipped (on the grid, so it passes as a rounding).
+    The check sees the larger output error, rounds again with plain losses, and the shipped model is the better
+    of that and nearest rounding, as measured."""
+    import converter.techniques.adaround as technique
+
+    real = technique.adaround
+
+    def sign_flipped_when_centered(model, plan, idx, *args, center=frozenset(), float_weights=None, **kw):
+        out = real(model, plan, idx, *args, center=center, float_weights=float_weights, **kw)
+        if center:
+            for w, values in float_weights.items():
+                enc = plan.encodings[w]
+                idx.initializers[w].CopyFrom(numpy_helper.from_array(
+                    enc.dequantize(enc.quantize(-values)).astype(values.dtype), w))
+        return out
+
+    monkeypatch.setattr(technique, "adaround", sign_flipped_when_centered)
+    model, data = layer_model(), batches(1)
+    r = quantize(model, data, config(0, adaround=True, bias_correction=True), output_dir=tmp_path, name="m")
+    check = r.report["adaround"]["check"]
+    errors = check["output_error"]
+    assert errors["centered"] > 2 * errors["nearest"], errors
+    assert check["chosen"] == min(("uncentered", "nearest"), key=errors.get), check
+    shipped = _output_error(model, r.model_path, data)
+    assert shipped == pytest.approx(min(errors["uncentered"], errors["nearest"]), rel=1e-3)
+    assert shipped < errors["centered"] / 2
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(r.report["outputs"]["float_model"]).graph.initializer}
+    enc = read_encodings(r.encodings_path)
+    for w in ("W", "D", "F"):  # no sign-flipped weight left anywhere
+        assert np.corrcoef(weights[w].ravel(), layer_model_weights()[w].ravel())[0, 1] > 0.9, w
+        assert enc.params[w].bitwidth == 4
+
+
+def layer_model_weights() -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in layer_model().graph.initializer}
