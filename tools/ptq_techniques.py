@@ -1,5 +1,8 @@
 """AIMET-style post-training techniques beside AIMET: top-1 of EfficientNet-Lite0 on 900 held-out ImageNet samples
-(100 calibrate), or of ResNet-8 on 2,000 CIFAR-10 images (200 calibrate) with ``--model resnet8``.
+(100 calibrate), of ResNet-8 on 2,000 CIFAR-10 images (200 calibrate) with ``--model resnet8``, or, a model from
+another exporter nobody tuned the techniques on, of PP-OCR's text direction classifier (paddle2onnx: HardSwish and
+squeeze-excitation blocks) on 198 held-out rendered text lines, upright and turned 180 degrees (40 calibrate: 20
+lines both ways) with ``--model ppocr_cls``.
 
 Each converter row quantizes the same float model from the same calibration images (W8A8 or W4A8, ort-cpu target,
 minmax) with one combination of converter's techniques (CLE, bias correction, 4-bit weights, AdaRound) and evaluates
@@ -22,7 +25,7 @@ aimet-onnx pulls a CUDA torch of ~6 GB, so it is never a project dependency), on
   ``aimet-w4-tfe-fl8-asym[-adaround]``: and asymmetric param quantizers, beside ``w4-mse-fl8-asym*``;
   ``aimet-w4-tfe-fl8-dw8[-adaround]``: every depthwise Conv's weights at 8 bits too, beside ``w4-mse-fl8-dw8*``.
 
-    python -m tools.ptq_techniques [--assets DIR] [--model efficientnet_lite0|resnet8]
+    python -m tools.ptq_techniques [--assets DIR] [--model efficientnet_lite0|resnet8|ppocr_cls]
         [--rows fp32,per-tensor,...,aimet-cle] [--adaround-iterations N] [--aimet PYTHON|none] [--json FILE]
 """
 
@@ -45,7 +48,7 @@ from converter import QuantConfig
 from converter.ort_session import optimized_op_counts
 from converter.pipeline import prepare
 
-from .bench_e2e import accuracy, calib_reader, efficientnet_task, latency, resnet8_task
+from .bench_e2e import Task, accuracy, calib_reader, efficientnet_task, latency, resnet8_task
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.tasks import run_module
 
@@ -173,7 +176,24 @@ AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False
 # W8A8; Quark ONNX 0.13 has no 4-bit data type, so the W4 row records Quark's error
 QUARK_ROWS = {"quark-w4-adaquant": (4, ["--first-last-bits", "8"]), "quark-w8-adaquant": (8, [])}
 QUARK_PYTHON = "/work/peers/quark/bin/python"
-TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task}
+def ppocr_cls_task(assets: Path) -> Task:
+    """PP-OCR's direction classifier (rapidocr asset), the data of ``tools.assets_smoke.ppocr_cls``: class 0 a
+    rendered line upright, 1 the same line turned 180 degrees; lines 0-19 calibrate, 20-119 evaluate."""
+    from .assets_smoke import _ocr_lines, _ocr_norm
+
+    _, imgs = _ocr_lines(assets)
+
+    def both_ways(lines):
+        return np.concatenate([_ocr_norm(x, 48, w_fixed=192) for im in lines for x in (im, im[::-1, ::-1].copy())])
+
+    held_out = imgs[20:120]
+    return Task("ppocr_cls", "PP-OCR mobile v2 direction classifier / rendered lines (calib 40, eval 198)",
+                assets / "rapidocr" / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx", "x", both_ways(imgs[:20]),
+                both_ways(held_out), np.tile([0, 1], len(held_out)).astype(np.int64), (1,), 33,
+                "ours within 1 point of FP32 top-1")
+
+
+TASKS = {"efficientnet_lite0": efficientnet_task, "resnet8": resnet8_task, "ppocr_cls": ppocr_cls_task}
 DEFAULT_ROWS = ("fp32", "per-tensor", "per-tensor+cle(keep-relu6)+bc", "per-tensor+cle", "per-tensor+cle+bc",
                 "per-tensor+cle(replace-relu6)", "per-tensor+cle(replace-relu6)+bc", "per-channel", "aimet-cle",
                 "aimet-cle-nodes", "aimet-per-tensor")
