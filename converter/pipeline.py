@@ -310,9 +310,29 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     timings = {"load_and_plan_s": state.timings["load_and_plan_s"], "calibration_s": state.timings["calibration_s"],
                "render_s": state.timings["encode_s"] + time.perf_counter() - t,
                **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time
-    return finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
-                  extra_report=dict(state.entries) or None,
-                  calib_data=state.calib_data, calib_spec=calib_spec)
+    result = finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
+                    extra_report=dict(state.entries) or None,
+                    calib_data=state.calib_data, calib_spec=calib_spec)
+    warn_slower_than_float(result.report, state.config)
+    return result
+
+
+def warn_slower_than_float(report: dict[str, Any], config: QuantConfig) -> None:
+    """Target ``ort-cpu``: a warning when the written model runs slower than FP32 there (the quality block's paired
+    batch-1 timing; models too fast to time give no ratio). The accuracy search refuses such a model by its latency
+    gate; a plain quantize writes what was asked for, and says so."""
+    lat = (report.get("quality") or {}).get("latency_batch1") or {}
+    ratio = lat.get("ratio")
+    if config.target != "ort-cpu" or ratio is None or ratio <= 1.0:
+        return
+    floats = ((report.get("summary") or {}).get("ort_cpu_kernels") or {}).get("float_layers") or 0
+    why = (f"{floats} layer(s) run in float there: report summary.ort_cpu_kernels" if floats else
+           "every layer runs on an integer kernel, yet the Q/DQ work around them costs more than they save")
+    log.warning("the quantized model is SLOWER than FP32 on ONNX Runtime CPU: x%.2f (batch 1, median of %d paired "
+                "runs: FP32 %.3f ms, quantized %.3f ms; %s). Fix: keep this model in float on ORT CPU, quantize for "
+                "the runtime that will run it (--target), or let the accuracy search choose (--target-metric: it "
+                "refuses a model slower than FP32)", ratio, lat["runs"], lat["float"]["median_ms"],
+                lat["quant"]["median_ms"], why)
 
 
 def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | None:

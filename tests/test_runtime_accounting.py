@@ -273,3 +273,31 @@ def test_give_back_and_best_cost_float_sets_per_island():
     results = {(("a", "b"), ()): (Met(),), (("d",), ()): (Met(),)}
     assert _best(results, costs) == (("a", "b"), ())  # 1.2 ms against 1.5 (their sum, 2.0, would pick d)
     assert _best(results, dict(costs)) == (("d",), ())
+
+
+def _timed(float_ms: float, quant_ms: float):
+    """paired_latency replaced by fixed timings (the warning's logic under test, not this machine's speed)."""
+    from converter.timing import PairedLatency
+
+    return lambda *a, **k: PairedLatency([float_ms] * 20, [quant_ms] * 20)
+
+
+def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_named(tmp_path, monkeypatch, caplog):
+    """quantize writes what was asked for; on target ort-cpu a model slower than FP32 there (the quality block's
+    paired timing) gets one warning with the ratio, the cause and the fixes. Faster models, models too fast to time
+    and other targets (ORT CPU is not their runtime) get none."""
+    import converter.report as report
+
+    model, calib = conv_chain(), data((1, 8, 16, 16))
+    cases = [("ort-cpu", 2.0, 3.0, True), ("ort-cpu", 2.0, 1.2, False), ("ort-cpu", 0.2, 0.5, False),
+             ("qnn", 2.0, 3.0, False)]
+    for i, (target, f_ms, q_ms, warned) in enumerate(cases):
+        monkeypatch.setattr(report, "paired_latency", _timed(f_ms, q_ms))
+        caplog.clear()
+        r = quantize(model, calib, QuantConfig(target=target), output_dir=tmp_path / str(i), name="m")
+        lines = [x.getMessage() for x in caplog.records if "SLOWER than FP32" in x.getMessage()]
+        assert len(lines) == int(warned), (target, f_ms, q_ms, lines)
+        assert r.report["quality"]["latency_batch1"]["ratio"] == (None if f_ms < 1.0 else q_ms / f_ms)
+        if warned:
+            assert "x1.50" in lines[0] and "Fix:" in lines[0] and "--target" in lines[0], lines[0]
+            assert r.model_path.is_file()  # written all the same
