@@ -176,6 +176,8 @@ AIMET_ADAROUND_ROWS = {"aimet-w4-adaround": (4, True, []), "aimet-w4": (4, False
 # W8A8; Quark ONNX 0.13 has no 4-bit data type, so the W4 row records Quark's error
 QUARK_ROWS = {"quark-w4-adaquant": (4, ["--first-last-bits", "8"]), "quark-w8-adaquant": (8, [])}
 QUARK_PYTHON = "/work/peers/quark/bin/python"
+
+
 def ppocr_cls_task(assets: Path) -> Task:
     """PP-OCR's direction classifier (rapidocr asset), the data of ``tools.assets_smoke.ppocr_cls``: class 0 a
     rendered line upright, 1 the same line turned 180 degrees; lines 0-19 calibrate, 20-119 evaluate."""
