@@ -7,8 +7,8 @@ ResNet-8 W4A8: the best rows of docs/results.md). That trust can fail: the round
 inputs whose upstream mean errors bias correction has not removed yet, and a layer free to buy a lower centered
 loss with a large mean shift is fitted to inputs that move once the shifts are corrected. On PP-OCR's direction
 classifier (paddle2onnx; HardSwish and squeeze-excitation blocks; 40 calibration images) the centered search moved
-24% of the 4-bit weights (EfficientNet-Lite0: 13%) and the corrected model fell to chance (98/198 correct; FP32
-193) where nearest rounding + bias correction keeps 185.
+on average 24% of a layer's weights off nearest (EfficientNet-Lite0: 13%) and the corrected model fell to chance
+(98/198 correct; FP32 193) where nearest rounding + bias correction keeps 185.
 
 So where AdaRound runs centered, the result is checked where it counts, at the model's outputs on
 :data:`CHECK_SAMPLES` calibration samples, each candidate with bias correction applied as it will be (then undone:
