@@ -399,3 +399,39 @@ def test_search_honours_quantize_subgraphs_off(tmp_path):
     s = res.report["search"]
     assert s["subgraph_layers"] == {} and s["ranking"] == [] and s["met"]
     assert sum(_body_qdq(onnx.load(str(res.model_path))).values()) == 0
+
+
+def _body_local_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The then-branch's Conv weight and bias moved from the main graph into the branch (as Silero VAD holds its
+    weights: initializers of the bodies)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    branch = next(n for n in m.graph.node if n.op_type == "If")
+    then = next(a.g for a in branch.attribute if a.name == "then_branch")
+    for name in ("Wa", "Wa_b"):
+        init = next(t for t in m.graph.initializer if t.name == name)
+        then.initializer.append(init)
+        m.graph.initializer.remove(init)
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_weight_techniques_on_a_model_with_quantized_bodies(tmp_path):
+    """AdaRound and bias correction recompute the encodings after editing the main graph's weights; a body's own
+    weights, merged into the plan when it was first encoded, have no values in the main graph (this crashed with
+    an AxisError on Silero VAD, whose weights are the bodies' initializers). The main graph's layer is rounded and
+    corrected, the body keeps its weight encodings, and the model stays close to FP32."""
+    model = _body_local_weights(control_flow_model())
+    calib = _data(24, 1, 1.5) + _data(24, 2, 0.3) + _data(16, 4, 0.42)
+    plain = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4), tmp_path / "plain", "cf")
+    res = quantize(model, calib, QuantConfig(batch_size=8, weight_bits=4, adaround=True, adaround_iterations=0,
+                                             bias_correction=True), tmp_path / "tech", "cf")
+    assert res.report["adaround"]["check"]["output_error"], res.report["adaround"]  # the main Conv was rounded
+    assert [c["node"] for c in res.report["bias_correction"]["layers"]] == ["Conv_0"], res.report["bias_correction"]
+    body = [n for n in plain.plan.encodings if plain.plan.tensors[n].role == "weight" and n != "W0"]
+    assert len(body) >= 5 and any("Wa" in n for n in body), body
+    assert all(res.plan.encodings[n] == plain.plan.encodings[n] for n in body), body
+    held_out = _data(8, 9, 1.5) + _data(8, 10, 0.3)
+    cos = {k: np.mean([_cos(_run(model, s), _run(onnx.load(r.model_path), s)) for s in held_out])
+           for k, r in (("plain", plain), ("techniques", res))}
+    assert cos["techniques"] > 0.9 and cos["techniques"] >= cos["plain"] - 0.005, cos

@@ -11,6 +11,7 @@ search can drop it for a layer that falls back to float (:meth:`take_edits`, :fu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -86,9 +87,24 @@ class FlowState:
         return self.provided.setdefault("frozen_weights", {})
 
     def reencode(self) -> None:
-        """The plan's encodings (main graph and bodies) recomputed from the model's current values."""
-        compute_encodings(self.plan, self.idx, self.calib.observers, self.calib.methods, self.config,
-                          frozen=self.frozen, centered=self.centered)
+        """The plan's encodings (main graph and bodies) recomputed from the model's current values. The main
+        graph's on its own tensors: a body's tensors, merged into the plan when it was first encoded, have no
+        values or producers in the main graph (a body's own weights: Silero VAD's) and keep the encodings their
+        body gave them."""
+        plan = self.plan
+        body = [n for n in plan.tensors if not _in_graph(self.idx, n)] if self.subs else []
+        if body:
+            kept = {n: plan.encodings[n] for n in body if n in plan.encodings}
+            main = dataclasses.replace(plan, tensors={n: t for n, t in plan.tensors.items() if n not in kept},
+                                       encodings={n: e for n, e in plan.encodings.items() if n not in kept})
+            compute_encodings(main, self.idx, self.calib.observers, self.calib.methods, self.config,
+                              frozen=self.frozen, centered=self.centered)
+            plan.encodings = {n: kept[n] if n in kept else main.encodings[n] for n in plan.tensors
+                              if n in kept or n in main.encodings}
+            plan.split_groups, plan.mixed_operands = main.split_groups, main.mixed_operands
+        else:
+            compute_encodings(plan, self.idx, self.calib.observers, self.calib.methods, self.config,
+                              frozen=self.frozen, centered=self.centered)
         if self.subs:
             compute_subgraph_encodings(self.plan, self.subs, self.calib.observers, self.calib.methods, self.config,
                                        centered=self.centered)
@@ -125,6 +141,11 @@ class FlowState:
         for n in out:
             self.idx.initializers[n].ParseFromString(self._params[n])
         return out
+
+
+def _in_graph(idx: GraphIndex, name: str) -> bool:
+    """``name`` is a tensor of the graph ``idx`` indexes (a constant, a node's input or output, a graph input)."""
+    return name in idx.initializers or name in idx.producer or name in idx.consumers or name in idx.graph_inputs
 
 
 @contextlib.contextmanager
