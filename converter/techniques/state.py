@@ -92,11 +92,11 @@ class FlowState:
         values or producers in the main graph (a body's own weights: Silero VAD's) and keep the encodings their
         body gave them."""
         plan = self.plan
-        body = [n for n in plan.tensors if not _in_graph(self.idx, n)] if self.subs else []
+        body = {n for n in plan.tensors if not _in_graph(self.idx, n)} if self.subs else set()
         if body:
             kept = {n: plan.encodings[n] for n in body if n in plan.encodings}
-            main = dataclasses.replace(plan, tensors={n: t for n, t in plan.tensors.items() if n not in kept},
-                                       encodings={n: e for n, e in plan.encodings.items() if n not in kept})
+            main = dataclasses.replace(plan, tensors={n: t for n, t in plan.tensors.items() if n not in body},
+                                       encodings={n: e for n, e in plan.encodings.items() if n not in body})
             compute_encodings(main, self.idx, self.calib.observers, self.calib.methods, self.config,
                               frozen=self.frozen, centered=self.centered)
             plan.encodings = {n: kept[n] if n in kept else main.encodings[n] for n in plan.tensors
