@@ -552,49 +552,52 @@ def _adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches:
     batches = list(batches)
     captures = (IncrementalCapture(batches, providers), IncrementalCapture(batches, providers))
     out = []
-    for i, layer in enumerate(layers):
-        t0 = time.perf_counter()
-        node = layer.node
-        x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, captures, seed + i)
-        w = idx.constant(layer.weight)
-        xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
-        yt = torch.from_numpy(y).to(device)
-        bias = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
-        centered = node.name in center
+    with tqdm(total=len(layers), desc="adaround", unit="layer", disable=None, leave=False) as progress:
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            node = layer.node
+            x, y, samples = _cache(layer, render_control_flow(model, plan.encodings), model, captures, seed + i)
+            w = idx.constant(layer.weight)
+            xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2))).to(device)  # [g, n, k]
+            yt = torch.from_numpy(y).to(device)
+            bias = torch.from_numpy(layer.bias.reshape(1, -1).copy()).to(device) if layer.bias is not None else None
+            centered = node.name in center
 
-        scale = torch.tensor(_scale(layer, w), device=device)
-        zero = torch.tensor(_zero(layer, w), device=device)
+            scale = torch.tensor(_scale(layer, w), device=device)
+            zero = torch.tensor(_zero(layer, w), device=device)
 
-        def loss(q: np.ndarray) -> float:
-            return _loss(layer, (torch.from_numpy(q.astype(np.float32)).to(device) - zero) * scale, xt, yt, bias,
-                         centered)
+            def loss(q: np.ndarray) -> float:
+                return _loss(layer, (torch.from_numpy(q.astype(np.float32)).to(device) - zero) * scale, xt, yt, bias,
+                             centered)
 
-        nearest = layer.enc.quantize(w).astype(np.float32)
-        q_ada = nearest
-        if iterations:
-            with tqdm(total=iterations, desc=f"adaround {i + 1}/{len(layers)} {node.name}", unit="it",
-                      disable=None, leave=False) as bar:
-                q_ada = _optimize(layer, w, xt, yt, scale, zero, iterations, seed + i, device, bar)
-        candidates = {"nearest": (nearest, loss(nearest)), "adaround": (q_ada, loss(q_ada))}
-        start = min(candidates.values(), key=lambda c: c[1])[0]
-        damp = None
-        if search and len(x) >= SEARCH_MIN_ROWS * x.shape[2]:
-            q_search, damp = local_search(layer, w, x, y, start, centered, samples)
-            candidates["search"] = (q_search.astype(np.float32), loss(q_search))
-        chosen = min(candidates, key=lambda c: (candidates[c][1], c != "nearest"))
-        q = candidates[chosen][0]
-        values = layer.enc.dequantize(q).astype(w.dtype)
-        if not np.array_equal(layer.enc.quantize(values), q.astype(layer.enc.numpy_dtype)):
-            raise RuntimeError(f"internal error: AdaRounded weight {layer.weight!r} does not round back to its "
-                               "integers")
-        float_weights.setdefault(layer.weight, w)
-        idx.initializers[layer.weight].CopyFrom(numpy_helper.from_array(values, layer.weight))
-        out.append(Rounded(node.name, layer.weight, len(x), time.perf_counter() - t0, candidates["nearest"][1],
-                           candidates["adaround"][1], float(np.mean(q != nearest)),
-                           candidates["adaround"][1] < candidates["nearest"][1],
-                           candidates["search"][1] if "search" in candidates else None, chosen, centered, damp))
-        log.debug("adaround %s: %d rows, loss %s; %s chosen, %.1f s", node.name, len(x),
-                  ", ".join(f"{k} {v[1]:.4g}" for k, v in candidates.items()), chosen, out[-1].seconds)
+            nearest = layer.enc.quantize(w).astype(np.float32)
+            q_ada = nearest
+            if iterations:
+                with tqdm(total=iterations, desc=f"adaround {i + 1}/{len(layers)} {node.name}", unit="it",
+                          disable=None, leave=False) as bar:
+                    q_ada = _optimize(layer, w, xt, yt, scale, zero, iterations, seed + i, device, bar)
+            candidates = {"nearest": (nearest, loss(nearest)), "adaround": (q_ada, loss(q_ada))}
+            start = min(candidates.values(), key=lambda c: c[1])[0]
+            damp = None
+            if search and len(x) >= SEARCH_MIN_ROWS * x.shape[2]:
+                q_search, damp = local_search(layer, w, x, y, start, centered, samples)
+                candidates["search"] = (q_search.astype(np.float32), loss(q_search))
+            chosen = min(candidates, key=lambda c: (candidates[c][1], c != "nearest"))
+            q = candidates[chosen][0]
+            values = layer.enc.dequantize(q).astype(w.dtype)
+            if not np.array_equal(layer.enc.quantize(values), q.astype(layer.enc.numpy_dtype)):
+                raise RuntimeError(f"internal error: AdaRounded weight {layer.weight!r} does not round back to its "
+                                   "integers")
+            float_weights.setdefault(layer.weight, w)
+            idx.initializers[layer.weight].CopyFrom(numpy_helper.from_array(values, layer.weight))
+            out.append(Rounded(node.name, layer.weight, len(x), time.perf_counter() - t0, candidates["nearest"][1],
+                               candidates["adaround"][1], float(np.mean(q != nearest)),
+                               candidates["adaround"][1] < candidates["nearest"][1],
+                               candidates["search"][1] if "search" in candidates else None, chosen, centered, damp))
+            log.debug("adaround %s: %d rows, loss %s; %s chosen, %.1f s", node.name, len(x),
+                      ", ".join(f"{k} {v[1]:.4g}" for k, v in candidates.items()), chosen, out[-1].seconds)
+            progress.update(1)
+
     log.info("adaround: %d layer(s), %d iterations each; reconstruction loss (sum over layers) nearest %.4g, "
              "adaround %.4g, chosen %.4g (local search chosen in %d)", len(out), iterations,
              sum(r.loss_nearest for r in out), sum(r.loss_adaround for r in out), sum(r.loss for r in out),
