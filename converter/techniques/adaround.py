@@ -91,7 +91,7 @@ class OutputCheck:
                 self.reference = make_session(state.model, self.providers)
 
     def error(self, model: onnx.ModelProto) -> float:
-        """Mean over the float outputs of ``sum (q - f)^2 / sum f^2`` over the samples."""
+        """Mean over the float outputs of ``sum (q - f)^2 / sum f^2`` over the samples (inf where not finite)."""
         if self.reference is None:
             return 0.0
         session = make_session(model, self.providers)
@@ -102,7 +102,8 @@ class OutputCheck:
                 f, q = np.asarray(f, np.float64), np.asarray(q, np.float64)
                 num[i] += float(np.square(q - f).sum())
                 den[i] += float(np.square(f).sum())
-        return float(np.mean(num / np.maximum(den, 1e-30)))
+        error = float(np.mean(num / np.maximum(den, 1e-30)))
+        return error if np.isfinite(error) else float("inf")  # a NaN output compares as the worst, not as no error
 
     def corrected_error(self, state: FlowState, values: dict[str, np.ndarray]) -> float:
         """:meth:`error` of the model with ``values`` written over its weights and bias correction applied as
