@@ -493,28 +493,42 @@ def _damped(h: np.ndarray, bvec: np.ndarray, w: np.ndarray, rel: float) -> tuple
 
 def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmin, qmax,
              max_steps: int) -> np.ndarray:
-    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place and returned)."""
-    hq = np.matmul(qq * s, h)  # (H (s q))_j per output (H symmetric)
-    diag = np.einsum("gkk->gk", h)[:, None, :]
-    quad = s * s * diag
+    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place and returned).
+
+    Each output channel's loss is its own (``H`` is shared, the moves are not): a channel with no move that
+    lowers its loss keeps its state, so it has none at any later step either. Each step scores only the channels
+    that moved at the step before: the same moves as scoring all of them, in a time that follows the channels
+    still moving (a layer whose last few channels walk many levels, as 8-bit weights do, no longer pays for all
+    its channels at every step)."""
+    g, o, k = qq.shape
+    hq = np.matmul(qq * s, h).reshape(g * o, k)  # (H (s q))_j per output (H symmetric)
+    q = qq.reshape(g * o, k)
+    sf = np.ascontiguousarray(np.broadcast_to(s, qq.shape)).reshape(g * o, k)
+    bf = np.ascontiguousarray(np.broadcast_to(bvec, qq.shape)).reshape(g * o, k)
+    lo = np.ascontiguousarray(np.broadcast_to(qmin, qq.shape)).reshape(g * o, k)
+    hi = np.ascontiguousarray(np.broadcast_to(qmax, qq.shape)).reshape(g * o, k)
+    quad = sf * sf * np.repeat(np.einsum("gkk->gk", h), o, axis=0)
     tiny = 1e-12 * quad.max(axis=-1)
+    group = np.repeat(np.arange(g), o)
+    active = np.arange(g * o)
     for _ in range(max_steps):
-        lin = 2.0 * s * (hq - bvec)
-        up = np.where(qq + 1 <= qmax, lin + quad, np.inf)
-        down = np.where(qq - 1 >= qmin, quad - lin, np.inf)
+        qa, sa, qd = q[active], sf[active], quad[active]
+        lin = 2.0 * sa * (hq[active] - bf[active])
+        up = np.where(qa + 1 <= hi[active], lin + qd, np.inf)
+        down = np.where(qa - 1 >= lo[active], qd - lin, np.inf)
         j_up, j_down = up.argmin(-1), down.argmin(-1)
-        best_up = np.take_along_axis(up, j_up[..., None], -1)[..., 0]
-        best_down = np.take_along_axis(down, j_down[..., None], -1)[..., 0]
-        step = np.where(best_up <= best_down, 1.0, -1.0)
-        j = np.where(best_up <= best_down, j_up, j_down)
-        move = np.minimum(best_up, best_down) < -tiny
+        rows = np.arange(len(active))
+        best_up, best_down = up[rows, j_up], down[rows, j_down]
+        take_up = best_up <= best_down
+        move = np.minimum(best_up, best_down) < -tiny[active]
         if not move.any():
             break
-        gi, oi = np.nonzero(move)
-        ji, ei = j[gi, oi], step[gi, oi]
-        qq[gi, oi, ji] += ei
-        hq[gi, oi, :] += (ei * s[gi, oi, ji])[:, None] * h[gi, :, ji]
-    return qq
+        active = active[move]
+        j = np.where(take_up, j_up, j_down)[move]
+        e = np.where(take_up, 1.0, -1.0)[move]
+        q[active, j] += e
+        hq[active] += (e * sf[active, j])[:, None] * h[group[active], :, j]
+    return q.reshape(g, o, k)
 
 
 def adaround(model: onnx.ModelProto, plan: QuantPlan, idx: GraphIndex, batches: Iterable[dict[str, np.ndarray]],
