@@ -89,6 +89,43 @@ def test_adarounded_weights_lie_on_the_encodings_grid(tmp_path):
     assert corrected and all(x["centered"] == (x["node"] in corrected) for x in r.report["adaround"]["layers"])
 
 
+def test_each_layer_reconstructs_its_float_weights_on_its_quantized_input(tmp_path):
+    """The search's loss of a layer is its float weights' output against its rounded weights' on the input the QDQ
+    model gives it (earlier layers rounded, activations quantized), Relu applied to both: each layer's nearest loss
+    in the report is that, computed here from the written QDQ model's captured inputs (all 4096 rows are cached).
+    A target from the float model's own activations (which the earlier layers' rounding and the activation
+    quantization both move) gives other losses from the second layer on."""
+    import torch
+
+    from converter.calib.runner import capture
+    from converter.quant.adaround import _Layer, _product, _sample_rows
+
+    model = layer_model()
+    data = batches(1)
+    r = quantize(model, data, config(0, adaround=True), output_dir=tmp_path, name="m")
+    qdq = onnx.load(r.model_path)
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    enc = read_encodings(r.encodings_path)
+    q_nodes = {n.name: n for n in qdq.graph.node}
+    layers = {x["node"]: x for x in r.report["adaround"]["layers"]}
+    for node, w_name, relu in (("Conv_0", "W", True), ("Conv_2", "D", False)):
+        n = q_nodes[node]
+        inputs = np.concatenate([c[n.input[0]] for c in capture(qdq, [n.input[0]], data, ["CPUExecutionProvider"])])
+        w = floats[w_name]
+        layer = _Layer(n, w_name, None, groups=16 if w_name == "D" else 1, weight_shape=w.shape)
+        rows, _ = _sample_rows(layer, inputs, 10**6, np.random.default_rng(0), w.shape[2:])
+        assert len(rows) == 4096 == layers[node]["rows"]
+        xt = torch.from_numpy(np.ascontiguousarray(rows.transpose(1, 0, 2)))
+        nearest = enc.params[w_name].dequantize(enc.params[w_name].quantize(w)).astype(np.float32)
+        bias = floats["B" if w_name == "W" else "DB"]
+        out_float = _product(layer, torch.from_numpy(w), xt).numpy() + bias
+        out_nearest = _product(layer, torch.from_numpy(nearest), xt).numpy() + bias
+        if relu:
+            out_float, out_nearest = np.maximum(out_float, 0), np.maximum(out_nearest, 0)
+        want = float(((out_nearest - out_float) ** 2).sum(1).mean())
+        assert layers[node]["loss_nearest"] == pytest.approx(want, rel=1e-4), (node, layers[node], want)
+
+
 def test_adaround_without_calibration_data_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError) as exc:
         quantize(layer_model(), None, QuantConfig(adaround=True), output_dir=tmp_path, name="m")
@@ -277,7 +314,7 @@ def test_conv_transpose_rows_reproduce_onnx_runtime(attrs, groups, dims):
 
     import torch
 
-    from converter.quant.adaround import _Layer, _product, _sample_rows
+    from converter.quant.adaround import _Layer, _at, _product, _sample_rows
 
     rng = np.random.default_rng(0)
     c_in, c_out, kernel = 4, 6, (3, 2)[:dims]
@@ -290,7 +327,8 @@ def test_conv_transpose_rows_reproduce_onnx_runtime(attrs, groups, dims):
     y = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})[0]
     layer = _Layer(node, "W", None, groups=groups, weight_shape=w.shape)
     assert layer.outputs == c_out
-    px, py = _sample_rows(layer, x, y, 10**6, rng, kernel)
+    px, where = _sample_rows(layer, x, 10**6, rng, kernel)
+    py = _at(y, where)
     assert len(px) == y.size // c_out  # every output position
     got = _product(layer, torch.from_numpy(w), torch.from_numpy(np.ascontiguousarray(px.transpose(1, 0, 2))))
     np.testing.assert_allclose(got.numpy(), py, rtol=1e-4, atol=1e-4)

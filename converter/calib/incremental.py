@@ -1,8 +1,8 @@
 """Capture tensors of a model that changes layer by layer, computing each node once, not once per layer.
 
-A layer-wise technique (AdaRound's search) visits the layers in graph order and for each needs its input in the
-QDQ model built so far and its output in the float model: running each model's prefix up to every layer from the
-inputs costs the sum of all prefixes, quadratic in depth (EfficientNet-Lite0's 50 layers, 100 images: 120 of the
+A layer-wise technique (AdaRound's search, block reconstruction) visits the layers in graph order and for each
+needs its input in the QDQ model built so far (block reconstruction: in the float model too): running each
+model's prefix up to every layer from the inputs costs the sum of all prefixes, quadratic in depth (EfficientNet-Lite0's 50 layers, 100 images: 120 of the
 search's 164 s). :class:`IncrementalCapture` keeps, for every calibration batch, the values at the frontier of
 what has been computed (the tensors a node not yet run still reads) and runs only the nodes between that frontier
 and the tensors asked for; each node then runs about once per model over the whole pass.
