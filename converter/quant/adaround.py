@@ -483,9 +483,9 @@ def _moments(layer: _Layer, x: np.ndarray, y: np.ndarray, center: bool) -> tuple
 
 def _row_weights(layer: _Layer, y: np.ndarray) -> np.ndarray | None:
     """Where each group has one output (a depthwise Conv) and an activation is fused after the layer: each row's
-    weight in the search's loss, 1 where the float weights' output ``y`` (before the bias) plus the bias lies inside the
-    activation's range and :data:`CLIPPED_ROW_WEIGHT` where the activation clips it (an error there mostly
-    vanishes behind the clamp), [g, n, 1]. None otherwise (every row counts alike: a dense layer's outputs would
+    weight in the search's loss, 1 where the float weights' output ``y`` (before the bias) plus the bias lies
+    inside the activation's range and :data:`CLIPPED_ROW_WEIGHT` where the activation clips it (an error there
+    mostly vanishes behind the clamp), [g, n, 1]. None otherwise (every row counts alike: a dense layer's outputs would
     each need their own weighted ``E[x x^T]``, measured not worth its cost on EfficientNet-Lite0)."""
     if layer.act is None or layer.outputs != layer.groups:
         return None
@@ -506,7 +506,7 @@ def _damped(h: np.ndarray, bvec: np.ndarray, w: np.ndarray, rel: float) -> tuple
 
 def _descend(h: np.ndarray, bvec: np.ndarray, s: np.ndarray, qq: np.ndarray, qmin, qmax,
              max_steps: int) -> np.ndarray:
-    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k], changed in place and returned).
+    """:func:`local_search`'s greedy moves from ``qq`` ([g, o, k]; the result, ``qq`` may be changed in place).
 
     Each output channel's loss is its own (``H`` is shared, the moves are not): a channel with no move that
     lowers its loss keeps its state, so it has none at any later step either. Each step scores only the channels
