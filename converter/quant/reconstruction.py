@@ -2,7 +2,9 @@
 
 Both optimize a *unit* of the float graph in torch against its float output, on inputs taken from the quantized
 prefix (the QDQ model built so far: earlier units already reconstructed, activations quantized), one unit at a time
-in graph order:
+in graph order. The target is the unit's float weights and activations on that same input, as AdaRound's is (a
+float model's input with the earlier units' weights replaced drifts from the QDQ model where a network amplifies
+its weight errors: :mod:`converter.quant.adaround`):
 
 * **AdaQuant** (Hubara et al., "Accurate Post Training Quantization With Small Calibration Sets", 2021; AMD Quark's
   ``AdaQuant``): the unit is one layer (Conv / Gemm / MatMul with its fused Relu/Clip); the weight, its bias and its
@@ -20,8 +22,8 @@ in graph order:
   with ``beta`` annealed, :mod:`converter.quant.adaround`'s constants and learning rate), all together against the block's float
   output. The activations inside the block are fake-quantized as the QDQ model quantizes them (the tensors a
   QuantizeLinear reads in the rendered model, their plan encodings, straight-through gradient); **QDrop**: in
-  training each activation element (the block's input included: the quantized prefix's or the float model's
-  value) keeps its float value with probability :data:`QDROP_P`, so the weights do not overfit to one noise draw.
+  training each activation element the block quantizes keeps its unquantized value with probability
+  :data:`QDROP_P`, so the weights do not overfit to one noise draw.
   With ``adaquant`` on too, the block's layers learn weights and scales (AdaQuant's parameters) instead.
 
 After the steps the learned result is kept only where its loss on all cached samples (activations quantized, no
@@ -29,8 +31,8 @@ drop) is lower than nearest rounding's (else nearest stays; the report says whic
 the QDQ model through the float model: each weight initializer is replaced by its grid values ``s' * (q - z)`` and
 its encoding frozen, so nearest rounding gives ``q`` back.
 
-Memory is bounded per unit: the unit's input (quantized prefix and float model) is cached whole per sample for at
-most :data:`CACHE_MB` MiB (the samples subsampled to fit, at least :data:`MIN_SAMPLES`), plus the float target, one
+Memory is bounded per unit: the unit's input (from the quantized prefix) is cached whole per sample for at most
+:data:`CACHE_MB` MiB (the samples subsampled to fit, at least :data:`MIN_SAMPLES`), plus the float target, one
 unit at a time; each step reads :data:`MINIBATCH` of them. Units with an op the torch table (:data:`OPS`) does not
 have are left to nearest rounding (logged), as are models with control flow.
 
@@ -293,22 +295,21 @@ class _Unit:
                 raise _Unsupported(lay.node.op_type)
 
     def __call__(self, x, weights: dict[str, Any] | None = None, biases: dict[str, Any] | None = None,
-                 quant: bool = False, drop: float = 0.0, x_float=None, gen=None):
+                 quant: bool = False, drop: float = 0.0, gen=None):
         """The unit's output for input ``x``. ``quant``: activations fake-quantized where the QDQ model quantizes
-        them (the input too); ``drop``: QDrop's probability of keeping an element's float value (``x_float``: the
-        float model's input, mixed in at the input)."""
+        them (the input too); ``drop``: QDrop's probability of keeping an element's float value."""
         import torch
 
-        def q(name, v, alt=None):
+        def q(name, v):
             if not quant or name not in self.act:
                 return v
             vq = _fake_quant(v, self.act[name], self.device)
             if drop > 0:
                 keep = torch.rand(v.shape, generator=gen, device="cpu").to(self.device) < drop
-                return torch.where(keep, v if alt is None else alt, vq)
+                return torch.where(keep, v, vq)
             return vq
 
-        env = {self.unit.input: q(self.unit.input, x, x_float)}
+        env = {self.unit.input: q(self.unit.input, x)}
         for n in self.unit.nodes:
             args = []
             for i, t in enumerate(n.input):
@@ -410,22 +411,22 @@ def _reconstruct(model, plan, idx, batches, providers, blocks, adaquant, iterati
     units = find_units(model, plan, idx, blocks)
     out: list[Reconstructed] = []
     what = "block reconstruction" if blocks else "adaquant"
-    captures = (IncrementalCapture(batches, providers), IncrementalCapture(batches, providers))  # QDQ, float
+    capture = IncrementalCapture(batches, providers)  # the QDQ model's
     for ui, unit in enumerate(units):
         t0 = time.perf_counter()
         qdq = render_control_flow(model, plan.encodings)
         act = activation_encodings(qdq, plan, {lay.weight for lay in unit.layers})
         try:
             fn = _Unit(unit, idx, act, device)
-            xq, xf = _cache_inputs(unit, qdq, model, captures, seed + ui)
+            xq = _cache_inputs(unit, qdq, model, capture, seed + ui)
             n = len(xq)
-            xq_t, xf_t = torch.from_numpy(xq).to(device), torch.from_numpy(xf).to(device)
-            with torch.no_grad():
-                target = torch.cat([fn(xf_t[a:a + 64]) for a in range(0, n, 64)])
+            xq_t = torch.from_numpy(xq).to(device)
+            with torch.no_grad():  # the unit's float weights and activations on the same input (AdaRound's target)
+                target = torch.cat([fn(xq_t[a:a + 64]) for a in range(0, n, 64)])
         except _Unsupported as e:
             log.info("%s: %s left to nearest rounding (op %s has no torch form here)", what, unit.name, e)
             continue
-        result = _optimize_unit(fn, unit, idx, xq_t, xf_t, target, adaquant, iterations, qdrop, seed + ui, device,
+        result = _optimize_unit(fn, unit, idx, xq_t, target, adaquant, iterations, qdrop, seed + ui, device,
                                 learn_bias, desc=f"{what} {ui + 1}/{len(units)}")
         loss_near, loss_learned, weights, encs, biases, scale_change = result
         kept = loss_learned < loss_near
@@ -458,29 +459,27 @@ def _reconstruct(model, plan, idx, batches, providers, blocks, adaquant, iterati
     return out
 
 
-def _cache_inputs(unit: Unit, qdq: onnx.ModelProto, model: onnx.ModelProto,
-                  captures: tuple[IncrementalCapture, IncrementalCapture], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The unit's input from the quantized prefix and from the float model (``captures``: theirs; units come in
-    graph order, so nothing they computed changes later), whole samples, at most CACHE_MB."""
+def _cache_inputs(unit: Unit, qdq: onnx.ModelProto, model: onnx.ModelProto, capture: IncrementalCapture,
+                  seed: int) -> np.ndarray:
+    """The unit's input from the quantized prefix (``capture``: the QDQ model's; units come in graph order, so
+    nothing it computed changes later), whole samples, at most CACHE_MB."""
     t = unit.input
-    batches = captures[0].batches
+    batches = capture.batches
     if not batches:
         raise ValueError("reconstruction needs calibration batches")
     if t in {i.name for i in model.graph.input}:  # the graph's input: the samples themselves
-        xq = xf = [b[t] for b in batches]
+        xq = [b[t] for b in batches]
     else:
-        xq = [v[t] for v in captures[0].capture(qdq, [t])]
-        xf = [v[t] for v in captures[1].capture(model, [t])]
-    xq, xf = np.concatenate(xq).astype(np.float32), np.concatenate(xf).astype(np.float32)
-    per_sample = 3 * xq[0].nbytes + 1  # both inputs + about the target
+        xq = [v[t] for v in capture.capture(qdq, [t])]
+    xq = np.concatenate(xq).astype(np.float32)
+    per_sample = 2 * xq[0].nbytes + 1  # the input + about the target
     keep = max(MIN_SAMPLES, (CACHE_MB << 20) // per_sample)
     if keep < len(xq):
-        pick = np.sort(np.random.default_rng(seed).choice(len(xq), size=keep, replace=False))
-        xq, xf = xq[pick], xf[pick]
-    return np.ascontiguousarray(xq), np.ascontiguousarray(xf)
+        xq = xq[np.sort(np.random.default_rng(seed).choice(len(xq), size=keep, replace=False))]
+    return np.ascontiguousarray(xq)
 
 
-def _optimize_unit(fn: _Unit, unit: Unit, idx: GraphIndex, xq, xf, target, adaquant: bool, iterations: int,
+def _optimize_unit(fn: _Unit, unit: Unit, idx: GraphIndex, xq, target, adaquant: bool, iterations: int,
                    qdrop: bool, seed: int, device: str, learn_bias: bool, desc: str):
     """Adam on the unit's learned parameters; returns (loss nearest, loss learned, grid weights, encodings, biases,
     mean scale change)."""
@@ -559,7 +558,7 @@ def _optimize_unit(fn: _Unit, unit: Unit, idx: GraphIndex, xq, xf, target, adaqu
             for it in range(iterations):
                 pick = next(rows).to(device)
                 ws, bs = weights("soft")
-                y = call(xq[pick], ws, bs, quant=True, drop=QDROP_P if qdrop else 0.0, x_float=xf[pick], gen=gen)
+                y = call(xq[pick], ws, bs, quant=True, drop=QDROP_P if qdrop else 0.0, gen=gen)
                 loss = ((y - target[pick]) ** 2).sum(1).mean()  # BRECQ's: summed over channels, mean elsewhere
                 if not adaquant and it >= warm:
                     rel = (it - warm) / max(iterations - warm, 1)
