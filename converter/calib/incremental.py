@@ -1,19 +1,19 @@
 """Capture tensors of a model that changes layer by layer, computing each node once, not once per layer.
 
-A layer-wise technique (AdaRound's search, block reconstruction) visits the layers in graph order and for each
-needs its input in the QDQ model built so far (block reconstruction: in the float model too): running each
-model's prefix up to every layer from the inputs costs the sum of all prefixes, quadratic in depth
-(EfficientNet-Lite0's 50 layers, 100 images: 120 of the search's 164 s). :class:`IncrementalCapture` keeps, for
+A layer-wise technique (AdaRound's search, AdaQuant, block reconstruction) visits the layers in graph order and
+for each needs its input in the QDQ model built so far: running the model's prefix up to every layer from the
+inputs costs the sum of all prefixes, quadratic in depth (EfficientNet-Lite0's 50 layers, 100 images: 120 of the
+search's 164 s). :class:`IncrementalCapture` keeps, for
 every calibration batch, the values at the frontier of what has been computed (the tensors a node not yet run
 still reads) and runs only the nodes between that frontier and the tensors asked for; each node then runs about
 once per model over the whole pass.
 
 The model may be rebuilt between captures (the QDQ model is re-rendered after each layer's weights change): nodes
 are known by their output names, and a cached value stays valid as long as the nodes that computed it are
-unchanged: a caller changes only nodes not yet computed, or asks for their outputs ``provisionally`` (a layer's
-float output as the target of its own rounding: run, returned, not kept, so the frontier stays at the layer's
-input and the layer runs again with its new weights when a later capture needs it). Control flow (If/Loop/Scan), or a frontier whose values would pass :data:`LIMIT_MB`, falls
-back to running the prefix from the inputs (the frontier dropped), so memory stays bounded as before.
+unchanged: a caller changes only nodes not yet computed (a layer whose input was captured runs with its new
+weights when a later capture needs its output). Control flow (If/Loop/Scan), or a frontier whose values would pass
+:data:`LIMIT_MB`, falls back to running the prefix from the inputs (the frontier dropped), so memory stays bounded
+as before.
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ class IncrementalCapture:
         self.peak_bytes = 0  # the largest frontier kept
         self._open = False  # a capture is being consumed
 
-    def capture(self, model: onnx.ModelProto, wanted: list[str],
-                provisional: frozenset[str] = frozenset()) -> Iterator[dict[str, np.ndarray]]:
+    def capture(self, model: onnx.ModelProto, wanted: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """``wanted``'s values in each batch (plus the batch's inputs), one batch at a time, running only what the
-        frontier lacks. Nodes named in ``provisional`` run where needed but are not counted as computed (module
-        doc). Consume it to the end: a capture left half-way drops the frontier (the next runs from the inputs)."""
+        frontier lacks. Consume it to the end: a capture left half-way drops the frontier (the next runs from the
+        inputs)."""
         if self._open or _has_bodies(model):
             self.values, self.done = {}, set()
         if not self.batches:
@@ -70,11 +69,10 @@ class IncrementalCapture:
                 needed.add(id(node))
                 stack.extend(t for t in node.input if t and t not in available)
         order = [n for n in g.node if id(n) in needed]  # graph order is topological
-        done = self.done | {tuple(n.output) for n in order if n.name not in provisional}
+        done = self.done | {tuple(n.output) for n in order}
         produced = {o for n in order for o in n.output if o}
-        passing = {o for n in order if n.name in provisional for o in n.output}  # returned, never kept
         read_later = {t for n in g.node if tuple(n.output) not in done for t in n.input if t}
-        keep = [t for t in dict.fromkeys([*self.values, *produced]) if t in read_later and t not in passing]
+        keep = [t for t in dict.fromkeys([*self.values, *produced]) if t in read_later]
         outputs = list(dict.fromkeys([*(t for t in wanted if t in produced), *(t for t in keep if t in produced)]))
         inputs = sorted({t for n in order for t in n.input if t in self.values and t not in produced})
         session, feeds = self._session(model, order, inputs, outputs) if order else (None, set())
