@@ -238,9 +238,10 @@ def test_float_island_is_costed_once_at_its_boundary(tmp_path):
         shared = sum(side.ms for x in island for side in rc.boundary[x]
                      if not side.external and side.layers <= set(island) and side.ms > 0)
         assert abs(rc.set_cost(island) - (summed - shared)) < 1e-9 and shared > 0
-        # the least of three profiles: a busy moment on a shared machine only ever adds time (the suite once saw
-        # 0.347 ms against 0.318 predicted in one profile, under load)
-        measured = min(profiled_ms(build(island), feed, 15, threads=1) for _ in range(3))
+        # the least of five profiles: a busy moment on a shared machine only ever adds time (the suite once saw
+        # 0.347 ms against 0.318 predicted in one profile, under load; and once, with the least of three, 0.330
+        # measured against 0.298 predicted and 0.320 additive)
+        measured = min(profiled_ms(build(island), feed, 15, threads=1) for _ in range(5))
         predicted, additive = rc.predict(rc.int8_ms, island), rc.int8_ms + summed
         assert abs(predicted / measured - 1) < 0.15, (island, predicted, measured, rc)
         assert abs(predicted / measured - 1) < abs(additive / measured - 1), (island, predicted, additive, measured)
