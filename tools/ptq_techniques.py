@@ -116,6 +116,11 @@ ROWS = {
     "w4-mse-fl8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                              weight_symmetric=False, adaround=True, adaround_iterations=0,
                                              bias_correction=True, network_tuning=True, calib_method="percentile"),
+    # the same with 200 of AdaRound's Adam steps before the search
+    "w4-mse-fl8-asym-pct+ada200+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
+                                                    weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
+                                                    adaround=True, adaround_iterations=200, bias_correction=True,
+                                                    network_tuning=True, calib_method="percentile"),
     # the same with block-wise weights (a scale per 64 / 32 input channels of a dense layer; depthwise stay per channel)
     "w4b64-mse-fl8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                                 weight_symmetric=False, weight_block_size=64, adaround=True,
