@@ -3,10 +3,9 @@
 A layer-wise technique (AdaRound's search, AdaQuant, block reconstruction) visits the layers in graph order and
 for each needs its input in the QDQ model built so far: running the model's prefix up to every layer from the
 inputs costs the sum of all prefixes, quadratic in depth (EfficientNet-Lite0's 50 layers, 100 images: 120 of the
-search's 164 s). :class:`IncrementalCapture` keeps, for
-every calibration batch, the values at the frontier of what has been computed (the tensors a node not yet run
-still reads) and runs only the nodes between that frontier and the tensors asked for; each node then runs about
-once per model over the whole pass.
+search's 164 s). :class:`IncrementalCapture` keeps, for every calibration batch, the values at the frontier of
+what has been computed (the tensors a node not yet run still reads) and runs only the nodes between that frontier
+and the tensors asked for; each node then runs about once per model over the whole pass.
 
 The model may be rebuilt between captures (the QDQ model is re-rendered after each layer's weights change): nodes
 are known by their output names, and a cached value stays valid as long as the nodes that computed it are

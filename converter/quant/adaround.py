@@ -258,7 +258,8 @@ def _transposed_as_conv(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, 
 def _sample_rows(layer: _Layer, x: np.ndarray, m: int, rng: np.random.Generator,
                  kernel: tuple[int, ...]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """``m`` random output positions of one batch: the inputs they read ([m, groups, k]) and the positions (index
-    arrays into the layer's output: :func:`_at`)."""
+    arrays into the layer's output: (items,) for a Gemm/MatMul's flattened rows, (items, x) for a 1-D Conv,
+    (items, y, x) for a 2-D one)."""
     op = layer.node.op_type
     if op not in ("Conv", "ConvTranspose"):
         xr = x.reshape(-1, x.shape[-1])
@@ -285,15 +286,6 @@ def _sample_rows(layer: _Layer, x: np.ndarray, m: int, rng: np.random.Generator,
     patches = np.stack(taps, axis=2)  # [m, c, kh*kw]; k within a group runs (channel, ky, kx) like the weight
     patches = patches.reshape(len(pick), layer.groups, -1).astype(np.float32)
     return patches, ((bi, ox) if one_d else (bi, oy, ox))
-
-
-def _at(y: np.ndarray, where: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The layer output ``y``'s values at :func:`_sample_rows`'s positions: [m, outputs]."""
-    if len(where) == 1:
-        return y.reshape(-1, y.shape[-1])[where[0]]
-    if len(where) == 2:
-        return y[where[0], :, where[1]]
-    return y[where[0], :, where[1], where[2]]
 
 
 def _cache(layer: _Layer, qdq: onnx.ModelProto, w_float: np.ndarray, capture: IncrementalCapture,
