@@ -74,7 +74,7 @@ from ._version import __version__
 from . import resources as job_resources
 from . import schema
 from .config import QuantConfig, load_mapping
-from .errors import EXIT_CHECK_FAILED, ConfigError, UserError
+from .errors import EXIT_CHECK_FAILED, ConfigError, SlowerThanFloatError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir
 from .verify import THRESHOLD_KEYS, Thresholds
 
@@ -811,6 +811,9 @@ def _work(spec: dict[str, Any], stage: list[str]) -> JobResult:
         outputs.update({k: Path(v).name for k, v in report["outputs"].items()})
         return JobResult(name, "failed", "search", exc.message.split("\n")[0], exc.fix or "", outputs=outputs,
                          search=_search_brief(report["search"]))
+    except SlowerThanFloatError as exc:  # written, and marked in its report (latency_gate): a failed job keeps them
+        outputs.update({k: Path(v).name for k, v in exc.result.report["outputs"].items()})
+        return JobResult(name, "failed", "quantize", exc.message, exc.fix or "", outputs=outputs)
     outputs.update(model=q.model_path.name, encodings=q.encodings_path.name, report=q.report_path.name)
     s = q.report["summary"]["quantized_tensors"]
     result = JobResult(name, "ok", outputs=outputs, quantize={

@@ -44,3 +44,15 @@ class EncodingsError(UserError):
 
 class OutputError(UserError):
     """The output location cannot be written."""
+
+
+class SlowerThanFloatError(UserError):
+    """The written model runs slower than its latency limit allows where it runs (``max_latency_ratio``). The model,
+    its encodings and the report (``latency_gate``) were written all the same; ``result`` is what ``quantize``
+    would have returned."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+    def __init__(self, message: str, fix: str | None = None, result: object = None) -> None:
+        super().__init__(message, fix)
+        self.result = result

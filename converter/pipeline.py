@@ -10,6 +10,7 @@ and each stage is a function in its own module.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from .calib.runner import CalibrationResult, collect
 from .calib.subgraphs import collect_subgraph_ranges
 from .config import LAYER_POSITIONS, QuantConfig
 from .encodings_file import check_model, encodings_json
-from .errors import ConfigError, ModelError, UserError
+from .errors import ConfigError, ModelError, SlowerThanFloatError, UserError
 from .export import export_for_quantize, is_torch_module
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, is_large, load_model,
                              removes_created_dirs, save_model, small_bytes)
@@ -310,29 +311,54 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     timings = {"load_and_plan_s": state.timings["load_and_plan_s"], "calibration_s": state.timings["calibration_s"],
                "render_s": state.timings["encode_s"] + time.perf_counter() - t,
                **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time
-    result = finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
-                    extra_report=dict(state.entries) or None,
-                    calib_data=state.calib_data, calib_spec=calib_spec)
-    warn_slower_than_float(result.report, state.config)
-    return result
+    return finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
+                  extra_report=dict(state.entries) or None, calib_data=state.calib_data, calib_spec=calib_spec,
+                  gate_latency=True)
 
 
-def warn_slower_than_float(report: dict[str, Any], config: QuantConfig) -> None:
-    """Target ``ort-cpu``: a warning when the written model runs slower than FP32 there (the quality block's paired
-    batch-1 timing; models too fast to time give no ratio). The accuracy search refuses such a model by its latency
-    gate; a plain quantize writes what was asked for, and says so."""
-    lat = (report.get("quality") or {}).get("latency_batch1") or {}
-    ratio = lat.get("ratio")
-    if config.target != "ort-cpu" or ratio is None or ratio <= 1.0:
-        return
+def latency_gate(report: dict[str, Any], config: QuantConfig) -> dict[str, Any] | None:
+    """Whether the written model is fast enough where it runs: its batch-1 time over FP32's (the quality block's
+    paired timing on ONNX Runtime CPU) against ``config.max_latency_ratio`` (default 1.0 on target ``ort-cpu``:
+    a quantized model slower than FP32 is no success). None where there is nothing to judge: no ratio (a model too
+    fast to time, or no quality block), or another target with no explicit limit (ORT CPU is not its runtime)."""
+    ratio = ((report.get("quality") or {}).get("latency_batch1") or {}).get("ratio")
+    if ratio is None or (config.target != "ort-cpu" and config.max_latency_ratio is None):
+        return None
+    limit = 1.0 if config.max_latency_ratio is None else config.max_latency_ratio
+    return {"ratio": round(ratio, 3), "max_latency_ratio": None if math.isinf(limit) else limit,
+            "passed": ratio <= limit, "runtime": "onnxruntime CPU, batch 1, all optimizations"}
+
+
+def _slower(report: dict[str, Any]) -> str:
+    """The measured times and why a model is slower than FP32 (its float layers, else the Q/DQ work)."""
+    lat = report["quality"]["latency_batch1"]
     floats = ((report.get("summary") or {}).get("ort_cpu_kernels") or {}).get("float_layers") or 0
-    why = (f"{floats} layer(s) run in float there: report summary.ort_cpu_kernels" if floats else
-           "every layer runs on an integer kernel, yet the Q/DQ work around them costs more than they save")
-    log.warning("the quantized model is SLOWER than FP32 on ONNX Runtime CPU: x%.2f (batch 1, median of %d paired "
-                "runs: FP32 %.3f ms, quantized %.3f ms; %s). Fix: keep this model in float on ORT CPU, quantize for "
-                "the runtime that will run it (--target), or let the accuracy search choose (--target-metric: it "
-                "refuses a model slower than FP32)", ratio, lat["runs"], lat["float"]["median_ms"],
-                lat["quant"]["median_ms"], why)
+    why = ("" if lat["ratio"] <= 1.0 else f"; {floats} layer(s) run in float there: report summary.ort_cpu_kernels"
+           if floats else "; every layer runs on an integer kernel, yet the Q/DQ work around them costs more than "
+           "they save")
+    return (f"x{lat['ratio']:.2f} FP32's time on ONNX Runtime CPU (batch 1, median of {lat['runs']} paired runs: FP32 "
+            f"{lat['float']['median_ms']:.3f} ms, quantized {lat['quant']['median_ms']:.3f} ms{why})")
+
+
+FASTER_FIX = ("keep this model in float on ORT CPU, quantize for the runtime that will run it (--target), or let the "
+              "accuracy search choose (--target-metric: it keeps only models within the limit)")
+
+
+def check_latency(result: QuantResult, config: QuantConfig) -> None:
+    """After writing: :class:`SlowerThanFloatError` when the model broke its latency limit (:func:`latency_gate`);
+    a warning when it is slower than FP32 within a limit the user raised."""
+    gate = result.report.get("latency_gate")
+    if not gate or (gate["passed"] and gate["ratio"] <= 1.0):
+        return
+    if gate["passed"]:
+        log.warning("the quantized model is SLOWER than FP32: %s; within --max-latency-ratio %g. Fix: %s",
+                    _slower(result.report), config.max_latency_ratio, FASTER_FIX)
+        return
+    raise SlowerThanFloatError(
+        f"the quantized model is slower than allowed: {_slower(result.report)}, limit "
+        f"x{config.max_latency_ratio or 1.0:g} (--max-latency-ratio); it was written to {result.model_path}, marked in its report (latency_gate)",
+        f"{FASTER_FIX}; or accept it with --max-latency-ratio {math.ceil(gate['ratio'] * 10) / 10:g} (inf: no limit)",
+        result)
 
 
 def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | None:
@@ -348,11 +374,13 @@ def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | Non
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None,
-           calib_data: Any = None, calib_spec: str | Path | None = None) -> QuantResult:
+           calib_data: Any = None, calib_spec: str | Path | None = None, gate_latency: bool = False) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically).
 
     With ``calib_data`` the report gets ``quality`` (:func:`measure_quality`); the report's ``binding`` records
-    the SHA-256 of the float model, the prepared model, the encodings and the QDQ model (:mod:`.binding`)."""
+    the SHA-256 of the float model, the prepared model, the encodings and the QDQ model (:mod:`.binding`). With
+    ``gate_latency`` (a plain quantize; the search gates its own choice) the report gets ``latency_gate`` and a
+    model over its limit raises :class:`SlowerThanFloatError` once everything is written (:func:`check_latency`)."""
     from .binding import file_entry, sha256_bytes
     # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
     # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
@@ -381,6 +409,9 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
         if quality:
             report["quality"] = quality
             timings["quality_s"] = quality["seconds"]
+    gate = latency_gate(report, config) if gate_latency else None
+    if gate:
+        report["latency_gate"] = gate
     t = time.perf_counter()
     if data is not None:
         atomic_write_bytes(paths[0], data)
@@ -408,7 +439,10 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     write_json(paths[2], report)
     log.info("wrote %s, %s, %s%s", *paths, f" and {float_path}" if float_path else "")
-    return QuantResult(*paths, plan=plan, report=report, model=qdq, prepared_path=float_path)
+    result = QuantResult(*paths, plan=plan, report=report, model=qdq, prepared_path=float_path)
+    if gate_latency:
+        check_latency(result, config)
+    return result
 
 
 def float_model_of(model: Any, example_inputs: Any, out_dir: Path, name: str | None) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnx
 from onnx import helper, numpy_helper
 
@@ -167,7 +168,8 @@ def _float_set_builder(model: onnx.ModelProto, calib: list, group: dict[str, tup
     def build(names) -> onnx.ModelProto:
         key = tuple(sorted(names))
         if key not in built:
-            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n])),
+            r = quantize(model, calib, QuantConfig(exclude_nodes=tuple(x for n in key for x in group[n]),
+                                                   max_latency_ratio=float("inf")),  # slower than FP32: measured here
                          output_dir=out / ("_".join(key) or "int8"), name="m")
             built[key] = onnx.load(str(r.model_path))
         return built[key]
@@ -283,22 +285,44 @@ def _timed(float_ms: float, quant_ms: float):
     return lambda *a, **k: PairedLatency([float_ms] * 20, [quant_ms] * 20)
 
 
-def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_named(tmp_path, monkeypatch, caplog):
-    """quantize writes what was asked for; on target ort-cpu a model slower than FP32 there (the quality block's
-    paired timing) gets one warning with the ratio, the cause and the fixes. Faster models, models too fast to time
-    and other targets (ORT CPU is not their runtime) get none."""
+def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_no_success(tmp_path, monkeypatch, caplog):
+    """On target ort-cpu a plain quantize whose model runs slower than FP32 there (the quality block's paired
+    timing) writes it, marks it in the report (latency_gate) and raises SlowerThanFloatError (exit 1) naming the
+    ratio, the cause and the fixes. A limit the user raised lets it through with one warning; faster models, models
+    too fast to time and other targets (ORT CPU is not their runtime) pass without either."""
+    import json
+
     import converter.report as report
+    from converter.errors import EXIT_CHECK_FAILED, SlowerThanFloatError
 
     model, calib = conv_chain(), data((1, 8, 16, 16))
-    cases = [("ort-cpu", 2.0, 3.0, True), ("ort-cpu", 2.0, 1.2, False), ("ort-cpu", 0.2, 0.5, False),
-             ("qnn", 2.0, 3.0, False)]
-    for i, (target, f_ms, q_ms, warned) in enumerate(cases):
+    cases = [("ort-cpu", None, 2.0, 3.0, "error"), ("ort-cpu", 2.0, 2.0, 3.0, "warning"),
+             ("ort-cpu", None, 2.0, 1.2, None), ("ort-cpu", None, 0.2, 0.5, None), ("qnn", None, 2.0, 3.0, None),
+             ("ort-cpu", 0.5, 2.0, 1.2, "error")]
+    for i, (target, limit, f_ms, q_ms, outcome) in enumerate(cases):
         monkeypatch.setattr(report, "paired_latency", _timed(f_ms, q_ms))
         caplog.clear()
-        r = quantize(model, calib, QuantConfig(target=target), output_dir=tmp_path / str(i), name="m")
+        config = QuantConfig(target=target, max_latency_ratio=limit)
+        out = tmp_path / str(i)
+        if outcome == "error":
+            with pytest.raises(SlowerThanFloatError) as err:
+                quantize(model, calib, config, output_dir=out, name="m")
+            assert err.value.exit_code == EXIT_CHECK_FAILED
+            r = err.value.result
+            ratio = f"x{q_ms / f_ms:.2f}"
+            assert ratio in err.value.message and "latency_gate" in err.value.message, err.value.message
+            assert "--target" in err.value.fix and "--max-latency-ratio" in err.value.fix, err.value.fix
+        else:
+            r = quantize(model, calib, config, output_dir=out, name="m")
         lines = [x.getMessage() for x in caplog.records if "SLOWER than FP32" in x.getMessage()]
-        assert len(lines) == int(warned), (target, f_ms, q_ms, lines)
+        assert len(lines) == int(outcome == "warning"), (target, f_ms, q_ms, lines)
         assert r.report["quality"]["latency_batch1"]["ratio"] == (None if f_ms < 1.0 else q_ms / f_ms)
-        if warned:
+        on_disk = json.loads(r.report_path.read_text())
+        gated = target == "ort-cpu" and f_ms >= 1.0
+        assert ("latency_gate" in on_disk) == gated, on_disk.get("latency_gate")
+        if gated:
+            assert on_disk["latency_gate"]["passed"] == (outcome != "error")
+            assert on_disk["latency_gate"]["max_latency_ratio"] == (1.0 if limit is None else limit)
+        assert r.model_path.is_file() and r.encodings_path.is_file()  # written all the same
+        if outcome == "warning":
             assert "x1.50" in lines[0] and "Fix:" in lines[0] and "--target" in lines[0], lines[0]
-            assert r.model_path.is_file()  # written all the same

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from converter import QuantConfig, apply_encodings, quantize
+from converter import QuantConfig, apply_encodings
 from converter.pipeline import prepare
 from converter.quant.encodings_io import read_encodings
 
 from .benchlib.measure import session
+from tools.benchlib.measure import quantize_any_speed
 
 BLOCK = 32
 
@@ -69,7 +70,7 @@ def check(label: str, model: onnx.ModelProto, x: dict[str, np.ndarray], version:
     overrides = {"first": 8, "last": 8} if label == "mlp" else {}
     cfg = QuantConfig(target="qnn", weight_bits=4, weight_block_size=BLOCK, weight_bits_overrides=overrides,
                       encodings_version=version)
-    r = quantize(model, [x], cfg, output_dir=work / f"{label}{version}", name="m")
+    r = quantize_any_speed(model, [x], cfg, output_dir=work / f"{label}{version}", name="m")
     float_model = prepare(model).model
 
     def sim():

@@ -55,6 +55,7 @@ from .benchlib.assets import (
 from .benchlib.measure import session
 from .benchlib.ort_baseline import ort_quantize_static
 from .benchlib.tasks import ROOT, child_env
+from tools.benchlib.measure import quantize_any_speed
 
 
 ASSETS = Path()  # main sets it: --assets, passed on to every child
@@ -154,12 +155,11 @@ def child(job: dict) -> dict:
         return {"seconds": time.perf_counter() - t}
     if job["tool"] == "ours":
         from converter.config import QuantConfig
-        from converter.pipeline import quantize
 
         config = QuantConfig(calib_method=job["method"], weight_calib=job.get("weight_calib", "minmax"),
                              batch_size=BATCH, histogram_subsample=job.get("subsample", 16384))
         t = time.perf_counter()
-        result = quantize(path, calibration_batches(job["model"], n, pool), config, output_dir=out.parent,
+        result = quantize_any_speed(path, calibration_batches(job["model"], n, pool), config, output_dir=out.parent,
                           name=out.name.removesuffix(".qdq.onnx"))
         return {"seconds": time.perf_counter() - t, "calib_seconds": result.report["timings"]["calibration_s"]}
     from onnxruntime.quantization import CalibrationMethod

@@ -68,6 +68,7 @@ from .benchlib.measure import latency_stats
 from .benchlib.measure import session as bench_session
 from .benchlib.ort_baseline import ListReader, ort_quantize_static
 from .benchlib.tasks import batches
+from tools.benchlib.measure import quantize_any_speed
 
 
 CALIB_BATCH = 16
@@ -122,7 +123,7 @@ def calib_reader(task: Task) -> ListReader:
 def quantize_ours(task: Task, workdir: Path) -> tuple[Path, float]:
     config = QuantConfig(target="ort-cpu", calib_method="minmax", per_channel=True)
     t = time.perf_counter()
-    result = converter.quantize(task.model, calib_reader(task), config,
+    result = quantize_any_speed(task.model, calib_reader(task), config,
                                 output_dir=workdir / "ours", name=task.key)
     return Path(result.model_path), time.perf_counter() - t
 

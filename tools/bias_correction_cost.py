@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-import converter
 from converter import QuantConfig
 
 from .bench_e2e import Task, accuracy, calib_reader, efficientnet_task, resnet8_task
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.tasks import load_models_module
+from tools.benchlib.measure import quantize_any_speed
 
 
 ROWS = {"off": dict(bias_correction=False, fast_bias_correction=False), "fast": dict(fast_bias_correction=True),
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             fast.LAYERS = "all" if variant == "all" else "depthwise"
             with tempfile.TemporaryDirectory() as d:
                 t = time.perf_counter()
-                r = converter.quantize(str(task.model), calib_reader(task),
+                r = quantize_any_speed(str(task.model), calib_reader(task),
                                        QuantConfig(**ROWS[name]), d, name="m")
                 total = time.perf_counter() - t
                 acc = accuracy(r.model_path, task)

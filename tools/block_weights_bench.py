@@ -31,13 +31,13 @@ from pathlib import Path
 
 import onnx
 
-import converter
 from converter import QuantConfig
 from converter.ort_session import optimized_op_counts
 
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
 from .benchlib.ort_baseline import ort_quantize_static
 from .search_bench import latency  # batch-1 median ms, rotated rounds
+from tools.benchlib.measure import quantize_any_speed
 
 
 OURS = {
@@ -86,7 +86,7 @@ def make_row(key: str, model: Path, calib: list[dict], work: Path) -> tuple[Path
     if key == "fp32":
         return model, {}
     if key in OURS:
-        r = converter.quantize(str(model), calib, QuantConfig(**OURS[key]), output_dir=work / key, name="m")
+        r = quantize_any_speed(str(model), calib, QuantConfig(**OURS[key]), output_dir=work / key, name="m")
         path = r.model_path
         grans: dict[str, int] = {}
         for w in r.report["summary"]["weights"]:

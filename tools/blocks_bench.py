@@ -27,13 +27,14 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 
 from . import assets_smoke as smoke
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.measure import compare_latency
 from .benchlib.measure import session as bench_session
 from .benchlib.tasks import load_models_module
+from tools.benchlib.measure import quantize_any_speed
 
 
 INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")
@@ -86,7 +87,7 @@ MODELS = {
 
 def run_model(name: str, assets: Path, n_eval: int, runs: int, work: Path) -> dict:
     path, calib, evaluate, opts = MODELS[name](assets, n_eval)
-    res = quantize(str(path), calib, QuantConfig(), output_dir=work, name="q")
+    res = quantize_any_speed(str(path), calib, QuantConfig(), output_dir=work, name="q")
     qpath = work / "q.qdq.onnx"
     fp32, q = session(path), session(qpath, optimized=str(work / "opt.onnx"))
     ops = Counter(n.op_type for n in onnx.load(str(work / "opt.onnx")).graph.node)

@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 
 from .benchlib import assets as bench_assets
 from .benchlib.measure import compare_latency, compute_int8_share
 from .benchlib.ort_baseline import ort_quantize_static
+from .benchlib.measure import quantize_any_speed
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
@@ -106,7 +107,7 @@ def run_model(key: str, root: Path, work: Path, args) -> dict[str, Any]:
         extra = {} if args.smoothquant_alpha is None else {
             "smoothquant_alpha": args.smoothquant_alpha if args.smoothquant_alpha == "auto"
             else float(args.smoothquant_alpha)}
-        res = quantize(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)), out, row)
+        res = quantize_any_speed(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)), out, row)
         rows[row] = {"seconds": round(time.perf_counter() - t, 1)}
         paths[row] = res.model_path
         choice = res.report.get("calib_choice")

@@ -45,13 +45,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from converter import AccuracyTarget, QuantConfig, TargetNotMetError, auto_quantize, quantize
+from converter import AccuracyTarget, QuantConfig, TargetNotMetError, auto_quantize
 from converter.graph.scopes import scopes
 from converter.quant.control_flow import quantized_nodes_in_bodies, subgraph_qdq_counts
 
 from .benchlib.assets import CHUNK, add_assets_argument, assets_or_exit, read_wav, stream
 from .benchlib.measure import session as bench_session
 from .benchlib.ort_baseline import ort_quantize_static as _ort_quantize_static
+from tools.benchlib.measure import quantize_any_speed
 
 
 def session(model) -> ort.InferenceSession:
@@ -225,7 +226,7 @@ def main() -> None:
             continue
         print(f"\n== quantize: {label}")
         t = time.perf_counter()
-        res = quantize(str(model_path), calib, config, out_dir, f"silero_vad_16k_{label.replace('+', '_')}")
+        res = quantize_any_speed(str(model_path), calib, config, out_dir, f"silero_vad_16k_{label.replace('+', '_')}")
         print(f"quantized in {time.perf_counter() - t:.1f} s -> {res.model_path}")
         kept = f"{len(config.exclude_nodes)} float, {len(config.int16_nodes)} int16 (hand-picked)"
         rows[f"quantize {label}"] = {**compare(res.model_path, fp32, wavs, args.calib_seconds),

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 from tools.benchlib.assets import assets_root, efficientnet_task
+from tools.benchlib.measure import quantize_any_speed
 
 SETTING = dict(target="ort-cpu", calib_method="minmax", weight_bits=4, weight_calib="mse",
                weight_bits_overrides={"first": 8, "last": 8}, weight_symmetric=False, block_reconstruction=True,
@@ -30,7 +31,7 @@ def run_one(task, device: str, iterations: int, threads: int, out: Path) -> dict
 
     config = QuantConfig(**SETTING, device=device, reconstruction_iterations=iterations, threads=threads)
     t = time.perf_counter()
-    result = quantize(task.model, task.calib, config, output_dir=out, name=f"effnet_{device}")
+    result = quantize_any_speed(task.model, task.calib, config, output_dir=out, name=f"effnet_{device}")
     seconds = time.perf_counter() - t
     entry = result.report.get("block_reconstruction", {})
     used = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import onnx
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 from converter.ort_session import optimized_op_counts
 
 from .benchlib import assets_root, compare_latency
 from .benchlib.assets import minilm_task
+from .benchlib.measure import quantize_any_speed
 
 ROWS = ["fp32", "ours-rtn-b32-wo", "ours-gptq-b32-wo", "ours-hqq-b32-wo", "ort-rtn-b32", "ort-gptq-b32", "ort-hqq-b32"]
 EXTRA = ["ours-rtn-b32", "ours-gptq-b32", "ours-hqq-b32", "ours-rtn-pc4", "ours-gptq-pc4", "ours-hqq-pc4", "ours-rtn-pc8",
@@ -73,7 +74,7 @@ def ours(model: Path, calib: list, key: str, work: Path) -> Path:
         kw.update(weight_symmetric=False)
     if "mse" in flags:  # each row's/block's range clipped by the MSE search (weight_calib: mse)
         kw.update(weight_calib="mse")
-    r = quantize(str(model), calib, QuantConfig(weight_algo=algo, **kw), output_dir=work / key, name="m")
+    r = quantize_any_speed(str(model), calib, QuantConfig(weight_algo=algo, **kw), output_dir=work / key, name="m")
     return Path(r.model_path)
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import onnx
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 from converter.config import TARGETS
 
 from . import assets_smoke as smoke
 from .benchlib.assets import add_assets_argument, assets_or_exit
+from tools.benchlib.measure import quantize_any_speed
 
 
 def one_run(path, calib, evaluate, config: QuantConfig, patterns: dict | None, work: Path) -> dict:
@@ -32,7 +33,7 @@ def one_run(path, calib, evaluate, config: QuantConfig, patterns: dict | None, w
     if patterns is not None:
         TARGETS[config.target] = dataclasses.replace(target, patterns=patterns)
     try:
-        res = quantize(str(path), calib, config, output_dir=work, name="q")
+        res = quantize_any_speed(str(path), calib, config, output_dir=work, name="q")
     finally:
         TARGETS[config.target] = target
     q = onnx.load(str(res.model_path))

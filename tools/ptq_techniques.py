@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import converter
 from converter import QuantConfig
 from converter.ort_session import optimized_op_counts
 from converter.pipeline import prepare
@@ -51,6 +50,7 @@ from converter.pipeline import prepare
 from .bench_e2e import Task, accuracy, calib_reader, efficientnet_task, latency, resnet8_task
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.tasks import run_module
+from tools.benchlib.measure import quantize_any_speed
 
 
 FIRST_LAST_8 = {"first": 8, "last": 8}
@@ -220,7 +220,7 @@ def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dic
         config = QuantConfig(**{"target": "ort-cpu", "calib_method": "minmax", "adaround_iterations": iterations,
                                 "threads": threads, **ROWS[key]})
         t = time.perf_counter()
-        result = converter.quantize(task.model, calib_reader(task), config,
+        result = quantize_any_speed(task.model, calib_reader(task), config,
                                     output_dir=out_dir, name=task.key)
         path, report, seconds = result.model_path, result.report, time.perf_counter() - t
     counts = optimized_op_counts(str(path))

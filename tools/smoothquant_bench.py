@@ -44,12 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig
 from converter.ort_session import create_session
 
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
 from .benchlib.ort_baseline import ort_quantize_static
 from .search_bench import float_compute_ops, latency
+from tools.benchlib.measure import quantize_any_speed
 
 
 ROWS = {"fp32": "FP32", "int8": "ours all-INT8, no SmoothQuant", "sq": "ours all-INT8 + SmoothQuant 0.5",
@@ -184,7 +185,7 @@ def run_task(t: Task, work: Path, args) -> dict:
                         ("pct_sq07", QuantConfig(calib_method="percentile", smoothquant_alpha=0.7))):
         log(f"  {ROWS[key]} ...")
         start = time.perf_counter()
-        res = quantize(str(t.model), t.calib, config, output_dir=work / f"{key}_{t.key}", name=t.key)
+        res = quantize_any_speed(str(t.model), t.calib, config, output_dir=work / f"{key}_{t.key}", name=t.key)
         paths[key] = Path(res.model_path)
         sq = res.report.get("smoothquant") or []
         rows[key].update(quantize_s=round(time.perf_counter() - start, 1), smoothed=len(sq),

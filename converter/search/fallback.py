@@ -583,12 +583,14 @@ def auto_quantize(model: Any, calib_data: Any, evaluate: Evaluator, target: Accu
     ``max_evaluations``: the budget of full evaluations (FP32 and all-INT8 included; default
     :func:`default_max_evaluations`); the end-to-end ranking's evaluations come on top and are counted.
     A model that meets the target but runs slower than ``max_latency_ratio`` x FP32 (measured on ONNX
-    Runtime CPU, batch 1; default 1.0 on target ort-cpu when the FP32 run takes >= 0.05 ms, none on targets this
-    machine does not run) is not
-    a success either: the report (``search.pareto``) and the error list the accuracy/latency trade-offs found.
+    Runtime CPU, batch 1; unset: ``config.max_latency_ratio``, else 1.0 on target ort-cpu when the FP32 run takes
+    >= 0.05 ms, none on targets this machine does not run) is not a success either: the report
+    (``search.pareto``) and the error list the accuracy/latency trade-offs found.
     """
-    _check_options(strategy, ranking, fallback, max_evaluations, max_latency_ratio, latency, max_float_fraction)
     config = config or QuantConfig()
+    if max_latency_ratio is None and latency:
+        max_latency_ratio = config.max_latency_ratio
+    _check_options(strategy, ranking, fallback, max_evaluations, max_latency_ratio, latency, max_float_fraction)
     use_custom_op_libraries(config.custom_op_libraries)
     calib_spec = image_spec or calib_spec  # one spelling with quantize and verify; calib_spec: the old one
     fallback = _resolve_fallback(fallback, config)
@@ -830,7 +832,8 @@ def _latency_gate(run: _SearchRun, outcome: SearchOutcome, search_report: dict[s
         else:
             outcome.met, outcome.stop_reason = False, "latency"
             search_report.update(met=False, stop_reason="latency")
-    search_report.update(max_latency_ratio=limit, pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
+    search_report.update(max_latency_ratio=None if limit is None or math.isinf(limit) else limit,  # JSON: no inf
+                         pareto=rows[:1] + pareto(rows[1:]))  # FP32, then the front
     run.timings["latency_s"] = time.perf_counter() - t
 
 

@@ -17,7 +17,7 @@ the repository root (``python -m tools.any_model_bench``); nothing here edits ``
 """
 
 from .assets import ASSETS_ENV, AssetsError, add_assets_argument, assets_root
-from .measure import compare_latency, compute_int8_share, latency_ms, latency_stats, session
+from .measure import compare_latency, compute_int8_share, latency_ms, latency_stats, quantize_any_speed, session
 from .ort_baseline import ListReader, ort_quantize_static
 from .tasks import Task
 
@@ -33,5 +33,6 @@ __all__ = [
            "latency_ms",
            "latency_stats",
            "ort_quantize_static",
+           "quantize_any_speed",
            "session",
 ]
