@@ -141,9 +141,11 @@ def custom_op_fix(error: str) -> str | None:
             "with standard ONNX ops")
 
 
-def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.SessionOptions:
+def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: bool = True,
+                    spinning: bool = True) -> ort.SessionOptions:
     """SessionOptions with :data:`SESSION_CONFIG` and :data:`CUSTOM_OP_LIBRARIES`; ``optimization`` is
-    off | basic | extended | all."""
+    off | basic | extended | all. ``spinning`` False: the intra-op threads sleep between runs instead of spinning
+    (two sessions timed in turns: :mod:`converter.timing`)."""
     so = ort.SessionOptions()
     for lib in CUSTOM_OP_LIBRARIES:
         so.register_custom_ops_library(lib)
@@ -154,17 +156,20 @@ def session_options(optimization: str = "basic", threads: int = 0, mem_pattern: 
     so.graph_optimization_level = LEVELS[optimization]
     for key, value in SESSION_CONFIG.items():
         so.add_session_config_entry(key, value)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 def create_session(model: onnx.ModelProto | bytes | str, providers: Sequence[str] | None = None,
-                   optimization: str = "basic", threads: int = 0, mem_pattern: bool = True) -> ort.InferenceSession:
+                   optimization: str = "basic", threads: int = 0, mem_pattern: bool = True,
+                   spinning: bool = True) -> ort.InferenceSession:
     """An ORT session for a model (proto, serialized bytes or a path); ORT's exceptions pass through.
 
     A proto over the protobuf limit (:func:`converter.graph.model_io.is_large`) is written with external
     data to a temporary folder and the session is made from that path (ONNX Runtime reads the weights
     while the session is created; the folder goes afterwards)."""
-    options = session_options(optimization, threads, mem_pattern)
+    options = session_options(optimization, threads, mem_pattern, spinning)
     providers = list(providers or ["CPUExecutionProvider"])
     if isinstance(model, onnx.ModelProto):
         data = small_bytes(model)

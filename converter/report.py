@@ -81,8 +81,9 @@ def measure_quality(prepared: FlowState, qdq: onnx.ModelProto | bytes, calib_dat
         as_given = bool(source and Path(source).is_file() and not is_large(prepared.model))
         reference = load_model(source) if as_given else prepared.model
         providers = ["CPUExecutionProvider"]
-        ref = make_session(reference, providers, config.threads, full_optimization=True)
-        got = make_session(qdq, providers, config.threads, full_optimization=True)
+        # timed in turns: without spinning, neither session's idle threads take the cores of the other's run
+        ref = make_session(reference, providers, config.threads, full_optimization=True, spinning=False)
+        got = make_session(qdq, providers, config.threads, full_optimization=True, spinning=False)
         outputs = [o.name for o in ref.get_outputs()]
         stats = {name: OutputStats(name) for name in outputs}
         data = open_calibration(calib_data, prepared.inputs, config.batch_size, QUALITY_SAMPLES, calib_spec)

@@ -8,6 +8,13 @@ burst of load hits both runs of a pair, so it cancels in the pair's ratio, where
 still moved by a third under bursts (EfficientNet-Lite0 against itself, load average 5-16 on 2 cores: x0.65
 once in three runs).
 
+Sessions timed this way should not spin (``session.intra_op.allow_spinning`` 0, as ``quantize``'s quality block
+makes them): after its run each session's thread pool spins for a while and takes the cores from the other's run,
+so whoever ran first in a pair was faster. Measured on PP-OCRv4's recognizer W8A8 on 2 cores, three timings of 20
+pairs each: with spinning the pairs' median ratios were 1.10-1.31 with FP32 first and 0.91-1.17 with the quantized
+model first (the medians' ratio 1.04-1.16 across six timings); without, 1.18-1.21 and 1.14-1.16 (1.16-1.19 across
+three), and FP32's median 20.7-21.0 ms instead of 22.8-25.5.
+
 Below :data:`TOO_FAST_MS` per run (the float model's median) timer and scheduler noise are a large share of the
 time, so no ratio is given ("too fast to time"); the medians are still reported.
 """

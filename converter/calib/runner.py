@@ -64,11 +64,12 @@ _OFFSET_STRIDE = 7919  # a prime: successive runs start their subsample at unrel
 
 def make_session(model: onnx.ModelProto | bytes | str, providers: list[str], threads: int = 0,
                  optimize: bool = True, full_optimization: bool = False,
-                 mem_pattern: bool = True) -> ort.InferenceSession:
-    """An ORT session; ``optimize`` gives basic graph optimizations, ``full_optimization`` all of them."""
+                 mem_pattern: bool = True, spinning: bool = True) -> ort.InferenceSession:
+    """An ORT session; ``optimize`` gives basic graph optimizations, ``full_optimization`` all of them;
+    ``spinning`` False: intra-op threads sleep between runs (sessions timed in turns)."""
     level = "all" if full_optimization else "basic" if optimize else "off"
     try:
-        return create_session(model, providers, level, threads, mem_pattern)
+        return create_session(model, providers, level, threads, mem_pattern, spinning)
     except Exception as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"ONNX Runtime cannot load the model: {first}", custom_op_fix(first) or
