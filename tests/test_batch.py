@@ -9,8 +9,10 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from converter import QuantConfig, quantize
 from converter.batch import input_hash, load_job_file, run_batch
@@ -236,3 +238,29 @@ def test_job_file_paths_and_cli_exit_code(tmp_path, capsys):
     assert main(["batch", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "needs labels" in err and "line 4" in err and "fix:" in err
+
+
+def test_a_job_whose_model_is_slower_than_its_latency_limit_fails_with_its_outputs_kept(tmp_path):
+    """A plain quantize job whose written model breaks its latency limit (the job's max_latency_ratio, here one no
+    model can meet) is a failed job at its quantize stage, with the gate's message and fix, and its model,
+    encodings and report (latency_gate) kept in the output folder."""
+    rng = np.random.default_rng(0)
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [conv], "wide", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32, 128, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32, 128, 128])],
+        [numpy_helper.from_array(rng.normal(0, 0.06, (32, 32, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(32, np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "wide.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "x.npy", rng.normal(0, 1, (8, 32, 128, 128)).astype(np.float32))
+    jobs = _jobs(tmp_path, "out", "\n  - name: wide\n    model: wide.onnx\n    calib: calib\n"
+                 "    config: {max_latency_ratio: 0.001}\n")
+    assert main(["batch", str(jobs)]) == 1
+    job = _summary(tmp_path / "out")["wide"]
+    assert job["status"] == "failed" and job["stage"] == "quantize", job
+    assert "slower than allowed" in job["error"] and "--max-latency-ratio" in job["fix"], job
+    folder = tmp_path / "out" / "wide"
+    report = json.loads((folder / job["outputs"]["report"]).read_text())
+    assert report["latency_gate"]["passed"] is False and report["latency_gate"]["max_latency_ratio"] == 0.001
+    assert (folder / job["outputs"]["model"]).is_file() and (folder / job["outputs"]["encodings"]).is_file()
