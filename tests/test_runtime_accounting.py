@@ -285,7 +285,7 @@ def _timed(float_ms: float, quant_ms: float):
     return lambda *a, **k: PairedLatency([float_ms] * 20, [quant_ms] * 20)
 
 
-def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_no_success(tmp_path, monkeypatch, caplog):
+def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_no_success(tmp_path, monkeypatch, caplog, capsys):
     """On target ort-cpu a plain quantize whose model runs slower than FP32 there (the quality block's paired
     timing) writes it, marks it in the report (latency_gate) and raises SlowerThanFloatError (exit 1) naming the
     ratio, the cause and the fixes. A limit the user raised lets it through with one warning; faster models, models
@@ -326,3 +326,17 @@ def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_no_success(tmp_path, m
         assert r.model_path.is_file() and r.encodings_path.is_file()  # written all the same
         if outcome == "warning":
             assert "x1.50" in lines[0] and "Fix:" in lines[0] and "--target" in lines[0], lines[0]
+    # the command line: exit 1 with the gate's error and fix; the files written
+    from converter.cli import main
+
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    np.save(tmp_path / "calib" / "x.npy", np.concatenate([b["x"] for b in calib]))
+    monkeypatch.setattr(report, "paired_latency", _timed(2.0, 3.0))
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "-o",
+                 str(tmp_path / "cli")]) == EXIT_CHECK_FAILED
+    err = capsys.readouterr().err
+    assert "error: the quantized model is slower than allowed: x1.50" in err and "fix:" in err, err
+    assert (tmp_path / "cli" / "m.qdq.onnx").is_file() and (tmp_path / "cli" / "m.report.json").is_file()
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "-o",
+                 str(tmp_path / "cli2"), "--max-latency-ratio", "inf"]) == 0

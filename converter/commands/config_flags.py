@@ -86,8 +86,8 @@ def config_from_args(args: argparse.Namespace, config: QuantConfig, only: tuple[
         if f.metadata["cli"].get("action") == "append":  # adds to the config file's
             value = getattr(config, f.name) + tuple(value)
         overrides[f.name] = value
-    search = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(SearchConfig)
-              if getattr(args, _dest(f), None) is not None} if only is None else {}
+    search = {f.name: getattr(args, _dest(f)) for f in dataclasses.fields(SearchConfig)  # a file key only: no flag
+              if f.metadata["flags"] and getattr(args, _dest(f), None) is not None} if only is None else {}
     if search:
         base = config.search if config.search is not None and not ({"metric", "evaluator"} & set(search)) else None
         overrides["search"] = base.replace(**search) if base is not None else \
