@@ -356,7 +356,8 @@ def check_latency(result: QuantResult, config: QuantConfig) -> None:
         return
     raise SlowerThanFloatError(
         f"the quantized model is slower than allowed: {_slower(result.report)}, limit "
-        f"x{config.max_latency_ratio or 1.0:g} (--max-latency-ratio); it was written to {result.model_path}, marked in its report (latency_gate)",
+        f"x{config.max_latency_ratio or 1.0:g} (--max-latency-ratio); it was written to {result.model_path}, "
+        "marked in its report (latency_gate)",
         f"{FASTER_FIX}; or accept it with --max-latency-ratio {math.ceil(gate['ratio'] * 10) / 10:g} (inf: no limit)",
         result)
 

@@ -218,8 +218,9 @@ def main() -> int:
                 for version in args.versions:
                     out_dir = work / f"{key}-{target}-{version}"
                     calib = [{task.input_name: task.calib[i:i + 16]} for i in range(0, len(task.calib), 16)]
-                    res = quantize_any_speed(str(task.model), calib, QuantConfig(target=target, encodings_version=version),
-                                   output_dir=out_dir, name=key)
+                    res = quantize_any_speed(str(task.model), calib,
+                                             QuantConfig(target=target, encodings_version=version),
+                                             output_dir=out_dir, name=key)
                     ours = top1(session(res.model_path, "off"), task.input_name, x)  # QDQ as written
                     row = {"model": key, "target": target, "version": version,
                            "fp32_top1": int((fp32 == y).sum()), "ours_top1": int((ours == y).sum()), "n": len(x),

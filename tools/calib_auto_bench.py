@@ -107,7 +107,8 @@ def run_model(key: str, root: Path, work: Path, args) -> dict[str, Any]:
         extra = {} if args.smoothquant_alpha is None else {
             "smoothquant_alpha": args.smoothquant_alpha if args.smoothquant_alpha == "auto"
             else float(args.smoothquant_alpha)}
-        res = quantize_any_speed(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)), out, row)
+        res = quantize_any_speed(str(task.model), task.calib, QuantConfig(calib_method=row, **(task.config | extra)),
+                                 out, row)
         rows[row] = {"seconds": round(time.perf_counter() - t, 1)}
         paths[row] = res.model_path
         choice = res.report.get("calib_choice")
