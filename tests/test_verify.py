@@ -262,6 +262,13 @@ def test_agreement_0985_with_labels_passes_and_says_why(tmp_path, capsys):
     data = json.loads((tmp_path / "v.json").read_text())
     assert data["outputs"]["logits"]["top1_agreement"] == pytest.approx(0.985)
     assert data["accuracy"]["top1_drop"] == pytest.approx(0.005)
+    # paired: 2 lost, 1 gained of 200; standard error sqrt(3 - 1/200) / 200 = 0.008653
+    acc = data["accuracy"]
+    assert (acc["lost"], acc["gained"]) == (2, 1)
+    assert acc["top1_drop_ci95"] == pytest.approx([0.005 - 1.96 * 0.0086530, 0.005 + 1.96 * 0.0086530], abs=1e-6)
+    assert "top-1 drop +0.50 pt (95% interval -1.20 to +2.20 pt: 2 lost, 1 gained)" in out
+    assert "the limit (1 pt) lies inside the top-1 drop's 95% interval (-1.20 to +2.20 pt; 2 sample(s) lost, 1 " \
+           "gained, of 200)" in out
     assert code == 0 and out.rstrip().endswith("PASSED")
     assert "top-1 agreement 0.9850 is reported, not gated: with labels the gate is the accuracy drop (+0.50 pt, " \
            "limit 1 pt)" in out
