@@ -32,7 +32,7 @@ from converter.pipeline import prepare
 from converter.quant.encodings_io import read_encodings
 
 from .benchlib.measure import session
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 BLOCK = 32
 

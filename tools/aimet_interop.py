@@ -63,7 +63,7 @@ from . import bench_e2e
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.measure import session
 from .benchlib.tasks import ROOT
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 def aimet_available() -> str | None:

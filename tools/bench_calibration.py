@@ -55,7 +55,7 @@ from .benchlib.assets import (
 from .benchlib.measure import session
 from .benchlib.ort_baseline import ort_quantize_static
 from .benchlib.tasks import ROOT, child_env
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 ASSETS = Path()  # main sets it: --assets, passed on to every child

@@ -68,7 +68,7 @@ from .benchlib.measure import latency_stats
 from .benchlib.measure import session as bench_session
 from .benchlib.ort_baseline import ListReader, ort_quantize_static
 from .benchlib.tasks import batches
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 CALIB_BATCH = 16

@@ -23,7 +23,7 @@ from converter import QuantConfig
 from .bench_e2e import Task, accuracy, calib_reader, efficientnet_task, resnet8_task
 from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.tasks import load_models_module
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 ROWS = {"off": dict(bias_correction=False, fast_bias_correction=False), "fast": dict(fast_bias_correction=True),

@@ -37,7 +37,7 @@ from converter.ort_session import optimized_op_counts
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
 from .benchlib.ort_baseline import ort_quantize_static
 from .search_bench import latency  # batch-1 median ms, rotated rounds
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 OURS = {

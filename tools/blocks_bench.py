@@ -34,7 +34,7 @@ from .benchlib.assets import add_assets_argument, assets_or_exit
 from .benchlib.measure import compare_latency
 from .benchlib.measure import session as bench_session
 from .benchlib.tasks import load_models_module
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 INT_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")

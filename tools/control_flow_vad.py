@@ -52,7 +52,7 @@ from converter.quant.control_flow import quantized_nodes_in_bodies, subgraph_qdq
 from .benchlib.assets import CHUNK, add_assets_argument, assets_or_exit, read_wav, stream
 from .benchlib.measure import session as bench_session
 from .benchlib.ort_baseline import ort_quantize_static as _ort_quantize_static
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 def session(model) -> ort.InferenceSession:

@@ -25,7 +25,7 @@ from converter.config import TARGETS
 
 from . import assets_smoke as smoke
 from .benchlib.assets import add_assets_argument, assets_or_exit
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 def one_run(path, calib, evaluate, config: QuantConfig, patterns: dict | None, work: Path) -> dict:

@@ -50,7 +50,7 @@ from converter.ort_session import create_session
 from .benchlib.assets import STSB, add_assets_argument, assets_or_exit, feeds, stsb_rows, tokenizer
 from .benchlib.ort_baseline import ort_quantize_static
 from .search_bench import float_compute_ops, latency
-from tools.benchlib.measure import quantize_any_speed
+from .benchlib.measure import quantize_any_speed
 
 
 ROWS = {"fp32": "FP32", "int8": "ours all-INT8, no SmoothQuant", "sq": "ours all-INT8 + SmoothQuant 0.5",
