@@ -69,7 +69,7 @@ def main() -> int:
     calib_s = time.perf_counter() - t
     logits = np.concatenate([sim.session.run(None, {name: x[i:i + args.batch]})[0]
                              for i in range(0, len(x), args.batch)])
-    ranked = np.argsort(-logits.reshape(len(x), -1), axis=1)
+    ranked = np.argsort(-logits.reshape(len(x), -1), axis=1, kind="stable")  # ties as argmax breaks them
     row = "per-tensor" + ("" if args.no_cle else "+cle(equalize_model)") + (
         ", Clip bounds as nodes" if args.clip_bounds_as_nodes else "")
     out = {"tool": "aimet-onnx", "row": row,

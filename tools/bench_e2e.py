@@ -158,7 +158,10 @@ def accuracy(path: Path, task: Task) -> dict[str, int]:
     s = session(path)
     logits = np.concatenate([s.run(None, {task.input_name: task.eval_x[i:i + task.eval_batch]})[0]
                              for i in range(0, len(task.eval_x), task.eval_batch)])
-    ranked = np.argsort(-logits, axis=1)
+    # stable: of tied scores the lower class first, as argmax (converter's metrics, verify) picks; a quantized
+    # output ties often (EfficientNet-Lite0 W4A8's 8-bit logits: 16 of 900 images tie their top two classes, and
+    # an unstable sort scored the same model 773 where argmax scores 768)
+    ranked = np.argsort(-logits, axis=1, kind="stable")
     return {f"top{k}": int((ranked[:, :k] == task.eval_y[:, None]).any(axis=1).sum()) for k in task.topk}
 
 

@@ -214,17 +214,21 @@ def peak_rss_mb() -> int:
 
 def paired_vs_fp32(path: Path, task) -> dict:
     """Top-1 against FP32 sample by sample: ``lost`` (FP32 right, this model wrong), ``gained`` (the other way
-    round) and the 95% interval of the drop in samples (Wald, paired: as ``qconvert verify`` gives it). Two rows a
-    few samples apart are within it of each other too: on EfficientNet-Lite0's 900 images two 4-bit models
-    differ on 40-48."""
-    def top1(p: Path) -> np.ndarray:
+    round), the 95% interval of the drop in samples (Wald, paired: as ``qconvert verify`` gives it) and how many
+    samples have their top two scores tied (8-bit outputs tie; argmax takes the lower class). Two rows a few
+    samples apart are within it of each other too: on EfficientNet-Lite0's 900 images two 4-bit models differ on
+    40-48."""
+    def logits(p: Path) -> np.ndarray:
         s = session(p)
         return np.concatenate([s.run(None, {task.input_name: task.eval_x[i:i + task.eval_batch]})[0]
-                               for i in range(0, len(task.eval_x), task.eval_batch)]).argmax(1) == task.eval_y
-    f, q = top1(Path(task.model)), top1(path)
+                               for i in range(0, len(task.eval_x), task.eval_batch)])
+    lf, lq = logits(Path(task.model)), logits(path)
+    f, q = lf.argmax(1) == task.eval_y, lq.argmax(1) == task.eval_y
     lost, gained, n = int((f & ~q).sum()), int((~f & q).sum()), len(f)
     half = 1.96 * math.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0))
-    return {"lost": lost, "gained": gained, "drop_ci95": [round(lost - gained - half), round(lost - gained + half)]}
+    top2 = np.sort(lq, axis=1)[:, -2:]
+    return {"lost": lost, "gained": gained, "drop_ci95": [round(lost - gained - half), round(lost - gained + half)],
+            "top2_tied": int((top2[:, 0] == top2[:, 1]).sum())}  # a quantized output's ties: argmax takes the first
 
 
 def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dict:
@@ -395,12 +399,13 @@ def main() -> int:
             for r in rows:
                 if r["row"] in done:
                     r["vs_fp32"] = paired_vs_fp32(done[r["row"]], task)
-    print(f"{'tool':<11} {'row':<34} {'top1':>5} {'of':>4} {'vs FP32: lost/gained, 95% of the drop':>38} "
+    print(f"{'tool':<11} {'row':<34} {'top1':>5} {'of':>4} {'vs FP32: lost/gained, 95% of the drop, tied':>44} "
           f"{'QLinConv':>8} {'fltConv':>7} {'lat ms':>7} {'wall s':>7} {'peak MB':>7}")
     for r in rows:
         v = r.get("vs_fp32")
-        paired = f"{v['lost']}/{v['gained']}, {v['drop_ci95'][0]:+d}..{v['drop_ci95'][1]:+d}" if v else "-"
-        print(f"{r['tool']:<11} {r['row']:<34} {r.get('top1', '-'):>5} {r.get('of', '-'):>4} {paired:>38} "
+        paired = (f"{v['lost']}/{v['gained']}, {v['drop_ci95'][0]:+d}..{v['drop_ci95'][1]:+d}, {v['top2_tied']}"
+                  if v else "-")
+        print(f"{r['tool']:<11} {r['row']:<34} {r.get('top1', '-'):>5} {r.get('of', '-'):>4} {paired:>44} "
               f"{r.get('qlinearconv', '-'):>8} {r.get('float_conv', '-'):>7} "
               f"{r.get('latency_ms_batch1_1thread', '-'):>7} "
               f"{r.get('wall_s', r.get('process_wall_s', '-')):>7} {r.get('peak_rss_mb', '-'):>7}")
