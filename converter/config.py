@@ -523,6 +523,11 @@ class QuantConfig:
                                        "(default: off)")
     network_tuning_epochs: int = option(12, "techniques.network_tuning.epochs", "--network-tuning-epochs", type=int,
                                         metavar="N", help="passes over the calibration samples for --network-tuning")
+    network_tuning_mixup: bool = option(False, "techniques.network_tuning.mixup", "--network-tuning-mixup",
+                                        action="BooleanOptionalAction",
+                                        help="network tuning on mixed calibration samples (each step's inputs "
+                                             "blended with others, the float model's outputs on them the target): "
+                                             "closer to FP32 over more epochs (default: off)")
     reconstruction_qdrop: bool = option(False, "techniques.block_reconstruction.qdrop", "--reconstruction-qdrop",
                                         action="BooleanOptionalAction",
                                         help="QDrop while reconstructing: each activation element keeps its float "

@@ -46,6 +46,31 @@ def test_network_tuning_lowers_held_out_output_error(tmp_path):
     assert 1 <= entry["best_epoch"] <= 12 and entry["held_out_after"] < entry["held_out_before"], entry
 
 
+def test_mixup_tuning_fits_the_float_model_between_the_samples(tmp_path):
+    """--network-tuning-mixup trains on blends of the calibration samples against the float model's outputs on the
+    blends: it still lowers the held-out output error against nearest rounding, and on held-out blends (inputs
+    between the samples, where plain tuning never looked) it is closer to the float model than plain tuning over
+    the same epochs."""
+    model = residual_model()
+    held_out = batches(7, 1)[0]
+    rng = np.random.default_rng(5)
+    x = held_out["x"]
+    lam = rng.uniform(0.5, 1.0, (len(x), 1, 1, 1)).astype(np.float32)
+    blends = {"x": lam * x + (1 - lam) * x[rng.permutation(len(x))]}
+    err, res = {}, {}
+    for name, cfg in (("nearest", config()), ("tuned", config(network_tuning=True, network_tuning_epochs=24)),
+                      ("mixup", config(network_tuning=True, network_tuning_epochs=24, network_tuning_mixup=True))):
+        r = quantize(model, batches(1, 8), cfg, output_dir=tmp_path / name, name="m")
+        err[name] = [float(np.mean((run(r.model_path, d)[0] - run(model, d)[0]) ** 2)) for d in (held_out, blends)]
+        res[name] = r
+    entry = res["mixup"].report["network_tuning"]
+    assert entry["mixup"] and entry["kept"] and entry["held_out_after"] < entry["held_out_before"], entry
+    assert not res["tuned"].report["network_tuning"]["mixup"]
+    assert err["mixup"][0] < 0.8 * err["nearest"][0], err
+    # measured: held-out samples nearest 0.1225, tuned 0.0413, mixup 0.0423; their blends 0.1084, 0.0409, 0.0392
+    assert err["mixup"][1] < err["tuned"][1], err
+
+
 def test_tuned_scales_reach_the_encodings_and_the_qdq_model(tmp_path):
     r = quantize(residual_model(), batches(1, 8), config(network_tuning=True, network_tuning_epochs=3),
                  output_dir=tmp_path, name="m")

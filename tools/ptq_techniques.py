@@ -122,6 +122,17 @@ ROWS = {
                                                     weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
                                                     adaround=True, adaround_iterations=200, bias_correction=True,
                                                     network_tuning=True, calib_method="percentile"),
+    # the same, network tuning on mixed samples for 24 epochs (function matching)
+    "w4-mse-fl8-asym-pct+ada200+search+bc+nt-mix24": dict(weight_bits=4, weight_calib="mse",
+                                                          weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
+                                                          adaround=True, adaround_iterations=200,
+                                                          bias_correction=True, network_tuning=True,
+                                                          network_tuning_epochs=24, network_tuning_mixup=True,
+                                                          calib_method="percentile"),
+    "w4-mse-fl8-asym-pct+search+bc+nt-mix24": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
+                                                   weight_symmetric=False, adaround=True, adaround_iterations=0,
+                                                   bias_correction=True, network_tuning=True, network_tuning_epochs=24,
+                                                   network_tuning_mixup=True, calib_method="percentile"),
     # the same with block-wise weights (a scale per 64 / 32 input channels of a dense layer; depthwise stay per channel)
     "w4b64-mse-fl8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                                 weight_symmetric=False, weight_block_size=64, adaround=True,

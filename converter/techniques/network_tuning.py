@@ -13,7 +13,8 @@ from ..quant.network_tuning import SAMPLES, tune_network
 def run(state: FlowState) -> dict[str, Any]:
     config = state.config
     result = tune_network(state.model, state.plan, state.idx, state.data(SAMPLES), state.originals(),
-                          epochs=config.network_tuning_epochs, threads=config.threads, device=config.device,
+                          epochs=config.network_tuning_epochs, mixup=config.network_tuning_mixup,
+                          threads=config.threads, device=config.device,
                           float_weights=state.provided.setdefault("float_weights", {}), frozen=state.frozen)
     if result is None or not result.kept:
         return {}
@@ -26,5 +27,5 @@ TECHNIQUE = Technique(
     data_why="it fits the quantized model's outputs to the float model's on calibration samples",
     flag="--network-tuning / network_tuning: true", changes_float_model=True,
     provides=("float_weights", "frozen_weights"),
-    config_fields=("network_tuning", "network_tuning_epochs", "threads", "device"),
+    config_fields=("network_tuning", "network_tuning_epochs", "network_tuning_mixup", "threads", "device"),
     summary="learns every quantized layer's per-channel weight scale and bias against the float model's outputs")
