@@ -12,7 +12,7 @@ from typing import Callable
 
 from ._version import __version__
 from .config import METRIC_ALIASES, SEARCH_METRICS, WEIGHT_STORAGES, QuantConfig, SearchConfig  # noqa: F401 (SEARCH_METRICS: re-exported)
-from .errors import UserError
+from .errors import SlowerThanFloatError, UserError
 from .commands.argtypes import parse_shape
 from .commands.config_flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: re-exported)
 from .options import QDQ_SUFFIX, check_output_file
@@ -156,8 +156,17 @@ def _run_quantize(args: argparse.Namespace) -> int:
                         "add --target-metric top1|top1-agreement|cosine|sqnr (with --eval DIR), or --evaluator "
                         f"file.py:fn; or drop {', '.join(stray)}")
     config = config_from_args(args, config)
-    result = quantize_with_search(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
-                                  calib_spec=args.calib_spec)  # an unmet search target: TargetNotMetError, exit 1
+    try:
+        result = quantize_with_search(args.model, args.calib, config, output_dir=args.output_dir, name=args.name,
+                                      calib_spec=args.calib_spec)  # an unmet search target: TargetNotMetError, exit 1
+    except SlowerThanFloatError as exc:  # written: its summary first, then the gate's error (exit 1)
+        _print_quantize_summary(exc.result, config)
+        raise
+    return _print_quantize_summary(result, config)
+
+
+def _print_quantize_summary(result, config: QuantConfig) -> int:
+    """quantize's summary: the search's verdict, what was quantized, what ORT CPU runs, quality and speed, files."""
     if config.search is not None:
         for line in search_lines(result.report["search"]):
             print(line)

@@ -335,8 +335,10 @@ def test_a_quantized_model_slower_than_fp32_on_ort_cpu_is_no_success(tmp_path, m
     monkeypatch.setattr(report, "paired_latency", _timed(2.0, 3.0))
     assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "-o",
                  str(tmp_path / "cli")]) == EXIT_CHECK_FAILED
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "error: the quantized model is slower than allowed: x1.50" in err and "fix:" in err, err
+    assert "latency (ORT CPU, batch 1" in captured.out and "m.qdq.onnx" in captured.out  # the summary came first
     assert (tmp_path / "cli" / "m.qdq.onnx").is_file() and (tmp_path / "cli" / "m.report.json").is_file()
     assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "-o",
                  str(tmp_path / "cli2"), "--max-latency-ratio", "inf"]) == 0
