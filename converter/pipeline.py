@@ -26,7 +26,7 @@ from .calib.runner import CalibrationResult, collect
 from .calib.subgraphs import collect_subgraph_ranges
 from .config import LAYER_POSITIONS, QuantConfig
 from .encodings_file import check_model, encodings_json
-from .errors import ConfigError, ModelError, SlowerThanFloatError, UserError
+from .errors import CalibrationDataError, ConfigError, ModelError, SlowerThanFloatError, UserError
 from .export import export_for_quantize, is_torch_module
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, is_large, load_model,
                              removes_created_dirs, save_model, small_bytes)
@@ -87,7 +87,11 @@ def prepare(model: Any, name: str | None = None, example_inputs: Any = None) -> 
 
 def check_technique_data(calib_data: Any, config: QuantConfig, techniques: list[Technique] | None = None) -> None:
     """Every enabled technique that reads calibration data gets some: else one error naming it (one the user
-    switched on first, then those on by default), before any work."""
+    switched on first, then those on by default), before any work. A calibration path that does not exist is the
+    user's to fix whichever technique would read it first (SmoothQuant, on by default, named itself in that error)."""
+    if isinstance(calib_data, (str, Path)) and not Path(calib_data).exists():
+        raise CalibrationDataError(f"calibration data not found: {calib_data}",
+                                   "pass a directory of .npy/.npz files or images")
     if calib_data is not None:
         return
     default = QuantConfig()

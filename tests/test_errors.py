@@ -90,7 +90,8 @@ def test_empty_calibration_directory(model_path, tmp_path, capsys):
 
 def test_missing_calibration_directory(model_path, tmp_path, capsys):
     code, err = quantize_cli(capsys, model_path, tmp_path / "nothing", tmp_path / "out")
-    assert code == 2 and "calibration data not found" in err
+    assert code == 2 and "error: calibration data not found: " in err, err  # the data's error, no technique's name
+    assert_clean(tmp_path / "out")
 
 
 def test_images_without_spec(model_path, tmp_path, capsys):
