@@ -246,14 +246,15 @@ def test_a_job_whose_model_is_slower_than_its_latency_limit_fails_with_its_outpu
     encodings and report (latency_gate) kept in the output folder."""
     rng = np.random.default_rng(0)
     conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    c = 64  # 604 M MACs: well over the 1 ms below which a model is not timed (no ratio, no gate), on any CPU
     graph = helper.make_graph(
-        [conv], "wide", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32, 128, 128])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32, 128, 128])],
-        [numpy_helper.from_array(rng.normal(0, 0.06, (32, 32, 3, 3)).astype(np.float32), "w"),
-         numpy_helper.from_array(np.zeros(32, np.float32), "b")])
+        [conv], "wide", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", c, 128, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", c, 128, 128])],
+        [numpy_helper.from_array(rng.normal(0, 0.04, (c, c, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(c, np.float32), "b")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "wide.onnx")
     (tmp_path / "calib").mkdir()
-    np.save(tmp_path / "calib" / "x.npy", rng.normal(0, 1, (8, 32, 128, 128)).astype(np.float32))
+    np.save(tmp_path / "calib" / "x.npy", rng.normal(0, 1, (4, c, 128, 128)).astype(np.float32))
     jobs = _jobs(tmp_path, "out", "\n  - name: wide\n    model: wide.onnx\n    calib: calib\n"
                  "    config: {max_latency_ratio: 0.001}\n")
     assert main(["batch", str(jobs)]) == 1
