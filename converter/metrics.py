@@ -126,6 +126,19 @@ def sample_top1(out: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (argmax_rows(out) == np.asarray(labels)).astype(np.float64)
 
 
+def paired_top1(float_right: np.ndarray, quant_right: np.ndarray) -> dict[str, Any]:
+    """Top-1 of two models on the same samples, paired: ``lost`` (float right, quantized wrong), ``gained`` (the
+    other way round) and the 95% interval of the drop ``(lost - gained) / n`` (Wald, for paired proportions as
+    McNemar's test pairs them: standard error ``sqrt(lost + gained - (lost - gained)^2 / n) / n``). Only the samples
+    where the two differ move it; on 900 ImageNet images two 4-bit EfficientNet-Lite0 models differed on 40-48."""
+    f, q = np.asarray(float_right, bool), np.asarray(quant_right, bool)
+    n = len(f)
+    lost, gained = int((f & ~q).sum()), int((~f & q).sum())
+    drop = (lost - gained) / n
+    half = 1.96 * math.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0)) / n
+    return {"lost": lost, "gained": gained, "drop": drop, "drop_ci95": [drop - half, drop + half]}
+
+
 def sample_scores(metric: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """The per-sample scores of ``metric`` (any name of :data:`ALIASES`); their mean is the metric."""
     metric = metric_name(metric)

@@ -19,14 +19,14 @@ from typing import Any
 
 import onnx
 
-from .calib.readers import open_calibration
+from .calib.readers import check_calibration_path, open_calibration
 from .calib.observers import ObserverSettings, resolve_methods
 from .calib.readers import replayable
 from .calib.runner import CalibrationResult, collect
 from .calib.subgraphs import collect_subgraph_ranges
 from .config import LAYER_POSITIONS, QuantConfig
 from .encodings_file import check_model, encodings_json
-from .errors import CalibrationDataError, ConfigError, ModelError, SlowerThanFloatError, UserError
+from .errors import ConfigError, ModelError, SlowerThanFloatError, UserError
 from .export import export_for_quantize, is_torch_module
 from .graph.model_io import (atomic_write_bytes, atomic_write_text, ensure_writable_dir, is_large, load_model,
                              removes_created_dirs, save_model, small_bytes)
@@ -89,9 +89,7 @@ def check_technique_data(calib_data: Any, config: QuantConfig, techniques: list[
     """Every enabled technique that reads calibration data gets some: else one error naming it (one the user
     switched on first, then those on by default), before any work. A calibration path that does not exist is the
     user's to fix whichever technique would read it first (SmoothQuant, on by default, named itself in that error)."""
-    if isinstance(calib_data, (str, Path)) and not Path(calib_data).exists():
-        raise CalibrationDataError(f"calibration data not found: {calib_data}",
-                                   "pass a directory of .npy/.npz files or images")
+    check_calibration_path(calib_data)
     if calib_data is not None:
         return
     default = QuantConfig()
@@ -360,7 +358,7 @@ def check_latency(result: QuantResult, config: QuantConfig) -> None:
         return
     raise SlowerThanFloatError(
         f"the quantized model is slower than allowed: {_slower(result.report)}, limit "
-        f"x{config.max_latency_ratio or 1.0:g} (--max-latency-ratio); it was written to {result.model_path}, "
+        f"x{gate['max_latency_ratio']:g} (--max-latency-ratio); it was written to {result.model_path}, "
         "marked in its report (latency_gate)",
         f"{FASTER_FIX}; or accept it with --max-latency-ratio {math.ceil(gate['ratio'] * 10) / 10:g} (inf: no limit)",
         result)

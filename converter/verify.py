@@ -25,8 +25,7 @@ of samples where ``argmax f == argmax q``. With labels (one integer per sample, 
 sorted file order; a ``.npy`` file or a text file with one label per line), the accuracy of each
 model is measured on the first classifier-like output and ``top-1 drop = acc_float - acc_quant``, with
 its 95% interval from the paired samples (``lost``: float right, quantized wrong; ``gained``: the other
-way round; standard error ``sqrt(lost + gained - (lost - gained)^2 / n) / n``, the Wald interval of a
-difference of paired proportions, as McNemar's test pairs them). Two models differ only on the samples
+way round; :func:`converter.metrics.paired_top1`). Two models differ only on the samples
 where one of them is wrong: on 900 ImageNet images two 4-bit EfficientNet-Lite0 models differed on 40-48,
 so top-1 figures a few samples apart cannot be told apart there (results.md, issue 26). When a
 ``max_top1_drop`` lies inside that interval a note says so: the verdict holds for these samples, and more
@@ -79,7 +78,7 @@ from . import schema
 from .errors import CalibrationDataError, ModelError, UserError
 from .graph.model_io import atomic_write_text, ensure_writable_dir, load_model
 from .ort_session import check_optimizations, create_session, select_providers
-from .metrics import OutputStats, finite
+from .metrics import OutputStats, finite, paired_top1
 from .timing import format_latency, paired_latency
 
 log = logging.getLogger("converter")
@@ -380,12 +379,10 @@ def _accuracy(stats: dict[str, OutputStats], labels: np.ndarray, samples: int, s
     y = labels[:samples]
     fp, qp = np.concatenate(out.float_top1), np.concatenate(out.quant_top1)
     acc_f, acc_q = float((fp == y).mean()), float((qp == y).mean())
-    lost, gained = int(((fp == y) & (qp != y)).sum()), int(((fp != y) & (qp == y)).sum())
-    se = math.sqrt(max(lost + gained - (lost - gained) ** 2 / samples, 0.0)) / samples
-    drop = acc_f - acc_q
+    paired = paired_top1(fp == y, qp == y)
     return {"output": out.name, "labels": str(source) if isinstance(source, (str, Path)) else "array",
-            "samples": samples, "float": acc_f, "quant": acc_q, "top1_drop": drop, "lost": lost, "gained": gained,
-            "top1_drop_ci95": [drop - 1.96 * se, drop + 1.96 * se]}
+            "samples": samples, "float": acc_f, "quant": acc_q, "top1_drop": acc_f - acc_q, "lost": paired["lost"],
+            "gained": paired["gained"], "top1_drop_ci95": paired["drop_ci95"]}
 
 
 def _checks(stats: dict[str, OutputStats], accuracy: dict | None, t: Thresholds) -> list[Check]:

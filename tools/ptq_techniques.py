@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import numpy as np
 import onnx
 
 from converter import QuantConfig
+from converter.metrics import paired_top1
 from converter.ort_session import optimized_op_counts
 from converter.pipeline import prepare
 
@@ -223,23 +223,23 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def paired_vs_fp32(path: Path, task) -> dict:
-    """Top-1 against FP32 sample by sample: ``lost`` (FP32 right, this model wrong), ``gained`` (the other way
-    round), the 95% interval of the drop in samples (Wald, paired: as ``qconvert verify`` gives it) and how many
-    samples have their top two scores tied (8-bit outputs tie; argmax takes the lower class). Two rows a few
-    samples apart are within it of each other too: on EfficientNet-Lite0's 900 images two 4-bit models differ on
-    40-48."""
-    def logits(p: Path) -> np.ndarray:
-        s = session(p)
-        return np.concatenate([s.run(None, {task.input_name: task.eval_x[i:i + task.eval_batch]})[0]
-                               for i in range(0, len(task.eval_x), task.eval_batch)])
-    lf, lq = logits(Path(task.model)), logits(path)
-    f, q = lf.argmax(1) == task.eval_y, lq.argmax(1) == task.eval_y
-    lost, gained, n = int((f & ~q).sum()), int((~f & q).sum()), len(f)
-    half = 1.96 * math.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0))
+def logits(path: Path, task) -> np.ndarray:
+    s = session(path)
+    return np.concatenate([s.run(None, {task.input_name: task.eval_x[i:i + task.eval_batch]})[0]
+                           for i in range(0, len(task.eval_x), task.eval_batch)])
+
+
+def paired_vs_fp32(path: Path, task, fp32_right: np.ndarray) -> dict:
+    """Top-1 against FP32 sample by sample (:func:`converter.metrics.paired_top1`, as ``qconvert verify`` gives it):
+    ``lost``, ``gained``, the drop's 95% interval in samples, and how many samples have their top two scores tied
+    (8-bit outputs tie; argmax takes the lower class). Two rows a few samples apart are within it of each other
+    too: on EfficientNet-Lite0's 900 images two 4-bit models differ on 40-48."""
+    lq = logits(path, task)
+    p = paired_top1(fp32_right, lq.argmax(1) == task.eval_y)
     top2 = np.sort(lq, axis=1)[:, -2:]
-    return {"lost": lost, "gained": gained, "drop_ci95": [round(lost - gained - half), round(lost - gained + half)],
-            "top2_tied": int((top2[:, 0] == top2[:, 1]).sum())}  # a quantized output's ties: argmax takes the first
+    n = len(task.eval_y)
+    return {"lost": p["lost"], "gained": p["gained"], "drop_ci95": [round(v * n) for v in p["drop_ci95"]],
+            "top2_tied": int((top2[:, 0] == top2[:, 1]).sum())}
 
 
 def one_row(task, key: str, iterations: int, threads: int, out_dir: Path) -> dict:
@@ -407,9 +407,10 @@ def main() -> int:
                     r["latency_ms_batch1_1thread"] = round(lat[r["row"]]["median_ms"], 2)
             print(json.dumps({k: round(v["median_ms"], 2) for k, v in lat.items()}), flush=True)
         if done:
+            fp32_right = logits(Path(task.model), task).argmax(1) == task.eval_y  # once for every row
             for r in rows:
                 if r["row"] in done:
-                    r["vs_fp32"] = paired_vs_fp32(done[r["row"]], task)
+                    r["vs_fp32"] = paired_vs_fp32(done[r["row"]], task, fp32_right)
     print(f"{'tool':<11} {'row':<34} {'top1':>5} {'of':>4} {'vs FP32: lost/gained, 95% of the drop, tied':>44} "
           f"{'QLinConv':>8} {'fltConv':>7} {'lat ms':>7} {'wall s':>7} {'peak MB':>7}")
     for r in rows:

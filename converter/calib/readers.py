@@ -339,6 +339,13 @@ class CalibrationSource:
         return out
 
 
+def check_calibration_path(source: Any) -> None:
+    """A calibration path (a folder or a file) that does not exist: the one error for it, wherever it is found."""
+    if isinstance(source, (str, Path)) and not Path(source).exists():
+        raise CalibrationDataError(f"calibration data not found: {source}",
+                                   "pass a directory of .npy/.npz files or images")
+
+
 def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16, max_samples: int | None = None,
                      image_spec: str | Path | None = None) -> CalibrationSource:
     """Turn what the user gave into a :class:`CalibrationSource` (checked lazily, sample by sample)."""
@@ -357,8 +364,7 @@ def open_calibration(source: Any, inputs: list[InputSpec], batch_size: int = 16,
             source = [source]
         return CalibrationSource(items=source, kind="python", description="the Python calibration data", **common)
     path = Path(source)
-    if not path.exists():
-        raise CalibrationDataError(f"calibration data not found: {path}", "pass a directory of .npy/.npz files or images")
+    check_calibration_path(path)
     files = _data_files(path) if path.is_dir() else [path]
     arrays = [p for p in files if p.suffix in (".npy", ".npz")]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
