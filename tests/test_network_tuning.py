@@ -71,6 +71,37 @@ def test_mixup_tuning_fits_the_float_model_between_the_samples(tmp_path):
     assert err["mixup"][1] < err["tuned"][1], err
 
 
+def _relu6_model():
+    """The residual test model with ReLU6 (Clip(0, 6)) after its expand and depthwise Convs, as MobileNet-style
+    exports write them."""
+    model = residual_model()
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), n)
+                                    for n, v in (("lo", 0.0), ("hi", 6.0))])
+    for node in model.graph.node:
+        if node.op_type == "Relu" and node.output[0] in ("r1", "r2"):
+            node.op_type = "Clip"
+            node.input.extend(["lo", "hi"])
+    return model
+
+
+def test_network_tuning_runs_after_cle_with_per_channel_relu6_bounds(tmp_path):
+    """CLE's ``relu6: min`` writes each equalized ReLU6 as Relu then a per-channel Min; network tuning runs through
+    those Min nodes (before, it found no torch form for Min and left the model untuned, logging it at info level)."""
+    model = _relu6_model()
+    held_out = batches(7, 1)[0]
+    ref = run(model, held_out)[0]
+    err, res = {}, {}
+    for name, cfg in (("cle", config(cle=True, cle_relu6="min")),
+                      ("cle+tuned", config(cle=True, cle_relu6="min", network_tuning=True))):
+        err[name], res[name] = _error(tmp_path, name, cfg, model, held_out, ref)
+    assert len(res["cle+tuned"].report["cle"]["pairs"]) == 2
+    qdq = onnx.load(res["cle+tuned"].model_path)
+    assert sum(n.op_type == "Min" for n in qdq.graph.node) == 2
+    entry = res["cle+tuned"].report.get("network_tuning")
+    assert entry and entry["kept"] and entry["held_out_after"] < entry["held_out_before"], entry
+    assert err["cle+tuned"] < 0.8 * err["cle"], err
+
+
 def test_tuned_scales_reach_the_encodings_and_the_qdq_model(tmp_path):
     r = quantize(residual_model(), batches(1, 8), config(network_tuning=True, network_tuning_epochs=3),
                  output_dir=tmp_path, name="m")

@@ -187,7 +187,8 @@ def _tune(model, plan, idx, batches, originals, epochs, seed, device, float_weig
     try:
         fn = _Unit(unit, idx, act, device)
     except _Unsupported as e:
-        log.info("network tuning: op %s has no torch form here: left as it is", e)
+        log.warning("network tuning: op %s has no torch form here: the model is left as the layer-wise techniques "
+                    "made it", e)
         return None
     x = np.concatenate([b[unit.input] for b in batches]).astype(np.float32)[:SAMPLES]
     xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)

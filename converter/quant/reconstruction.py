@@ -99,6 +99,14 @@ def _gemm(node, a, w, b=None):
     return y + float(attr(node, "beta", 1.0)) * b if b is not None else y
 
 
+def _fold(fn, xs):
+    """n-ary Min/Max as pairwise ``fn`` (broadcasting)."""
+    y = xs[0]
+    for x in xs[1:]:
+        y = fn(y, x)
+    return y
+
+
 def _clip(node, x, lo=None, hi=None):
     lo = float(lo) if lo is not None else float(attr(node, "min", -math.inf))
     hi = float(hi) if hi is not None else float(attr(node, "max", math.inf))
@@ -156,6 +164,8 @@ OPS: dict[str, Callable[..., Any]] = {  # op type -> fn(node, *inputs) on torch 
     "Sub": lambda node, a, b: a - b,
     "Mul": lambda node, a, b: a * b,
     "Div": lambda node, a, b: a / b,
+    "Min": lambda node, *xs: _fold(_t().minimum, xs),  # CLE's per-channel ReLU6 bound (Relu then Min)
+    "Max": lambda node, *xs: _fold(_t().maximum, xs),
     "Sigmoid": lambda node, x: x.sigmoid(),
     "Tanh": lambda node, x: x.tanh(),
     "HardSigmoid": lambda node, x: (float(attr(node, "alpha", 0.2)) * x + float(attr(node, "beta", 0.5))).clamp(0, 1),
