@@ -189,6 +189,9 @@ def _print_quantize_summary(result, config: QuantConfig) -> int:
             floats += ": " + ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         print(f"  ONNX Runtime CPU runs: quantized {quantized}; layers in float: {floats} "
               "(report: summary.ort_cpu_kernels)")
+    faster = result.report.get("float_where_faster")
+    if faster:
+        print(f"  {float_where_faster_line(faster)}")
     for line in quality_lines(result.report.get("quality")):
         print(f"  {line}")
     outputs = result.report["outputs"]
@@ -198,6 +201,19 @@ def _print_quantize_summary(result, config: QuantConfig) -> int:
             print(f"  {label:9s} {outputs[key]}" + ("  (the float model the encodings apply to)"
                                                     if key == "float_model" else ""))
     return 0
+
+
+def float_where_faster_line(entry: dict) -> str:
+    """What float where faster did to an all-INT8 model slower than its limit (report: float_where_faster)."""
+    head = f"float where faster (the all-INT8 model ran x{entry['ratio_before']:.2f} FP32's time): "
+    if entry.get("skipped"):
+        return head + f"not tried: {entry['skipped']}"
+    names = entry["float_layers"]
+    if not names:
+        return head + "no layer runs measurably faster in float (report: float_where_faster)"
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (head + f"{listed} kept in float, x{entry['vs_all_int8']:.2f} the all-INT8 model's time "
+            f"({entry['seconds']:.0f} s; report: float_where_faster)")
 
 
 def quality_lines(quality: dict | None) -> list[str]:

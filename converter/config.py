@@ -446,6 +446,13 @@ class QuantConfig:
         help="exit 1 when the written model runs slower than R x FP32 on ONNX Runtime CPU (batch 1; the model and "
              "report are still written); the accuracy search keeps only models within it (default: 1.0 on --target "
              "ort-cpu, none elsewhere; inf: no limit)")
+    # a plain quantize whose all-INT8 model breaks that limit first tries it with the layers ORT CPU runs faster in
+    # float kept in float (converter.search.speed); off: the all-INT8 model is written and judged as it is
+    float_where_faster: bool = option(
+        True, "target.float_where_faster", "--float-where-faster", action="BooleanOptionalAction",
+        help="on --target ort-cpu, when the all-INT8 model is slower than --max-latency-ratio allows, keep in float "
+             "the layers ONNX Runtime CPU runs faster in float (each profiled; kept only if the model gets faster); "
+             "--no-float-where-faster: write the all-INT8 model as it is (default: on)")
     # quantize inside If/Loop/Scan bodies (converter.quant.control_flow); off: bodies stay in float
     quantize_subgraphs: bool = option(True, "target.subgraphs", "--quantize-subgraphs",
                                       action="BooleanOptionalAction",

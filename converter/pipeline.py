@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -39,10 +39,10 @@ from .ort_session import select_providers, use_custom_op_libraries
 from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, plan_subgraphs, render_control_flow,
                                  subgraph_activations, subgraph_summary)
 from .quant.encode import activation_tensors, compute_encodings
-from .quant.plan import QuantPlan, build_plan
+from .quant.plan import QuantPlan, build_plan, drop_activations
 from .report import (build_report, measure_quality, note_split_groups, ort_cpu_kernels, tensor_report,
                      warn_clipping, write_json)
-from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, changes_float_model
+from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, applied_params, changes_float_model
 from .techniques import enabled as enabled_techniques
 from .techniques import failed as technique_failed
 
@@ -153,6 +153,23 @@ def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: 
         run_stage(state, ENCODED_STAGE, techniques)
     state.timings["encode_s"] = time.perf_counter() - t
     return state
+
+
+def render_plan(prepared: Prepared, config: QuantConfig, observers: dict, methods: Any, uncalibrated: list[str],
+                edits: dict[str, Any], label: Any = ()) -> tuple[QuantPlan, onnx.ModelProto]:
+    """Plan ``config`` on the prepared model (its float values), encode it from ``observers`` with ``edits`` (the
+    techniques' weight/bias values) applied to what it quantizes, and render the QDQ model: a variant of a
+    calibrated flow (the accuracy search's tries, float where faster) costs a render, no calibration. A tensor the
+    variant quantizes that calibration did not observe (a tail ahead of a float layer) stays in float."""
+    plan, subs = plan_model(prepared, config, uncalibrated)
+    unseen = {t.name for t in plan.by_role("activation") if t.name not in observers}
+    if unseen:
+        log.debug("%s: %d tensor(s) calibration did not observe stay in float: %s", label, len(unseen),
+                  sorted(unseen)[:5])
+        drop_activations(plan, unseen)
+    with applied_params(prepared.idx, {n: v for n, v in edits.items() if n in plan.tensors}):
+        encode_model(prepared, plan, subs, observers, methods or config.calib_method, config)
+        return plan, render_control_flow(prepared.model, plan.encodings, config.low_bit_weights_as_int8)
 
 
 def prepare_output_dir(model: Any, calib_data: Any, output_dir: str | Path | None, name: str | None) -> Path:
@@ -287,7 +304,7 @@ def warn_float_subgraphs(plan: QuantPlan, config: QuantConfig) -> None:
 @removes_created_dirs
 def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, output_dir: str | Path | None = None,
              name: str | None = None, example_inputs: Any = None, calib_spec: str | Path | None = None,
-             *, image_spec: str | Path | None = None) -> QuantResult:
+             *, image_spec: str | Path | None = None, repair: Callable | None = None) -> QuantResult:
     """Quantize ``model`` (ONNX path, ModelProto or torch.nn.Module) with ``calib_data``.
 
     ``calib_data`` is a directory (``.npy``/``.npz`` or images + ``preprocess.yaml``; ``image_spec``: another
@@ -296,7 +313,8 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
     ``<output_dir>/<name>.qdq.onnx``, ``<name>.encodings`` and ``<name>.report.json`` (``output_dir`` is
     required, like ``quantize_static``'s output path); for a torch module also its float export ``<name>.onnx``.
     Never over the input model or the calibration data (checked before any work); a failed run leaves no
-    folder it created.
+    folder it created. ``repair``: see :func:`finish` (``converter.quantize`` passes
+    :func:`converter.search.speed.float_where_faster`).
     """
     config = config or QuantConfig()
     use_custom_op_libraries(config.custom_op_libraries)
@@ -315,7 +333,15 @@ def quantize(model: Any, calib_data: Any, config: QuantConfig | None = None, out
                **{f"{n}_s": state.timings[f"{n}_s"] for n in state.ran}}  # each technique's own time
     return finish(state, state.plan, qdq, state.config, state.calib, out_dir, timings, t0,
                   extra_report=dict(state.entries) or None, calib_data=state.calib_data, calib_spec=calib_spec,
-                  gate_latency=True)
+                  gate_latency=True, repair=repair)
+
+
+def latency_limit(config: QuantConfig) -> float | None:
+    """The plain quantize's latency limit, x FP32 on ONNX Runtime CPU (inf: none): ``config.max_latency_ratio``,
+    else 1.0 on target ``ort-cpu``; None on another target with no explicit limit (ORT CPU is not its runtime)."""
+    if config.max_latency_ratio is not None:
+        return config.max_latency_ratio
+    return 1.0 if config.target == "ort-cpu" else None
 
 
 def latency_gate(report: dict[str, Any], config: QuantConfig) -> dict[str, Any] | None:
@@ -324,9 +350,9 @@ def latency_gate(report: dict[str, Any], config: QuantConfig) -> dict[str, Any] 
     a quantized model slower than FP32 is no success). None where there is nothing to judge: no ratio (a model too
     fast to time, or no quality block), or another target with no explicit limit (ORT CPU is not its runtime)."""
     ratio = ((report.get("quality") or {}).get("latency_batch1") or {}).get("ratio")
-    if ratio is None or (config.target != "ort-cpu" and config.max_latency_ratio is None):
+    limit = latency_limit(config)
+    if ratio is None or limit is None:
         return None
-    limit = 1.0 if config.max_latency_ratio is None else config.max_latency_ratio
     return {"ratio": round(ratio, 3), "max_latency_ratio": None if math.isinf(limit) else limit,
             "passed": ratio <= limit, "runtime": "onnxruntime CPU, batch 1, all optimizations"}
 
@@ -338,6 +364,12 @@ def _slower(report: dict[str, Any]) -> str:
     why = ("" if lat["ratio"] <= 1.0 else f"; {floats} layer(s) run in float there: report summary.ort_cpu_kernels"
            if floats else "; every layer runs on an integer kernel, yet the Q/DQ work around them costs more than "
            "they save")
+    faster = report.get("float_where_faster") or {}
+    if faster.get("float_layers"):
+        why += (f"; the all-INT8 model ran x{faster['ratio_before']:.2f}, before the {len(faster['float_layers'])} "
+                "layer(s) ORT CPU runs faster in float were kept in float (report: float_where_faster)")
+    elif faster and not faster.get("skipped"):
+        why += "; no layer runs measurably faster in float (report: float_where_faster)"
     return (f"x{lat['ratio']:.2f} FP32's time on ONNX Runtime CPU (batch 1, median of {lat['runs']} paired runs: FP32 "
             f"{lat['float']['median_ms']:.3f} ms, quantized {lat['quant']['median_ms']:.3f} ms{why})")
 
@@ -377,13 +409,16 @@ def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | Non
 
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None,
-           calib_data: Any = None, calib_spec: str | Path | None = None, gate_latency: bool = False) -> QuantResult:
+           calib_data: Any = None, calib_spec: str | Path | None = None, gate_latency: bool = False,
+           repair: Callable[[Prepared, onnx.ModelProto, float], tuple | None] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically).
 
     With ``calib_data`` the report gets ``quality`` (:func:`measure_quality`); the report's ``binding`` records
     the SHA-256 of the float model, the prepared model, the encodings and the QDQ model (:mod:`.binding`). With
     ``gate_latency`` (a plain quantize; the search gates its own choice) the report gets ``latency_gate`` and a
-    model over its limit raises :class:`SlowerThanFloatError` once everything is written (:func:`check_latency`)."""
+    model over its limit raises :class:`SlowerThanFloatError` once everything is written (:func:`check_latency`);
+    before that, ``repair(prepared, qdq, ratio)`` may return ``(plan, qdq, entry)``: a faster model to check,
+    measure and write instead, and its entry in the report (``float_where_faster``, :mod:`converter.search.speed`)."""
     from .binding import file_entry, sha256_bytes
     # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
     # of the size: the QDQ model of a 2-8 GiB model would fit one protobuf, but its users expect the same layout)
@@ -413,6 +448,17 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
             report["quality"] = quality
             timings["quality_s"] = quality["seconds"]
     gate = latency_gate(report, config) if gate_latency else None
+    if gate and not gate["passed"] and repair is not None:
+        t = time.perf_counter()
+        repaired = repair(prepared, qdq, gate["ratio"])
+        if repaired is not None:
+            new_plan, new_qdq, entry = repaired
+            timings["float_where_faster_s"] = time.perf_counter() - t
+            extra = {**(extra_report or {}), "float_where_faster": entry}
+            if new_qdq is not qdq:  # nothing written yet: check, measure and judge the faster model instead
+                return finish(prepared, new_plan, new_qdq, config, calib, out_dir, timings, t0, extra, calib_data,
+                              calib_spec, gate_latency)
+            report["float_where_faster"] = entry
     if gate:
         report["latency_gate"] = gate
     t = time.perf_counter()

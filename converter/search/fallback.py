@@ -60,18 +60,17 @@ from ..config import QuantConfig, SearchConfig
 from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
 from ..ort_session import runtime_layers, select_providers, use_custom_op_libraries
-from ..pipeline import (Prepared, QuantResult, check_node_names, encode_model, finish, float_model_of, plan_model,
-                        prepare, prepare_output_dir, quantize, run_flow)
-from ..quant.control_flow import render_control_flow
-from ..techniques import applied_params
+from ..pipeline import (Prepared, QuantResult, check_node_names, finish, float_model_of, prepare, prepare_output_dir,
+                        quantize, render_plan, run_flow)
 from ..quant.layers import Layer, owned_quantizers, plan_layers
-from ..quant.plan import QuantPlan, drop_activations
+from ..quant.plan import QuantPlan
 from .evaluate import AccuracyTarget, Evaluator
 from .sensitivity import (LayerScore, end_to_end_sensitivity, propagated_sensitivity, single_op_sensitivity,
                           subset_sensitivity)
 from .sensitivity import rank as rank_scores
 from .cost import COMPUTE_OPS, LayerCosts, layer_macs, measure_latency, runtime_costs, set_cost
 from .giveback import give_back
+from .speed import FLOAT_FRACTION_WARNING, float_where_faster
 from .strategies import STRATEGIES
 
 log = logging.getLogger("converter")
@@ -154,16 +153,8 @@ class Searcher:
     def _render(self, config: QuantConfig, names: tuple[str, ...] = ()) -> tuple[QuantPlan, onnx.ModelProto]:
         """Plan ``config`` on the prepared model, encode it from the search's observers (with the techniques' edits
         of what it quantizes) and render the QDQ model: one try costs a render, no calibration."""
-        plan, subs = plan_model(self.prepared, config, self.uncalibrated)
-        unseen = {t.name for t in plan.by_role("activation") if t.name not in self.observers}
-        if unseen:  # a try can want a tensor the all-INT8 plan did not (a tail ahead of a float layer): float
-            log.debug("%s: %d tensor(s) calibration did not observe stay in float: %s", names[:3], len(unseen),
-                      sorted(unseen)[:5])
-            drop_activations(plan, unseen)
-        with applied_params(self.prepared.idx, self.kept_edits(plan)):
-            encode_model(self.prepared, plan, subs, self.observers, self.methods or self.config.calib_method,
-                         self.config)
-            return plan, render_control_flow(self.prepared.model, plan.encodings, config.low_bit_weights_as_int8)
+        return render_plan(self.prepared, config, self.observers, self.methods, self.uncalibrated, self.edits,
+                           names[:3])
 
     def reads_float_inputs(self, layer: LayerScore | Layer) -> bool:
         """Whether float ``layer`` reads its inputs in float (``exclude_with_inputs``: the ranking measured that, it
@@ -555,7 +546,6 @@ FALLBACKS = ("auto", "float", "int16")
 # dispatch); an explicit max_latency_ratio gates any model. 0.05 ms: ResNet-8 (CIFAR, 0.13 ms FP32 with 2 threads)
 # is gated, so its search cannot return a model 2x slower than FP32 as success; the digits CNN (0.02 ms) is not
 LATENCY_GATE_MIN_MS = 0.05
-FLOAT_FRACTION_WARNING = 0.25  # more than this share of the compute layers in float: the result is barely INT8
 
 
 class TooMuchFloatError(TargetNotMetError):
@@ -938,7 +928,8 @@ def quantize_with_search(model: Any, calib_data: Any, config: QuantConfig | None
     config = config or QuantConfig()
     spec = image_spec or calib_spec
     if config.search is None:
-        return quantize(model, calib_data, config, output_dir, name, example_inputs, image_spec=spec)
+        return quantize(model, calib_data, config, output_dir, name, example_inputs, image_spec=spec,
+                        repair=float_where_faster)
     s = config.search
     prepare_output_dir(model, calib_data, output_dir, name)  # before the evaluator's FP32 runs
     if evaluate is None:
