@@ -21,9 +21,11 @@ the model with exactly those layers in float (:func:`float_where_faster`):
 
 A float layer only ever brings the model closer to FP32's outputs, so what this trades is INT8 coverage, not
 accuracy; the report (``float_where_faster``) lists the layers, the timings and the cost, and the usual latency
-gate then judges the model written. Skipped (with the reason in the report) where the accuracy search's
-rendering does not apply: If/Loop/Scan bodies, a model over the protobuf limit, network tuning (it fitted the
-all-quantized model as a whole), more than :data:`MAX_LAYERS` compute layers (one profiled session each).
+gate then judges the model written. As in the accuracy search, a float layer reads its original weights and bias,
+and the layers still quantized keep what the techniques fitted with it quantized (bias correction's shifts,
+network tuning's scales), so the quality block's figures are the written model's own. Skipped (with the reason in
+the report) where that rendering does not apply: If/Loop/Scan bodies, a model over the protobuf limit, more than
+:data:`MAX_LAYERS` compute layers (one profiled session each).
 """
 
 from __future__ import annotations
@@ -86,7 +88,6 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float) -> t
     layers = [x for x in plan_layers(state.plan, state.idx) if x.op_type in COMPUTE_OPS]
     why = ("the model has If/Loop/Scan bodies" if state.subs else
            "the model is over the protobuf limit" if is_large(state.model) else
-           "network tuning fitted the all-quantized model as a whole" if config.network_tuning else
            f"{len(layers)} compute layers (at most {MAX_LAYERS} are profiled one by one)"
            if len(layers) > MAX_LAYERS else "")
     if why:
