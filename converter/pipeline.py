@@ -41,7 +41,7 @@ from .quant.control_flow import (compute_subgraph_encodings, drop_uncalibrated, 
 from .quant.encode import activation_tensors, compute_encodings
 from .quant.plan import QuantPlan, build_plan, drop_activations
 from .report import (build_report, measure_quality, note_split_groups, ort_cpu_kernels, tensor_report,
-                     warn_clipping, write_json)
+                     warn_clipping, warn_far_from_float, write_json)
 from .techniques import ENCODED_STAGE, FLOAT_STAGE, FlowState, Technique, applied_params, changes_float_model
 from .techniques import enabled as enabled_techniques
 from .techniques import failed as technique_failed
@@ -489,7 +489,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     write_json(paths[2], report)
     log.info("wrote %s, %s, %s%s", *paths, f" and {float_path}" if float_path else "")
     result = QuantResult(*paths, plan=plan, report=report, model=qdq, prepared_path=float_path)
-    if gate_latency:
+    if gate_latency:  # a plain quantize (the search judges its own models against its target)
+        warn_far_from_float(report.get("quality"))
         check_latency(result, config)
     return result
 

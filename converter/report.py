@@ -113,6 +113,29 @@ def measure_quality(prepared: FlowState, qdq: onnx.ModelProto | bytes, calib_dat
             "seconds": round(time.perf_counter() - t, 3)}
 
 
+LOW_COSINE = 0.99  # verify's default min_cosine: below it on the calibration samples, a plain quantize warns
+
+
+def warn_far_from_float(quality: dict[str, Any] | None) -> str | None:
+    """One warning when the written model's worst output is far from FP32 already on the calibration samples
+    (mean cosine under :data:`LOW_COSINE`, which ``qconvert verify`` would fail on held-out data too): a plain
+    quantize has no accuracy target to fail, but the number it prints should not pass unnoticed (Silero VAD's
+    default W8A8: cosine 0.85, 5.4 dB). Returns the message (None: nothing to say)."""
+    if not quality:
+        return None
+    name = quality["worst_output"]
+    worst = quality["outputs"][name]
+    if worst["cosine_mean"] >= LOW_COSINE:
+        return None
+    sqnr = f", SQNR {worst['sqnr_db']:.1f} dB" if worst["sqnr_db"] is not None else ""
+    message = (f"the quantized model is far from FP32 on the calibration samples: output {name!r} cosine "
+               f"{worst['cosine_mean']:.4f}{sqnr} (verify fails under {LOW_COSINE:g}). Fix: `qconvert analyze` names "
+               "the layers that cause it; the accuracy search keeps them in float or 16 bits (--target-metric "
+               "cosine --eval DIR, or a metric of your own); `qconvert verify` measures held-out data")
+    log.warning("%s", message)
+    return message
+
+
 def ort_cpu_kernels(plan: QuantPlan, config: QuantConfig, data: bytes | None, qdq: onnx.ModelProto | None = None,
                     idx: GraphIndex | None = None) -> dict[str, Any] | None:
     """Target ``ort-cpu``: what ONNX Runtime CPU's optimized graph of the QDQ model runs quantized (QLinearConv,

@@ -207,3 +207,31 @@ def test_quantize_reports_quality_and_latency(model, tmp_path, capsys):
     assert report["timings"]["quality_s"] < 5
     assert f"output cosine {o['cosine_mean']:.5f}" in out and "latency (ORT CPU, batch 1, median of" in out
     assert f"prepared  {tmp_path / 'q' / 'digits.prepared.onnx'}" in out
+
+
+def test_quantize_warns_when_its_model_is_far_from_fp32(model, tmp_path, capsys, caplog):
+    """A plain quantize has no accuracy target, but an output cosine under verify's 0.99 on its own calibration
+    samples is said once, loudly, with where to look (exit 0: nothing was asked of it). The model: a Gemm whose
+    output reads only the inputs that one huge input column drowns in the shared 8-bit input scale."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (8, 4)).astype(np.float32)
+    w[0] = 0.0  # the huge column sets the input's range and contributes nothing
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "drowned",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(w, "w")])
+    drowned = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(0, 0.01, (64, 8)).astype(np.float32)
+    x[:, 0] = rng.choice([-1000.0, 1000.0], 64)
+    with caplog.at_level("WARNING", logger="converter"):
+        r = quantize(drowned, [{"x": x}], QuantConfig(), tmp_path / "far", name="m")
+    far = [m.getMessage() for m in caplog.records if "far from FP32" in m.getMessage()]
+    cos = r.report["quality"]["outputs"]["y"]["cosine_mean"]
+    assert cos < 0.9 and len(far) == 1 and f"cosine {cos:.4f}" in far[0] and "qconvert analyze" in far[0], far
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="converter"):
+        r = quantize(model, CALIB, QuantConfig(), tmp_path / "near", name="d")
+    assert r.report["quality"]["outputs"]["output"]["cosine_mean"] > 0.999
+    assert not [m for m in caplog.records if "far from FP32" in m.getMessage()]
