@@ -3,8 +3,9 @@
 On target ``ort-cpu`` a quantized model slower than FP32 is no success (:func:`converter.pipeline.latency_gate`).
 Some of such a model's integer kernels are themselves slower than the float kernel they replace, with the
 Q/DQ and layout changes around them counted: small convolutions on few channels (PP-OCR's direction
-classifier, 48x192 lines), a uint8 MaxPool. Before a plain quantize writes such a model and exits 1, it tries
-the model with exactly those layers in float (:func:`float_where_faster`):
+classifier, 48x192 lines). Before a plain quantize writes such a model and exits 1, it tries the model with
+exactly those compute layers in float (:func:`float_where_faster`; taking every planned layer as a candidate,
+Add/Mul/pooling too, cost twice the time there for the same speed):
 
 1. the all-INT8 model over its limit, as the quality block timed it against FP32 (nothing happens when it is
    within the limit, or too fast to time: :func:`converter.pipeline.finish` calls this only then);
@@ -19,7 +20,7 @@ the model with exactly those layers in float (:func:`float_where_faster`):
 4. twice more, the layers beside the float ones profiled again with those in float (an island of float layers
    shares the Q/DQ between them, so a neighbour's float form may pay now).
 
-A float layer only ever brings the model closer to FP32's outputs, so what this trades is INT8 coverage, not
+A float layer as a rule brings the model closer to FP32's outputs, so what this trades is INT8 coverage, not
 accuracy; the report (``float_where_faster``) lists the layers, the timings and the cost, and the usual latency
 gate then judges the model written. As in the accuracy search, a float layer reads its original weights and bias,
 and the layers still quantized keep what the techniques fitted with it quantized (bias correction's shifts,
