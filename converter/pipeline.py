@@ -410,14 +410,14 @@ def stale_prepared(out_dir: Path, name: str, written: Path | None) -> Path | Non
 def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: QuantConfig, calib, out_dir: Path,
            timings: dict[str, float], t0: float, extra_report: dict[str, Any] | None = None,
            calib_data: Any = None, calib_spec: str | Path | None = None, gate_latency: bool = False,
-           repair: Callable[[Prepared, onnx.ModelProto, float], tuple | None] | None = None) -> QuantResult:
+           repair: Callable[[Prepared, onnx.ModelProto, float, float], tuple | None] | None = None) -> QuantResult:
     """Check the QDQ model, then write it, the encodings file and the report (each atomically).
 
     With ``calib_data`` the report gets ``quality`` (:func:`measure_quality`); the report's ``binding`` records
     the SHA-256 of the float model, the prepared model, the encodings and the QDQ model (:mod:`.binding`). With
     ``gate_latency`` (a plain quantize; the search gates its own choice) the report gets ``latency_gate`` and a
     model over its limit raises :class:`SlowerThanFloatError` once everything is written (:func:`check_latency`);
-    before that, ``repair(prepared, qdq, ratio)`` may return ``(plan, qdq, entry)``: a faster model to check,
+    before that, ``repair(prepared, qdq, ratio, quantized ms)`` may return ``(plan, qdq, entry)``: a faster model to check,
     measure and write instead, and its entry in the report (``float_where_faster``, :mod:`converter.search.speed`)."""
     from .binding import file_entry, sha256_bytes
     # a float model over the protobuf limit gives a QDQ model with external data too (int8 weights are a quarter
@@ -450,7 +450,7 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     gate = latency_gate(report, config) if gate_latency else None
     if gate and not gate["passed"] and repair is not None:
         t = time.perf_counter()
-        repaired = repair(prepared, qdq, gate["ratio"])
+        repaired = repair(prepared, qdq, gate["ratio"], report["quality"]["latency_batch1"]["quant"]["median_ms"])
         if repaired is not None:
             new_plan, new_qdq, entry = repaired
             timings["float_where_faster_s"] = time.perf_counter() - t

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from ..calib.runner import make_session
+from ..progress import tqdm
 from ..ort_session import profile_layer_times
 from ..graph.index import GraphIndex
 from ..graph.macs import node_macs
@@ -233,7 +234,7 @@ def runtime_costs(int8: onnx.ModelProto, feed: Mapping[str, np.ndarray], layers:
     unchanged between the two, give the ratio)."""
     base, int8_sides, int8_own = _sides(int8, feed, runs, threads, layers)
     alone, boundary, local = {}, {}, {}
-    for x in layers:
+    for x in tqdm(layers, desc="profiling layers in float", unit="layer", leave=False):
         alone[x], sides, own = _sides(build([x]), feed, runs, threads, [x])
         if x in sides and x in int8_own:
             # this session's speed against the all-INT8 one's, from the other layers' (unchanged) kernels: a busy

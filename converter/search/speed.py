@@ -53,6 +53,7 @@ log = logging.getLogger("converter")
 MAX_LAYERS = 400  # compute layers profiled one by one at most (PP-OCR's 50: 15-40 s on 2 cores)
 FLOAT_FRACTION_WARNING = 0.25  # more than this share of the compute layers in float: the result is barely INT8
 MAX_ROUNDS = 3  # profiling rounds: all layers, then twice the neighbours of the float ones
+PROFILE_BUDGET_S = 60.0  # profiled runs per layer scaled so that one round takes about this long (3 to 20 runs)
 KEEP_BELOW = 0.98  # the repaired model is kept when its paired time is under this share of the all-INT8 model's
 
 
@@ -72,8 +73,10 @@ def _ratio(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict, threads: int):
     return paired_latency(lambda: sa.run(None, feed), lambda: sb.run(None, feed))
 
 
-def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float) -> tuple[QuantPlan, onnx.ModelProto, dict] | None:
-    """For an all-INT8 ``qdq`` measured at ``ratio`` x FP32 (over its limit: the quality block's paired timing),
+def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float,
+                       quant_ms: float = 1.0) -> tuple[QuantPlan, onnx.ModelProto, dict] | None:
+    """For an all-INT8 ``qdq`` measured at ``ratio`` x FP32 and ``quant_ms`` a run (over its limit: the quality
+    block's paired timing),
     the plan and QDQ model with the layers ONNX Runtime CPU runs faster in float kept in float, and the report's
     entry; ``(state.plan, qdq, entry)`` when nothing changed, None when the step is off (see the module doc). On a
     change, ``state.model`` holds the techniques' edits of the layers still quantized."""
@@ -94,8 +97,11 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float) -> t
     if why:
         log.info("float where faster: skipped: %s", why)
         return state.plan, qdq, {**entry, "skipped": why}
+    runs = int(min(20, max(3, PROFILE_BUDGET_S * 1000.0 / (len(layers) * max(quant_ms, 1e-3)))))
+    entry["profile_runs"] = runs
     log.info("the all-INT8 model runs x%.2f FP32's time (limit x%g): profiling its %d compute layers in float, one "
-             "at a time, for the ones ONNX Runtime CPU runs faster in float", ratio, limit, len(layers))
+             "at a time (%d runs each), for the ones ONNX Runtime CPU runs faster in float", ratio, limit, len(layers),
+             runs)
     edits = state.take_edits()  # the float model again; the kept layers' edits go back below
     by_name = {x.name: x for x in layers}
 
@@ -111,7 +117,7 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float) -> t
         for _ in range(MAX_ROUNDS):
             base = list(chosen)
             costs = runtime_costs(model, feed, todo, lambda names: build(base + names)[1],  # noqa: B023 - used now
-                                  threads=config.threads)
+                                  runs=runs, threads=config.threads)
             found = sorted((n for n in todo if costs.delta(n) < 0), key=costs.delta)
             if not found:
                 break
