@@ -155,6 +155,12 @@ def run_flow(state: Prepared, calib_data: Any, config: QuantConfig, calib_spec: 
     return state
 
 
+def kept_edits(edits: dict[str, Any], plan: QuantPlan) -> dict[str, Any]:
+    """The techniques' edits of the tensors ``plan`` quantizes (weights and biases of its quantized layers): what a
+    variant with some layers in float keeps; a float layer reads its original values."""
+    return {n: v for n, v in edits.items() if n in plan.tensors}
+
+
 def render_plan(prepared: Prepared, config: QuantConfig, observers: dict, methods: Any, uncalibrated: list[str],
                 edits: dict[str, Any], label: Any = ()) -> tuple[QuantPlan, onnx.ModelProto]:
     """Plan ``config`` on the prepared model (its float values), encode it from ``observers`` with ``edits`` (the
@@ -167,7 +173,7 @@ def render_plan(prepared: Prepared, config: QuantConfig, observers: dict, method
         log.debug("%s: %d tensor(s) calibration did not observe stay in float: %s", label, len(unseen),
                   sorted(unseen)[:5])
         drop_activations(plan, unseen)
-    with applied_params(prepared.idx, {n: v for n, v in edits.items() if n in plan.tensors}):
+    with applied_params(prepared.idx, kept_edits(edits, plan)):
         encode_model(prepared, plan, subs, observers, methods or config.calib_method, config)
         return plan, render_control_flow(prepared.model, plan.encodings, config.low_bit_weights_as_int8)
 
@@ -425,6 +431,22 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     external = is_large(prepared.model)
     data = None if external else small_bytes(qdq, deterministic=True)  # serialized once: checked, then written
     check_model(qdq, data)
+    quality = None
+    if calib_data is not None:
+        quality = measure_quality(prepared, data if data is not None else qdq, calib_data, config, calib_spec)
+        if quality:
+            timings["quality_s"] = quality["seconds"]
+    gate = latency_gate({"quality": quality}, config) if gate_latency else None
+    if gate and not gate["passed"] and repair is not None:  # before the report's work: done once, for the model kept
+        t = time.perf_counter()
+        repaired = repair(prepared, qdq, gate["ratio"], quality["latency_batch1"]["quant"]["median_ms"])
+        if repaired is not None:
+            new_plan, new_qdq, entry = repaired
+            timings["float_where_faster_s"] = time.perf_counter() - t
+            extra_report = {**(extra_report or {}), "float_where_faster": entry}
+            if new_qdq is not qdq:  # nothing written yet: check, measure and judge the faster model instead
+                return finish(prepared, new_plan, new_qdq, config, calib, out_dir, timings, t0, extra_report,
+                              calib_data, calib_spec, gate_latency)
     kernels = ort_cpu_kernels(plan, config, data, qdq, prepared.idx)
     encodings_text, aimet = encodings_json(plan, config, prepared.idx)
     tensors = tensor_report(plan, calib.observers, calib.methods)
@@ -442,23 +464,8 @@ def finish(prepared: Prepared, plan: QuantPlan, qdq: onnx.ModelProto, config: Qu
     stale = stale_prepared(out_dir, name, float_path)
     report = build_report(prepared, plan, qdq, config, calib, kernels, aimet, tensors, extra_report, paths,
                           float_path)
-    if calib_data is not None:
-        quality = measure_quality(prepared, data if data is not None else qdq, calib_data, config, calib_spec)
-        if quality:
-            report["quality"] = quality
-            timings["quality_s"] = quality["seconds"]
-    gate = latency_gate(report, config) if gate_latency else None
-    if gate and not gate["passed"] and repair is not None:
-        t = time.perf_counter()
-        repaired = repair(prepared, qdq, gate["ratio"], report["quality"]["latency_batch1"]["quant"]["median_ms"])
-        if repaired is not None:
-            new_plan, new_qdq, entry = repaired
-            timings["float_where_faster_s"] = time.perf_counter() - t
-            extra = {**(extra_report or {}), "float_where_faster": entry}
-            if new_qdq is not qdq:  # nothing written yet: check, measure and judge the faster model instead
-                return finish(prepared, new_plan, new_qdq, config, calib, out_dir, timings, t0, extra, calib_data,
-                              calib_spec, gate_latency)
-            report["float_where_faster"] = entry
+    if quality:
+        report["quality"] = quality
     if gate:
         report["latency_gate"] = gate
     t = time.perf_counter()

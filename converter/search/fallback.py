@@ -61,7 +61,7 @@ from ..errors import EXIT_CHECK_FAILED, UserError
 from ..graph.model_io import removes_created_dirs, save_model, small_bytes
 from ..ort_session import runtime_layers, select_providers, use_custom_op_libraries
 from ..pipeline import (Prepared, QuantResult, check_node_names, finish, float_model_of, prepare, prepare_output_dir,
-                        quantize, render_plan, run_flow)
+                        kept_edits, quantize, render_plan, run_flow)
 from ..quant.layers import Layer, owned_quantizers, plan_layers
 from ..quant.plan import QuantPlan
 from .evaluate import AccuracyTarget, Evaluator
@@ -188,7 +188,7 @@ class Searcher:
 
     def kept_edits(self, plan: QuantPlan) -> dict[str, Any]:
         """The techniques' edits of the tensors ``plan`` quantizes (weights and biases of its quantized layers)."""
-        return {n: v for n, v in self.edits.items() if n in plan.tensors}
+        return kept_edits(self.edits, plan)
 
     def measure(self, model: onnx.ModelProto, label: str, float_layers: list[str],
                 int16_layers: list[str] | None = None) -> Trial:
@@ -832,12 +832,11 @@ def _write(run: _SearchRun, outcome: SearchOutcome, search_report: dict[str, Any
     """Step 4: the chosen model, its float model (with the technique edits of the layers it quantizes) and the
     report, through the flow's finish."""
     prepared = run.prepared
-    kept_edits = run.searcher.kept_edits(outcome.plan)
-    for n, v in kept_edits.items():  # the written float model holds the edits of the layers the final model quantizes
+    kept = run.searcher.kept_edits(outcome.plan)
+    for n, v in kept.items():  # the written float model holds the edits of the layers the final model quantizes
         prepared.idx.initializers[n].CopyFrom(numpy_helper.from_array(v, n))
     if run.edits:
-        search_report["technique_edits"] = {"kept": len(kept_edits),
-                                            "dropped": sorted(set(run.edits) - set(kept_edits))}
+        search_report["technique_edits"] = {"kept": len(kept), "dropped": sorted(set(run.edits) - set(kept))}
     return finish(prepared, outcome.plan, outcome.qdq, run.config, run.calib, run.out_dir, run.timings, t0,
                   extra_report={"search": search_report, **run.changed}, calib_data=run.calib_data,
                   calib_spec=calib_spec)

@@ -42,7 +42,7 @@ from onnx import numpy_helper
 from ..calib.readers import one_sample
 from ..calib.runner import make_session
 from ..graph.model_io import is_large
-from ..pipeline import Prepared, latency_limit, render_plan
+from ..pipeline import Prepared, kept_edits, latency_limit, render_plan
 from ..quant.layers import plan_layers
 from ..quant.plan import QuantPlan
 from ..timing import paired_latency
@@ -111,7 +111,7 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float,
                            state.calib.observers, state.calib.methods, state.provided.get("uncalibrated", []),
                            edits, nodes[:3])
 
-    chosen, plan, model = [], state.plan, qdq
+    chosen, plan, model, vs_all_int8 = [], state.plan, qdq, 1.0
     try:
         todo, entry["rounds"] = list(by_name), []
         for _ in range(MAX_ROUNDS):
@@ -127,29 +127,25 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float,
                                     "vs_before": round(after.ratio, 3) if after.ratio is not None else None})
             if after.ratio is None or after.ratio >= KEEP_BELOW:
                 break
-            chosen, plan, model = base + found, plan_f, qdq_f
-            # next round: the layers beside the float ones (an island shares its Q/DQ: a neighbour's float form may
-            # pay now); the others' costs did not change
-            todo = sorted({n for n in by_name if n not in chosen for side in costs.boundary.get(n, ())
-                           if side.layers & set(found)} |
-                          {m for n in found for side in costs.boundary.get(n, ()) for m in side.layers
+            chosen, plan, model, vs_all_int8 = base + found, plan_f, qdq_f, vs_all_int8 * after.ratio
+            # next round: the layers beside the new float ones (an island shares its Q/DQ: a neighbour's float form
+            # may pay now); the others' costs did not change
+            todo = sorted({m for n in found for side in costs.boundary.get(n, ()) for m in side.layers
                            if m in by_name and m not in chosen})
             if not todo:
                 break
         entry["float_layers"] = chosen
     finally:
-        kept = {n: v for n, v in edits.items() if n in plan.tensors} if plan is not state.plan else edits
+        kept = kept_edits(edits, plan) if plan is not state.plan else edits
         for n, v in kept.items():
             state.idx.initializers[n].CopyFrom(numpy_helper.from_array(v, n))
         if plan is not state.plan and edits:
             entry["technique_edits_dropped"] = sorted(set(edits) - set(kept))
-    if entry["float_layers"]:
-        after = _ratio(qdq, model, feed, config.threads).ratio
-        entry["vs_all_int8"] = round(after, 3) if after is not None else None
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     if entry["float_layers"]:
+        entry["vs_all_int8"] = round(vs_all_int8, 3)  # the kept rounds' paired ratios, each against the one before
         log.info("float where faster: %d layer(s) kept in float (%s): x%.2f the all-INT8 model's time (%.1f s)",
-                 len(chosen), ", ".join(chosen[:5]) + (" ..." if len(chosen) > 5 else ""), after or 0.0,
+                 len(chosen), ", ".join(chosen[:5]) + (" ..." if len(chosen) > 5 else ""), vs_all_int8,
                  entry["seconds"])
         if len(chosen) > FLOAT_FRACTION_WARNING * len(layers):
             log.warning("float where faster kept %d of %d compute layers in float: ONNX Runtime CPU gains little "
