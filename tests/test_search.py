@@ -514,6 +514,9 @@ def test_a_met_model_within_the_latency_limit_is_kept_when_the_cheapest_is_too_s
         return 10.0 - sum(1 for n in g.node if n.op_type == "MatMul" and n.input[0] not in dq)
 
     monkeypatch.setattr(fb, "measure_latency", fake_latency)
+    # the cost order is MACs, as the docstring says: without this the search profiles the layers on ORT CPU, whose
+    # timings reorder the planted chain's equal layers from run to run (this failed 4 runs in 10 on an AMD EPYC)
+    monkeypatch.setattr(fb, "search_costs", lambda searcher, layers, subs, batches, macs, *a: (macs, {}))
     res = _planted_search(tmp_path, strategy="bisect", max_latency_ratio=0.7)
     s = res.report["search"]
     passed = [e for e in s["evaluations"] if e["passed"] and e["label"] != "fp32"]
