@@ -162,11 +162,13 @@ def kept_edits(edits: dict[str, Any], plan: QuantPlan) -> dict[str, Any]:
 
 
 def render_plan(prepared: Prepared, config: QuantConfig, observers: dict, methods: Any, uncalibrated: list[str],
-                edits: dict[str, Any], label: Any = ()) -> tuple[QuantPlan, onnx.ModelProto]:
+                edits: dict[str, Any], label: Any = (), base: QuantConfig | None = None) -> tuple[QuantPlan, onnx.ModelProto]:
     """Plan ``config`` on the prepared model (its float values), encode it from ``observers`` with ``edits`` (the
     techniques' weight/bias values) applied to what it quantizes, and render the QDQ model: a variant of a
     calibrated flow (the accuracy search's tries, float where faster) costs a render, no calibration. A tensor the
-    variant quantizes that calibration did not observe (a tail ahead of a float layer) stays in float."""
+    variant quantizes that calibration did not observe (a tail ahead of a float layer) stays in float. ``base``: the
+    flow's own config, which the encodings are computed with (``config`` only adds what the variant keeps in float
+    or at 16 bits); default ``config``."""
     plan, subs = plan_model(prepared, config, uncalibrated)
     unseen = {t.name for t in plan.by_role("activation") if t.name not in observers}
     if unseen:
@@ -174,7 +176,8 @@ def render_plan(prepared: Prepared, config: QuantConfig, observers: dict, method
                   sorted(unseen)[:5])
         drop_activations(plan, unseen)
     with applied_params(prepared.idx, kept_edits(edits, plan)):
-        encode_model(prepared, plan, subs, observers, methods or config.calib_method, config)
+        base = base or config
+        encode_model(prepared, plan, subs, observers, methods or base.calib_method, base)
         return plan, render_control_flow(prepared.model, plan.encodings, config.low_bit_weights_as_int8)
 
 

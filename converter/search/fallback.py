@@ -154,7 +154,7 @@ class Searcher:
         """Plan ``config`` on the prepared model, encode it from the search's observers (with the techniques' edits
         of what it quantizes) and render the QDQ model: one try costs a render, no calibration."""
         return render_plan(self.prepared, config, self.observers, self.methods, self.uncalibrated, self.edits,
-                           names[:3])
+                           names[:3], base=self.config)
 
     def reads_float_inputs(self, layer: LayerScore | Layer) -> bool:
         """Whether float ``layer`` reads its inputs in float (``exclude_with_inputs``: the ranking measured that, it

@@ -109,7 +109,7 @@ def float_where_faster(state: Prepared, qdq: onnx.ModelProto, ratio: float,
         nodes = tuple(n for name in names for n in by_name[name].nodes)
         return render_plan(state, config.replace(exclude_nodes=tuple(config.exclude_nodes) + nodes),
                            state.calib.observers, state.calib.methods, state.provided.get("uncalibrated", []),
-                           edits, nodes[:3])
+                           edits, nodes[:3], base=config)
 
     chosen, plan, model, vs_all_int8 = [], state.plan, qdq, 1.0
     try:
