@@ -332,7 +332,8 @@ class QuantConfig:
                        histogram_subsample, memory_budget_mb}
         runtime:      {providers, threads, custom_op_libraries}
         encodings:    {version, all_tensors}
-        techniques:   {smoothquant: {alpha}, cle: {relu6}, bias_correction: {mode}, fast_bias_correction: {},
+        techniques:   {smoothquant: {alpha}, cle: {relu6}, rotation: {candidates}, bias_correction: {mode},
+                       fast_bias_correction: {},
                        adaround: {iterations, search}}       # a technique's section: null/false = off, {} = on
         search:       SearchConfig (metric, eval, labels, max_drop, ...): the accuracy search runs
 
@@ -468,6 +469,16 @@ class QuantConfig:
                             help="ReLU6 between equalized layers: keep (skip those pairs), min (Relu + per-channel "
                                  "Min, FP32 unchanged; ORT runs the Min on uint8) or replace by Relu (FP32 changes; "
                                  "AIMET's way)")
+    # stream rotation of the float model (converter.quant.rotation): each linear residual stream (project Convs ->
+    # Adds -> 1x1 Convs) turned by an orthogonal matrix, exact in float, chosen per stream by the weights' rounding
+    # error on the configured grid; for low-bit per-channel weights of inverted-residual networks
+    rotation: bool = option(False, "techniques.rotation", "--rotate", action="BooleanOptionalAction",
+                            help="turn each linear residual stream (Convs writing it, Adds, Convs reading it) by an "
+                                 "orthogonal matrix, FP32 unchanged, where that lowers the weights' rounding error; "
+                                 "for 4-bit weights (default: off)")
+    rotation_candidates: int = option(8, "techniques.rotation.candidates", "--rotation-candidates", type=int,
+                                      metavar="N", help="random rotations tried per stream with --rotate (the "
+                                                        "identity is always one more)")
     # bias correction: each quantized Conv/Gemm's bias shifted so its mean output matches the float model's
     # (converter.quant.bias_correction): "empirical" measures on calibration data; "analytical" computes the
     # weights' share from the BatchNorm statistics the layer's input comes from (layers without: untouched);
@@ -600,6 +611,9 @@ class QuantConfig:
         if self.max_latency_ratio is not None and not self.max_latency_ratio > 0:
             raise ConfigError(f"max_latency_ratio must be > 0, got {self.max_latency_ratio}",
                               "use e.g. 1.0 (no slower than FP32), 1.2, or inf for no limit")
+        if self.rotation_candidates < 0:
+            raise ConfigError(f"rotation_candidates must be >= 0, got {self.rotation_candidates}",
+                              "use e.g. 8 (0: the identity alone, nothing rotated)")
         if self.network_tuning_epochs < 1:
             raise ConfigError(f"network_tuning_epochs must be >= 1, got {self.network_tuning_epochs}",
                               "use e.g. 12 (or drop --network-tuning)")

@@ -25,8 +25,9 @@ NAMES = [t.name for t in REGISTRY]
 
 
 def _conv_model() -> onnx.ModelProto:
-    """Conv -> Relu -> depthwise Conv -> Relu -> MatMul: CLE finds the Conv pair (unequal channel ranges), bias
-    correction and AdaRound the Convs (fast bias correction the depthwise one), SmoothQuant the MatMul's input (one
+    """Conv -> Relu -> depthwise Conv -> Relu -> 1x1 Conv -> 1x1 Conv -> Relu -> MatMul: CLE finds the Conv pairs
+    (unequal channel ranges), bias correction and AdaRound the Convs (fast bias correction the depthwise one),
+    rotation the stream between the two 1x1 Convs (a weight outlier per row), SmoothQuant the MatMul's input (one
     outlier channel)."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
@@ -38,13 +39,18 @@ def _conv_model() -> onnx.ModelProto:
       r1 = Relu(h1)
       h2 = Conv <pads: ints = [1, 1, 1, 1], group: int = 8> (r1, W2, B2)
       r2 = Relu(h2)
-      p = GlobalAveragePool(r2)
+      s1 = Conv (r2, W4)
+      h3 = Conv (s1, W5)
+      r3 = Relu(h3)
+      p = GlobalAveragePool(r3)
       f = Flatten(p)
       m = Mul(f, S)
       y = MatMul(m, W3)
     }""", W1=w1, B1=rng.normal(0, 0.1, 8).astype(np.float32),
         W2=rng.laplace(0, 0.3, (8, 1, 3, 3)).astype(np.float32), B2=rng.normal(0, 0.1, 8).astype(np.float32),
-        S=np.array([40.0] + [1.0] * 7, np.float32).reshape(1, 8), W3=rng.normal(0, 0.3, (8, 8)).astype(np.float32))
+        S=np.array([40.0] + [1.0] * 7, np.float32).reshape(1, 8), W3=rng.normal(0, 0.3, (8, 8)).astype(np.float32),
+        W4=(rng.normal(0, 0.3, (8, 8)) + 3.0 * np.eye(8)[rng.permutation(8)]).astype(np.float32).reshape(8, 8, 1, 1),
+        W5=rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32))
 
 
 def _calib(n: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:

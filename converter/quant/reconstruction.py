@@ -76,7 +76,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # --- the float graph's ops in torch --------------------------------------------------------------------------------
 
-def _conv(node, x, w, b):
+def _conv(node, x, w, b=None):
     import torch.nn.functional as F
 
     nd = w.dim() - 2

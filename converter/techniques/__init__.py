@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from . import (adaquant, adaround, bias_correction, block_reconstruction, calib_choice, cle, fast_bias_correction, gptq,
-               hqq, network_tuning, smoothquant)
+               hqq, network_tuning, rotation, smoothquant)
 from .base import ENCODED_STAGE, FLOAT_STAGE, FLOW_PROVIDES, Technique, TechniqueError, failed
 from .state import FlowState, applied_params
 
 REGISTRY: list[Technique] = [  # order = run order within a stage
     cle.TECHNIQUE,
+    rotation.TECHNIQUE,  # after CLE: turns the streams of the equalized weights
     smoothquant.TECHNIQUE,
     calib_choice.TECHNIQUE,  # first of the encoded stage: the activation ranges the others build on
     gptq.TECHNIQUE,  # weight_algo: MatMul/Gemm weight grids, frozen before the rest sees them
