@@ -157,7 +157,7 @@ def check_encodings_model(model: Any, encodings: str | os.PathLike) -> tuple[Pat
     original = binding.get("float_model") or {}
     made_for = f"these encodings ({encodings}) were made for {needed['path']} ({_short(needed['sha256'])})"
     if binding.get("prepared_model") and sha == original.get("sha256"):
-        changed = ", ".join(k for k in ("smoothquant", "cle", "adaround", "bias_correction") if doc.get(k))
+        changed = ", ".join(k for k in ("smoothquant", "cle", "rotation", "adaround", "bias_correction") if doc.get(k))
         raise EncodingsError(f"{made_for}; {model} is the original float model, which {changed or 'a pass'} "
                              "changed: the encodings name the changed model's tensors and weights",
                              f"pass {needed['path']} (the <name>{FLOAT_SUFFIX} quantize wrote)")
