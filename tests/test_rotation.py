@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from converter import QuantConfig, quantize
+from converter import QuantConfig, apply_encodings, quantize
 from converter.quant.rotation import linear_streams, rotate_streams
 
 from .conftest import parse
@@ -141,3 +141,7 @@ def test_rotated_4bit_model_is_closer_to_fp32_on_held_out_inputs(tmp_path):
                                rtol=1e-4, atol=1e-4)
     e_plain, e_rot = error(plain), error(turned)
     assert e_rot < 0.8 * e_plain, (e_rot, e_plain)
+    # the encodings name the turned model's weights: applied to the float model written beside them, they give the
+    # QDQ model back
+    again = apply_encodings(turned.report["outputs"]["float_model"], turned.encodings_path, tmp_path / "again.onnx")
+    assert again.SerializeToString() == onnx.load(str(turned.model_path)).SerializeToString()
