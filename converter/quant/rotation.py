@@ -22,7 +22,8 @@ channel axis is 1 (NCHW).
 ``R`` is chosen per stream from the identity and :data:`CANDIDATES` random orthogonal matrices (Haar, seeded: the
 same model gives the same rotation) by the sum over the stream's writers and readers of the relative output error
 of nearest rounding on the configured weight grid, ``tr(dW S dW^T) / tr(W S W^T)`` with ``S`` the second moments
-of the layer's input channels on calibration data (a kernel's positions taken as independent); the identity wins
+of the layer's input channels on calibration data (a kernel's positions taken as independent; the grid is the
+configured default width, per channel or per tensor: per-layer widths and blocks are not read); the identity wins
 where no rotation lowers it (the stream is left as it is). The activations are not in that sum: the stream's
 per-tensor 8-bit ranges see the turned channels too.
 """
@@ -57,7 +58,8 @@ class Stream:
     error_before: float = 0.0  # the proxy (module doc) with the identity
     error_after: float = 0.0  # with the rotation chosen
     candidate: int = 0  # 0: the identity (left as it is), k: the k-th random rotation
-    nodes: tuple[list[onnx.NodeProto], list[onnx.NodeProto]] = field(default=([], []), repr=False, compare=False)
+    nodes: tuple[list[onnx.NodeProto], list[onnx.NodeProto]] = field(default_factory=lambda: ([], []), repr=False,
+                                                                     compare=False)  # (writers, readers)
 
     @property
     def rotated(self) -> bool:
