@@ -128,6 +128,16 @@ ROWS = {
                                                        bias_correction=True, network_tuning=True,
                                                        network_tuning_epochs=24, network_tuning_mixup=True,
                                                        calib_method="percentile"),
+    # the same with every depthwise Conv's weights at 8 bits too (about 2% of the weights), without / with rotation
+    "w4-mse-fl8-dw8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
+                                                 weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, weight_symmetric=False,
+                                                 adaround=True, adaround_iterations=0, bias_correction=True,
+                                                 network_tuning=True, calib_method="percentile"),
+    "w4-mse-fl8-dw8-asym-pct+rot+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
+                                                     weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
+                                                     weight_symmetric=False, rotation=True, adaround=True,
+                                                     adaround_iterations=0, bias_correction=True, network_tuning=True,
+                                                     calib_method="percentile"),
     # the same with 200 of AdaRound's Adam steps before the search
     "w4-mse-fl8-asym-pct+ada200+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
                                                     weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,

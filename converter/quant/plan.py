@@ -386,7 +386,9 @@ def _add_weight(b: _Build, node: onnx.NodeProto, rule: OpRule, layer_bits: dict[
     bits = max(layer_bits[node.name], prev.bitwidth if prev is not None else 0)  # shared: the wider
     if prev is not None and prev.axis != axis:
         axis = None  # shared by nodes that disagree on the channel axis: per-tensor
-    b.weights[w] = TensorQuant(w, WEIGHT, bits, config.weight_symmetric, config.weight_symmetric, axis,
+    symmetric = config.weight_symmetric or (bits == 8 and config.preset.symmetric_8bit_depthwise
+                                            and is_depthwise(node, idx))
+    b.weights[w] = TensorQuant(w, WEIGHT, bits, symmetric, symmetric, axis,
                                layers=(prev.layers if prev is not None else ()) + (node.name,))
     if config.weight_block_size is not None:
         _choose_blocks(b.weights[w], prev, node, idx, config.weight_block_size)
