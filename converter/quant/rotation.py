@@ -169,10 +169,11 @@ class _Proxy:
 
 def rotate_streams(model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], providers: list[str],
                    bits: int, per_channel: bool = True, method: str = "minmax", symmetric: bool = True,
-                   candidates: int = CANDIDATES, seed: int = SEED) -> RotationResult:
-    """Rotate ``model``'s streams in place (module doc)."""
+                   candidates: int = CANDIDATES, seed: int = SEED, idx: GraphIndex | None = None) -> RotationResult:
+    """Rotate ``model``'s streams in place (module doc); ``idx``: the model's index where the caller has one (the
+    weights are rewritten in place, so it stays valid)."""
     t0 = time.perf_counter()
-    idx = GraphIndex.build(model)
+    idx = idx or GraphIndex.build(model)
     streams = linear_streams(model, idx)
     if not streams:
         return RotationResult([], time.perf_counter() - t0)

@@ -15,10 +15,10 @@ def run(state: FlowState) -> dict[str, Any]:
     config = state.config
     result = rotate_streams(state.model, state.data(SAMPLES), state.providers, config.weight_bits,
                             per_channel=config.per_channel, method=config.weight_calib,
-                            symmetric=config.weight_symmetric, candidates=config.rotation_candidates)
+                            symmetric=config.weight_symmetric, candidates=config.rotation_candidates,
+                            idx=state.idx)  # values rewritten in place: the index stays valid
     if not any(s.rotated for s in result.streams):
         return {}
-    state.edited()  # initializers replaced
     stats = state.provided.get("bn_stats")
     if stats:  # per-channel BatchNorm statistics of a turned tensor no longer describe its channels
         for s in result.streams:
