@@ -56,6 +56,11 @@ from .benchlib.measure import quantize_any_speed
 
 FIRST_LAST_8 = {"first": 8, "last": 8}
 FIRST_LAST_DEPTHWISE_8 = {"first": 8, "last": 8, "depthwise": 8}
+# the documented W4A8 setting (docs/results.md, "Network tuning"): asymmetric 4-bit MSE weights, first/last 8,
+# percentile activations, AdaRound's local search + bias correction + network tuning; rows below vary it
+W4A8_SETTING = dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
+                    adaround=True, adaround_iterations=0, bias_correction=True, network_tuning=True,
+                    calib_method="percentile")
 ROWS = {
     "per-tensor": dict(per_channel=False),
     "per-tensor+cle": dict(per_channel=False, cle=True, cle_relu6="min"),
@@ -114,30 +119,15 @@ ROWS = {
     "w4-mse-fl8-asym+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
                                          weight_symmetric=False, adaround=True, adaround_iterations=0,
                                          bias_correction=True, network_tuning=True),
-    "w4-mse-fl8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
-                                             weight_symmetric=False, adaround=True, adaround_iterations=0,
-                                             bias_correction=True, network_tuning=True, calib_method="percentile"),
+    "w4-mse-fl8-asym-pct+search+bc+nt": W4A8_SETTING,
     # the same with the float model's linear streams rotated first (converter.quant.rotation)
-    "w4-mse-fl8-asym-pct+rot+search+bc+nt": dict(weight_bits=4, weight_calib="mse", weight_bits_overrides=FIRST_LAST_8,
-                                                 weight_symmetric=False, rotation=True, adaround=True,
-                                                 adaround_iterations=0, bias_correction=True, network_tuning=True,
-                                                 calib_method="percentile"),
-    "w4-mse-fl8-asym-pct+rot+search+bc+nt-mix24": dict(weight_bits=4, weight_calib="mse",
-                                                       weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
-                                                       rotation=True, adaround=True, adaround_iterations=0,
-                                                       bias_correction=True, network_tuning=True,
-                                                       network_tuning_epochs=24, network_tuning_mixup=True,
-                                                       calib_method="percentile"),
-    # the same with every depthwise Conv's weights at 8 bits too (about 2% of the weights), without / with rotation
-    "w4-mse-fl8-dw8-asym-pct+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
-                                                 weight_bits_overrides=FIRST_LAST_DEPTHWISE_8, weight_symmetric=False,
-                                                 adaround=True, adaround_iterations=0, bias_correction=True,
-                                                 network_tuning=True, calib_method="percentile"),
-    "w4-mse-fl8-dw8-asym-pct+rot+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
-                                                     weight_bits_overrides=FIRST_LAST_DEPTHWISE_8,
-                                                     weight_symmetric=False, rotation=True, adaround=True,
-                                                     adaround_iterations=0, bias_correction=True, network_tuning=True,
-                                                     calib_method="percentile"),
+    "w4-mse-fl8-asym-pct+rot+search+bc+nt": {**W4A8_SETTING, "rotation": True},
+    "w4-mse-fl8-asym-pct+rot+search+bc+nt-mix24": {**W4A8_SETTING, "rotation": True, "network_tuning_epochs": 24,
+                                                   "network_tuning_mixup": True},
+    # the same with every depthwise Conv's weights at 8 bits too (4% of the weights), without / with rotation
+    "w4-mse-fl8-dw8-asym-pct+search+bc+nt": {**W4A8_SETTING, "weight_bits_overrides": FIRST_LAST_DEPTHWISE_8},
+    "w4-mse-fl8-dw8-asym-pct+rot+search+bc+nt": {**W4A8_SETTING, "weight_bits_overrides": FIRST_LAST_DEPTHWISE_8,
+                                                 "rotation": True},
     # the same with 200 of AdaRound's Adam steps before the search
     "w4-mse-fl8-asym-pct+ada200+search+bc+nt": dict(weight_bits=4, weight_calib="mse",
                                                     weight_bits_overrides=FIRST_LAST_8, weight_symmetric=False,
